@@ -1,0 +1,64 @@
+// The Python extension module fastres._C: build information and capability queries.
+// The ops themselves are registered with the dispatcher (csrc/ops.cpp, csrc/cpu, csrc/cuda);
+// importing this module is what loads them.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#ifndef FASTRES_VERSION
+#define FASTRES_VERSION "unknown"
+#endif
+#ifndef FASTRES_CUDA_ARCH_LIST
+#define FASTRES_CUDA_ARCH_LIST ""
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+std::string compiler() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return "gcc " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) + "." +
+         std::to_string(__GNUC_PATCHLEVEL__);
+#else
+  return "unknown";
+#endif
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = FASTRES_VERSION;
+#ifdef FASTRES_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_arch_list"] = FASTRES_CUDA_ARCH_LIST;
+#else
+  info["cuda"] = false;
+  info["cuda_arch_list"] = "";
+#endif
+#ifdef FASTRES_CUDA_VERSION
+  info["cuda_version"] = FASTRES_CUDA_VERSION;
+#else
+  info["cuda_version"] = "";
+#endif
+  info["compiler"] = compiler();
+  info["torch_version"] = FASTRES_TORCH_VERSION;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastres compiled ops (registered in the torch.ops.fastres namespace)";
+  m.def("build_info", &build_info,
+        "What this extension was built with: version, CUDA or not, arch list, compiler, torch.");
+  m.def("has_cuda", []() {
+#ifdef FASTRES_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

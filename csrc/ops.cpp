@@ -1,0 +1,75 @@
+// The fastres op set: one schema per op, defined once, implemented per device.
+//
+// This file is the contract every backend implements (csrc/cpu, csrc/cuda, triton_kernels/ and
+// fastres/reference.py). docs/ops.md explains each op's shapes, layouts and dtypes in prose;
+// fastres/reference.py gives the exact semantics in plain PyTorch.
+//
+// Conventions shared by all ops:
+//   * activations are 4-D (N, C, H, W) tensors in any memory format; outputs take the input's
+//     suggested memory format (channels_last in, channels_last out);
+//   * input, weight, bias, residual share one floating dtype (float32, float16, bfloat16, or
+//     float64 for gradcheck on the CPU);
+//   * per-channel vectors (scale, shift, mean, invstd, sum, sumsq and the BN parameter grads) are
+//     float32, or float64 when the activations are float64 ("the accumulation dtype");
+//   * a mutated input is declared Tensor(a!) and never returned.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastres, m) {
+  // Inference: out = act(conv2d(input, weight) + bias[k] + residual), one output write.
+  // bias is the folded BatchNorm shift, residual has the output's shape.
+  m.def(
+      "conv_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+  // Backward of the bias/ReLU epilogue: grad_z = grad_out * (out > 0) (no mask when out is None),
+  // grad_bias[k] = sum of grad_z over N, H, W in the accumulation dtype.
+  m.def("relu_bias_bwd(Tensor grad_out, Tensor? out) -> (Tensor grad_z, Tensor grad_bias)");
+
+  // Training forward: a = relu?(input * pre_scale[c] + pre_shift[c]) applied on load (the previous
+  // BatchNorm + ReLU; zero padding stays zero after the transform), out = conv2d(a, weight), and
+  // the per-output-channel sum and sum of squares of out over N, H, W.
+  m.def(
+      "conv_stats(Tensor input, Tensor weight, Tensor? pre_scale, Tensor? pre_shift, bool pre_relu, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor out, Tensor sum, "
+      "Tensor sumsq)");
+  // BatchNorm finalize from (sum, sumsq) over `count` values per channel: mean, invstd =
+  // 1/sqrt(var_biased + eps), scale = weight * invstd, shift = bias - mean * scale. When
+  // running_mean/var are given they are updated exactly as nn.BatchNorm2d does (unbiased variance,
+  // momentum, or the cumulative average when momentum is None), and num_batches_tracked += 1.
+  m.def(
+      "bn_finalize(Tensor sum, Tensor sumsq, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int count, float? momentum, "
+      "float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)");
+  // BN-apply + residual + ReLU: out = relu?(input * scale[c] + shift[c] + r), where r is
+  // residual * res_scale[c] + res_shift[c] when res_scale is given (the downsample branch's
+  // un-normalised conv output and its BN), else residual. residual may have fewer channels than
+  // input: its channel j lands on output channel j + res_channel_offset (the option-A shortcut);
+  // it may be any strided view (e.g. x[:, :, ::2, ::2]).
+  m.def(
+      "bn_add_relu(Tensor input, Tensor scale, Tensor shift, Tensor? residual, Tensor? res_scale, "
+      "Tensor? res_shift, int res_channel_offset, bool relu) -> Tensor");
+
+  // Training backward of bn_add_relu with batch statistics. g = grad_out * (out > 0) (no mask
+  // when out is None); grad_input is BatchNorm's backward of g through (input, mean, invstd,
+  // weight); grad_weight = sum(g * xhat), grad_bias = sum(g). When res_input is given (a BN'd
+  // downsample branch) grad_res and grad_res_weight/bias are its BN backward likewise; otherwise
+  // grad_res = g (identity residual) and grad_res_weight/bias are empty.
+  m.def(
+      "bn_add_relu_bwd(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor? res_input, Tensor? res_mean, Tensor? res_invstd, Tensor? res_weight) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_res, "
+      "Tensor grad_res_weight, Tensor grad_res_bias)");
+  // Training backward of a prologue BatchNorm + ReLU: grad_out is dL/da for
+  // a = relu?(input * scale + shift) (scale/shift as bn_finalize returned them); the ReLU mask is
+  // recomputed from them, then BatchNorm's backward as in bn_add_relu_bwd.
+  m.def(
+      "bn_relu_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor scale, Tensor shift, bool relu) -> (Tensor grad_input, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  // Backward of conv_stats' convolution: grad_input is dL/da (the gradient with respect to the
+  // prologue's output, same shape as input), grad_weight is computed from a recomputed from input
+  // (never stored). An output whose output_mask entry is false is returned empty.
+  m.def(
+      "conv_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor? pre_scale, Tensor? pre_shift, "
+      "bool pre_relu, int[2] stride, int[2] padding, int[2] dilation, int groups, bool[2] "
+      "output_mask) -> (Tensor grad_input, Tensor grad_weight)");
+}

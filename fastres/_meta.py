@@ -1,0 +1,90 @@
+"""Fake (meta) kernels of the compiled ops, so torch.compile and torch.export see through them.
+
+Each returns empty tensors with the shapes, dtypes and memory formats the real kernels produce.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastres.reference import acc_dtype
+
+_lib = "fastres::"
+
+
+def _conv_out_shape(input: Tensor, weight: Tensor, stride, padding, dilation) -> list:
+    n, _, h, w = input.shape
+    k, _, r, s = weight.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return [n, k, ho, wo]
+
+
+def _like_format(shape, ref: Tensor, dtype=None) -> Tensor:
+    fmt = (
+        torch.channels_last
+        if ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous()
+        else torch.contiguous_format
+    )
+    return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=fmt)
+
+
+def _vec(ref: Tensor, c: int) -> Tensor:
+    return torch.empty(c, dtype=acc_dtype(ref.dtype), device=ref.device)
+
+
+@torch.library.register_fake(_lib + "conv_bias_act")
+def _(input, weight, bias, residual, stride, padding, dilation, groups, relu):
+    return _like_format(_conv_out_shape(input, weight, stride, padding, dilation), input)
+
+
+@torch.library.register_fake(_lib + "relu_bias_bwd")
+def _(grad_out, out):
+    return _like_format(grad_out.shape, grad_out), _vec(grad_out, grad_out.shape[1])
+
+
+@torch.library.register_fake(_lib + "conv_stats")
+def _(input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation, groups):
+    out = _like_format(_conv_out_shape(input, weight, stride, padding, dilation), input)
+    k = weight.shape[0]
+    return out, _vec(input, k), _vec(input, k)
+
+
+@torch.library.register_fake(_lib + "bn_finalize")
+def _(sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked, count, momentum,
+      eps):
+    c = sum.shape[0]
+    return tuple(torch.empty(c, dtype=sum.dtype, device=sum.device) for _ in range(4))
+
+
+@torch.library.register_fake(_lib + "bn_add_relu")
+def _(input, scale, shift, residual, res_scale, res_shift, res_channel_offset, relu):
+    return _like_format(input.shape, input)
+
+
+@torch.library.register_fake(_lib + "bn_add_relu_bwd")
+def _(grad_out, out, input, mean, invstd, weight, res_input, res_mean, res_invstd, res_weight):
+    c = input.shape[1]
+    grad_input = _like_format(input.shape, input)
+    if res_input is None:
+        empty = mean.new_empty(0)
+        return (grad_input, mean.new_empty(c), mean.new_empty(c),
+                _like_format(grad_out.shape, grad_out), empty, empty)
+    cr = res_input.shape[1]
+    return (grad_input, mean.new_empty(c), mean.new_empty(c),
+            _like_format(res_input.shape, res_input), mean.new_empty(cr), mean.new_empty(cr))
+
+
+@torch.library.register_fake(_lib + "bn_relu_bwd")
+def _(grad_out, input, mean, invstd, weight, scale, shift, relu):
+    c = input.shape[1]
+    return _like_format(input.shape, input), mean.new_empty(c), mean.new_empty(c)
+
+
+@torch.library.register_fake(_lib + "conv_bwd")
+def _(grad_out, input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation, groups,
+      output_mask):
+    gi = _like_format(input.shape, input) if output_mask[0] else input.new_empty(0)
+    gw = torch.empty_like(weight) if output_mask[1] else weight.new_empty(0)
+    return gi, gw

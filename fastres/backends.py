@@ -1,0 +1,247 @@
+"""Choosing a backend for an op call.
+
+Four backends implement the op set of ``csrc/ops.cpp``:
+
+* ``cuda``      the CUDA C++ kernels of fastres._C (``torch.ops.fastres.*`` on CUDA tensors);
+* ``triton``    the Triton kernels of fastres.triton_kernels (``torch.ops.fastres_triton.*``);
+* ``cpu``       the C++ CPU kernels of fastres._C (``torch.ops.fastres.*`` on CPU tensors);
+* ``reference`` fastres.reference, plain PyTorch, any device.
+
+Each states what it cannot serve through ``not_supported_reasons(inputs)``. The dispatcher walks
+the priority list and takes the first backend with no reasons. ``FASTRES_BACKEND=cuda|triton|cpu|
+reference`` forces one: a forced backend that cannot serve raises with its reasons; an automatic
+choice that passes over a backend says why once (logging, logger ``fastres``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from fastres import _ext, reference
+
+log = logging.getLogger("fastres")
+
+OP_NAMES = (
+    "conv_bias_act",
+    "relu_bias_bwd",
+    "conv_stats",
+    "bn_finalize",
+    "bn_add_relu",
+    "bn_add_relu_bwd",
+    "bn_relu_bwd",
+    "conv_bwd",
+)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a backend needs to know about a call to decide whether it can serve it."""
+
+    device: torch.device
+    dtype: torch.dtype
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    channels_last: bool = False
+
+    @staticmethod
+    def of(x: Tensor, conv: torch.nn.Conv2d | None = None) -> Inputs:
+        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        if conv is None:
+            return Inputs(x.device, x.dtype, channels_last=cl)
+        return Inputs(
+            x.device,
+            x.dtype,
+            kernel_size=tuple(conv.kernel_size),
+            stride=tuple(conv.stride),
+            dilation=tuple(conv.dilation),
+            groups=conv.groups,
+            channels_last=cl,
+        )
+
+
+class Backend:
+    name: str = "?"
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run at all on this installation, or None."""
+        return None
+
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        """Every reason this backend cannot serve ``inputs``; empty when it can."""
+        why = self.unavailable_reason()
+        return [why] if why else []
+
+    @property
+    def ops(self) -> SimpleNamespace:
+        """The op set: one callable per name in OP_NAMES, signatures as in csrc/ops.cpp."""
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        if inputs.dtype not in FLOAT_DTYPES + (torch.float64,):
+            return [f"dtype {inputs.dtype} is not a floating dtype"]
+        return []
+
+    @property
+    def ops(self) -> SimpleNamespace:
+        return SimpleNamespace(**{n: getattr(reference, n) for n in OP_NAMES})
+
+
+class _CompiledBackend(Backend):
+    device_type = "cpu"
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+
+    def unavailable_reason(self) -> str | None:
+        mod, why = _ext.load()
+        return why
+
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        reasons = super().not_supported_reasons(inputs)
+        if inputs.device.type != self.device_type:
+            reasons.append(f"{self.name} runs on {self.device_type} tensors, got {inputs.device}")
+        if inputs.dtype not in self.dtypes:
+            reasons.append(f"{self.name} does not support dtype {inputs.dtype}")
+        return reasons
+
+    @property
+    def ops(self) -> SimpleNamespace:
+        _ext.load()
+        return SimpleNamespace(**{n: getattr(torch.ops.fastres, n) for n in OP_NAMES})
+
+
+class CPUBackend(_CompiledBackend):
+    """The C++ CPU kernels: convolution through ATen/oneDNN, the fusions as single passes."""
+
+    name = "cpu"
+    device_type = "cpu"
+    dtypes = FLOAT_DTYPES + (torch.float64,)
+
+
+class CUDABackend(_CompiledBackend):
+    """The CUDA C++ kernels of fastres._C."""
+
+    name = "cuda"
+    device_type = "cuda"
+
+    def unavailable_reason(self) -> str | None:
+        why = super().unavailable_reason()
+        if why:
+            return why
+        mod, _ = _ext.load()
+        if not mod.has_cuda():
+            return "fastres._C was built without CUDA (rebuild with FASTRES_CUDA=1 on a CUDA torch)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        reasons = super().not_supported_reasons(inputs)
+        if reasons:
+            return reasons
+        if inputs.groups != 1:
+            reasons.append(f"cuda kernels support groups=1 only, got groups={inputs.groups}")
+        if inputs.dilation != (1, 1):
+            reasons.append(f"cuda kernels support dilation 1 only, got {inputs.dilation}")
+        if inputs.kernel_size not in ((1, 1), (3, 3), (7, 7)):
+            reasons.append(f"cuda kernels support 1x1, 3x3 and 7x7, got {inputs.kernel_size}")
+        return reasons
+
+
+class TritonBackend(Backend):
+    """The Triton kernels of fastres.triton_kernels."""
+
+    name = "triton"
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            from fastres import triton_kernels  # noqa: PLC0415
+        except ImportError as exc:  # triton missing or too old
+            return f"fastres.triton_kernels does not import: {exc}"
+        return triton_kernels.unavailable_reason()
+
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        why = self.unavailable_reason()
+        if why:
+            return [why]
+        from fastres import triton_kernels  # noqa: PLC0415
+
+        return triton_kernels.not_supported_reasons(inputs)
+
+    @property
+    def ops(self) -> SimpleNamespace:
+        from fastres import triton_kernels  # noqa: PLC0415
+
+        return triton_kernels.ops()
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (CUDABackend(), TritonBackend(), CPUBackend(), ReferenceBackend())
+}
+PRIORITY = ("cuda", "triton", "cpu", "reference")
+
+_said: set[str] = set()
+
+
+def _say_once(msg: str) -> None:
+    if msg not in _said:
+        _said.add(msg)
+        log.info(msg)
+
+
+def forced() -> str | None:
+    """The backend named by FASTRES_BACKEND, or None."""
+    name = os.environ.get("FASTRES_BACKEND", "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"FASTRES_BACKEND={name!r}: choose one of {', '.join(PRIORITY)} or auto")
+    return name
+
+
+def select(inputs: Inputs, backend: str | None = None) -> Backend:
+    """The backend that serves ``inputs``: ``backend`` or FASTRES_BACKEND if set, else the first
+    backend of PRIORITY with no reasons against it."""
+    name = backend or forced()
+    if name is not None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown fastres backend {name!r}: choose one of {', '.join(PRIORITY)}")
+        b = BACKENDS[name]
+        reasons = b.not_supported_reasons(inputs)
+        if reasons:
+            raise RuntimeError(f"fastres backend {name!r} cannot serve {inputs}: " + "; ".join(reasons))
+        return b
+    passed: list[str] = []
+    for name in PRIORITY:
+        b = BACKENDS[name]
+        reasons = b.not_supported_reasons(inputs)
+        if not reasons:
+            if passed:
+                _say_once(f"fastres: {inputs} runs on the {name} backend: " + " | ".join(passed))
+            return b
+        # A backend that cannot serve this device at all is no news; one that could is.
+        if not any(r.startswith(f"{name} runs on") for r in reasons):
+            passed.append(f"{name}: " + "; ".join(reasons))
+    raise RuntimeError(f"no fastres backend serves {inputs}: " + " | ".join(passed))
+
+
+def available() -> dict[str, str | None]:
+    """Each backend's name and why it is unavailable (None when it is available)."""
+    return {n: BACKENDS[n].unavailable_reason() for n in PRIORITY}
+
+
+def op_table(name: str) -> Callable[..., object]:  # pragma: no cover - convenience for benches
+    return BACKENDS[name].ops

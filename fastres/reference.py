@@ -1,0 +1,314 @@
+"""Plain-PyTorch semantics of every fastres op and block.
+
+This module is the oracle of the tests and the parity harness and the fallback of the dispatcher:
+every backend (C++ CPU, CUDA C++, Triton) must agree with these functions within the tolerance
+rule (see ``fastres.testing``). Nobody redefines them elsewhere.
+
+The functions take and return exactly what the ops in ``csrc/ops.cpp`` take and return, with the
+same argument names. They compute in the activations' dtype where PyTorch would (the convolution)
+and in the accumulation dtype (float32, or float64 for float64 activations) for the per-channel
+statistics, as ``nn.BatchNorm2d`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "acc_dtype",
+    "conv_bias_act",
+    "relu_bias_bwd",
+    "conv_stats",
+    "bn_finalize",
+    "bn_add_relu",
+    "bn_add_relu_bwd",
+    "bn_relu_bwd",
+    "conv_bwd",
+    "option_a_shortcut",
+]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-channel vectors for activations of ``dtype``: float64 or float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    return v.reshape(1, -1, 1, 1)
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    return t.sum(dim=(0, 2, 3), dtype=acc_dtype(t.dtype))
+
+
+def _prologue(x: Tensor, scale: Tensor | None, shift: Tensor | None, relu: bool) -> Tensor:
+    """a = relu?(x * scale[c] + shift[c]) computed in the accumulation dtype, stored as x.dtype."""
+    if scale is None and shift is None and not relu:
+        return x
+    a = x.to(acc_dtype(x.dtype))
+    if scale is not None:
+        a = a * _per_channel(scale)
+    if shift is not None:
+        a = a + _per_channel(shift)
+    if relu:
+        a = torch.relu(a)
+    return a.to(x.dtype)
+
+
+def conv_bias_act(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+) -> Tensor:
+    """out = relu?(conv2d(input, weight) + bias[k] + residual), in input's dtype and memory format."""
+    y = F.conv2d(input, weight, None, stride, padding, dilation, groups)
+    z = y.to(acc_dtype(y.dtype))
+    if bias is not None:
+        z = z + _per_channel(bias.to(z.dtype))
+    if residual is not None:
+        z = z + residual.to(z.dtype)
+    if relu:
+        z = torch.relu(z)
+    return z.to(input.dtype).contiguous(memory_format=_memory_format(input))
+
+
+def relu_bias_bwd(grad_out: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
+    """grad_z = grad_out * (out > 0) (no mask when out is None); grad_bias = sum over N, H, W."""
+    g = grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
+    return g.contiguous(memory_format=_memory_format(grad_out)), _channel_sum(g)
+
+
+def conv_stats(
+    input: Tensor,
+    weight: Tensor,
+    pre_scale: Tensor | None,
+    pre_shift: Tensor | None,
+    pre_relu: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """out = conv2d(relu?(input * pre_scale + pre_shift), weight); per-channel sum and sum of squares.
+
+    Zero padding is applied after the prologue (the transformed tensor is padded), as it is when
+    the previous BatchNorm + ReLU is a separate layer.
+    """
+    a = _prologue(input, pre_scale, pre_shift, pre_relu)
+    out = F.conv2d(a, weight, None, stride, padding, dilation, groups)
+    out = out.contiguous(memory_format=_memory_format(input))
+    o = out.to(acc_dtype(out.dtype))
+    return out, o.sum(dim=(0, 2, 3)), (o * o).sum(dim=(0, 2, 3))
+
+
+def bn_finalize(
+    sum: Tensor,
+    sumsq: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    count: int,
+    momentum: float | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch statistics from (sum, sumsq) over ``count`` values per channel, as nn.BatchNorm2d.
+
+    Returns (mean, invstd, scale, shift) with invstd = 1/sqrt(var + eps) (biased variance),
+    scale = weight * invstd and shift = bias - mean * scale. Updates running_mean/running_var in
+    place with the unbiased variance, with ``momentum`` or (momentum None) the cumulative average
+    1/num_batches_tracked, and increments num_batches_tracked, when they are given.
+    """
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} values")
+    mean = sum / count
+    var = (sumsq / count - mean * mean).clamp_min(0)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is not None or running_var is not None:
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            factor = 1.0 / float(num_batches_tracked.item())
+        else:
+            factor = momentum
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            if running_var is not None:
+                unbiased = var * (count / (count - 1))
+                running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    return mean, invstd, scale, shift
+
+
+def bn_add_relu(
+    input: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Tensor | None,
+    res_scale: Tensor | None,
+    res_shift: Tensor | None,
+    res_channel_offset: int,
+    relu: bool,
+) -> Tensor:
+    """out = relu?(input * scale[c] + shift[c] + r), r = residual (* res_scale + res_shift).
+
+    The residual's channel j is added to output channel j + res_channel_offset; output channels it
+    does not cover get no residual (the zero-padded option-A shortcut).
+    """
+    acc = acc_dtype(input.dtype)
+    z = input.to(acc) * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
+    if residual is not None:
+        r = residual.to(acc)
+        if res_scale is not None:
+            r = r * _per_channel(res_scale.to(acc))
+        if res_shift is not None:
+            r = r + _per_channel(res_shift.to(acc))
+        c0, c1 = res_channel_offset, res_channel_offset + r.shape[1]
+        if c0 == 0 and c1 == z.shape[1]:
+            z = z + r
+        else:
+            z = torch.cat([z[:, :c0], z[:, c0:c1] + r, z[:, c1:]], dim=1)
+    if relu:
+        z = torch.relu(z)
+    return z.to(input.dtype).contiguous(memory_format=_memory_format(input))
+
+
+def _bn_backward(
+    g: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm's training backward of g = dL/dz for z = weight * (input - mean) * invstd + bias."""
+    acc = mean.dtype
+    gf = g.to(acc)
+    xhat = (input.to(acc) - _per_channel(mean)) * _per_channel(invstd)
+    count = g.numel() // g.shape[1]
+    grad_bias = gf.sum(dim=(0, 2, 3))
+    grad_weight = (gf * xhat).sum(dim=(0, 2, 3))
+    w = invstd if weight is None else weight.to(acc) * invstd
+    grad_input = _per_channel(w) * (
+        gf - _per_channel(grad_bias / count) - xhat * _per_channel(grad_weight / count)
+    )
+    return (
+        grad_input.to(input.dtype).contiguous(memory_format=_memory_format(input)),
+        grad_weight,
+        grad_bias,
+    )
+
+
+def bn_add_relu_bwd(
+    grad_out: Tensor,
+    out: Tensor | None,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    res_input: Tensor | None,
+    res_mean: Tensor | None,
+    res_invstd: Tensor | None,
+    res_weight: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of bn_add_relu with batch statistics (see csrc/ops.cpp)."""
+    g = grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
+    grad_input, grad_weight, grad_bias = _bn_backward(g, input, mean, invstd, weight)
+    if res_input is None:
+        empty = mean.new_empty(0)
+        return (
+            grad_input,
+            grad_weight,
+            grad_bias,
+            g.contiguous(memory_format=_memory_format(grad_out)),
+            empty,
+            empty,
+        )
+    if res_mean is None or res_invstd is None:
+        raise ValueError("bn_add_relu_bwd: res_input needs res_mean and res_invstd")
+    grad_res, grad_res_weight, grad_res_bias = _bn_backward(
+        g, res_input, res_mean, res_invstd, res_weight
+    )
+    return grad_input, grad_weight, grad_bias, grad_res, grad_res_weight, grad_res_bias
+
+
+def bn_relu_bwd(
+    grad_out: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    scale: Tensor,
+    shift: Tensor,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of a prologue BatchNorm + ReLU; the mask is recomputed as input*scale+shift > 0."""
+    g = grad_out
+    if relu:
+        z = _prologue(input, scale, shift, relu=False)
+        g = torch.where(z > 0, grad_out, torch.zeros_like(grad_out))
+    return _bn_backward(g, input, mean, invstd, weight)
+
+
+def conv_bwd(
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    pre_scale: Tensor | None,
+    pre_shift: Tensor | None,
+    pre_relu: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor]:
+    """Gradients of conv_stats' convolution: dL/da (a = the prologue's output) and dL/dweight."""
+    a = _prologue(input, pre_scale, pre_shift, pre_relu)
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_out,
+        a,
+        weight,
+        None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0, 0],
+        groups,
+        [bool(output_mask[0]), bool(output_mask[1]), False],
+    )
+    if grad_input is None:
+        grad_input = input.new_empty(0)
+    else:
+        grad_input = grad_input.contiguous(memory_format=_memory_format(input))
+    if grad_weight is None:
+        grad_weight = weight.new_empty(0)
+    return grad_input, grad_weight
+
+
+def option_a_shortcut(x: Tensor, out_channels: int, stride: int) -> Tensor:
+    """The paper's parameter-free option-A shortcut: subsample by ``stride``, zero-pad channels.
+
+    The padding is split evenly on both sides of the channel dimension (as the common CIFAR
+    implementations do: (out_channels - in_channels) // 2 zero channels before the input's).
+    """
+    y = x[:, :, ::stride, ::stride] if stride > 1 else x
+    extra = out_channels - x.shape[1]
+    if extra < 0:
+        raise ValueError(f"option-A shortcut cannot shrink channels: {x.shape[1]} -> {out_channels}")
+    before = extra // 2
+    return F.pad(y, (0, 0, 0, 0, before, extra - before))
