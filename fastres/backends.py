@@ -72,6 +72,9 @@ class Inputs:
 
 class Backend:
     name: str = "?"
+    #: Has this backend passed the GPU parity tests on a real GPU (bench/results/)? Unverified GPU
+    #: backends are never chosen automatically; FASTRES_BACKEND=<name> still forces them.
+    verified_on_gpu: bool = True
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all on this installation, or None."""
@@ -136,6 +139,7 @@ class CUDABackend(_CompiledBackend):
 
     name = "cuda"
     device_type = "cuda"
+    verified_on_gpu = False
 
     def unavailable_reason(self) -> str | None:
         why = super().unavailable_reason()
@@ -162,9 +166,11 @@ class CUDABackend(_CompiledBackend):
 
 
 class TritonBackend(Backend):
-    """The Triton kernels of fastres.triton_kernels."""
+    """The Triton kernels of fastres.triton_kernels (on CPU tensors only under TRITON_INTERPRET=1,
+    and then only when forced: the interpreter is thousands of times slower than eager)."""
 
     name = "triton"
+    verified_on_gpu = False
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -227,6 +233,14 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
     passed: list[str] = []
     for name in PRIORITY:
         b = BACKENDS[name]
+        if name == "triton" and inputs.device.type != "cuda":
+            continue
+        if inputs.device.type == "cuda" and not b.verified_on_gpu:
+            why = b.unavailable_reason()
+            if why is None:
+                passed.append(f"{name}: not yet verified on a GPU (force it with "
+                              f"FASTRES_BACKEND={name})")
+            continue
         reasons = b.not_supported_reasons(inputs)
         if not reasons:
             if passed:
