@@ -1,1 +1,29 @@
-"""fastres"""
+"""fastres: fused conv-BN-ReLU-add kernels and drop-in ResNet blocks for PyTorch.
+
+    import torchvision, fastres
+    model = torchvision.models.ResNet(fastres.BottleneckBlock, [3, 4, 6, 3])
+    model = fastres.convert(torchvision.models.resnet50())
+
+The compiled extension fastres._C is loaded lazily by the backends; a missing or broken build is
+reported by ``python -m fastres.info`` and makes the dispatcher fall back to the reference
+backend, never an import error here.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from fastres import backends, functional, reference  # noqa: E402
+from fastres.convert import ConversionReport, convert  # noqa: E402
+from fastres.modules import BasicBlock, BottleneckBlock, ConvBNReLU  # noqa: E402
+
+__all__ = [
+    "BasicBlock",
+    "BottleneckBlock",
+    "ConvBNReLU",
+    "ConversionReport",
+    "backends",
+    "convert",
+    "functional",
+    "reference",
+]

@@ -1,0 +1,113 @@
+"""``fastres.convert``: swap torchvision's residual blocks for fused fastres blocks.
+
+No global monkey-patching: the converter replaces block instances inside one model (a copy by
+default) and keeps every parameter and buffer, so the converted model's ``state_dict`` has the same
+keys and values and loads strictly into the plain model and back.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.ops import misc as tv_misc
+
+from fastres import modules as M
+
+__all__ = ["convert", "ConversionReport"]
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` swapped and what it left, with the reason."""
+
+    swapped: list[tuple[str, str]] = field(default_factory=list)  # (path, new class)
+    left: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+
+    def __str__(self) -> str:
+        lines = [f"fastres.convert: swapped {len(self.swapped)} blocks, left {len(self.left)}"]
+        lines += [f"  left {path}: {why}" for path, why in self.left]
+        return "\n".join(lines)
+
+
+_PAIRS = (
+    (tv_resnet.Bottleneck, M.BottleneckBlock),
+    (tv_resnet.BasicBlock, M.BasicBlock),
+    (tv_misc.Conv2dNormActivation, M.ConvBNReLU),
+)
+
+
+def _target(mod: nn.Module) -> type[nn.Module] | None:
+    for src, dst in _PAIRS:
+        if type(mod) is src:
+            return dst
+    return None
+
+
+def _swap(mod: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A fused block sharing ``mod``'s submodules, parameters, buffers and hooks."""
+    new = cls.__new__(cls)
+    new.__dict__ = mod.__dict__.copy()
+    new._init_fused()
+    return new
+
+
+def convert(model: nn.Module, inplace: bool = False, report: bool = False, verbose: bool = False):
+    """Replace torchvision ``BasicBlock``/``Bottleneck``/``Conv2dNormActivation`` instances in
+    ``model`` by their fastres counterparts.
+
+    Args:
+        model: any module tree (the model itself may be a block).
+        inplace: modify ``model`` itself; by default a deep copy is converted and returned.
+        report: also return a :class:`ConversionReport` of what was swapped and what was left.
+        verbose: print the report.
+
+    Returns the converted model (and the report when ``report=True``). Blocks whose layers are not
+    the fusable pattern (another norm layer, a conv with bias, ...) are left as they are, with the
+    reason in the report; subclasses of torchvision's blocks are left too (their forward may differ).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastres.convert expects an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    rep = ConversionReport()
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            path = f"{prefix}{name}"
+            cls = _target(child)
+            if cls is None:
+                if isinstance(child, (tv_resnet.Bottleneck, tv_resnet.BasicBlock)) and not \
+                        isinstance(child, (M.BottleneckBlock, M.BasicBlock)):
+                    rep.left.append((path, f"{type(child).__name__} subclasses a torchvision "
+                                           "block and may override its forward"))
+                visit(child, path + ".")
+                continue
+            if cls is M.ConvBNReLU:
+                tmp = _swap(child, cls)
+                reasons = [] if tmp._fusable() is not None else [
+                    "not conv + BatchNorm2d + ReLU/none"]
+            else:
+                reasons = M.fusable_reasons(child)
+            if reasons:
+                rep.left.append((path, "; ".join(reasons)))
+                visit(child, path + ".")
+                continue
+            setattr(parent, name, _swap(child, cls))
+            rep.swapped.append((path, cls.__name__))
+
+    if _target(model) is not None:
+        cls = _target(model)
+        reasons = M.fusable_reasons(model) if cls is not M.ConvBNReLU else []
+        if not reasons:
+            model = _swap(model, cls)
+            rep.swapped.append(("", cls.__name__))
+        else:
+            rep.left.append(("", "; ".join(reasons)))
+    else:
+        visit(model, "")
+    if verbose:
+        print(rep)
+    return (model, rep) if report else model

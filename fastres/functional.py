@@ -1,0 +1,455 @@
+"""Functional API of fastres: typed functions over the op set, with autograd.
+
+Layouts: activations are 4-D ``(N, C, H, W)`` tensors in either memory format (channels_last is
+the fast one on every backend); outputs keep the input's memory format. Dtypes: float32, float16,
+bfloat16 (float64 on the CPU and reference backends, for gradcheck); weights must have the
+activations' dtype and device. Per-channel statistics are float32 (float64 for float64 input).
+
+Two paths:
+
+* inference (:func:`conv_bias_act`, :func:`fold_bn`): BatchNorm folded into the convolution,
+  one fused op per convolution;
+* training (:func:`residual_unit`): a chain of convolutions, each followed by a BatchNorm with
+  batch statistics, whose BN + ReLU is applied as the next convolution's prologue; the last BN,
+  the shortcut and the final ReLU are one pass. Its backward is made of fastres ops too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from fastres import backends
+from fastres.backends import Inputs
+
+__all__ = [
+    "ConvSpec",
+    "BNSpec",
+    "Stage",
+    "conv_bias_act",
+    "fold_bn",
+    "residual_unit",
+    "check_input",
+]
+
+
+def _pair(v: int | Sequence[int]) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A bias-free 2-D convolution's hyper-parameters (as nn.Conv2d stores them)."""
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @staticmethod
+    def of(conv: torch.nn.Conv2d) -> ConvSpec:
+        if isinstance(conv.padding, str):
+            raise ValueError(f"fastres needs numeric padding, got padding={conv.padding!r}")
+        return ConvSpec(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+    def args(self) -> tuple[list[int], list[int], list[int], int]:
+        return list(self.stride), list(self.padding), list(self.dilation), self.groups
+
+
+@dataclass(frozen=True)
+class BNSpec:
+    """A BatchNorm's hyper-parameters: eps, momentum (None: cumulative average)."""
+
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+
+    @staticmethod
+    def of(bn: torch.nn.BatchNorm2d) -> BNSpec:
+        return BNSpec(float(bn.eps), None if bn.momentum is None else float(bn.momentum))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One convolution followed by one BatchNorm (the unit of :func:`residual_unit`)."""
+
+    conv: ConvSpec
+    bn: BNSpec
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks: a clear error that names the problem, before any kernel runs.
+
+
+def check_input(x: Tensor, weight: Tensor, where: str = "fastres") -> None:
+    """Raise a clear error when ``x`` cannot be convolved with ``weight`` (rank, channels, dtype,
+    device)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: expected a Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{where}: expected a 4-D (N, C, H, W) input, got {x.dim()}-D input of size "
+            f"{tuple(x.shape)}"
+        )
+    groups_cin = weight.shape[1]
+    if x.shape[1] % groups_cin != 0 or x.shape[1] == 0:
+        raise ValueError(
+            f"{where}: input has {x.shape[1]} channels but the convolution expects "
+            f"{groups_cin} per group (weight of size {tuple(weight.shape)})"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"{where}: input dtype {x.dtype} does not match weight dtype {weight.dtype} "
+            f"(convert the module with .to({x.dtype}) or use torch.autocast)"
+        )
+    if x.device != weight.device:
+        raise RuntimeError(
+            f"{where}: input is on {x.device} but the weights are on {weight.device}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
+
+
+def _check_batch_stats_count(x_shape: Sequence[int], count: int) -> None:
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{torch.Size(x_shape)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Inference: folded BatchNorm, one fused op per convolution.
+
+
+def fold_bn(
+    conv_weight: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm into the preceding bias-free convolution.
+
+    Returns ``(weight, bias)`` with ``weight = conv_weight * gamma / sqrt(var + eps)`` (per output
+    channel) and ``bias = beta - mean * gamma / sqrt(var + eps)``, computed in float32 (float64 for
+    float64 weights) and cast to ``dtype`` (default: the conv weight's). Differentiable.
+    """
+    acc = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if bn_weight is not None:
+        scale = bn_weight.to(acc) * scale
+    shift = -running_mean.to(acc) * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(acc)
+    dtype = dtype or conv_weight.dtype
+    w = (conv_weight.to(acc) * scale.reshape(-1, 1, 1, 1)).to(dtype)
+    if conv_weight.is_contiguous(memory_format=torch.channels_last):
+        w = w.contiguous(memory_format=torch.channels_last)
+    return w, shift.to(dtype)
+
+
+class _ConvBiasActFn(torch.autograd.Function):
+    """conv_bias_act with a backward made of fastres ops (relu_bias_bwd, conv_bwd)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, conv: ConvSpec, relu: bool, backend: str):
+        ops = backends.BACKENDS[backend].ops
+        out = ops.conv_bias_act(x, weight, bias, residual, *conv.args(), relu)
+        ctx.conv, ctx.relu, ctx.backend = conv, relu, backend
+        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+        ctx.save_for_backward(x, weight, out if relu else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        ops = backends.BACKENDS[ctx.backend].ops
+        grad_z, grad_bias = ops.relu_bias_bwd(grad_out.contiguous(memory_format=_fmt(x)), out)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = grad_w = None
+        if need_x or need_w:
+            gx, gw = ops.conv_bwd(grad_z, x, weight, None, None, False, *ctx.conv.args(),
+                                  [need_x, need_w])
+            grad_x = gx if need_x else None
+            grad_w = gw if need_w else None
+        grad_b = grad_bias.to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_r = grad_z if ctx.has_residual and ctx.needs_input_grad[3] else None
+        return grad_x, grad_w, grad_b, grad_r, None, None, None
+
+
+def _fmt(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _needs_grad(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def conv_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    relu: bool = True,
+    backend: str | None = None,
+) -> Tensor:
+    """``relu?(conv2d(x, weight) + bias + residual)`` as one fused op (one output write).
+
+    Args:
+        x: ``(N, C, H, W)`` input, any memory format.
+        weight: ``(K, C / groups, R, S)``, same dtype and device as ``x``.
+        bias: ``(K,)`` or None (a folded BatchNorm's shift).
+        residual: the output's shape ``(N, K, P, Q)`` or None.
+        backend: force a backend by name (default: FASTRES_BACKEND or the dispatcher's choice).
+
+    Returns the ``(N, K, P, Q)`` output in ``x``'s dtype and memory format. Differentiable.
+    """
+    check_input(x, weight, "fastres.conv_bias_act")
+    conv = ConvSpec(tuple(_pair(stride)), tuple(_pair(padding)), tuple(_pair(dilation)), groups)
+    b = backends.select(_inputs(x, weight, conv), backend)
+    if b.name == "reference" and not torch.compiler.is_compiling():
+        return b.ops.conv_bias_act(x, weight, bias, residual, *conv.args(), relu)
+    if _needs_grad(x, weight, bias, residual):
+        return _ConvBiasActFn.apply(x, weight, bias, residual, conv, relu, b.name)
+    return b.ops.conv_bias_act(x, weight, bias, residual, *conv.args(), relu)
+
+
+def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec) -> Inputs:
+    return Inputs(
+        x.device,
+        x.dtype,
+        kernel_size=(int(weight.shape[2]), int(weight.shape[3])),
+        stride=conv.stride,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        channels_last=x.is_contiguous(memory_format=torch.channels_last),
+    )
+
+
+def select_backend(x: Tensor, weights: Sequence[Tensor], convs: Sequence[ConvSpec],
+                   backend: str | None = None) -> backends.Backend:
+    """One backend that serves every convolution of a block (the block runs on one backend)."""
+    chosen = None
+    for w, c in zip(weights, convs):
+        b = backends.select(_inputs(x, w, c), backend)
+        if chosen is None or backends.PRIORITY.index(b.name) > backends.PRIORITY.index(chosen.name):
+            chosen = b
+    if chosen is None:
+        raise ValueError("select_backend needs at least one convolution")
+    if backend is None:
+        # The weakest backend needed by one conv serves them all; make sure it really does.
+        for w, c in zip(weights, convs):
+            reasons = chosen.not_supported_reasons(_inputs(x, w, c))
+            if reasons:
+                return backends.BACKENDS["reference"]
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Training: a residual unit with batch statistics.
+
+
+@dataclass(frozen=True)
+class _UnitSpec:
+    stages: tuple[Stage, ...]
+    downsample: Stage | None
+    shortcut: str  # "none" | "identity" | "downsample" | "option_a" | "tensor"
+    option_a_stride: int
+    relu: bool
+    backend: str
+
+
+def _bn_tensors(params: Sequence[Tensor | None], i: int):
+    # Flat layout per stage: weight, gamma, beta, running_mean, running_var, num_batches_tracked.
+    return params[6 * i : 6 * i + 6]
+
+
+class _ResidualUnitFn(torch.autograd.Function):
+    """Training forward/backward of a residual unit, made of fastres ops.
+
+    Saved for backward: x, each stage's un-normalised conv output y_i, the downsample's y_d, the
+    block output (for the ReLU mask) and the per-channel statistics. The BN+ReLU activations
+    between convolutions are never stored: the next convolution recomputes them on load.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _UnitSpec, x: Tensor, shortcut_in: Tensor | None, *params):
+        ops = backends.BACKENDS[spec.backend].ops
+        n_stages = len(spec.stages)
+        ys, stats = [], []
+        inp, pre = x, (None, None, False)
+        for i, st in enumerate(spec.stages):
+            w, gamma, beta, rm, rv, nbt = _bn_tensors(params, i)
+            y, s, q = ops.conv_stats(inp, w, pre[0], pre[1], pre[2], *st.conv.args())
+            count = y.numel() // y.shape[1]
+            _check_batch_stats_count(y.shape, count)
+            mean, invstd, scale, shift = ops.bn_finalize(
+                s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum, st.bn.eps
+            )
+            ys.append(y)
+            stats.append((mean, invstd, scale, shift))
+            inp, pre = y, (scale, shift, True)
+
+        res, res_scale, res_shift, offset = None, None, None, 0
+        yd, dstats = None, None
+        if spec.shortcut == "identity":
+            res = x
+        elif spec.shortcut == "tensor":
+            res = shortcut_in
+        elif spec.shortcut == "option_a":
+            s = spec.option_a_stride
+            res = x[:, :, ::s, ::s] if s > 1 else x
+            offset = (ys[-1].shape[1] - x.shape[1]) // 2
+        elif spec.shortcut == "downsample":
+            w, gamma, beta, rm, rv, nbt = _bn_tensors(params, n_stages)
+            st = spec.downsample
+            yd, s, q = ops.conv_stats(x, w, None, None, False, *st.conv.args())
+            count = yd.numel() // yd.shape[1]
+            _check_batch_stats_count(yd.shape, count)
+            dstats = ops.bn_finalize(s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum,
+                                     st.bn.eps)
+            res, res_scale, res_shift = yd, dstats[2], dstats[3]
+        mean, invstd, scale, shift = stats[-1]
+        out = ops.bn_add_relu(ys[-1], scale, shift, res, res_scale, res_shift, offset, spec.relu)
+
+        ctx.spec = spec
+        ctx.x_shape = x.shape
+        flat_stats = [t for st in stats for t in st]
+        dflat = list(dstats) if dstats is not None else []
+        weights = [params[6 * i] for i in range(n_stages)]
+        gammas = [params[6 * i + 1] for i in range(n_stages)]
+        extra = [params[6 * n_stages], params[6 * n_stages + 1]] if yd is not None else []
+        ctx.save_for_backward(x, out if spec.relu else None, yd, *ys, *flat_stats, *dflat,
+                              *weights, *gammas, *extra)
+        ctx.n_stages = n_stages
+        ctx.has_gamma = [g is not None for g in gammas]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        spec: _UnitSpec = ctx.spec
+        ops = backends.BACKENDS[spec.backend].ops
+        n = ctx.n_stages
+        saved = list(ctx.saved_tensors)
+        x, out, yd = saved[0], saved[1], saved[2]
+        ys = saved[3 : 3 + n]
+        k = 3 + n
+        stats = [tuple(saved[k + 4 * i : k + 4 * i + 4]) for i in range(n)]
+        k += 4 * n
+        dstats = None
+        if yd is not None:
+            dstats = tuple(saved[k : k + 4])
+            k += 4
+        weights = saved[k : k + n]
+        gammas = saved[k + n : k + 2 * n]
+        k += 2 * n
+        wd, gd = (saved[k], saved[k + 1]) if yd is not None else (None, None)
+
+        fmt = _fmt(ys[-1])
+        grad_out = grad_out.contiguous(memory_format=fmt)
+        mean, invstd, _, _ = stats[-1]
+        (dy, dgamma, dbeta, dres, dgd, dbd) = ops.bn_add_relu_bwd(
+            grad_out, out, ys[-1], mean, invstd, gammas[-1],
+            yd, dstats[0] if dstats else None, dstats[1] if dstats else None, gd,
+        )
+        grads_params: list[Tensor | None] = [None] * (6 * n + (6 if yd is not None else 0))
+        grads_params[6 * (n - 1) + 1] = dgamma if ctx.has_gamma[-1] else None
+        grads_params[6 * (n - 1) + 2] = dbeta
+        for i in range(n - 1, 0, -1):
+            _, _, scale_p, shift_p = stats[i - 1]
+            da, dw = ops.conv_bwd(dy, ys[i - 1], weights[i], scale_p, shift_p, True,
+                                  *spec.stages[i].conv.args(), [True, True])
+            grads_params[6 * i] = dw
+            mean_p, invstd_p, _, _ = stats[i - 1]
+            dy, dgamma, dbeta = ops.bn_relu_bwd(da, ys[i - 1], mean_p, invstd_p, gammas[i - 1],
+                                                scale_p, shift_p, True)
+            grads_params[6 * (i - 1) + 1] = dgamma if ctx.has_gamma[i - 1] else None
+            grads_params[6 * (i - 1) + 2] = dbeta
+        need_x = ctx.needs_input_grad[1]
+        dx, dw0 = ops.conv_bwd(dy, x, weights[0], None, None, False, *spec.stages[0].conv.args(),
+                               [need_x, True])
+        grads_params[0] = dw0
+        grad_shortcut = None
+        if spec.shortcut == "downsample":
+            dxd, dwd = ops.conv_bwd(dres, x, wd, None, None, False, *spec.downsample.conv.args(),
+                                    [need_x, True])
+            grads_params[6 * n] = dwd
+            grads_params[6 * n + 1] = dgd if gd is not None else None
+            grads_params[6 * n + 2] = dbd
+            if need_x:
+                dx = dx + dxd
+        elif spec.shortcut == "identity":
+            if need_x:
+                dx = dx + dres
+        elif spec.shortcut == "option_a":
+            if need_x:
+                s = spec.option_a_stride
+                c0 = (ys[-1].shape[1] - x.shape[1]) // 2
+                dx = dx.clone() if dx._base is not None else dx
+                sub = dx[:, :, ::s, ::s] if s > 1 else dx
+                sub.add_(dres[:, c0 : c0 + x.shape[1]])
+        elif spec.shortcut == "tensor":
+            grad_shortcut = dres
+        return (None, dx if need_x else None, grad_shortcut, *grads_params)
+
+
+def residual_unit(
+    x: Tensor,
+    stages: Sequence[Stage],
+    params: Sequence[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None,
+                           Tensor | None]],
+    shortcut: str = "identity",
+    downsample: tuple[Stage, tuple] | None = None,
+    shortcut_tensor: Tensor | None = None,
+    option_a_stride: int = 2,
+    relu: bool = True,
+    backend: str | None = None,
+) -> Tensor:
+    """Training forward of ``relu?(BN_k(conv_k(... relu(BN_1(conv_1(x))) ...)) + shortcut)``.
+
+    Every BatchNorm uses batch statistics and updates its running statistics in place (as
+    ``nn.BatchNorm2d`` in training mode). Differentiable with respect to ``x``, every conv weight
+    and BN weight/bias, and ``shortcut_tensor``.
+
+    Args:
+        x: ``(N, C, H, W)`` input.
+        stages: per conv+BN stage, its :class:`Stage` hyper-parameters.
+        params: per stage, ``(conv_weight, bn_weight, bn_bias, running_mean, running_var,
+            num_batches_tracked)`` (BN entries may be None: affine=False or no running stats).
+        shortcut: ``"identity"`` (add x), ``"downsample"`` (add BN_d(conv_d(x))), ``"option_a"``
+            (add x subsampled by ``option_a_stride`` with zero-padded channels), ``"tensor"``
+            (add ``shortcut_tensor``, any module's output) or ``"none"``.
+        downsample: ``(Stage, params)`` of the downsample branch when ``shortcut="downsample"``.
+    """
+    if not stages:
+        raise ValueError("residual_unit needs at least one stage")
+    if shortcut not in ("none", "identity", "downsample", "option_a", "tensor"):
+        raise ValueError(f"unknown shortcut {shortcut!r}")
+    if (shortcut == "downsample") != (downsample is not None):
+        raise ValueError("shortcut='downsample' and the downsample argument go together")
+    if (shortcut == "tensor") != (shortcut_tensor is not None):
+        raise ValueError("shortcut='tensor' and shortcut_tensor go together")
+    weights = [p[0] for p in params]
+    convs = [s.conv for s in stages]
+    check_input(x, weights[0], "fastres.residual_unit")
+    if downsample is not None:
+        weights.append(downsample[1][0])
+        convs.append(downsample[0].conv)
+    b = select_backend(x, weights, convs, backend)
+    flat: list[Tensor | None] = [t for p in params for t in p]
+    if downsample is not None:
+        flat.extend(downsample[1])
+    spec = _UnitSpec(tuple(stages), downsample[0] if downsample else None, shortcut,
+                     option_a_stride, relu, b.name)
+    return _ResidualUnitFn.apply(spec, x, shortcut_tensor, *flat)

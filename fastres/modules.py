@@ -1,0 +1,243 @@
+"""Drop-in ResNet blocks that run as fused ops.
+
+``fastres.BasicBlock`` and ``fastres.BottleneckBlock`` subclass torchvision's ``BasicBlock`` and
+``Bottleneck``: same constructor signature, attribute names, ``expansion`` and ``state_dict``
+keys, and ``isinstance`` checks in torchvision (``zero_init_residual``) keep working. So
+``torchvision.models.ResNet(fastres.BottleneckBlock, [3, 4, 6, 3])`` builds a fused ResNet-50 and
+loads torchvision checkpoints strictly. ``fastres.ConvBNReLU`` likewise subclasses
+``torchvision.ops.Conv2dNormActivation``.
+
+Eval mode folds each BatchNorm into its convolution (cached; recomputed when any parameter or
+buffer changes) and runs one fused op per convolution. Train mode uses batch statistics through
+:func:`fastres.functional.residual_unit`.
+
+Fallbacks (documented, never silent about correctness): a block whose pieces are not the plain
+``Conv2d`` + ``BatchNorm2d`` pattern (another norm layer, a conv with bias, string padding) and an
+empty batch run torchvision's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.ops import misc as tv_misc
+
+from fastres import functional as FF
+from fastres.functional import BNSpec, ConvSpec, Stage
+
+__all__ = ["BasicBlock", "BottleneckBlock", "ConvBNReLU", "fusable_reasons"]
+
+
+def _conv_bn_reasons(conv: nn.Module, bn: nn.Module, where: str) -> list[str]:
+    reasons = []
+    if type(conv) is not nn.Conv2d:
+        reasons.append(f"{where}: {type(conv).__name__} is not a plain nn.Conv2d")
+    else:
+        if conv.bias is not None:
+            reasons.append(f"{where}: the convolution has a bias")
+        if isinstance(conv.padding, str):
+            reasons.append(f"{where}: padding={conv.padding!r} is not numeric")
+        if conv.padding_mode != "zeros":
+            reasons.append(f"{where}: padding_mode={conv.padding_mode!r}")
+    if type(bn) is not nn.BatchNorm2d:
+        reasons.append(f"{where}: {type(bn).__name__} is not nn.BatchNorm2d")
+    return reasons
+
+
+class _FusedMixin:
+    """Shared machinery: the eval-mode fold cache and the train-mode stage description."""
+
+    _fold_cache: dict
+
+    def _init_fused(self) -> None:
+        self._fold_cache = {}
+
+    @staticmethod
+    def _use_batch_stats(bn: nn.BatchNorm2d) -> bool:
+        return bn.training or bn.running_mean is None or bn.running_var is None
+
+    def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype
+                ) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of conv with bn folded in; cached while nothing they depend on changes."""
+        tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        differentiable = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors
+        )
+        if differentiable or torch.compiler.is_compiling():
+            return FF.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                              bn.eps, dtype)
+        key = (id(conv), dtype, conv.weight.device, float(bn.eps)) + tuple(
+            (None if t is None else (t.data_ptr(), t._version, t.dtype)) for t in tensors
+        )
+        hit = self._fold_cache.get(id(conv))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            folded = FF.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                bn.eps, dtype)
+        self._fold_cache[id(conv)] = (key, folded)
+        return folded
+
+    def _eval_conv(self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                   residual: Tensor | None, relu: bool) -> Tensor:
+        w, b = self._folded(conv, bn, x.dtype)
+        return FF.conv_bias_act(x, w, b, residual, conv.stride, conv.padding, conv.dilation,
+                                conv.groups, relu)
+
+    @staticmethod
+    def _stage(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Stage, tuple]:
+        momentum = bn.momentum
+        track = bn.track_running_stats and bn.running_mean is not None
+        params = (
+            conv.weight,
+            bn.weight,
+            bn.bias,
+            bn.running_mean if track else None,
+            bn.running_var if track else None,
+            bn.num_batches_tracked if track else None,
+        )
+        if not (bn.training and track):
+            # Batch statistics without updating anything (track_running_stats=False, or the
+            # running buffers are absent): nn.BatchNorm2d does not touch the buffers then.
+            params = params[:3] + (None, None, None)
+        return Stage(ConvSpec.of(conv), BNSpec(float(bn.eps), momentum)), params
+
+    def __setstate__(self, state):  # unpickling / deepcopy of older objects
+        super().__setstate__(state)
+        if "_fold_cache" not in self.__dict__:
+            self._fold_cache = {}
+
+
+def _downsample_pair(ds: nn.Module | None) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+    if (
+        isinstance(ds, nn.Sequential)
+        and len(ds) == 2
+        and not _conv_bn_reasons(ds[0], ds[1], "downsample")
+    ):
+        return ds[0], ds[1]
+    return None
+
+
+def fusable_reasons(block: nn.Module) -> list[str]:
+    """Why ``block`` (a torchvision BasicBlock/Bottleneck or a fastres block) cannot run fused;
+    empty when it can. The downsample branch may be any module (it then runs unfused)."""
+    if isinstance(block, tv_resnet.Bottleneck):
+        pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+    elif isinstance(block, tv_resnet.BasicBlock):
+        pairs = [("conv1", "bn1"), ("conv2", "bn2")]
+    else:
+        return [f"{type(block).__name__} is not a torchvision BasicBlock or Bottleneck"]
+    reasons = []
+    for c, b in pairs:
+        reasons += _conv_bn_reasons(getattr(block, c), getattr(block, b), f"{c}/{b}")
+    if not isinstance(getattr(block, "relu", None), nn.ReLU):
+        reasons.append("relu is not nn.ReLU")
+    return reasons
+
+
+class _ResidualBlockMixin(_FusedMixin):
+    _pairs: tuple[tuple[str, str], ...]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if fusable_reasons(self) or (isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0):
+            return super().forward(x)
+        pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._pairs]
+        ds = self.downsample
+        ds_pair = _downsample_pair(ds)
+        FF.check_input(x, pairs[0][0].weight, type(self).__name__)
+        batch_stats = [self._use_batch_stats(bn) for _, bn in pairs]
+        if ds_pair is not None:
+            batch_stats.append(self._use_batch_stats(ds_pair[1]))
+        if not any(batch_stats):
+            return self._forward_eval(x, pairs, ds, ds_pair)
+        if all(batch_stats):
+            return self._forward_train(x, pairs, ds, ds_pair)
+        # A mix of train- and eval-mode BatchNorms inside one block (rare): stay exact.
+        return super().forward(x)
+
+    def _forward_eval(self, x, pairs, ds, ds_pair) -> Tensor:
+        h = x
+        for conv, bn in pairs[:-1]:
+            h = self._eval_conv(h, conv, bn, None, True)
+        if ds_pair is not None:
+            identity = self._eval_conv(x, ds_pair[0], ds_pair[1], None, False)
+        elif ds is not None:
+            identity = ds(x)
+        else:
+            identity = x
+        conv, bn = pairs[-1]
+        return self._eval_conv(h, conv, bn, identity.contiguous(memory_format=FF._fmt(x)), True)
+
+    def _forward_train(self, x, pairs, ds, ds_pair) -> Tensor:
+        staged = [self._stage(c, b) for c, b in pairs]
+        stages = [s for s, _ in staged]
+        params = [p for _, p in staged]
+        if ds_pair is not None:
+            return FF.residual_unit(x, stages, params, "downsample",
+                                    downsample=self._stage(*ds_pair))
+        if ds is not None:
+            return FF.residual_unit(x, stages, params, "tensor", shortcut_tensor=ds(x))
+        return FF.residual_unit(x, stages, params, "identity")
+
+
+class BasicBlock(_ResidualBlockMixin, tv_resnet.BasicBlock):
+    """torchvision's ``BasicBlock`` (ResNet-18/34) running as fused ops.
+
+    Same signature: ``BasicBlock(inplanes, planes, stride=1, downsample=None, groups=1,
+    base_width=64, dilation=1, norm_layer=None)``; ``expansion = 1``.
+    """
+
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"))
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_fused()
+
+
+class BottleneckBlock(_ResidualBlockMixin, tv_resnet.Bottleneck):
+    """torchvision's ``Bottleneck`` (ResNet-50/101/152, ResNeXt, Wide ResNet) as fused ops.
+
+    Same signature: ``BottleneckBlock(inplanes, planes, stride=1, downsample=None, groups=1,
+    base_width=64, dilation=1, norm_layer=None)``; ``expansion = 4``.
+    """
+
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_fused()
+
+
+class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
+    """torchvision's ``Conv2dNormActivation`` (conv, BatchNorm, ReLU) as one fused op.
+
+    Same signature: ``ConvBNReLU(in_channels, out_channels, kernel_size=3, stride=1,
+    padding=None, groups=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU, dilation=1,
+    inplace=True, bias=None)`` and ``state_dict`` keys (``0.weight``, ``1.running_mean``, ...).
+    Fused when it is conv + BatchNorm2d + ReLU (or no activation); otherwise it runs as the
+    ``nn.Sequential`` it is.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_fused()
+
+    def _fusable(self) -> tuple[nn.Conv2d, nn.BatchNorm2d, bool] | None:
+        mods = list(self)
+        if len(mods) not in (2, 3) or _conv_bn_reasons(mods[0], mods[1], "ConvBNReLU"):
+            return None
+        if len(mods) == 3 and type(mods[2]) is not nn.ReLU:
+            return None
+        return mods[0], mods[1], len(mods) == 3
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = self._fusable()
+        if parts is None or (isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0):
+            return super().forward(x)
+        conv, bn, relu = parts
+        FF.check_input(x, conv.weight, "ConvBNReLU")
+        if not self._use_batch_stats(bn):
+            return self._eval_conv(x, conv, bn, None, relu)
+        stage, params = self._stage(conv, bn)
+        return FF.residual_unit(x, [stage], [params], "none", relu=relu)
