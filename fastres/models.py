@@ -247,9 +247,9 @@ def cifar_resnet(
         fused: fastres blocks (default) or the plain-PyTorch twin with the same ``state_dict``.
     """
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
+        examples = ", ".join(map(str, CIFAR_DEPTHS))
         raise ValueError(
-            f"CIFAR ResNet depth must be 6n + 2 with n >= 1 (e.g. {', '.join(map(str, CIFAR_DEPTHS))}),"
-            f" got {depth!r}"
+            f"CIFAR ResNet depth must be 6n + 2 with n >= 1 (e.g. {examples}), got {depth!r}"
         )
     if shortcut not in _SHORTCUTS:
         raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
