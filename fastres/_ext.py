@@ -7,7 +7,7 @@ import functools
 REBUILD = "pip install --no-build-isolation ."
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> tuple[object | None, str | None]:
     """(module, None) when fastres._C imports, else (None, the reason with the rebuild command)."""
     try:

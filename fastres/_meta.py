@@ -52,8 +52,9 @@ def _(input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation, 
 
 
 @torch.library.register_fake(_lib + "bn_finalize")
-def _(sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked, count, momentum,
-      eps):
+def _(
+    sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked, count, momentum, eps
+):
     c = sum.shape[0]
     return tuple(torch.empty(c, dtype=sum.dtype, device=sum.device) for _ in range(4))
 
@@ -69,11 +70,23 @@ def _(grad_out, out, input, mean, invstd, weight, res_input, res_mean, res_invst
     grad_input = _like_format(input.shape, input)
     if res_input is None:
         empty = mean.new_empty(0)
-        return (grad_input, mean.new_empty(c), mean.new_empty(c),
-                _like_format(grad_out.shape, grad_out), empty, empty)
+        return (
+            grad_input,
+            mean.new_empty(c),
+            mean.new_empty(c),
+            _like_format(grad_out.shape, grad_out),
+            empty,
+            empty,
+        )
     cr = res_input.shape[1]
-    return (grad_input, mean.new_empty(c), mean.new_empty(c),
-            _like_format(res_input.shape, res_input), mean.new_empty(cr), mean.new_empty(cr))
+    return (
+        grad_input,
+        mean.new_empty(c),
+        mean.new_empty(c),
+        _like_format(res_input.shape, res_input),
+        mean.new_empty(cr),
+        mean.new_empty(cr),
+    )
 
 
 @torch.library.register_fake(_lib + "bn_relu_bwd")
@@ -83,8 +96,19 @@ def _(grad_out, input, mean, invstd, weight, scale, shift, relu):
 
 
 @torch.library.register_fake(_lib + "conv_bwd")
-def _(grad_out, input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation, groups,
-      output_mask):
+def _(
+    grad_out,
+    input,
+    weight,
+    pre_scale,
+    pre_shift,
+    pre_relu,
+    stride,
+    padding,
+    dilation,
+    groups,
+    output_mask,
+):
     gi = _like_format(input.shape, input) if output_mask[0] else input.new_empty(0)
     gw = torch.empty_like(weight) if output_mask[1] else weight.new_empty(0)
     return gi, gw

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -85,10 +85,15 @@ class Backend:
         why = self.unavailable_reason()
         return [why] if why else []
 
+    def op(self, name: str) -> Callable[..., object]:
+        """One op of the set (a name in OP_NAMES), signature as in csrc/ops.cpp. Plain attribute
+        look-ups only, so torch.compile traces through it."""
+        raise NotImplementedError
+
     @property
     def ops(self) -> SimpleNamespace:
-        """The op set: one callable per name in OP_NAMES, signatures as in csrc/ops.cpp."""
-        raise NotImplementedError
+        """The whole op set as attributes (convenience outside compiled code)."""
+        return SimpleNamespace(**{n: self.op(n) for n in OP_NAMES})
 
 
 class ReferenceBackend(Backend):
@@ -99,9 +104,8 @@ class ReferenceBackend(Backend):
             return [f"dtype {inputs.dtype} is not a floating dtype"]
         return []
 
-    @property
-    def ops(self) -> SimpleNamespace:
-        return SimpleNamespace(**{n: getattr(reference, n) for n in OP_NAMES})
+    def op(self, name: str) -> Callable[..., object]:
+        return getattr(reference, name)
 
 
 class _CompiledBackend(Backend):
@@ -120,10 +124,8 @@ class _CompiledBackend(Backend):
             reasons.append(f"{self.name} does not support dtype {inputs.dtype}")
         return reasons
 
-    @property
-    def ops(self) -> SimpleNamespace:
-        _ext.load()
-        return SimpleNamespace(**{n: getattr(torch.ops.fastres, n) for n in OP_NAMES})
+    def op(self, name: str) -> Callable[..., object]:
+        return getattr(torch.ops.fastres, name)
 
 
 class CPUBackend(_CompiledBackend):
@@ -177,7 +179,10 @@ class TritonBackend(Backend):
             from fastres import triton_kernels  # noqa: PLC0415
         except ImportError as exc:  # triton missing or too old
             return f"fastres.triton_kernels does not import: {exc}"
-        return triton_kernels.unavailable_reason()
+        probe = getattr(triton_kernels, "unavailable_reason", None)
+        if probe is None:
+            return "fastres.triton_kernels has no kernels in this build"
+        return probe()
 
     def not_supported_reasons(self, inputs: Inputs) -> list[str]:
         why = self.unavailable_reason()
@@ -187,11 +192,9 @@ class TritonBackend(Backend):
 
         return triton_kernels.not_supported_reasons(inputs)
 
-    @property
-    def ops(self) -> SimpleNamespace:
-        from fastres import triton_kernels  # noqa: PLC0415
-
-        return triton_kernels.ops()
+    def op(self, name: str) -> Callable[..., object]:
+        # Importing fastres.triton_kernels registers torch.ops.fastres_triton.* (select() did).
+        return getattr(torch.ops.fastres_triton, name)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -224,11 +227,15 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
     name = backend or forced()
     if name is not None:
         if name not in BACKENDS:
-            raise ValueError(f"unknown fastres backend {name!r}: choose one of {', '.join(PRIORITY)}")
+            raise ValueError(
+                f"unknown fastres backend {name!r}: choose one of {', '.join(PRIORITY)}"
+            )
         b = BACKENDS[name]
         reasons = b.not_supported_reasons(inputs)
         if reasons:
-            raise RuntimeError(f"fastres backend {name!r} cannot serve {inputs}: " + "; ".join(reasons))
+            raise RuntimeError(
+                f"fastres backend {name!r} cannot serve {inputs}: " + "; ".join(reasons)
+            )
         return b
     passed: list[str] = []
     for name in PRIORITY:
@@ -238,8 +245,9 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
         if inputs.device.type == "cuda" and not b.verified_on_gpu:
             why = b.unavailable_reason()
             if why is None:
-                passed.append(f"{name}: not yet verified on a GPU (force it with "
-                              f"FASTRES_BACKEND={name})")
+                passed.append(
+                    f"{name}: not yet verified on a GPU (force it with FASTRES_BACKEND={name})"
+                )
             continue
         reasons = b.not_supported_reasons(inputs)
         if not reasons:
@@ -257,5 +265,6 @@ def available() -> dict[str, str | None]:
     return {n: BACKENDS[n].unavailable_reason() for n in PRIORITY}
 
 
-def op_table(name: str) -> Callable[..., object]:  # pragma: no cover - convenience for benches
-    return BACKENDS[name].ops
+def op(backend: str, name: str) -> Callable[..., object]:
+    """``BACKENDS[backend].op(name)``."""
+    return BACKENDS[backend].op(name)

@@ -79,16 +79,23 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, verbo
             path = f"{prefix}{name}"
             cls = _target(child)
             if cls is None:
-                if isinstance(child, (tv_resnet.Bottleneck, tv_resnet.BasicBlock)) and not \
-                        isinstance(child, (M.BottleneckBlock, M.BasicBlock)):
-                    rep.left.append((path, f"{type(child).__name__} subclasses a torchvision "
-                                           "block and may override its forward"))
+                if isinstance(
+                    child, (tv_resnet.Bottleneck, tv_resnet.BasicBlock)
+                ) and not isinstance(child, (M.BottleneckBlock, M.BasicBlock)):
+                    rep.left.append(
+                        (
+                            path,
+                            f"{type(child).__name__} subclasses a torchvision "
+                            "block and may override its forward",
+                        )
+                    )
                 visit(child, path + ".")
                 continue
             if cls is M.ConvBNReLU:
                 tmp = _swap(child, cls)
-                reasons = [] if tmp._fusable() is not None else [
-                    "not conv + BatchNorm2d + ReLU/none"]
+                reasons = (
+                    [] if tmp._fusable() is not None else ["not conv + BatchNorm2d + ReLU/none"]
+                )
             else:
                 reasons = M.fusable_reasons(child)
             if reasons:

@@ -16,8 +16,8 @@ Two paths:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -158,8 +158,8 @@ class _ConvBiasActFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, conv: ConvSpec, relu: bool, backend: str):
-        ops = backends.BACKENDS[backend].ops
-        out = ops.conv_bias_act(x, weight, bias, residual, *conv.args(), relu)
+        be = backend
+        out = backends.op(be, "conv_bias_act")(x, weight, bias, residual, *conv.args(), relu)
         ctx.conv, ctx.relu, ctx.backend = conv, relu, backend
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         ctx.save_for_backward(x, weight, out if relu else None)
@@ -168,13 +168,16 @@ class _ConvBiasActFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, out = ctx.saved_tensors
-        ops = backends.BACKENDS[ctx.backend].ops
-        grad_z, grad_bias = ops.relu_bias_bwd(grad_out.contiguous(memory_format=_fmt(x)), out)
+        be = ctx.backend
+        grad_z, grad_bias = backends.op(be, "relu_bias_bwd")(
+            grad_out.contiguous(memory_format=_fmt(x)), out
+        )
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = None
         if need_x or need_w:
-            gx, gw = ops.conv_bwd(grad_z, x, weight, None, None, False, *ctx.conv.args(),
-                                  [need_x, need_w])
+            gx, gw = backends.op(be, "conv_bwd")(
+                grad_z, x, weight, None, None, False, *ctx.conv.args(), [need_x, need_w]
+            )
             grad_x = gx if need_x else None
             grad_w = gw if need_w else None
         grad_b = grad_bias.to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -218,11 +221,10 @@ def conv_bias_act(
     check_input(x, weight, "fastres.conv_bias_act")
     conv = ConvSpec(tuple(_pair(stride)), tuple(_pair(padding)), tuple(_pair(dilation)), groups)
     b = backends.select(_inputs(x, weight, conv), backend)
-    if b.name == "reference" and not torch.compiler.is_compiling():
-        return b.ops.conv_bias_act(x, weight, bias, residual, *conv.args(), relu)
-    if _needs_grad(x, weight, bias, residual):
+    if b.name != "reference" and _needs_grad(x, weight, bias, residual):
         return _ConvBiasActFn.apply(x, weight, bias, residual, conv, relu, b.name)
-    return b.ops.conv_bias_act(x, weight, bias, residual, *conv.args(), relu)
+    # The reference op is plain PyTorch, differentiable as it is.
+    return b.op("conv_bias_act")(x, weight, bias, residual, *conv.args(), relu)
 
 
 def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec) -> Inputs:
@@ -237,8 +239,9 @@ def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec) -> Inputs:
     )
 
 
-def select_backend(x: Tensor, weights: Sequence[Tensor], convs: Sequence[ConvSpec],
-                   backend: str | None = None) -> backends.Backend:
+def select_backend(
+    x: Tensor, weights: Sequence[Tensor], convs: Sequence[ConvSpec], backend: str | None = None
+) -> backends.Backend:
     """One backend that serves every convolution of a block (the block runs on one backend)."""
     chosen = None
     for w, c in zip(weights, convs):
@@ -285,16 +288,16 @@ class _ResidualUnitFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: _UnitSpec, x: Tensor, shortcut_in: Tensor | None, *params):
-        ops = backends.BACKENDS[spec.backend].ops
+        be = spec.backend
         n_stages = len(spec.stages)
         ys, stats = [], []
         inp, pre = x, (None, None, False)
         for i, st in enumerate(spec.stages):
             w, gamma, beta, rm, rv, nbt = _bn_tensors(params, i)
-            y, s, q = ops.conv_stats(inp, w, pre[0], pre[1], pre[2], *st.conv.args())
+            y, s, q = backends.op(be, "conv_stats")(inp, w, pre[0], pre[1], pre[2], *st.conv.args())
             count = y.numel() // y.shape[1]
             _check_batch_stats_count(y.shape, count)
-            mean, invstd, scale, shift = ops.bn_finalize(
+            mean, invstd, scale, shift = backends.op(be, "bn_finalize")(
                 s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum, st.bn.eps
             )
             ys.append(y)
@@ -314,14 +317,17 @@ class _ResidualUnitFn(torch.autograd.Function):
         elif spec.shortcut == "downsample":
             w, gamma, beta, rm, rv, nbt = _bn_tensors(params, n_stages)
             st = spec.downsample
-            yd, s, q = ops.conv_stats(x, w, None, None, False, *st.conv.args())
+            yd, s, q = backends.op(be, "conv_stats")(x, w, None, None, False, *st.conv.args())
             count = yd.numel() // yd.shape[1]
             _check_batch_stats_count(yd.shape, count)
-            dstats = ops.bn_finalize(s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum,
-                                     st.bn.eps)
+            dstats = backends.op(be, "bn_finalize")(
+                s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum, st.bn.eps
+            )
             res, res_scale, res_shift = yd, dstats[2], dstats[3]
         mean, invstd, scale, shift = stats[-1]
-        out = ops.bn_add_relu(ys[-1], scale, shift, res, res_scale, res_shift, offset, spec.relu)
+        out = backends.op(be, "bn_add_relu")(
+            ys[-1], scale, shift, res, res_scale, res_shift, offset, spec.relu
+        )
 
         ctx.spec = spec
         ctx.x_shape = x.shape
@@ -330,8 +336,9 @@ class _ResidualUnitFn(torch.autograd.Function):
         weights = [params[6 * i] for i in range(n_stages)]
         gammas = [params[6 * i + 1] for i in range(n_stages)]
         extra = [params[6 * n_stages], params[6 * n_stages + 1]] if yd is not None else []
-        ctx.save_for_backward(x, out if spec.relu else None, yd, *ys, *flat_stats, *dflat,
-                              *weights, *gammas, *extra)
+        ctx.save_for_backward(
+            x, out if spec.relu else None, yd, *ys, *flat_stats, *dflat, *weights, *gammas, *extra
+        )
         ctx.n_stages = n_stages
         ctx.has_gamma = [g is not None for g in gammas]
         return out
@@ -339,7 +346,7 @@ class _ResidualUnitFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         spec: _UnitSpec = ctx.spec
-        ops = backends.BACKENDS[spec.backend].ops
+        be = spec.backend
         n = ctx.n_stages
         saved = list(ctx.saved_tensors)
         x, out, yd = saved[0], saved[1], saved[2]
@@ -359,31 +366,50 @@ class _ResidualUnitFn(torch.autograd.Function):
         fmt = _fmt(ys[-1])
         grad_out = grad_out.contiguous(memory_format=fmt)
         mean, invstd, _, _ = stats[-1]
-        (dy, dgamma, dbeta, dres, dgd, dbd) = ops.bn_add_relu_bwd(
-            grad_out, out, ys[-1], mean, invstd, gammas[-1],
-            yd, dstats[0] if dstats else None, dstats[1] if dstats else None, gd,
+        (dy, dgamma, dbeta, dres, dgd, dbd) = backends.op(be, "bn_add_relu_bwd")(
+            grad_out,
+            out,
+            ys[-1],
+            mean,
+            invstd,
+            gammas[-1],
+            yd,
+            dstats[0] if dstats else None,
+            dstats[1] if dstats else None,
+            gd,
         )
         grads_params: list[Tensor | None] = [None] * (6 * n + (6 if yd is not None else 0))
         grads_params[6 * (n - 1) + 1] = dgamma if ctx.has_gamma[-1] else None
         grads_params[6 * (n - 1) + 2] = dbeta
         for i in range(n - 1, 0, -1):
             _, _, scale_p, shift_p = stats[i - 1]
-            da, dw = ops.conv_bwd(dy, ys[i - 1], weights[i], scale_p, shift_p, True,
-                                  *spec.stages[i].conv.args(), [True, True])
+            da, dw = backends.op(be, "conv_bwd")(
+                dy,
+                ys[i - 1],
+                weights[i],
+                scale_p,
+                shift_p,
+                True,
+                *spec.stages[i].conv.args(),
+                [True, True],
+            )
             grads_params[6 * i] = dw
             mean_p, invstd_p, _, _ = stats[i - 1]
-            dy, dgamma, dbeta = ops.bn_relu_bwd(da, ys[i - 1], mean_p, invstd_p, gammas[i - 1],
-                                                scale_p, shift_p, True)
+            dy, dgamma, dbeta = backends.op(be, "bn_relu_bwd")(
+                da, ys[i - 1], mean_p, invstd_p, gammas[i - 1], scale_p, shift_p, True
+            )
             grads_params[6 * (i - 1) + 1] = dgamma if ctx.has_gamma[i - 1] else None
             grads_params[6 * (i - 1) + 2] = dbeta
         need_x = ctx.needs_input_grad[1]
-        dx, dw0 = ops.conv_bwd(dy, x, weights[0], None, None, False, *spec.stages[0].conv.args(),
-                               [need_x, True])
+        dx, dw0 = backends.op(be, "conv_bwd")(
+            dy, x, weights[0], None, None, False, *spec.stages[0].conv.args(), [need_x, True]
+        )
         grads_params[0] = dw0
         grad_shortcut = None
         if spec.shortcut == "downsample":
-            dxd, dwd = ops.conv_bwd(dres, x, wd, None, None, False, *spec.downsample.conv.args(),
-                                    [need_x, True])
+            dxd, dwd = backends.op(be, "conv_bwd")(
+                dres, x, wd, None, None, False, *spec.downsample.conv.args(), [need_x, True]
+            )
             grads_params[6 * n] = dwd
             grads_params[6 * n + 1] = dgd if gd is not None else None
             grads_params[6 * n + 2] = dbd
@@ -407,8 +433,9 @@ class _ResidualUnitFn(torch.autograd.Function):
 def residual_unit(
     x: Tensor,
     stages: Sequence[Stage],
-    params: Sequence[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None,
-                           Tensor | None]],
+    params: Sequence[
+        tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+    ],
     shortcut: str = "identity",
     downsample: tuple[Stage, tuple] | None = None,
     shortcut_tensor: Tensor | None = None,
@@ -450,6 +477,12 @@ def residual_unit(
     flat: list[Tensor | None] = [t for p in params for t in p]
     if downsample is not None:
         flat.extend(downsample[1])
-    spec = _UnitSpec(tuple(stages), downsample[0] if downsample else None, shortcut,
-                     option_a_stride, relu, b.name)
+    spec = _UnitSpec(
+        tuple(stages),
+        downsample[0] if downsample else None,
+        shortcut,
+        option_a_stride,
+        relu,
+        b.name,
+    )
     return _ResidualUnitFn.apply(spec, x, shortcut_tensor, *flat)

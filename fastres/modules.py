@@ -57,16 +57,18 @@ class _FusedMixin:
     def _use_batch_stats(bn: nn.BatchNorm2d) -> bool:
         return bn.training or bn.running_mean is None or bn.running_var is None
 
-    def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype
-                ) -> tuple[Tensor, Tensor]:
+    def _folded(
+        self, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
         """(weight, bias) of conv with bn folded in; cached while nothing they depend on changes."""
         tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
         differentiable = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in tensors
         )
         if differentiable or torch.compiler.is_compiling():
-            return FF.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                              bn.eps, dtype)
+            return FF.fold_bn(
+                conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, dtype
+            )
         key = (id(conv), dtype, conv.weight.device, float(bn.eps)) + tuple(
             (None if t is None else (t.data_ptr(), t._version, t.dtype)) for t in tensors
         )
@@ -74,16 +76,19 @@ class _FusedMixin:
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            folded = FF.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                bn.eps, dtype)
+            folded = FF.fold_bn(
+                conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, dtype
+            )
         self._fold_cache[id(conv)] = (key, folded)
         return folded
 
-    def _eval_conv(self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
-                   residual: Tensor | None, relu: bool) -> Tensor:
+    def _eval_conv(
+        self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor | None, relu: bool
+    ) -> Tensor:
         w, b = self._folded(conv, bn, x.dtype)
-        return FF.conv_bias_act(x, w, b, residual, conv.stride, conv.padding, conv.dilation,
-                                conv.groups, relu)
+        return FF.conv_bias_act(
+            x, w, b, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu
+        )
 
     @staticmethod
     def _stage(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Stage, tuple]:
@@ -174,8 +179,9 @@ class _ResidualBlockMixin(_FusedMixin):
         stages = [s for s, _ in staged]
         params = [p for _, p in staged]
         if ds_pair is not None:
-            return FF.residual_unit(x, stages, params, "downsample",
-                                    downsample=self._stage(*ds_pair))
+            return FF.residual_unit(
+                x, stages, params, "downsample", downsample=self._stage(*ds_pair)
+            )
         if ds is not None:
             return FF.residual_unit(x, stages, params, "tensor", shortcut_tensor=ds(x))
         return FF.residual_unit(x, stages, params, "identity")

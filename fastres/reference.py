@@ -36,8 +36,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
+    return (
+        torch.channels_last
+        if x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+        else torch.contiguous_format
+    )
 
 
 def _per_channel(v: Tensor) -> Tensor:
@@ -134,7 +139,9 @@ def bn_finalize(
     1/num_batches_tracked, and increments num_batches_tracked, when they are given.
     """
     if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {count} values")
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {count} values"
+        )
     mean = sum / count
     var = (sumsq / count - mean * mean).clamp_min(0)
     invstd = torch.rsqrt(var + eps)
@@ -309,6 +316,8 @@ def option_a_shortcut(x: Tensor, out_channels: int, stride: int) -> Tensor:
     y = x[:, :, ::stride, ::stride] if stride > 1 else x
     extra = out_channels - x.shape[1]
     if extra < 0:
-        raise ValueError(f"option-A shortcut cannot shrink channels: {x.shape[1]} -> {out_channels}")
+        raise ValueError(
+            f"option-A shortcut cannot shrink channels: {x.shape[1]} -> {out_channels}"
+        )
     before = extra // 2
     return F.pad(y, (0, 0, 0, 0, before, extra - before))

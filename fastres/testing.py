@@ -57,17 +57,43 @@ class Verdict:
         )
 
 
-def verdict(name: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor,
-            dtype: torch.dtype) -> Verdict:
+def verdict(
+    name: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype
+) -> Verdict:
     """Judge ``ours`` against ``ref`` (float64) with PyTorch's own result ``theirs`` as the yardstick."""
     err = max_abs_err(ours, ref)
     torch_err = max_abs_err(theirs, ref)
     return Verdict(name, err, torch_err, 2 * torch_err + dtype_tols(dtype))
 
 
-def assert_close_rule(name: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor,
-                      dtype: torch.dtype) -> Verdict:
+def assert_close_rule(
+    name: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype
+) -> Verdict:
     v = verdict(name, ours, theirs, ref, dtype)
     if not v.ok:
         raise AssertionError(str(v))
     return v
+
+
+def compare_all(
+    ours: dict[str, torch.Tensor],
+    theirs: dict[str, torch.Tensor],
+    ref: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> list[Verdict]:
+    """One :class:`Verdict` per key of ``ref`` (everything a user keeps: output, input grad,
+    parameter grads, running stats). Floating tensors follow the tolerance rule at ``dtype``;
+    integer tensors (``num_batches_tracked``) must match exactly (bound 0). A key missing from
+    ``ours`` or ``theirs`` is an AssertionError."""
+    out = []
+    for name, r in ref.items():
+        if name not in ours or name not in theirs:
+            raise AssertionError(f"{name}: missing from {'ours' if name not in ours else 'theirs'}")
+        o, t = ours[name], theirs[name]
+        if o is None or t is None or r is None:
+            raise AssertionError(f"{name}: a gradient or buffer is None")
+        if r.is_floating_point():
+            out.append(verdict(name, o, t, r, dtype))
+        else:
+            out.append(Verdict(name, max_abs_err(o, r), max_abs_err(t, r), 0.0))
+    return out

@@ -1,0 +1,72 @@
+"""``python -m fastres.info``: what was built and which backends are available, and why not."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+from fastres import __version__, _ext, backends
+
+
+def report() -> dict:
+    info = {
+        "fastres": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+        "extension": _ext.build_info(),
+        "backends": backends.available(),
+        "forced": None,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        info["forced"] = backends.forced()
+    except ValueError as exc:
+        info["forced"] = f"invalid: {exc}"
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastres.info", description=__doc__)
+    ap.add_argument("--brief", action="store_true", help="one line per backend")
+    args = ap.parse_args(argv)
+    info = report()
+    if not args.brief:
+        print(
+            f"fastres {info['fastres']}  python {info['python']}  torch {info['torch']} "
+            f"(CUDA {info['torch_cuda']})  triton {info['triton']}"
+        )
+        print(f"devices: {', '.join(info['cuda_devices']) or 'no CUDA device'}")
+        ext = info["extension"]
+        if ext.get("built"):
+            print(
+                f"fastres._C: {ext['version']}, CUDA kernels {'yes' if ext['cuda'] else 'no'}"
+                f"{' (arch ' + ext['cuda_arch_list'] + ')' if ext['cuda'] else ''}, "
+                f"{ext['compiler']}, built against torch {ext['torch_version']}"
+            )
+        else:
+            print(f"fastres._C: not available: {ext['reason']}")
+    for name, why in info["backends"].items():
+        b = backends.BACKENDS[name]
+        state = "available" if why is None else f"unavailable: {why}"
+        if why is None and not b.verified_on_gpu:
+            state += " (not yet verified on a GPU: chosen only when forced)"
+        print(f"backend {name:9s} {state}")
+    if info["forced"]:
+        print(f"FASTRES_BACKEND forces: {info['forced']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
