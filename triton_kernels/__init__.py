@@ -1,0 +1,115 @@
+"""fastres.triton_kernels: the fastres op set as Triton kernels (``torch.ops.fastres_triton.*``).
+
+The dispatcher (fastres/backends.py) calls three functions of this package:
+
+* ``unavailable_reason()``: why these kernels cannot run here at all, or None;
+* ``not_supported_reasons(inputs)``: every reason they cannot serve one call;
+* ``ops()``: the eight ops, signatures as in fastres/reference.py.
+
+Importing this package imports neither triton nor the kernels and never touches CUDA: triton is
+imported (and the ops registered) by the first ``ops()`` call. On a machine without a GPU the
+kernels run under the Triton interpreter, which must be chosen (``TRITON_INTERPRET=1``) before
+triton is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from types import SimpleNamespace
+
+MIN_TRITON = (3, 2)  # wrap_triton / triton_op arrived with torch 2.6, which ships triton 3.2
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def _triton_version() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    for dist in ("triton", "pytorch-triton", "triton-nightly"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "0"
+
+
+def unavailable_reason() -> str | None:
+    """Why the Triton kernels cannot run on this installation, or None."""
+    version = _triton_version()
+    if version is None:
+        return "triton is not installed (pip install triton)"
+    if _version_tuple(version)[:2] < MIN_TRITON:
+        return f"triton {version} is too old (need >= {'.'.join(map(str, MIN_TRITON))})"
+    import torch  # noqa: PLC0415
+
+    if not hasattr(torch.library, "triton_op"):
+        return f"torch {torch.__version__} has no torch.library.triton_op (need torch >= 2.6)"
+    interpreted = _interpreted()
+    if interpreted is None:
+        return "the triton kernels failed to import (see the log of fastres.triton_kernels)"
+    if not interpreted and not torch.cuda.is_available():
+        return ("no CUDA device is available and the Triton interpreter is off (set "
+                "TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU)")
+    return None
+
+
+_import_error: Exception | None = None
+
+
+def _interpreted() -> bool | None:
+    """Whether the kernels are interpreted (decided when triton_kernels.ops was imported); None
+    when they do not import."""
+    global _import_error
+    try:
+        from . import _common  # noqa: PLC0415
+    except Exception as exc:  # noqa: BLE001 - reported through unavailable_reason()
+        _import_error = exc
+        import logging  # noqa: PLC0415
+
+        logging.getLogger("fastres").warning("fastres.triton_kernels does not import: %r", exc)
+        return None
+    return _common.INTERPRETED
+
+
+def not_supported_reasons(inputs) -> list[str]:
+    """Every reason the Triton kernels cannot serve ``inputs`` (a fastres.backends.Inputs)."""
+    why = unavailable_reason()
+    if why:
+        return [why]
+    import torch  # noqa: PLC0415
+
+    reasons = []
+    interpreted = _interpreted()
+    dev = inputs.device.type
+    if dev == "cpu":
+        if not interpreted:
+            reasons.append("triton runs on cpu tensors only under TRITON_INTERPRET=1")
+    elif dev != "cuda":
+        reasons.append(f"triton runs on cuda tensors, got {inputs.device}")
+    elif interpreted:
+        reasons.append("the Triton interpreter (TRITON_INTERPRET=1) runs on cpu tensors only")
+    if inputs.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"triton does not support dtype {inputs.dtype} (float32, float16, bfloat16)")
+    if inputs.groups != 1:
+        reasons.append(f"triton kernels support groups=1 only, got groups={inputs.groups}")
+    kh, kw = inputs.kernel_size
+    if max(kh, kw) > 7:
+        reasons.append(f"triton kernels support kernels up to 7x7, got {inputs.kernel_size}")
+    return reasons
+
+
+def ops() -> SimpleNamespace:
+    """The eight ops as ``torch.ops.fastres_triton.*`` callables (registers them on first use)."""
+    from .ops import op_namespace  # noqa: PLC0415
+
+    return op_namespace()
+
+
+__all__ = ["unavailable_reason", "not_supported_reasons", "ops"]

@@ -1,0 +1,213 @@
+"""Shared helpers of the Triton kernels: interpreter detection, launching, configs, layouts.
+
+Imported only once triton is known to be importable (see ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+
+@triton.jit
+def _probe_kernel(x_ptr):  # never launched: only its type tells whether @triton.jit interprets
+    pass
+
+
+# triton.jit returns an InterpretedFunction when TRITON_INTERPRET=1 was set at decoration time, so
+# the kernels of this package are interpreted exactly when this probe is.
+INTERPRETED: bool = type(_probe_kernel).__name__ == "InterpretedFunction"
+
+# H200: 132 SMs. Grids of bandwidth kernels aim at a few waves of this.
+NUM_SMS = 132
+
+# The interpreter's tl.dot on bfloat16 operands returns garbage (triton-lang/triton#11584): there
+# the operands are upcast to float32 (exact: bf16/fp16 embed in fp32), on a GPU never.
+UPCAST_DOT: bool = INTERPRETED
+
+# The interpreter also truncates float32 -> bfloat16 (cast_impl passes no rounding mode, and its
+# RTNE path rounds half up without carrying into the exponent), where the GPU rounds to nearest
+# even: 2x PyTorch's rounding error, enough to fail the tolerance rule. cast_to() rounds by hand
+# there; on a GPU it is a plain .to().
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def cast_to(x, dtype: tl.constexpr):
+    """x (float32) converted to ``dtype`` rounding to nearest even, also under the interpreter."""
+    if _ROUND_BF16_BY_HAND:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def _is_fake(t: object) -> bool:
+    from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415
+
+    return isinstance(t, Tensor) and is_fake(t)
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """Launch ``kernel`` on ``grid`` through wrap_triton (traceable by torch.compile).
+
+    Interpreted kernels cannot be traced; under the interpreter the ops are plain custom ops whose
+    fake implementation is the same Python body, so a launch on fake tensors is skipped here.
+    """
+    if INTERPRETED:
+        if any(_is_fake(a) for a in args) or any(_is_fake(v) for v in meta.values()):
+            return
+        kernel[grid](*args, **meta)
+        return
+    wrap_triton(kernel)[grid](*args, **meta)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def clamp_pow2(n: int, lo: int, hi: int) -> int:
+    """The power of two >= n, clamped to [lo, hi]."""
+    return max(lo, min(hi, next_pow2(n)))
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The format the fakes give an output shaped like ``x`` (fastres/_meta.py's _like_format)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_like_format(shape, ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty(
+        shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=memory_format_of(ref)
+    )
+
+
+def to_nhwc(x: Tensor) -> Tensor:
+    """x in channels_last (a no-op when it already is): the conv kernels load C-contiguous rows."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: TF32 for float32 when cuDNN may use it (as F.conv2d would), exact
+    "ieee" otherwise. bf16/fp16 operands go to the tensor cores whatever this says."""
+    if UPCAST_DOT:
+        return "ieee"
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+# --------------------------------------------------------------------------------------------
+# Configs. Shape-keyed and cached; chosen by rule, not by timing: a timed pick may differ from
+# one process to the next, and BLOCK_M decides how the statistics are summed, so a timed pick
+# would break bitwise run-to-run reproducibility of sum/sumsq. Hopper defaults: 128x128x64 bf16
+# tiles (32 KiB of shared memory per stage, 3 stages = 96 KiB of the 228 KiB an SM has).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+    GROUP_M: int = 8
+
+
+@functools.lru_cache(maxsize=1024)
+def gemm_config(m: int, n: int, k_chunk: int, dtype: torch.dtype) -> GemmConfig:
+    """Tile for an implicit GEMM with m rows, n columns and k_chunk reduction elements per tap
+    (the channel count: the reduction is looped tap by tap, k_chunk channels at a time)."""
+    if INTERPRETED:
+        # One program per output tile covering as much as possible: the interpreter costs ~1 ms
+        # per tl op per program, whatever the block size.
+        return GemmConfig(
+            clamp_pow2(m, 16, 256), clamp_pow2(n, 16, 128), clamp_pow2(k_chunk, 16, 128), 4, 1
+        )
+    wide = dtype in (torch.float16, torch.bfloat16)
+    block_k = clamp_pow2(k_chunk, 16, 64 if wide else 32)
+    block_n = 64 if n <= 64 or not wide else 128
+    block_m = 128
+    if triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < NUM_SMS:
+        block_m = 64  # fill the 132 SMs before growing tiles
+    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    stages = 3 if block_m * block_n >= 128 * 128 else 4
+    return GemmConfig(block_m, block_n, block_k, warps, stages)
+
+
+@dataclass(frozen=True)
+class WgradConfig:
+    BLOCK_K: int  # output channels (rows of dW)
+    BLOCK_C: int  # input channels (columns of dW)
+    BLOCK_M: int  # reduction over N*P*Q, per iteration
+    SPLIT: int  # programs along the reduction; their partials are summed in a fixed order
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=1024)
+def wgrad_config(k: int, c: int, taps: int, m: int, dtype: torch.dtype) -> WgradConfig:
+    if INTERPRETED:
+        return WgradConfig(clamp_pow2(k, 16, 128), clamp_pow2(c, 16, 128), clamp_pow2(m, 16, 256),
+                           1, 4, 1)
+    wide = dtype in (torch.float16, torch.bfloat16)
+    bk = 64 if k <= 64 or not wide else 128
+    bc = 64 if c <= 64 or not wide else 128
+    bm = 64 if wide else 32
+    tiles = triton.cdiv(k, bk) * triton.cdiv(c, bc) * taps
+    # Two waves of programs, each reducing at least 8 blocks of BLOCK_M rows.
+    split = max(1, min(triton.cdiv(2 * NUM_SMS, tiles), triton.cdiv(m, 8 * bm)))
+    warps = 8 if bk * bc >= 128 * 128 else 4
+    return WgradConfig(bk, bc, bm, split, warps, 3)
+
+
+@dataclass(frozen=True)
+class RowsConfig:
+    """Tiles of (BLOCK_M rows of N*H*W) x (BLOCK_C channels) for the bandwidth kernels."""
+
+    BLOCK_M: int
+    BLOCK_C: int
+    GRID_M: int  # programs along the rows of a reduction (each loops over its row blocks)
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=1024)
+def rows_config(m: int, c: int) -> RowsConfig:
+    if INTERPRETED:
+        bc = clamp_pow2(c, 16, 128)
+        bm = clamp_pow2(m, 16, max(16, 8192 // bc))
+        return RowsConfig(bm, bc, 1, 4)
+    bc = clamp_pow2(c, 16, 64)
+    bm = max(16, 4096 // bc)  # 4096 elements per tile: 8 KiB of bf16 per tensor per iteration
+    grid_c = triton.cdiv(c, bc)
+    # ~4 programs per SM for the reductions, each looping over its share of row blocks.
+    grid_m = max(1, min(triton.cdiv(m, bm), triton.cdiv(4 * NUM_SMS, grid_c)))
+    return RowsConfig(bm, bc, grid_m, 4)
+
+
+def strides4(t: Tensor) -> tuple[int, int, int, int]:
+    s = t.stride()
+    return s[0], s[1], s[2], s[3]
+
+
+__all__ = [
+    "INTERPRETED",
+    "UPCAST_DOT",
+    "launch",
+    "tl",
+    "triton",
+]

@@ -1,0 +1,401 @@
+"""BatchNorm kernels: finalize, apply + residual + ReLU, and the fused ReLU-mask/BN backward.
+
+The activation kernels see a 4-D tensor as rows m = (n, h, w) by channels c, tiles of
+BLOCK_M x BLOCK_C, each tensor with its own four strides, so channels_last, contiguous and strided
+views (the option-A shortcut's x[:, :, ::2, ::2]) all work; channels_last (C contiguous) is the
+fast one. Row offsets are int64 (N*H*W*C passes 2^31 for large batches).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import cast_to, empty_like_format, launch, rows_config, strides4, tl, triton
+from .reduce import sum_rows
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    sum_ptr, sumsq_ptr,  # (C,) float32
+    weight_ptr, bias_ptr,  # (C,)
+    rm_ptr, rv_ptr,  # (C,) running_mean, running_var, updated in place
+    nbt_ptr,  # () int64 num_batches_tracked, incremented in place
+    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,  # (C,) float32 outputs
+    C, inv_count, unbias, momentum, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
+    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program for all channels: num_batches_tracked is read, incremented and (momentum None)
+    # turned into the factor 1/nbt by the only program that exists, so no program can see another
+    # one's increment. C <= 2048 in a ResNet: 2 loop trips of 1024; floor ~ 10 * 4 B * C = 80 KB,
+    # i.e. launch latency (~3 us), not bandwidth.
+    factor = momentum
+    if HAS_NBT:
+        nbt = tl.load(nbt_ptr) + 1
+        tl.store(nbt_ptr, nbt)
+        if CUMULATIVE:
+            factor = 1.0 / nbt.to(tl.float64)
+    factor = factor.to(tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C)
+        ok = offs < C
+        s = tl.load(sum_ptr + offs, mask=ok, other=0.0)
+        ss = tl.load(sumsq_ptr + offs, mask=ok, other=0.0)
+        mean = s * inv_count
+        var = tl.maximum(ss * inv_count - mean * mean, 0.0)
+        invstd = 1.0 / tl.sqrt_rn(var + eps)
+        scale = invstd
+        if HAS_WEIGHT:
+            scale = tl.load(weight_ptr + offs, mask=ok, other=0.0).to(tl.float32) * invstd
+        shift = -mean * scale
+        if HAS_BIAS:
+            shift = tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean * scale
+        tl.store(mean_ptr + offs, mean, mask=ok)
+        tl.store(invstd_ptr + offs, invstd, mask=ok)
+        tl.store(scale_ptr + offs, scale, mask=ok)
+        tl.store(shift_ptr + offs, shift, mask=ok)
+        if HAS_RM:
+            rm = tl.load(rm_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            rm = rm * (1.0 - factor) + mean * factor
+            tl.store(rm_ptr + offs, cast_to(rm, rm_ptr.dtype.element_ty), mask=ok)
+        if HAS_RV:
+            rv = tl.load(rv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            rv = rv * (1.0 - factor) + (var * unbias) * factor
+            tl.store(rv_ptr + offs, cast_to(rv, rv_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bn_add_relu_kernel(
+    x_ptr,  # (N, C, H, W)
+    scale_ptr, shift_ptr,  # (C,)
+    res_ptr,  # (N, CR, H, W), any strides (channel j lands on output channel j + res_off)
+    res_scale_ptr, res_shift_ptr,  # (CR,)
+    out_ptr,  # (N, C, H, W)
+    M, C, H, W, CR, res_off,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_rn, stride_rc, stride_rh, stride_rw,
+    stride_on, stride_oc, stride_oh, stride_ow,
+    HAS_RESIDUAL: tl.constexpr, HAS_RES_SCALE: tl.constexpr, HAS_RES_SHIFT: tl.constexpr,
+    APPLY_RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Floor on H200 (analysis): 3 tensors x 2 B per element (x, residual, out); ResNet-50 layer1
+    # output 256x256x56x56 bf16 = 205 MB x 3 / 4.3 TB/s = 143 us, vs 5 passes (BN, add, ReLU as
+    # separate ops) = 240 us.
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    n = offs_m // (H * W)
+    hw = offs_m % (H * W)
+    h = hw // W
+    w = hw % W
+    mask = m_ok[:, None] & c_ok[None, :]
+    x = tl.load(x_ptr + (n * stride_xn + h * stride_xh + w * stride_xw)[:, None]
+                + offs_c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    z = x * sc[None, :] + sh[None, :]
+    if HAS_RESIDUAL:
+        rc = offs_c - res_off
+        rc_ok = c_ok & (rc >= 0) & (rc < CR)
+        rmask = m_ok[:, None] & rc_ok[None, :]
+        rv = tl.load(res_ptr + (n * stride_rn + h * stride_rh + w * stride_rw)[:, None]
+                     + rc[None, :] * stride_rc, mask=rmask, other=0.0).to(tl.float32)
+        if HAS_RES_SCALE:
+            rv = rv * tl.load(res_scale_ptr + rc, mask=rc_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES_SHIFT:
+            rv = rv + tl.load(res_shift_ptr + rc, mask=rc_ok, other=0.0).to(tl.float32)[None, :]
+        z += tl.where(rmask, rv, 0.0)
+    if APPLY_RELU:
+        z = tl.maximum(z, 0.0)
+    tl.store(out_ptr + (n * stride_on + h * stride_oh + w * stride_ow)[:, None]
+             + offs_c[None, :] * stride_oc, cast_to(z, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    go_ptr,  # (N, C, H, W) grad_out
+    out_ptr,  # (N, C, H, W) forward output, for the mask out > 0 (MASK == 1)
+    x_ptr,  # (N, C, H, W) BN input
+    scale_ptr, shift_ptr,  # (C,) prologue scale/shift, for the mask x*scale+shift > 0 (MASK == 2)
+    mean_ptr, invstd_ptr,  # (C,)
+    rx_ptr,  # (N, C, H, W) the residual branch's BN input (HAS_RES_BN)
+    rmean_ptr, rinvstd_ptr,  # (C,)
+    g_ptr,  # (N, C, H, W) output: the masked gradient g (WRITE_G)
+    part_ptr,  # (3, GRID_M, C) float64 partials: sum g, sum g*xhat, sum g*xhat_res
+    M, C, H, W,
+    stride_gon, stride_goc, stride_goh, stride_gow,
+    stride_outn, stride_outc, stride_outh, stride_outw,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_rxn, stride_rxc, stride_rxh, stride_rxw,
+    stride_gn, stride_gc, stride_gh, stride_gw,
+    MASK: tl.constexpr, HAS_XHAT: tl.constexpr, HAS_RES_BN: tl.constexpr, WRITE_G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Pass 1 of the BN backward: per-channel sums of g and g*xhat. Each program walks row blocks
+    # pid_m, pid_m + GRID_M, ... and keeps a BLOCK_M x BLOCK_C fp32 accumulator, reduced once at
+    # the end: one partial per (program, channel), summed in a fixed order afterwards.
+    # Floor on H200 (analysis): reads grad_out, out, x (+ res_x): 3-4 x 2 B per element; ResNet-50
+    # layer1 256x256x56x56 bf16 = 3 x 205 MB / 4.3 TB/s = 143 us (+ 48 us when writing g).
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    grid_m = tl.num_programs(0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    if MASK == 2:
+        sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    if HAS_XHAT:
+        mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+        invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
+    if HAS_RES_BN:
+        rmean = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0)
+        rinvstd = tl.load(rinvstd_ptr + offs_c, mask=c_ok, other=0.0)
+    # Each row block is tree-summed in float64 and added to float64 per-channel accumulators: the
+    # sums feed grad_input through sum/count differences, and an fp32 running sum over up to
+    # 800k rows per channel (ResNet-50 layer1) drifts ~1e-4 relative.
+    acc_g = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    acc_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    acc_gr = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    num_mb = tl.cdiv(M, BLOCK_M)
+    for mb in range(pid_m, num_mb, grid_m):
+        offs_m = mb.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        n = offs_m // (H * W)
+        hw = offs_m % (H * W)
+        h = hw // W
+        w = hw % W
+        mask = m_ok[:, None] & c_ok[None, :]
+        go = tl.load(go_ptr + (n * stride_gon + h * stride_goh + w * stride_gow)[:, None]
+                     + offs_c[None, :] * stride_goc, mask=mask, other=0.0)
+        if MASK == 1:
+            o = tl.load(out_ptr + (n * stride_outn + h * stride_outh + w * stride_outw)[:, None]
+                        + offs_c[None, :] * stride_outc, mask=mask, other=0.0)
+            go = tl.where(o > 0, go, 0.0)
+        if HAS_XHAT or MASK == 2:
+            x = tl.load(x_ptr + (n * stride_xn + h * stride_xh + w * stride_xw)[:, None]
+                        + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+        if MASK == 2:
+            # Rounded to x's dtype before the comparison, as the reference's prologue is.
+            z = cast_to(x.to(tl.float32) * sc[None, :] + sh[None, :], x_ptr.dtype.element_ty)
+            go = tl.where(z > 0, go, 0.0)
+        if WRITE_G:
+            tl.store(g_ptr + (n * stride_gn + h * stride_gh + w * stride_gw)[:, None]
+                     + offs_c[None, :] * stride_gc, cast_to(go, g_ptr.dtype.element_ty), mask=mask)
+        g = go.to(tl.float32)
+        acc_g += tl.sum(g.to(tl.float64), axis=0)
+        if HAS_XHAT:
+            xhat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
+            acc_gx += tl.sum(tl.where(mask, g * xhat, 0.0).to(tl.float64), axis=0)
+        if HAS_RES_BN:
+            rx = tl.load(rx_ptr + (n * stride_rxn + h * stride_rxh + w * stride_rxw)[:, None]
+                         + offs_c[None, :] * stride_rxc, mask=mask, other=0.0).to(tl.float32)
+            grx = tl.where(mask, g * (rx - rmean[None, :]) * rinvstd[None, :], 0.0)
+            acc_gr += tl.sum(grx.to(tl.float64), axis=0)
+    row = pid_m.to(tl.int64) * C
+    plane = grid_m.to(tl.int64) * C
+    tl.store(part_ptr + row + offs_c, acc_g, mask=c_ok)
+    if HAS_XHAT:
+        tl.store(part_ptr + plane + row + offs_c, acc_gx, mask=c_ok)
+    if HAS_RES_BN:
+        tl.store(part_ptr + 2 * plane + row + offs_c, acc_gr, mask=c_ok)
+
+
+@triton.jit
+def _bn_bwd_apply_kernel(
+    go_ptr, out_ptr, x_ptr,  # (N, C, H, W) as in the reduce kernel
+    scale_ptr, shift_ptr,  # (C,) prologue scale/shift (MASK == 2)
+    mean_ptr, invstd_ptr, weight_ptr,  # (C,)
+    gsum_ptr, gxsum_ptr,  # (C,) float32 sums of g and g*xhat from pass 1
+    gi_ptr,  # (N, C, H, W) output grad_input
+    rx_ptr, rmean_ptr, rinvstd_ptr, rweight_ptr, grxsum_ptr,  # residual branch BN (HAS_RES_BN)
+    gr_ptr,  # (N, C, H, W) output grad_res (HAS_RES_BN)
+    M, C, H, W, inv_count,
+    stride_gon, stride_goc, stride_goh, stride_gow,
+    stride_outn, stride_outc, stride_outh, stride_outw,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_gin, stride_gic, stride_gih, stride_giw,
+    stride_rxn, stride_rxc, stride_rxh, stride_rxw,
+    stride_grn, stride_grc, stride_grh, stride_grw,
+    MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_RES_BN: tl.constexpr,
+    HAS_RES_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Pass 2: grad_input = weight*invstd * (g - sum(g)/count - xhat * sum(g*xhat)/count), g
+    # recomputed from grad_out and the mask rather than stored by pass 1 (a 2 B/element write and
+    # read saved against one compare). Floor on H200 (analysis): reads grad_out, out, x, writes
+    # grad_input: 4 x 205 MB / 4.3 TB/s = 191 us for ResNet-50 layer1 (+2 tensors with a BN'd
+    # residual branch).
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    n = offs_m // (H * W)
+    hw = offs_m % (H * W)
+    h = hw // W
+    w = hw % W
+    mask = m_ok[:, None] & c_ok[None, :]
+    go = tl.load(go_ptr + (n * stride_gon + h * stride_goh + w * stride_gow)[:, None]
+                 + offs_c[None, :] * stride_goc, mask=mask, other=0.0)
+    x = tl.load(x_ptr + (n * stride_xn + h * stride_xh + w * stride_xw)[:, None]
+                + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+    if MASK == 1:
+        o = tl.load(out_ptr + (n * stride_outn + h * stride_outh + w * stride_outw)[:, None]
+                    + offs_c[None, :] * stride_outc, mask=mask, other=0.0)
+        go = tl.where(o > 0, go, 0.0)
+    if MASK == 2:
+        sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        z = cast_to(x.to(tl.float32) * sc[None, :] + sh[None, :], x_ptr.dtype.element_ty)
+        go = tl.where(z > 0, go, 0.0)
+    g = go.to(tl.float32)
+    mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+    invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
+    gb = tl.load(gsum_ptr + offs_c, mask=c_ok, other=0.0) * inv_count
+    gw = tl.load(gxsum_ptr + offs_c, mask=c_ok, other=0.0) * inv_count
+    coef = invstd
+    if HAS_WEIGHT:
+        coef = tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) * invstd
+    xhat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
+    gi = coef[None, :] * (g - gb[None, :] - xhat * gw[None, :])
+    tl.store(gi_ptr + (n * stride_gin + h * stride_gih + w * stride_giw)[:, None]
+             + offs_c[None, :] * stride_gic, cast_to(gi, gi_ptr.dtype.element_ty), mask=mask)
+    if HAS_RES_BN:
+        rx = tl.load(rx_ptr + (n * stride_rxn + h * stride_rxh + w * stride_rxw)[:, None]
+                     + offs_c[None, :] * stride_rxc, mask=mask, other=0.0).to(tl.float32)
+        rmean = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0)
+        rinvstd = tl.load(rinvstd_ptr + offs_c, mask=c_ok, other=0.0)
+        grw = tl.load(grxsum_ptr + offs_c, mask=c_ok, other=0.0) * inv_count
+        rcoef = rinvstd
+        if HAS_RES_WEIGHT:
+            rcoef = tl.load(rweight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) * rinvstd
+        rxhat = (rx - rmean[None, :]) * rinvstd[None, :]
+        gr = rcoef[None, :] * (g - gb[None, :] - rxhat * grw[None, :])
+        tl.store(gr_ptr + (n * stride_grn + h * stride_grh + w * stride_grw)[:, None]
+                 + offs_c[None, :] * stride_grc, cast_to(gr, gr_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------
+
+
+def bn_finalize(sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked,
+                count: int, momentum, eps: float):
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} values")
+    cumulative = momentum is None
+    if cumulative and (running_mean is not None or running_var is not None) \
+            and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    c = sum.shape[0]
+    s = sum.to(torch.float32).contiguous()
+    ss = sumsq.to(torch.float32).contiguous()
+    mean, invstd, scale, shift = (torch.empty(c, device=sum.device, dtype=sum.dtype)
+                                  for _ in range(4))
+    launch(
+        _bn_finalize_kernel, (1,),
+        s, ss,
+        weight if weight is not None else s, bias if bias is not None else s,
+        running_mean if running_mean is not None else s,
+        running_var if running_var is not None else s,
+        num_batches_tracked if num_batches_tracked is not None else s,
+        mean, invstd, scale, shift,
+        c, 1.0 / count, count / (count - 1), 0.0 if momentum is None else float(momentum),
+        float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
+        HAS_NBT=num_batches_tracked is not None, CUMULATIVE=cumulative,
+        BLOCK_C=1024, num_warps=4,
+    )
+    return mean, invstd, scale, shift
+
+
+def bn_add_relu(input, scale, shift, residual, res_scale, res_shift, res_channel_offset: int,
+                relu: bool) -> Tensor:
+    n, c, h, w = input.shape
+    out = empty_like_format(input.shape, input)
+    m = n * h * w
+    cfg = rows_config(m, c)
+    res = residual if residual is not None else input
+    cr = residual.shape[1] if residual is not None else 0
+    launch(
+        _bn_add_relu_kernel, (triton.cdiv(m, cfg.BLOCK_M), triton.cdiv(c, cfg.BLOCK_C)),
+        input, scale, shift, res,
+        res_scale if res_scale is not None else scale,
+        res_shift if res_shift is not None else shift,
+        out, m, c, h, w, cr, int(res_channel_offset),
+        *strides4(input), *strides4(res), *strides4(out),
+        HAS_RESIDUAL=residual is not None, HAS_RES_SCALE=res_scale is not None,
+        HAS_RES_SHIFT=res_shift is not None, APPLY_RELU=bool(relu),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def bn_bwd_reduce(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean, res_invstd,
+                  g_out, mask_mode: int, has_xhat: bool):
+    """Pass 1: (sum g, sum g*xhat or None, sum g*xhat_res or None), writing g into g_out if given."""
+    n, c, h, w = grad_out.shape
+    m = n * h * w
+    cfg = rows_config(m, c)
+    grid = (cfg.GRID_M, triton.cdiv(c, cfg.BLOCK_C))
+    part = torch.empty((3, cfg.GRID_M, c), device=grad_out.device, dtype=torch.float64)
+    dummy = grad_out
+    xx = x if x is not None else dummy
+    rx = res_x if res_x is not None else dummy
+    gg = g_out if g_out is not None else dummy
+    f32 = part  # any tensor, for unused vector pointers
+    launch(
+        _bn_bwd_reduce_kernel, grid,
+        grad_out, out if out is not None else dummy, xx,
+        scale if scale is not None else f32, shift if shift is not None else f32,
+        mean if mean is not None else f32, invstd if invstd is not None else f32,
+        rx, res_mean if res_mean is not None else f32, res_invstd if res_invstd is not None else f32,
+        gg, part,
+        m, c, h, w,
+        *strides4(grad_out), *strides4(out if out is not None else dummy), *strides4(xx),
+        *strides4(rx), *strides4(gg),
+        MASK=mask_mode, HAS_XHAT=bool(has_xhat), HAS_RES_BN=res_x is not None,
+        WRITE_G=g_out is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
+    )
+    gsum = sum_rows(part[0])
+    gxsum = sum_rows(part[1]) if has_xhat else None
+    grsum = sum_rows(part[2]) if res_x is not None else None
+    return gsum, gxsum, grsum
+
+
+def bn_bwd_apply(grad_out, out, x, scale, shift, mean, invstd, weight, gsum, gxsum,
+                 res_x, res_mean, res_invstd, res_weight, grsum, mask_mode: int):
+    n, c, h, w = x.shape
+    m = n * h * w
+    gi = empty_like_format(x.shape, x)
+    gr = empty_like_format(res_x.shape, res_x) if res_x is not None else gi
+    cfg = rows_config(m, c)
+    dummy = x
+    f32 = gsum
+    rx = res_x if res_x is not None else dummy
+    o = out if out is not None else dummy
+    launch(
+        _bn_bwd_apply_kernel, (triton.cdiv(m, cfg.BLOCK_M), triton.cdiv(c, cfg.BLOCK_C)),
+        grad_out, o, x,
+        scale if scale is not None else f32, shift if shift is not None else f32,
+        mean, invstd, weight if weight is not None else f32,
+        gsum, gxsum, gi,
+        rx, res_mean if res_mean is not None else f32,
+        res_invstd if res_invstd is not None else f32,
+        res_weight if res_weight is not None else f32,
+        grsum if grsum is not None else f32, gr,
+        m, c, h, w, 1.0 / m,
+        *strides4(grad_out), *strides4(o), *strides4(x), *strides4(gi), *strides4(rx),
+        *strides4(gr),
+        MASK=mask_mode, HAS_WEIGHT=weight is not None, HAS_RES_BN=res_x is not None,
+        HAS_RES_WEIGHT=res_weight is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
+    )
+    return gi, (gr if res_x is not None else None)

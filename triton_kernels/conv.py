@@ -1,0 +1,469 @@
+"""Implicit-GEMM convolution kernels: forward (bias/residual/ReLU or prologue-BN + statistics),
+data gradient and weight gradient, all NHWC-friendly, any N/H/W, masked channel tails.
+
+Notation: input x (N, C, H, W), weight w (K, C, R, S), output (N, K, P, Q). The forward GEMM has
+M = N*P*Q rows, K columns and a reduction of R*S*C, walked tap by tap (r, s) and BLOCK_K
+channels at a time in one flat loop (one loop keeps Triton's software pipelining when C is small).
+Row indices are int64: N*P*Q*K passes 2^31 for a batch of 256 at 112x112x64 (2^31 = 2.1e9 vs
+256*112*112*64 = 2.06e8 today, 16x headroom is not enough for big-batch or big-image runs).
+Channel offsets stay int32: they are bounded by one image (C*H*W < 2^31).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    UPCAST_DOT,
+    cast_to,
+    clamp_pow2,
+    dot_precision,
+    empty_like_format,
+    gemm_config,
+    launch,
+    next_pow2,
+    strides4,
+    tl,
+    to_nhwc,
+    triton,
+    wgrad_config,
+)
+from .reduce import sum_rows
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr,  # (N, C, H, W), any strides (channels_last: C contiguous)
+    w_ptr,  # (K, C, R, S), any strides
+    bias_ptr,  # (K,)
+    res_ptr,  # (N, K, P, Q), any strides
+    out_ptr,  # (N, K, P, Q), any strides
+    pre_scale_ptr,  # (C,) float32
+    pre_shift_ptr,  # (C,) float32
+    psum_ptr,  # (cdiv(M, BLOCK_M), K) float64: per-program partial sums
+    psumsq_ptr,  # (cdiv(M, BLOCK_M), K) float64
+    M, C, H, W, K, P, Q,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_rn, stride_rk, stride_rp, stride_rq,
+    stride_on, stride_ok, stride_op, stride_oq,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    R: tl.constexpr, S: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+    PROLOGUE_BN: tl.constexpr, PRE_RELU: tl.constexpr, STATS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Floor on H200 (analysis): ResNet-50 layer3 3x3 conv, N=256, 14x14, C=K=256, bf16:
+    # 2*M*K*R*S*C = 2*50176*256*9*256 = 59.2 GFLOP / 790 TFLOP/s = 75 us; bytes (in + out +
+    # weights) = 2*(25.7M + 12.8M + 0.6M) = 78 MB / 4.3 TB/s = 18 us -> compute bound. A 1x1 conv
+    # with C=K=64 at 56x56 (2*802816*64*64 = 6.6 GFLOP = 8.3 us vs 2*2*51.4M = 206 MB = 48 us) is
+    # bandwidth bound: the fused prologue and statistics save a full read+write pass each.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    # Grouped ordering: GROUP_M row tiles share the weight tiles in L2.
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < K
+    n_img = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    p = pq // Q
+    q = pq % Q
+    h0 = p * conv_sh - pad_h
+    w0 = q * conv_sw - pad_w
+    x_row = x_ptr + n_img * stride_xn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_cb = tl.cdiv(C, BLOCK_K)
+    for it in range(0, R * S * num_cb):
+        tap = it // num_cb
+        c0 = (it % num_cb) * BLOCK_K
+        r = tap // S
+        s = tap % S
+        h = h0 + r * dil_h
+        w = w0 + s * dil_w
+        row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        cc = c0 + offs_k
+        c_ok = cc < C
+        a_mask = row_ok[:, None] & c_ok[None, :]
+        a_ptrs = x_row[:, None] + (h * stride_xh + w * stride_xw)[:, None] + cc[None, :] * stride_xc
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if PROLOGUE_BN or PRE_RELU:
+            af = a.to(tl.float32)
+            if PROLOGUE_BN:
+                sc = tl.load(pre_scale_ptr + cc, mask=c_ok, other=0.0)
+                sh = tl.load(pre_shift_ptr + cc, mask=c_ok, other=0.0)
+                af = af * sc[None, :] + sh[None, :]
+            if PRE_RELU:
+                af = tl.maximum(af, 0.0)
+            # Padding (and the masked tails) must stay zero after the transform: relu(shift)
+            # is not zero.
+            af = tl.where(a_mask, af, 0.0)
+            a = cast_to(af, x_ptr.dtype.element_ty)
+        b_ptrs = (w_ptr + offs_n[None, :] * stride_wk + cc[:, None] * stride_wc
+                  + r * stride_wr + s * stride_ws)
+        b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    if STATS:
+        # Rows past M loaded zeros, so they add nothing. One float64 partial per program and
+        # channel, summed later in a fixed order: bitwise reproducible, no atomics. float64
+        # because var = E[x^2] - E[x]^2 cancels: over 3.2M values (ResNet-50 stem) fp32 sums lose
+        # ~1e-4 relative, which the cancellation then amplifies. Costs 2*BLOCK_M*BLOCK_N fp64
+        # ops once per tile against 2*BLOCK_M*BLOCK_N*R*S*C tensor-core FLOPs.
+        acc64 = acc.to(tl.float64)
+        prow = pid_m.to(tl.int64) * K
+        tl.store(psum_ptr + prow + offs_n, tl.sum(acc64, axis=0), mask=n_ok)
+        tl.store(psumsq_ptr + prow + offs_n, tl.sum(acc64 * acc64, axis=0), mask=n_ok)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = (res_ptr + (n_img * stride_rn + p * stride_rp + q * stride_rq)[:, None]
+                  + offs_n[None, :] * stride_rk)
+        acc += tl.load(r_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0)
+    o_ptrs = (out_ptr + (n_img * stride_on + p * stride_op + q * stride_oq)[:, None]
+              + offs_n[None, :] * stride_ok)
+    tl.store(o_ptrs, cast_to(acc, out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+    go_ptr,  # (N, K, P, Q) grad of the conv output, any strides
+    w_ptr,  # (K, C, R, S), any strides
+    gi_ptr,  # (N, C, H, W) dL/da, any strides
+    C, H, W, K, P, Q, N,
+    stride_gn, stride_gk, stride_gp, stride_gq,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_in, stride_ic, stride_ih, stride_iw,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    step_r, step_s,  # conv_s / gcd(conv_s, dil): the tap period of one output phase
+    R: tl.constexpr, S: tl.constexpr, STRIDE_POW2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # da[n, c, h, w] = sum over (k, r, s) with h = p*sh - ph + r*dh of go[n, k, p, q] * w[k, c, r, s].
+    # Rows are split by output phase (h % sh, w % sw) (grid axis 1): within a phase the taps that
+    # hit an output pixel are the same for every row, so a stride-2 3x3 dgrad runs its 9/4 valid
+    # taps per phase instead of masking 3/4 of 9 (4x fewer MMAs than the masked gather).
+    # Floor on H200 (analysis): same FLOPs and bytes as the forward conv it differentiates
+    # (layer3 3x3: 59.2 GFLOP = 75 us).
+    pid = tl.program_id(0)
+    phase = tl.program_id(1)
+    ph_h = phase // conv_sw
+    ph_w = phase % conv_sw
+    Hq = tl.cdiv(H, conv_sh)
+    Wq = tl.cdiv(W, conv_sw)
+    Mq = N * Hq * Wq
+    num_pid_m = tl.cdiv(Mq, BLOCK_M)
+    num_pid_n = tl.cdiv(C, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < C
+    n_img = offs_m // (Hq * Wq)
+    hw = offs_m % (Hq * Wq)
+    hq = hw // Wq
+    wq = hw % Wq
+    h = hq * conv_sh + ph_h
+    w = wq * conv_sw + ph_w
+    m_ok = (offs_m < Mq) & (h < H) & (w < W)
+
+    # First valid tap of this phase: the smallest r < step_r with (ph_h + pad_h - r*dil_h) % sh
+    # == 0 (C and Python remainders agree on "== 0"); none -> count 0.
+    cand = tl.arange(0, STRIDE_POW2)
+    ok_r = (cand < step_r) & (((ph_h + pad_h - cand * dil_h) % conv_sh) == 0)
+    r0 = tl.min(tl.where(ok_r, cand, R), axis=0)
+    ok_s = (cand < step_s) & (((ph_w + pad_w - cand * dil_w) % conv_sw) == 0)
+    s0 = tl.min(tl.where(ok_s, cand, S), axis=0)
+    count_r = tl.maximum(tl.cdiv(R - r0, step_r), 0)
+    count_s = tl.maximum(tl.cdiv(S - s0, step_s), 0)
+    count_s_div = tl.maximum(count_s, 1)
+
+    go_row = go_ptr + n_img * stride_gn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_kb = tl.cdiv(K, BLOCK_K)
+    for it in range(0, count_r * count_s * num_kb):
+        tap = it // num_kb
+        k0 = (it % num_kb) * BLOCK_K
+        r = r0 + (tap // count_s_div) * step_r
+        s = s0 + (tap % count_s_div) * step_s
+        # Exact divisions: the numerators are multiples of the strides by construction.
+        p = hq + (ph_h + pad_h - r * dil_h) // conv_sh
+        q = wq + (ph_w + pad_w - s * dil_w) // conv_sw
+        row_ok = m_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
+        kk = k0 + offs_k
+        k_ok = kk < K
+        a_ptrs = go_row[:, None] + (p * stride_gp + q * stride_gq)[:, None] + kk[None, :] * stride_gk
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_ptrs = (w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wc
+                  + r * stride_wr + s * stride_ws)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    o_ptrs = (gi_ptr + (n_img * stride_in + h * stride_ih + w * stride_iw)[:, None]
+              + offs_n[None, :] * stride_ic)
+    tl.store(o_ptrs, cast_to(acc, gi_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    go_ptr,  # (N, K, P, Q), any strides
+    x_ptr,  # (N, C, H, W), any strides: the prologue is recomputed from it on load
+    pre_scale_ptr,  # (C,) float32
+    pre_shift_ptr,  # (C,) float32
+    out_ptr,  # (SPLIT, K, C, R, S) float32 partials, or grad_weight itself when SPLIT == 1
+    M, C, H, W, K, P, Q,
+    stride_gn, stride_gk, stride_gp, stride_gq,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_ok, stride_oc, stride_or, stride_os, stride_osplit,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    iters_per_split,
+    R: tl.constexpr, S: tl.constexpr,
+    PROLOGUE_BN: tl.constexpr, PRE_RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # dW[k, c, r, s] = sum over m = (n, p, q) of go[m, k] * a[n, c, p*sh - ph + r*dh, ...], with
+    # a = relu?(x * scale + shift) recomputed here, never stored: storing a would cost a write and
+    # a read of the whole activation (2 * 2 bytes per element) to save 2 FMAs per loaded element.
+    # Floor on H200 (analysis): FLOPs as the forward conv (layer3 3x3: 59.2 GFLOP = 75 us).
+    # Grid: (K tiles x C tiles, R*S taps, SPLIT slices of the N*P*Q reduction).
+    pid = tl.program_id(0)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    num_pid_c = tl.cdiv(C, BLOCK_C)
+    pid_k = pid // num_pid_c
+    pid_c = pid % num_pid_c
+    r = tap // S
+    s = tap % S
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    k_ok = offs_k < K
+    c_ok = offs_c < C
+    if PROLOGUE_BN:
+        sc = tl.load(pre_scale_ptr + offs_c, mask=c_ok, other=0.0)
+        sh = tl.load(pre_shift_ptr + offs_c, mask=c_ok, other=0.0)
+
+    acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    m_base = split.to(tl.int64) * iters_per_split * BLOCK_M
+    for i in range(0, iters_per_split):
+        offs_m = m_base + i * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        n_img = offs_m // (P * Q)
+        pq = offs_m % (P * Q)
+        p = pq // Q
+        q = pq % Q
+        g_ptrs = (go_ptr + (n_img * stride_gn + p * stride_gp + q * stride_gq)[None, :]
+                  + offs_k[:, None] * stride_gk)
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_M)
+        h = p * conv_sh - pad_h + r * dil_h
+        w = q * conv_sw - pad_w + s * dil_w
+        row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        a_mask = row_ok[:, None] & c_ok[None, :]
+        a_ptrs = (x_ptr + (n_img * stride_xn + h * stride_xh + w * stride_xw)[:, None]
+                  + offs_c[None, :] * stride_xc)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # (BLOCK_M, BLOCK_C)
+        if PROLOGUE_BN or PRE_RELU:
+            af = a.to(tl.float32)
+            if PROLOGUE_BN:
+                af = af * sc[None, :] + sh[None, :]
+            if PRE_RELU:
+                af = tl.maximum(af, 0.0)
+            af = tl.where(a_mask, af, 0.0)
+            a = cast_to(af, x_ptr.dtype.element_ty)
+        if UPCAST:
+            g = g.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(g, a, acc, input_precision=DOT_PRECISION)
+
+    o_ptrs = (out_ptr + split.to(tl.int64) * stride_osplit + offs_k[:, None] * stride_ok
+              + offs_c[None, :] * stride_oc + r * stride_or + s * stride_os)
+    tl.store(o_ptrs, cast_to(acc, out_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers (called from the op bodies in ops.py; tensors already checked there).
+# ------------------------------------------------------------------------------------------
+
+
+def out_hw(h: int, w: int, r: int, s: int, stride, padding, dilation) -> tuple[int, int]:
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return p, q
+
+
+def _prologue_vectors(x: Tensor, pre_scale: Tensor | None, pre_shift: Tensor | None):
+    """(scale, shift) as float32 vectors, or (x, x) as unused pointers when there is no BN
+    prologue. A missing one of the pair becomes ones/zeros: x*1 and x+0 are exact in fp32."""
+    if pre_scale is None and pre_shift is None:
+        return False, x, x
+    c = x.shape[1]
+    sc = (torch.ones(c, device=x.device, dtype=torch.float32) if pre_scale is None
+          else pre_scale.to(torch.float32).contiguous())
+    sh = (torch.zeros(c, device=x.device, dtype=torch.float32) if pre_shift is None
+          else pre_shift.to(torch.float32).contiguous())
+    return True, sc, sh
+
+
+def conv_forward(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    relu: bool,
+    pre_scale: Tensor | None,
+    pre_shift: Tensor | None,
+    pre_relu: bool,
+    stats: bool,
+    stride,
+    padding,
+    dilation,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    n, c, h, w = input.shape
+    k, _, r, s = weight.shape
+    p, q = out_hw(h, w, r, s, stride, padding, dilation)
+    out = empty_like_format((n, k, p, q), input)
+    x = to_nhwc(input)
+    # (K, R, S, C) storage: each B tile row is BLOCK_K contiguous channels, not a 2-byte gather
+    # every R*S elements. A no-op for a channels_last model and for 1x1 weights.
+    weight = to_nhwc(weight)
+    m = n * p * q
+    cfg = gemm_config(m, k, c, input.dtype)
+    num_pid_m = triton.cdiv(m, cfg.BLOCK_M)
+    prologue, sc, sh = _prologue_vectors(x, pre_scale, pre_shift)
+    psum = psumsq = x
+    if stats:
+        psum = torch.empty((num_pid_m, k), device=x.device, dtype=torch.float64)
+        psumsq = torch.empty((num_pid_m, k), device=x.device, dtype=torch.float64)
+    res = residual if residual is not None else x
+    grid = (num_pid_m * triton.cdiv(k, cfg.BLOCK_N),)
+    launch(
+        _conv_fwd_kernel, grid,
+        x, weight, bias if bias is not None else x, res, out, sc, sh, psum, psumsq,
+        m, c, h, w, k, p, q,
+        *strides4(x), *strides4(weight),
+        *(strides4(residual) if residual is not None else (0, 0, 0, 0)),
+        *strides4(out),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        R=r, S=s,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
+        PROLOGUE_BN=prologue, PRE_RELU=bool(pre_relu), STATS=bool(stats),
+        DOT_PRECISION=dot_precision(input.dtype), UPCAST=UPCAST_DOT,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not stats:
+        return out, None, None
+    return out, sum_rows(psum), sum_rows(psumsq)
+
+
+def conv_dgrad(grad_out: Tensor, input: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    n, c, h, w = input.shape
+    k, _, r, s = weight.shape
+    p, q = grad_out.shape[2], grad_out.shape[3]
+    gi = empty_like_format(input.shape, input)
+    go = to_nhwc(grad_out)
+    weight = to_nhwc(weight)
+    hq = triton.cdiv(h, stride[0])
+    wq = triton.cdiv(w, stride[1])
+    mq = n * hq * wq
+    cfg = gemm_config(mq, c, k, input.dtype)
+    grid = (triton.cdiv(mq, cfg.BLOCK_M) * triton.cdiv(c, cfg.BLOCK_N), stride[0] * stride[1])
+    import math  # noqa: PLC0415
+
+    step_r = stride[0] // math.gcd(stride[0], dilation[0])
+    step_s = stride[1] // math.gcd(stride[1], dilation[1])
+    launch(
+        _conv_dgrad_kernel, grid,
+        go, weight, gi,
+        c, h, w, k, p, q, n,
+        *strides4(go), *strides4(weight), *strides4(gi),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        step_r, step_s,
+        R=r, S=s, STRIDE_POW2=next_pow2(max(stride[0], stride[1], 2)),
+        DOT_PRECISION=dot_precision(input.dtype), UPCAST=UPCAST_DOT,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return gi
+
+
+def conv_wgrad(
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    pre_scale: Tensor | None,
+    pre_shift: Tensor | None,
+    pre_relu: bool,
+    stride,
+    padding,
+    dilation,
+) -> Tensor:
+    n, c, h, w = input.shape
+    k, _, r, s = weight.shape
+    p, q = grad_out.shape[2], grad_out.shape[3]
+    m = n * p * q
+    gw = torch.empty_like(weight)  # the fake's choice: weight's memory format
+    if not (gw.is_contiguous() or gw.is_contiguous(memory_format=torch.channels_last)):
+        gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    x = to_nhwc(input)
+    go = to_nhwc(grad_out)
+    prologue, sc, sh = _prologue_vectors(x, pre_scale, pre_shift)
+    cfg = wgrad_config(k, c, r * s, m, input.dtype)
+    iters_total = triton.cdiv(m, cfg.BLOCK_M)
+    split = min(cfg.SPLIT, iters_total) if iters_total > 0 else 1
+    iters = triton.cdiv(iters_total, split)
+    split = triton.cdiv(iters_total, iters) if iters > 0 else 1
+    numel = gw.numel()
+    if split == 1:
+        target, split_stride = gw, 0
+    else:
+        # Partials laid out like gw's storage, one slice per split: the reduction then writes gw's
+        # storage linearly, whatever its memory format.
+        target = torch.empty((split, numel), device=x.device, dtype=torch.float32)
+        split_stride = numel
+    grid = (triton.cdiv(k, cfg.BLOCK_K) * triton.cdiv(c, cfg.BLOCK_C), r * s, split)
+    launch(
+        _conv_wgrad_kernel, grid,
+        go, x, sc, sh, target,
+        m, c, h, w, k, p, q,
+        *strides4(go), *strides4(x), *strides4(gw), split_stride,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        iters,
+        R=r, S=s, PROLOGUE_BN=prologue, PRE_RELU=bool(pre_relu),
+        DOT_PRECISION=dot_precision(input.dtype), UPCAST=UPCAST_DOT,
+        BLOCK_K=cfg.BLOCK_K, BLOCK_C=cfg.BLOCK_C, BLOCK_M=cfg.BLOCK_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        sum_rows(target, out=gw)
+    return gw
+
+
+__all__ = ["conv_forward", "conv_dgrad", "conv_wgrad", "out_hw", "clamp_pow2"]

@@ -1,0 +1,236 @@
+"""The fastres op set on Triton kernels, registered as ``torch.ops.fastres_triton.<op>``.
+
+Same schemas as ``csrc/ops.cpp`` (namespace ``fastres_triton``) and the same semantics as
+``fastres/reference.py``. On a GPU each op is a ``torch.library.triton_op`` whose kernels are
+launched through ``wrap_triton``, so ``torch.compile(fullgraph=True)`` traces through to the
+kernels. Under ``TRITON_INTERPRET=1`` the kernels are interpreted Python that torch cannot trace,
+so there the ops are plain custom ops (opaque to the compiler, still no graph break), with the same
+body as fake implementation (kernel launches on fake tensors are skipped, see ``_common.launch``).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from . import bn as _bn
+from . import conv as _conv
+from ._common import INTERPRETED
+
+NAMESPACE = "fastres_triton"
+
+# Copied from csrc/ops.cpp, the contract: same names, same argument names, same mutations.
+SCHEMAS = {
+    "conv_bias_act": "(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+    "int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor",
+    "relu_bias_bwd": "(Tensor grad_out, Tensor? out) -> (Tensor grad_z, Tensor grad_bias)",
+    "conv_stats": "(Tensor input, Tensor weight, Tensor? pre_scale, Tensor? pre_shift, "
+    "bool pre_relu, int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor out, "
+    "Tensor sum, Tensor sumsq)",
+    "bn_finalize": "(Tensor sum, Tensor sumsq, Tensor? weight, Tensor? bias, Tensor(a!)? "
+    "running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int count, "
+    "float? momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)",
+    "bn_add_relu": "(Tensor input, Tensor scale, Tensor shift, Tensor? residual, Tensor? res_scale, "
+    "Tensor? res_shift, int res_channel_offset, bool relu) -> Tensor",
+    "bn_add_relu_bwd": "(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, Tensor invstd, "
+    "Tensor? weight, Tensor? res_input, Tensor? res_mean, Tensor? res_invstd, Tensor? res_weight) "
+    "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_res, "
+    "Tensor grad_res_weight, Tensor grad_res_bias)",
+    "bn_relu_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+    "Tensor scale, Tensor shift, bool relu) -> (Tensor grad_input, Tensor grad_weight, "
+    "Tensor grad_bias)",
+    "conv_bwd": "(Tensor grad_out, Tensor input, Tensor weight, Tensor? pre_scale, "
+    "Tensor? pre_shift, bool pre_relu, int[2] stride, int[2] padding, int[2] dilation, "
+    "int groups, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight)",
+}
+MUTATES = {"bn_finalize": ("running_mean", "running_var", "num_batches_tracked")}
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_KERNEL = 7  # R and S are constexprs; tested 1x1, 3x3, 7x7 and 1x3
+
+
+def _check_act(name: str, *tensors: Tensor | None) -> None:
+    ref = tensors[0]
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dim() != 4:
+            raise ValueError(f"fastres_triton.{name}: expected 4-D (N, C, H, W), got {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"fastres_triton.{name}: dtype {t.dtype} not supported "
+                            "(float32, float16, bfloat16)")
+        if t.dtype != ref.dtype or t.device != ref.device:
+            raise TypeError(f"fastres_triton.{name}: tensors must share dtype and device, got "
+                            f"{ref.dtype}/{ref.device} and {t.dtype}/{t.device}")
+
+
+def _check_conv(name: str, input: Tensor, weight: Tensor, groups: int, dilation) -> None:
+    _check_act(name, input, weight)
+    if groups != 1:
+        raise NotImplementedError(f"fastres_triton.{name}: groups={groups} (only groups=1)")
+    if weight.shape[1] != input.shape[1]:
+        raise ValueError(f"fastres_triton.{name}: weight {tuple(weight.shape)} does not match "
+                         f"input channels {input.shape[1]}")
+    if max(weight.shape[2], weight.shape[3]) > MAX_KERNEL:
+        raise NotImplementedError(f"fastres_triton.{name}: kernel {tuple(weight.shape[2:])} > 7x7")
+
+
+def _vec(v: Tensor | None) -> Tensor | None:
+    """Per-channel vectors go to the kernels as contiguous float32 (the accumulation dtype)."""
+    return None if v is None else v.to(torch.float32).contiguous()
+
+
+def conv_bias_act(
+    input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+) -> Tensor:
+    _check_conv("conv_bias_act", input, weight, groups, dilation)
+    _check_act("conv_bias_act", input, residual)
+    out, _, _ = _conv.conv_forward(input, weight, bias, residual, relu, None, None, False, False,
+                                   stride, padding, dilation)
+    return out
+
+
+def relu_bias_bwd(grad_out: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
+    _check_act("relu_bias_bwd", grad_out, out)
+    from ._common import empty_like_format  # noqa: PLC0415
+
+    g = empty_like_format(grad_out.shape, grad_out)
+    gsum, _, _ = _bn.bn_bwd_reduce(grad_out, out, None, None, None, None, None, None, None, None,
+                                   g, 1 if out is not None else 0, False)
+    return g, gsum
+
+
+def conv_stats(
+    input: Tensor, weight: Tensor, pre_scale: Tensor | None, pre_shift: Tensor | None,
+    pre_relu: bool, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_conv("conv_stats", input, weight, groups, dilation)
+    out, s, ss = _conv.conv_forward(input, weight, None, None, False, _vec(pre_scale),
+                                    _vec(pre_shift), pre_relu, True, stride, padding, dilation)
+    return out, s, ss
+
+
+def bn_finalize(
+    sum: Tensor, sumsq: Tensor, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None,
+    num_batches_tracked: Tensor | None, count: int, momentum: float | None, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if sum.dtype != torch.float32:
+        raise TypeError(f"fastres_triton.bn_finalize: statistics must be float32, got {sum.dtype}")
+    return _bn.bn_finalize(sum, sumsq, weight, bias, running_mean, running_var,
+                           num_batches_tracked, count, momentum, eps)
+
+
+def bn_add_relu(
+    input: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
+    res_scale: Tensor | None, res_shift: Tensor | None, res_channel_offset: int, relu: bool,
+) -> Tensor:
+    _check_act("bn_add_relu", input, residual)
+    if residual is not None:
+        if residual.shape[0] != input.shape[0] or residual.shape[2:] != input.shape[2:]:
+            raise ValueError(f"fastres_triton.bn_add_relu: residual {tuple(residual.shape)} does "
+                             f"not match input {tuple(input.shape)}")
+        if res_channel_offset < 0 or res_channel_offset + residual.shape[1] > input.shape[1]:
+            raise ValueError("fastres_triton.bn_add_relu: residual channels "
+                             f"[{res_channel_offset}, {res_channel_offset + residual.shape[1]}) "
+                             f"outside [0, {input.shape[1]})")
+    return _bn.bn_add_relu(input, _vec(scale), _vec(shift), residual, _vec(res_scale),
+                           _vec(res_shift), res_channel_offset, relu)
+
+
+def bn_add_relu_bwd(
+    grad_out: Tensor, out: Tensor | None, input: Tensor, mean: Tensor, invstd: Tensor,
+    weight: Tensor | None, res_input: Tensor | None, res_mean: Tensor | None,
+    res_invstd: Tensor | None, res_weight: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_act("bn_add_relu_bwd", grad_out, out, input, res_input)
+    if res_input is not None and (res_mean is None or res_invstd is None):
+        raise ValueError("bn_add_relu_bwd: res_input needs res_mean and res_invstd")
+    if res_input is not None and res_input.shape != input.shape:
+        raise ValueError(f"bn_add_relu_bwd: res_input {tuple(res_input.shape)} must match input "
+                         f"{tuple(input.shape)}")
+    mean, invstd = _vec(mean), _vec(invstd)
+    res_mean, res_invstd = _vec(res_mean), _vec(res_invstd)
+    mask = 1 if out is not None else 0
+    from ._common import empty_like_format  # noqa: PLC0415
+
+    # Identity residual: grad_res = g, written by the reduction pass that computes g anyway.
+    g = empty_like_format(grad_out.shape, grad_out) if res_input is None else None
+    gsum, gxsum, grsum = _bn.bn_bwd_reduce(grad_out, out, input, None, None, mean, invstd,
+                                           res_input, res_mean, res_invstd, g, mask, True)
+    gi, gr = _bn.bn_bwd_apply(grad_out, out, input, None, None, mean, invstd, _vec(weight),
+                              gsum, gxsum, res_input, res_mean, res_invstd, _vec(res_weight),
+                              grsum, mask)
+    if res_input is None:
+        empty = mean.new_empty(0)
+        return gi, gxsum, gsum, g, empty, empty.clone()
+    # grad_res_bias is sum(g) again: a copy, as outputs may not alias each other.
+    return gi, gxsum, gsum, gr, grsum, gsum.clone()
+
+
+def bn_relu_bwd(
+    grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    scale: Tensor, shift: Tensor, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_act("bn_relu_bwd", grad_out, input)
+    mean, invstd, scale, shift = _vec(mean), _vec(invstd), _vec(scale), _vec(shift)
+    mask = 2 if relu else 0
+    gsum, gxsum, _ = _bn.bn_bwd_reduce(grad_out, None, input, scale, shift, mean, invstd,
+                                       None, None, None, None, mask, True)
+    gi, _ = _bn.bn_bwd_apply(grad_out, None, input, scale, shift, mean, invstd, _vec(weight),
+                             gsum, gxsum, None, None, None, None, None, mask)
+    return gi, gxsum, gsum
+
+
+def conv_bwd(
+    grad_out: Tensor, input: Tensor, weight: Tensor, pre_scale: Tensor | None,
+    pre_shift: Tensor | None, pre_relu: bool, stride: list[int], padding: list[int],
+    dilation: list[int], groups: int, output_mask: list[bool],
+) -> tuple[Tensor, Tensor]:
+    _check_conv("conv_bwd", input, weight, groups, dilation)
+    _check_act("conv_bwd", input, grad_out)
+    if output_mask[0]:
+        gi = _conv.conv_dgrad(grad_out, input, weight, stride, padding, dilation)
+    else:
+        gi = input.new_empty(0)
+    if output_mask[1]:
+        gw = _conv.conv_wgrad(grad_out, input, weight, _vec(pre_scale), _vec(pre_shift), pre_relu,
+                              stride, padding, dilation)
+    else:
+        gw = weight.new_empty(0)
+    return gi, gw
+
+
+_IMPLS = {
+    "conv_bias_act": conv_bias_act,
+    "relu_bias_bwd": relu_bias_bwd,
+    "conv_stats": conv_stats,
+    "bn_finalize": bn_finalize,
+    "bn_add_relu": bn_add_relu,
+    "bn_add_relu_bwd": bn_add_relu_bwd,
+    "bn_relu_bwd": bn_relu_bwd,
+    "conv_bwd": conv_bwd,
+}
+
+
+def _register() -> None:
+    for name, fn in _IMPLS.items():
+        qualname = f"{NAMESPACE}::{name}"
+        mutates = MUTATES.get(name, ())
+        if INTERPRETED:
+            op = torch.library.custom_op(qualname, fn, mutates_args=mutates,
+                                         schema=SCHEMAS[name])
+            op.register_fake(fn)
+        else:
+            torch.library.triton_op(qualname, fn, mutates_args=mutates, schema=SCHEMAS[name])
+
+
+_register()
+
+
+def op_namespace() -> SimpleNamespace:
+    ns = getattr(torch.ops, NAMESPACE)
+    return SimpleNamespace(**{name: getattr(ns, name) for name in _IMPLS})
