@@ -14,7 +14,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from fastres import backends, functional, reference  # noqa: E402
-from fastres.convert import ConversionReport, convert  # noqa: E402
+from fastres.convert import ConversionReport, convert, unconvert  # noqa: E402
 from fastres.modules import BasicBlock, BottleneckBlock, ConvBNReLU  # noqa: E402
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "convert",
     "functional",
     "reference",
+    "unconvert",
 ]

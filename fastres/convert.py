@@ -16,7 +16,7 @@ from torchvision.ops import misc as tv_misc
 
 from fastres import modules as M
 
-__all__ = ["convert", "ConversionReport"]
+__all__ = ["convert", "unconvert", "ConversionReport"]
 
 
 @dataclass
@@ -118,3 +118,47 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, verbo
     if verbose:
         print(rep)
     return (model, rep) if report else model
+
+
+def _plain_class(mod: nn.Module) -> type[nn.Module] | None:
+    """The plain class a fastres block was swapped from (None for anything else)."""
+    for src, dst in _PAIRS:
+        if type(mod) is dst:
+            return src
+    return None
+
+
+def _unswap(mod: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A plain block sharing ``mod``'s submodules, parameters, buffers and hooks."""
+    new = cls.__new__(cls)
+    new.__dict__ = {k: v for k, v in mod.__dict__.items() if k != "_fold_cache"}
+    return new
+
+
+def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inverse of :func:`convert`: replace every fastres block by the plain block it stands
+    for (torchvision ``BasicBlock``/``Bottleneck``/``Conv2dNormActivation``).
+
+    The plain blocks share the fused blocks' submodules, parameters, buffers and hooks, so the
+    result's ``state_dict`` is the converted model's, key for key. With ``inplace=False`` (the
+    default) a deep copy is unconverted and returned, as :func:`convert` does. Use it to save a
+    checkpoint or export a model that must not depend on fastres.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastres.unconvert expects an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    cls = _plain_class(model)
+    if cls is not None:
+        return _unswap(model, cls)
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            plain = _plain_class(child)
+            if plain is not None:
+                setattr(parent, name, _unswap(child, plain))
+            else:
+                visit(child)
+
+    visit(model)
+    return model
