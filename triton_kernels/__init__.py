@@ -30,7 +30,10 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 
 def _triton_version() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return None
+    except (ImportError, ValueError):  # a blocked or half-imported triton
         return None
     for dist in ("triton", "pytorch-triton", "triton-nightly"):
         try:
@@ -53,7 +56,7 @@ def unavailable_reason() -> str | None:
         return f"torch {torch.__version__} has no torch.library.triton_op (need torch >= 2.6)"
     interpreted = _interpreted()
     if interpreted is None:
-        return "the triton kernels failed to import (see the log of fastres.triton_kernels)"
+        return f"the triton kernels do not import: {_import_error!r}"
     if not interpreted and not torch.cuda.is_available():
         return ("no CUDA device is available and the Triton interpreter is off (set "
                 "TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU)")
@@ -71,9 +74,6 @@ def _interpreted() -> bool | None:
         from . import _common  # noqa: PLC0415
     except Exception as exc:  # noqa: BLE001 - reported through unavailable_reason()
         _import_error = exc
-        import logging  # noqa: PLC0415
-
-        logging.getLogger("fastres").warning("fastres.triton_kernels does not import: %r", exc)
         return None
     return _common.INTERPRETED
 

@@ -69,6 +69,15 @@ def launch(kernel, grid, *args, **meta) -> None:
     wrap_triton(kernel)[grid](*args, **meta)
 
 
+def hint(v) -> int:
+    """A plain int for a size that may be a SymInt (torch.compile with dynamic shapes): configs
+    are picked from the size hint, without guarding on it; the kernels are correct for any size."""
+    if isinstance(v, torch.SymInt):
+        h = v.node.hint
+        return int(h) if h is not None else 1 << 16
+    return int(v)
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -128,11 +137,15 @@ class GemmConfig:
     GROUP_M: int = 8
 
 
-@functools.lru_cache(maxsize=1024)
-def gemm_config(m: int, n: int, k_chunk: int, dtype: torch.dtype) -> GemmConfig:
+def gemm_config(m, n, k_chunk, dtype: torch.dtype) -> GemmConfig:
     """Tile for an implicit GEMM with m rows, n columns and k_chunk reduction elements per tap
     (the channel count: the reduction is looped tap by tap, k_chunk channels at a time)."""
-    if INTERPRETED:
+    return _gemm_config(hint(m), hint(n), hint(k_chunk), dtype, INTERPRETED)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gemm_config(m: int, n: int, k_chunk: int, dtype: torch.dtype, interpreted: bool) -> GemmConfig:
+    if interpreted:
         # One program per output tile covering as much as possible: the interpreter costs ~1 ms
         # per tl op per program, whatever the block size.
         return GemmConfig(
@@ -159,9 +172,14 @@ class WgradConfig:
     num_stages: int
 
 
+def wgrad_config(k, c, taps, m, dtype: torch.dtype) -> WgradConfig:
+    return _wgrad_config(hint(k), hint(c), hint(taps), hint(m), dtype, INTERPRETED)
+
+
 @functools.lru_cache(maxsize=1024)
-def wgrad_config(k: int, c: int, taps: int, m: int, dtype: torch.dtype) -> WgradConfig:
-    if INTERPRETED:
+def _wgrad_config(k: int, c: int, taps: int, m: int, dtype: torch.dtype,
+                  interpreted: bool) -> WgradConfig:
+    if interpreted:
         return WgradConfig(clamp_pow2(k, 16, 128), clamp_pow2(c, 16, 128), clamp_pow2(m, 16, 256),
                            1, 4, 1)
     wide = dtype in (torch.float16, torch.bfloat16)
@@ -185,9 +203,13 @@ class RowsConfig:
     num_warps: int
 
 
+def rows_config(m, c) -> RowsConfig:
+    return _rows_config(hint(m), hint(c), INTERPRETED)
+
+
 @functools.lru_cache(maxsize=1024)
-def rows_config(m: int, c: int) -> RowsConfig:
-    if INTERPRETED:
+def _rows_config(m: int, c: int, interpreted: bool) -> RowsConfig:
+    if interpreted:
         bc = clamp_pow2(c, 16, 128)
         bm = clamp_pow2(m, 16, max(16, 8192 // bc))
         return RowsConfig(bm, bc, 1, 4)

@@ -161,8 +161,9 @@ def _bn_bwd_reduce_kernel(
     acc_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
     acc_gr = tl.zeros((BLOCK_C,), dtype=tl.float64)
     num_mb = tl.cdiv(M, BLOCK_M)
-    for mb in range(pid_m, num_mb, grid_m):
-        offs_m = mb.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    step = grid_m.to(tl.int64) * BLOCK_M
+    for _mb in range(pid_m, num_mb, grid_m):
         m_ok = offs_m < M
         n = offs_m // (H * W)
         hw = offs_m % (H * W)
@@ -195,6 +196,7 @@ def _bn_bwd_reduce_kernel(
                          + offs_c[None, :] * stride_rxc, mask=mask, other=0.0).to(tl.float32)
             grx = tl.where(mask, g * (rx - rmean[None, :]) * rinvstd[None, :], 0.0)
             acc_gr += tl.sum(grx.to(tl.float64), axis=0)
+        offs_m += step
     row = pid_m.to(tl.int64) * C
     plane = grid_m.to(tl.int64) * C
     tl.store(part_ptr + row + offs_c, acc_g, mask=c_ok)

@@ -21,6 +21,7 @@ from ._common import (
     dot_precision,
     empty_like_format,
     gemm_config,
+    hint,
     launch,
     next_pow2,
     strides4,
@@ -271,9 +272,8 @@ def _conv_wgrad_kernel(
         sh = tl.load(pre_shift_ptr + offs_c, mask=c_ok, other=0.0)
 
     acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    m_base = split.to(tl.int64) * iters_per_split * BLOCK_M
-    for i in range(0, iters_per_split):
-        offs_m = m_base + i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = split.to(tl.int64) * iters_per_split * BLOCK_M + tl.arange(0, BLOCK_M)
+    for _i in range(0, iters_per_split):
         m_ok = offs_m < M
         n_img = offs_m // (P * Q)
         pq = offs_m % (P * Q)
@@ -301,6 +301,7 @@ def _conv_wgrad_kernel(
             g = g.to(tl.float32)
             a = a.to(tl.float32)
         acc = tl.dot(g, a, acc, input_precision=DOT_PRECISION)
+        offs_m += BLOCK_M
 
     o_ptrs = (out_ptr + split.to(tl.int64) * stride_osplit + offs_k[:, None] * stride_ok
               + offs_c[None, :] * stride_oc + r * stride_or + s * stride_os)
@@ -436,10 +437,11 @@ def conv_wgrad(
     go = to_nhwc(grad_out)
     prologue, sc, sh = _prologue_vectors(x, pre_scale, pre_shift)
     cfg = wgrad_config(k, c, r * s, m, input.dtype)
-    iters_total = triton.cdiv(m, cfg.BLOCK_M)
-    split = min(cfg.SPLIT, iters_total) if iters_total > 0 else 1
-    iters = triton.cdiv(iters_total, split)
-    split = triton.cdiv(iters_total, iters) if iters > 0 else 1
+    # The split count comes from the size hint (no guard on a dynamic size); the row blocks per
+    # split from the real M, so the splits cover it whatever it is (trailing ones may be empty
+    # and then contribute zeros).
+    split = max(1, min(cfg.SPLIT, triton.cdiv(hint(m), cfg.BLOCK_M)))
+    iters = triton.cdiv(triton.cdiv(m, cfg.BLOCK_M), split)
     numel = gw.numel()
     if split == 1:
         target, split_stride = gw, 0

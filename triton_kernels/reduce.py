@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import INTERPRETED, cast_to, clamp_pow2, launch, tl, triton
+from ._common import INTERPRETED, cast_to, clamp_pow2, hint, launch, tl, triton
 
 
 @triton.jit
@@ -37,6 +37,13 @@ def _sum_rows_kernel(
     tl.store(out_ptr + offs_l, cast_to(total, out_ptr.dtype.element_ty), mask=l_ok)
 
 
+def sum_rows_blocks(p: int, length: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_L): 8 x 256 on a GPU (L/256 programs each reading P rows of 1 KiB)."""
+    if INTERPRETED:
+        return clamp_pow2(p, 1, 64), clamp_pow2(length, 16, 1024)
+    return 8, 256
+
+
 def sum_rows(partials: Tensor, out: Tensor | None = None) -> Tensor:
     """Column sums of a (P, L) float32/float64 tensor (columns contiguous) in a fixed order.
 
@@ -46,10 +53,7 @@ def sum_rows(partials: Tensor, out: Tensor | None = None) -> Tensor:
     p, length = partials.shape
     if out is None:
         out = torch.empty(length, device=partials.device, dtype=torch.float32)
-    if INTERPRETED:
-        block_p, block_l = clamp_pow2(p, 1, 64), clamp_pow2(length, 16, 1024)
-    else:
-        block_p, block_l = 8, 256
+    block_p, block_l = sum_rows_blocks(hint(p), hint(length))
     launch(
         _sum_rows_kernel, (triton.cdiv(length, block_l),),
         partials, out, p, length, partials.stride(0),

@@ -1,0 +1,636 @@
+"""The Triton backend (fastres.triton_kernels) against fastres.reference under the tolerance rule.
+
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton
+is imported), thousands of times slower than eager: shapes are tiny and odd (odd channel counts
+and spatial sizes, stride 2, batch 1) and every fusion flag is covered. Tests marked ``gpu`` run
+the real ResNet-50 shapes, determinism and int64-offset checks on a CUDA device.
+
+The rule (fastres.testing): err(ours) <= 2 * err(reference at the same dtype) + atol[dtype], err
+measured against fastres.reference on float64 copies of the same inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of triton (tests/conftest.py does the same).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import inspect  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fastres import backends, reference  # noqa: E402
+from fastres.testing import assert_close_rule  # noqa: E402
+
+tk = pytest.importorskip("fastres.triton_kernels")
+_WHY = tk.unavailable_reason()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton kernels unavailable: {_WHY}")
+
+if _WHY is None:
+    from fastres.triton_kernels import _common, bn, conv, reduce  # noqa: E402
+
+    OPS = tk.ops()
+    DEVICE = "cpu" if _common.INTERPRETED else "cuda"
+else:  # pragma: no cover
+    OPS = None
+    DEVICE = "cpu"
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CL = torch.channels_last
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------
+
+
+def act(n, c, h, w, dtype, channels_last=True, scale=1.0, offset=0.0):
+    x = torch.randn(n, c, h, w, device=DEVICE) * scale + offset
+    x = x.to(dtype)
+    return x.contiguous(memory_format=CL) if channels_last else x
+
+
+def vec(c, lo=None, hi=None):
+    if lo is None:
+        return torch.randn(c, device=DEVICE)
+    return torch.rand(c, device=DEVICE) * (hi - lo) + lo
+
+
+def _fmt(t):
+    if t.dim() == 4 and t.is_contiguous(memory_format=CL) and not t.is_contiguous():
+        return "channels_last"
+    return "contiguous"
+
+
+def _to64(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach().clone().to(torch.float64) if a.is_floating_point() else a.clone()
+    return a
+
+
+def _clone(a):
+    return a.detach().clone() if isinstance(a, torch.Tensor) else a
+
+
+def _expected_formats(name, args, fallback):
+    """Memory formats of the outputs as the fastres fakes (fastres/_meta.py) give them, the
+    contract for every backend; the reference's own formats when fastres._C does not load."""
+    from fastres import _ext
+
+    mod, _ = _ext.load()
+    if mod is None:
+        return [_fmt(t) for t in fallback]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = getattr(torch.ops.fastres, name)(*[_clone(a) for a in args])
+    fake = (fake,) if isinstance(fake, torch.Tensor) else fake
+    return [_fmt(t) for t in fake]
+
+
+def check(name, args, dtype, mutated=()):
+    """Run op ``name`` on our kernels, on the reference at ``dtype`` and at float64; judge every
+    output and every mutated argument with the tolerance rule. Returns our outputs."""
+    ours_args = [_clone(a) for a in args]
+    lo_args = [_clone(a) for a in args]
+    hi_args = [_to64(a) for a in args]
+    ours = getattr(OPS, name)(*ours_args)
+    lo = getattr(reference, name)(*lo_args)
+    hi = getattr(reference, name)(*hi_args)
+    if isinstance(ours, torch.Tensor):
+        ours, lo, hi = (ours,), (lo,), (hi,)
+    assert len(ours) == len(lo)
+    formats = _expected_formats(name, args, lo)
+    for i, (o, lo_i, hi_i) in enumerate(zip(ours, lo, hi)):
+        assert o.shape == lo_i.shape, f"{name}[{i}] shape {tuple(o.shape)} != {tuple(lo_i.shape)}"
+        assert o.dtype == lo_i.dtype, f"{name}[{i}] dtype {o.dtype} != {lo_i.dtype}"
+        assert o.device == lo_i.device
+        assert _fmt(o) == formats[i], f"{name}[{i}] memory format {_fmt(o)} != {formats[i]}"
+        assert torch.isfinite(o.float()).all(), f"{name}[{i}] has non-finite values"
+        assert_close_rule(f"{name}[{i}]", o, lo_i, hi_i, dtype)
+    for j in mutated:
+        if args[j] is None:
+            continue
+        if args[j].is_floating_point():
+            assert_close_rule(f"{name} arg {j}", ours_args[j], lo_args[j], hi_args[j], dtype)
+        else:
+            assert torch.equal(ours_args[j], lo_args[j]), f"{name} arg {j}: {ours_args[j]}"
+    return ours
+
+
+@pytest.fixture(params=["big", "small"])
+def tiles(request, monkeypatch):
+    """'small' forces 16-wide tiles, split-K weight gradients and several programs per reduction,
+    so the multi-program paths (partials, masked tile edges, grouped ordering) run on tiny shapes
+    that the interpreter's big default tiles cover in one program."""
+    if request.param == "small":
+        monkeypatch.setattr(conv, "gemm_config",
+                            lambda *a: _common.GemmConfig(16, 16, 16, 4, 1, GROUP_M=2))
+        monkeypatch.setattr(conv, "wgrad_config",
+                            lambda *a: _common.WgradConfig(16, 16, 16, 3, 4, 1))
+        monkeypatch.setattr(bn, "rows_config", lambda *a: _common.RowsConfig(16, 16, 3, 4))
+        monkeypatch.setattr(reduce, "sum_rows_blocks", lambda p, n: (2, 16))
+    return request.param
+
+
+# ------------------------------------------------------------------------------------------
+# Convolutions
+# ------------------------------------------------------------------------------------------
+
+# (N, C, H, W, K, kernel (R, S), stride, padding, dilation): odd channels and sizes, batch 1,
+# stride 2, the 7x7 stem, a non-square kernel and a dilated one.
+GEOMETRIES = [
+    pytest.param((1, 5, 7, 7, 6, (3, 3), 1, 1, 1), id="3x3s1-n1"),
+    pytest.param((2, 7, 7, 9, 5, (3, 3), 2, 1, 1), id="3x3s2-odd"),
+    pytest.param((2, 6, 6, 6, 9, (1, 1), 2, 0, 1), id="1x1s2-down"),
+    pytest.param((1, 3, 11, 11, 8, (7, 7), 2, 3, 1), id="7x7s2-stem"),
+    pytest.param((1, 5, 6, 5, 3, (1, 3), 1, (0, 1), 1), id="1x3"),
+    pytest.param((1, 4, 9, 9, 5, (3, 3), 1, 2, 2), id="3x3-dil2"),
+]
+
+
+def _geom(g):
+    n, c, h, w, k, (r, s), stride, pad, dil = g
+    pad = list(pad) if isinstance(pad, tuple) else [pad, pad]
+    return n, c, h, w, k, r, s, [stride, stride], pad, [dil, dil]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("has_res", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv_bias_act_flags(dtype, has_bias, has_res, relu):
+    """Every HAS_BIAS x HAS_RESIDUAL x APPLY_RELU combination at every dtype."""
+    x = act(2, 5, 5, 7, dtype)
+    w = (torch.randn(6, 5, 3, 3, device=DEVICE) / 5).to(dtype)
+    bias = torch.randn(6, device=DEVICE).to(dtype) if has_bias else None
+    res = act(2, 6, 3, 4, dtype) if has_res else None
+    check("conv_bias_act", (x, w, bias, res, [2, 2], [1, 1], [1, 1], 1, relu), dtype)
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_conv_bias_act_geometry(geom, dtype, tiles):
+    n, c, h, w, k, r, s, stride, pad, dil = _geom(geom)
+    x = act(n, c, h, w, dtype)
+    wt = (torch.randn(k, c, r, s, device=DEVICE) / (c * r * s) ** 0.5).to(dtype)
+    p, q = conv.out_hw(h, w, r, s, stride, pad, dil)
+    res = act(n, k, p, q, dtype, channels_last=False)  # residual in another layout
+    check("conv_bias_act", (x, wt, torch.randn(k, device=DEVICE).to(dtype), res, stride, pad, dil,
+                            1, True), dtype)
+
+
+def test_conv_bias_act_contiguous_in_contiguous_out():
+    """A contiguous (NCHW) input gives a contiguous output (the fakes' rule)."""
+    x = act(1, 3, 5, 5, torch.float32, channels_last=False)
+    w = torch.randn(4, 3, 3, 3, device=DEVICE)
+    (out,) = check("conv_bias_act", (x, w, None, None, [1, 1], [1, 1], [1, 1], 1, False),
+                   torch.float32)
+    assert out.is_contiguous()
+
+
+# Prologue variants: (pre_scale, pre_shift, pre_relu). The shift is biased positive so that a
+# padded zero transformed (relu(shift) > 0) instead of kept zero would show.
+PROLOGUES = [
+    pytest.param((False, False, False), id="plain"),
+    pytest.param((True, True, False), id="bn"),
+    pytest.param((True, True, True), id="bn-relu"),
+    pytest.param((False, False, True), id="relu-only"),
+    pytest.param((False, True, True), id="shift-relu"),
+]
+
+
+def _prologue_args(c, prologue):
+    has_scale, has_shift, pre_relu = prologue
+    return (vec(c, 0.5, 1.5) if has_scale else None,
+            vec(c, 0.2, 1.0) if has_shift else None, pre_relu)
+
+
+@pytest.mark.parametrize("prologue", PROLOGUES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_stats_prologue(prologue, dtype):
+    x = act(2, 5, 7, 5, dtype)
+    w = (torch.randn(7, 5, 3, 3, device=DEVICE) / 6).to(dtype)
+    sc, sh, pre_relu = _prologue_args(5, prologue)
+    check("conv_stats", (x, w, sc, sh, pre_relu, [1, 1], [1, 1], [1, 1], 1), dtype)
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_conv_stats_geometry(geom, tiles):
+    dtype = torch.bfloat16
+    n, c, h, w, k, r, s, stride, pad, dil = _geom(geom)
+    x = act(n, c, h, w, dtype, offset=0.3)  # nonzero mean: the statistics must not cancel it
+    wt = (torch.randn(k, c, r, s, device=DEVICE) / (c * r * s) ** 0.5).to(dtype)
+    check("conv_stats", (x, wt, vec(c, 0.5, 1.5), vec(c), True, stride, pad, dil, 1), dtype)
+
+
+@pytest.mark.parametrize("prologue", PROLOGUES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_bwd_prologue(prologue, dtype):
+    x = act(2, 5, 7, 7, dtype)
+    w = (torch.randn(6, 5, 3, 3, device=DEVICE) / 6).to(dtype)
+    go = act(2, 6, 4, 4, dtype)
+    sc, sh, pre_relu = _prologue_args(5, prologue)
+    check("conv_bwd", (go, x, w, sc, sh, pre_relu, [2, 2], [1, 1], [1, 1], 1, [True, True]),
+          dtype)
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_conv_bwd_geometry(geom, dtype, tiles):
+    n, c, h, w, k, r, s, stride, pad, dil = _geom(geom)
+    x = act(n, c, h, w, dtype)
+    wt = (torch.randn(k, c, r, s, device=DEVICE) / (c * r * s) ** 0.5).to(dtype)
+    p, q = conv.out_hw(h, w, r, s, stride, pad, dil)
+    go = act(n, k, p, q, dtype)
+    check("conv_bwd", (go, x, wt, vec(c, 0.5, 1.5), vec(c), True, stride, pad, dil, 1,
+                       [True, True]), dtype)
+
+
+@pytest.mark.parametrize("mask", [[True, False], [False, True]], ids=["dgrad", "wgrad"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_conv_bwd_output_mask_and_layout(mask, channels_last):
+    dtype = torch.float32
+    x = act(1, 3, 6, 6, dtype, channels_last=channels_last)
+    w = torch.randn(4, 3, 3, 3, device=DEVICE)
+    if channels_last:
+        w = w.contiguous(memory_format=CL)  # the weight gradient keeps the weight's layout
+    go = act(1, 4, 3, 3, dtype, channels_last=channels_last)
+    gi, gw = check("conv_bwd", (go, x, w, None, None, False, [2, 2], [1, 1], [1, 1], 1, mask),
+                   dtype)
+    assert (gi.numel() == 0) != mask[0] and (gw.numel() == 0) != mask[1]
+    if mask[1]:
+        assert gw.stride() == w.stride()
+
+
+def test_conv_bwd_stride2_phases_without_taps():
+    """1x1 stride 2: three of the four output phases receive no tap and must be written as zeros
+    (the output buffer is uninitialised memory)."""
+    x = act(1, 4, 5, 5, torch.float32)
+    w = torch.randn(3, 4, 1, 1, device=DEVICE)
+    go = act(1, 3, 3, 3, torch.float32)
+    gi, _ = check("conv_bwd", (go, x, w, None, None, False, [2, 2], [0, 0], [1, 1], 1,
+                               [True, False]), torch.float32)
+    assert torch.count_nonzero(gi[:, :, 1::2, :]) == 0 and torch.count_nonzero(gi[:, :, :, 1::2]) == 0
+
+
+def test_conv_fp32_tf32_switch(monkeypatch):
+    """fp32 runs TF32 when cudnn.allow_tf32 is on, exact IEEE otherwise (as F.conv2d)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert _common.dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    expected = "ieee" if _common.UPCAST_DOT else "tf32"  # the interpreter computes in fp32 anyway
+    assert _common.dot_precision(torch.float32) == expected
+
+
+# ------------------------------------------------------------------------------------------
+# BatchNorm ops
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("running", ["none", "momentum", "cumulative", "nbt-only"])
+def test_bn_finalize(affine, running):
+    c, count = 37, 50
+    x = torch.randn(count, c, device=DEVICE, dtype=torch.float64) * 2 + 1
+    s, ss = x.sum(0).float(), (x * x).sum(0).float()
+    weight = vec(c, 0.5, 1.5) if affine else None
+    bias = vec(c) if affine else None
+    rm = rv = nbt = None
+    momentum = 0.1
+    if running in ("momentum", "cumulative"):
+        rm, rv = vec(c), vec(c, 0.5, 2.0)
+        nbt = torch.tensor(3, device=DEVICE, dtype=torch.long)
+    if running == "cumulative":
+        momentum = None
+    if running == "nbt-only":
+        nbt = torch.tensor(0, device=DEVICE, dtype=torch.long)
+    check("bn_finalize", (s, ss, weight, bias, rm, rv, nbt, count, momentum, 1e-5),
+          torch.float32, mutated=(4, 5, 6))
+
+
+def test_bn_finalize_errors():
+    s = torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        OPS.bn_finalize(s, s, None, None, None, None, None, 1, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        OPS.bn_finalize(s, s, None, None, s.clone(), s.clone(), None, 4, None, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", ["none", "identity", "bn", "option-a", "strided", "shift"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_bn_add_relu(dtype, residual, relu):
+    n, c, h, w = 2, 9, 5, 3
+    x = act(n, c, h, w, dtype)
+    res = res_scale = res_shift = None
+    offset = 0
+    if residual in ("identity", "bn", "shift"):
+        res = act(n, c, h, w, dtype, channels_last=False)
+    if residual == "bn":
+        res_scale, res_shift = vec(c, 0.5, 1.5), vec(c)
+    if residual == "shift":
+        res_shift = vec(c)
+    if residual == "option-a":  # fewer channels, landing on channels [2, 7)
+        res, offset = act(n, 5, h, w, dtype), 2
+    if residual == "strided":  # the option-A shortcut's x[:, :, ::2, ::2] of a larger x
+        big = act(n, 5, 2 * h, 2 * w, dtype)
+        res, offset = big[:, :, ::2, ::2], 3
+        assert not res.is_contiguous() and not res.is_contiguous(memory_format=CL)
+    check("bn_add_relu", (x, vec(c, 0.5, 1.5), vec(c), res, res_scale, res_shift, offset, relu),
+          dtype)
+
+
+def test_bn_add_relu_tiles(tiles):
+    dtype = torch.bfloat16
+    x = act(2, 37, 5, 7, dtype, channels_last=False)
+    res = act(2, 37, 5, 7, dtype)
+    check("bn_add_relu", (x, vec(37, 0.5, 1.5), vec(37), res, vec(37), vec(37), 0, True), dtype)
+
+
+def _stats(x):
+    xf = x.double()
+    mean = xf.mean(dim=(0, 2, 3))
+    var = xf.var(dim=(0, 2, 3), unbiased=False)
+    return mean.float(), torch.rsqrt(var + 1e-5).float()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("has_out", [False, True])
+@pytest.mark.parametrize("res_mode", ["identity", "bn", "bn-noaffine"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_bn_add_relu_bwd(dtype, has_out, res_mode, affine):
+    n, c, h, w = 2, 7, 5, 3
+    x = act(n, c, h, w, dtype, scale=2.0, offset=0.5)
+    mean, invstd = _stats(x)
+    weight = vec(c, 0.5, 1.5) if affine else None
+    go = act(n, c, h, w, dtype, channels_last=False)
+    out = act(n, c, h, w, dtype) if has_out else None
+    rx = rmean = rinvstd = rweight = None
+    if res_mode != "identity":
+        rx = act(n, c, h, w, dtype, offset=-0.3)
+        rmean, rinvstd = _stats(rx)
+        rweight = vec(c, 0.5, 1.5) if res_mode == "bn" else None
+    check("bn_add_relu_bwd", (go, out, x, mean, invstd, weight, rx, rmean, rinvstd, rweight),
+          dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+def test_bn_relu_bwd(dtype, relu, affine):
+    n, c, h, w = 1, 11, 7, 5
+    x = act(n, c, h, w, dtype, scale=1.5, offset=0.2)
+    mean, invstd = _stats(x)
+    weight = vec(c, 0.5, 1.5) if affine else None
+    bias = vec(c)
+    scale = invstd * (weight if affine else 1.0)
+    shift = bias - mean * scale
+    go = act(n, c, h, w, dtype)
+    check("bn_relu_bwd", (go, x, mean, invstd, weight, scale, shift, relu), dtype)
+
+
+def test_bn_bwd_tiles(tiles):
+    """Several programs per reduction and partial rows summed in blocks (small tiles)."""
+    dtype = torch.float32
+    n, c, h, w = 2, 37, 5, 7
+    x = act(n, c, h, w, dtype)
+    mean, invstd = _stats(x)
+    rx = act(n, c, h, w, dtype)
+    rmean, rinvstd = _stats(rx)
+    go, out = act(n, c, h, w, dtype), act(n, c, h, w, dtype)
+    check("bn_add_relu_bwd", (go, out, x, mean, invstd, vec(c), rx, rmean, rinvstd, vec(c)), dtype)
+    scale, shift = invstd, -mean * invstd
+    check("bn_relu_bwd", (go, x, mean, invstd, None, scale, shift, True), dtype)
+    check("relu_bias_bwd", (go, out), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("has_out", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_relu_bias_bwd(dtype, has_out, channels_last):
+    go = act(1, 13, 5, 7, dtype, channels_last=channels_last)
+    out = act(1, 13, 5, 7, dtype) if has_out else None
+    check("relu_bias_bwd", (go, out), dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Op registration, dispatch, compile
+# ------------------------------------------------------------------------------------------
+
+
+def test_ops_match_contract():
+    """Eight ops, registered under fastres_triton with csrc/ops.cpp's schemas (compared with the
+    compiled fastres ops when fastres._C loads) and reference.py's argument names."""
+    ns = OPS.__dict__
+    assert sorted(ns) == sorted(backends.OP_NAMES)
+    from fastres import _ext
+
+    mod, _ = _ext.load()
+    for name in backends.OP_NAMES:
+        schema = getattr(torch.ops.fastres_triton, name).default._schema
+        ref_args = list(inspect.signature(getattr(reference, name)).parameters)
+        assert [a.name for a in schema.arguments] == ref_args, name
+        if mod is not None:
+            theirs = getattr(torch.ops.fastres, name).default._schema
+            assert str(schema).replace("fastres_triton::", "") == \
+                str(theirs).replace("fastres::", ""), name
+
+
+def test_dispatch_reasons():
+    from fastres.backends import Inputs
+
+    dev = torch.device(DEVICE)
+    assert tk.unavailable_reason() is None
+    assert tk.not_supported_reasons(Inputs(dev, torch.bfloat16, (3, 3), (2, 2))) == []
+    assert any("float64" in r for r in tk.not_supported_reasons(Inputs(dev, torch.float64)))
+    assert any("groups" in r for r in tk.not_supported_reasons(Inputs(dev, torch.float32,
+                                                                       groups=2)))
+    assert any("7x7" in r for r in tk.not_supported_reasons(Inputs(dev, torch.float32, (9, 9))))
+    other = torch.device("cuda") if DEVICE == "cpu" else torch.device("cpu")
+    assert tk.not_supported_reasons(Inputs(other, torch.float32)) != []
+    with pytest.raises(NotImplementedError, match="groups"):
+        OPS.conv_bias_act(act(1, 4, 3, 3, torch.float32), torch.randn(4, 2, 1, 1, device=DEVICE),
+                          None, None, [1, 1], [0, 0], [1, 1], 2, False)
+
+
+_NO_TRITON = """
+import importlib.machinery
+import sys
+class Block:  # a triton that cannot be imported: every import of it raises ImportError
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ImportError("no triton here")
+    def exec_module(self, module):
+        pass
+sys.meta_path.insert(0, Block())
+import torch
+import fastres.triton_kernels as t
+why = t.unavailable_reason()
+assert why and "triton" in why, why
+from fastres import backends
+assert backends.BACKENDS["triton"].not_supported_reasons(
+    backends.Inputs(torch.device("cpu"), torch.float32)) == [why]
+assert not torch.cuda.is_initialized()
+"""
+
+
+def test_missing_triton_is_a_reason_not_a_crash():
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", _NO_TRITON], check=True)
+
+
+def test_opcheck():
+    x = act(1, 5, 5, 5, torch.float32)
+    w = torch.randn(6, 5, 3, 3, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastres_triton.conv_stats,
+                          (x, w, vec(5, 0.5, 1.5), vec(5), True, [1, 1], [1, 1], [1, 1], 1))
+    s, ss = torch.zeros(6, device=DEVICE), torch.full((6,), 10.0, device=DEVICE)
+    nbt = torch.tensor(0, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastres_triton.bn_finalize,
+                          (s, ss, None, None, vec(6), vec(6, 1, 2), nbt, 20, None, 1e-5))
+    go = act(1, 6, 5, 5, torch.float32)
+    torch.library.opcheck(torch.ops.fastres_triton.bn_add_relu_bwd,
+                          (go, go.relu(), go, torch.zeros(6, device=DEVICE),
+                           torch.ones(6, device=DEVICE), None, None, None, None, None))
+
+
+def _train_step(x, w1, w2, rm, rv, nbt):
+    ops = torch.ops.fastres_triton
+    y1, s1, ss1 = ops.conv_stats(x, w1, None, None, False, [1, 1], [1, 1], [1, 1], 1)
+    count = y1.shape[0] * y1.shape[2] * y1.shape[3]
+    _, _, sc1, sh1 = ops.bn_finalize(s1, ss1, None, None, rm, rv, nbt, count, 0.1, 1e-5)
+    y2, _, _ = ops.conv_stats(y1, w2, sc1, sh1, True, [1, 1], [0, 0], [1, 1], 1)
+    return ops.bn_add_relu(y2, sc1, sh1, x, None, None, 0, True)
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) sees through the ops (interpreter: opaque custom ops through
+    aot_eager; GPU: triton_op kernels through inductor), mutations of the running stats included."""
+    backend = "aot_eager" if _common.INTERPRETED else "inductor"
+    x = act(1, 4, 5, 5, torch.float32)
+    w1 = torch.randn(4, 4, 3, 3, device=DEVICE) / 6
+    w2 = torch.randn(4, 4, 1, 1, device=DEVICE) / 2
+    state = [torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE),
+             torch.tensor(0, device=DEVICE)]
+    state_c = [t.clone() for t in state]
+    eager = _train_step(x, w1, w2, *state)
+    compiled = torch.compile(_train_step, fullgraph=True, backend=backend)(x, w1, w2, *state_c)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(state_c, state):
+        torch.testing.assert_close(a, b)
+    assert int(state_c[2]) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Configs (pure Python: the Hopper table is checked here even without a GPU)
+# ------------------------------------------------------------------------------------------
+
+RESNET50_CONVS = [  # (M = N*P*Q at N=256, K, C) of ResNet-50's distinct conv shapes
+    (256 * 112 * 112, 64, 3), (256 * 56 * 56, 64, 64), (256 * 56 * 56, 256, 64),
+    (256 * 28 * 28, 128, 128), (256 * 14 * 14, 256, 256), (256 * 7 * 7, 512, 512),
+    (256 * 7 * 7, 2048, 512),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_hopper_configs_compile_rules(dtype):
+    """Tiles the compiler accepts: powers of two, tl.dot tiles >= 16, fit in 228 KiB of SMEM."""
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
+    for m, k, c in RESNET50_CONVS:
+        for cfg in (_common._gemm_config(m, k, c, dtype, False),
+                    _common._gemm_config(m, c, k, dtype, False)):
+            assert all(pow2(b) and b >= 16 for b in (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K)), cfg
+            smem = cfg.num_stages * (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * dtype.itemsize
+            assert smem <= 228 * 1024, cfg
+        wc = _common._wgrad_config(k, c, 9, m, dtype, False)
+        assert all(pow2(b) and b >= 16 for b in (wc.BLOCK_K, wc.BLOCK_C, wc.BLOCK_M)), wc
+        assert wc.SPLIT >= 1
+        rc = _common._rows_config(m, k, False)
+        assert pow2(rc.BLOCK_M) and pow2(rc.BLOCK_C) and rc.GRID_M >= 1
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: ResNet-50 shapes, determinism, int64 offsets
+# ------------------------------------------------------------------------------------------
+
+# (N, C, H, W, K, kernel, stride, padding) of ResNet-50's convs at batch 32.
+R50_GPU = [
+    pytest.param((32, 3, 224, 224, 64, 7, 2, 3), id="stem"),
+    pytest.param((32, 256, 56, 56, 64, 1, 1, 0), id="l1-reduce"),
+    pytest.param((32, 64, 56, 56, 64, 3, 1, 1), id="l1-3x3"),
+    pytest.param((32, 128, 56, 56, 128, 3, 2, 1), id="l2-3x3s2"),
+    pytest.param((32, 256, 56, 56, 512, 1, 2, 0), id="l2-down"),
+    pytest.param((32, 512, 7, 7, 2048, 1, 1, 0), id="l4-expand"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("geom", R50_GPU)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_resnet50_shapes(geom, dtype):
+    n, c, h, w, k, ks, stride, pad = geom
+    x = act(n, c, h, w, dtype)
+    wt = (torch.randn(k, c, ks, ks, device=DEVICE) / (c * ks * ks) ** 0.5).to(dtype)
+    wt = wt.contiguous(memory_format=CL)
+    st, pd, dl = [stride, stride], [pad, pad], [1, 1]
+    out, s, _ = check("conv_stats", (x, wt, vec(c, 0.5, 1.5), vec(c), True, st, pd, dl, 1), dtype)
+    res = act(*out.shape, dtype)
+    check("conv_bias_act", (x, wt, vec(k).to(dtype), res, st, pd, dl, 1, True), dtype)
+    go = act(*out.shape, dtype)
+    check("conv_bwd", (go, x, wt, vec(c, 0.5, 1.5), vec(c), True, st, pd, dl, 1, [True, True]),
+          dtype)
+    mean, invstd = _stats(out)
+    check("bn_add_relu_bwd", (go, out, out, mean, invstd, vec(k), None, None, None, None), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_statistics_bitwise_reproducible():
+    dtype = torch.bfloat16
+    x = act(64, 64, 56, 56, dtype)
+    w = (torch.randn(64, 64, 3, 3, device=DEVICE) / 24).to(dtype).contiguous(memory_format=CL)
+    sc, sh = vec(64, 0.5, 1.5), vec(64)
+    first = OPS.conv_stats(x, w, sc, sh, True, [1, 1], [1, 1], [1, 1], 1)
+    go = act(64, 64, 56, 56, dtype)
+    mean, invstd = _stats(first[0])
+    bwd1 = OPS.bn_add_relu_bwd(go, first[0], first[0], mean, invstd, None, None, None, None, None)
+    gw1 = OPS.conv_bwd(go, x, w, sc, sh, True, [1, 1], [1, 1], [1, 1], 1, [False, True])[1]
+    for _ in range(3):
+        again = OPS.conv_stats(x, w, sc, sh, True, [1, 1], [1, 1], [1, 1], 1)
+        assert torch.equal(again[1], first[1]) and torch.equal(again[2], first[2])
+        bwd = OPS.bn_add_relu_bwd(go, first[0], first[0], mean, invstd, None, None, None, None,
+                                  None)
+        assert torch.equal(bwd[1], bwd1[1]) and torch.equal(bwd[2], bwd1[2])
+        assert torch.equal(OPS.conv_bwd(go, x, w, sc, sh, True, [1, 1], [1, 1], [1, 1], 1,
+                                        [False, True])[1], gw1)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """More than 2^31 elements: a 1x1 conv and bn_add_relu over (33, 64, 1024, 1024) bf16 (4.4 GB
+    per tensor); the last image, past element 2^31, is checked against the reference."""
+    dtype = torch.bfloat16
+    n, c, h, w = 33, 64, 1024, 1024
+    assert n * c * h * w > 2**31
+    x = act(n, c, h, w, dtype)
+    wt = (torch.randn(c, c, 1, 1, device=DEVICE) / 8).to(dtype)
+    out = OPS.conv_bias_act(x, wt, None, None, [1, 1], [0, 0], [1, 1], 1, True)
+    ref = reference.conv_bias_act(x[-1:], wt, None, None, [1, 1], [0, 0], [1, 1], 1, True)
+    hi = reference.conv_bias_act(x[-1:].double(), wt.double(), None, None, [1, 1], [0, 0],
+                                 [1, 1], 1, True)
+    assert_close_rule("conv_bias_act[last]", out[-1:], ref, hi, dtype)
+    del out
+    sc, sh = vec(c, 0.5, 1.5), vec(c)
+    y = OPS.bn_add_relu(x, sc, sh, None, None, None, 0, True)
+    ref = reference.bn_add_relu(x[-1:], sc, sh, None, None, None, 0, True)
+    hi = reference.bn_add_relu(x[-1:].double(), sc.double(), sh.double(), None, None, None, 0,
+                               True)
+    assert_close_rule("bn_add_relu[last]", y[-1:], ref, hi, dtype)
