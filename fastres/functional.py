@@ -12,6 +12,12 @@ Two paths:
 * training (:func:`residual_unit`): a chain of convolutions, each followed by a BatchNorm with
   batch statistics, whose BN + ReLU is applied as the next convolution's prologue; the last BN,
   the shortcut and the final ReLU are one pass. Its backward is made of fastres ops too.
+
+Autocast: both paths follow the rules ``torch.nn.functional.conv2d`` follows. Under
+``torch.autocast(device_type, dtype)`` the activations, conv weights, folded biases and residuals
+(floating tensors other than float64) are cast to the autocast dtype at the entry of the fused
+path, which then runs with autocast disabled; BatchNorm parameters and statistics stay float32 and
+running statistics are updated in their own dtype, as ``nn.BatchNorm2d`` under autocast.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ __all__ = [
     "fold_bn",
     "residual_unit",
     "check_input",
+    "autocast_dtype",
+    "compute_dtype",
 ]
 
 
@@ -80,6 +88,37 @@ class Stage:
 
 
 # --------------------------------------------------------------------------------------------
+# Autocast. The casts are explicit here rather than autocast kernels registered for the ops: an
+# op-level autocast kernel casts every floating argument, the per-channel float32 vectors (scale,
+# shift, BN weights) included, which the op contract keeps float32; and the training path is an
+# autograd.Function, not one op. Running with autocast disabled inside also keeps the reference
+# backend's F.conv2d from being autocast a second time.
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in effect for ``device_type`` ("cpu", "cuda"), or None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the fused path computes ``x`` in: the autocast dtype where autocast would cast
+    ``x`` for a convolution, else ``x.dtype``."""
+    dt = autocast_dtype(x.device.type)
+    if dt is None or not x.is_floating_point() or x.dtype == torch.float64:
+        return x.dtype
+    return dt
+
+
+def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Autocast's cast for a lower-precision op: floating tensors other than float64 only."""
+    if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+        return t
+    return t.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # Input checks: a clear error that names the problem, before any kernel runs.
 
 
@@ -99,7 +138,8 @@ def check_input(x: Tensor, weight: Tensor, where: str = "fastres") -> None:
             f"{where}: input has {x.shape[1]} channels but the convolution expects "
             f"{groups_cin} per group (weight of size {tuple(weight.shape)})"
         )
-    if x.dtype != weight.dtype:
+    # Under autocast both are cast to the autocast dtype first (see compute_dtype).
+    if compute_dtype(x) != compute_dtype(weight):
         raise TypeError(
             f"{where}: input dtype {x.dtype} does not match weight dtype {weight.dtype} "
             f"(convert the module with .to({x.dtype}) or use torch.autocast)"
@@ -216,8 +256,16 @@ def conv_bias_act(
         residual: the output's shape ``(N, K, P, Q)`` or None.
         backend: force a backend by name (default: FASTRES_BACKEND or the dispatcher's choice).
 
-    Returns the ``(N, K, P, Q)`` output in ``x``'s dtype and memory format. Differentiable.
+    Returns the ``(N, K, P, Q)`` output in ``x``'s dtype and memory format (under autocast, in
+    the autocast dtype, see the module docstring). Differentiable.
     """
+    ac = autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
+    if ac is not None:
+        x, weight, bias, residual = (_autocast(t, ac) for t in (x, weight, bias, residual))
+        with torch.autocast(x.device.type, enabled=False):
+            return conv_bias_act(
+                x, weight, bias, residual, stride, padding, dilation, groups, relu, backend
+            )
     check_input(x, weight, "fastres.conv_bias_act")
     conv = ConvSpec(tuple(_pair(stride)), tuple(_pair(padding)), tuple(_pair(dilation)), groups)
     b = backends.select(_inputs(x, weight, conv), backend)
@@ -446,7 +494,9 @@ def residual_unit(
     """Training forward of ``relu?(BN_k(conv_k(... relu(BN_1(conv_1(x))) ...)) + shortcut)``.
 
     Every BatchNorm uses batch statistics and updates its running statistics in place (as
-    ``nn.BatchNorm2d`` in training mode). Differentiable with respect to ``x``, every conv weight
+    ``nn.BatchNorm2d`` in training mode). Under autocast ``x``, the conv weights and
+    ``shortcut_tensor`` are cast to the autocast dtype (the output has that dtype) and the BN
+    tensors are used as they are. Differentiable with respect to ``x``, every conv weight
     and BN weight/bias, and ``shortcut_tensor``.
 
     Args:
@@ -459,6 +509,25 @@ def residual_unit(
             (add ``shortcut_tensor``, any module's output) or ``"none"``.
         downsample: ``(Stage, params)`` of the downsample branch when ``shortcut="downsample"``.
     """
+    ac = autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
+    if ac is not None:
+        # Conv inputs and weights in the autocast dtype; BN parameters and buffers as they are.
+        x, shortcut_tensor = _autocast(x, ac), _autocast(shortcut_tensor, ac)
+        params = [(_autocast(p[0], ac), *p[1:]) for p in params]
+        if downsample is not None:
+            downsample = (downsample[0], (_autocast(downsample[1][0], ac), *downsample[1][1:]))
+        with torch.autocast(x.device.type, enabled=False):
+            return residual_unit(
+                x,
+                stages,
+                params,
+                shortcut,
+                downsample,
+                shortcut_tensor,
+                option_a_stride,
+                relu,
+                backend,
+            )
     if not stages:
         raise ValueError("residual_unit needs at least one stage")
     if shortcut not in ("none", "identity", "downsample", "option_a", "tensor"):

@@ -85,7 +85,9 @@ class _FusedMixin:
     def _eval_conv(
         self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor | None, relu: bool
     ) -> Tensor:
-        w, b = self._folded(conv, bn, x.dtype)
+        # Under autocast, fold straight into the autocast dtype (cached) rather than casting the
+        # float32 fold on every call.
+        w, b = self._folded(conv, bn, FF.compute_dtype(x))
         return FF.conv_bias_act(
             x, w, b, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu
         )

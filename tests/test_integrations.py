@@ -9,6 +9,8 @@ backend by the caller.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import io
 import pickle
 
@@ -20,6 +22,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 import fastres
+from fastres.testing import assert_close_rule
 
 FUSED = (fastres.BasicBlock, fastres.BottleneckBlock, fastres.ConvBNReLU)
 
@@ -43,6 +46,51 @@ def randomise_norm(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def n_fused(model: nn.Module) -> int:
     return sum(isinstance(m, FUSED) for m in model.modules())
+
+
+def _flat(out) -> dict[str, torch.Tensor]:
+    """A model's output as named tensors (a tensor, or a dict of them as detection backbones)."""
+    if isinstance(out, torch.Tensor):
+        return {"out": out}
+    return {f"out.{k}": v for k, v in out.items()}
+
+
+def run_kept(model: nn.Module, x: torch.Tensor, train: bool, autocast=None):
+    """Forward (under ``autocast``, a dtype for torch.autocast("cpu")) and, for train, a backward
+    of a fixed random projection outside autocast. Returns what a user keeps: outputs, input grad,
+    every parameter grad and every buffer."""
+    model.train(train)
+    x = x.detach().clone().requires_grad_(train)
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    with ctx:
+        outs = _flat(model(x))
+    kept = {k: v.detach() for k, v in outs.items()}
+    if train:
+        g = torch.Generator().manual_seed(1)
+        loss = sum(
+            (v.double() * torch.randn(v.shape, generator=g, dtype=torch.float64)).sum()
+            for v in outs.values()
+        )
+        loss.backward()
+        kept["input.grad"] = x.grad.detach()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                kept[f"{n}.grad"] = p.grad.detach()
+        for n, b in model.named_buffers():
+            kept[n] = b.detach().clone()
+    return kept
+
+
+def check_rule(ours: dict, theirs: dict, ref: dict, dtype: torch.dtype) -> None:
+    """Every kept tensor by the tolerance rule (integer buffers exactly); same keys and dtypes as
+    plain PyTorch."""
+    assert ours.keys() == theirs.keys() == ref.keys()
+    for name, r in ref.items():
+        assert ours[name].dtype == theirs[name].dtype, (name, ours[name].dtype, theirs[name].dtype)
+        if not r.is_floating_point():
+            assert torch.equal(ours[name], r), name
+            continue
+        assert_close_rule(name, ours[name], theirs[name], r, dtype)
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -113,3 +161,47 @@ def test_unconvert_bottleneck_and_convbnrelu():
     assert type(fastres.unconvert(block)) is tv_resnet.BasicBlock
     with pytest.raises(TypeError, match="expects an nn.Module"):
         fastres.unconvert(torch.zeros(1))
+
+
+# ------------------------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_resnet18_cpu_autocast_bf16(train):
+    """A converted resnet18 under torch.autocast("cpu", bfloat16) against torchvision's under the
+    same autocast: same output dtype (bfloat16), float32 parameter grads and running statistics,
+    all within the tolerance rule of a float64 run without autocast."""
+    tv = randomise_norm(torchvision.models.resnet18(num_classes=10))
+    ref = copy.deepcopy(tv).double()
+    ours = fastres.convert(tv)
+    # 64x64 and N=4: layer4's BatchNorms see 16 values per channel (see test_blocks).
+    x = torch.randn(4, 3, 64, 64)
+    k_ref = run_kept(ref, x.double(), train)
+    k_theirs = run_kept(tv, x, train, autocast=torch.bfloat16)
+    k_ours = run_kept(ours, x, train, autocast=torch.bfloat16)
+    assert k_ours["out"].dtype == torch.bfloat16
+    if train:
+        assert k_ours["layer1.0.bn1.running_mean"].dtype == torch.float32
+        assert k_ours["layer1.0.conv1.weight.grad"].dtype == torch.float32
+    check_rule(k_ours, k_theirs, k_ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_block_autocast_float32_input(train):
+    """A block fed float32 under autocast (the identity shortcut is float32, the convolutions
+    bfloat16) returns what torchvision's returns: bfloat16; the same for ConvBNReLU."""
+    ds = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    for tv in (
+        tv_resnet.Bottleneck(16, 8, stride=2, downsample=ds),
+        tv_resnet.BasicBlock(16, 16),
+        Conv2dNormActivation(16, 8, 3),
+    ):
+        tv = randomise_norm(tv)
+        ref = copy.deepcopy(tv).double()
+        ours = fastres.convert(tv)
+        assert n_fused(ours) == 1
+        x = torch.randn(4, 16, 8, 8)
+        k_ref = run_kept(ref, x.double(), train)
+        k_theirs = run_kept(tv, x, train, autocast=torch.bfloat16)
+        k_ours = run_kept(ours, x, train, autocast=torch.bfloat16)
+        check_rule(k_ours, k_theirs, k_ref, torch.bfloat16)
