@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import copy
 
+import benchlib as B
 import pytest
 import torch
 
-import benchlib as B
 from fastres.parity import BlockCase, build_torchvision_block
 
 BLOCKS = B.block_cases()

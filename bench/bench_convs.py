@@ -4,10 +4,9 @@ eager conv + BatchNorm + ReLU and torch.compile of it."""
 
 from __future__ import annotations
 
+import benchlib as B
 import pytest
 import torch
-
-import benchlib as B
 
 CASES = B.resnet50_conv_cases()
 assert len(CASES) == 23, f"ResNet-50 has 23 distinct conv shapes at 224x224, found {len(CASES)}"

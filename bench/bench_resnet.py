@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import copy
 
+import benchlib as B
 import pytest
 import torch
 import torch.nn.functional as F
-
-import benchlib as B
 
 SIZES = [
     ("eval", "cpu", B.MODEL_CPU_BATCH),
