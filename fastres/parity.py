@@ -224,9 +224,11 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats
         try:
             from triton.testing import do_bench
 
-            q = do_bench(fn, warmup=25, rep=max(50, 10 * repeats), quantiles=[0.2, 0.5, 0.8])
+            rep = max(50, 10 * repeats)
+            q = do_bench(fn, warmup=25, rep=rep, quantiles=[0.2, 0.5, 0.8])
             return {"p20": float(q[0]), "p50": float(q[1]), "p80": float(q[2]),
-                    "timer": "triton.testing.do_bench"}
+                    "timer": f"triton.testing.do_bench (25 ms warm-up, {rep} ms of runs, L2 "
+                             "flushed between runs)"}
         except ImportError:
             pass
         for _ in range(warmup):
@@ -240,7 +242,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats
             b.record()
         torch.cuda.synchronize(device)
         ts = sorted(a.elapsed_time(b) for a, b in evs)
-        timer = "cuda events"
+        timer = f"CUDA events around each of {repeats} runs after {warmup} warm-up"
     else:
         for _ in range(warmup):
             fn()
@@ -250,7 +252,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
         ts.sort()
-        timer = "time.perf_counter"
+        timer = f"time.perf_counter around each of {repeats} runs after {warmup} warm-up"
     return {"p20": _quantile(ts, 0.2), "p50": statistics.median(ts), "p80": _quantile(ts, 0.8),
             "timer": timer}
 
@@ -411,8 +413,10 @@ def _worst(checks: list[dict]) -> dict | None:
 def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str],
               backend_names: list[str], device: torch.device, batch: int, channels_last: bool,
               warmup: int, repeats: int, timing: bool = True, progress: bool = True,
-              emit: Callable[[str], None] = print, seed: int = 0) -> list[dict]:
-    """Run every (block, dtype, mode, backend) case; one result dict per case."""
+              emit: Callable[[str], None] = print, seed: int = 0,
+              checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Run every (block, dtype, mode, backend) case; one result dict per case.
+    ``checkpoint(results so far)`` is called after each (block, dtype, mode)."""
     import fastres
     from fastres import backends
     from fastres.testing import compare_all
@@ -490,6 +494,8 @@ def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str
             results.append(row)
             emit(_row_line(row))
             bar.update(1)
+        if checkpoint is not None:
+            checkpoint(results)
     bar.close()
     return results
 
@@ -644,15 +650,16 @@ def to_markdown(report: dict) -> str:
         "",
         f"- hardware: {hardware_line(env)}",
         f"- device {meta['device']}, batch {meta['batch']}, {meta['layout']}, dtypes "
-        f"{', '.join(meta['dtypes'])}, modes {', '.join(meta['modes'])}; timing: median of "
-        f"{meta['repeats']} runs after {meta['warmup']} warm-up ({meta['timer']})",
+        f"{', '.join(meta['dtypes'])}, modes {', '.join(meta['modes'])}; "
+        + (f"timing: median, {meta['timer']}" if meta.get("timing", True) else "no timing"),
         f"- backends run: {', '.join(meta['backends']) or 'none'}"
         + "".join(f"; {n} skipped: {why}" for n, why in meta["skipped_backends"].items()),
         f"- rule: err(fastres) <= 2 * err(PyTorch at the dtype) + atol[dtype], errors are max "
         f"|x - float64 reference| of the worst check (of {meta['checks_per_case']})",
         f"- result: {report['summary']['pass']} pass, {report['summary']['fail']} fail, "
         f"{report['summary']['error']} error, {report['summary']['skipped']} skipped "
-        f"({report['summary']['duration_s']:.0f} s)",
+        f"({report['summary']['duration_s']:.0f} s)"
+        + (" -- PARTIAL: the run was cut short" if report["summary"].get("partial") else ""),
         "",
         "| block | dtype | mode | backend | worst check | err | PyTorch err | bound | ok | "
         "fused ms | torchvision ms | tv/fused |",
@@ -786,11 +793,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     ap.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     ap.add_argument("--plot", metavar="PNG", help="plot speedups and errors (needs matplotlib)")
+    ap.add_argument("--from-json", metavar="PATH",
+                    help="run nothing: write --markdown/--plot from an earlier --json report "
+                         "(also a partial one, from a run that was cut short)")
     return ap
+
+
+def _write_outputs(report: dict, args) -> None:
+    if args.markdown:
+        Path(args.markdown).write_text(to_markdown(report))
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        why = plot(report, args.plot)
+        print(f"plot skipped: {why}" if why else f"wrote {args.plot}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        _write_outputs(report, args)
+        return 0 if report["summary"]["ok"] and not report["summary"].get("partial") else 1
     t_start = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastres.parity: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -815,8 +838,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hardware: {hardware_line(env)}")
     print(f"batch {batch}, {'channels_last' if args.channels_last else 'contiguous'}, dtypes "
           f"{', '.join(DTYPE_NAMES[d] for d in dtypes)}, modes {', '.join(modes)}"
-          + (f", timing: median of {repeats} after {warmup} warm-up" if args.timing else
-             ", no timing"))
+          + ((f", timing: median of {repeats} after {warmup} warm-up" if device.type == "cpu"
+              else ", timing: median by triton.testing.do_bench (CUDA events without triton)")
+             if args.timing else ", no timing"))
     for d in dtypes:
         print(f"dispatcher's own choice at {DTYPE_NAMES[d]}: "
               f"{auto_choice(device, d, args.channels_last)}")
@@ -826,32 +850,44 @@ def main(argv: list[str] | None = None) -> int:
         print("fastres.parity: no backend to run", file=sys.stderr)
         return 2
     print(_HEAD)
+
+    def make_report(results: list[dict], partial: bool) -> dict:
+        summary = summarise(results)
+        summary["duration_s"] = time.perf_counter() - t_start
+        summary["partial"] = partial
+        timer = next((r["time_torchvision"]["timer"] for r in results
+                      if r.get("time_torchvision")), None)
+        checks = max((len(r["checks"]) for r in results), default=0)
+        return {
+            "meta": {
+                "tool": "fastres.parity", "argv": sys.argv[1:] if argv is None else list(argv),
+                "model": args.model, "device": str(device), "batch": batch,
+                "layout": "channels_last" if args.channels_last else "contiguous",
+                "dtypes": [DTYPE_NAMES[d] for d in dtypes], "modes": modes,
+                "image_size": args.image_size, "quick": args.quick, "warmup": warmup,
+                "repeats": repeats, "timing": args.timing, "timer": timer,
+                "backends": names, "skipped_backends": skipped,
+                "auto_backend": {DTYPE_NAMES[d]: auto_choice(device, d, args.channels_last)
+                                 for d in dtypes},
+                "checks_per_case": checks,
+                "blocks": [asdict(c) for c in cases],
+            },
+            "env": env,
+            "summary": summary,
+            "cases": results,
+        }
+
+    def checkpoint(results: list[dict]) -> None:
+        # A run cut short (a time-boxed device check) keeps what it measured.
+        if args.json:
+            Path(args.json).write_text(json.dumps(make_report(results, True), indent=1,
+                                                  default=str) + "\n")
+
     results = run_cases(cases, dtypes, modes, names, device, batch, args.channels_last, warmup,
                         repeats, timing=args.timing, progress=args.progress, emit=_emit,
-                        seed=args.seed)
-    summary = summarise(results)
-    summary["duration_s"] = time.perf_counter() - t_start
-    timer = next((r["time_torchvision"]["timer"] for r in results if r.get("time_torchvision")),
-                 None)
-    checks = max((len(r["checks"]) for r in results), default=0)
-    report = {
-        "meta": {
-            "tool": "fastres.parity", "argv": sys.argv[1:] if argv is None else list(argv),
-            "model": args.model, "device": str(device), "batch": batch,
-            "layout": "channels_last" if args.channels_last else "contiguous",
-            "dtypes": [DTYPE_NAMES[d] for d in dtypes], "modes": modes,
-            "image_size": args.image_size, "quick": args.quick, "warmup": warmup,
-            "repeats": repeats, "timing": args.timing, "timer": timer,
-            "backends": names, "skipped_backends": skipped,
-            "auto_backend": {DTYPE_NAMES[d]: auto_choice(device, d, args.channels_last)
-                             for d in dtypes},
-            "checks_per_case": checks,
-            "blocks": [asdict(c) for c in cases],
-        },
-        "env": env,
-        "summary": summary,
-        "cases": results,
-    }
+                        seed=args.seed, checkpoint=checkpoint)
+    report = make_report(results, False)
+    summary = report["summary"]
     print(f"\n{summary['pass']} pass, {summary['fail']} fail, {summary['error']} error, "
           f"{summary['skipped']} skipped in {summary['duration_s']:.1f} s -- "
           f"{'PARITY OK' if summary['ok'] else 'PARITY FAILED'}")
@@ -866,12 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
         print(f"wrote {args.json}")
-    if args.markdown:
-        Path(args.markdown).write_text(to_markdown(report))
-        print(f"wrote {args.markdown}")
-    if args.plot:
-        why = plot(report, args.plot)
-        print(f"plot skipped: {why}" if why else f"wrote {args.plot}")
+    _write_outputs(report, args)
     return 0 if summary["ok"] else 1
 
 
