@@ -1,0 +1,509 @@
+// BatchNorm kernels: finalize, apply + residual + ReLU, and the backward family (ReLU mask,
+// per-channel reductions, BatchNorm backward). All memory-bound; the dense paths move 16 bytes
+// per access. Per-channel reductions are two-level and deterministic: per-CTA partials in a fixed
+// row order, then colsum_kernel adds the partials in a fixed order (no float atomics).
+//
+// Floating-point operation order mirrors fastres/reference.py where it is cheap to do so
+// (__fmul_rn/__fadd_rn keep nvcc from contracting x * scale + shift into one FMA): the recomputed
+// ReLU masks then agree bit for bit with the forward pass that produced them.
+#include "fr_common.cuh"
+
+namespace fastres {
+namespace cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_f(const T* p, float (&v)[VEC]) {
+  if constexpr (VEC * sizeof(T) == 16) {
+    Vec16<T> u;
+    u.u = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v[e] = to_f(u.v[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v[e] = to_f(p[e]);
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_f(T* p, const float (&v)[VEC]) {
+  if constexpr (VEC * sizeof(T) == 16) {
+    Vec16<T> u;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) u.v[e] = from_f<T>(v[e]);
+    *reinterpret_cast<uint4*>(p) = u.u;
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) p[e] = from_f<T>(v[e]);
+  }
+}
+
+// VEC consecutive per-channel floats starting at c (c % VEC == 0; 16-byte aligned base).
+template <int VEC>
+__device__ __forceinline__ void load_chan(const float* p, int c, float (&v)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < VEC; e += 4) {
+      const float4 f = __ldg(reinterpret_cast<const float4*>(p + c + e));
+      v[e] = f.x;
+      v[e + 1] = f.y;
+      v[e + 2] = f.z;
+      v[e + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v[e] = __ldg(p + c + e);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void load_chan_or(const float* p, int c, float dflt, float (&v)[VEC]) {
+  if (p) {
+    load_chan<VEC>(p, c, v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v[e] = dflt;
+  }
+}
+
+__device__ __forceinline__ float relu_f(float v) { return v < 0.f ? 0.f : v; }  // NaN stays NaN
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// colsum: out_j[c] = sum_t partial[j][t][c]. Block (32 channels) x (32 row lanes).
+// ---------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(1024) colsum_kernel(const ColSumParams p) {
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int c = blockIdx.x * 32 + tx;
+  const int j = blockIdx.y;
+  const float* base = p.partial + static_cast<int64_t>(j) * p.T * p.C;
+  float s = 0.f;
+  if (c < p.C) {
+    for (int t = ty; t < p.T; t += 32) s += base[static_cast<int64_t>(t) * p.C + c];
+  }
+  __shared__ float red[32][33];
+  red[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0 && c < p.C) {
+    float total = 0.f;
+#pragma unroll
+    for (int y = 0; y < 32; ++y) total += red[y][tx];
+    p.out[j][c] = total;
+  }
+}
+
+cudaError_t launch_colsum(const ColSumParams& p, cudaStream_t stream) {
+  if (p.C <= 0 || p.nsum <= 0) return cudaSuccess;
+  if (p.nsum > 4) return cudaErrorInvalidValue;
+  const dim3 grid((p.C + 31) / 32, p.nsum);
+  colsum_kernel<<<grid, dim3(32, 32), 0, stream>>>(p);
+  FR_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_finalize: one CTA (C is at most a few thousand), so the read of num_batches_tracked by all
+// threads and its increment are ordered by one barrier.
+// ---------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kThreads) bn_finalize_kernel(const BnFinalizeParams p) {
+  const int64_t nb_old = p.num_batches_tracked ? *p.num_batches_tracked : 0;
+  __syncthreads();  // every thread has read the old count before thread 0 changes it
+  if (threadIdx.x == 0 && p.num_batches_tracked) *p.num_batches_tracked = nb_old + 1;
+  // nn.BatchNorm2d: momentum, or 1 / num_batches_tracked (after the increment) when None.
+  const double factor = p.has_momentum ? p.momentum : 1.0 / static_cast<double>(nb_old + 1);
+  const float keep = static_cast<float>(1.0 - factor);
+  const float take = static_cast<float>(factor);
+  const float cnt = static_cast<float>(p.count);
+  const float unbias = static_cast<float>(static_cast<double>(p.count) /
+                                          static_cast<double>(p.count - 1));
+  const float eps = static_cast<float>(p.eps);
+  for (int c = threadIdx.x; c < p.C; c += blockDim.x) {
+    const float mean = __fdiv_rn(p.sum[c], cnt);
+    float var = __fsub_rn(__fdiv_rn(p.sumsq[c], cnt), __fmul_rn(mean, mean));
+    var = var < 0.f ? 0.f : var;  // biased variance, clamped as the reference does
+    const float invstd = 1.0f / sqrtf(__fadd_rn(var, eps));
+    const float scale = p.weight ? __fmul_rn(p.weight[c], invstd) : invstd;
+    const float shift =
+        p.bias ? __fsub_rn(p.bias[c], __fmul_rn(mean, scale)) : __fmul_rn(-mean, scale);
+    p.mean[c] = mean;
+    p.invstd[c] = invstd;
+    p.scale[c] = scale;
+    p.shift[c] = shift;
+    if (p.running_mean)
+      p.running_mean[c] = __fadd_rn(__fmul_rn(p.running_mean[c], keep), __fmul_rn(take, mean));
+    if (p.running_var)
+      p.running_var[c] = __fadd_rn(__fmul_rn(p.running_var[c], keep),
+                                   __fmul_rn(take, __fmul_rn(var, unbias)));
+  }
+}
+
+cudaError_t launch_bn_finalize(const BnFinalizeParams& p, cudaStream_t stream) {
+  bn_finalize_kernel<<<1, kThreads, 0, stream>>>(p);
+  FR_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_add_relu. Dense path: x, out (and residual) channels_last-dense with C % VEC == 0, VEC
+// elements (16 bytes) per thread per step. Generic path: any strides, one element per step,
+// iterating in out's physical order (channels_last or NCHW) so the writes stay coalesced.
+// ---------------------------------------------------------------------------------------------
+template <typename T, bool HAS_RES, bool RES_AFFINE, bool RELU>
+__global__ void __launch_bounds__(kThreads) bn_add_relu_dense_kernel(const BnAddReluParams p) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int64_t numel = static_cast<int64_t>(p.N) * p.C * p.H * p.W;
+  const int64_t nvec = numel / VEC;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ res = static_cast<const T*>(p.res);
+  T* __restrict__ out = static_cast<T*>(p.out);
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < nvec;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t off = v * VEC;
+    const int c0 = static_cast<int>(off % p.C);
+    float xv[VEC], sc[VEC], sh[VEC], z[VEC];
+    load_f<T, VEC>(x + off, xv);
+    load_chan<VEC>(p.scale, c0, sc);
+    load_chan<VEC>(p.shift, c0, sh);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) z[e] = __fadd_rn(__fmul_rn(xv[e], sc[e]), sh[e]);
+    if constexpr (HAS_RES) {
+      float rv[VEC];
+      load_f<T, VEC>(res + off, rv);
+      if constexpr (RES_AFFINE) {
+        float rsc[VEC], rsh[VEC];
+        load_chan_or<VEC>(p.res_scale, c0, 1.f, rsc);
+        load_chan_or<VEC>(p.res_shift, c0, 0.f, rsh);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          if (p.res_scale) rv[e] = __fmul_rn(rv[e], rsc[e]);
+          if (p.res_shift) rv[e] = __fadd_rn(rv[e], rsh[e]);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) z[e] = __fadd_rn(z[e], rv[e]);
+    }
+    if constexpr (RELU) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) z[e] = relu_f(z[e]);
+    }
+    store_f<T, VEC>(out + off, z);
+  }
+}
+
+template <typename T, bool HAS_RES, bool RES_AFFINE, bool RELU>
+__global__ void __launch_bounds__(kThreads) bn_add_relu_generic_kernel(const BnAddReluParams p) {
+  const int64_t numel = static_cast<int64_t>(p.N) * p.C * p.H * p.W;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ res = static_cast<const T*>(p.res);
+  T* __restrict__ out = static_cast<T*>(p.out);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t t = i;
+    int n, c, h, w;
+    if (p.out_channels_last) {
+      c = static_cast<int>(t % p.C);
+      t /= p.C;
+      w = static_cast<int>(t % p.W);
+      t /= p.W;
+      h = static_cast<int>(t % p.H);
+      n = static_cast<int>(t / p.H);
+    } else {
+      w = static_cast<int>(t % p.W);
+      t /= p.W;
+      h = static_cast<int>(t % p.H);
+      t /= p.H;
+      c = static_cast<int>(t % p.C);
+      n = static_cast<int>(t / p.C);
+    }
+    const int64_t xo = n * p.xs[0] + c * p.xs[1] + h * p.xs[2] + w * p.xs[3];
+    const int64_t oo = n * p.os[0] + c * p.os[1] + h * p.os[2] + w * p.os[3];
+    float z = __fadd_rn(__fmul_rn(to_f(x[xo]), __ldg(p.scale + c)), __ldg(p.shift + c));
+    if constexpr (HAS_RES) {
+      const int j = c - p.res_off;
+      if (j >= 0 && j < p.Cr) {
+        float r = to_f(res[n * p.rs[0] + j * p.rs[1] + h * p.rs[2] + w * p.rs[3]]);
+        if constexpr (RES_AFFINE) {
+          if (p.res_scale) r = __fmul_rn(r, __ldg(p.res_scale + j));
+          if (p.res_shift) r = __fadd_rn(r, __ldg(p.res_shift + j));
+        }
+        z = __fadd_rn(z, r);
+      }
+    }
+    if constexpr (RELU) z = relu_f(z);
+    out[oo] = from_f<T>(z);
+  }
+}
+
+namespace {
+unsigned grid_for(int64_t work, int64_t per_block) {
+  int64_t blocks = (work + per_block - 1) / per_block;
+  if (blocks < 1) blocks = 1;
+  if (blocks > (1LL << 20)) blocks = 1LL << 20;  // grid-stride loops cover the rest
+  return static_cast<unsigned>(blocks);
+}
+}  // namespace
+
+template <typename T>
+cudaError_t launch_bn_add_relu_t(const BnAddReluParams& p, cudaStream_t stream) {
+  const int64_t numel = static_cast<int64_t>(p.N) * p.C * p.H * p.W;
+  if (numel == 0) return cudaSuccess;
+  const bool has_res = p.res != nullptr;
+  const bool affine = has_res && (p.res_scale != nullptr || p.res_shift != nullptr);
+  return FR_BOOL_SWITCH(has_res, HAS_RES, [&] {
+    return FR_BOOL_SWITCH(affine, RES_AFFINE, [&] {
+      return FR_BOOL_SWITCH(p.relu, RELU, [&] {
+        if constexpr (RES_AFFINE && !HAS_RES) {
+          return cudaErrorInvalidValue;  // not reachable: affine implies a residual
+        } else {
+          if (p.dense) {
+            constexpr int VEC = 16 / sizeof(T);
+            bn_add_relu_dense_kernel<T, HAS_RES, RES_AFFINE, RELU>
+                <<<grid_for(numel / VEC, kThreads), kThreads, 0, stream>>>(p);
+          } else {
+            bn_add_relu_generic_kernel<T, HAS_RES, RES_AFFINE, RELU>
+                <<<grid_for(numel, kThreads), kThreads, 0, stream>>>(p);
+          }
+          return cudaGetLastError();
+        }
+      });
+    });
+  });
+}
+
+cudaError_t launch_bn_add_relu(const BnAddReluParams& p, DType dt, cudaStream_t stream) {
+  return FR_DTYPE_SWITCH(dt, T, [&] { return launch_bn_add_relu_t<T>(p, stream); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward family on NHWC-dense tensors: g = grad_out * mask, then per-channel sums, then the
+// elementwise BatchNorm backward
+//   grad_input = weight * invstd * (g - sum_g / count - xhat * sum_gx / count).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int VEC>
+__device__ __forceinline__ void load_g(const ChannelBwdParams& p, int64_t off,
+                                       const float (&msc)[VEC], const float (&msh)[VEC],
+                                       float (&g)[VEC]) {
+  load_f<T, VEC>(static_cast<const T*>(p.grad_out) + off, g);
+  if (p.mask_mode == 1) {  // out > 0 (torch.where(out > 0, grad_out, 0): NaN -> 0)
+    float o[VEC];
+    load_f<T, VEC>(static_cast<const T*>(p.mask_src) + off, o);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e)
+      if (!(o[e] > 0.f)) g[e] = 0.f;
+  } else if (p.mask_mode == 2) {  // T(x * scale + shift) > 0, as the prologue computed it
+    float xv[VEC];
+    load_f<T, VEC>(static_cast<const T*>(p.mask_src) + off, xv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float z = round_to<T>(__fadd_rn(__fmul_rn(xv[e], msc[e]), msh[e]));
+      if (!(z > 0.f)) g[e] = 0.f;
+    }
+  }
+}
+
+// Block: cvb channel vectors x (256 / cvb) row lanes; grid: (row chunks, channel groups).
+template <typename T, int VEC, int NSUM>
+__global__ void __launch_bounds__(kThreads) channel_reduce_kernel(const ChannelBwdParams p) {
+  const int cv_total = (p.C + VEC - 1) / VEC;
+  const int cvb = cv_total < kThreads ? cv_total : kThreads;
+  const int lanes = kThreads / cvb;
+  const int tid = threadIdx.x;
+  const int cv = tid % cvb;
+  const int lane = tid / cvb;
+  const int c0 = (blockIdx.y * cvb + cv) * VEC;
+  const bool active = lane < lanes && c0 < p.C;
+  const int chunk = blockIdx.x;
+  const int64_t r0 = chunk * p.rows_per_chunk;
+  int64_t r1 = r0 + p.rows_per_chunk;
+  if (r1 > p.rows) r1 = p.rows;
+
+  float acc[NSUM][VEC];
+#pragma unroll
+  for (int j = 0; j < NSUM; ++j)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[j][e] = 0.f;
+
+  if (active) {
+    float msc[VEC], msh[VEC], mean[VEC], inv[VEC], mean_r[VEC], inv_r[VEC];
+    if (p.mask_mode == 2) {
+      load_chan<VEC>(p.m_scale, c0, msc);
+      load_chan<VEC>(p.m_shift, c0, msh);
+    }
+    if constexpr (NSUM >= 2) {
+      load_chan<VEC>(p.mean, c0, mean);
+      load_chan<VEC>(p.invstd, c0, inv);
+    }
+    if constexpr (NSUM >= 3) {
+      load_chan<VEC>(p.mean_r, c0, mean_r);
+      load_chan<VEC>(p.invstd_r, c0, inv_r);
+    }
+#pragma unroll 1
+    for (int64_t row = r0 + lane; row < r1; row += lanes) {
+      const int64_t off = row * p.C + c0;
+      float g[VEC];
+      load_g<T, VEC>(p, off, msc, msh, g);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[0][e] += g[e];
+      if constexpr (NSUM >= 2) {
+        float xv[VEC];
+        load_f<T, VEC>(static_cast<const T*>(p.x) + off, xv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          acc[1][e] = fmaf(g[e], __fmul_rn(__fsub_rn(xv[e], mean[e]), inv[e]), acc[1][e]);
+      }
+      if constexpr (NSUM >= 3) {
+        float xv[VEC];
+        load_f<T, VEC>(static_cast<const T*>(p.xr) + off, xv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          acc[2][e] = fmaf(g[e], __fmul_rn(__fsub_rn(xv[e], mean_r[e]), inv_r[e]), acc[2][e]);
+      }
+    }
+  }
+
+  __shared__ float red[NSUM][kThreads][VEC];
+#pragma unroll
+  for (int j = 0; j < NSUM; ++j)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) red[j][tid][e] = acc[j][e];
+  __syncthreads();
+  if (lane == 0 && c0 < p.C) {
+#pragma unroll
+    for (int j = 0; j < NSUM; ++j)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        float s = 0.f;
+        for (int l = 0; l < lanes; ++l) s += red[j][l * cvb + cv][e];  // fixed order
+        p.partial[(static_cast<int64_t>(j) * p.chunks + chunk) * p.C + c0 + e] = s;
+      }
+  }
+}
+
+template <typename T, int VEC, BwdKind KIND>
+__global__ void __launch_bounds__(kThreads)
+    channel_bwd_elementwise_kernel(const ChannelBwdParams p) {
+  const int64_t nvec = p.rows * p.C / VEC;
+  const float cnt = static_cast<float>(p.rows);
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < nvec;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t off = v * VEC;
+    const int c0 = static_cast<int>(off % p.C);
+    float msc[VEC], msh[VEC];
+    if (p.mask_mode == 2) {
+      load_chan<VEC>(p.m_scale, c0, msc);
+      load_chan<VEC>(p.m_shift, c0, msh);
+    }
+    float g[VEC];
+    load_g<T, VEC>(p, off, msc, msh, g);
+    if constexpr (KIND == BwdKind::kG) {
+      store_f<T, VEC>(static_cast<T*>(p.grad_res) + off, g);
+    } else {
+      // BatchNorm backward of g through (x, mean, invstd, weight) into `dst`.
+      auto bn_bwd = [&](const void* xin, const float* mean_p, const float* inv_p,
+                        const float* w_p, const float* sgx_p, void* dst) {
+        float xv[VEC], mean[VEC], inv[VEC], w[VEC], sg[VEC], sgx[VEC], gi[VEC];
+        load_f<T, VEC>(static_cast<const T*>(xin) + off, xv);
+        load_chan<VEC>(mean_p, c0, mean);
+        load_chan<VEC>(inv_p, c0, inv);
+        load_chan_or<VEC>(w_p, c0, 1.f, w);
+        load_chan<VEC>(p.sum_g, c0, sg);
+        load_chan<VEC>(sgx_p, c0, sgx);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float wi = w_p ? __fmul_rn(w[e], inv[e]) : inv[e];
+          const float xhat = __fmul_rn(__fsub_rn(xv[e], mean[e]), inv[e]);
+          const float t = __fsub_rn(__fsub_rn(g[e], __fdiv_rn(sg[e], cnt)),
+                                    __fmul_rn(xhat, __fdiv_rn(sgx[e], cnt)));
+          gi[e] = __fmul_rn(wi, t);
+        }
+        store_f<T, VEC>(static_cast<T*>(dst) + off, gi);
+      };
+      bn_bwd(p.x, p.mean, p.invstd, p.weight, p.sum_gx, p.grad_input);
+      if constexpr (KIND == BwdKind::kBnId) {
+        store_f<T, VEC>(static_cast<T*>(p.grad_res) + off, g);
+      } else if constexpr (KIND == BwdKind::kBnBn) {
+        bn_bwd(p.xr, p.mean_r, p.invstd_r, p.weight_r, p.sum_gxr, p.grad_res);
+      }
+    }
+  }
+}
+
+namespace {
+int channel_vec(int C, DType dt) {
+  const int v = chunk_elems(dt);
+  return (C % v == 0) ? v : 1;
+}
+}  // namespace
+
+int64_t plan_channel_bwd(ChannelBwdParams& p, DType dt, int num_sms) {
+  const int vec = channel_vec(p.C, dt);
+  const int cv_total = (p.C + vec - 1) / vec;
+  const int cvb = cv_total < kThreads ? cv_total : kThreads;
+  const int groups = (cv_total + cvb - 1) / cvb;
+  // ~8 CTAs of 256 threads per SM, but at least 64 rows per chunk.
+  int64_t chunks = (8LL * num_sms + groups - 1) / groups;
+  const int64_t max_chunks = (p.rows + 63) / 64;
+  if (chunks > max_chunks) chunks = max_chunks;
+  if (chunks < 1) chunks = 1;
+  p.rows_per_chunk = (p.rows + chunks - 1) / chunks;
+  if (p.rows_per_chunk < 1) p.rows_per_chunk = 1;
+  p.chunks = static_cast<int>((p.rows + p.rows_per_chunk - 1) / p.rows_per_chunk);
+  if (p.chunks < 1) p.chunks = 1;
+  return static_cast<int64_t>(p.nsum) * p.chunks * p.C;
+}
+
+template <typename T, int VEC>
+cudaError_t launch_channel_bwd_tv(const ChannelBwdParams& p, cudaStream_t stream) {
+  const int cv_total = (p.C + VEC - 1) / VEC;
+  const int cvb = cv_total < kThreads ? cv_total : kThreads;
+  const dim3 rgrid(p.chunks, (cv_total + cvb - 1) / cvb);
+  switch (p.nsum) {
+    case 1: channel_reduce_kernel<T, VEC, 1><<<rgrid, kThreads, 0, stream>>>(p); break;
+    case 2: channel_reduce_kernel<T, VEC, 2><<<rgrid, kThreads, 0, stream>>>(p); break;
+    case 3: channel_reduce_kernel<T, VEC, 3><<<rgrid, kThreads, 0, stream>>>(p); break;
+    default: return cudaErrorInvalidValue;
+  }
+  FR_LAUNCH_CHECK();
+  ColSumParams cp{};
+  cp.partial = p.partial;
+  cp.out[0] = p.sum_g;
+  cp.out[1] = p.sum_gx;
+  cp.out[2] = p.sum_gxr;
+  cp.nsum = p.nsum;
+  cp.T = p.chunks;
+  cp.C = p.C;
+  FR_RETURN_IF_ERROR(launch_colsum(cp, stream));
+  const unsigned egrid = grid_for(p.rows * p.C / VEC, kThreads);
+  switch (p.kind) {
+    case BwdKind::kG:
+      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kG><<<egrid, kThreads, 0, stream>>>(p);
+      break;
+    case BwdKind::kBn:
+      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBn><<<egrid, kThreads, 0, stream>>>(p);
+      break;
+    case BwdKind::kBnId:
+      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBnId><<<egrid, kThreads, 0, stream>>>(p);
+      break;
+    case BwdKind::kBnBn:
+      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBnBn><<<egrid, kThreads, 0, stream>>>(p);
+      break;
+  }
+  FR_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+cudaError_t launch_channel_bwd(const ChannelBwdParams& p, DType dt, cudaStream_t stream) {
+  if (p.rows == 0 || p.C == 0) return cudaSuccess;
+  return FR_DTYPE_SWITCH(dt, T, [&] {
+    if (channel_vec(p.C, dt) == 1) return launch_channel_bwd_tv<T, 1>(p, stream);
+    return launch_channel_bwd_tv<T, 16 / sizeof(T)>(p, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastres

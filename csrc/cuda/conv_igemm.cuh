@@ -1,0 +1,487 @@
+// Implicit-GEMM convolution, NHWC activations x KRSC weights, one kernel family for
+//   conv_bias_act (epilogue: + bias[k], + residual, ReLU),
+//   conv_stats    (prologue: a = relu?(x * pre_scale[c] + pre_shift[c]) applied in shared memory;
+//                  epilogue: per-CTA per-channel sum / sum of squares of the stored output),
+//   conv_bwd dgrad (the gather form over grad_out with the (C, R, S, K) transposed weights).
+//
+// Data path (one CTA computes a BM x BN tile of out[M = N*OH*OW, OC]):
+//   global --cp.async 16 B (zero-fill for padding / masked rows / masked channels)--> shared,
+//   STAGES-deep pipeline over the reduction (r, s, channel block of BK = 64 bytes);
+//   shared --ldmatrix.x4--> registers --mma.sync--> fp32 accumulators (or SIMT FMA for exact fp32);
+//   accumulators --> fp32 tile in shared (reusing the pipeline buffers) --> bias/residual/ReLU,
+//   rounded to T, 16-byte stores; the stats read the rounded values back from the same tile.
+//
+// Each thread issues cp.async for fixed 16-byte chunks (column tid % 4 of each of its rows), so
+// after cp.async.wait_group it may read and rewrite its own chunks without a barrier: that is
+// where the prologue transform runs, before the barrier that precedes ldmatrix. Padding pixels
+// and channels >= XC are never transformed, so they stay exactly zero, as the reference pads the
+// transformed tensor.
+#pragma once
+
+#include <type_traits>
+
+#include "fr_common.cuh"
+
+namespace fastres {
+namespace cuda {
+
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_>
+struct ConvCfg {
+  static constexpr int BM = BM_;
+  static constexpr int BN = BN_;
+  static constexpr int WARPS_M = WARPS_M_;
+  static constexpr int WARPS_N = WARPS_N_;
+  static constexpr int STAGES = STAGES_;
+  static constexpr int THREADS = WARPS_M * WARPS_N * 32;
+  static constexpr int WM = BM / WARPS_M;  // warp tile (tensor-core path)
+  static constexpr int WN = BN / WARPS_N;
+  static constexpr int A_STAGE = BM * 64;  // bytes: BM rows of one 64-byte reduction slice
+  static constexpr int B_STAGE = BN * 64;
+  static constexpr int PIPE_BYTES = STAGES * (A_STAGE + B_STAGE);
+  static constexpr int CS_LD = BN + 4;  // fp32 epilogue tile row pitch (+4: fewer bank conflicts)
+  static constexpr int EPI_BYTES = BM * CS_LD * 4 + 2 * THREADS * 4;
+  static constexpr int SMEM = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+};
+
+// 16-bit tensor cores: 128 x 128 (8 warps, 64 x 32 each) for OC > 64, 128 x 64 (4 warps) else.
+using CfgTcBig = ConvCfg<128, 128, 2, 4, 4>;
+using CfgTcSmall = ConvCfg<128, 64, 2, 2, 4>;
+// Exact fp32: 64 x 64, 256 threads with 4 x 4 outputs each.
+using CfgSimt = ConvCfg<64, 64, 4, 2, 3>;
+
+template <typename T, Math MATH, class Cfg, bool DGRAD, bool PROLOGUE, bool STATS, bool BIAS,
+          bool RESIDUAL, bool RELU>
+__global__ void __launch_bounds__(Cfg::THREADS) conv_igemm_kernel(const ConvParams p) {
+  constexpr int BM = Cfg::BM;
+  constexpr int BN = Cfg::BN;
+  constexpr int THREADS = Cfg::THREADS;
+  constexpr int STAGES = Cfg::STAGES;
+  constexpr int EPC = 16 / sizeof(T);  // elements per 16-byte chunk
+  constexpr int BK = 4 * EPC;          // elements per 64-byte reduction slice
+  constexpr int ROW_STEP = THREADS / 4;
+  constexpr int A_ITERS = BM / ROW_STEP;
+  constexpr int B_ITERS = BN / ROW_STEP;
+  static_assert(BM % ROW_STEP == 0 && BN % ROW_STEP == 0, "tile rows must split over threads");
+  static_assert(MATH != Math::kSimt || std::is_same<T, float>::value, "SIMT path is fp32 only");
+  static_assert(MATH != Math::kTf32 || std::is_same<T, float>::value, "TF32 path is fp32 only");
+  static_assert(MATH != Math::kMma16 || sizeof(T) == 2, "mma m16n8k16 path is 16-bit only");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* sA = smem;
+  unsigned char* sB = smem + STAGES * Cfg::A_STAGE;
+
+  const int tid = threadIdx.x;
+  // n-tile fastest: the CTAs sharing one activation tile run together and hit it in L2.
+  const int tile_n = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.n_tiles));
+  const int tile_m = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.n_tiles));
+  const int m0 = tile_m * BM;
+  const int n0 = tile_n * BN;
+
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ wt = static_cast<const T*>(p.w);
+
+  const int chunk = tid & 3;    // this thread's 16-byte column in every row it loads
+  const int row0 = tid >> 2;    // its first row; the others are row0 + i * ROW_STEP
+
+  // ---- per-row gather state of A (output pixel -> input window origin), computed once ----
+  int64_t a_img[A_ITERS];  // element offset of image n (can pass 2^31)
+  int a_h[A_ITERS], a_w[A_ITERS];
+  {
+    const int ohw = p.OH * p.OW;
+#pragma unroll
+    for (int i = 0; i < A_ITERS; ++i) {
+      const int m = m0 + row0 + i * ROW_STEP;
+      if (m < p.M) {
+        const int n = m / ohw;
+        const int rem = m - n * ohw;
+        const int oh = rem / p.OW;
+        const int ow = rem - oh * p.OW;
+        a_img[i] = static_cast<int64_t>(n) * p.XH * p.XW * p.XC;
+        if constexpr (DGRAD) {
+          a_h[i] = oh + p.pad_h;
+          a_w[i] = ow + p.pad_w;
+        } else {
+          a_h[i] = oh * p.stride_h - p.pad_h;
+          a_w[i] = ow * p.stride_w - p.pad_w;
+        }
+      } else {  // a row past M: far out of range for every tap, so always zero-filled
+        a_img[i] = 0;
+        a_h[i] = -(1 << 30);
+        a_w[i] = -(1 << 30);
+      }
+    }
+  }
+  // Is row i of A in range at tap (r, s)? If so, where is its pixel (element offset)?
+  auto a_pixel = [&](int i, int r, int s, int64_t& off) -> bool {
+    int h, w;
+    bool ok;
+    if constexpr (DGRAD) {
+      const int th = a_h[i] - r * p.dil_h;
+      const int tw = a_w[i] - s * p.dil_w;
+      h = th / p.stride_h;
+      w = tw / p.stride_w;
+      ok = th >= 0 && tw >= 0 && h * p.stride_h == th && w * p.stride_w == tw && h < p.XH &&
+           w < p.XW;
+    } else {
+      h = a_h[i] + r * p.dil_h;
+      w = a_w[i] + s * p.dil_w;
+      ok = h >= 0 && h < p.XH && w >= 0 && w < p.XW;
+    }
+    off = ok ? a_img[i] + (static_cast<int64_t>(h) * p.XW + w) * p.XC : 0;
+    return ok;
+  };
+
+  // ---- per-row state of B (weight rows = output channels) ----
+  int64_t b_off[B_ITERS];
+  bool b_ok[B_ITERS];
+  {
+    const int64_t rsx = static_cast<int64_t>(p.R) * p.S * p.XC;
+#pragma unroll
+    for (int j = 0; j < B_ITERS; ++j) {
+      const int oc = n0 + row0 + j * ROW_STEP;
+      b_ok[j] = oc < p.OC;
+      b_off[j] = b_ok[j] ? oc * rsx : 0;
+    }
+  }
+
+  const int cblocks = (p.XC + BK - 1) / BK;
+  const int k_iters = p.R * p.S * cblocks;
+
+  // Issue the cp.async of reduction step (r, s, cb) into pipeline stage `stage`.
+  auto load_stage = [&](int stage, int r, int s, int cb) {
+    const int c = cb * BK + chunk * EPC;
+    const bool c_ok = c < p.XC;  // XC % EPC == 0: a chunk is all in or all out
+    unsigned char* dst_a = sA + stage * Cfg::A_STAGE;
+#pragma unroll
+    for (int i = 0; i < A_ITERS; ++i) {
+      int64_t off;
+      const bool ok = a_pixel(i, r, s, off) && c_ok;
+      cp_async16(dst_a + swz64(row0 + i * ROW_STEP, chunk), ok ? x + off + c : x, ok);
+    }
+    unsigned char* dst_b = sB + stage * Cfg::B_STAGE;
+    const int64_t tap = static_cast<int64_t>(r * p.S + s) * p.XC + c;
+#pragma unroll
+    for (int j = 0; j < B_ITERS; ++j) {
+      const bool ok = b_ok[j] && c_ok;
+      cp_async16(dst_b + swz64(row0 + j * ROW_STEP, chunk), ok ? wt + b_off[j] + tap : wt, ok);
+    }
+  };
+
+  // The prologue on this thread's own A chunks of `stage` (loaded at step (r, s, cb)).
+  auto transform_stage = [&](int stage, int r, int s, int cb) {
+    const int c = cb * BK + chunk * EPC;
+    if (c >= p.XC) return;
+    float sc[EPC], sh[EPC];
+#pragma unroll
+    for (int e = 0; e < EPC; ++e) {
+      sc[e] = p.pre_scale ? __ldg(p.pre_scale + c + e) : 1.f;
+      sh[e] = p.pre_shift ? __ldg(p.pre_shift + c + e) : 0.f;
+    }
+    unsigned char* base = sA + stage * Cfg::A_STAGE;
+#pragma unroll
+    for (int i = 0; i < A_ITERS; ++i) {
+      int64_t off;
+      if (!a_pixel(i, r, s, off)) continue;  // padding stays zero
+      uint4* ptr = reinterpret_cast<uint4*>(base + swz64(row0 + i * ROW_STEP, chunk));
+      Vec16<T> v;
+      v.u = *ptr;
+#pragma unroll
+      for (int e = 0; e < EPC; ++e) {
+        // Two roundings (mul, then add) as the reference computes x * scale + shift.
+        float y = __fadd_rn(__fmul_rn(to_f(v.v[e]), sc[e]), sh[e]);
+        if (p.pre_relu) y = y < 0.f ? 0.f : y;
+        v.v[e] = from_f<T>(y);
+      }
+      *ptr = v.u;
+    }
+  };
+
+  // ---- accumulators ----
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  constexpr int MI = (MATH == Math::kSimt) ? 1 : Cfg::WM / 16;
+  constexpr int NI = (MATH == Math::kSimt) ? 2 : Cfg::WN / 8;
+  static_assert(MATH == Math::kSimt || (Cfg::WM % 16 == 0 && Cfg::WN % 16 == 0), "warp tile");
+  static_assert(MATH != Math::kSimt || (BM == 64 && BN == 64 && THREADS == 256), "SIMT tile");
+  const int wm = warp % Cfg::WARPS_M;
+  const int wn = warp / Cfg::WARPS_M;
+  float acc[MI][NI][4];            // tensor-core fragments
+  float sacc[4][4];                // SIMT: rows ty + 16 i, cols tx + 16 j
+#pragma unroll
+  for (int a = 0; a < MI; ++a)
+#pragma unroll
+    for (int b = 0; b < NI; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) sacc[a][b] = 0.f;
+
+  auto compute_stage = [&](int stage) {
+    const unsigned char* a_s = sA + stage * Cfg::A_STAGE;
+    const unsigned char* b_s = sB + stage * Cfg::B_STAGE;
+    if constexpr (MATH == Math::kSimt) {
+      const int tx = tid & 15;
+      const int ty = tid >> 4;
+#pragma unroll
+      for (int ch = 0; ch < 4; ++ch) {
+        float4 av[4], bv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          av[i] = *reinterpret_cast<const float4*>(a_s + swz64(ty + 16 * i, ch));
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          bv[j] = *reinterpret_cast<const float4*>(b_s + swz64(tx + 16 * j, ch));
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            sacc[i][j] = fmaf(av[i].x, bv[j].x, sacc[i][j]);
+            sacc[i][j] = fmaf(av[i].y, bv[j].y, sacc[i][j]);
+            sacc[i][j] = fmaf(av[i].z, bv[j].z, sacc[i][j]);
+            sacc[i][j] = fmaf(av[i].w, bv[j].w, sacc[i][j]);
+          }
+      }
+    } else {
+      // One 64-byte slice = two k-steps of 32 bytes (k16 for 16-bit, k8 for TF32).
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t af[MI][4];
+        uint32_t bfr[NI][2];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          // matrices: rows 0-7 / 8-15 of chunk 2kk, then of chunk 2kk+1 -> a0..a3
+          const int row = wm * Cfg::WM + mi * 16 + (lane & 15);
+          ldsm_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3],
+                  a_s + swz64(row, kk * 2 + (lane >> 4)));
+        }
+#pragma unroll
+        for (int nj = 0; nj < NI / 2; ++nj) {
+          // matrices: (n 0-7, chunk 2kk), (n 0-7, 2kk+1), (n 8-15, 2kk), (n 8-15, 2kk+1)
+          const int row = wn * Cfg::WN + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
+          ldsm_x4(bfr[2 * nj][0], bfr[2 * nj][1], bfr[2 * nj + 1][0], bfr[2 * nj + 1][1],
+                  b_s + swz64(row, kk * 2 + ((lane >> 3) & 1)));
+        }
+        if constexpr (MATH == Math::kTf32) {
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) af[mi][e] = to_tf32(af[mi][e]);
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) bfr[ni][e] = to_tf32(bfr[ni][e]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) mma_tile<T>(acc[mi][ni], af[mi], bfr[ni]);
+      }
+    }
+  };
+
+  // ---- the pipeline ----
+  int ld_r = 0, ld_s = 0, ld_cb = 0;  // next step to load
+  int cs_r = 0, cs_s = 0, cs_cb = 0;  // next step to consume (prologue only)
+  auto advance = [&](int& r, int& s, int& cb) {
+    if (++cb == cblocks) {
+      cb = 0;
+      if (++s == p.S) {
+        s = 0;
+        ++r;
+      }
+    }
+  };
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < k_iters) {
+      load_stage(st, ld_r, ld_s, ld_cb);
+      advance(ld_r, ld_s, ld_cb);
+    }
+    cp_async_commit();  // always commit (possibly empty) so group counting stays uniform
+  }
+  for (int it = 0; it < k_iters; ++it) {
+    cp_async_wait<STAGES - 2>();  // this thread's copies for step `it` have landed
+    const int stage = it % STAGES;
+    if constexpr (PROLOGUE) {
+      transform_stage(stage, cs_r, cs_s, cs_cb);
+      advance(cs_r, cs_s, cs_cb);
+    }
+    __syncthreads();  // everyone's copies (and transforms) of `it` visible; step it-1 consumed
+    const int nxt = it + STAGES - 1;
+    if (nxt < k_iters) {
+      load_stage(nxt % STAGES, ld_r, ld_s, ld_cb);  // refills the stage step it-1 used
+      advance(ld_r, ld_s, ld_cb);
+    }
+    cp_async_commit();
+    compute_stage(stage);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline buffers become the fp32 epilogue tile
+
+  // ---- epilogue ----
+  float* cs = reinterpret_cast<float*>(smem);
+  constexpr int LD = Cfg::CS_LD;
+  if constexpr (MATH == Math::kSimt) {
+    const int tx = tid & 15;
+    const int ty = tid >> 4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) cs[(ty + 16 * i) * LD + tx + 16 * j] = sacc[i][j];
+  } else {
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        const int row = wm * Cfg::WM + mi * 16 + (lane >> 2);
+        const int col = wn * Cfg::WN + ni * 8 + 2 * (lane & 3);
+        *reinterpret_cast<float2*>(cs + row * LD + col) =
+            make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+        *reinterpret_cast<float2*>(cs + (row + 8) * LD + col) =
+            make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+      }
+  }
+  __syncthreads();
+
+  constexpr int GROUPS = BN / EPC;  // 16-byte output groups per tile row
+  T* __restrict__ out = static_cast<T*>(p.out);
+  const T* __restrict__ res = static_cast<const T*>(p.residual);
+  const bool vec_ok = (p.OC % EPC) == 0;  // 16-byte aligned rows (base pointers are aligned)
+  for (int idx = tid; idx < BM * GROUPS; idx += THREADS) {
+    const int row = idx / GROUPS;
+    const int cg = idx - row * GROUPS;
+    const int m = m0 + row;
+    const int k0 = n0 + cg * EPC;
+    float* crow = cs + row * LD + cg * EPC;
+    if (m < p.M && k0 < p.OC) {
+      float v[EPC];
+#pragma unroll
+      for (int e = 0; e < EPC; ++e) v[e] = crow[e];
+      const int64_t off = static_cast<int64_t>(m) * p.OC + k0;
+      if constexpr (BIAS) {
+#pragma unroll
+        for (int e = 0; e < EPC; ++e)
+          if (k0 + e < p.OC) v[e] += __ldg(p.bias + k0 + e);
+      }
+      if constexpr (RESIDUAL) {
+        if (vec_ok) {
+          Vec16<T> r;
+          r.u = *reinterpret_cast<const uint4*>(res + off);
+#pragma unroll
+          for (int e = 0; e < EPC; ++e) v[e] += to_f(r.v[e]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < EPC; ++e)
+            if (k0 + e < p.OC) v[e] += to_f(res[off + e]);
+        }
+      }
+      Vec16<T> o;
+#pragma unroll
+      for (int e = 0; e < EPC; ++e) {
+        if constexpr (RELU) v[e] = v[e] < 0.f ? 0.f : v[e];
+        o.v[e] = from_f<T>(v[e]);
+      }
+      if (vec_ok) {
+        *reinterpret_cast<uint4*>(out + off) = o.u;
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPC; ++e)
+          if (k0 + e < p.OC) out[off + e] = o.v[e];
+      }
+      if constexpr (STATS) {
+#pragma unroll
+        for (int e = 0; e < EPC; ++e) crow[e] = (k0 + e < p.OC) ? to_f(o.v[e]) : 0.f;
+      }
+    } else if constexpr (STATS) {
+#pragma unroll
+      for (int e = 0; e < EPC; ++e) crow[e] = 0.f;
+    }
+  }
+
+  if constexpr (STATS) {
+    // Column sums of the rounded tile in a fixed order: PARTS threads per column each sum a
+    // contiguous run of rows, then thread `col` adds the PARTS results in order. No atomics.
+    __syncthreads();
+    constexpr int PARTS = THREADS / BN;
+    constexpr int RPP = BM / PARTS;
+    static_assert(THREADS % BN == 0 && BM % PARTS == 0, "stats layout");
+    const int col = tid % BN;
+    const int part = tid / BN;
+    float s = 0.f, q = 0.f;
+#pragma unroll 4
+    for (int r = 0; r < RPP; ++r) {
+      const float v = cs[(part * RPP + r) * LD + col];
+      s += v;
+      q = fmaf(v, v, q);
+    }
+    float* red = cs + BM * LD;
+    red[tid] = s;
+    red[THREADS + tid] = q;
+    __syncthreads();
+    if (tid < BN && n0 + tid < p.OC) {
+      float S = 0.f, Q = 0.f;
+#pragma unroll
+      for (int pp = 0; pp < PARTS; ++pp) {
+        S += red[pp * BN + tid];
+        Q += red[THREADS + pp * BN + tid];
+      }
+      p.stats_partial[static_cast<int64_t>(tile_m) * p.OC + n0 + tid] = S;
+      p.stats_partial[(static_cast<int64_t>(p.m_tiles) + tile_m) * p.OC + n0 + tid] = Q;
+    }
+  }
+}
+
+template <typename T, Math MATH, class Cfg, bool DGRAD, bool PROLOGUE, bool STATS, bool BIAS,
+          bool RESIDUAL, bool RELU>
+cudaError_t launch_conv_kernel(ConvParams& p, cudaStream_t stream) {
+  auto kernel = conv_igemm_kernel<T, MATH, Cfg, DGRAD, PROLOGUE, STATS, BIAS, RESIDUAL, RELU>;
+  const int m_tiles = (p.M + Cfg::BM - 1) / Cfg::BM;
+  if (p.stats && m_tiles != p.m_tiles) return cudaErrorInvalidValue;  // partials sized wrongly
+  p.m_tiles = m_tiles;
+  p.n_tiles = (p.OC + Cfg::BN - 1) / Cfg::BN;
+  const int64_t grid = static_cast<int64_t>(p.m_tiles) * p.n_tiles;
+  if (grid <= 0 || grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  FR_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM));
+  kernel<<<static_cast<unsigned>(grid), Cfg::THREADS, Cfg::SMEM, stream>>>(p);
+  FR_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+// Flags -> template parameters. Only the combinations the ops use are instantiated:
+// dgrad (no options), conv_stats (prologue or not), conv_bias_act (bias x residual x relu).
+template <typename T, Math MATH, class Cfg>
+cudaError_t launch_conv_flags(ConvParams& p, cudaStream_t stream) {
+  if (p.dgrad) {
+    if (p.prologue || p.stats || p.has_bias || p.has_residual || p.relu)
+      return cudaErrorInvalidValue;
+    return launch_conv_kernel<T, MATH, Cfg, true, false, false, false, false, false>(p, stream);
+  }
+  if (p.stats) {
+    if (p.has_bias || p.has_residual || p.relu) return cudaErrorInvalidValue;
+    return FR_BOOL_SWITCH(p.prologue, PRO, [&] {
+      return launch_conv_kernel<T, MATH, Cfg, false, PRO, true, false, false, false>(p, stream);
+    });
+  }
+  if (p.prologue) return cudaErrorInvalidValue;
+  return FR_BOOL_SWITCH(p.has_bias, HAS_BIAS, [&] {
+    return FR_BOOL_SWITCH(p.has_residual, HAS_RES, [&] {
+      return FR_BOOL_SWITCH(p.relu, RELU, [&] {
+        return launch_conv_kernel<T, MATH, Cfg, false, false, false, HAS_BIAS, HAS_RES, RELU>(
+            p, stream);
+      });
+    });
+  });
+}
+
+// 16-bit: the tile by output channels (a 128-wide tile would be half empty at OC <= 64).
+template <typename T>
+cudaError_t launch_conv_mma16(ConvParams& p, cudaStream_t stream) {
+  if (p.OC <= 64) return launch_conv_flags<T, Math::kMma16, CfgTcSmall>(p, stream);
+  return launch_conv_flags<T, Math::kMma16, CfgTcBig>(p, stream);
+}
+
+}  // namespace cuda
+}  // namespace fastres

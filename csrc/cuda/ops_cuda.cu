@@ -1,0 +1,807 @@
+// The CUDA implementations of the fastres ops (schemas: csrc/ops.cpp; semantics:
+// fastres/reference.py; output shapes, dtypes and memory formats: fastres/_meta.py).
+//
+// Each launcher checks every input (device, dtype, rank, shape), brings activations to dense
+// NHWC with a 16-byte-aligned base (a copy only when they are not already), weights to KRSC,
+// per-channel vectors to contiguous float32, fills the plain parameter struct of kernels.h and
+// launches on the current stream under a device guard; every launch is checked. Outputs are
+// allocated in the memory format the fake kernels report; when that is not NHWC the kernel
+// writes an NHWC buffer that is copied into it.
+//
+// Only ATen core / c10 headers here (no torch/extension.h, no ATen/cuda/CUDAContext.h): this
+// file compiles in ~30 s instead of ~100 s.
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace fastres {
+namespace cuda {
+
+cudaError_t launch_conv(ConvParams& p, DType dt, Math math, cudaStream_t stream) {
+  switch (dt) {
+    case DType::kBFloat16: return launch_conv_bf16(p, math, stream);
+    case DType::kFloat16: return launch_conv_f16(p, math, stream);
+    default: return launch_conv_f32(p, math, stream);
+  }
+}
+
+namespace {
+
+using at::Tensor;
+using MF = at::MemoryFormat;
+using OptTensor = std::optional<Tensor>;
+
+// ---- checks (flash-attention style: the message names the tensor and the offending sizes) ----
+#define CHECK_CUDA(x)                                                                         \
+  TORCH_CHECK((x).is_cuda(), "fastres CUDA: " #x " must be a CUDA tensor, got device ", \
+              (x).device())
+#define CHECK_SAME_DEVICE(x, ref)                                                    \
+  TORCH_CHECK((x).device() == (ref).device(), "fastres CUDA: " #x " is on ", (x).device(), \
+              " but " #ref " is on ", (ref).device())
+#define CHECK_DIM(x, d)                                                                   \
+  TORCH_CHECK((x).dim() == (d), "fastres CUDA: " #x " must be " #d "-D, got shape ", \
+              (x).sizes())
+#define CHECK_SHAPE(x, ...)                                                                    \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}),                                   \
+              "fastres CUDA: " #x " must have shape (" #__VA_ARGS__ ") = ",                   \
+              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+#define CHECK_DTYPE(x, ref)                                                                \
+  TORCH_CHECK((x).scalar_type() == (ref).scalar_type(), "fastres CUDA: " #x " has dtype ", \
+              (x).scalar_type(), " but " #ref " has ", (ref).scalar_type())
+
+DType to_dtype(const Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "fastres CUDA ", op, ": activations must be float32, float16 or bfloat16, got ",
+                  t.scalar_type(), " (float64 runs on the cpu and reference backends)");
+  }
+  return DType::kFloat32;  // not reached
+}
+
+bool aligned16(const Tensor& t) {
+  return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// The memory format the fakes give an output "like" t (fastres/_meta.py::_like_format).
+MF like_format(const Tensor& t) {
+  return (t.dim() == 4 && t.is_contiguous(MF::ChannelsLast) && !t.is_contiguous())
+             ? MF::ChannelsLast
+             : MF::Contiguous;
+}
+
+// t as dense NHWC (4-D; KRSC for weights) with a 16-byte-aligned base; copies only if needed.
+Tensor nhwc(const Tensor& t) {
+  if (t.is_contiguous(MF::ChannelsLast) && aligned16(t)) return t;
+  Tensor r = at::empty(t.sizes(), t.options().memory_format(MF::ChannelsLast));
+  r.copy_(t);
+  return r;
+}
+
+// A per-channel vector of n elements as contiguous, aligned float32 on ref's device.
+Tensor chan_vec(const Tensor& v, int64_t n, const char* name, const Tensor& ref) {
+  TORCH_CHECK(v.device() == ref.device(), "fastres CUDA: ", name, " is on ", v.device(),
+              " but the activations are on ", ref.device());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "fastres CUDA: ", name,
+              " must be a vector of ", n, " elements (one per channel), got shape ", v.sizes());
+  TORCH_CHECK(at::isFloatingType(v.scalar_type()), "fastres CUDA: ", name,
+              " must be floating point, got ", v.scalar_type());
+  if (v.scalar_type() == at::kFloat && v.is_contiguous() && aligned16(v)) return v;
+  Tensor r = at::empty({n}, v.options().dtype(at::kFloat));
+  r.copy_(v);
+  return r;
+}
+
+// Output in `fmt` (what the fake returns) plus the NHWC buffer the kernel writes.
+struct NhwcOut {
+  Tensor ret;
+  Tensor buf;
+  void finish() {
+    if (!buf.is_same(ret)) ret.copy_(buf);
+  }
+};
+NhwcOut nhwc_out(at::IntArrayRef sizes, const at::TensorOptions& opts, MF fmt) {
+  NhwcOut o;
+  o.ret = at::empty(sizes, opts.memory_format(fmt));
+  o.buf = o.ret.is_contiguous(MF::ChannelsLast)
+              ? o.ret
+              : at::empty(sizes, opts.memory_format(MF::ChannelsLast));
+  return o;
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// t zero-padded along `dim` to `size` (channels that are not a multiple of the 16-byte chunk).
+Tensor pad_dim(const Tensor& t, int64_t dim, int64_t size, MF fmt) {
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[dim] = size;
+  Tensor r = at::zeros(sizes, t.options().memory_format(fmt));
+  r.narrow(dim, 0, t.size(dim)).copy_(t);
+  return r;
+}
+
+void check_sm80(const Tensor& t, const char* op) {
+  int major = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
+  TORCH_CHECK(major >= 8, "fastres CUDA ", op,
+              ": the convolution kernels need compute capability 8.0+ (cp.async, bf16 mma), "
+              "this GPU is ", major, ".x");
+}
+
+int num_sms(const Tensor& t) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.get_device()));
+  return n > 0 ? n : 1;
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// fp32 convolutions follow cuDNN's TF32 switch (torch.backends.cudnn.allow_tf32).
+Math conv_math(DType dt) {
+  if (dt != DType::kFloat32) return Math::kMma16;
+  return at::globalContext().allowTF32CuDNN() ? Math::kTf32 : Math::kSimt;
+}
+
+constexpr int64_t kMaxRows = (1LL << 31) - 1024;  // GEMM rows (pixels) are int32 in the kernels
+
+struct ConvGeom {
+  int64_t N, C, H, W, K, R, S, P, Q;
+  int sh, sw, ph, pw, dh, dw;
+};
+
+ConvGeom conv_geom(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                   const char* op) {
+  CHECK_CUDA(input);
+  CHECK_CUDA(weight);
+  CHECK_SAME_DEVICE(weight, input);
+  CHECK_DIM(input, 4);
+  CHECK_DIM(weight, 4);
+  to_dtype(input, op);
+  CHECK_DTYPE(weight, input);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "fastres CUDA ",
+              op, ": stride, padding and dilation must have 2 elements, got ", stride, ", ",
+              padding, ", ", dilation);
+  TORCH_CHECK(groups == 1, "fastres CUDA ", op, ": groups must be 1, got ", groups);
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, "fastres CUDA ", op,
+              ": stride must be positive, got ", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "fastres CUDA ", op,
+              ": padding must be non-negative, got ", padding);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, "fastres CUDA ", op,
+              ": dilation must be positive, got ", dilation);
+  ConvGeom g{};
+  g.N = input.size(0);
+  g.C = input.size(1);
+  g.H = input.size(2);
+  g.W = input.size(3);
+  g.K = weight.size(0);
+  g.R = weight.size(2);
+  g.S = weight.size(3);
+  TORCH_CHECK(weight.size(1) == g.C, "fastres CUDA ", op, ": weight of shape ", weight.sizes(),
+              " expects ", weight.size(1), " input channels, input of shape ", input.sizes(),
+              " has ", g.C);
+  TORCH_CHECK(g.C > 0 && g.K > 0 && g.R > 0 && g.S > 0, "fastres CUDA ", op,
+              ": empty weight of shape ", weight.sizes());
+  TORCH_CHECK(g.H > 0 && g.W > 0, "fastres CUDA ", op, ": input of shape ", input.sizes(),
+              " has an empty image");
+  const int64_t nh = g.H + 2 * padding[0] - dilation[0] * (g.R - 1) - 1;
+  const int64_t nw = g.W + 2 * padding[1] - dilation[1] * (g.S - 1) - 1;
+  g.P = nh >= 0 ? nh / stride[0] + 1 : 0;
+  g.Q = nw >= 0 ? nw / stride[1] + 1 : 0;
+  TORCH_CHECK(g.P > 0 && g.Q > 0, "fastres CUDA ", op, ": output size ", g.P, "x", g.Q,
+              " is too small for input ", input.sizes(), ", kernel ", g.R, "x", g.S,
+              ", padding ", padding, ", dilation ", dilation);
+  TORCH_CHECK(g.N * g.P * g.Q <= kMaxRows && g.N * g.H * g.W <= kMaxRows, "fastres CUDA ", op,
+              ": more than 2^31 pixels (N*H*W = ", g.N * g.H * g.W, ", N*P*Q = ",
+              g.N * g.P * g.Q, ") is not supported");
+  TORCH_CHECK(weight.numel() < (1LL << 31) && g.H < (1LL << 30) && g.W < (1LL << 30),
+              "fastres CUDA ", op, ": weight or image too large: ", weight.sizes(), ", ",
+              input.sizes());
+  g.sh = static_cast<int>(stride[0]);
+  g.sw = static_cast<int>(stride[1]);
+  g.ph = static_cast<int>(padding[0]);
+  g.pw = static_cast<int>(padding[1]);
+  g.dh = static_cast<int>(dilation[0]);
+  g.dw = static_cast<int>(dilation[1]);
+  return g;
+}
+
+void fill_geometry(ConvParams& p, const ConvGeom& g) {
+  p.R = static_cast<int>(g.R);
+  p.S = static_cast<int>(g.S);
+  p.stride_h = g.sh;
+  p.stride_w = g.sw;
+  p.pad_h = g.ph;
+  p.pad_w = g.pw;
+  p.dil_h = g.dh;
+  p.dil_w = g.dw;
+}
+
+// Forward convolution operands: x NHWC and w KRSC, both zero-padded to a multiple of the
+// 16-byte chunk in C (and the prologue vectors with them: scale 0, shift 0 -> a = 0 there).
+struct FwdOperands {
+  Tensor x, w, scale, shift;
+  int64_t Cp;
+};
+FwdOperands fwd_operands(const Tensor& input, const Tensor& weight, const ConvGeom& g, DType dt,
+                         const Tensor& scale, const Tensor& shift) {
+  FwdOperands o;
+  o.x = nhwc(input);
+  o.w = nhwc(weight);
+  o.scale = scale;
+  o.shift = shift;
+  o.Cp = round_up(g.C, chunk_elems(dt));
+  if (o.Cp != g.C) {
+    o.x = pad_dim(o.x, 1, o.Cp, MF::ChannelsLast);
+    o.w = pad_dim(o.w, 1, o.Cp, MF::ChannelsLast);
+    if (scale.defined()) o.scale = pad_dim(scale, 0, o.Cp, MF::Contiguous);
+    if (shift.defined()) o.shift = pad_dim(shift, 0, o.Cp, MF::Contiguous);
+  }
+  return o;
+}
+
+const float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// ---------------------------------------------------------------------------------------------
+// conv_bias_act
+// ---------------------------------------------------------------------------------------------
+Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                          const OptTensor& residual, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          bool relu) {
+  const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_bias_act");
+  c10::cuda::CUDAGuard guard(input.device());
+  const DType dt = to_dtype(input, "conv_bias_act");
+  Tensor b, res;
+  if (bias.has_value()) b = chan_vec(*bias, g.K, "bias", input);
+  if (residual.has_value()) {
+    const Tensor& r = *residual;
+    CHECK_CUDA(r);
+    CHECK_SAME_DEVICE(r, input);
+    CHECK_DTYPE(r, input);
+    CHECK_SHAPE(r, g.N, g.K, g.P, g.Q);
+    res = nhwc(r);
+  }
+  NhwcOut out = nhwc_out({g.N, g.K, g.P, g.Q}, input.options(), like_format(input));
+  if (out.ret.numel() == 0) return out.ret;
+  check_sm80(input, "conv_bias_act");
+  const FwdOperands o = fwd_operands(input, weight, g, dt, Tensor(), Tensor());
+
+  ConvParams p{};
+  p.x = o.x.data_ptr();
+  p.w = o.w.data_ptr();
+  p.out = out.buf.data_ptr();
+  p.bias = fptr(b);
+  p.residual = res.defined() ? res.data_ptr() : nullptr;
+  p.N = static_cast<int>(g.N);
+  p.XH = static_cast<int>(g.H);
+  p.XW = static_cast<int>(g.W);
+  p.XC = static_cast<int>(o.Cp);
+  p.OH = static_cast<int>(g.P);
+  p.OW = static_cast<int>(g.Q);
+  p.OC = static_cast<int>(g.K);
+  fill_geometry(p, g);
+  p.M = static_cast<int>(g.N * g.P * g.Q);
+  p.has_bias = b.defined();
+  p.has_residual = res.defined();
+  p.relu = relu;
+  C10_CUDA_CHECK(launch_conv(p, dt, conv_math(dt), stream()));
+  out.finish();
+  return out.ret;
+}
+
+// ---------------------------------------------------------------------------------------------
+// relu_bias_bwd and the BatchNorm backward family (one reduction + elementwise pipeline)
+// ---------------------------------------------------------------------------------------------
+void run_channel_bwd(ChannelBwdParams& p, DType dt, const Tensor& ref) {
+  const int64_t n = plan_channel_bwd(p, dt, num_sms(ref));
+  Tensor partial = at::empty({n}, ref.options().dtype(at::kFloat));
+  p.partial = partial.data_ptr<float>();
+  C10_CUDA_CHECK(launch_channel_bwd(p, dt, stream()));
+}
+
+void check_like(const Tensor& t, const Tensor& ref, const char* name) {
+  CHECK_CUDA(t);
+  TORCH_CHECK(t.device() == ref.device(), "fastres CUDA: ", name, " is on ", t.device(),
+              " but grad_out is on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastres CUDA: ", name, " has dtype ",
+              t.scalar_type(), " but grad_out has ", ref.scalar_type());
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fastres CUDA: ", name, " must have grad_out's shape ",
+              ref.sizes(), ", got ", t.sizes());
+}
+
+std::tuple<Tensor, Tensor> relu_bias_bwd_cuda(const Tensor& grad_out, const OptTensor& out) {
+  CHECK_CUDA(grad_out);
+  CHECK_DIM(grad_out, 4);
+  const DType dt = to_dtype(grad_out, "relu_bias_bwd");
+  if (out.has_value()) check_like(*out, grad_out, "out");
+  c10::cuda::CUDAGuard guard(grad_out.device());
+  const int64_t C = grad_out.size(1);
+  NhwcOut gz = nhwc_out(grad_out.sizes(), grad_out.options(), like_format(grad_out));
+  Tensor gb = at::zeros({C}, grad_out.options().dtype(at::kFloat));
+  if (grad_out.numel() == 0) return {gz.ret, gb};
+  const Tensor go = nhwc(grad_out);
+  const Tensor o = out.has_value() ? nhwc(*out) : Tensor();
+  ChannelBwdParams p{};
+  p.grad_out = go.data_ptr();
+  p.mask_src = o.defined() ? o.data_ptr() : nullptr;
+  p.mask_mode = o.defined() ? 1 : 0;
+  p.sum_g = gb.data_ptr<float>();
+  p.grad_res = gz.buf.data_ptr();
+  p.rows = grad_out.numel() / C;
+  p.C = static_cast<int>(C);
+  p.nsum = 1;
+  p.kind = BwdKind::kG;
+  run_channel_bwd(p, dt, grad_out);
+  gz.finish();
+  return {gz.ret, gb};
+}
+
+void check_stat(const Tensor& t, int64_t C, const char* name, const Tensor& ref) {
+  CHECK_CUDA(t);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastres CUDA: ", name,
+              " must be float32 (the accumulation dtype), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device() && t.dim() == 1 && t.size(0) == C, "fastres CUDA: ",
+              name, " must be a vector of ", C, " on ", ref.device(), ", got shape ", t.sizes(),
+              " on ", t.device());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
+    const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
+    const Tensor& invstd, const OptTensor& weight, const OptTensor& res_input,
+    const OptTensor& res_mean, const OptTensor& res_invstd, const OptTensor& res_weight) {
+  CHECK_CUDA(grad_out);
+  CHECK_DIM(grad_out, 4);
+  const DType dt = to_dtype(grad_out, "bn_add_relu_bwd");
+  check_like(input, grad_out, "input");
+  if (out.has_value()) check_like(*out, grad_out, "out");
+  const int64_t C = input.size(1);
+  check_stat(mean, C, "mean", input);
+  check_stat(invstd, C, "invstd", input);
+  const bool bn_res = res_input.has_value();
+  if (bn_res) {
+    TORCH_CHECK_VALUE(res_mean.has_value() && res_invstd.has_value(),
+                      "bn_add_relu_bwd: res_input needs res_mean and res_invstd");
+    check_like(*res_input, grad_out, "res_input");
+    check_stat(*res_mean, C, "res_mean", input);
+    check_stat(*res_invstd, C, "res_invstd", input);
+  }
+  c10::cuda::CUDAGuard guard(grad_out.device());
+  const at::TensorOptions fopts = mean.options();
+  const Tensor m = chan_vec(mean, C, "mean", input);
+  const Tensor inv = chan_vec(invstd, C, "invstd", input);
+  const Tensor w = weight.has_value() ? chan_vec(*weight, C, "weight", input) : Tensor();
+  Tensor mr, invr, wr;
+  if (bn_res) {
+    mr = chan_vec(*res_mean, C, "res_mean", input);
+    invr = chan_vec(*res_invstd, C, "res_invstd", input);
+    if (res_weight.has_value()) wr = chan_vec(*res_weight, C, "res_weight", input);
+  }
+  NhwcOut gi = nhwc_out(input.sizes(), input.options(), like_format(input));
+  NhwcOut gr = bn_res ? nhwc_out(res_input->sizes(), res_input->options(), like_format(*res_input))
+                      : nhwc_out(grad_out.sizes(), grad_out.options(), like_format(grad_out));
+  Tensor gw = at::zeros({C}, fopts);
+  Tensor gb = at::zeros({C}, fopts);
+  Tensor grw = bn_res ? at::zeros({C}, fopts) : at::empty({0}, fopts);
+  Tensor grb = bn_res ? at::empty({C}, fopts) : at::empty({0}, fopts);
+  if (grad_out.numel() > 0) {
+    const Tensor go = nhwc(grad_out);
+    const Tensor o = out.has_value() ? nhwc(*out) : Tensor();
+    const Tensor x = nhwc(input);
+    const Tensor xr = bn_res ? nhwc(*res_input) : Tensor();
+    ChannelBwdParams p{};
+    p.grad_out = go.data_ptr();
+    p.mask_src = o.defined() ? o.data_ptr() : nullptr;
+    p.mask_mode = o.defined() ? 1 : 0;
+    p.x = x.data_ptr();
+    p.mean = m.data_ptr<float>();
+    p.invstd = inv.data_ptr<float>();
+    p.weight = fptr(w);
+    p.sum_g = gb.data_ptr<float>();
+    p.sum_gx = gw.data_ptr<float>();
+    p.grad_input = gi.buf.data_ptr();
+    p.grad_res = gr.buf.data_ptr();
+    if (bn_res) {
+      p.xr = xr.data_ptr();
+      p.mean_r = mr.data_ptr<float>();
+      p.invstd_r = invr.data_ptr<float>();
+      p.weight_r = fptr(wr);
+      p.sum_gxr = grw.data_ptr<float>();
+    }
+    p.rows = grad_out.numel() / C;
+    p.C = static_cast<int>(C);
+    p.nsum = bn_res ? 3 : 2;
+    p.kind = bn_res ? BwdKind::kBnBn : BwdKind::kBnId;
+    run_channel_bwd(p, dt, grad_out);
+    gi.finish();
+    gr.finish();
+  }
+  if (bn_res) grb.copy_(gb);  // the residual branch sees the same g: its grad_bias is sum(g)
+  return {gi.ret, gw, gb, gr.ret, grw, grb};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, const Tensor& input,
+                                                    const Tensor& mean, const Tensor& invstd,
+                                                    const OptTensor& weight, const Tensor& scale,
+                                                    const Tensor& shift, bool relu) {
+  CHECK_CUDA(grad_out);
+  CHECK_DIM(grad_out, 4);
+  const DType dt = to_dtype(grad_out, "bn_relu_bwd");
+  check_like(input, grad_out, "input");
+  const int64_t C = input.size(1);
+  check_stat(mean, C, "mean", input);
+  check_stat(invstd, C, "invstd", input);
+  c10::cuda::CUDAGuard guard(grad_out.device());
+  const at::TensorOptions fopts = mean.options();
+  const Tensor m = chan_vec(mean, C, "mean", input);
+  const Tensor inv = chan_vec(invstd, C, "invstd", input);
+  const Tensor w = weight.has_value() ? chan_vec(*weight, C, "weight", input) : Tensor();
+  const Tensor sc = chan_vec(scale, C, "scale", input);
+  const Tensor sh = chan_vec(shift, C, "shift", input);
+  NhwcOut gi = nhwc_out(input.sizes(), input.options(), like_format(input));
+  Tensor gw = at::zeros({C}, fopts);
+  Tensor gb = at::zeros({C}, fopts);
+  if (grad_out.numel() > 0) {
+    const Tensor go = nhwc(grad_out);
+    const Tensor x = nhwc(input);
+    ChannelBwdParams p{};
+    p.grad_out = go.data_ptr();
+    p.mask_mode = relu ? 2 : 0;
+    p.mask_src = relu ? x.data_ptr() : nullptr;
+    p.m_scale = sc.data_ptr<float>();
+    p.m_shift = sh.data_ptr<float>();
+    p.x = x.data_ptr();
+    p.mean = m.data_ptr<float>();
+    p.invstd = inv.data_ptr<float>();
+    p.weight = fptr(w);
+    p.sum_g = gb.data_ptr<float>();
+    p.sum_gx = gw.data_ptr<float>();
+    p.grad_input = gi.buf.data_ptr();
+    p.rows = grad_out.numel() / C;
+    p.C = static_cast<int>(C);
+    p.nsum = 2;
+    p.kind = BwdKind::kBn;
+    run_channel_bwd(p, dt, grad_out);
+    gi.finish();
+  }
+  return {gi.ret, gw, gb};
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv_stats
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Tensor& weight,
+                                                   const OptTensor& pre_scale,
+                                                   const OptTensor& pre_shift, bool pre_relu,
+                                                   at::IntArrayRef stride,
+                                                   at::IntArrayRef padding,
+                                                   at::IntArrayRef dilation, int64_t groups) {
+  const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_stats");
+  c10::cuda::CUDAGuard guard(input.device());
+  const DType dt = to_dtype(input, "conv_stats");
+  const Tensor sc = pre_scale.has_value() ? chan_vec(*pre_scale, g.C, "pre_scale", input) : Tensor();
+  const Tensor sh = pre_shift.has_value() ? chan_vec(*pre_shift, g.C, "pre_shift", input) : Tensor();
+  NhwcOut out = nhwc_out({g.N, g.K, g.P, g.Q}, input.options(), like_format(input));
+  const at::TensorOptions fopts = input.options().dtype(at::kFloat);
+  Tensor sum = at::empty({g.K}, fopts);
+  Tensor sumsq = at::empty({g.K}, fopts);
+  if (out.ret.numel() == 0) {
+    sum.zero_();
+    sumsq.zero_();
+    return {out.ret, sum, sumsq};
+  }
+  check_sm80(input, "conv_stats");
+  const FwdOperands o = fwd_operands(input, weight, g, dt, sc, sh);
+  const Math math = conv_math(dt);
+  const int64_t M = g.N * g.P * g.Q;
+  const int64_t m_tiles = (M + conv_block_m(math) - 1) / conv_block_m(math);
+  Tensor partial = at::empty({2, m_tiles, g.K}, fopts);
+
+  ConvParams p{};
+  p.x = o.x.data_ptr();
+  p.w = o.w.data_ptr();
+  p.out = out.buf.data_ptr();
+  p.pre_scale = fptr(o.scale);
+  p.pre_shift = fptr(o.shift);
+  p.stats_partial = partial.data_ptr<float>();
+  p.N = static_cast<int>(g.N);
+  p.XH = static_cast<int>(g.H);
+  p.XW = static_cast<int>(g.W);
+  p.XC = static_cast<int>(o.Cp);
+  p.OH = static_cast<int>(g.P);
+  p.OW = static_cast<int>(g.Q);
+  p.OC = static_cast<int>(g.K);
+  fill_geometry(p, g);
+  p.M = static_cast<int>(M);
+  p.m_tiles = static_cast<int>(m_tiles);
+  p.prologue = sc.defined() || sh.defined() || pre_relu;
+  p.pre_relu = pre_relu;
+  p.stats = true;
+  C10_CUDA_CHECK(launch_conv(p, dt, math, stream()));
+
+  ColSumParams cp{};
+  cp.partial = partial.data_ptr<float>();
+  cp.out[0] = sum.data_ptr<float>();
+  cp.out[1] = sumsq.data_ptr<float>();
+  cp.nsum = 2;
+  cp.T = static_cast<int>(m_tiles);
+  cp.C = static_cast<int>(g.K);
+  C10_CUDA_CHECK(launch_colsum(cp, stream()));
+  out.finish();
+  return {out.ret, sum, sumsq};
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_finalize
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cuda(
+    const Tensor& sum, const Tensor& sumsq, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, int64_t count, std::optional<double> momentum,
+    double eps) {
+  CHECK_CUDA(sum);
+  CHECK_DIM(sum, 1);
+  const int64_t C = sum.size(0);
+  check_stat(sum, C, "sum", sum);
+  check_stat(sumsq, C, "sumsq", sum);
+  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ",
+                    count, " values");
+  const bool has_running = running_mean.has_value() || running_var.has_value();
+  TORCH_CHECK_VALUE(!has_running || momentum.has_value() || num_batches_tracked.has_value(),
+                    "momentum=None (cumulative average) needs num_batches_tracked");
+  c10::cuda::CUDAGuard guard(sum.device());
+  const Tensor w = weight.has_value() ? chan_vec(*weight, C, "weight", sum) : Tensor();
+  const Tensor b = bias.has_value() ? chan_vec(*bias, C, "bias", sum) : Tensor();
+  // Running stats are updated in place; a float32 working copy when they are stored otherwise.
+  Tensor rm, rv;
+  if (running_mean.has_value()) rm = chan_vec(*running_mean, C, "running_mean", sum);
+  if (running_var.has_value()) rv = chan_vec(*running_var, C, "running_var", sum);
+  int64_t* nbt = nullptr;
+  if (num_batches_tracked.has_value()) {
+    const Tensor& t = *num_batches_tracked;
+    TORCH_CHECK(t.device() == sum.device() && t.scalar_type() == at::kLong && t.numel() == 1,
+                "fastres CUDA: num_batches_tracked must be one int64 on ", sum.device(),
+                ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+    nbt = t.data_ptr<int64_t>();
+  }
+  Tensor mean = at::empty({C}, sum.options());
+  Tensor invstd = at::empty({C}, sum.options());
+  Tensor scale = at::empty({C}, sum.options());
+  Tensor shift = at::empty({C}, sum.options());
+  BnFinalizeParams p{};
+  p.sum = sum.data_ptr<float>();
+  p.sumsq = sumsq.data_ptr<float>();
+  p.weight = fptr(w);
+  p.bias = fptr(b);
+  p.running_mean = rm.defined() ? rm.data_ptr<float>() : nullptr;
+  p.running_var = rv.defined() ? rv.data_ptr<float>() : nullptr;
+  p.num_batches_tracked = nbt;
+  p.mean = mean.data_ptr<float>();
+  p.invstd = invstd.data_ptr<float>();
+  p.scale = scale.data_ptr<float>();
+  p.shift = shift.data_ptr<float>();
+  p.C = static_cast<int>(C);
+  p.count = count;
+  p.has_momentum = momentum.has_value();
+  p.momentum = momentum.value_or(0.0);
+  p.eps = eps;
+  C10_CUDA_CHECK(launch_bn_finalize(p, stream()));
+  if (rm.defined() && !rm.is_same(*running_mean)) running_mean->copy_(rm);
+  if (rv.defined() && !rv.is_same(*running_var)) running_var->copy_(rv);
+  return {mean, invstd, scale, shift};
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_add_relu
+// ---------------------------------------------------------------------------------------------
+Tensor bn_add_relu_cuda(const Tensor& input, const Tensor& scale, const Tensor& shift,
+                        const OptTensor& residual, const OptTensor& res_scale,
+                        const OptTensor& res_shift, int64_t res_channel_offset, bool relu) {
+  CHECK_CUDA(input);
+  CHECK_DIM(input, 4);
+  const DType dt = to_dtype(input, "bn_add_relu");
+  c10::cuda::CUDAGuard guard(input.device());
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const Tensor sc = chan_vec(scale, C, "scale", input);
+  const Tensor sh = chan_vec(shift, C, "shift", input);
+  Tensor res, rsc, rsh;
+  int64_t Cr = 0;
+  if (residual.has_value()) {
+    res = *residual;
+    CHECK_CUDA(res);
+    CHECK_SAME_DEVICE(res, input);
+    CHECK_DTYPE(res, input);
+    CHECK_DIM(res, 4);
+    Cr = res.size(1);
+    TORCH_CHECK(res.size(0) == N && res.size(2) == H && res.size(3) == W,
+                "fastres CUDA bn_add_relu: residual of shape ", res.sizes(),
+                " must match input ", input.sizes(), " in N, H and W");
+    TORCH_CHECK(res_channel_offset >= 0 && res_channel_offset + Cr <= C,
+                "fastres CUDA bn_add_relu: residual channels [", res_channel_offset, ", ",
+                res_channel_offset + Cr, ") do not fit in the input's ", C, " channels");
+    if (res_scale.has_value()) rsc = chan_vec(*res_scale, Cr, "res_scale", input);
+    if (res_shift.has_value()) rsh = chan_vec(*res_shift, Cr, "res_shift", input);
+  }
+  Tensor out = at::empty(input.sizes(), input.options().memory_format(like_format(input)));
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(N * H * W <= kMaxRows, "fastres CUDA bn_add_relu: too many pixels: ", input.sizes());
+
+  BnAddReluParams p{};
+  p.x = input.data_ptr();
+  p.scale = sc.data_ptr<float>();
+  p.shift = sh.data_ptr<float>();
+  p.res = res.defined() ? res.data_ptr() : nullptr;
+  p.res_scale = fptr(rsc);
+  p.res_shift = fptr(rsh);
+  p.out = out.data_ptr();
+  p.N = static_cast<int>(N);
+  p.C = static_cast<int>(C);
+  p.H = static_cast<int>(H);
+  p.W = static_cast<int>(W);
+  p.Cr = static_cast<int>(Cr);
+  p.res_off = static_cast<int>(res_channel_offset);
+  for (int d = 0; d < 4; ++d) {
+    p.xs[d] = input.stride(d);
+    p.os[d] = out.stride(d);
+    p.rs[d] = res.defined() ? res.stride(d) : 0;
+  }
+  p.out_channels_last = out.is_contiguous(MF::ChannelsLast) && !out.is_contiguous();
+  const int vec = chunk_elems(dt);
+  p.dense = input.is_contiguous(MF::ChannelsLast) && aligned16(input) &&
+            out.is_contiguous(MF::ChannelsLast) && C % vec == 0 &&
+            (!res.defined() || (res.is_contiguous(MF::ChannelsLast) && aligned16(res) &&
+                                Cr == C && res_channel_offset == 0));
+  p.relu = relu;
+  C10_CUDA_CHECK(launch_bn_add_relu(p, dt, stream()));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv_bwd: dgrad (implicit GEMM over grad_out with (C, R, S, K) weights) and wgrad.
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& input,
+                                         const Tensor& weight, const OptTensor& pre_scale,
+                                         const OptTensor& pre_shift, bool pre_relu,
+                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups,
+                                         std::array<bool, 2> output_mask) {
+  const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_bwd");
+  CHECK_CUDA(grad_out);
+  CHECK_SAME_DEVICE(grad_out, input);
+  CHECK_DTYPE(grad_out, input);
+  CHECK_SHAPE(grad_out, g.N, g.K, g.P, g.Q);
+  c10::cuda::CUDAGuard guard(input.device());
+  const DType dt = to_dtype(input, "conv_bwd");
+  const Tensor sc = pre_scale.has_value() ? chan_vec(*pre_scale, g.C, "pre_scale", input) : Tensor();
+  const Tensor sh = pre_shift.has_value() ? chan_vec(*pre_shift, g.C, "pre_shift", input) : Tensor();
+  const int64_t epc = chunk_elems(dt);
+  const int64_t Kp = round_up(g.K, epc);
+  // N == 0 is the only empty case left (conv_geom rejects empty images and weights).
+  const bool any = (output_mask[0] || output_mask[1]) && grad_out.numel() > 0;
+  if (any) check_sm80(input, "conv_bwd");
+  // grad_out NHWC, zero-padded to Kp channels (the reduction of dgrad, the rows of wgrad).
+  Tensor go;
+  if (any) {
+    go = nhwc(grad_out);
+    if (Kp != g.K) go = pad_dim(go, 1, Kp, MF::ChannelsLast);
+  }
+
+  Tensor grad_input;
+  if (output_mask[0]) {
+    NhwcOut o = nhwc_out(input.sizes(), input.options(), like_format(input));
+    if (o.ret.numel() > 0) {
+      // dL/da[n, h, w, c] = sum over (r, s, k) of grad_out[n, p, q, k] * weight[k, c, r, s]
+      // with h = p * stride - pad + r * dil: the gather form with weights as (C, R, S, Kp).
+      Tensor wk = weight;
+      if (Kp != g.K) wk = pad_dim(weight, 0, Kp, MF::Contiguous);
+      Tensor wt = wk.permute({1, 2, 3, 0}).contiguous();
+      if (!aligned16(wt)) wt = wt.clone();
+      ConvParams p{};
+      p.x = go.data_ptr();
+      p.w = wt.data_ptr();
+      p.out = o.buf.data_ptr();
+      p.N = static_cast<int>(g.N);
+      p.XH = static_cast<int>(g.P);
+      p.XW = static_cast<int>(g.Q);
+      p.XC = static_cast<int>(Kp);
+      p.OH = static_cast<int>(g.H);
+      p.OW = static_cast<int>(g.W);
+      p.OC = static_cast<int>(g.C);
+      fill_geometry(p, g);
+      p.M = static_cast<int>(g.N * g.H * g.W);
+      p.dgrad = true;
+      C10_CUDA_CHECK(launch_conv(p, dt, conv_math(dt), stream()));
+      o.finish();
+    }
+    grad_input = o.ret;
+  } else {
+    grad_input = at::empty({0}, input.options());
+  }
+
+  Tensor grad_weight;
+  if (output_mask[1]) {
+    grad_weight = at::empty_like(weight);
+    const int64_t npq = g.N * g.P * g.Q;
+    if (npq == 0) {
+      grad_weight.zero_();
+    } else {
+      const int64_t Cp = round_up(g.C, epc);
+      Tensor x = nhwc(input);
+      Tensor scp = sc, shp = sh;
+      if (Cp != g.C) {
+        x = pad_dim(x, 1, Cp, MF::ChannelsLast);
+        if (sc.defined()) scp = pad_dim(sc, 0, Cp, MF::Contiguous);
+        if (sh.defined()) shp = pad_dim(sh, 0, Cp, MF::Contiguous);
+      }
+      const bool direct = Kp == g.K && Cp == g.C &&
+                          grad_weight.is_contiguous(MF::ChannelsLast) && aligned16(grad_weight);
+      // (Kp, Cp, R, S) in channels_last = (Kp, R, S, Cp) in memory: what the kernel writes.
+      Tensor dw = direct ? grad_weight
+                         : at::empty({Kp, Cp, g.R, g.S},
+                                     weight.options().memory_format(MF::ChannelsLast));
+      WgradParams p{};
+      p.grad_out = go.data_ptr();
+      p.x = x.data_ptr();
+      p.pre_scale = fptr(scp);
+      p.pre_shift = fptr(shp);
+      p.dw = dw.data_ptr();
+      p.N = static_cast<int>(g.N);
+      p.H = static_cast<int>(g.H);
+      p.W = static_cast<int>(g.W);
+      p.C = static_cast<int>(Cp);
+      p.P = static_cast<int>(g.P);
+      p.Q = static_cast<int>(g.Q);
+      p.K = static_cast<int>(Kp);
+      p.R = static_cast<int>(g.R);
+      p.S = static_cast<int>(g.S);
+      p.stride_h = g.sh;
+      p.stride_w = g.sw;
+      p.pad_h = g.ph;
+      p.pad_w = g.pw;
+      p.dil_h = g.dh;
+      p.dil_w = g.dw;
+      p.NPQ = npq;
+      p.prologue = sc.defined() || sh.defined() || pre_relu;
+      p.pre_relu = pre_relu;
+      const int64_t ws_n = plan_wgrad(p, dt, num_sms(input));
+      Tensor ws = at::empty({ws_n}, input.options().dtype(at::kFloat));
+      p.ws = ws.data_ptr<float>();
+      C10_CUDA_CHECK(launch_wgrad(p, dt, stream()));
+      if (!direct) grad_weight.copy_(dw.narrow(0, 0, g.K).narrow(1, 0, g.C));
+    }
+  } else {
+    grad_weight = at::empty({0}, weight.options());
+  }
+  return {grad_input, grad_weight};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastres
+
+TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
+  m.impl("conv_bias_act", &fastres::cuda::conv_bias_act_cuda);
+  m.impl("relu_bias_bwd", &fastres::cuda::relu_bias_bwd_cuda);
+  m.impl("conv_stats", &fastres::cuda::conv_stats_cuda);
+  m.impl("bn_finalize", &fastres::cuda::bn_finalize_cuda);
+  m.impl("bn_add_relu", &fastres::cuda::bn_add_relu_cuda);
+  m.impl("bn_add_relu_bwd", &fastres::cuda::bn_add_relu_bwd_cuda);
+  m.impl("bn_relu_bwd", &fastres::cuda::bn_relu_bwd_cuda);
+  m.impl("conv_bwd", &fastres::cuda::conv_bwd_cuda);
+}
