@@ -187,8 +187,16 @@ def bctx() -> BenchContext:
 
 
 def pytest_generate_tests(metafunc):
-    if "provider" in metafunc.fixturenames:
-        metafunc.parametrize("provider", benchlib.providers())
+    """Every provider for a test that takes ``provider`` and does not parametrize it itself."""
+    if "provider" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if "provider" in names:
+            return
+    metafunc.parametrize("provider", benchlib.providers())
 
 
 def _named_bench(config) -> bool:

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# The GPU device check: build fastres on a fresh CUDA machine and run, each step time-boxed,
+#   info -> GPU tests -> Triton tests -> parity harness -> benchmarks -> a short table.
+#
+#   bash bench/device_check.sh OUTDIR
+#
+# Made for a bare H200 machine (Python 3.12, torch CUDA build, triton, nvcc, pybind11, ninja, no
+# network): nothing is downloaded; pytest-benchmark, tqdm and matplotlib are used when present
+# (without them: the suite's own timer, no progress bar, no plot). The whole script stays within
+# DEVICE_CHECK_BUDGET seconds (default 470, under 8 minutes); a failing or timed-out step does not
+# stop the later ones, and the exit status is the number of steps that failed (0: all passed).
+#
+# It writes at most 8 files into OUTDIR:
+#   summary.txt   the step table printed last        steps.log   every step's console output
+#   parity.json   python -m fastres.parity --json    parity.md   its markdown table
+#   parity.png    its plot (when matplotlib is here) bench.json  pytest bench/ --bench-out
+#   bench.md      python bench/table.py bench.json
+#
+# The commit: a copied working tree has no .git, so pass it in: FASTRES_COMMIT=<sha> bash ...
+# Environment: DEVICE_CHECK_BUDGET (s), PYTHON (interpreter), TORCH_CUDA_ARCH_LIST (default 9.0),
+# MAX_JOBS (default: the CPU count), SKIP_BUILD=1 (try the script on a tree already installed).
+set -uo pipefail
+
+OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$REPO"
+
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+START=$(date +%s)
+BUDGET=${DEVICE_CHECK_BUDGET:-470}
+DEADLINE=$((START + BUDGET))
+LOG="$OUT/steps.log"
+SUMMARY="$OUT/summary.txt"
+: >"$LOG"
+STEPS=()
+FAILED=0
+
+# The installed package, never the source tree: the tree's fastres/ has no compiled _C and no
+# fastres.triton_kernels (setup.py maps it from triton_kernels/). -P / PYTHONSAFEPATH keep the
+# current directory off sys.path, here and in every child interpreter.
+export PYTHONSAFEPATH=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
+if [ -z "${FASTRES_COMMIT:-}" ]; then
+  FASTRES_COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "unknown (no .git here: pass FASTRES_COMMIT)")
+fi
+export FASTRES_COMMIT
+
+note() { echo "$*" | tee -a "$LOG"; }
+
+# step NAME BUDGET_S RESERVE_S CMD...: run CMD under `timeout`, for at most BUDGET_S seconds and
+# never into the RESERVE_S seconds kept for the steps after it. Output goes to steps.log and the
+# console. Exit status 5 from pytest (nothing collected) counts as "none", not a failure.
+step() {
+  local name=$1 budget=$2 reserve=$3
+  shift 3
+  local now left t0 rc dt status
+  now=$(date +%s)
+  left=$((DEADLINE - now - reserve))
+  [ "$left" -lt "$budget" ] && budget=$left
+  if [ "$budget" -lt 5 ]; then
+    note "== $name: SKIPPED (out of time)"
+    STEPS+=("$(printf '%-14s %-9s %5s s  %s' "$name" "no time" 0 "")")
+    FAILED=$((FAILED + 1))
+    return 0
+  fi
+  note "== $name (at most ${budget} s): $*"
+  t0=$(date +%s)
+  timeout --signal=TERM --kill-after=10 "$budget" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  dt=$(($(date +%s) - t0))
+  case $rc in
+    0) status=ok ;;
+    124|137) status=TIMEOUT; FAILED=$((FAILED + 1)) ;;
+    5) status=none ;;
+    *) status="FAIL($rc)"; FAILED=$((FAILED + 1)) ;;
+  esac
+  note "== $name: $status in ${dt} s"
+  STEPS+=("$(printf '%-14s %-9s %5s s  %s' "$name" "$status" "$dt" "${STEP_NOTE:-}")")
+  STEP_NOTE=""
+}
+
+have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+
+note "fastres device check: $(date -u +%FT%TZ), repo $REPO, commit $FASTRES_COMMIT"
+note "python: $PY ($("$PY" -V 2>&1)), budget ${BUDGET} s"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$LOG"
+for mod in pytest pytest_benchmark tqdm matplotlib triton; do
+  if have "$mod"; then note "  $mod: yes"; else note "  $mod: MISSING"; fi
+done
+
+# 1. Build (the CUDA kernels take the longest); then check the installed module imports.
+if [ "${SKIP_BUILD:-0}" = 1 ]; then  # only for trying this script on an already built tree
+  note "== build: skipped (SKIP_BUILD=1)"
+else
+  step build 220 200 "$PY" -m pip install --no-build-isolation --no-deps --no-input .
+fi
+(cd /tmp && "$PY" -c "import fastres, fastres._C; print('installed:', fastres.__file__)") 2>&1 | tee -a "$LOG"
+
+# 2. What was built and which backends are available.
+step info 30 170 "$PY" -P -m fastres.info
+
+# 3. GPU tests and the Triton tests (the gpu-marked ones already ran in the first command).
+if have pytest; then
+  step gpu-tests 75 150 "$PY" -P -m pytest tests -m gpu -q -p no:cacheprovider -rfEs
+  TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null)
+  if [ -n "$TRITON_TESTS" ]; then
+    # shellcheck disable=SC2086
+    step triton-tests 60 140 "$PY" -P -m pytest $TRITON_TESTS -m "not gpu" -q -p no:cacheprovider -rfE
+  fi
+else
+  note "pytest is not installed: GPU and Triton tests skipped"
+  STEPS+=("$(printf '%-14s %-9s %5s s  %s' tests "no pytest" 0 "")")
+  FAILED=$((FAILED + 1))
+fi
+
+# 4. The parity harness: ResNet-50's 8 Bottleneck types, bf16 and fp32, eval and train, every
+# backend. The JSON is rewritten after every block, so a timeout keeps what was measured; the
+# markdown and the plot are then made from it.
+STEP_NOTE="see parity.md"
+step parity 130 80 "$PY" -P -m fastres.parity --dtype bf16 fp32 --no-progress --json "$OUT/parity.json"
+if [ -f "$OUT/parity.json" ]; then
+  "$PY" -P -m fastres.parity --from-json "$OUT/parity.json" --markdown "$OUT/parity.md" \
+    --plot "$OUT/parity.png" 2>&1 | tee -a "$LOG"
+fi
+
+# 5. Benchmarks (--bench-quick: a representative subset of the conv, block and ResNet-50 cases):
+# fused vs eager first, then the reference case with torch.compile(max-autotune) in whatever time
+# is left; both into one bench.json.
+if have pytest; then
+  step bench 100 30 "$PY" -P -m pytest bench/bench_convs.py bench/bench_blocks.py \
+    bench/bench_resnet.py -q -p no:cacheprovider --bench-quick \
+    --bench-compile=none --bench-out "$OUT/bench.json" -rfE
+  step bench-compile 60 5 "$PY" -P -m pytest bench/bench_blocks.py -q -p no:cacheprovider \
+    -k "reference_case and compile" --bench-compile=ref --bench-out "$OUT/bench.json" \
+    --bench-append -rfE
+  if [ -f "$OUT/bench.json" ]; then
+    "$PY" -P bench/table.py "$OUT/bench.json" -o "$OUT/bench.md" 2>&1 | tee -a "$LOG"
+  fi
+fi
+
+# 6. The short table, last.
+{
+  echo "fastres device check, commit $FASTRES_COMMIT, $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+  printf '%-14s %-9s %7s  %s\n' step status time note
+  for s in "${STEPS[@]}"; do echo "$s"; done
+  if [ -f "$OUT/parity.json" ]; then
+    "$PY" - "$OUT/parity.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+s = r["summary"]
+print(f"parity: {s['pass']} pass, {s['fail']} fail, {s['error']} error, {s['skipped']} skipped"
+      + (" (PARTIAL)" if s.get("partial") else ""))
+for c in r["cases"]:
+    if c["status"] in ("fail", "error"):
+        w = c.get("worst") or {}
+        print(f"  {c['status'].upper():5s} {c['block']} {c['dtype']} {c['mode']} {c['backend']}: "
+              + (c["error"] or f"{w.get('name')} err {w.get('err', 0):.3g} bound {w.get('bound', 0):.3g}")[:150])
+sp = [c for c in r["cases"] if c.get("speedup")]
+for b in sorted({c["backend"] for c in sp}):
+    xs = sorted(c["speedup"] for c in sp if c["backend"] == b)
+    print(f"  {b}: speedup vs torchvision median {xs[len(xs) // 2]:.2f}x (min {xs[0]:.2f}x, max {xs[-1]:.2f}x, {len(xs)} cases)")
+EOF
+  fi
+  if [ -f "$OUT/bench.json" ]; then
+    "$PY" - "$OUT/bench.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+recs = d["records"]
+by = {(r["group"], r["case"], r["provider"]): r["extra_info"].get("p50_ms") for r in recs}
+provs = sorted({r["provider"] for r in recs} - {"eager"})
+print(f"bench: {len(recs)} measured cases")
+for p in provs:
+    xs = sorted(by[(g, c, "eager")] / t for (g, c, q), t in by.items()
+                if q == p and t and by.get((g, c, "eager")))
+    if xs:
+        print(f"  {p}: speedup vs eager median {xs[len(xs) // 2]:.2f}x (min {xs[0]:.2f}x, max {xs[-1]:.2f}x, {len(xs)} cases)")
+EOF
+  fi
+  echo "total $(($(date +%s) - START)) s, $FAILED step(s) failed; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+} 2>&1 | tee "$SUMMARY"
+exit "$FAILED"
