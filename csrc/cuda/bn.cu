@@ -93,7 +93,9 @@ __global__ void __launch_bounds__(1024) colsum_kernel(const ColSumParams p) {
     float total = 0.f;
 #pragma unroll
     for (int y = 0; y < 32; ++y) total += red[y][tx];
-    p.out[j][c] = total;
+    // (a switch, not p.out[j]: a dynamic index into the parameter array costs a stack copy)
+    float* dst = j == 0 ? p.out[0] : j == 1 ? p.out[1] : j == 2 ? p.out[2] : p.out[3];
+    dst[c] = total;
   }
 }
 
