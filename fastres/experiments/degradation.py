@@ -23,9 +23,10 @@ not preserve digits). Fixed stratified split: 1,297 training and 500 test images
 
 Training as in the paper: SGD, momentum 0.9, weight decay 1e-4, learning rate 0.1 divided by 10
 at 50% and 75% of the iterations, mini-batches of 64 (the paper: 128 of CIFAR's 50k images; 64
-of our 1,297 gives 20 iterations an epoch and halves the step time), He initialisation, BatchNorm after every
-convolution. Training error (dashed) is the mean mini-batch error over each evaluation interval
-(train-mode BN, as the paper's curves); test error (bold) is measured in eval mode.
+of our 1,297 gives 20 iterations an epoch and halves the step time), He initialisation,
+BatchNorm after every convolution. Training error (dashed) is the mean mini-batch error over
+each evaluation interval (train-mode BN, as the paper's curves); test error (bold) is measured
+in eval mode.
 """
 
 from __future__ import annotations
