@@ -69,14 +69,14 @@ def _(grad_out, out, input, mean, invstd, weight, res_input, res_mean, res_invst
     c = input.shape[1]
     grad_input = _like_format(input.shape, input)
     if res_input is None:
-        empty = mean.new_empty(0)
+        # two distinct empty tensors: outputs of a non-aliasing schema must not alias each other
         return (
             grad_input,
             mean.new_empty(c),
             mean.new_empty(c),
             _like_format(grad_out.shape, grad_out),
-            empty,
-            empty,
+            mean.new_empty(0),
+            mean.new_empty(0),
         )
     cr = res_input.shape[1]
     return (
