@@ -107,7 +107,7 @@ def not_supported_reasons(inputs) -> list[str]:
 
 def ops() -> SimpleNamespace:
     """The eight ops as ``torch.ops.fastres_triton.*`` callables (registers them on first use)."""
-    from .ops import op_namespace  # noqa: PLC0415
+    from ._ops import op_namespace  # noqa: PLC0415
 
     return op_namespace()
 

@@ -157,7 +157,10 @@ def _gemm_config(m: int, n: int, k_chunk: int, dtype: torch.dtype, interpreted: 
     block_m = 128
     if triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < NUM_SMS:
         block_m = 64  # fill the 132 SMs before growing tiles
-    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    # 8 warps from 128x64 up: with 4, the prologue's fp32 copy of the A tile and the accumulator
+    # need 255 registers per thread and ptxas spills (sm_90 AOT compile of the 1x1 prologue+stats
+    # variant: 256 B of stack); with 8, 178 registers and no spill.
+    warps = 8 if block_m * block_n >= 128 * 64 else 4
     stages = 3 if block_m * block_n >= 128 * 128 else 4
     return GemmConfig(block_m, block_n, block_k, warps, stages)
 
@@ -218,7 +221,9 @@ def _rows_config(m: int, c: int, interpreted: bool) -> RowsConfig:
     grid_c = triton.cdiv(c, bc)
     # ~4 programs per SM for the reductions, each looping over its share of row blocks.
     grid_m = max(1, min(triton.cdiv(m, bm), triton.cdiv(4 * NUM_SMS, grid_c)))
-    return RowsConfig(bm, bc, grid_m, 4)
+    # 8 warps: 16 elements per thread per tensor. With 4, the fp32 BN-backward reduction with a
+    # BN'd residual (4 tiles live, plus their fp64 row sums) needs 240 registers (sm_90 AOT).
+    return RowsConfig(bm, bc, grid_m, 8)
 
 
 def strides4(t: Tensor) -> tuple[int, int, int, int]:

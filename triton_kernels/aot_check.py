@@ -1,0 +1,177 @@
+"""Compile the Triton kernels for Hopper (sm_90) ahead of time, without a GPU.
+
+    python -m fastres.triton_kernels.aot_check [--quick] [--dtypes bfloat16,float32] [--arch 90]
+
+The interpreter (TRITON_INTERPRET=1) runs kernels as numpy and accepts code the compiler rejects
+(tl.dot tiles under 16, non-power-of-2 aranges, dtype mismatches in loop-carried values, ...).
+This check runs the op bodies on CPU tensors with the launches captured instead of executed
+(the GPU configs are chosen, since the interpreter is off), then compiles each captured launch
+with triton.compile for a cuda target: TTIR -> TTGIR -> LLVM -> PTX -> cubin through the ptxas
+bundled with triton. It reports registers and spills (cuobjdump) per variant and exits non-zero
+if any variant fails to compile. Compiling proves nothing about speed or numerics on a GPU.
+
+Run it without TRITON_INTERPRET in the environment (it refuses otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64",
+          "int64": "i64", "int32": "i32"}
+
+
+def _signature(kernel, args, meta):
+    """(signature, constexprs, attrs, options) as the JIT would specialise this launch: ints equal
+    to 1 become constants, pointers and ints divisible by 16 get tt.divisibility (which is what
+    enables vectorised, cp.async-pipelined loads)."""
+    import torch  # noqa: PLC0415
+
+    opts = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    values = dict(zip(kernel.arg_names, args))
+    values.update({k: v for k, v in meta.items() if k not in opts})
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        v = values[name]
+        if kernel.params[i].is_constexpr:
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TYPES[str(v.dtype).split(".")[1]]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}.{name}: cannot type {type(v)}")
+    return sig, consts, attrs, opts
+
+
+def _capture(quick: bool, dtype_names: list[str]):
+    """Run the op bodies on CPU tensors with every launch recorded, not executed."""
+    import torch  # noqa: PLC0415
+
+    from . import _common, bn, conv, reduce  # noqa: PLC0415
+
+    if _common.INTERPRETED:
+        raise SystemExit("aot_check: unset TRITON_INTERPRET (the kernels are interpreted)")
+    ops = importlib.import_module(__package__ + "._ops")
+    captured = []
+
+    def record(kernel, grid, *args, **meta):
+        captured.append((kernel, args, meta))
+
+    for mod in (_common, conv, bn, reduce):
+        mod.launch = record
+
+    def act(n, c, h, w, dt, cl=True):
+        x = torch.randn(n, c, h, w).to(dt)
+        return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+    for dt in (getattr(torch, name) for name in dtype_names):
+        x = act(8, 64, 56, 56, dt)
+        w = torch.randn(64, 64, 3, 3).to(dt)
+        sc, sh = torch.rand(64), torch.randn(64)
+        go = act(8, 64, 56, 56, dt)
+        mean, invstd = torch.zeros(64), torch.ones(64)
+        ops.conv_bias_act(x, w, torch.randn(64).to(dt), act(8, 64, 56, 56, dt), [1, 1], [1, 1],
+                          [1, 1], 1, True)
+        ops.conv_stats(x, w, sc, sh, True, [1, 1], [1, 1], [1, 1], 1)
+        ops.conv_bwd(act(8, 64, 28, 28, dt), x, w, sc, sh, True, [2, 2], [1, 1], [1, 1], 1,
+                     [True, True])
+        ops.bn_add_relu(x, sc, sh, act(8, 32, 112, 112, dt)[:, :, ::2, ::2], sc[:32], sh[:32],
+                        16, True)
+        ops.bn_add_relu_bwd(go, x, x, mean, invstd, sc, x, mean, invstd, sc)
+        ops.bn_relu_bwd(go, x, mean, invstd, sc, sc, sh, True)
+        ops.relu_bias_bwd(go, x)
+        if not quick:
+            ops.conv_bias_act(x, w, None, None, [2, 2], [1, 1], [1, 1], 1, False)
+            ops.conv_stats(act(8, 3, 224, 224, dt), torch.randn(64, 3, 7, 7).to(dt), None, None,
+                           False, [2, 2], [3, 3], [1, 1], 1)
+            xb, wb = act(8, 256, 14, 14, dt), torch.randn(1024, 256, 1, 1).to(dt)
+            ops.conv_stats(xb, wb, torch.rand(256), torch.randn(256), True, [1, 1], [0, 0],
+                           [1, 1], 1)
+            ops.conv_bwd(act(8, 1024, 14, 14, dt), xb, wb, None, None, False, [1, 1], [0, 0],
+                         [1, 1], 1, [True, True])
+            ops.bn_add_relu(x, sc, sh, None, None, None, 0, False)
+            ops.bn_add_relu_bwd(go, None, x, mean, invstd, None, None, None, None, None)
+            ops.bn_relu_bwd(go, x, mean, invstd, None, sc, sh, False)
+            ops.relu_bias_bwd(go, None)
+    s, ss = torch.randn(64), torch.rand(64)
+    ops.bn_finalize(s, ss, sc, sh, torch.zeros(64), torch.ones(64), torch.tensor(0), 100, None,
+                    1e-5)
+    return captured
+
+
+def _resources(cubin: bytes, cuobjdump: str) -> str:
+    if not os.path.exists(cuobjdump):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
+                             text=True).stdout
+    for line in out.splitlines():
+        if "REG:" in line:
+            return " ".join(t for t in line.split() if t.split(":")[0] in ("REG", "STACK"))
+    return ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one call per op (the heaviest flags)")
+    parser.add_argument("--dtypes", default="bfloat16,float16,float32",
+                        help="comma-separated torch dtypes (bfloat16,float16,float32)")
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("aot_check: unset TRITON_INTERPRET first", file=sys.stderr)
+        return 2
+    import triton  # noqa: PLC0415
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    seen, failures, spills = set(), 0, 0
+    for kernel, kargs, meta in _capture(args.quick, args.dtypes.split(",")):
+        sig, consts, attrs, opts = _signature(kernel, kargs, meta)
+        key = (kernel.__name__, repr(sorted(sig.items())), repr(sorted(consts.items(), key=str)),
+               repr(sorted(attrs)), repr(sorted(opts.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        flags = {k: v for k, v in consts.items() if k.isupper()}
+        t0 = time.time()
+        try:
+            src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts,
+                                            attrs=attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=opts)
+            res = _resources(compiled.asm["cubin"], cuobjdump)
+            if "STACK:" in res and not res.endswith("STACK:0"):
+                spills += 1
+            status = f"ok {time.time() - t0:4.1f}s smem={compiled.metadata.shared} {res}"
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
+            failures += 1
+            status = f"FAIL {exc!r}"[:3000]
+        print(f"{kernel.__name__} {flags} {opts}: {status}", flush=True)
+    print(f"aot_check: triton {triton.__version__}, sm_{args.arch}: {len(seen)} variants, "
+          f"{failures} failed, {spills} with a stack frame (spills)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
