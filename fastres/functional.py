@@ -14,10 +14,10 @@ Two paths:
   the shortcut and the final ReLU are one pass. Its backward is made of fastres ops too.
 
 Autocast: both paths follow the rules ``torch.nn.functional.conv2d`` follows. Under
-``torch.autocast(device_type, dtype)`` the activations, conv weights, folded biases and residuals
-(floating tensors other than float64) are cast to the autocast dtype at the entry of the fused
-path, which then runs with autocast disabled; BatchNorm parameters and statistics stay float32 and
-running statistics are updated in their own dtype, as ``nn.BatchNorm2d`` under autocast.
+``torch.autocast(device_type, dtype)`` the activations, conv weights and residuals (floating
+tensors other than float64) are cast to the autocast dtype at the entry of the fused path, which
+then runs with autocast disabled; BatchNorm parameters, statistics and folded biases stay float32
+and running statistics are updated in their own dtype, as ``nn.BatchNorm2d`` under autocast.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = [
     "check_input",
     "autocast_dtype",
     "compute_dtype",
+    "fold_dtypes",
 ]
 
 
@@ -118,6 +119,20 @@ def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype)
 
 
+def fold_dtypes(x: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(weight dtype, bias dtype) to fold a BatchNorm into for input ``x``: both ``x.dtype``, but
+    under autocast the weight in the autocast dtype and the bias (the BN shift, a per-channel
+    vector) in float32, as BatchNorm keeps its parameters under autocast. A low-precision shift
+    would add a per-channel error of |shift| * 2^-9 (bf16) to every output of the channel, which
+    sums coherently in the weight gradients."""
+    dt = compute_dtype(x)
+    if dt != x.dtype or autocast_dtype(x.device.type) == x.dtype:
+        from fastres.reference import acc_dtype  # noqa: PLC0415
+
+        return dt, acc_dtype(dt)
+    return dt, dt
+
+
 # --------------------------------------------------------------------------------------------
 # Input checks: a clear error that names the problem, before any kernel runs.
 
@@ -172,12 +187,14 @@ def fold_bn(
     running_var: Tensor,
     eps: float,
     dtype: torch.dtype | None = None,
+    bias_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fold an eval-mode BatchNorm into the preceding bias-free convolution.
 
     Returns ``(weight, bias)`` with ``weight = conv_weight * gamma / sqrt(var + eps)`` (per output
     channel) and ``bias = beta - mean * gamma / sqrt(var + eps)``, computed in float32 (float64 for
-    float64 weights) and cast to ``dtype`` (default: the conv weight's). Differentiable.
+    float64 weights) and cast to ``dtype`` (default: the conv weight's); the bias to
+    ``bias_dtype`` (default: ``dtype``). Differentiable.
     """
     acc = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
     scale = torch.rsqrt(running_var.to(acc) + eps)
@@ -190,7 +207,7 @@ def fold_bn(
     w = (conv_weight.to(acc) * scale.reshape(-1, 1, 1, 1)).to(dtype)
     if conv_weight.is_contiguous(memory_format=torch.channels_last):
         w = w.contiguous(memory_format=torch.channels_last)
-    return w, shift.to(dtype)
+    return w, shift.to(bias_dtype or dtype)
 
 
 class _ConvBiasActFn(torch.autograd.Function):
@@ -202,6 +219,7 @@ class _ConvBiasActFn(torch.autograd.Function):
         out = backends.op(be, "conv_bias_act")(x, weight, bias, residual, *conv.args(), relu)
         ctx.conv, ctx.relu, ctx.backend = conv, relu, backend
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x, weight, out if relu else None)
         return out
 
@@ -220,7 +238,7 @@ class _ConvBiasActFn(torch.autograd.Function):
             )
             grad_x = gx if need_x else None
             grad_w = gw if need_w else None
-        grad_b = grad_bias.to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_b = grad_bias.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_r = grad_z if ctx.has_residual and ctx.needs_input_grad[3] else None
         return grad_x, grad_w, grad_b, grad_r, None, None, None
 
@@ -261,7 +279,9 @@ def conv_bias_act(
     """
     ac = autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
     if ac is not None:
-        x, weight, bias, residual = (_autocast(t, ac) for t in (x, weight, bias, residual))
+        # bias (a folded BN shift, per channel) keeps its dtype: every backend takes it in the
+        # activations' dtype or float32.
+        x, weight, residual = (_autocast(t, ac) for t in (x, weight, residual))
         with torch.autocast(x.device.type, enabled=False):
             return conv_bias_act(
                 x, weight, bias, residual, stride, padding, dilation, groups, relu, backend

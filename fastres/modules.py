@@ -11,6 +11,11 @@ Eval mode folds each BatchNorm into its convolution (cached; recomputed when any
 buffer changes) and runs one fused op per convolution. Train mode uses batch statistics through
 :func:`fastres.functional.residual_unit`.
 
+``torchvision.ops.FrozenBatchNorm2d`` (detection backbones) is fused too: its statistics are
+fixed, so a block whose norm layers are all FrozenBatchNorm2d folds them in training as well as in
+eval and always runs the inference path, with gradients flowing to the conv weights through the
+fold.
+
 Fallbacks (documented, never silent about correctness): a block whose pieces are not the plain
 ``Conv2d`` + ``BatchNorm2d`` pattern (another norm layer, a conv with bias, string padding) and an
 empty batch run torchvision's own forward.
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import misc as tv_misc
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fastres import functional as FF
 from fastres.functional import BNSpec, ConvSpec, Stage
@@ -40,9 +46,21 @@ def _conv_bn_reasons(conv: nn.Module, bn: nn.Module, where: str) -> list[str]:
             reasons.append(f"{where}: padding={conv.padding!r} is not numeric")
         if conv.padding_mode != "zeros":
             reasons.append(f"{where}: padding_mode={conv.padding_mode!r}")
-    if type(bn) is not nn.BatchNorm2d:
-        reasons.append(f"{where}: {type(bn).__name__} is not nn.BatchNorm2d")
+    if type(bn) not in _NORMS:
+        reasons.append(f"{where}: {type(bn).__name__} is not nn.BatchNorm2d or FrozenBatchNorm2d")
     return reasons
+
+
+#: The norm layers a fused block folds or normalises with batch statistics.
+_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+
+
+def _mixed_norm_reason(bns: list[nn.Module], where: str) -> list[str]:
+    # Batch statistics for some layers and frozen ones for others cannot share one fused path.
+    kinds = {type(bn) for bn in bns}
+    if len(kinds) > 1 and kinds <= set(_NORMS):
+        return [f"{where}: mixes BatchNorm2d and FrozenBatchNorm2d"]
+    return []
 
 
 class _FusedMixin:
@@ -55,10 +73,16 @@ class _FusedMixin:
 
     @staticmethod
     def _use_batch_stats(bn: nn.BatchNorm2d) -> bool:
+        if type(bn) is FrozenBatchNorm2d:
+            return False
         return bn.training or bn.running_mean is None or bn.running_var is None
 
     def _folded(
-        self, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype
+        self,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        dtype: torch.dtype,
+        bias_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(weight, bias) of conv with bn folded in; cached while nothing they depend on changes."""
         tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
@@ -67,9 +91,16 @@ class _FusedMixin:
         )
         if differentiable or torch.compiler.is_compiling():
             return FF.fold_bn(
-                conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, dtype
+                conv.weight,
+                bn.weight,
+                bn.bias,
+                bn.running_mean,
+                bn.running_var,
+                bn.eps,
+                dtype,
+                bias_dtype,
             )
-        key = (id(conv), dtype, conv.weight.device, float(bn.eps)) + tuple(
+        key = (id(conv), dtype, bias_dtype, conv.weight.device, float(bn.eps)) + tuple(
             (None if t is None else (t.data_ptr(), t._version, t.dtype)) for t in tensors
         )
         hit = self._fold_cache.get(id(conv))
@@ -77,20 +108,45 @@ class _FusedMixin:
             return hit[1]
         with torch.no_grad():
             folded = FF.fold_bn(
-                conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, dtype
+                conv.weight,
+                bn.weight,
+                bn.bias,
+                bn.running_mean,
+                bn.running_var,
+                bn.eps,
+                dtype,
+                bias_dtype,
             )
         self._fold_cache[id(conv)] = (key, folded)
         return folded
 
     def _eval_conv(
-        self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor | None, relu: bool
+        self,
+        x: Tensor,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        residual: Tensor | None,
+        relu: bool,
+        block_output: bool = False,
     ) -> Tensor:
         # Under autocast, fold straight into the autocast dtype (cached) rather than casting the
-        # float32 fold on every call.
-        w, b = self._folded(conv, bn, FF.compute_dtype(x))
-        return FF.conv_bias_act(
-            x, w, b, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu
-        )
+        # float32 fold on every call; the bias stays float32 then (see FF.fold_dtypes).
+        wdt, bdt = FF.fold_dtypes(x)
+        w, b = self._folded(conv, bn, wdt, bdt)
+        args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        if block_output and type(bn) is FrozenBatchNorm2d:
+            out_dt = torch.promote_types(wdt, bn.weight.dtype)
+            if out_dt != wdt:
+                # FrozenBatchNorm2d computes in its buffers' dtype, so under autocast torchvision's
+                # block returns float32 and its residual stream stays float32 from block to block.
+                # Same here: the convolution fused in the autocast dtype, then shift, residual and
+                # ReLU in float32 (unfused: rounding the block output to bf16 would cost 2^-9).
+                y = FF.conv_bias_act(x, w, None, None, *args, relu=False)
+                z = y.to(out_dt) + b.to(out_dt).reshape(1, -1, 1, 1)
+                if residual is not None:
+                    z = z + residual
+                return torch.relu(z) if relu else z
+        return FF.conv_bias_act(x, w, b, residual, *args, relu)
 
     @staticmethod
     def _stage(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Stage, tuple]:
@@ -116,11 +172,16 @@ class _FusedMixin:
             self._fold_cache = {}
 
 
-def _downsample_pair(ds: nn.Module | None) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+def _downsample_pair(
+    ds: nn.Module | None, norm: type[nn.Module] | None = None
+) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+    """(conv, norm) of a conv + norm downsample branch that can be fused with a block whose
+    norm layers are of type ``norm`` (None: any); otherwise the branch runs as a module."""
     if (
         isinstance(ds, nn.Sequential)
         and len(ds) == 2
         and not _conv_bn_reasons(ds[0], ds[1], "downsample")
+        and (norm is None or type(ds[1]) is norm)
     ):
         return ds[0], ds[1]
     return None
@@ -138,6 +199,7 @@ def fusable_reasons(block: nn.Module) -> list[str]:
     reasons = []
     for c, b in pairs:
         reasons += _conv_bn_reasons(getattr(block, c), getattr(block, b), f"{c}/{b}")
+    reasons += _mixed_norm_reason([getattr(block, b) for _, b in pairs], "norm layers")
     if not isinstance(getattr(block, "relu", None), nn.ReLU):
         reasons.append("relu is not nn.ReLU")
     return reasons
@@ -151,7 +213,7 @@ class _ResidualBlockMixin(_FusedMixin):
             return super().forward(x)
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._pairs]
         ds = self.downsample
-        ds_pair = _downsample_pair(ds)
+        ds_pair = _downsample_pair(ds, type(pairs[0][1]))
         FF.check_input(x, pairs[0][0].weight, type(self).__name__)
         batch_stats = [self._use_batch_stats(bn) for _, bn in pairs]
         if ds_pair is not None:
@@ -168,13 +230,14 @@ class _ResidualBlockMixin(_FusedMixin):
         for conv, bn in pairs[:-1]:
             h = self._eval_conv(h, conv, bn, None, True)
         if ds_pair is not None:
-            identity = self._eval_conv(x, ds_pair[0], ds_pair[1], None, False)
+            identity = self._eval_conv(x, ds_pair[0], ds_pair[1], None, False, True)
         elif ds is not None:
             identity = ds(x)
         else:
             identity = x
         conv, bn = pairs[-1]
-        return self._eval_conv(h, conv, bn, identity.contiguous(memory_format=FF._fmt(x)), True)
+        identity = identity.contiguous(memory_format=FF._fmt(x))
+        return self._eval_conv(h, conv, bn, identity, True, True)
 
     def _forward_train(self, x, pairs, ds, ds_pair) -> Tensor:
         staged = [self._stage(c, b) for c, b in pairs]
@@ -223,8 +286,8 @@ class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
     Same signature: ``ConvBNReLU(in_channels, out_channels, kernel_size=3, stride=1,
     padding=None, groups=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU, dilation=1,
     inplace=True, bias=None)`` and ``state_dict`` keys (``0.weight``, ``1.running_mean``, ...).
-    Fused when it is conv + BatchNorm2d + ReLU (or no activation); otherwise it runs as the
-    ``nn.Sequential`` it is.
+    Fused when it is conv + BatchNorm2d/FrozenBatchNorm2d + ReLU (or no activation); otherwise
+    it runs as the ``nn.Sequential`` it is.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -246,6 +309,6 @@ class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
         conv, bn, relu = parts
         FF.check_input(x, conv.weight, "ConvBNReLU")
         if not self._use_batch_stats(bn):
-            return self._eval_conv(x, conv, bn, None, relu)
+            return self._eval_conv(x, conv, bn, None, relu, True)
         stage, params = self._stage(conv, bn)
         return FF.residual_unit(x, [stage], [params], "none", relu=relu)

@@ -205,3 +205,75 @@ def test_block_autocast_float32_input(train):
         k_theirs = run_kept(tv, x, train, autocast=torch.bfloat16)
         k_ours = run_kept(ours, x, train, autocast=torch.bfloat16)
         check_rule(k_ours, k_theirs, k_ref, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------- FrozenBatchNorm2d
+
+
+def frozen_detection_backbone() -> nn.Module:
+    """The backbone fasterrcnn_resnet50_fpn builds around an ImageNet backbone: ResNet-50 with
+    FrozenBatchNorm2d, layer2-4 trainable, an FPN on top. (With weights_backbone=None,
+    fasterrcnn_resnet50_fpn switches to nn.BatchNorm2d, so it is built here without downloads.)"""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    return resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3
+    )
+
+
+def test_frozen_bn_detection_backbone_train():
+    """Train mode: FrozenBatchNorm2d is folded (its statistics never change), gradients reach
+    the conv weights through the fold; outputs, input grad and every trainable parameter's grad
+    by the tolerance rule."""
+    tv = randomise_norm(frozen_detection_backbone())
+    ours, rep = fastres.convert(tv, report=True)
+    assert len(rep.swapped) == 16, rep
+    # the FPN's Conv2dNormActivation have a conv bias and no norm layer: nothing to fuse
+    assert all(path.startswith("fpn.") for path, _ in rep.left), rep
+    assert type(ours.body.layer1[0].bn1) is FrozenBatchNorm2d
+    ref = copy.deepcopy(tv).double()
+    x = torch.randn(2, 3, 64, 64)
+    k_ref = run_kept(ref, x.double(), True)
+    k_theirs = run_kept(tv, x, True)
+    k_ours = run_kept(ours, x, True)
+    assert "body.layer4.2.conv3.weight.grad" in k_ours
+    assert "body.layer1.0.conv1.weight.grad" not in k_ours  # frozen by trainable_layers=3
+    check_rule(k_ours, k_theirs, k_ref, torch.float32)
+
+
+def test_frozen_bn_blocks_and_reasons():
+    """Blocks and ConvBNReLU with FrozenBatchNorm2d: fused in train and eval, also under autocast,
+    where torchvision's block returns float32 (FrozenBatchNorm2d computes in its buffers' dtype);
+    a block mixing BatchNorm2d and FrozenBatchNorm2d is left with the reason; a BatchNorm2d
+    downsample of a frozen block runs as a module."""
+    frozen_ds = nn.Sequential(nn.Conv2d(8, 32, 1, stride=2, bias=False), FrozenBatchNorm2d(32))
+    bn_ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    every = [(t, ac) for t in (True, False) for ac in (None, torch.bfloat16)]
+    cases = [
+        (tv_resnet.Bottleneck(8, 8, 2, frozen_ds, norm_layer=FrozenBatchNorm2d), every),
+        (Conv2dNormActivation(8, 8, 3, norm_layer=FrozenBatchNorm2d), every),
+        # Not bf16 training: gradients through a batch-statistics BatchNorm in bf16 are so
+        # ill-conditioned at this size that PyTorch's own max error changes 2x from seed to seed.
+        (
+            tv_resnet.BasicBlock(8, 16, 2, bn_ds, norm_layer=FrozenBatchNorm2d),
+            [(True, None), (False, None), (False, torch.bfloat16)],
+        ),
+    ]
+    # 48x48: enough ReLU-mask flips for bf16 gradient errors to be an average, not a coin toss
+    x = torch.randn(4, 8, 48, 48)
+    for tv, modes in cases:
+        tv = randomise_norm(tv)
+        ours = fastres.convert(tv)
+        assert n_fused(ours) == 1
+        ref = copy.deepcopy(tv).double()
+        for train, ac in modes:
+            k_ref = run_kept(ref, x.double(), train)
+            k_theirs = run_kept(tv, x, train, autocast=ac)
+            k_ours = run_kept(ours, x, train, autocast=ac)
+            if ac is not None:
+                assert k_ours["out"].dtype == torch.float32
+            check_rule(k_ours, k_theirs, k_ref, ac or torch.float32)
+    mixed = tv_resnet.BasicBlock(8, 8)
+    mixed.bn2 = FrozenBatchNorm2d(8)
+    _, rep = fastres.convert(mixed, report=True)
+    assert not rep.swapped and "mixes BatchNorm2d and FrozenBatchNorm2d" in rep.left[0][1]
