@@ -204,6 +204,60 @@ def run_train(m: nn.Module, x: Tensor, grad_out: Tensor) -> dict[str, Tensor]:
     return res
 
 
+class _DecidedReLU(torch.autograd.Function):
+    """A ReLU whose decisions are given: forward z * mask, backward grad * mask."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, mask: Tensor) -> Tensor:
+        ctx.save_for_backward(mask)
+        return z * mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+@contextlib.contextmanager
+def output_relu_decisions(block: nn.Module, mask: Tensor) -> Iterator[None]:
+    """Inside, the output ReLU of a torchvision block (the last of its ``relu`` calls) lets
+    through exactly the elements of ``mask``.
+
+    Why: a ReLU decision on an element within rounding of zero goes either way; the float64
+    reference and a low-precision run then disagree on it, and the whole gradient value of that
+    element lands in the max-abs error (PyTorch's own run flips a few such decisions too, at other
+    elements). Judging each run against a float64 reference that takes that run's own output-ReLU
+    decisions removes this coin flip from the verdict and keeps everything else."""
+    calls = 3 if hasattr(block, "conv3") else 2
+    count = [0]
+    inplace = block.relu.inplace
+    block.relu.inplace = False  # so that the hook sees the pre-activation
+
+    def hook(mod, args, out):
+        count[0] += 1
+        if count[0] % calls == 0:
+            return _DecidedReLU.apply(args[0], mask.to(args[0].dtype))
+        return None
+
+    handle = block.relu.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        block.relu.inplace = inplace
+
+
+def kept_reference(ref: nn.Module, mode: str, x: Tensor, grad_out: Tensor,
+                   decided_by: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """What a user keeps from the float64 reference block; in train mode, with the output-ReLU
+    decisions of the run ``decided_by`` (its ``out > 0``) when given."""
+    m = copy.deepcopy(ref)
+    if decided_by is None or mode == "eval":
+        return kept(m, mode, x, grad_out)
+    with output_relu_decisions(m, (decided_by["out"] > 0).to(x.device)):
+        return kept(m, mode, x, grad_out)
+
+
 # --------------------------------------------------------------------------------------------
 # Timing.
 
@@ -438,9 +492,11 @@ def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str
         with torch.no_grad():
             out_shape = ref.eval()(x.double()).shape
         g = _fmt_memory(torch.randn(out_shape, generator=gen).to(dtype).to(device), channels_last)
-        want_ref = kept(copy.deepcopy(ref), mode, x.double(), g.double())
+        x64, g64 = x.double(), g.double()
+        want_ref = kept_reference(ref, mode, x64, g64)
         bar.update(1)
         theirs = kept(copy.deepcopy(tv), mode, x, g)
+        ref_theirs = kept_reference(ref, mode, x64, g64, decided_by=theirs)
         t_tv = None
         if timing:
             t_tv = time_ms(_timed(copy.deepcopy(tv), mode, x, g), device, warmup, repeats)
@@ -474,11 +530,19 @@ def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str
                 ours_m = fastres.convert(copy.deepcopy(tv))
                 with forced_backend(bname):
                     ours = kept(ours_m, mode, x, g)
-                verdicts = compare_all(ours, theirs, want_ref, dtype)
+                # The verdict: each run against the float64 reference with its own output-ReLU
+                # decisions (identical to the plain reference in eval mode).
+                ref_ours = kept_reference(ref, mode, x64, g64, decided_by=ours)
+                verdicts = judge(ours, ref_ours, theirs, ref_theirs, dtype)
                 row["checks"] = [
                     {"name": v.name, "err": v.err, "torch_err": v.torch_err, "bound": v.bound,
                      "ok": v.ok} for v in verdicts]
                 row["diagnostics"] = diagnostics(ours, theirs, want_ref)
+                if mode == "train":  # the rule against the plain reference, for the record
+                    row["diagnostics"]["plain_reference_checks"] = [
+                        {"name": v.name, "err": v.err, "torch_err": v.torch_err,
+                         "bound": v.bound, "ok": v.ok}
+                        for v in compare_all(ours, theirs, want_ref, dtype)]
                 row["worst"] = _worst(row["checks"])
                 row["status"] = "pass" if all(v.ok for v in verdicts) else "fail"
                 if timing:
@@ -498,6 +562,26 @@ def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str
             checkpoint(results)
     bar.close()
     return results
+
+
+def judge(ours: dict[str, Tensor], ref_ours: dict[str, Tensor], theirs: dict[str, Tensor],
+          ref_theirs: dict[str, Tensor], dtype: torch.dtype) -> list:
+    """The tolerance rule per kept tensor, each run against its own reference; integer tensors
+    (num_batches_tracked) exactly."""
+    from fastres.testing import Verdict, max_abs_err, verdict_own_refs
+
+    out = []
+    for name, r in ref_ours.items():
+        for who, d in (("fastres", ours), ("PyTorch", theirs)):
+            if d.get(name) is None:
+                raise AssertionError(f"{name}: missing or None in the {who} run")
+        if r.is_floating_point():
+            out.append(verdict_own_refs(name, ours[name], r, theirs[name], ref_theirs[name],
+                                        dtype))
+        else:
+            out.append(Verdict(name, max_abs_err(ours[name], r),
+                               max_abs_err(theirs[name], ref_theirs[name]), 0.0))
+    return out
 
 
 def _rms(a: Tensor, b: Tensor) -> float:
@@ -891,14 +975,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{summary['pass']} pass, {summary['fail']} fail, {summary['error']} error, "
           f"{summary['skipped']} skipped in {summary['duration_s']:.1f} s -- "
           f"{'PARITY OK' if summary['ok'] else 'PARITY FAILED'}")
-    lowp_train_fails = [r for r in results if r["status"] == "fail" and r["mode"] == "train"
-                        and r["dtype"] in ("bf16", "fp16")]
-    if lowp_train_fails:
-        kinds = "/".join(sorted({r["dtype"] for r in lowp_train_fails}))
-        print(f"note: {len(lowp_train_fails)} failing case(s) are {kinds} training. There a "
-              "ReLU decision that flips near zero (fastres and PyTorch both flip a few) puts a "
-              "whole gradient value into the max-abs error; compare the flip counts and RMS "
-              "errors printed with each failure before suspecting a kernel.")
+    train_fails = [r for r in results if r["status"] == "fail" and r["mode"] == "train"]
+    if train_fails:
+        print(f"note: {len(train_fails)} failing case(s) are training. The verdict already gives "
+              "each run a float64 reference with its own output-ReLU decisions; a decision of "
+              "an inner ReLU that rounding flips near zero still puts a whole gradient value "
+              "into the max-abs error (PyTorch's run flips a few too). Compare the RMS errors "
+              "printed with each failure, and diagnostics.plain_reference_checks in the JSON, "
+              "before suspecting a kernel.")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
         print(f"wrote {args.json}")
