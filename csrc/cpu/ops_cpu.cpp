@@ -22,7 +22,9 @@
 
 namespace fastres::cpu {
 
-const Kernels& kernels() {
+namespace {
+
+const Kernels* auto_kernels() {
   static const Kernels* table = [] {
     // ATen's own choice, so ATEN_CPU_CAPABILITY=default|avx2|avx512 steers both.
     const std::string cap = at::get_cpu_capability();
@@ -34,7 +36,17 @@ const Kernels& kernels() {
     }
     return kernels_base();
   }();
-  return *table;
+  return table;
+}
+
+// Set by fastres_cpu::set_kernel_isa (tests): a narrower instruction set than the automatic one.
+std::atomic<const Kernels*> g_forced{nullptr};
+
+}  // namespace
+
+const Kernels& kernels() {
+  const Kernels* forced = g_forced.load(std::memory_order_acquire);
+  return forced != nullptr ? *forced : *auto_kernels();
 }
 
 namespace {
@@ -710,9 +722,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cpu(
     p.mask = Mask::kNone;
     p.grad_out = g.data_ptr();
     kernels().bn_bwd_apply(p);
-    const Tensor empty = at::empty({0}, mean.options());
-    return {grad_input, k.grad_weight, k.grad_bias, in_format(g, format_of(grad_out)), empty,
-            empty};
+    // Two distinct empty tensors: outputs must not alias each other (opcheck's schema test).
+    return {grad_input, k.grad_weight, k.grad_bias, in_format(g, format_of(grad_out)),
+            at::empty({0}, mean.options()), at::empty({0}, mean.options())};
   }
   const BnCoef k2 =
       bn_coefficients(sum_g, sum_gx2, *res_invstd, res_weight, count, opmath, res_mean->scalar_type());
@@ -817,6 +829,57 @@ std::tuple<Tensor, Tensor> conv_bwd_cpu(const Tensor& grad_out, const Tensor& in
 
 }  // namespace
 }  // namespace fastres::cpu
+
+// Introspection for the tests and fastres.info; not part of the op contract (csrc/ops.cpp).
+TORCH_LIBRARY(fastres_cpu, m) {
+  // The instruction set of the kernels in use: "avx512", "avx2" or "base".
+  m.def("kernel_isa() -> str", [] { return std::string(fastres::cpu::kernels().isa); });
+  // Run the kernels of a narrower instruction set than the automatic choice ("base", "avx2"), or
+  // go back to it ("auto"); returns the previous one. For testing every ISA in one process.
+  m.def("set_kernel_isa(str isa) -> str", [](c10::string_view isa) {
+    const std::string previous = fastres::cpu::kernels().isa;
+    const fastres::cpu::Kernels* order[] = {fastres::cpu::kernels_base(),
+                                            fastres::cpu::kernels_avx2(),
+                                            fastres::cpu::kernels_avx512()};
+    const fastres::cpu::Kernels* chosen = nullptr;
+    if (isa != "auto") {
+      for (const auto* k : order) {
+        if (k != nullptr && isa == k->isa) {
+          chosen = k;
+        }
+        if (k == fastres::cpu::auto_kernels()) {
+          break;  // nothing wider than what ATen found this CPU runs
+        }
+      }
+      TORCH_CHECK(chosen != nullptr, "fastres_cpu::set_kernel_isa: '", isa,
+                  "' is not available; this build and CPU run '", fastres::cpu::auto_kernels()->isa,
+                  "' and narrower ones");
+    }
+    fastres::cpu::g_forced.store(chosen, std::memory_order_release);
+    return previous;
+  });
+  // How many distinct threads an at::parallel_for over n one-element chunks ran on: proves the
+  // extension's OpenMP regions really fork (compiled with -fopenmp, torch's libgomp).
+  m.def("parallel_threads(int n) -> int", [](int64_t n) {
+    std::vector<std::atomic<int>> seen(static_cast<size_t>(std::max(at::get_num_threads(), 1)));
+    at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+      const int t = at::get_thread_num();
+      if (t >= 0 && t < static_cast<int>(seen.size())) {
+        seen[t].store(1);
+      }
+      // Keep each chunk busy for a moment so one thread cannot drain them all.
+      volatile double x = 0;
+      for (int i = 0; i < 200000; ++i) {
+        x = x + 1.0;
+      }
+    });
+    int64_t used = 0;
+    for (auto& s : seen) {
+      used += s.load();
+    }
+    return used;
+  });
+}
 
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {
   m.impl("conv_bias_act", &fastres::cpu::conv_bias_act_cpu);
