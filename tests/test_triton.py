@@ -559,6 +559,60 @@ def test_kernels_compile_for_hopper_without_gpu():
     assert " 0 failed" in run.stdout
 
 
+def _train_kept(model, x):
+    """Output, input grad, parameter grads and buffers after one forward/backward."""
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    (out * proj).sum().backward()
+    kept = {"out": out.detach(), "input.grad": x.grad}
+    kept.update({f"{n}.grad": p.grad for n, p in model.named_parameters()})
+    kept.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    return kept
+
+
+@pytest.mark.parametrize("case", ["bottleneck-ds-fp32-nchw", "basic-bf16-nhwc"])
+def test_block_through_dispatcher(case, monkeypatch):
+    """A torchvision block converted by fastres.convert and trained one step on FASTRES_BACKEND=
+    triton: every output, gradient and buffer by the rule against torchvision (float64 reference,
+    same-dtype yardstick). This is the path the functional API takes (dispatcher -> ops)."""
+    import copy
+
+    import torchvision
+    from torch import nn
+
+    import fastres
+
+    monkeypatch.setenv("FASTRES_BACKEND", "triton")
+    if case.startswith("bottleneck"):
+        ds = nn.Sequential(nn.Conv2d(13, 28, 1, stride=2, bias=False), nn.BatchNorm2d(28))
+        tv = torchvision.models.resnet.Bottleneck(13, 7, stride=2, downsample=ds)
+        x, dtype, fmt = torch.randn(3, 13, 9, 11), torch.float32, torch.contiguous_format
+    else:
+        tv = torchvision.models.resnet.BasicBlock(8, 8)
+        x, dtype, fmt = torch.randn(2, 8, 6, 6), torch.bfloat16, CL
+    for m in tv.modules():  # non-trivial BN state, so that the statistics matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_()
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 1.5)
+    tv = tv.to(DEVICE).train()
+    x = x.to(DEVICE)
+    ref = _train_kept(copy.deepcopy(tv).double().to(memory_format=fmt),
+                      x.double().contiguous(memory_format=fmt))
+    theirs = _train_kept(copy.deepcopy(tv).to(dtype).to(memory_format=fmt),
+                         x.to(dtype).contiguous(memory_format=fmt))
+    ours = _train_kept(fastres.convert(copy.deepcopy(tv)).to(dtype).to(memory_format=fmt),
+                       x.to(dtype).contiguous(memory_format=fmt))
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(ours[name], ref[name]), name
+        else:
+            assert_close_rule(name, ours[name], theirs[name], ref[name], dtype)
+
+
 # ------------------------------------------------------------------------------------------
 # Configs (pure Python: the Hopper table is checked here even without a GPU)
 # ------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ The dispatcher (fastres/backends.py) calls three functions of this package:
 * ``ops()``: the eight ops, signatures as in fastres/reference.py.
 
 Importing this package imports neither triton nor the kernels and never touches CUDA: triton is
-imported (and the ops registered) by the first ``ops()`` call. On a machine without a GPU the
+imported and the ops are registered (``torch.ops.fastres_triton.*``, which the dispatcher looks
+up by attribute) by the first call of any of the three functions. On a machine without a GPU the
 kernels run under the Triton interpreter, which must be chosen (``TRITON_INTERPRET=1``) before
 triton is imported.
 """
@@ -67,11 +68,11 @@ _import_error: Exception | None = None
 
 
 def _interpreted() -> bool | None:
-    """Whether the kernels are interpreted (decided when triton_kernels.ops was imported); None
-    when they do not import."""
+    """Whether the kernels are interpreted (decided by TRITON_INTERPRET when triton was first
+    imported); None when they do not import. Registers the ops on first success."""
     global _import_error
     try:
-        from . import _common  # noqa: PLC0415
+        from . import _common, _ops  # noqa: F401, PLC0415
     except Exception as exc:  # noqa: BLE001 - reported through unavailable_reason()
         _import_error = exc
         return None
