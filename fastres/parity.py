@@ -258,6 +258,28 @@ def kept_reference(ref: nn.Module, mode: str, x: Tensor, grad_out: Tensor,
         return kept(m, mode, x, grad_out)
 
 
+class References:
+    """The float64 references of one (block, dtype, mode): the plain one, and in train mode one
+    per set of output-ReLU decisions (runs that decide alike share one)."""
+
+    def __init__(self, ref: nn.Module, mode: str, x64: Tensor, g64: Tensor):
+        self.ref, self.mode, self.x64, self.g64 = ref, mode, x64, g64
+        self.plain = kept_reference(ref, mode, x64, g64)
+        self._by_mask: list[tuple[Tensor, dict[str, Tensor]]] = [(self.plain["out"] > 0,
+                                                                  self.plain)]
+
+    def for_run(self, run: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.mode == "eval":
+            return self.plain
+        mask = run["out"] > 0
+        for m, r in self._by_mask:
+            if torch.equal(m, mask):
+                return r
+        r = kept_reference(self.ref, self.mode, self.x64, self.g64, decided_by=run)
+        self._by_mask.append((mask, r))
+        return r
+
+
 # --------------------------------------------------------------------------------------------
 # Timing.
 
@@ -493,10 +515,11 @@ def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str
             out_shape = ref.eval()(x.double()).shape
         g = _fmt_memory(torch.randn(out_shape, generator=gen).to(dtype).to(device), channels_last)
         x64, g64 = x.double(), g.double()
-        want_ref = kept_reference(ref, mode, x64, g64)
+        refs = References(ref, mode, x64, g64)
+        want_ref = refs.plain
         bar.update(1)
         theirs = kept(copy.deepcopy(tv), mode, x, g)
-        ref_theirs = kept_reference(ref, mode, x64, g64, decided_by=theirs)
+        ref_theirs = refs.for_run(theirs)
         t_tv = None
         if timing:
             t_tv = time_ms(_timed(copy.deepcopy(tv), mode, x, g), device, warmup, repeats)
@@ -532,7 +555,7 @@ def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str
                     ours = kept(ours_m, mode, x, g)
                 # The verdict: each run against the float64 reference with its own output-ReLU
                 # decisions (identical to the plain reference in eval mode).
-                ref_ours = kept_reference(ref, mode, x64, g64, decided_by=ours)
+                ref_ours = refs.for_run(ours)
                 verdicts = judge(ours, ref_ours, theirs, ref_theirs, dtype)
                 row["checks"] = [
                     {"name": v.name, "err": v.err, "torch_err": v.torch_err, "bound": v.bound,
