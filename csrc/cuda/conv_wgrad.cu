@@ -77,7 +77,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) wgrad_kernel(const WgradParams p
   const int64_t row_begin = static_cast<int64_t>(split) * p.rows_per_split;
   int64_t row_end = row_begin + p.rows_per_split;
   if (row_end > p.NPQ) row_end = p.NPQ;
-  const int k_iters = row_end > row_begin ? static_cast<int>((row_end - row_begin + BK - 1) / BK) : 0;
+  const int k_iters =
+      row_end > row_begin ? static_cast<int>((row_end - row_begin + BK - 1) / BK) : 0;
 
   const T* __restrict__ go = static_cast<const T*>(p.grad_out);
   const T* __restrict__ x = static_cast<const T*>(p.x);
@@ -343,10 +344,12 @@ cudaError_t launch_wgrad(WgradParams& p, DType dt, cudaStream_t stream) {
   switch (wgrad_cfg_id(p, dt)) {
     case 0: return launch_wgrad_cfg<float, true, WgCfgSimt>(p, stream);
     case 1:
-      if (dt == DType::kBFloat16) return launch_wgrad_cfg<__nv_bfloat16, false, WgCfgSmall>(p, stream);
+      if (dt == DType::kBFloat16)
+        return launch_wgrad_cfg<__nv_bfloat16, false, WgCfgSmall>(p, stream);
       return launch_wgrad_cfg<__half, false, WgCfgSmall>(p, stream);
     default:
-      if (dt == DType::kBFloat16) return launch_wgrad_cfg<__nv_bfloat16, false, WgCfgBig>(p, stream);
+      if (dt == DType::kBFloat16)
+        return launch_wgrad_cfg<__nv_bfloat16, false, WgCfgBig>(p, stream);
       return launch_wgrad_cfg<__half, false, WgCfgBig>(p, stream);
   }
 }

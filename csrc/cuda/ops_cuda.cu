@@ -68,8 +68,9 @@ DType to_dtype(const Tensor& t, const char* op) {
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "fastres CUDA ", op, ": activations must be float32, float16 or bfloat16, got ",
-                  t.scalar_type(), " (float64 runs on the cpu and reference backends)");
+      TORCH_CHECK(false, "fastres CUDA ", op,
+                  ": activations must be float32, float16 or bfloat16, got ", t.scalar_type(),
+                  " (float64 runs on the cpu and reference backends)");
   }
   return DType::kFloat32;  // not reached
 }
@@ -495,8 +496,10 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
   const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_stats");
   c10::cuda::CUDAGuard guard(input.device());
   const DType dt = to_dtype(input, "conv_stats");
-  const Tensor sc = pre_scale.has_value() ? chan_vec(*pre_scale, g.C, "pre_scale", input) : Tensor();
-  const Tensor sh = pre_shift.has_value() ? chan_vec(*pre_shift, g.C, "pre_shift", input) : Tensor();
+  const Tensor sc =
+      pre_scale.has_value() ? chan_vec(*pre_scale, g.C, "pre_scale", input) : Tensor();
+  const Tensor sh =
+      pre_shift.has_value() ? chan_vec(*pre_shift, g.C, "pre_shift", input) : Tensor();
   NhwcOut out = nhwc_out({g.N, g.K, g.P, g.Q}, input.options(), like_format(input));
   const at::TensorOptions fopts = input.options().dtype(at::kFloat);
   Tensor sum = at::empty({g.K}, fopts);
@@ -688,8 +691,10 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
   CHECK_SHAPE(grad_out, g.N, g.K, g.P, g.Q);
   c10::cuda::CUDAGuard guard(input.device());
   const DType dt = to_dtype(input, "conv_bwd");
-  const Tensor sc = pre_scale.has_value() ? chan_vec(*pre_scale, g.C, "pre_scale", input) : Tensor();
-  const Tensor sh = pre_shift.has_value() ? chan_vec(*pre_shift, g.C, "pre_shift", input) : Tensor();
+  const Tensor sc =
+      pre_scale.has_value() ? chan_vec(*pre_scale, g.C, "pre_scale", input) : Tensor();
+  const Tensor sh =
+      pre_shift.has_value() ? chan_vec(*pre_shift, g.C, "pre_shift", input) : Tensor();
   const int64_t epc = chunk_elems(dt);
   const int64_t Kp = round_up(g.K, epc);
   // N == 0 is the only empty case left (conv_geom rejects empty images and weights).
