@@ -105,7 +105,7 @@ def check(name, args, dtype, mutated=()):
         ours, lo, hi = (ours,), (lo,), (hi,)
     assert len(ours) == len(lo)
     formats = _expected_formats(name, args, lo)
-    for i, (o, lo_i, hi_i) in enumerate(zip(ours, lo, hi)):
+    for i, (o, lo_i, hi_i) in enumerate(zip(ours, lo, hi, strict=True)):
         assert o.shape == lo_i.shape, f"{name}[{i}] shape {tuple(o.shape)} != {tuple(lo_i.shape)}"
         assert o.dtype == lo_i.dtype, f"{name}[{i}] dtype {o.dtype} != {lo_i.dtype}"
         assert o.device == lo_i.device
@@ -285,7 +285,8 @@ def test_conv_bwd_stride2_phases_without_taps():
     go = act(1, 3, 3, 3, torch.float32)
     gi, _ = check("conv_bwd", (go, x, w, None, None, False, [2, 2], [0, 0], [1, 1], 1,
                                [True, False]), torch.float32)
-    assert torch.count_nonzero(gi[:, :, 1::2, :]) == 0 and torch.count_nonzero(gi[:, :, :, 1::2]) == 0
+    assert torch.count_nonzero(gi[:, :, 1::2, :]) == 0
+    assert torch.count_nonzero(gi[:, :, :, 1::2]) == 0
 
 
 def test_conv_fp32_tf32_switch(monkeypatch):
@@ -535,14 +536,16 @@ def test_torch_compile_fullgraph():
     eager = _train_step(x, w1, w2, *state)
     compiled = torch.compile(_train_step, fullgraph=True, backend=backend)(x, w1, w2, *state_c)
     torch.testing.assert_close(compiled, eager)
-    for a, b in zip(state_c, state):
+    for a, b in zip(state_c, state, strict=True):
         torch.testing.assert_close(a, b)
     assert int(state_c[2]) == 1
 
 
-def test_kernels_compile_for_hopper_without_gpu():
+def test_kernels_compile_and_trace_for_hopper_without_gpu():
     """The interpreter accepts code the compiler rejects: compile the bf16 variants of every
-    kernel for sm_90 (ptxas bundled with triton; no GPU needed) with the GPU configs."""
+    kernel for sm_90 (ptxas bundled with triton; no GPU needed) with the GPU configs, and trace
+    every triton_op as torch.compile does, checking that torch's mutation analysis marks only the
+    kernels' outputs as written (else torch.compile would clone every input of every call)."""
     import subprocess
     import sys
 
@@ -554,9 +557,9 @@ def test_kernels_compile_for_hopper_without_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-m", "fastres.triton_kernels.aot_check", "--quick", "--dtypes",
-         "bfloat16"], env=env, capture_output=True, text=True, timeout=600)
+         "bfloat16", "--trace"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert " 0 failed" in run.stdout
+    assert " 0 failed" in run.stdout and "trace: 0 problems" in run.stdout
 
 
 def _train_kept(model, x):

@@ -89,7 +89,8 @@ def clamp_pow2(n: int, lo: int, hi: int) -> int:
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
     """The format the fakes give an output shaped like ``x`` (fastres/_meta.py's _like_format)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if cl and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
 

@@ -32,8 +32,8 @@ SCHEMAS = {
     "bn_finalize": "(Tensor sum, Tensor sumsq, Tensor? weight, Tensor? bias, Tensor(a!)? "
     "running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int count, "
     "float? momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)",
-    "bn_add_relu": "(Tensor input, Tensor scale, Tensor shift, Tensor? residual, Tensor? res_scale, "
-    "Tensor? res_shift, int res_channel_offset, bool relu) -> Tensor",
+    "bn_add_relu": "(Tensor input, Tensor scale, Tensor shift, Tensor? residual, "
+    "Tensor? res_scale, Tensor? res_shift, int res_channel_offset, bool relu) -> Tensor",
     "bn_add_relu_bwd": "(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, Tensor invstd, "
     "Tensor? weight, Tensor? res_input, Tensor? res_mean, Tensor? res_invstd, Tensor? res_weight) "
     "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_res, "
@@ -57,7 +57,8 @@ def _check_act(name: str, *tensors: Tensor | None) -> None:
         if t is None:
             continue
         if t.dim() != 4:
-            raise ValueError(f"fastres_triton.{name}: expected 4-D (N, C, H, W), got {tuple(t.shape)}")
+            raise ValueError(f"fastres_triton.{name}: expected 4-D (N, C, H, W), got "
+                             f"{tuple(t.shape)}")
         if t.dtype not in DTYPES:
             raise TypeError(f"fastres_triton.{name}: dtype {t.dtype} not supported "
                             "(float32, float16, bfloat16)")

@@ -10,6 +10,13 @@ with triton.compile for a cuda target: TTIR -> TTGIR -> LLVM -> PTX -> cubin thr
 bundled with triton. It reports registers and spills (cuobjdump) per variant and exits non-zero
 if any variant fails to compile. Compiling proves nothing about speed or numerics on a GPU.
 
+With --trace it also traces every op the way torch.compile does (aot_function over fake CUDA
+tensors: the triton_op bodies decompose into triton_kernel_wrapper_functional nodes) and checks
+that torch's TTIR mutation analysis marks only each kernel's outputs as written: a kernel it
+cannot analyse makes torch.compile clone every input (a full copy of each activation per call).
+The analysis needs a compile target, which a GPU-less driver cannot give, so a stub driver
+answers sm_90.
+
 Run it without TRITON_INTERPRET in the environment (it refuses otherwise).
 """
 
@@ -34,7 +41,7 @@ def _signature(kernel, args, meta):
     import torch  # noqa: PLC0415
 
     opts = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
-    values = dict(zip(kernel.arg_names, args))
+    values = dict(zip(kernel.arg_names, args, strict=False))  # constexprs come as kwargs
     values.update({k: v for k, v in meta.items() if k not in opts})
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -63,8 +70,6 @@ def _signature(kernel, args, meta):
 
 def _capture(quick: bool, dtype_names: list[str]):
     """Run the op bodies on CPU tensors with every launch recorded, not executed."""
-    import torch  # noqa: PLC0415
-
     from . import _common, bn, conv, reduce  # noqa: PLC0415
 
     if _common.INTERPRETED:
@@ -75,8 +80,19 @@ def _capture(quick: bool, dtype_names: list[str]):
     def record(kernel, grid, *args, **meta):
         captured.append((kernel, args, meta))
 
-    for mod in (_common, conv, bn, reduce):
+    saved = {mod: mod.launch for mod in (_common, conv, bn, reduce)}
+    for mod in saved:
         mod.launch = record
+    try:
+        _run_ops(ops, quick, dtype_names)
+    finally:
+        for mod, fn in saved.items():
+            mod.launch = fn
+    return captured
+
+
+def _run_ops(ops, quick: bool, dtype_names: list[str]) -> None:
+    import torch  # noqa: PLC0415
 
     def act(n, c, h, w, dt, cl=True):
         x = torch.randn(n, c, h, w).to(dt)
@@ -114,7 +130,101 @@ def _capture(quick: bool, dtype_names: list[str]):
     s, ss = torch.randn(64), torch.rand(64)
     ops.bn_finalize(s, ss, sc, sh, torch.zeros(64), torch.ones(64), torch.tensor(0), 100, None,
                     1e-5)
-    return captured
+
+
+# The pointers each kernel stores through; anything else marked "to clone" is a false mutation.
+WRITES = {
+    "_conv_fwd_kernel": {"out_ptr", "psum_ptr", "psumsq_ptr"},
+    "_conv_dgrad_kernel": {"gi_ptr"},
+    "_conv_wgrad_kernel": {"out_ptr"},
+    "_sum_rows_kernel": {"out_ptr"},
+    "_bn_finalize_kernel": {"rm_ptr", "rv_ptr", "nbt_ptr", "mean_ptr", "invstd_ptr", "scale_ptr",
+                            "shift_ptr"},
+    "_bn_add_relu_kernel": {"out_ptr"},
+    "_bn_bwd_reduce_kernel": {"g_ptr", "part_ptr"},
+    "_bn_bwd_apply_kernel": {"gi_ptr", "gr_ptr"},
+}
+
+
+def _trace(arch: int) -> int:
+    """aot_function-trace every op on fake CUDA tensors; returns the number of problems."""
+    import torch  # noqa: PLC0415
+    import triton  # noqa: PLC0415
+    from functorch.compile import aot_function, make_boxed_func  # noqa: PLC0415
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: PLC0415
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+
+    class _TargetOnly:  # what torch's mutation analysis asks of the driver
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+    triton.runtime.driver.set_active(_TargetOnly())
+    ops = torch.ops.fastres_triton
+    importlib.import_module(__package__ + "._ops")
+    mode = FakeTensorMode()
+    bf, cl = torch.bfloat16, torch.channels_last
+    with mode:
+        def t(*shape, dtype=bf, fmt=cl):
+            return torch.empty(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+
+        x, w, go = t(2, 8, 6, 6), t(8, 8, 3, 3), t(2, 8, 6, 6)
+        v = [torch.empty(8, device="cuda") for _ in range(6)]
+        nbt = torch.empty((), device="cuda", dtype=torch.long)
+    # (op, args): tensors are traced inputs (aot_function lifts only positional tensors).
+    calls = {
+        "conv_bias_act": (ops.conv_bias_act, (x, w, v[0].to(bf), go, [1, 1], [1, 1], [1, 1], 1,
+                                              True)),
+        "conv_stats": (ops.conv_stats, (x, w, v[0], v[1], True, [1, 1], [1, 1], [1, 1], 1)),
+        "conv_bwd": (ops.conv_bwd, (go, x, w, v[0], v[1], True, [1, 1], [1, 1], [1, 1], 1,
+                                    [True, True])),
+        "bn_finalize": (ops.bn_finalize, (v[0], v[1], v[2], v[3], v[4], v[5], nbt, 72, None,
+                                          1e-5)),
+        "bn_add_relu": (ops.bn_add_relu, (x, v[0], v[1], go, v[2], v[3], 0, True)),
+        "bn_add_relu_bwd": (ops.bn_add_relu_bwd, (go, x, x, v[0], v[1], v[2], x, v[3], v[4],
+                                                  v[5])),
+        "bn_relu_bwd": (ops.bn_relu_bwd, (go, x, v[0], v[1], v[2], v[3], v[4], True)),
+        "relu_bias_bwd": (ops.relu_bias_bwd, (go, x)),
+    }
+    problems = 0
+    for name, (op, op_args) in calls.items():
+        graphs = []
+
+        def compiler(gm, inputs, graphs=graphs):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        tensors = [i for i, a in enumerate(op_args) if isinstance(a, torch.Tensor)]
+
+        def fn(*ts, op=op, op_args=op_args, tensors=tensors):
+            full = list(op_args)
+            for i, t_ in zip(tensors, ts, strict=True):
+                full[i] = t_
+            return op(*full)
+
+        try:
+            with mode:
+                aot_function(fn, fw_compiler=compiler)(*[op_args[i] for i in tensors])
+        except Exception as exc:  # noqa: BLE001 - reported, then counted
+            problems += 1
+            print(f"trace {name}: FAIL {exc!r}"[:2000])
+            continue
+        kernels = []
+        for node in graphs[0].graph.nodes if graphs else []:
+            if "triton_kernel_wrapper" not in str(node.target):
+                continue
+            kname = kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+            cloned = set(node.kwargs.get("tensors_to_clone", ()))
+            extra = cloned - WRITES.get(kname, set())
+            kernels.append(f"{kname}{sorted(cloned)}")
+            if extra:
+                problems += 1
+                print(f"trace {name}: {kname} falsely mutates {sorted(extra)}")
+        if not kernels:
+            problems += 1
+            print(f"trace {name}: no triton kernel in the traced graph")
+        print(f"trace {name}: {' '.join(kernels)}")
+    return problems
 
 
 def _resources(cubin: bytes, cuobjdump: str) -> str:
@@ -137,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bfloat16,float16,float32",
                         help="comma-separated torch dtypes (bfloat16,float16,float32)")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90)")
+    parser.add_argument("--trace", action="store_true",
+                        help="also trace the ops as torch.compile does (fake CUDA tensors)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot_check: unset TRITON_INTERPRET first", file=sys.stderr)
@@ -170,6 +282,10 @@ def main(argv=None) -> int:
         print(f"{kernel.__name__} {flags} {opts}: {status}", flush=True)
     print(f"aot_check: triton {triton.__version__}, sm_{args.arch}: {len(seen)} variants, "
           f"{failures} failed, {spills} with a stack frame (spills)")
+    if args.trace:
+        problems = _trace(args.arch)
+        print(f"aot_check: trace: {problems} problems")
+        failures += problems
     return 1 if failures else 0
 
 

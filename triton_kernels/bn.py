@@ -289,7 +289,8 @@ def _bn_bwd_apply_kernel(
 def bn_finalize(sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked,
                 count: int, momentum, eps: float):
     if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {count} values")
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {count} values")
     cumulative = momentum is None
     if cumulative and (running_mean is not None or running_var is not None) \
             and num_batches_tracked is None:
@@ -341,7 +342,7 @@ def bn_add_relu(input, scale, shift, residual, res_scale, res_shift, res_channel
 
 def bn_bwd_reduce(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean, res_invstd,
                   g_out, mask_mode: int, has_xhat: bool):
-    """Pass 1: (sum g, sum g*xhat or None, sum g*xhat_res or None), writing g into g_out if given."""
+    """Pass 1: (sum g, sum g*xhat or None, sum g*xhat_res or None); writes g to g_out if given."""
     n, c, h, w = grad_out.shape
     m = n * h * w
     cfg = rows_config(m, c)
@@ -357,7 +358,8 @@ def bn_bwd_reduce(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean,
         grad_out, out if out is not None else dummy, xx,
         scale if scale is not None else f32, shift if shift is not None else f32,
         mean if mean is not None else f32, invstd if invstd is not None else f32,
-        rx, res_mean if res_mean is not None else f32, res_invstd if res_invstd is not None else f32,
+        rx, res_mean if res_mean is not None else f32,
+        res_invstd if res_invstd is not None else f32,
         gg, part,
         m, c, h, w,
         *strides4(grad_out), *strides4(out if out is not None else dummy), *strides4(xx),

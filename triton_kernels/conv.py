@@ -159,7 +159,7 @@ def _conv_dgrad_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # da[n, c, h, w] = sum over (k, r, s) with h = p*sh - ph + r*dh of go[n, k, p, q] * w[k, c, r, s].
+    # da[n, c, h, w] = sum over (k, r, s), h = p*sh - ph + r*dh, of go[n, k, p, q] * w[k, c, r, s].
     # Rows are split by output phase (h % sh, w % sw) (grid axis 1): within a phase the taps that
     # hit an output pixel are the same for every row, so a stride-2 3x3 dgrad runs its 9/4 valid
     # taps per phase instead of masking 3/4 of 9 (4x fewer MMAs than the masked gather).
@@ -217,7 +217,8 @@ def _conv_dgrad_kernel(
         row_ok = m_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
         kk = k0 + offs_k
         k_ok = kk < K
-        a_ptrs = go_row[:, None] + (p * stride_gp + q * stride_gq)[:, None] + kk[None, :] * stride_gk
+        a_ptrs = (go_row[:, None] + (p * stride_gp + q * stride_gq)[:, None]
+                  + kk[None, :] * stride_gk)
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b_ptrs = (w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wc
                   + r * stride_wr + s * stride_ws)
@@ -384,7 +385,8 @@ def conv_forward(
     return out, sum_rows(psum), sum_rows(psumsq)
 
 
-def conv_dgrad(grad_out: Tensor, input: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+def conv_dgrad(grad_out: Tensor, input: Tensor, weight: Tensor, stride, padding,
+               dilation) -> Tensor:
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
     p, q = grad_out.shape[2], grad_out.shape[3]
