@@ -80,8 +80,8 @@ def _bn_add_relu_kernel(
     APPLY_RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Floor on H200 (analysis): 3 tensors x 2 B per element (x, residual, out); ResNet-50 layer1
-    # output 256x256x56x56 bf16 = 205 MB x 3 / 4.3 TB/s = 143 us, vs 5 passes (BN, add, ReLU as
-    # separate ops) = 240 us.
+    # output 256x256x56x56 bf16 = 205.5M elements = 411 MB, x 3 / 4.3 TB/s = 287 us, vs 7 tensor
+    # passes as separate ops (BN 2, add 3, ReLU 2) = 669 us.
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,10 +136,10 @@ def _bn_bwd_reduce_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Pass 1 of the BN backward: per-channel sums of g and g*xhat. Each program walks row blocks
-    # pid_m, pid_m + GRID_M, ... and keeps a BLOCK_M x BLOCK_C fp32 accumulator, reduced once at
-    # the end: one partial per (program, channel), summed in a fixed order afterwards.
+    # pid_m, pid_m + GRID_M, ... adding each block's fp64 column sums to per-channel fp64
+    # accumulators: one partial per (program, channel), summed in a fixed order afterwards.
     # Floor on H200 (analysis): reads grad_out, out, x (+ res_x): 3-4 x 2 B per element; ResNet-50
-    # layer1 256x256x56x56 bf16 = 3 x 205 MB / 4.3 TB/s = 143 us (+ 48 us when writing g).
+    # layer1 256x256x56x56 bf16 = 3 x 411 MB / 4.3 TB/s = 287 us (+ 96 us when writing g).
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     grid_m = tl.num_programs(0)
@@ -228,7 +228,7 @@ def _bn_bwd_apply_kernel(
     # Pass 2: grad_input = weight*invstd * (g - sum(g)/count - xhat * sum(g*xhat)/count), g
     # recomputed from grad_out and the mask rather than stored by pass 1 (a 2 B/element write and
     # read saved against one compare). Floor on H200 (analysis): reads grad_out, out, x, writes
-    # grad_input: 4 x 205 MB / 4.3 TB/s = 191 us for ResNet-50 layer1 (+2 tensors with a BN'd
+    # grad_input: 4 x 411 MB / 4.3 TB/s = 382 us for ResNet-50 layer1 (+2 tensors with a BN'd
     # residual branch).
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)

@@ -4,8 +4,8 @@ data gradient and weight gradient, all NHWC-friendly, any N/H/W, masked channel 
 Notation: input x (N, C, H, W), weight w (K, C, R, S), output (N, K, P, Q). The forward GEMM has
 M = N*P*Q rows, K columns and a reduction of R*S*C, walked tap by tap (r, s) and BLOCK_K
 channels at a time in one flat loop (one loop keeps Triton's software pipelining when C is small).
-Row indices are int64: N*P*Q*K passes 2^31 for a batch of 256 at 112x112x64 (2^31 = 2.1e9 vs
-256*112*112*64 = 2.06e8 today, 16x headroom is not enough for big-batch or big-image runs).
+Row indices are int64: N*P*Q*K is 256*112*112*64 = 2.06e8 for the ResNet-50 stem at batch 256,
+only 10x under 2^31 = 2.1e9 (batch 2560, or 4x the image side at batch 160, passes it).
 Channel offsets stay int32: they are bounded by one image (C*H*W < 2^31).
 """
 
@@ -58,9 +58,9 @@ def _conv_fwd_kernel(
 ):
     # Floor on H200 (analysis): ResNet-50 layer3 3x3 conv, N=256, 14x14, C=K=256, bf16:
     # 2*M*K*R*S*C = 2*50176*256*9*256 = 59.2 GFLOP / 790 TFLOP/s = 75 us; bytes (in + out +
-    # weights) = 2*(25.7M + 12.8M + 0.6M) = 78 MB / 4.3 TB/s = 18 us -> compute bound. A 1x1 conv
-    # with C=K=64 at 56x56 (2*802816*64*64 = 6.6 GFLOP = 8.3 us vs 2*2*51.4M = 206 MB = 48 us) is
-    # bandwidth bound: the fused prologue and statistics save a full read+write pass each.
+    # weights) = 2 B * (12.8M + 12.8M + 0.6M) = 52 MB / 4.3 TB/s = 12 us -> compute bound. A 1x1
+    # conv with C=K=64 at 56x56 (2*802816*64*64 = 6.6 GFLOP = 8.3 us vs 2*2*51.4M = 206 MB =
+    # 48 us) is bandwidth bound: the fused prologue and statistics save a full read+write pass each.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(K, BLOCK_N)

@@ -21,8 +21,8 @@ def _sum_rows_kernel(
     P, L, stride_p,
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Floor on H200 (analysis): reads P*L*4 bytes once; e.g. ResNet-50 stem statistics
-    # 25088 x 64 partials = 6.4 MB / 4.3 TB/s = 1.5 us (vs 411 MB for the conv output itself).
+    # Floor on H200 (analysis): reads the partials once; e.g. ResNet-50 stem statistics at batch
+    # 256: 25088 x 64 fp64 partials = 12.8 MB / 4.3 TB/s = 3 us (vs 411 MB for the conv output).
     pid = tl.program_id(0)
     offs_l = pid.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
     l_ok = offs_l < L
