@@ -41,6 +41,8 @@ else:  # pragma: no cover
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CL = torch.channels_last
+# tests/conftest.py skips "gpu" tests without CUDA too; this keeps the file right on its own.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,12 +292,25 @@ def test_conv_bwd_stride2_phases_without_taps():
 
 
 def test_conv_fp32_tf32_switch(monkeypatch):
-    """fp32 runs TF32 when cudnn.allow_tf32 is on, exact IEEE otherwise (as F.conv2d)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert _common.dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    expected = "ieee" if _common.UPCAST_DOT else "tf32"  # the interpreter computes in fp32 anyway
-    assert _common.dot_precision(torch.float32) == expected
+    """On a GPU fp32 runs TF32 when cudnn.allow_tf32 is on, exact IEEE otherwise (as F.conv2d);
+    upcast operands (the interpreter) are always multiplied exactly."""
+    for allow in (False, True):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+        assert _common.dot_precision(torch.float32, upcast=False) == ("tf32" if allow else "ieee")
+        assert _common.dot_precision(torch.float32, upcast=True) == "ieee"
+        assert _common.dot_precision(torch.bfloat16, upcast=False) == "tf32"
+
+
+def test_empty_batch():
+    """N = 0: no program to launch; the statistics and weight gradient are zeros, not garbage."""
+    x = act(0, 5, 7, 7, torch.float32)
+    w = torch.randn(6, 5, 3, 3, device=DEVICE)
+    out, s, ss = OPS.conv_stats(x, w, None, None, False, [1, 1], [1, 1], [1, 1], 1)
+    assert out.shape == (0, 6, 7, 7) and not s.any() and not ss.any()
+    go = act(0, 6, 7, 7, torch.float32)
+    gi, gw = OPS.conv_bwd(go, x, w, None, None, False, [1, 1], [1, 1], [1, 1], 1, [True, True])
+    assert gi.shape == x.shape and not gw.any()
+    assert not OPS.relu_bias_bwd(go, None)[1].any()
 
 
 # ------------------------------------------------------------------------------------------
@@ -660,6 +675,7 @@ R50_GPU = [
 
 
 @pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("geom", R50_GPU)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_gpu_resnet50_shapes(geom, dtype):
@@ -679,6 +695,7 @@ def test_gpu_resnet50_shapes(geom, dtype):
 
 
 @pytest.mark.gpu
+@needs_cuda
 def test_gpu_statistics_bitwise_reproducible():
     dtype = torch.bfloat16
     x = act(64, 64, 56, 56, dtype)
@@ -700,6 +717,7 @@ def test_gpu_statistics_bitwise_reproducible():
 
 
 @pytest.mark.gpu
+@needs_cuda
 def test_gpu_int64_offsets():
     """More than 2^31 elements: a 1x1 conv and bn_add_relu over (33, 64, 1024, 1024) bf16 (4.4 GB
     per tensor); the last image, past element 2^31, is checked against the reference."""

@@ -61,6 +61,8 @@ def launch(kernel, grid, *args, **meta) -> None:
     Interpreted kernels cannot be traced; under the interpreter the ops are plain custom ops whose
     fake implementation is the same Python body, so a launch on fake tensors is skipped here.
     """
+    if any(isinstance(g, int) and g == 0 for g in grid):
+        return  # an empty batch: nothing to compute (reductions over it still launch, and sum 0)
     if INTERPRETED:
         if any(_is_fake(a) for a in args) or any(_is_fake(v) for v in meta.values()):
             return
@@ -110,10 +112,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, upcast: bool = UPCAST_DOT) -> str:
     """tl.dot's input_precision: TF32 for float32 when cuDNN may use it (as F.conv2d would), exact
-    "ieee" otherwise. bf16/fp16 operands go to the tensor cores whatever this says."""
-    if UPCAST_DOT:
+    "ieee" otherwise. bf16/fp16 operands go to the tensor cores whatever this says; operands
+    upcast to float32 (the interpreter) are multiplied exactly."""
+    if upcast:
         return "ieee"
     if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
         return "ieee"
