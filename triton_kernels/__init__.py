@@ -49,7 +49,7 @@ def unavailable_reason() -> str | None:
     version = _triton_version()
     if version is None:
         return "triton is not installed (pip install triton)"
-    if _version_tuple(version)[:2] < MIN_TRITON:
+    if version != "0" and _version_tuple(version)[:2] < MIN_TRITON:  # "0": no metadata, try it
         return f"triton {version} is too old (need >= {'.'.join(map(str, MIN_TRITON))})"
     import torch  # noqa: PLC0415
 
