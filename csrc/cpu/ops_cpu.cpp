@@ -5,9 +5,18 @@
 // format (channels_last when that tensor is channels_last-contiguous and not contiguous), with
 // exactly the dense strides of that format. Inputs in any other layout are first copied to it
 // (correct, one extra pass).
-#include <ATen/ATen.h>
+// Per-operator headers rather than ATen/ATen.h: 9 s instead of 13 s of parsing for this file.
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <atomic>
