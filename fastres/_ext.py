@@ -1,26 +1,44 @@
-"""Loading the compiled extension fastres._C without ever crashing the package import."""
+"""Loading the compiled extension fastres._C without ever crashing the package import.
+
+What the extension reports about itself is read once, at load time, into plain Python values, so
+that code traced by torch.compile (the dispatcher) never calls into the pybind11 module.
+"""
 
 from __future__ import annotations
 
-import functools
-
 REBUILD = "pip install --no-build-isolation ."
 
+_loaded = False
+_module: object | None = None
+_reason: str | None = None
+_info: dict = {}
 
-@functools.cache
+
 def load() -> tuple[object | None, str | None]:
     """(module, None) when fastres._C imports, else (None, the reason with the rebuild command)."""
+    global _loaded, _module, _reason, _info
+    if _loaded:
+        return _module, _reason
+    _loaded = True
     try:
         from fastres import _C  # noqa: PLC0415  (loading it registers torch.ops.fastres.*)
     except ImportError as exc:
-        return None, f"fastres._C is not built or does not load ({exc}); rebuild with: {REBUILD}"
+        _reason = f"fastres._C is not built or does not load ({exc}); rebuild with: {REBUILD}"
+        return None, _reason
     from fastres import _meta  # noqa: F401,PLC0415  (fake kernels for the compiled ops)
 
-    return _C, None
+    _module, _info = _C, dict(_C.build_info())
+    return _module, None
+
+
+def has_cuda() -> bool:
+    """Whether the loaded extension has CUDA kernels."""
+    load()
+    return bool(_info.get("cuda", False))
 
 
 def build_info() -> dict:
     mod, why = load()
     if mod is None:
         return {"built": False, "reason": why}
-    return {"built": True, **mod.build_info()}
+    return {"built": True, **_info}

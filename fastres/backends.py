@@ -147,8 +147,7 @@ class CUDABackend(_CompiledBackend):
         why = super().unavailable_reason()
         if why:
             return why
-        mod, _ = _ext.load()
-        if not mod.has_cuda():
+        if not _ext.has_cuda():
             return "fastres._C was built without CUDA (rebuild with FASTRES_CUDA=1 on a CUDA torch)"
         if not torch.cuda.is_available():
             return "no CUDA device is available"

