@@ -415,6 +415,7 @@ def test_conv_bias_act_gradcheck(backend):
     assert torch.autograd.gradcheck(
         lambda x, w, b, r: conv_bias_act(x, w, b, r, stride=2, padding=1, backend=backend),
         (x, w, b, r),
+        fast_mode=True,
     )
 
 
