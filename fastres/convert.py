@@ -1,4 +1,4 @@
-"""``fastres.convert``: swap torchvision's residual blocks for fused fastres blocks.
+"""``fastres.convert``: swap torchvision's (and timm's) residual blocks for fused fastres blocks.
 
 No global monkey-patching: the converter replaces block instances inside one model (a copy by
 default) and keeps every parameter and buffer, so the converted model's ``state_dict`` has the same
@@ -8,6 +8,7 @@ keys and values and loads strictly into the plain model and back.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -39,8 +40,28 @@ _PAIRS = (
 )
 
 
+def _pairs() -> tuple[tuple[type[nn.Module], type[nn.Module]], ...]:
+    # timm's blocks: only when timm is already imported (a model holding them implies it), so
+    # that convert() never pays for importing timm.
+    if "timm.models.resnet" in sys.modules:
+        from fastres import integrations  # noqa: PLC0415
+
+        return _PAIRS + integrations.PAIRS
+    return _PAIRS
+
+
+def _reasons(mod: nn.Module, cls: type[nn.Module]) -> list[str]:
+    """Why ``mod`` cannot become a ``cls``; empty when it can."""
+    if cls is M.ConvBNReLU:
+        tmp = _swap(mod, cls)
+        return [] if tmp._fusable() is not None else ["not conv + BatchNorm2d + ReLU/none"]
+    if cls in (M.BasicBlock, M.BottleneckBlock):
+        return M.fusable_reasons(mod)
+    return _swap(mod, cls)._fusable_reasons()
+
+
 def _target(mod: nn.Module) -> type[nn.Module] | None:
-    for src, dst in _PAIRS:
+    for src, dst in _pairs():
         if type(mod) is src:
             return dst
     return None
@@ -56,7 +77,8 @@ def _swap(mod: nn.Module, cls: type[nn.Module]) -> nn.Module:
 
 def convert(model: nn.Module, inplace: bool = False, report: bool = False, verbose: bool = False):
     """Replace torchvision ``BasicBlock``/``Bottleneck``/``Conv2dNormActivation`` instances in
-    ``model`` by their fastres counterparts.
+    ``model`` by their fastres counterparts, and timm's ``BasicBlock``/``Bottleneck`` by
+    :mod:`fastres.integrations`' (when timm is imported).
 
     Args:
         model: any module tree (the model itself may be a block).
@@ -91,13 +113,7 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, verbo
                     )
                 visit(child, path + ".")
                 continue
-            if cls is M.ConvBNReLU:
-                tmp = _swap(child, cls)
-                reasons = (
-                    [] if tmp._fusable() is not None else ["not conv + BatchNorm2d + ReLU/none"]
-                )
-            else:
-                reasons = M.fusable_reasons(child)
+            reasons = _reasons(child, cls)
             if reasons:
                 rep.left.append((path, "; ".join(reasons)))
                 visit(child, path + ".")
@@ -107,7 +123,7 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, verbo
 
     if _target(model) is not None:
         cls = _target(model)
-        reasons = M.fusable_reasons(model) if cls is not M.ConvBNReLU else []
+        reasons = _reasons(model, cls)
         if not reasons:
             model = _swap(model, cls)
             rep.swapped.append(("", cls.__name__))
@@ -122,7 +138,7 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, verbo
 
 def _plain_class(mod: nn.Module) -> type[nn.Module] | None:
     """The plain class a fastres block was swapped from (None for anything else)."""
-    for src, dst in _PAIRS:
+    for src, dst in _pairs():
         if type(mod) is dst:
             return src
     return None

@@ -208,8 +208,12 @@ def fusable_reasons(block: nn.Module) -> list[str]:
 class _ResidualBlockMixin(_FusedMixin):
     _pairs: tuple[tuple[str, str], ...]
 
+    def _fusable_reasons(self) -> list[str]:
+        # Adapters of other libraries' blocks (fastres.integrations) override this.
+        return fusable_reasons(self)
+
     def forward(self, x: Tensor) -> Tensor:
-        if fusable_reasons(self) or (isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0):
+        if self._fusable_reasons() or (isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0):
             return super().forward(x)
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._pairs]
         ds = self.downsample

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
 import pickle
 
 import pytest
@@ -277,3 +278,142 @@ def test_frozen_bn_blocks_and_reasons():
     mixed.bn2 = FrozenBatchNorm2d(8)
     _, rep = fastres.convert(mixed, report=True)
     assert not rep.swapped and "mixes BatchNorm2d and FrozenBatchNorm2d" in rep.left[0][1]
+
+
+# ------------------------------------------------------------------------------- export, compile
+
+slow = pytest.mark.skipif(
+    os.environ.get("FASTRES_SLOW") != "1",
+    reason="slow on a CPU machine (minutes of Inductor compilation): set FASTRES_SLOW=1",
+)
+
+
+def test_export_eval_resnet18():
+    """torch.export of a converted model in eval mode: the folds and fused ops are traced (the
+    compiled backends' ops through their fake kernels) and the exported program computes what
+    torchvision does."""
+    tv = randomise_norm(torchvision.models.resnet18(num_classes=10)).eval()
+    ours = fastres.convert(tv).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ep = torch.export.export(ours, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    backend = fastres.functional.select_backend(
+        x, [tv.conv1.weight], [fastres.functional.ConvSpec()]
+    )
+    if backend.name != "reference":
+        assert "fastres.conv_bias_act.default" in targets, targets
+    # the fold is part of the program (not a constant of the trace): new weights are picked up
+    assert not any(m._fold_cache for m in ours.modules() if isinstance(m, FUSED))
+    with torch.no_grad():
+        k_ref = {"out": copy.deepcopy(tv).double()(x.double())}
+        check_rule({"out": ep.module()(x)}, {"out": tv(x)}, k_ref, torch.float32)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compile_resnet18_no_graph_breaks(train):
+    """Dynamo traces a whole converted ResNet-18 as one graph, in eval and in training (the
+    autograd.Function of the training path included)."""
+    ours = fastres.convert(torchvision.models.resnet18(num_classes=10)).train(train)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(ours)(torch.randn(2, 3, 32, 32))
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
+
+
+@slow
+def test_compile_resnet50_default_mode():
+    """torch.compile (default mode: Inductor), fullgraph, on a whole converted ResNet-50: eval
+    output, then a training step (output, input grad, every parameter grad, running stats) by the
+    tolerance rule against float64 torchvision."""
+    tv = randomise_norm(torchvision.models.resnet50(num_classes=10))
+    ours = fastres.convert(tv)
+    ref = copy.deepcopy(tv).double()
+    compiled = torch.compile(ours, fullgraph=True)
+    x = torch.randn(4, 3, 64, 64)
+    torch._dynamo.reset()
+    for train in (False, True):
+        k_ref = run_kept(ref, x.double(), train)
+        k_theirs = run_kept(tv, x, train)
+        ours.train(train)
+        k_ours = run_kept(compiled, x, train)
+        k_ours = {k.replace("_orig_mod.", ""): v for k, v in k_ours.items()}
+        check_rule(k_ours, k_theirs, k_ref, torch.float32)
+
+
+# ------------------------------------------------------------------------------- timm
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_timm_resnet(name):
+    """timm's plain ResNets: every block swapped for the fused adapter, state_dict keys kept
+    (strict loads both ways, unconvert back to timm's classes), and by the tolerance rule: eval
+    output; for resnet18 a training step too (outputs, grads, running stats; ResNet-50's training
+    path is the same code as resnet18's and test_timm_bottleneck_train's)."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (scripts/setup_env.sh)")
+    from fastres.integrations import TimmBasicBlock, TimmBottleneck
+
+    tm = randomise_norm(timm.create_model(name, pretrained=False, num_classes=10))
+    ours, rep = fastres.convert(tm, report=True)
+    cls = TimmBasicBlock if name == "resnet18" else TimmBottleneck
+    n_blocks = 8 if name == "resnet18" else 16
+    assert [c for _, c in rep.swapped] == [cls.__name__] * n_blocks and not rep.left, rep
+    assert list(ours.state_dict()) == list(tm.state_dict())
+    fresh = fastres.convert(timm.create_model(name, pretrained=False, num_classes=10))
+    fresh.load_state_dict(tm.state_dict(), strict=True)
+    tm_again = timm.create_model(name, pretrained=False, num_classes=10)
+    tm_again.load_state_dict(ours.state_dict(), strict=True)
+    un = fastres.unconvert(ours)
+    assert type(un.layer1[0]) is type(tm.layer1[0]) and type(ours.layer1[0]) is cls
+    ref = copy.deepcopy(tm).double()
+    modes = [(False, torch.randn(2, 3, 32, 32))]
+    if name == "resnet18":
+        # N=4 at 64x64: layer4's BatchNorms see 16 values per channel (see test_blocks)
+        modes.append((True, torch.randn(4, 3, 64, 64)))
+    for train, x in modes:
+        k_ref = run_kept(ref, x.double(), train)
+        k_theirs = run_kept(tm, x, train)
+        k_ours = run_kept(ours, x, train)
+        check_rule(k_ours, k_theirs, k_ref, torch.float32)
+
+
+def test_timm_bottleneck_train():
+    """A timm Bottleneck with a stride-2 conv + BN downsample, training step and eval."""
+    pytest.importorskip("timm", reason="timm is not installed (scripts/setup_env.sh)")
+    from timm.models import resnet as timm_resnet
+
+    ds = nn.Sequential(nn.Conv2d(24, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    tm = randomise_norm(timm_resnet.Bottleneck(24, 8, stride=2, downsample=ds))
+    ours = fastres.convert(tm)
+    assert type(ours).__name__ == "TimmBottleneck"
+    ref = copy.deepcopy(tm).double()
+    x = torch.randn(4, 24, 15, 15)
+    for train in (True, False):
+        k_ref = run_kept(ref, x.double(), train)
+        k_theirs = run_kept(tm, x, train)
+        k_ours = run_kept(ours, x, train)
+        check_rule(k_ours, k_theirs, k_ref, torch.float32)
+
+
+def test_timm_blocks_with_extras_are_left_with_reasons():
+    """SE attention, anti-aliasing, drop_path and another activation: left unfused, with the
+    reason, and the model computes what timm's does."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (scripts/setup_env.sh)")
+
+    se = timm.create_model("seresnet18", pretrained=False, num_classes=10)
+    _, rep = fastres.convert(se, report=True)
+    assert not rep.swapped and len(rep.left) == 8
+    assert all("se: attention layer SEModule is not fused" in why for _, why in rep.left), rep
+    for kwargs, why in (
+        (dict(aa_layer=nn.AvgPool2d), "aa: anti-aliasing layer AvgPool2d"),
+        (dict(drop_path_rate=0.1), "drop_path: stochastic depth"),
+        (dict(act_layer=nn.SiLU), "act1: SiLU is not nn.ReLU"),
+    ):
+        # aa acts on stride-2 blocks only, drop_path is None where its rate is 0: the others fuse
+        tm = randomise_norm(timm.create_model("resnet18", pretrained=False, **kwargs)).eval()
+        ours, rep = fastres.convert(tm, report=True)
+        assert rep.left and all(why in w for _, w in rep.left), (kwargs, rep)
+        for path, _ in rep.left:
+            assert type(ours.get_submodule(path)) is type(tm.get_submodule(path))
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            k_ref = {"out": copy.deepcopy(tm).double()(x.double())}
+            check_rule({"out": ours.eval()(x)}, {"out": tm(x)}, k_ref, torch.float32)
