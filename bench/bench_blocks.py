@@ -54,9 +54,9 @@ def run_block(benchmark, bctx, provider: str, case: BlockCase, mode: str, batch:
                 pytest.skip(f"{provider}: {str(exc).splitlines()[0][:120]}")
             raise
         with torch.no_grad():
-            want = ref_m(xs[0])
+            want = got if provider == "eager" and not train else ref_m(xs[0])
         diff = (got.double() - want.double()).abs().max().item()
-        info = B.measure(benchmark, call, dev, warmup=3 if provider == "compile" else 2,
+        info = B.measure(benchmark, call, dev, warmup=B.warmup_calls(provider, dev),
                          group=f"{group}: {case_id}")
         saved = None
         if train:
@@ -67,7 +67,8 @@ def run_block(benchmark, bctx, provider: str, case: BlockCase, mode: str, batch:
         for p in m.parameters():
             p.grad = None
         with B.peak_memory(dev) as pm:
-            call(0)
+            if dev.type == "cuda":
+                call(0)
     if train:
         def flop_fn():
             meta_block.train()
