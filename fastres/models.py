@@ -96,8 +96,7 @@ class CifarBasicBlockEager(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, shortcut: str = "A") -> None:
         super().__init__()
-        self.shortcut_kind = _shortcut_kind(inplanes, planes, stride, shortcut,
-                                            shortcut == "none")
+        self.shortcut_kind = _shortcut_kind(inplanes, planes, stride, shortcut, shortcut == "none")
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
