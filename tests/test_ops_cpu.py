@@ -489,6 +489,31 @@ def test_opcheck_optional_arguments_absent():
                               test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_batch(layout):
+    """N = 0: every op returns empty activations and zero sums, as the reference does."""
+    x = _act((0, 4, 5, 5), torch.float32, layout)
+    w, v = torch.randn(3, 4, 3, 3), torch.rand(4) + 0.5
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    y = _act((0, 3, 5, 5), torch.float32, layout)
+    cases = {
+        "conv_bias_act": (x, w, torch.randn(3), y, *conv, True),
+        "relu_bias_bwd": (x, x),
+        "conv_stats": (x, w, v, v, True, *conv),
+        "bn_add_relu": (x, v, v, x, v, v, 0, True),
+        "bn_add_relu_bwd": (x, x, x, v, v, v, x, v, v, v),
+        "bn_relu_bwd": (x, x, v, v, v, v, v, True),
+        "conv_bwd": (y, x, w, v, v, True, *conv, [True, True]),
+    }
+    for name, args in cases.items():
+        ours, theirs = getattr(ops, name)(*args), getattr(reference, name)(*args)
+        ours, theirs = (ours, theirs) if isinstance(ours, tuple) else ((ours,), (theirs,))
+        for o, t in zip(ours, theirs):
+            assert o.shape == t.shape and o.dtype == t.dtype, name
+            if o.dim() == 1:  # per-channel sums of nothing
+                assert torch.equal(o, torch.zeros_like(o)), name
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: a clear message naming the offending sizes, never a crash.
 

@@ -253,6 +253,16 @@ struct ChanScalar {
   }
 };
 
+inline bool is_empty(const Geom& g) {
+  return g.n * g.c * g.h * g.w == 0;  // (data pointers of empty tensors may be null)
+}
+
+inline void zero(double* out, int64_t c) {
+  if (out != nullptr) {
+    std::fill(out, out + c, 0.0);
+  }
+}
+
 inline int64_t grain_for(int64_t inner) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1));
 }
@@ -477,6 +487,9 @@ void epilogue_impl(const EpilogueArgs& a) {
 }
 
 void epilogue(const EpilogueArgs& a) {
+  if (is_empty(a.g)) {
+    return;
+  }
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     FASTRES_BOOL_SWITCH(a.res != nullptr, kRes, [&] {
@@ -506,6 +519,9 @@ void prologue_impl(const PrologueArgs& a) {
 }
 
 void prologue(const PrologueArgs& a) {
+  if (is_empty(a.g)) {
+    return;
+  }
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     FASTRES_BOOL_SWITCH(a.relu, kRelu, [&] { prologue_impl<T, kRelu>(a); });
@@ -529,6 +545,11 @@ void stats_impl(const StatsArgs& a) {
 }
 
 void channel_stats(const StatsArgs& a) {
+  if (is_empty(a.g)) {
+    zero(a.sum, a.g.c);
+    zero(a.sumsq, a.g.c);
+    return;
+  }
   dispatch_dtype(a.dtype, [&](auto tag) { stats_impl<decltype(tag)>(a); });
 }
 
@@ -583,6 +604,12 @@ void bn_reduce_impl(const BnBwdArgs& a) {
 }
 
 void bn_bwd_reduce(const BnBwdArgs& a) {
+  if (is_empty(a.g)) {
+    zero(a.sum_g, a.g.c);
+    zero(a.sum_gx, a.g.c);
+    zero(a.sum_gx2, a.g.c);
+    return;
+  }
   const bool has_x = a.x != nullptr, has_x2 = a.x2 != nullptr, write_g = a.g_out != nullptr;
   TORCH_INTERNAL_ASSERT(has_x || !has_x2);
   TORCH_INTERNAL_ASSERT(a.mask != Mask::kPre || (has_x && !has_x2 && !write_g));
@@ -629,6 +656,9 @@ void bn_apply_impl(const BnBwdArgs& a) {
 }
 
 void bn_bwd_apply(const BnBwdArgs& a) {
+  if (is_empty(a.g)) {
+    return;
+  }
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (a.mask == Mask::kPre) {
