@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 
 import pytest
 import torch
@@ -26,14 +25,22 @@ if _mod is None:  # a test module for compiled ops has nothing to say without th
 
 ops = torch.ops.fastres
 CPU = backends.BACKENDS["cpu"]
-DTYPES = [d for d in CPU.dtypes if not CPU.not_supported_reasons(backends.Inputs(torch.device("cpu"), d))]
+DTYPES = [
+    d for d in CPU.dtypes if not CPU.not_supported_reasons(backends.Inputs(torch.device("cpu"), d))
+]
 LOW_DTYPES = [d for d in DTYPES if d != torch.float64]
 LAYOUTS = ["contiguous", "channels_last"]
 
 # (kernel, stride, padding, dilation, groups): 1x1, 3x3 and the 7x7/2 stem, stride 1 and 2 in every
 # dtype and layout; dilated and grouped convolutions (which only the CPU and reference backends
 # serve) in float32 and float64.
-_CORE_GEOMETRIES = [(1, 1, 0, 1, 1), (1, 2, 0, 1, 1), (3, 1, 1, 1, 1), (3, 2, 1, 1, 1), (7, 2, 3, 1, 1)]
+_CORE_GEOMETRIES = [
+    (1, 1, 0, 1, 1),
+    (1, 2, 0, 1, 1),
+    (3, 1, 1, 1, 1),
+    (3, 2, 1, 1, 1),
+    (7, 2, 3, 1, 1),
+]
 _EXTRA_GEOMETRIES = [(3, 1, 2, 2, 1), (3, 1, 1, 1, 3)]
 
 
@@ -45,12 +52,21 @@ def _gid(g):
 def _conv_cases():
     """(geometry, dtype, layout) for every combination the CPU backend says it serves."""
     cases = []
-    for geom, dtype, layout in itertools.product(_CORE_GEOMETRIES + _EXTRA_GEOMETRIES, DTYPES, LAYOUTS):
+    for geom, dtype, layout in itertools.product(
+        _CORE_GEOMETRIES + _EXTRA_GEOMETRIES, DTYPES, LAYOUTS
+    ):
         k, s, p, d, g = geom
         if geom in _EXTRA_GEOMETRIES and dtype not in (torch.float32, torch.float64):
             continue
-        inputs = backends.Inputs(torch.device("cpu"), dtype, kernel_size=(k, k), stride=(s, s),
-                                 dilation=(d, d), groups=g, channels_last=layout == "channels_last")
+        inputs = backends.Inputs(
+            torch.device("cpu"),
+            dtype,
+            kernel_size=(k, k),
+            stride=(s, s),
+            dilation=(d, d),
+            groups=g,
+            channels_last=layout == "channels_last",
+        )
         if not CPU.not_supported_reasons(inputs):
             cases.append(pytest.param(geom, dtype, layout, id=f"{_gid(geom)}-{dtype}-{layout}"))
     return cases
@@ -101,7 +117,11 @@ def _act(shape, dtype, layout, lo=None):
 
 
 def _vec(c, dtype, positive=False):
-    v = torch.rand(c, dtype=torch.float64) + 0.5 if positive else torch.randn(c, dtype=torch.float64)
+    v = (
+        torch.rand(c, dtype=torch.float64) + 0.5
+        if positive
+        else torch.randn(c, dtype=torch.float64)
+    )
     return v.to(_acc(dtype))
 
 
@@ -121,7 +141,7 @@ def _check(name, ours, fn, args, dtype, strides_of=None):
     if isinstance(ours, torch.Tensor):
         ours, theirs, truth = (ours,), (theirs,), (truth,)
     assert len(ours) == len(theirs)
-    for i, (o, t, r) in enumerate(zip(ours, theirs, truth)):
+    for i, (o, t, r) in enumerate(zip(ours, theirs, truth, strict=True)):
         assert o.dtype == t.dtype, f"{name}[{i}]: dtype {o.dtype} != reference {t.dtype}"
         assert o.shape == t.shape, f"{name}[{i}]: shape {tuple(o.shape)} != {tuple(t.shape)}"
         if o.dim() == 4 and (strides_of is None or i in strides_of):
@@ -148,8 +168,13 @@ def test_conv_bias_act(geom, dtype, layout):
     y_shape = reference.conv_bias_act(x, w, None, None, stride, pad, dil, groups, False).shape
     # every option with and without: the oneDNN unary (bias+ReLU) and binary (bias+add+ReLU)
     # paths, the epilogue pass after the convolution, a strided residual view
-    for has_bias, res_kind, relu in [(False, None, False), (True, None, True), (False, "dense", False),
-                                     (True, "dense", True), (True, "strided", True)]:
+    for has_bias, res_kind, relu in [
+        (False, None, False),
+        (True, None, True),
+        (False, "dense", False),
+        (True, "dense", True),
+        (True, "strided", True),
+    ]:
         bias = torch.randn(k, dtype=torch.float64).to(dtype) if has_bias else None
         res = None
         if res_kind == "dense":
@@ -158,8 +183,13 @@ def test_conv_bias_act(geom, dtype, layout):
             n_, k_, h_, w_ = y_shape
             res = _act((n_, k_, h_, 2 * w_), dtype, layout)[:, :, :, ::2]
         args = (x, w, bias, res, stride, pad, dil, groups, relu)
-        _check(f"conv_bias_act bias={has_bias} res={res_kind} relu={relu}",
-               ops.conv_bias_act(*args), reference.conv_bias_act, args, dtype)
+        _check(
+            f"conv_bias_act bias={has_bias} res={res_kind} relu={relu}",
+            ops.conv_bias_act(*args),
+            reference.conv_bias_act,
+            args,
+            dtype,
+        )
 
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
@@ -170,7 +200,9 @@ def test_conv_bias_act_acc_dtype_bias(dtype):
     bias = torch.randn(16)
     res = _act((2, 16, 8, 8), dtype, "channels_last")
     args = (x, w, bias, res, [1, 1], [1, 1], [1, 1], 1, True)
-    _check("conv_bias_act fp32 bias", ops.conv_bias_act(*args), reference.conv_bias_act, args, dtype)
+    _check(
+        "conv_bias_act fp32 bias", ops.conv_bias_act(*args), reference.conv_bias_act, args, dtype
+    )
 
 
 def test_conv_bias_act_mixed_formats():
@@ -180,8 +212,13 @@ def test_conv_bias_act_mixed_formats():
         w = torch.randn(12, 8, 1, 1)
         res = _act((2, 12, 7, 7), torch.float32, res_layout)
         args = (x, w, torch.randn(12), res, [1, 1], [0, 0], [1, 1], 1, True)
-        _check(f"conv_bias_act {in_layout}/{res_layout}", ops.conv_bias_act(*args),
-               reference.conv_bias_act, args, torch.float32)
+        _check(
+            f"conv_bias_act {in_layout}/{res_layout}",
+            ops.conv_bias_act(*args),
+            reference.conv_bias_act,
+            args,
+            torch.float32,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,8 +232,13 @@ def test_relu_bias_bwd(dtype, layout):
     go = _act(shape, dtype, layout)
     for out in [None, _act(shape, dtype, layout), _act(shape, dtype, "channels_last")]:
         args = (go, out)
-        _check(f"relu_bias_bwd out={'none' if out is None else 'given'}", ops.relu_bias_bwd(*args),
-               reference.relu_bias_bwd, args, dtype)
+        _check(
+            f"relu_bias_bwd out={'none' if out is None else 'given'}",
+            ops.relu_bias_bwd(*args),
+            reference.relu_bias_bwd,
+            args,
+            dtype,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +263,9 @@ def test_conv_stats(geom, dtype, layout):
         scale = _vec(c, dtype, positive=True) if has_scale else None
         shift = _vec(c, dtype) if has_shift else None
         args = (x, w, scale, shift, relu, stride, pad, dil, groups)
-        _check(f"conv_stats prologue={name}", ops.conv_stats(*args), reference.conv_stats, args, dtype)
+        _check(
+            f"conv_stats prologue={name}", ops.conv_stats(*args), reference.conv_stats, args, dtype
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +299,8 @@ def test_bn_finalize_running_stats_match_batchnorm(momentum, dtype):
             s = xd.sum(dim=(0, 2, 3)).to(dtype)
             ss = (xd * xd).sum(dim=(0, 2, 3)).to(dtype)
             mean, invstd, scale, shift = ops.bn_finalize(
-                s, ss, bn.weight, bn.bias, rm, rv, nbt, x.numel() // c, momentum, bn.eps)
+                s, ss, bn.weight, bn.bias, rm, rv, nbt, x.numel() // c, momentum, bn.eps
+            )
             ours = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
             tol = 1e-5 if dtype == torch.float32 else 1e-12
             torch.testing.assert_close(ours, y, atol=tol, rtol=tol)
@@ -289,10 +334,13 @@ def _residuals(shape, dtype, layout):
     return {
         "none": (None, 0),
         "dense": (_act(shape, dtype, layout), 0),
-        "other_format": (_act(shape, dtype, "contiguous" if layout != "contiguous" else "channels_last"), 0),
+        "other_format": (
+            _act(shape, dtype, "contiguous" if layout != "contiguous" else "channels_last"),
+            0,
+        ),
         "strided": (wide[:, :, ::2, ::2], 0),  # the option-A subsample x[:, :, ::2, ::2]
         "fewer_channels": (_act((n, c - 6, h, w), dtype, layout), 3),
-        "fewer_strided": (wide[:, 1:c - 4, ::2, ::2], 4),
+        "fewer_strided": (wide[:, 1 : c - 4, ::2, ::2], 4),
         "channel_strided": (wide[:, ::2, :h, :w][:, : (c + 1) // 2], 1),
         "expanded": (torch.randn(1, c, 1, 1).to(dtype).expand(n, c, h, w), 0),
     }
@@ -305,15 +353,21 @@ def test_bn_add_relu(dtype, layout):
     x = _act(shape, dtype, layout)
     scale, shift = _vec(37, dtype, positive=True), _vec(37, dtype)
     for (res_name, (res, off)), affine, relu in itertools.product(
-            _residuals(shape, dtype, layout).items(), ["none", "scale", "shift", "both"], [False, True]):
+        _residuals(shape, dtype, layout).items(), ["none", "scale", "shift", "both"], [False, True]
+    ):
         if res is None and affine != "none":
             continue
         cr = 0 if res is None else res.shape[1]
         rs = _vec(cr, dtype, positive=True) if affine in ("scale", "both") else None
         rb = _vec(cr, dtype) if affine in ("shift", "both") else None
         args = (x, scale, shift, res, rs, rb, off, relu)
-        _check(f"bn_add_relu res={res_name} affine={affine} relu={relu}", ops.bn_add_relu(*args),
-               reference.bn_add_relu, args, dtype)
+        _check(
+            f"bn_add_relu res={res_name} affine={affine} relu={relu}",
+            ops.bn_add_relu(*args),
+            reference.bn_add_relu,
+            args,
+            dtype,
+        )
 
 
 def test_bn_add_relu_option_a_shortcut():
@@ -323,8 +377,11 @@ def test_bn_add_relu_option_a_shortcut():
         y = _act((2, 32, 4, 4), torch.float32, layout)
         scale, shift = _vec(32, torch.float32, positive=True), _vec(32, torch.float32)
         ours = ops.bn_add_relu(y, scale, shift, x[:, :, ::2, ::2], None, None, 8, True)
-        expect = torch.relu(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-                            + reference.option_a_shortcut(x, 32, 2))
+        expect = torch.relu(
+            y * scale.view(1, -1, 1, 1)
+            + shift.view(1, -1, 1, 1)
+            + reference.option_a_shortcut(x, 32, 2)
+        )
         torch.testing.assert_close(ours, expect, atol=1e-6, rtol=1e-6)
 
 
@@ -339,29 +396,57 @@ def test_bn_add_relu_bwd(dtype, layout):
     c = shape[1]
     go, out = _act(shape, dtype, layout), _act(shape, dtype, layout)
     x, x2 = _act(shape, dtype, layout), _act(shape, dtype, layout)
-    for has_out, res, has_w in itertools.product([False, True], ["identity", "bn", "bn_noweight"],
-                                                 [False, True]):
+    for has_out, res, has_w in itertools.product(
+        [False, True], ["identity", "bn", "bn_noweight"], [False, True]
+    ):
         mean, invstd = _vec(c, dtype), _vec(c, dtype, positive=True)
         weight = _vec(c, dtype) if has_w else None
         if res == "identity":
             extra = (None, None, None, None)
         else:
-            extra = (x2, _vec(c, dtype), _vec(c, dtype, positive=True),
-                     _vec(c, dtype) if res == "bn" else None)
+            extra = (
+                x2,
+                _vec(c, dtype),
+                _vec(c, dtype, positive=True),
+                _vec(c, dtype) if res == "bn" else None,
+            )
         args = (go, out if has_out else None, x, mean, invstd, weight, *extra)
-        _check(f"bn_add_relu_bwd out={has_out} res={res} weight={has_w}",
-               ops.bn_add_relu_bwd(*args), reference.bn_add_relu_bwd, args, dtype)
+        _check(
+            f"bn_add_relu_bwd out={has_out} res={res} weight={has_w}",
+            ops.bn_add_relu_bwd(*args),
+            reference.bn_add_relu_bwd,
+            args,
+            dtype,
+        )
 
 
 def test_bn_add_relu_bwd_mixed_formats():
     """grad_out contiguous, input channels_last: each output follows its own reference tensor."""
     shape = (2, 24, 6, 6)
     go = _act(shape, torch.float32, "contiguous")
-    out, x = _act(shape, torch.float32, "channels_last"), _act(shape, torch.float32, "channels_last")
-    args = (go, out, x, _vec(24, torch.float32), _vec(24, torch.float32, positive=True), None,
-            None, None, None, None)
-    _check("bn_add_relu_bwd mixed", ops.bn_add_relu_bwd(*args), reference.bn_add_relu_bwd, args,
-           torch.float32)
+    out, x = (
+        _act(shape, torch.float32, "channels_last"),
+        _act(shape, torch.float32, "channels_last"),
+    )
+    args = (
+        go,
+        out,
+        x,
+        _vec(24, torch.float32),
+        _vec(24, torch.float32, positive=True),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+    _check(
+        "bn_add_relu_bwd mixed",
+        ops.bn_add_relu_bwd(*args),
+        reference.bn_add_relu_bwd,
+        args,
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -375,8 +460,13 @@ def test_bn_relu_bwd(dtype, layout):
         weight = _vec(c, dtype) if has_w else None
         scale, shift = _vec(c, dtype), _vec(c, dtype)
         args = (go, x, mean, invstd, weight, scale, shift, relu)
-        _check(f"bn_relu_bwd relu={relu} weight={has_w}", ops.bn_relu_bwd(*args),
-               reference.bn_relu_bwd, args, dtype)
+        _check(
+            f"bn_relu_bwd relu={relu} weight={has_w}",
+            ops.bn_relu_bwd(*args),
+            reference.bn_relu_bwd,
+            args,
+            dtype,
+        )
 
 
 def test_bn_relu_bwd_mask_rounds_like_reference():
@@ -384,12 +474,12 @@ def test_bn_relu_bwd_mask_rounds_like_reference():
     rounds values up to 2^-25 to zero (masked out), larger ones to 2^-24 (kept)."""
     c = 5
     x = torch.zeros(1, c, 2, 2, dtype=torch.float16)
-    shift = torch.tensor([2.0 ** -26, 2.0 ** -25, 1.5 * 2.0 ** -25, 2.0 ** -24, -(2.0 ** -30)])
+    shift = torch.tensor([2.0**-26, 2.0**-25, 1.5 * 2.0**-25, 2.0**-24, -(2.0**-30)])
     go = torch.ones(1, c, 2, 2, dtype=torch.float16)
     args = (go, x, torch.zeros(c), torch.ones(c), None, torch.ones(c), shift, True)
     ours, theirs = ops.bn_relu_bwd(*args), reference.bn_relu_bwd(*args)
     assert ours[2].tolist() == [0.0, 0.0, 4.0, 4.0, 0.0]  # grad_bias: the mask per channel
-    for o, t in zip(ours, theirs):
+    for o, t in zip(ours, theirs, strict=True):
         torch.testing.assert_close(o, t, atol=0, rtol=0)
 
 
@@ -406,7 +496,8 @@ def test_conv_bwd(geom, dtype, layout):
     go = _act(y_shape, dtype, layout)
     c = xs[1]
     for (name, (has_scale, has_shift, relu)), mask in itertools.product(
-            PROLOGUES.items(), [[True, True], [True, False], [False, True]]):
+        PROLOGUES.items(), [[True, True], [True, False], [False, True]]
+    ):
         if mask != [True, True] and name != "bn_relu":
             continue
         scale = _vec(c, dtype, positive=True) if has_scale else None
@@ -414,8 +505,14 @@ def test_conv_bwd(geom, dtype, layout):
         args = (go, x, w, scale, shift, relu, stride, pad, dil, groups, mask)
         # grad_weight's strides: the weight's (fake: empty_like(weight)); the reference returns
         # whatever convolution_backward picked, so only grad_input's strides are compared.
-        _check(f"conv_bwd prologue={name} mask={mask}", ops.conv_bwd(*args), reference.conv_bwd,
-               args, dtype, strides_of=(0,))
+        _check(
+            f"conv_bwd prologue={name} mask={mask}",
+            ops.conv_bwd(*args),
+            reference.conv_bwd,
+            args,
+            dtype,
+            strides_of=(0,),
+        )
 
 
 def test_conv_bwd_channels_last_weight():
@@ -425,7 +522,9 @@ def test_conv_bwd_channels_last_weight():
     go = torch.randn(2, 4, 6, 6)
     gi, gw = ops.conv_bwd(go, x, w, None, None, False, [1, 1], [1, 1], [1, 1], 1, [True, True])
     assert gw.stride() == w.stride()
-    _, gw_ref = reference.conv_bwd(go, x, w, None, None, False, [1, 1], [1, 1], [1, 1], 1, [True, True])
+    _, gw_ref = reference.conv_bwd(
+        go, x, w, None, None, False, [1, 1], [1, 1], [1, 1], 1, [True, True]
+    )
     torch.testing.assert_close(gw, gw_ref)
 
 
@@ -450,20 +549,48 @@ def _opcheck_cases(dtype, layout):
         "conv_bias_act": (x, w, torch.randn(4, dtype=dtype), y, *conv, True),
         "relu_bias_bwd": (act(2, 5, 6, 7), act(2, 5, 6, 7)),
         "conv_stats": (x, w, vec(5, True), vec(5), True, *conv),
-        "bn_finalize": (vec(5, True) * count, vec(5, True) * count * 2, vec(5), vec(5),
-                        torch.zeros(5, dtype=acc), torch.ones(5, dtype=acc), torch.tensor(0),
-                        count, None, 1e-5),
-        "bn_add_relu": (x, vec(5), vec(5), act(2, 8, 12, 14)[:, :3, ::2, ::2], vec(3), vec(3), 1,
-                        True),
-        "bn_add_relu_bwd": (x, act(2, 5, 6, 7), act(2, 5, 6, 7), vec(5), vec(5, True), vec(5),
-                            act(2, 5, 6, 7), vec(5), vec(5, True), None),
+        "bn_finalize": (
+            vec(5, True) * count,
+            vec(5, True) * count * 2,
+            vec(5),
+            vec(5),
+            torch.zeros(5, dtype=acc),
+            torch.ones(5, dtype=acc),
+            torch.tensor(0),
+            count,
+            None,
+            1e-5,
+        ),
+        "bn_add_relu": (
+            x,
+            vec(5),
+            vec(5),
+            act(2, 8, 12, 14)[:, :3, ::2, ::2],
+            vec(3),
+            vec(3),
+            1,
+            True,
+        ),
+        "bn_add_relu_bwd": (
+            x,
+            act(2, 5, 6, 7),
+            act(2, 5, 6, 7),
+            vec(5),
+            vec(5, True),
+            vec(5),
+            act(2, 5, 6, 7),
+            vec(5),
+            vec(5, True),
+            None,
+        ),
         "bn_relu_bwd": (x, act(2, 5, 6, 7), vec(5), vec(5, True), vec(5), vec(5), vec(5), True),
         "conv_bwd": (y, x, w, vec(5, True), vec(5), True, *conv, [True, True]),
     }
 
 
-@pytest.mark.parametrize("dtype,layout", [(torch.float32, "channels_last"),
-                                          (torch.float64, "contiguous")], ids=str)
+@pytest.mark.parametrize(
+    "dtype,layout", [(torch.float32, "channels_last"), (torch.float64, "contiguous")], ids=str
+)
 @pytest.mark.parametrize("op_name", backends.OP_NAMES)
 def test_opcheck(op_name, dtype, layout):
     args = _opcheck_cases(dtype, layout)[op_name]
@@ -476,17 +603,48 @@ def test_opcheck_optional_arguments_absent():
         "conv_bias_act": (x, w, None, None, [1, 1], [0, 0], [1, 1], 1, False),
         "relu_bias_bwd": (x, None),
         "conv_stats": (x, w, None, None, False, [1, 1], [0, 0], [1, 1], 1),
-        "bn_finalize": (torch.rand(3) * 9, torch.rand(3) * 9 + 9, None, None, None, None, None, 9,
-                        0.1, 1e-5),
+        "bn_finalize": (
+            torch.rand(3) * 9,
+            torch.rand(3) * 9 + 9,
+            None,
+            None,
+            None,
+            None,
+            None,
+            9,
+            0.1,
+            1e-5,
+        ),
         "bn_add_relu": (x, torch.rand(3), torch.rand(3), None, None, None, 0, False),
         "bn_add_relu_bwd": (x, None, x, torch.rand(3), torch.rand(3), None, None, None, None, None),
-        "bn_relu_bwd": (x, x, torch.rand(3), torch.rand(3), None, torch.rand(3), torch.rand(3), False),
-        "conv_bwd": (torch.randn(2, 4, 5, 5), x, w, None, None, False, [1, 1], [0, 0], [1, 1], 1,
-                     [False, True]),
+        "bn_relu_bwd": (
+            x,
+            x,
+            torch.rand(3),
+            torch.rand(3),
+            None,
+            torch.rand(3),
+            torch.rand(3),
+            False,
+        ),
+        "conv_bwd": (
+            torch.randn(2, 4, 5, 5),
+            x,
+            w,
+            None,
+            None,
+            False,
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            1,
+            [False, True],
+        ),
     }
     for name, args in cases.items():
-        torch.library.opcheck(getattr(ops, name).default, args,
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(
+            getattr(ops, name).default, args, test_utils=("test_schema", "test_faketensor")
+        )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -508,7 +666,7 @@ def test_empty_batch(layout):
     for name, args in cases.items():
         ours, theirs = getattr(ops, name)(*args), getattr(reference, name)(*args)
         ours, theirs = (ours, theirs) if isinstance(ours, tuple) else ((ours,), (theirs,))
-        for o, t in zip(ours, theirs):
+        for o, t in zip(ours, theirs, strict=True):
             assert o.shape == t.shape and o.dtype == t.dtype, name
             if o.dim() == 1:  # per-channel sums of nothing
                 assert torch.equal(o, torch.zeros_like(o)), name
@@ -523,50 +681,123 @@ def _bad_cases():
     conv = ([1, 1], [1, 1], [1, 1], 1)
     v8, v3 = torch.ones(8), torch.ones(3)
     return [
-        ("conv rank", lambda: ops.conv_bias_act(x[0], w, None, None, *conv, True),
-         r"input must be 4-D .*got 3-D tensor of size \[8, 6, 6\]"),
-        ("conv channels", lambda: ops.conv_bias_act(x, torch.randn(4, 5, 3, 3), None, None, *conv, True),
-         r"input of size \[2, 8, 6, 6\] has 8 channels but weight of size \[4, 5, 3, 3\]"),
-        ("conv dtype", lambda: ops.conv_bias_act(x, w.double(), None, None, *conv, True),
-         r"weight has dtype Double but input has dtype Float"),
-        ("conv bias length", lambda: ops.conv_bias_act(x, w, torch.ones(5), None, *conv, True),
-         r"bias must be 1-D with 4 elements .*got size \[5\]"),
-        ("conv residual size", lambda: ops.conv_bias_act(x, w, None, torch.randn(2, 4, 5, 6), *conv, True),
-         r"residual must have the output's size \[2, 4, 6, 6\], got \[2, 4, 5, 6\]"),
-        ("conv residual dtype", lambda: ops.conv_bias_act(x, w, None, torch.randn(2, 4, 6, 6).half(), *conv, True),
-         r"residual has dtype Half but input has dtype Float"),
-        ("conv kernel too big", lambda: ops.conv_bias_act(x, torch.randn(4, 8, 9, 9), None, None, *conv, True),
-         r"smaller than the dilated kernel"),
-        ("conv groups", lambda: ops.conv_stats(x, torch.randn(6, 2, 1, 1), None, None, False, [1, 1], [0, 0], [1, 1], 4),
-         r"6 output channels, not divisible by groups=4"),
-        ("int dtype", lambda: ops.bn_add_relu(x.int(), v8, v8, None, None, None, 0, True),
-         r"input must be float32, float16, bfloat16 or float64, got Int"),
-        ("prologue length", lambda: ops.conv_stats(x, w, v3, None, True, *conv),
-         r"pre_scale must be 1-D with 8 elements .*got size \[3\]"),
-        ("scale length", lambda: ops.bn_add_relu(x, v3, v8, None, None, None, 0, True),
-         r"scale must be 1-D with 8 elements .*got size \[3\]"),
-        ("residual offset", lambda: ops.bn_add_relu(x, v8, v8, torch.randn(2, 4, 6, 6), None, None, 5, True),
-         r"residual's 4 channels at res_channel_offset=5 do not fit in input's 8 channels"),
-        ("residual hw", lambda: ops.bn_add_relu(x, v8, v8, torch.randn(2, 8, 3, 3), None, None, 0, True),
-         r"residual of size \[2, 8, 3, 3\] must match input of size \[2, 8, 6, 6\] in N, H and W"),
-        ("res_scale length", lambda: ops.bn_add_relu(x, v8, v8, torch.randn(2, 4, 6, 6), v8, None, 0, True),
-         r"res_scale must be 1-D with 4 elements"),
-        ("grad_out size", lambda: ops.bn_add_relu_bwd(x, None, x[:, :4], v8, v8, None, None, None, None, None),
-         r"input has size \[2, 4, 6, 6\] but grad_out has size \[2, 8, 6, 6\]"),
-        ("res_input stats", lambda: ops.bn_add_relu_bwd(x, None, x, v8, v8, None, x, None, None, None),
-         r"res_input needs res_mean and res_invstd", ValueError),
-        ("mean length", lambda: ops.bn_relu_bwd(x, x, v3, v8, None, v8, v8, True),
-         r"mean must be 1-D with 8 elements .*got size \[3\]"),
-        ("out dtype", lambda: ops.relu_bias_bwd(x, x.double()),
-         r"out has dtype Double but grad_out has dtype Float"),
-        ("conv_bwd grad size", lambda: ops.conv_bwd(torch.randn(2, 4, 5, 5), x, w, None, None, False, *conv, [True, True]),
-         r"grad_out must have the convolution's output size \[2, 4, 6, 6\], got \[2, 4, 5, 5\]"),
-        ("finalize sumsq", lambda: ops.bn_finalize(v8, v3, None, None, None, None, None, 10, 0.1, 1e-5),
-         r"sumsq must be 1-D with 8 elements .*got size \[3\]"),
-        ("finalize dtype", lambda: ops.bn_finalize(v8.half(), v8.half(), None, None, None, None, None, 10, 0.1, 1e-5),
-         r"sum must be float32 or float64"),
-        ("finalize running length", lambda: ops.bn_finalize(v8, v8, None, None, v3, None, None, 10, 0.1, 1e-5),
-         r"running_mean must be 1-D with 8 elements"),
+        (
+            "conv rank",
+            lambda: ops.conv_bias_act(x[0], w, None, None, *conv, True),
+            r"input must be 4-D .*got 3-D tensor of size \[8, 6, 6\]",
+        ),
+        (
+            "conv channels",
+            lambda: ops.conv_bias_act(x, torch.randn(4, 5, 3, 3), None, None, *conv, True),
+            r"input of size \[2, 8, 6, 6\] has 8 channels but weight of size \[4, 5, 3, 3\]",
+        ),
+        (
+            "conv dtype",
+            lambda: ops.conv_bias_act(x, w.double(), None, None, *conv, True),
+            r"weight has dtype Double but input has dtype Float",
+        ),
+        (
+            "conv bias length",
+            lambda: ops.conv_bias_act(x, w, torch.ones(5), None, *conv, True),
+            r"bias must be 1-D with 4 elements .*got size \[5\]",
+        ),
+        (
+            "conv residual size",
+            lambda: ops.conv_bias_act(x, w, None, torch.randn(2, 4, 5, 6), *conv, True),
+            r"residual must have the output's size \[2, 4, 6, 6\], got \[2, 4, 5, 6\]",
+        ),
+        (
+            "conv residual dtype",
+            lambda: ops.conv_bias_act(x, w, None, torch.randn(2, 4, 6, 6).half(), *conv, True),
+            r"residual has dtype Half but input has dtype Float",
+        ),
+        (
+            "conv kernel too big",
+            lambda: ops.conv_bias_act(x, torch.randn(4, 8, 9, 9), None, None, *conv, True),
+            r"smaller than the dilated kernel",
+        ),
+        (
+            "conv groups",
+            lambda: ops.conv_stats(
+                x, torch.randn(6, 2, 1, 1), None, None, False, [1, 1], [0, 0], [1, 1], 4
+            ),
+            r"6 output channels, not divisible by groups=4",
+        ),
+        (
+            "int dtype",
+            lambda: ops.bn_add_relu(x.int(), v8, v8, None, None, None, 0, True),
+            r"input must be float32, float16, bfloat16 or float64, got Int",
+        ),
+        (
+            "prologue length",
+            lambda: ops.conv_stats(x, w, v3, None, True, *conv),
+            r"pre_scale must be 1-D with 8 elements .*got size \[3\]",
+        ),
+        (
+            "scale length",
+            lambda: ops.bn_add_relu(x, v3, v8, None, None, None, 0, True),
+            r"scale must be 1-D with 8 elements .*got size \[3\]",
+        ),
+        (
+            "residual offset",
+            lambda: ops.bn_add_relu(x, v8, v8, torch.randn(2, 4, 6, 6), None, None, 5, True),
+            r"residual's 4 channels at res_channel_offset=5 do not fit in input's 8 channels",
+        ),
+        (
+            "residual hw",
+            lambda: ops.bn_add_relu(x, v8, v8, torch.randn(2, 8, 3, 3), None, None, 0, True),
+            r"residual of size \[2, 8, 3, 3\] must match input of size \[2, 8, 6, 6\] in N, H",
+        ),
+        (
+            "res_scale length",
+            lambda: ops.bn_add_relu(x, v8, v8, torch.randn(2, 4, 6, 6), v8, None, 0, True),
+            r"res_scale must be 1-D with 4 elements",
+        ),
+        (
+            "grad_out size",
+            lambda: ops.bn_add_relu_bwd(x, None, x[:, :4], v8, v8, None, None, None, None, None),
+            r"input has size \[2, 4, 6, 6\] but grad_out has size \[2, 8, 6, 6\]",
+        ),
+        (
+            "res_input stats",
+            lambda: ops.bn_add_relu_bwd(x, None, x, v8, v8, None, x, None, None, None),
+            r"res_input needs res_mean and res_invstd",
+            ValueError,
+        ),
+        (
+            "mean length",
+            lambda: ops.bn_relu_bwd(x, x, v3, v8, None, v8, v8, True),
+            r"mean must be 1-D with 8 elements .*got size \[3\]",
+        ),
+        (
+            "out dtype",
+            lambda: ops.relu_bias_bwd(x, x.double()),
+            r"out has dtype Double but grad_out has dtype Float",
+        ),
+        (
+            "conv_bwd grad size",
+            lambda: ops.conv_bwd(
+                torch.randn(2, 4, 5, 5), x, w, None, None, False, *conv, [True, True]
+            ),
+            r"grad_out must have the convolution's output size \[2, 4, 6, 6\], got \[2, 4, 5, 5\]",
+        ),
+        (
+            "finalize sumsq",
+            lambda: ops.bn_finalize(v8, v3, None, None, None, None, None, 10, 0.1, 1e-5),
+            r"sumsq must be 1-D with 8 elements .*got size \[3\]",
+        ),
+        (
+            "finalize dtype",
+            lambda: ops.bn_finalize(
+                v8.half(), v8.half(), None, None, None, None, None, 10, 0.1, 1e-5
+            ),
+            r"sum must be float32 or float64",
+        ),
+        (
+            "finalize running length",
+            lambda: ops.bn_finalize(v8, v8, None, None, v3, None, None, 10, 0.1, 1e-5),
+            r"running_mean must be 1-D with 8 elements",
+        ),
     ]
 
 
@@ -583,7 +814,9 @@ def test_bn_finalize_count_raises_like_batchnorm():
         torch.nn.functional.batch_norm(torch.randn(1, 3), None, None, training=True)
     s = torch.ones(3)
     for count in (1, 0):
-        with pytest.raises(ValueError, match=f"Expected more than 1 value per channel when training, got {count}"):
+        with pytest.raises(
+            ValueError, match=f"Expected more than 1 value per channel when training, got {count}"
+        ):
             ops.bn_finalize(s, s, None, None, None, None, None, count, 0.1, 1e-5)
     with pytest.raises(ValueError, match="momentum=None .* needs num_batches_tracked"):
         ops.bn_finalize(s, s * 2, None, None, torch.zeros(3), None, None, 4, None, 1e-5)
@@ -611,7 +844,9 @@ def _large_outputs(layout):
         *ops.bn_add_relu_bwd(go, out, x, vecs[0], vecs[1], vecs[2], None, None, None, None),
         *ops.bn_add_relu_bwd(go, out, x, vecs[0], vecs[1], vecs[2], out, vecs[3], vecs[4], None),
         *ops.bn_relu_bwd(go, x, vecs[0], vecs[1], None, vecs[2], vecs[3], True),
-        ops.bn_add_relu(x, vecs[0], vecs[1], wide[:, 4:36, ::2, ::2], vecs[2][:32], vecs[3][:32], 16, True),
+        ops.bn_add_relu(
+            x, vecs[0], vecs[1], wide[:, 4:36, ::2, ::2], vecs[2][:32], vecs[3][:32], 16, True
+        ),
         ops.bn_add_relu(x, vecs[0], vecs[1], out, None, None, 0, False),
     ]
 
@@ -622,7 +857,7 @@ def test_deterministic_across_runs_and_thread_counts(layout, all_threads):
     second = _large_outputs(layout)
     torch.set_num_threads(1)
     single = _large_outputs(layout)
-    for i, (a, b, s) in enumerate(zip(first, second, single)):
+    for i, (a, b, s) in enumerate(zip(first, second, single, strict=True)):
         assert torch.equal(a, b), f"output {i} differs between two runs"
         assert torch.equal(a, s), f"output {i} differs between {all_threads} threads and 1"
 

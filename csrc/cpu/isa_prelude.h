@@ -5,24 +5,6 @@
 // per ISA through CPU_CAPABILITY) and kernels_impl.h (internal linkage) see the wider target.
 #pragma once
 
-#include <algorithm>
-#include <array>
-#include <cassert>
-#include <climits>
-#include <cmath>
-#include <complex>
-#include <cstddef>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <iostream>
-#include <limits>
-#include <ostream>
-#include <type_traits>
-#include <utility>
-#include <vector>
-
 #include <ATen/NumericUtils.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/Math.h>
@@ -44,5 +26,23 @@
 #include <c10/util/quint8.h>
 #include <torch/headeronly/cpu/vec/intrinsics.h>
 #include <torch/headeronly/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <cassert>
+#include <climits>
+#include <cmath>
+#include <complex>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <limits>
+#include <ostream>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "kernels.h"

@@ -305,7 +305,8 @@ void reduce_dense(const Geom& g, double* const* out, const Body& body) {
   const int64_t C = g.c, HW = g.h * g.w;
   if (g.channels_last) {
     const int64_t P = g.n * HW;
-    const int64_t nb = std::clamp<int64_t>(P * C / kGrain, 1, std::min(kMaxBlocks, std::max<int64_t>(P, 1)));
+    const int64_t nb =
+        std::clamp<int64_t>(P * C / kGrain, 1, std::min(kMaxBlocks, std::max<int64_t>(P, 1)));
     std::vector<double> part(static_cast<size_t>(nb * NS * C), 0.0);
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       V vals[NS];
@@ -415,7 +416,8 @@ void epilogue_impl(const EpilogueArgs& a) {
         auto plain = [&](int64_t cb, int64_t ce) {
           for (int64_t c = cb; c < ce; c += kV) {
             const int64_t n = std::min(kV, ce - c);
-            const V v = at::vec::fmadd(io::load(x + c, n), vload(scale + c, n), vload(shift + c, n));
+            const V v =
+                at::vec::fmadd(io::load(x + c, n), vload(scale + c, n), vload(shift + c, n));
             io::store(y + c, act(v), n);
           }
         };

@@ -76,9 +76,7 @@ bool is_act_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_cpu(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "fastres::", op, ": ", name, " must be a CPU tensor, got ",
@@ -90,8 +88,8 @@ void check_cpu(const char* op, const char* name, const Tensor& t) {
 // A 4-D activation in one of the supported dtypes.
 void check_act(const char* op, const char* name, const Tensor& t) {
   check_cpu(op, name, t);
-  TORCH_CHECK(t.dim() == 4, "fastres::", op, ": ", name, " must be 4-D (N, C, H, W), got ",
-              t.dim(), "-D tensor of size ", sizes_str(t));
+  TORCH_CHECK(t.dim() == 4, "fastres::", op, ": ", name, " must be 4-D (N, C, H, W), got ", t.dim(),
+              "-D tensor of size ", sizes_str(t));
   TORCH_CHECK(is_act_dtype(t.scalar_type()), "fastres::", op, ": ", name,
               " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
 }
@@ -125,9 +123,7 @@ void check_opt_vec(const char* op, const char* name, const optional<Tensor>& t, 
   }
 }
 
-bool has(const optional<Tensor>& t) {
-  return t.has_value() && t->defined();
-}
+bool has(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Convolution arguments; returns the output size.
 std::vector<int64_t> check_conv(const char* op, const Tensor& input, const Tensor& weight,
@@ -171,8 +167,7 @@ std::vector<int64_t> check_conv(const char* op, const Tensor& input, const Tenso
 
 // The format an output takes from `ref` (fastres/_meta.py, _like_format).
 at::MemoryFormat format_of(const Tensor& ref) {
-  return ref.dim() == 4 && ref.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                 !ref.is_contiguous()
+  return ref.dim() == 4 && ref.is_contiguous(at::MemoryFormat::ChannelsLast) && !ref.is_contiguous()
              ? at::MemoryFormat::ChannelsLast
              : at::MemoryFormat::Contiguous;
 }
@@ -221,9 +216,7 @@ Tensor opmath_vec(const optional<Tensor>& t, at::ScalarType act, int64_t c, doub
   return t->to(m).contiguous();
 }
 
-Tensor opmath_vec(const Tensor& t, at::ScalarType act) {
-  return t.to(acc_dtype(act)).contiguous();
-}
+Tensor opmath_vec(const Tensor& t, at::ScalarType act) { return t.to(acc_dtype(act)).contiguous(); }
 
 std::vector<double> double_vec(const Tensor& t) {
   const Tensor d = t.to(at::kDouble).contiguous();
@@ -299,8 +292,8 @@ bool onednn_supports(at::ScalarType dtype) {
     try {
       const auto opts = at::TensorOptions().dtype(dtype);
       const Tensor x = at::ones({1, 1, 1, 1}, opts).contiguous(at::MemoryFormat::ChannelsLast);
-      (void)pointwise_conv(x, at::ones({1, 1, 1, 1}, opts), std::nullopt, {1, 1}, {0, 0}, {1, 1},
-                           1, false);
+      (void)pointwise_conv(x, at::ones({1, 1, 1, 1}, opts), std::nullopt, {1, 1}, {0, 0}, {1, 1}, 1,
+                           false);
     } catch (const c10::Error&) {
       ok = false;
     }
@@ -466,9 +459,8 @@ bool has_prologue(const optional<Tensor>& scale, const optional<Tensor>& shift, 
 
 std::tuple<Tensor, Tensor, Tensor> conv_stats_cpu(const Tensor& input, const Tensor& weight,
                                                   const optional<Tensor>& pre_scale,
-                                                  const optional<Tensor>& pre_shift,
-                                                  bool pre_relu, at::IntArrayRef stride,
-                                                  at::IntArrayRef padding,
+                                                  const optional<Tensor>& pre_shift, bool pre_relu,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                                   at::IntArrayRef dilation, int64_t groups) {
   constexpr const char* op = "conv_stats";
   check_conv(op, input, weight, stride, padding, dilation, groups);
@@ -498,12 +490,12 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cpu(const Tensor& input, const Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cpu(
     const Tensor& sum, const Tensor& sumsq, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const optional<Tensor>& running_mean,
-    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked,
-    int64_t count, optional<double> momentum, double eps) {
+    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, int64_t count,
+    optional<double> momentum, double eps) {
   constexpr const char* op = "bn_finalize";
   check_cpu(op, "sum", sum);
-  TORCH_CHECK(sum.dim() == 1, "fastres::", op, ": sum must be 1-D (one value per channel), got size ",
-              sizes_str(sum));
+  TORCH_CHECK(sum.dim() == 1, "fastres::", op,
+              ": sum must be 1-D (one value per channel), got size ", sizes_str(sum));
   TORCH_CHECK(sum.scalar_type() == at::kFloat || sum.scalar_type() == at::kDouble, "fastres::", op,
               ": sum must be float32 or float64 (the accumulation dtype), got ", sum.scalar_type());
   const int64_t c = sum.size(0);
@@ -732,11 +724,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cpu(
     p.grad_out = g.data_ptr();
     kernels().bn_bwd_apply(p);
     // Two distinct empty tensors: outputs must not alias each other (opcheck's schema test).
-    return {grad_input, k.grad_weight, k.grad_bias, in_format(g, format_of(grad_out)),
-            at::empty({0}, mean.options()), at::empty({0}, mean.options())};
+    return {grad_input,
+            k.grad_weight,
+            k.grad_bias,
+            in_format(g, format_of(grad_out)),
+            at::empty({0}, mean.options()),
+            at::empty({0}, mean.options())};
   }
-  const BnCoef k2 =
-      bn_coefficients(sum_g, sum_gx2, *res_invstd, res_weight, count, opmath, res_mean->scalar_type());
+  const BnCoef k2 = bn_coefficients(sum_g, sum_gx2, *res_invstd, res_weight, count, opmath,
+                                    res_mean->scalar_type());
   Tensor grad_res = at::empty(input.sizes(), opts);
   p.mask = a.mask;
   p.grad_out = go.data_ptr();
@@ -748,7 +744,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cpu(
   p.d2 = k2.d.data_ptr();
   p.grad_x2 = grad_res.data_ptr();
   kernels().bn_bwd_apply(p);
-  return {grad_input, k.grad_weight, k.grad_bias, in_format(grad_res, format_of(*res_input)),
+  return {grad_input,     k.grad_weight, k.grad_bias, in_format(grad_res, format_of(*res_input)),
           k2.grad_weight, k2.grad_bias};
 }
 
@@ -819,9 +815,9 @@ std::tuple<Tensor, Tensor> conv_bwd_cpu(const Tensor& grad_out, const Tensor& in
   const Tensor a = output_mask[1] && has_prologue(pre_scale, pre_shift, pre_relu)
                        ? apply_prologue(in_format(input, fmt), fmt, pre_scale, pre_shift, pre_relu)
                        : input;
-  auto [gi, gw, gb] = at::convolution_backward(grad_out, a, weight, std::nullopt, stride, padding,
-                                               dilation, false, {0, 0}, groups,
-                                               {output_mask[0], output_mask[1], false});
+  auto [gi, gw, gb] =
+      at::convolution_backward(grad_out, a, weight, std::nullopt, stride, padding, dilation, false,
+                               {0, 0}, groups, {output_mask[0], output_mask[1], false});
   Tensor grad_input = output_mask[0] ? in_format(gi, fmt) : at::empty({0}, input.options());
   Tensor grad_weight;
   if (output_mask[1]) {
@@ -847,9 +843,8 @@ TORCH_LIBRARY(fastres_cpu, m) {
   // go back to it ("auto"); returns the previous one. For testing every ISA in one process.
   m.def("set_kernel_isa(str isa) -> str", [](c10::string_view isa) {
     const std::string previous = fastres::cpu::kernels().isa;
-    const fastres::cpu::Kernels* order[] = {fastres::cpu::kernels_base(),
-                                            fastres::cpu::kernels_avx2(),
-                                            fastres::cpu::kernels_avx512()};
+    const fastres::cpu::Kernels* order[] = {
+        fastres::cpu::kernels_base(), fastres::cpu::kernels_avx2(), fastres::cpu::kernels_avx512()};
     const fastres::cpu::Kernels* chosen = nullptr;
     if (isa != "auto") {
       for (const auto* k : order) {
