@@ -221,6 +221,52 @@ def test_conv_bias_act_mixed_formats():
         )
 
 
+def test_conv_bias_act_weight_cache_follows_the_weight():
+    """The prepacked-weight cache (channels_last inference) sees in-place updates, new weights
+    and dead weights; inference tensors are not cached."""
+    cache_size, cache_clear = (
+        torch.ops.fastres_cpu.weight_cache_size,
+        torch.ops.fastres_cpu.weight_cache_clear,
+    )
+    cache_clear()
+    x = _act((2, 16, 7, 7), torch.float32, "channels_last")
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+
+    def run(w):
+        b = torch.linspace(-1, 1, w.shape[0])
+        args = (x, w, b, None, *conv, True)
+        _check(
+            "conv_bias_act cached",
+            ops.conv_bias_act(*args),
+            reference.conv_bias_act,
+            args,
+            torch.float32,
+        )
+
+    w = torch.randn(8, 16, 3, 3) / 12
+    run(w)
+    run(w)
+    packed = cache_size()
+    if packed == 0:
+        pytest.skip("no oneDNN weight prepacking in this build (FASTRES_CPU_WEIGHT_CACHE=0?)")
+    assert packed == 1
+    with torch.no_grad():
+        w.mul_(-2)  # an optimizer step / load_state_dict: the version counter moves
+    run(w)
+    w.data = torch.randn(8, 16, 3, 3) / 12  # new storage
+    run(w)
+    for _ in range(3):  # weights that die right away are evicted, not accumulated
+        run(torch.randn(8, 16, 3, 3) / 12)
+    assert cache_size() <= 3
+    with torch.inference_mode():
+        wi = torch.randn(8, 16, 3, 3) / 12
+    before = cache_size()
+    run(wi)
+    assert cache_size() <= before
+    cache_clear()
+    assert cache_size() == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # relu_bias_bwd
 
