@@ -235,14 +235,14 @@ def bn_add_relu_bwd(
     g = grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
     grad_input, grad_weight, grad_bias = _bn_backward(g, input, mean, invstd, weight)
     if res_input is None:
-        empty = mean.new_empty(0)
+        # Two distinct empty tensors: outputs of an op must not alias each other.
         return (
             grad_input,
             grad_weight,
             grad_bias,
             g.contiguous(memory_format=_memory_format(grad_out)),
-            empty,
-            empty,
+            mean.new_empty(0),
+            mean.new_empty(0),
         )
     if res_mean is None or res_invstd is None:
         raise ValueError("bn_add_relu_bwd: res_input needs res_mean and res_invstd")
@@ -304,6 +304,8 @@ def conv_bwd(
         grad_input = grad_input.contiguous(memory_format=_memory_format(input))
     if grad_weight is None:
         grad_weight = weight.new_empty(0)
+    else:  # the weight's own strides, as the fake kernel and every backend return it
+        grad_weight = torch.empty_like(weight).copy_(grad_weight)
     return grad_input, grad_weight
 
 
