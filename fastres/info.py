@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{' (arch ' + ext['cuda_arch_list'] + ')' if ext['cuda'] else ''}, "
                 f"{ext['compiler']}, built against torch {ext['torch_version']}"
             )
+            try:
+                print(f"CPU kernels: {torch.ops.fastres_cpu.kernel_isa()} instruction set")
+            except (AttributeError, RuntimeError):
+                pass
         else:
             print(f"fastres._C: not available: {ext['reason']}")
     for name, why in info["backends"].items():
