@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastres import backends, functional, reference  # noqa: E402
+from fastres import backends, functional, models, reference  # noqa: E402
 from fastres.convert import ConversionReport, convert, unconvert  # noqa: E402
 from fastres.modules import BasicBlock, BottleneckBlock, ConvBNReLU  # noqa: E402
 
@@ -25,6 +25,7 @@ __all__ = [
     "backends",
     "convert",
     "functional",
+    "models",
     "reference",
     "unconvert",
 ]
