@@ -18,7 +18,7 @@ QUICK = {("Bottleneck", "layer1.0"), ("Bottleneck", "layer2.0"), ("Bottleneck", 
 REF_CASE = BlockCase("ref", "Bottleneck", 256, 64, 1, False, 56, 56)
 
 
-def run_block(benchmark, bctx, provider: str, case: BlockCase, mode: str, batch: int,
+def run_block(bm, bctx, provider: str, case: BlockCase, mode: str, batch: int,
               dtype: torch.dtype, dtype_name: str, channels_last: bool, group: str,
               case_id: str) -> None:
     dev = bctx.device
@@ -56,7 +56,7 @@ def run_block(benchmark, bctx, provider: str, case: BlockCase, mode: str, batch:
         with torch.no_grad():
             want = got if provider == "eager" and not train else ref_m(xs[0])
         diff = (got.double() - want.double()).abs().max().item()
-        info = B.measure(benchmark, call, dev, warmup=B.warmup_calls(provider, dev),
+        info = B.measure(bm, call, dev, warmup=B.warmup_calls(provider, dev),
                          group=f"{group}: {case_id}")
         saved = None
         if train:
@@ -90,25 +90,25 @@ def run_block(benchmark, bctx, provider: str, case: BlockCase, mode: str, batch:
                 shape=[batch, case.inplanes, case.height, case.width], dtype=dtype_name,
                 layout="channels_last" if channels_last else "contiguous", mode=mode,
                 block=case.label)
-    bctx.record(benchmark, group, case_id, provider, B.finish(info, flops, floor))
+    bctx.record(bm, group, case_id, provider, B.finish(info, flops, floor))
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("case", BLOCKS, ids=lambda c: f"{c.kind}-{c.name}")
-def test_block(benchmark, bctx, provider, case: BlockCase, mode: str):
+def test_block(bm, bctx, provider, case: BlockCase, mode: str):
     if bctx.quick and (case.kind, case.name) not in QUICK:
         pytest.skip("not in --bench-quick")
     bctx.skip_provider(provider, compile_ok=bctx.compile_scope == "all")
     case_id = f"{case.kind}({case.inplanes},{case.planes},s{case.stride}" \
               f"{',ds' if case.downsample else ''}) {case.height}x{case.width} [{case.name}]"
-    run_block(benchmark, bctx, provider, case, mode, bctx.batch, bctx.dtype, bctx.dtype_name,
+    run_block(bm, bctx, provider, case, mode, bctx.batch, bctx.dtype, bctx.dtype_name,
               bctx.channels_last, f"block-{mode}", case_id)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_reference_case(benchmark, bctx, provider, mode: str):
+def test_reference_case(bm, bctx, provider, mode: str):
     """The issue's case, always fp32 channels_last N=8, every provider including compile."""
     bctx.skip_provider(provider, compile_ok=bctx.compile_scope in ("ref", "all"))
-    run_block(benchmark, bctx, provider, REF_CASE, mode, B.REF_CASE_BATCH, torch.float32,
+    run_block(bm, bctx, provider, REF_CASE, mode, B.REF_CASE_BATCH, torch.float32,
               "fp32", True, "reference_case",
               f"BottleneckBlock(256, 64) N=8 56x56 {mode}")

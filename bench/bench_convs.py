@@ -16,7 +16,7 @@ QUICK = {"conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.1.conv1", "layer3.
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_conv(benchmark, bctx, provider, case: B.ConvCase):
+def test_conv(bm, bctx, provider, case: B.ConvCase):
     if bctx.quick and case.name not in QUICK:
         pytest.skip("not in --bench-quick")
     bctx.skip_provider(provider, compile_ok=bctx.compile_scope == "all")
@@ -57,7 +57,7 @@ def test_conv(benchmark, bctx, provider, case: B.ConvCase):
             raise
         want = got if provider == "eager" else eager(xs[0], rs[0])
         diff = (got.double() - want.double()).abs().max().item()
-        info = B.measure(benchmark, call, dev, warmup=B.warmup_calls(provider, dev),
+        info = B.measure(bm, call, dev, warmup=B.warmup_calls(provider, dev),
                          group=f"conv: {case.id}")
         with B.peak_memory(dev) as pm:
             if dev.type == "cuda":
@@ -69,4 +69,4 @@ def test_conv(benchmark, bctx, provider, case: B.ConvCase):
                 shape=[n, case.cin, case.h, case.w], epilogue=case.epilogue,
                 dtype=bctx.dtype_name, layout="channels_last" if cl else "contiguous",
                 mode="eval")
-    bctx.record(benchmark, "conv", case.id, provider, B.finish(info, flops, floor))
+    bctx.record(bm, "conv", case.id, provider, B.finish(info, flops, floor))

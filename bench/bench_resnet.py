@@ -20,7 +20,7 @@ SIZES = [
 
 @pytest.mark.parametrize("mode,size,batch", SIZES,
                          ids=[f"{m}-N{n}-{s}" for m, s, n in SIZES])
-def test_resnet50(benchmark, bctx, provider, mode: str, size: str, batch: int):
+def test_resnet50(bm, bctx, provider, mode: str, size: str, batch: int):
     import torchvision
 
     dev = bctx.device
@@ -65,7 +65,7 @@ def test_resnet50(benchmark, bctx, provider, mode: str, size: str, batch: int):
         with torch.no_grad():
             want = got if provider == "eager" and not train else ref_m(xs[0])
         diff = (got.double() - want.double()).abs().max().item()
-        info = B.measure(benchmark, call, dev, warmup=B.warmup_calls(provider, dev),
+        info = B.measure(bm, call, dev, warmup=B.warmup_calls(provider, dev),
                          group=f"resnet50: {mode} N={batch}")
         saved = None
         if train:
@@ -97,5 +97,5 @@ def test_resnet50(benchmark, bctx, provider, mode: str, size: str, batch: int):
     info.update(pm, saved_bytes=saved, max_abs_diff_vs_eager=diff, rotation=k, batch=batch,
                 dtype=bctx.dtype_name, layout="channels_last" if cl else "contiguous",
                 mode=mode)
-    bctx.record(benchmark, "resnet50", f"ResNet-50 {mode} N={batch}", provider,
+    bctx.record(bm, "resnet50", f"ResNet-50 {mode} N={batch}", provider,
                 B.finish(info, flops, floor))

@@ -87,11 +87,17 @@ class _StandInBenchmark:
         return fn(*args, **kwargs)
 
 
-if not HAVE_PYTEST_BENCHMARK:
+def _plugin_active(config) -> bool:
+    """pytest-benchmark installed and not disabled (``-p no:benchmark``)."""
+    return HAVE_PYTEST_BENCHMARK and config.pluginmanager.hasplugin("benchmark")
 
-    @pytest.fixture
-    def benchmark():
-        return _StandInBenchmark()
+
+@pytest.fixture
+def bm(request):
+    """pytest-benchmark's ``benchmark`` fixture, or the stand-in when it is absent/disabled."""
+    if _plugin_active(request.config):
+        return request.getfixturevalue("benchmark")
+    return _StandInBenchmark()
 
 
 class BenchContext:
@@ -127,7 +133,7 @@ class BenchContext:
             from fastres.parity import environment
 
             self._env = environment(self.device)
-            self._env["pytest_benchmark"] = HAVE_PYTEST_BENCHMARK
+            self._env["pytest_benchmark"] = _plugin_active(self.config)
             self._env["compile_mode"] = benchlib.compile_mode(self.device)
         return self._env
 
@@ -226,9 +232,9 @@ def pytest_report_header(config):
         f"{'channels_last' if _CTX.channels_last else 'contiguous'}, batch {_CTX.batch}, "
         f"torch.compile on {_CTX.compile_scope} ({benchlib.compile_mode(_CTX.device)})",
     ]
-    if not HAVE_PYTEST_BENCHMARK:
-        lines.append("fastres bench: pytest-benchmark is not installed: timing with the suite's "
-                     "own timer; results go to --bench-out only")
+    if not _plugin_active(config):
+        lines.append("fastres bench: pytest-benchmark is not installed or disabled: timing with "
+                     "the suite's own timer; results go to --bench-out only")
     return lines
 
 
