@@ -92,11 +92,31 @@ def _plugin_active(config) -> bool:
     return HAVE_PYTEST_BENCHMARK and config.pluginmanager.hasplugin("benchmark")
 
 
+class _LazyBenchmark:
+    """pytest-benchmark's fixture, requested on first use only: a case that skips before
+    measuring does not trip its "fixture was not used" warning."""
+
+    def __init__(self, request):
+        object.__setattr__(self, "_request", request)
+        object.__setattr__(self, "_fixture", None)
+
+    def _get(self):
+        if self._fixture is None:
+            object.__setattr__(self, "_fixture", self._request.getfixturevalue("benchmark"))
+        return self._fixture
+
+    def __getattr__(self, name):
+        return getattr(self._get(), name)
+
+    def __setattr__(self, name, value):
+        setattr(self._get(), name, value)
+
+
 @pytest.fixture
 def bm(request):
     """pytest-benchmark's ``benchmark`` fixture, or the stand-in when it is absent/disabled."""
     if _plugin_active(request.config):
-        return request.getfixturevalue("benchmark")
+        return _LazyBenchmark(request)
     return _StandInBenchmark()
 
 
