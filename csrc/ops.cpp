@@ -7,8 +7,10 @@
 // Conventions shared by all ops:
 //   * activations are 4-D (N, C, H, W) tensors in any memory format; outputs take the input's
 //     suggested memory format (channels_last in, channels_last out);
-//   * input, weight, bias, residual share one floating dtype (float32, float16, bfloat16, or
-//     float64 for gradcheck on the CPU);
+//   * input, weight and residual share one floating dtype (float32, float16, bfloat16, or
+//     float64 for gradcheck on the CPU); conv_bias_act's bias has that dtype or the accumulation
+//     dtype (a folded BN shift kept in float32 under autocast: rounded to bf16 it biases every
+//     output of its channel);
 //   * per-channel vectors (scale, shift, mean, invstd, sum, sumsq and the BN parameter grads) are
 //     float32, or float64 when the activations are float64 ("the accumulation dtype");
 //   * a mutated input is declared Tensor(a!) and never returned.
