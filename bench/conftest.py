@@ -234,11 +234,28 @@ def _named_bench(config) -> bool:
     return False
 
 
+def _case_key(item) -> tuple:
+    """The case of a parametrized bench item, without its provider."""
+    cs = getattr(item, "callspec", None)
+    if cs is None or "provider" not in cs.params:
+        return (str(item.fspath), item.name)
+    rest = tuple((k, repr(v)) for k, v in cs.params.items() if k != "provider")
+    return (str(item.fspath), item.originalname, rest)
+
+
 def pytest_collection_modifyitems(config, items):
     bench_items = [it for it in items if BENCH_DIR in Path(str(it.fspath)).resolve().parents]
     if bench_items and not _named_bench(config):
         config.hook.pytest_deselected(items=bench_items)
         items[:] = [it for it in items if it not in bench_items]
+        return
+    # The providers of one case run back to back, not one provider through all cases: what else
+    # runs on the machine then changes little between the numbers that are compared.
+    first: dict[tuple, int] = {}
+    for i, it in enumerate(items):
+        first.setdefault(_case_key(it), i)
+    order = {id(it): (first[_case_key(it)], i) for i, it in enumerate(items)}
+    items.sort(key=lambda it: order[id(it)])
 
 
 def pytest_report_header(config):
