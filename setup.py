@@ -109,7 +109,7 @@ def _extension():
 
 setup(
     version=VERSION,
-    packages=["fastres", "fastres.triton_kernels"],
+    packages=["fastres", "fastres.experiments", "fastres.triton_kernels"],
     package_dir={"fastres": "fastres", "fastres.triton_kernels": "triton_kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
