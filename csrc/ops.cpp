@@ -1,8 +1,7 @@
 // The fastres op set: one schema per op, defined once, implemented per device.
 //
 // This file is the contract every backend implements (csrc/cpu, csrc/cuda, triton_kernels/ and
-// fastres/reference.py). docs/ops.md explains each op's shapes, layouts and dtypes in prose;
-// fastres/reference.py gives the exact semantics in plain PyTorch.
+// fastres/reference.py); fastres/reference.py gives the exact semantics in plain PyTorch.
 //
 // Conventions shared by all ops:
 //   * activations are 4-D (N, C, H, W) tensors in any memory format; outputs take the input's
@@ -67,6 +66,43 @@ TORCH_LIBRARY(fastres, m) {
       "bn_relu_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
       "Tensor scale, Tensor shift, bool relu) -> (Tensor grad_input, Tensor grad_weight, "
       "Tensor grad_bias)");
+  // ---- SyncBatchNorm: the batch statistics of one BatchNorm are all-reduced across processes
+  // between their reduction and their use, in both directions, so the ops below split
+  // bn_finalize and the two BN backwards at those points. Single-process training never uses them.
+  //
+  // bn_finalize with the count as a tensor: the all-reduced number of values per channel (one
+  // element, accumulation dtype, on sum's device), read on the device (no host sync). The caller
+  // makes sure the global count exceeds 1 (it knows each process's count).
+  m.def(
+      "bn_finalize_count(Tensor sum, Tensor sumsq, Tensor count, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+      "float? momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)");
+  // Pass 1 of bn_add_relu_bwd on this process's batch: with g = grad_out * (out > 0) (no mask
+  // when out is None) and xhat = (input - mean) * invstd, sum_g = sum(g), sum_g_xhat =
+  // sum(g * xhat) over N, H, W (they are also this process's grad_bias and grad_weight), and
+  // res_sum_g_xhat likewise with the residual's xhat when res_input is given (else empty).
+  m.def(
+      "bn_add_relu_bwd_reduce(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, "
+      "Tensor invstd, Tensor? res_input, Tensor? res_mean, Tensor? res_invstd) -> (Tensor sum_g, "
+      "Tensor sum_g_xhat, Tensor res_sum_g_xhat)");
+  // Pass 2, given the global means of those sums (all-reduced sum / global count):
+  // grad_input = weight * invstd * (g - mean_g - xhat * mean_g_xhat); with res_input, grad_res is
+  // the residual BN's likewise (res_weight, res_invstd, the same mean_g and res_mean_g_xhat),
+  // otherwise grad_res = g (identity residual).
+  m.def(
+      "bn_add_relu_bwd_elemt(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, "
+      "Tensor invstd, Tensor? weight, Tensor mean_g, Tensor mean_g_xhat, Tensor? res_input, "
+      "Tensor? res_mean, Tensor? res_invstd, Tensor? res_weight, Tensor? res_mean_g_xhat) -> "
+      "(Tensor grad_input, Tensor grad_res)");
+  // The same split of bn_relu_bwd: g = grad_out * (input * scale + shift > 0) when relu.
+  m.def(
+      "bn_relu_bwd_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor scale, Tensor shift, bool relu) -> (Tensor sum_g, Tensor sum_g_xhat)");
+  m.def(
+      "bn_relu_bwd_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor scale, Tensor shift, bool relu, Tensor mean_g, Tensor mean_g_xhat) "
+      "-> Tensor");
+
   // Backward of conv_stats' convolution: grad_input is dL/da (the gradient with respect to the
   // prologue's output, same shape as input), grad_weight is computed from a recomputed from input
   // (never stored). An output whose output_mask entry is false is returned empty.

@@ -112,3 +112,53 @@ def _(
     gi = _like_format(input.shape, input) if output_mask[0] else input.new_empty(0)
     gw = torch.empty_like(weight) if output_mask[1] else weight.new_empty(0)
     return gi, gw
+
+
+@torch.library.register_fake(_lib + "bn_finalize_count")
+def _(
+    sum, sumsq, count, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+):
+    c = sum.shape[0]
+    return tuple(torch.empty(c, dtype=sum.dtype, device=sum.device) for _ in range(4))
+
+
+@torch.library.register_fake(_lib + "bn_add_relu_bwd_reduce")
+def _(grad_out, out, input, mean, invstd, res_input, res_mean, res_invstd):
+    c = input.shape[1]
+    cr = res_input.shape[1] if res_input is not None else 0
+    return mean.new_empty(c), mean.new_empty(c), mean.new_empty(cr)
+
+
+@torch.library.register_fake(_lib + "bn_add_relu_bwd_elemt")
+def _(
+    grad_out,
+    out,
+    input,
+    mean,
+    invstd,
+    weight,
+    mean_g,
+    mean_g_xhat,
+    res_input,
+    res_mean,
+    res_invstd,
+    res_weight,
+    res_mean_g_xhat,
+):
+    grad_res = (
+        _like_format(grad_out.shape, grad_out)
+        if res_input is None
+        else _like_format(res_input.shape, res_input)
+    )
+    return _like_format(input.shape, input), grad_res
+
+
+@torch.library.register_fake(_lib + "bn_relu_bwd_reduce")
+def _(grad_out, input, mean, invstd, scale, shift, relu):
+    c = input.shape[1]
+    return mean.new_empty(c), mean.new_empty(c)
+
+
+@torch.library.register_fake(_lib + "bn_relu_bwd_elemt")
+def _(grad_out, input, mean, invstd, weight, scale, shift, relu, mean_g, mean_g_xhat):
+    return _like_format(input.shape, input)

@@ -37,6 +37,12 @@ OP_NAMES = (
     "bn_add_relu_bwd",
     "bn_relu_bwd",
     "conv_bwd",
+    # SyncBatchNorm's split (csrc/ops.cpp)
+    "bn_finalize_count",
+    "bn_add_relu_bwd_reduce",
+    "bn_add_relu_bwd_elemt",
+    "bn_relu_bwd_reduce",
+    "bn_relu_bwd_elemt",
 )
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -26,6 +26,11 @@ __all__ = [
     "bn_add_relu_bwd",
     "bn_relu_bwd",
     "conv_bwd",
+    "bn_finalize_count",
+    "bn_add_relu_bwd_reduce",
+    "bn_add_relu_bwd_elemt",
+    "bn_relu_bwd_reduce",
+    "bn_relu_bwd_elemt",
     "option_a_shortcut",
 ]
 
@@ -268,6 +273,166 @@ def bn_relu_bwd(
         z = _prologue(input, scale, shift, relu=False)
         g = torch.where(z > 0, grad_out, torch.zeros_like(grad_out))
     return _bn_backward(g, input, mean, invstd, weight)
+
+
+# --------------------------------------------------------------------------------------------
+# SyncBatchNorm: bn_finalize and the BN backwards split where the cross-process all-reduce goes.
+
+
+def bn_finalize_count(
+    sum: Tensor,
+    sumsq: Tensor,
+    count: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """bn_finalize with ``count`` a one-element tensor (the all-reduced count); no host sync
+    except for momentum=None, which reads num_batches_tracked as bn_finalize does."""
+    n = count.reshape(()).to(sum.dtype)
+    mean = sum / n
+    var = (sumsq / n - mean * mean).clamp_min(0)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is not None or running_var is not None:
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            factor = 1.0 / float(num_batches_tracked.item())
+        else:
+            factor = momentum
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            if running_var is not None:
+                unbiased = var * (n / (n - 1))
+                running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    return mean, invstd, scale, shift
+
+
+def _xhat(input: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    return (input.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
+
+
+def _relu_grad(grad_out: Tensor, out: Tensor | None) -> Tensor:
+    return grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
+
+
+def _bn_grad_input(
+    g: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_g: Tensor,
+    mean_g_xhat: Tensor,
+) -> Tensor:
+    acc = mean.dtype
+    w = invstd if weight is None else weight.to(acc) * invstd
+    gi = _per_channel(w) * (
+        g.to(acc)
+        - _per_channel(mean_g.to(acc))
+        - _xhat(input, mean, invstd) * _per_channel(mean_g_xhat.to(acc))
+    )
+    return gi.to(input.dtype).contiguous(memory_format=_memory_format(input))
+
+
+def bn_add_relu_bwd_reduce(
+    grad_out: Tensor,
+    out: Tensor | None,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    res_input: Tensor | None,
+    res_mean: Tensor | None,
+    res_invstd: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1 of bn_add_relu_bwd: this process's sum(g), sum(g * xhat) (and the residual's)."""
+    g = _relu_grad(grad_out, out).to(mean.dtype)
+    sum_g = g.sum(dim=(0, 2, 3))
+    sum_g_xhat = (g * _xhat(input, mean, invstd)).sum(dim=(0, 2, 3))
+    if res_input is None:
+        return sum_g, sum_g_xhat, mean.new_empty(0)
+    if res_mean is None or res_invstd is None:
+        raise ValueError("bn_add_relu_bwd_reduce: res_input needs res_mean and res_invstd")
+    return sum_g, sum_g_xhat, (g * _xhat(res_input, res_mean, res_invstd)).sum(dim=(0, 2, 3))
+
+
+def bn_add_relu_bwd_elemt(
+    grad_out: Tensor,
+    out: Tensor | None,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_g: Tensor,
+    mean_g_xhat: Tensor,
+    res_input: Tensor | None,
+    res_mean: Tensor | None,
+    res_invstd: Tensor | None,
+    res_weight: Tensor | None,
+    res_mean_g_xhat: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Pass 2 of bn_add_relu_bwd with the global means of pass 1's sums."""
+    g = _relu_grad(grad_out, out)
+    grad_input = _bn_grad_input(g, input, mean, invstd, weight, mean_g, mean_g_xhat)
+    if res_input is None:
+        return grad_input, g.contiguous(memory_format=_memory_format(grad_out))
+    if res_mean is None or res_invstd is None or res_mean_g_xhat is None:
+        raise ValueError(
+            "bn_add_relu_bwd_elemt: res_input needs res_mean, res_invstd and res_mean_g_xhat"
+        )
+    grad_res = _bn_grad_input(
+        g, res_input, res_mean, res_invstd, res_weight, mean_g, res_mean_g_xhat
+    )
+    return grad_input, grad_res
+
+
+def _prologue_grad(
+    grad_out: Tensor, input: Tensor, scale: Tensor, shift: Tensor, relu: bool
+) -> Tensor:
+    if not relu:
+        return grad_out
+    z = _prologue(input, scale, shift, relu=False)
+    return torch.where(z > 0, grad_out, torch.zeros_like(grad_out))
+
+
+def bn_relu_bwd_reduce(
+    grad_out: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    relu: bool,
+) -> tuple[Tensor, Tensor]:
+    """Pass 1 of bn_relu_bwd: this process's sum(g) and sum(g * xhat)."""
+    g = _prologue_grad(grad_out, input, scale, shift, relu).to(mean.dtype)
+    return g.sum(dim=(0, 2, 3)), (g * _xhat(input, mean, invstd)).sum(dim=(0, 2, 3))
+
+
+def bn_relu_bwd_elemt(
+    grad_out: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    scale: Tensor,
+    shift: Tensor,
+    relu: bool,
+    mean_g: Tensor,
+    mean_g_xhat: Tensor,
+) -> Tensor:
+    """Pass 2 of bn_relu_bwd with the global means of pass 1's sums."""
+    g = _prologue_grad(grad_out, input, scale, shift, relu)
+    return _bn_grad_input(g, input, mean, invstd, weight, mean_g, mean_g_xhat)
 
 
 def conv_bwd(
