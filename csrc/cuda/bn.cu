@@ -110,7 +110,10 @@ cudaError_t launch_colsum(const ColSumParams& p, cudaStream_t stream) {
 
 // ---------------------------------------------------------------------------------------------
 // bn_finalize: one CTA (C is at most a few thousand), so the read of num_batches_tracked by all
-// threads and its increment are ordered by one barrier.
+// threads and its increment are ordered by one barrier. bn_finalize_count reads the count from
+// the device (count_dev) and, as the reference does with a float32 count tensor, forms the
+// unbiasing factor n / (n - 1) in float32; from a host integer it is computed in double and
+// rounded once (the reference's Python float).
 // ---------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads) bn_finalize_kernel(const BnFinalizeParams p) {
   const int64_t nb_old = p.num_batches_tracked ? *p.num_batches_tracked : 0;
@@ -120,9 +123,14 @@ __global__ void __launch_bounds__(kThreads) bn_finalize_kernel(const BnFinalizeP
   const double factor = p.has_momentum ? p.momentum : 1.0 / static_cast<double>(nb_old + 1);
   const float keep = static_cast<float>(1.0 - factor);
   const float take = static_cast<float>(factor);
-  const float cnt = static_cast<float>(p.count);
-  const float unbias = static_cast<float>(static_cast<double>(p.count) /
-                                          static_cast<double>(p.count - 1));
+  float cnt, unbias;
+  if (p.count_dev) {
+    cnt = *p.count_dev;
+    unbias = __fdiv_rn(cnt, __fsub_rn(cnt, 1.f));
+  } else {
+    cnt = static_cast<float>(p.count);
+    unbias = static_cast<float>(static_cast<double>(p.count) / static_cast<double>(p.count - 1));
+  }
   const float eps = static_cast<float>(p.eps);
   for (int c = threadIdx.x; c < p.C; c += blockDim.x) {
     const float mean = __fdiv_rn(p.sum[c], cnt);
@@ -284,7 +292,10 @@ cudaError_t launch_bn_add_relu(const BnAddReluParams& p, DType dt, cudaStream_t 
 // ---------------------------------------------------------------------------------------------
 // Backward family on NHWC-dense tensors: g = grad_out * mask, then per-channel sums, then the
 // elementwise BatchNorm backward
-//   grad_input = weight * invstd * (g - sum_g / count - xhat * sum_gx / count).
+//   grad_input = weight * invstd * (g - mean_g - xhat * mean_gx),
+// with mean_g = sum_g / count (count = rows) or, for the SyncBatchNorm *_elemt ops, given means
+// (global sums over the global count). The reduction and the elementwise pass launch separately
+// for the *_reduce / *_elemt ops and back to back for the fused ones.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int VEC>
 __device__ __forceinline__ void load_g(const ChannelBwdParams& p, int64_t off,
@@ -391,6 +402,7 @@ __global__ void __launch_bounds__(kThreads)
     channel_bwd_elementwise_kernel(const ChannelBwdParams p) {
   const int64_t nvec = p.rows * p.C / VEC;
   const float cnt = static_cast<float>(p.rows);
+  const bool given_means = p.mean_g != nullptr;  // uniform: no divergence
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < nvec;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t off = v * VEC;
@@ -406,30 +418,40 @@ __global__ void __launch_bounds__(kThreads)
       store_f<T, VEC>(static_cast<T*>(p.grad_res) + off, g);
     } else {
       // BatchNorm backward of g through (x, mean, invstd, weight) into `dst`.
+      // Per-channel means of the sums: sum / count, or given (then no division at all).
+      auto chan_means = [&](const float* sum_p, const float* mean_p, float (&m)[VEC]) {
+        if (given_means) {
+          load_chan<VEC>(mean_p, c0, m);
+        } else {
+          load_chan<VEC>(sum_p, c0, m);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) m[e] = __fdiv_rn(m[e], cnt);
+        }
+      };
+      // BatchNorm backward of g through (x, mean, invstd, weight) into `dst`.
       auto bn_bwd = [&](const void* xin, const float* mean_p, const float* inv_p,
-                        const float* w_p, const float* sgx_p, void* dst) {
-        float xv[VEC], mean[VEC], inv[VEC], w[VEC], sg[VEC], sgx[VEC], gi[VEC];
+                        const float* w_p, const float* sgx_p, const float* mgx_p, void* dst) {
+        float xv[VEC], mean[VEC], inv[VEC], w[VEC], mg[VEC], mgx[VEC], gi[VEC];
         load_f<T, VEC>(static_cast<const T*>(xin) + off, xv);
         load_chan<VEC>(mean_p, c0, mean);
         load_chan<VEC>(inv_p, c0, inv);
         load_chan_or<VEC>(w_p, c0, 1.f, w);
-        load_chan<VEC>(p.sum_g, c0, sg);
-        load_chan<VEC>(sgx_p, c0, sgx);
+        chan_means(p.sum_g, p.mean_g, mg);
+        chan_means(sgx_p, mgx_p, mgx);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float wi = w_p ? __fmul_rn(w[e], inv[e]) : inv[e];
           const float xhat = __fmul_rn(__fsub_rn(xv[e], mean[e]), inv[e]);
-          const float t = __fsub_rn(__fsub_rn(g[e], __fdiv_rn(sg[e], cnt)),
-                                    __fmul_rn(xhat, __fdiv_rn(sgx[e], cnt)));
+          const float t = __fsub_rn(__fsub_rn(g[e], mg[e]), __fmul_rn(xhat, mgx[e]));
           gi[e] = __fmul_rn(wi, t);
         }
         store_f<T, VEC>(static_cast<T*>(dst) + off, gi);
       };
-      bn_bwd(p.x, p.mean, p.invstd, p.weight, p.sum_gx, p.grad_input);
+      bn_bwd(p.x, p.mean, p.invstd, p.weight, p.sum_gx, p.mean_gx, p.grad_input);
       if constexpr (KIND == BwdKind::kBnId) {
         store_f<T, VEC>(static_cast<T*>(p.grad_res) + off, g);
       } else if constexpr (KIND == BwdKind::kBnBn) {
-        bn_bwd(p.xr, p.mean_r, p.invstd_r, p.weight_r, p.sum_gxr, p.grad_res);
+        bn_bwd(p.xr, p.mean_r, p.invstd_r, p.weight_r, p.sum_gxr, p.mean_gxr, p.grad_res);
       }
     }
   }
@@ -460,7 +482,7 @@ int64_t plan_channel_bwd(ChannelBwdParams& p, DType dt, int num_sms) {
 }
 
 template <typename T, int VEC>
-cudaError_t launch_channel_bwd_tv(const ChannelBwdParams& p, cudaStream_t stream) {
+cudaError_t launch_channel_reduce_tv(const ChannelBwdParams& p, cudaStream_t stream) {
   const int cv_total = (p.C + VEC - 1) / VEC;
   const int cvb = cv_total < kThreads ? cv_total : kThreads;
   const dim3 rgrid(p.chunks, (cv_total + cvb - 1) / cvb);
@@ -479,7 +501,11 @@ cudaError_t launch_channel_bwd_tv(const ChannelBwdParams& p, cudaStream_t stream
   cp.nsum = p.nsum;
   cp.T = p.chunks;
   cp.C = p.C;
-  FR_RETURN_IF_ERROR(launch_colsum(cp, stream));
+  return launch_colsum(cp, stream);
+}
+
+template <typename T, int VEC>
+cudaError_t launch_channel_elementwise_tv(const ChannelBwdParams& p, cudaStream_t stream) {
   const unsigned egrid = grid_for(p.rows * p.C / VEC, kThreads);
   switch (p.kind) {
     case BwdKind::kG:
@@ -499,12 +525,25 @@ cudaError_t launch_channel_bwd_tv(const ChannelBwdParams& p, cudaStream_t stream
   return cudaSuccess;
 }
 
-cudaError_t launch_channel_bwd(const ChannelBwdParams& p, DType dt, cudaStream_t stream) {
+cudaError_t launch_channel_reduce(const ChannelBwdParams& p, DType dt, cudaStream_t stream) {
   if (p.rows == 0 || p.C == 0) return cudaSuccess;
   return FR_DTYPE_SWITCH(dt, T, [&] {
-    if (channel_vec(p.C, dt) == 1) return launch_channel_bwd_tv<T, 1>(p, stream);
-    return launch_channel_bwd_tv<T, 16 / sizeof(T)>(p, stream);
+    if (channel_vec(p.C, dt) == 1) return launch_channel_reduce_tv<T, 1>(p, stream);
+    return launch_channel_reduce_tv<T, 16 / sizeof(T)>(p, stream);
   });
+}
+
+cudaError_t launch_channel_elementwise(const ChannelBwdParams& p, DType dt, cudaStream_t stream) {
+  if (p.rows == 0 || p.C == 0) return cudaSuccess;
+  return FR_DTYPE_SWITCH(dt, T, [&] {
+    if (channel_vec(p.C, dt) == 1) return launch_channel_elementwise_tv<T, 1>(p, stream);
+    return launch_channel_elementwise_tv<T, 16 / sizeof(T)>(p, stream);
+  });
+}
+
+cudaError_t launch_channel_bwd(const ChannelBwdParams& p, DType dt, cudaStream_t stream) {
+  FR_RETURN_IF_ERROR(launch_channel_reduce(p, dt, stream));
+  return launch_channel_elementwise(p, dt, stream);
 }
 
 }  // namespace cuda

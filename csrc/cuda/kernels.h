@@ -115,7 +115,9 @@ struct BnFinalizeParams {
   float* scale;
   float* shift;
   int C;
-  int64_t count;
+  int64_t count;            // values per channel (bn_finalize), unless count_dev is set
+  const float* count_dev;   // or null: the count as one float on the device (bn_finalize_count:
+                            // an all-reduced count, read by the kernel, no host sync)
   bool has_momentum;
   double momentum;
   double eps;
@@ -146,6 +148,9 @@ cudaError_t launch_bn_add_relu(const BnAddReluParams& p, DType dt, cudaStream_t 
 //   sums: [0] sum g, [1] sum g * xhat, [2] sum g * xhat_res  (nsum of them)
 //   outputs (kind): kG: grad_z = g;  kBn: grad_input;  kBnId: grad_input, grad_res = g;
 //                   kBnBn: grad_input, grad_res (the residual's BatchNorm backward)
+// The BatchNorm backward uses the per-channel means sum / rows of the sums, or, when mean_g is set,
+// the given means (the SyncBatchNorm *_elemt ops: global sums over the global count, all-reduced
+// between launch_channel_reduce and launch_channel_elementwise).
 enum class BwdKind : int { kG = 0, kBn = 1, kBnId = 2, kBnBn = 3 };
 struct ChannelBwdParams {
   const void* grad_out;
@@ -164,6 +169,10 @@ struct ChannelBwdParams {
   float* sum_g;    // grad_bias
   float* sum_gx;   // grad_weight
   float* sum_gxr;  // grad_res_weight
+  // given means of the sums (inputs of the elementwise pass instead of sum / rows), or null
+  const float* mean_g;
+  const float* mean_gx;
+  const float* mean_gxr;  // kBnBn
   void* grad_input;
   void* grad_res;  // grad_z for kG
   float* partial;  // workspace (nsum, chunks, C)
@@ -179,6 +188,10 @@ struct ChannelBwdParams {
 int64_t plan_channel_bwd(ChannelBwdParams& p, DType dt, int num_sms);
 // Reduction (two levels, deterministic) then the elementwise pass.
 cudaError_t launch_channel_bwd(const ChannelBwdParams& p, DType dt, cudaStream_t stream);
+// The two passes on their own (the *_reduce / *_elemt ops): the reduction needs the plan and the
+// partial workspace and writes sum_g, sum_gx (, sum_gxr); the elementwise pass needs neither.
+cudaError_t launch_channel_reduce(const ChannelBwdParams& p, DType dt, cudaStream_t stream);
+cudaError_t launch_channel_elementwise(const ChannelBwdParams& p, DType dt, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastres

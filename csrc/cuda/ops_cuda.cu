@@ -363,37 +363,91 @@ void check_stat(const Tensor& t, int64_t C, const char* name, const Tensor& ref)
               " on ", t.device());
 }
 
+// The BatchNorm backwards share one pipeline (reduction, then elementwise pass): the fused ops
+// run both passes, the SyncBatchNorm split (*_reduce, *_elemt) one pass each, with the
+// all-reduce of the sums in between. The two structs below check and prepare the inputs the three
+// forms of each backward share, and hold the prepared tensors until the launches are done.
+void run_channel_reduce(ChannelBwdParams& p, DType dt, const Tensor& ref) {
+  const int64_t n = plan_channel_bwd(p, dt, num_sms(ref));
+  Tensor partial = at::empty({n}, ref.options().dtype(at::kFloat));
+  p.partial = partial.data_ptr<float>();
+  C10_CUDA_CHECK(launch_channel_reduce(p, dt, stream()));
+}
+
+// grad_out, out, input, mean, invstd (and res_input, res_mean, res_invstd) of bn_add_relu_bwd and
+// its split: checked, then (under a guard on grad_out's device) mean/invstd as float32 vectors
+// and, when grad_out is not empty, the activations as NHWC, filled into `p` with the mask.
+struct AddReluBwdIn {
+  c10::cuda::OptionalCUDAGuard guard;
+  DType dt = DType::kFloat32;
+  int64_t C = 0;
+  bool bn_res = false;
+  bool empty = true;
+  Tensor m, inv, mr, invr;  // float32 vectors
+  Tensor go, o, x, xr;      // NHWC (when not empty)
+
+  void init(const char* op, ChannelBwdParams& p, const Tensor& grad_out, const OptTensor& out,
+            const Tensor& input, const Tensor& mean, const Tensor& invstd,
+            const OptTensor& res_input, const OptTensor& res_mean, const OptTensor& res_invstd) {
+    CHECK_CUDA(grad_out);
+    CHECK_DIM(grad_out, 4);
+    dt = to_dtype(grad_out, op);
+    check_like(input, grad_out, "input");
+    if (out.has_value()) check_like(*out, grad_out, "out");
+    C = input.size(1);
+    check_stat(mean, C, "mean", input);
+    check_stat(invstd, C, "invstd", input);
+    bn_res = res_input.has_value();
+    if (bn_res) {
+      TORCH_CHECK_VALUE(res_mean.has_value() && res_invstd.has_value(), op,
+                        ": res_input needs res_mean and res_invstd");
+      check_like(*res_input, grad_out, "res_input");
+      check_stat(*res_mean, C, "res_mean", input);
+      check_stat(*res_invstd, C, "res_invstd", input);
+    }
+    guard.set_device(grad_out.device());
+    m = chan_vec(mean, C, "mean", input);
+    inv = chan_vec(invstd, C, "invstd", input);
+    if (bn_res) {
+      mr = chan_vec(*res_mean, C, "res_mean", input);
+      invr = chan_vec(*res_invstd, C, "res_invstd", input);
+    }
+    empty = grad_out.numel() == 0;
+    if (empty) return;
+    go = nhwc(grad_out);
+    o = out.has_value() ? nhwc(*out) : Tensor();
+    x = nhwc(input);
+    xr = bn_res ? nhwc(*res_input) : Tensor();
+    p.grad_out = go.data_ptr();
+    p.mask_src = o.defined() ? o.data_ptr() : nullptr;
+    p.mask_mode = o.defined() ? 1 : 0;
+    p.x = x.data_ptr();
+    p.mean = m.data_ptr<float>();
+    p.invstd = inv.data_ptr<float>();
+    if (bn_res) {
+      p.xr = xr.data_ptr();
+      p.mean_r = mr.data_ptr<float>();
+      p.invstd_r = invr.data_ptr<float>();
+    }
+    p.rows = grad_out.numel() / C;
+    p.C = static_cast<int>(C);
+  }
+};
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
     const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
     const Tensor& invstd, const OptTensor& weight, const OptTensor& res_input,
     const OptTensor& res_mean, const OptTensor& res_invstd, const OptTensor& res_weight) {
-  CHECK_CUDA(grad_out);
-  CHECK_DIM(grad_out, 4);
-  const DType dt = to_dtype(grad_out, "bn_add_relu_bwd");
-  check_like(input, grad_out, "input");
-  if (out.has_value()) check_like(*out, grad_out, "out");
-  const int64_t C = input.size(1);
-  check_stat(mean, C, "mean", input);
-  check_stat(invstd, C, "invstd", input);
-  const bool bn_res = res_input.has_value();
-  if (bn_res) {
-    TORCH_CHECK_VALUE(res_mean.has_value() && res_invstd.has_value(),
-                      "bn_add_relu_bwd: res_input needs res_mean and res_invstd");
-    check_like(*res_input, grad_out, "res_input");
-    check_stat(*res_mean, C, "res_mean", input);
-    check_stat(*res_invstd, C, "res_invstd", input);
-  }
-  c10::cuda::CUDAGuard guard(grad_out.device());
+  ChannelBwdParams p{};
+  AddReluBwdIn a;
+  a.init("bn_add_relu_bwd", p, grad_out, out, input, mean, invstd, res_input, res_mean,
+         res_invstd);
+  const int64_t C = a.C;
+  const bool bn_res = a.bn_res;
   const at::TensorOptions fopts = mean.options();
-  const Tensor m = chan_vec(mean, C, "mean", input);
-  const Tensor inv = chan_vec(invstd, C, "invstd", input);
   const Tensor w = weight.has_value() ? chan_vec(*weight, C, "weight", input) : Tensor();
-  Tensor mr, invr, wr;
-  if (bn_res) {
-    mr = chan_vec(*res_mean, C, "res_mean", input);
-    invr = chan_vec(*res_invstd, C, "res_invstd", input);
-    if (res_weight.has_value()) wr = chan_vec(*res_weight, C, "res_weight", input);
-  }
+  const Tensor wr =
+      bn_res && res_weight.has_value() ? chan_vec(*res_weight, C, "res_weight", input) : Tensor();
   NhwcOut gi = nhwc_out(input.sizes(), input.options(), like_format(input));
   NhwcOut gr = bn_res ? nhwc_out(res_input->sizes(), res_input->options(), like_format(*res_input))
                       : nhwc_out(grad_out.sizes(), grad_out.options(), like_format(grad_out));
@@ -401,35 +455,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
   Tensor gb = at::zeros({C}, fopts);
   Tensor grw = bn_res ? at::zeros({C}, fopts) : at::empty({0}, fopts);
   Tensor grb = bn_res ? at::empty({C}, fopts) : at::empty({0}, fopts);
-  if (grad_out.numel() > 0) {
-    const Tensor go = nhwc(grad_out);
-    const Tensor o = out.has_value() ? nhwc(*out) : Tensor();
-    const Tensor x = nhwc(input);
-    const Tensor xr = bn_res ? nhwc(*res_input) : Tensor();
-    ChannelBwdParams p{};
-    p.grad_out = go.data_ptr();
-    p.mask_src = o.defined() ? o.data_ptr() : nullptr;
-    p.mask_mode = o.defined() ? 1 : 0;
-    p.x = x.data_ptr();
-    p.mean = m.data_ptr<float>();
-    p.invstd = inv.data_ptr<float>();
+  if (!a.empty) {
     p.weight = fptr(w);
     p.sum_g = gb.data_ptr<float>();
     p.sum_gx = gw.data_ptr<float>();
     p.grad_input = gi.buf.data_ptr();
     p.grad_res = gr.buf.data_ptr();
     if (bn_res) {
-      p.xr = xr.data_ptr();
-      p.mean_r = mr.data_ptr<float>();
-      p.invstd_r = invr.data_ptr<float>();
       p.weight_r = fptr(wr);
       p.sum_gxr = grw.data_ptr<float>();
     }
-    p.rows = grad_out.numel() / C;
-    p.C = static_cast<int>(C);
     p.nsum = bn_res ? 3 : 2;
     p.kind = bn_res ? BwdKind::kBnBn : BwdKind::kBnId;
-    run_channel_bwd(p, dt, grad_out);
+    run_channel_bwd(p, a.dt, grad_out);
     gi.finish();
     gr.finish();
   }
@@ -437,31 +475,101 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
   return {gi.ret, gw, gb, gr.ret, grw, grb};
 }
 
-std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, const Tensor& input,
-                                                    const Tensor& mean, const Tensor& invstd,
-                                                    const OptTensor& weight, const Tensor& scale,
-                                                    const Tensor& shift, bool relu) {
-  CHECK_CUDA(grad_out);
-  CHECK_DIM(grad_out, 4);
-  const DType dt = to_dtype(grad_out, "bn_relu_bwd");
-  check_like(input, grad_out, "input");
-  const int64_t C = input.size(1);
-  check_stat(mean, C, "mean", input);
-  check_stat(invstd, C, "invstd", input);
-  c10::cuda::CUDAGuard guard(grad_out.device());
+std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cuda(
+    const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
+    const Tensor& invstd, const OptTensor& res_input, const OptTensor& res_mean,
+    const OptTensor& res_invstd) {
+  ChannelBwdParams p{};
+  AddReluBwdIn a;
+  a.init("bn_add_relu_bwd_reduce", p, grad_out, out, input, mean, invstd, res_input, res_mean,
+         res_invstd);
   const at::TensorOptions fopts = mean.options();
-  const Tensor m = chan_vec(mean, C, "mean", input);
-  const Tensor inv = chan_vec(invstd, C, "invstd", input);
+  Tensor sg = at::zeros({a.C}, fopts);
+  Tensor sgx = at::zeros({a.C}, fopts);
+  Tensor sgxr = a.bn_res ? at::zeros({a.C}, fopts) : at::empty({0}, fopts);
+  if (!a.empty) {
+    p.sum_g = sg.data_ptr<float>();
+    p.sum_gx = sgx.data_ptr<float>();
+    p.sum_gxr = a.bn_res ? sgxr.data_ptr<float>() : nullptr;
+    p.nsum = a.bn_res ? 3 : 2;
+    run_channel_reduce(p, a.dt, grad_out);
+  }
+  return {sg, sgx, sgxr};
+}
+
+std::tuple<Tensor, Tensor> bn_add_relu_bwd_elemt_cuda(
+    const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
+    const Tensor& invstd, const OptTensor& weight, const Tensor& mean_g,
+    const Tensor& mean_g_xhat, const OptTensor& res_input, const OptTensor& res_mean,
+    const OptTensor& res_invstd, const OptTensor& res_weight,
+    const OptTensor& res_mean_g_xhat) {
+  TORCH_CHECK_VALUE(!res_input.has_value() || (res_mean.has_value() && res_invstd.has_value() &&
+                                                 res_mean_g_xhat.has_value()),
+                    "bn_add_relu_bwd_elemt: res_input needs res_mean, res_invstd and "
+                    "res_mean_g_xhat");
+  ChannelBwdParams p{};
+  AddReluBwdIn a;
+  a.init("bn_add_relu_bwd_elemt", p, grad_out, out, input, mean, invstd, res_input, res_mean,
+         res_invstd);
+  const int64_t C = a.C;
+  const bool bn_res = a.bn_res;
   const Tensor w = weight.has_value() ? chan_vec(*weight, C, "weight", input) : Tensor();
-  const Tensor sc = chan_vec(scale, C, "scale", input);
-  const Tensor sh = chan_vec(shift, C, "shift", input);
+  const Tensor mg = chan_vec(mean_g, C, "mean_g", input);
+  const Tensor mgx = chan_vec(mean_g_xhat, C, "mean_g_xhat", input);
+  Tensor wr, mgxr;
+  if (bn_res) {
+    if (res_weight.has_value()) wr = chan_vec(*res_weight, C, "res_weight", input);
+    mgxr = chan_vec(*res_mean_g_xhat, C, "res_mean_g_xhat", input);
+  }
   NhwcOut gi = nhwc_out(input.sizes(), input.options(), like_format(input));
-  Tensor gw = at::zeros({C}, fopts);
-  Tensor gb = at::zeros({C}, fopts);
-  if (grad_out.numel() > 0) {
-    const Tensor go = nhwc(grad_out);
-    const Tensor x = nhwc(input);
-    ChannelBwdParams p{};
+  NhwcOut gr = bn_res ? nhwc_out(res_input->sizes(), res_input->options(), like_format(*res_input))
+                      : nhwc_out(grad_out.sizes(), grad_out.options(), like_format(grad_out));
+  if (!a.empty) {
+    p.weight = fptr(w);
+    p.mean_g = mg.data_ptr<float>();
+    p.mean_gx = mgx.data_ptr<float>();
+    p.grad_input = gi.buf.data_ptr();
+    p.grad_res = gr.buf.data_ptr();
+    if (bn_res) {
+      p.weight_r = fptr(wr);
+      p.mean_gxr = mgxr.data_ptr<float>();
+    }
+    p.kind = bn_res ? BwdKind::kBnBn : BwdKind::kBnId;
+    C10_CUDA_CHECK(launch_channel_elementwise(p, a.dt, stream()));
+    gi.finish();
+    gr.finish();
+  }
+  return {gi.ret, gr.ret};
+}
+
+// grad_out, input, mean, invstd, scale, shift of bn_relu_bwd and its split, as AddReluBwdIn.
+struct ReluBwdIn {
+  c10::cuda::OptionalCUDAGuard guard;
+  DType dt = DType::kFloat32;
+  int64_t C = 0;
+  bool empty = true;
+  Tensor m, inv, sc, sh;  // float32 vectors
+  Tensor go, x;           // NHWC (when not empty)
+
+  void init(const char* op, ChannelBwdParams& p, const Tensor& grad_out, const Tensor& input,
+            const Tensor& mean, const Tensor& invstd, const Tensor& scale, const Tensor& shift,
+            bool relu) {
+    CHECK_CUDA(grad_out);
+    CHECK_DIM(grad_out, 4);
+    dt = to_dtype(grad_out, op);
+    check_like(input, grad_out, "input");
+    C = input.size(1);
+    check_stat(mean, C, "mean", input);
+    check_stat(invstd, C, "invstd", input);
+    guard.set_device(grad_out.device());
+    m = chan_vec(mean, C, "mean", input);
+    inv = chan_vec(invstd, C, "invstd", input);
+    sc = chan_vec(scale, C, "scale", input);
+    sh = chan_vec(shift, C, "shift", input);
+    empty = grad_out.numel() == 0;
+    if (empty) return;
+    go = nhwc(grad_out);
+    x = nhwc(input);
     p.grad_out = go.data_ptr();
     p.mask_mode = relu ? 2 : 0;
     p.mask_src = relu ? x.data_ptr() : nullptr;
@@ -470,18 +578,76 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, cons
     p.x = x.data_ptr();
     p.mean = m.data_ptr<float>();
     p.invstd = inv.data_ptr<float>();
+    p.rows = grad_out.numel() / C;
+    p.C = static_cast<int>(C);
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, const Tensor& input,
+                                                    const Tensor& mean, const Tensor& invstd,
+                                                    const OptTensor& weight, const Tensor& scale,
+                                                    const Tensor& shift, bool relu) {
+  ChannelBwdParams p{};
+  ReluBwdIn a;
+  a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
+  const at::TensorOptions fopts = mean.options();
+  const Tensor w = weight.has_value() ? chan_vec(*weight, a.C, "weight", input) : Tensor();
+  NhwcOut gi = nhwc_out(input.sizes(), input.options(), like_format(input));
+  Tensor gw = at::zeros({a.C}, fopts);
+  Tensor gb = at::zeros({a.C}, fopts);
+  if (!a.empty) {
     p.weight = fptr(w);
     p.sum_g = gb.data_ptr<float>();
     p.sum_gx = gw.data_ptr<float>();
     p.grad_input = gi.buf.data_ptr();
-    p.rows = grad_out.numel() / C;
-    p.C = static_cast<int>(C);
     p.nsum = 2;
     p.kind = BwdKind::kBn;
-    run_channel_bwd(p, dt, grad_out);
+    run_channel_bwd(p, a.dt, grad_out);
     gi.finish();
   }
   return {gi.ret, gw, gb};
+}
+
+std::tuple<Tensor, Tensor> bn_relu_bwd_reduce_cuda(const Tensor& grad_out, const Tensor& input,
+                                                   const Tensor& mean, const Tensor& invstd,
+                                                   const Tensor& scale, const Tensor& shift,
+                                                   bool relu) {
+  ChannelBwdParams p{};
+  ReluBwdIn a;
+  a.init("bn_relu_bwd_reduce", p, grad_out, input, mean, invstd, scale, shift, relu);
+  const at::TensorOptions fopts = mean.options();
+  Tensor sg = at::zeros({a.C}, fopts);
+  Tensor sgx = at::zeros({a.C}, fopts);
+  if (!a.empty) {
+    p.sum_g = sg.data_ptr<float>();
+    p.sum_gx = sgx.data_ptr<float>();
+    p.nsum = 2;
+    run_channel_reduce(p, a.dt, grad_out);
+  }
+  return {sg, sgx};
+}
+
+Tensor bn_relu_bwd_elemt_cuda(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                              const Tensor& invstd, const OptTensor& weight, const Tensor& scale,
+                              const Tensor& shift, bool relu, const Tensor& mean_g,
+                              const Tensor& mean_g_xhat) {
+  ChannelBwdParams p{};
+  ReluBwdIn a;
+  a.init("bn_relu_bwd_elemt", p, grad_out, input, mean, invstd, scale, shift, relu);
+  const Tensor w = weight.has_value() ? chan_vec(*weight, a.C, "weight", input) : Tensor();
+  const Tensor mg = chan_vec(mean_g, a.C, "mean_g", input);
+  const Tensor mgx = chan_vec(mean_g_xhat, a.C, "mean_g_xhat", input);
+  NhwcOut gi = nhwc_out(input.sizes(), input.options(), like_format(input));
+  if (!a.empty) {
+    p.weight = fptr(w);
+    p.mean_g = mg.data_ptr<float>();
+    p.mean_gx = mgx.data_ptr<float>();
+    p.grad_input = gi.buf.data_ptr();
+    p.kind = BwdKind::kBn;
+    C10_CUDA_CHECK(launch_channel_elementwise(p, a.dt, stream()));
+    gi.finish();
+  }
+  return gi.ret;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,20 +717,16 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
 }
 
 // ---------------------------------------------------------------------------------------------
-// bn_finalize
+// bn_finalize, bn_finalize_count: one kernel; the count is an integer argument, or a one-element
+// tensor read on the device (the all-reduced count of SyncBatchNorm: no host sync).
 // ---------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cuda(
-    const Tensor& sum, const Tensor& sumsq, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var,
-    const OptTensor& num_batches_tracked, int64_t count, std::optional<double> momentum,
-    double eps) {
-  CHECK_CUDA(sum);
-  CHECK_DIM(sum, 1);
+// count_t: the count tensor, already checked and float32 on sum's device; undefined for `count`.
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
+    const Tensor& sum, const Tensor& sumsq, const Tensor& count_t, int64_t count,
+    const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+    const OptTensor& running_var, const OptTensor& num_batches_tracked,
+    std::optional<double> momentum, double eps) {
   const int64_t C = sum.size(0);
-  check_stat(sum, C, "sum", sum);
-  check_stat(sumsq, C, "sumsq", sum);
-  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ",
-                    count, " values");
   const bool has_running = running_mean.has_value() || running_var.has_value();
   TORCH_CHECK_VALUE(!has_running || momentum.has_value() || num_batches_tracked.has_value(),
                     "momentum=None (cumulative average) needs num_batches_tracked");
@@ -601,6 +763,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cuda(
   p.shift = shift.data_ptr<float>();
   p.C = static_cast<int>(C);
   p.count = count;
+  p.count_dev = count_t.defined() ? count_t.data_ptr<float>() : nullptr;
   p.has_momentum = momentum.has_value();
   p.momentum = momentum.value_or(0.0);
   p.eps = eps;
@@ -608,6 +771,45 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cuda(
   if (rm.defined() && !rm.is_same(*running_mean)) running_mean->copy_(rm);
   if (rv.defined() && !rv.is_same(*running_var)) running_var->copy_(rv);
   return {mean, invstd, scale, shift};
+}
+
+void check_sums(const Tensor& sum, const Tensor& sumsq) {
+  CHECK_CUDA(sum);
+  CHECK_DIM(sum, 1);
+  check_stat(sum, sum.size(0), "sum", sum);
+  check_stat(sumsq, sum.size(0), "sumsq", sum);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cuda(
+    const Tensor& sum, const Tensor& sumsq, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, int64_t count, std::optional<double> momentum,
+    double eps) {
+  check_sums(sum, sumsq);
+  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ",
+                    count, " values");
+  return bn_finalize_impl(sum, sumsq, Tensor(), count, weight, bias, running_mean, running_var,
+                          num_batches_tracked, momentum, eps);
+}
+
+// The count cannot be checked here (> 1) without a host sync: the caller guarantees it.
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_count_cuda(
+    const Tensor& sum, const Tensor& sumsq, const Tensor& count, const OptTensor& weight,
+    const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps) {
+  check_sums(sum, sumsq);
+  TORCH_CHECK(count.device() == sum.device() && count.numel() == 1, "fastres CUDA: count must "
+              "be one element on ", sum.device(), " (the number of values per channel), got "
+              "shape ", count.sizes(), " on ", count.device());
+  TORCH_CHECK(at::isFloatingType(count.scalar_type()) || at::isIntegralType(count.scalar_type(),
+              /*includeBool=*/false), "fastres CUDA: count must be a real number, got ",
+              count.scalar_type());
+  c10::cuda::CUDAGuard guard(sum.device());
+  // float32 as the reference's count.to(sum.dtype); a conversion on the device, never a read.
+  Tensor n = count.reshape({});
+  if (n.scalar_type() != at::kFloat) n = n.to(at::kFloat);
+  return bn_finalize_impl(sum, sumsq, n, 0, weight, bias, running_mean, running_var,
+                          num_batches_tracked, momentum, eps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -808,5 +1010,10 @@ TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
   m.impl("bn_add_relu", &fastres::cuda::bn_add_relu_cuda);
   m.impl("bn_add_relu_bwd", &fastres::cuda::bn_add_relu_bwd_cuda);
   m.impl("bn_relu_bwd", &fastres::cuda::bn_relu_bwd_cuda);
+  m.impl("bn_finalize_count", &fastres::cuda::bn_finalize_count_cuda);
+  m.impl("bn_add_relu_bwd_reduce", &fastres::cuda::bn_add_relu_bwd_reduce_cuda);
+  m.impl("bn_add_relu_bwd_elemt", &fastres::cuda::bn_add_relu_bwd_elemt_cuda);
+  m.impl("bn_relu_bwd_reduce", &fastres::cuda::bn_relu_bwd_reduce_cuda);
+  m.impl("bn_relu_bwd_elemt", &fastres::cuda::bn_relu_bwd_elemt_cuda);
   m.impl("conv_bwd", &fastres::cuda::conv_bwd_cuda);
 }
