@@ -4,7 +4,8 @@ The dispatcher (fastres/backends.py) calls three functions of this package:
 
 * ``unavailable_reason()``: why these kernels cannot run here at all, or None;
 * ``not_supported_reasons(inputs)``: every reason they cannot serve one call;
-* ``ops()``: the eight ops, signatures as in fastres/reference.py.
+* ``ops()``: the ops of the contract (fastres.backends.OP_NAMES), signatures as in
+  fastres/reference.py.
 
 Importing this package imports neither triton nor the kernels and never touches CUDA: triton is
 imported and the ops are registered (``torch.ops.fastres_triton.*``, which the dispatcher looks
@@ -107,7 +108,7 @@ def not_supported_reasons(inputs) -> list[str]:
 
 
 def ops() -> SimpleNamespace:
-    """The eight ops as ``torch.ops.fastres_triton.*`` callables (registers them on first use)."""
+    """The ops as ``torch.ops.fastres_triton.*`` callables (registers them on first use)."""
     from ._ops import op_namespace  # noqa: PLC0415
 
     return op_namespace()

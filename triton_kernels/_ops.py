@@ -44,8 +44,25 @@ SCHEMAS = {
     "conv_bwd": "(Tensor grad_out, Tensor input, Tensor weight, Tensor? pre_scale, "
     "Tensor? pre_shift, bool pre_relu, int[2] stride, int[2] padding, int[2] dilation, "
     "int groups, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight)",
+    # SyncBatchNorm's split of bn_finalize and the two BN backwards.
+    "bn_finalize_count": "(Tensor sum, Tensor sumsq, Tensor count, Tensor? weight, Tensor? bias, "
+    "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+    "float? momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)",
+    "bn_add_relu_bwd_reduce": "(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, "
+    "Tensor invstd, Tensor? res_input, Tensor? res_mean, Tensor? res_invstd) -> (Tensor sum_g, "
+    "Tensor sum_g_xhat, Tensor res_sum_g_xhat)",
+    "bn_add_relu_bwd_elemt": "(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, "
+    "Tensor invstd, Tensor? weight, Tensor mean_g, Tensor mean_g_xhat, Tensor? res_input, "
+    "Tensor? res_mean, Tensor? res_invstd, Tensor? res_weight, Tensor? res_mean_g_xhat) -> "
+    "(Tensor grad_input, Tensor grad_res)",
+    "bn_relu_bwd_reduce": "(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
+    "Tensor scale, Tensor shift, bool relu) -> (Tensor sum_g, Tensor sum_g_xhat)",
+    "bn_relu_bwd_elemt": "(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
+    "Tensor? weight, Tensor scale, Tensor shift, bool relu, Tensor mean_g, Tensor mean_g_xhat) "
+    "-> Tensor",
 }
-MUTATES = {"bn_finalize": ("running_mean", "running_var", "num_batches_tracked")}
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+MUTATES = {"bn_finalize": _RUNNING, "bn_finalize_count": _RUNNING}
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 7  # R and S are constexprs; tested 1x1, 3x3, 7x7 and 1x3
@@ -125,6 +142,23 @@ def bn_finalize(
                            num_batches_tracked, count, momentum, eps)
 
 
+def bn_finalize_count(
+    sum: Tensor, sumsq: Tensor, count: Tensor, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None,
+    num_batches_tracked: Tensor | None, momentum: float | None, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # bn_finalize's kernel, reading the count on the device: no host sync (nor a check that the
+    # count exceeds 1, which would need one; the contract leaves that to the caller).
+    if sum.dtype != torch.float32:
+        raise TypeError("fastres_triton.bn_finalize_count: statistics must be float32, got "
+                        f"{sum.dtype}")
+    if count.numel() != 1 or count.device != sum.device:
+        raise ValueError("fastres_triton.bn_finalize_count: count must be one element on "
+                         f"{sum.device}, got {tuple(count.shape)} on {count.device}")
+    return _bn.bn_finalize(sum, sumsq, weight, bias, running_mean, running_var,
+                           num_batches_tracked, count, momentum, eps)
+
+
 def bn_add_relu(
     input: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
     res_scale: Tensor | None, res_shift: Tensor | None, res_channel_offset: int, relu: bool,
@@ -142,17 +176,24 @@ def bn_add_relu(
                            _vec(res_shift), res_channel_offset, relu)
 
 
+def _check_bn_bwd(name: str, grad_out: Tensor, out: Tensor | None, input: Tensor,
+                  res_input: Tensor | None, *res_vectors: Tensor | None) -> None:
+    _check_act(name, grad_out, out, input, res_input)
+    if res_input is not None and any(v is None for v in res_vectors):
+        need = ("res_mean, res_invstd and res_mean_g_xhat" if len(res_vectors) > 2
+                else "res_mean and res_invstd")
+        raise ValueError(f"{name}: res_input needs {need}")
+    if res_input is not None and res_input.shape != input.shape:
+        raise ValueError(f"{name}: res_input {tuple(res_input.shape)} must match input "
+                         f"{tuple(input.shape)}")
+
+
 def bn_add_relu_bwd(
     grad_out: Tensor, out: Tensor | None, input: Tensor, mean: Tensor, invstd: Tensor,
     weight: Tensor | None, res_input: Tensor | None, res_mean: Tensor | None,
     res_invstd: Tensor | None, res_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_act("bn_add_relu_bwd", grad_out, out, input, res_input)
-    if res_input is not None and (res_mean is None or res_invstd is None):
-        raise ValueError("bn_add_relu_bwd: res_input needs res_mean and res_invstd")
-    if res_input is not None and res_input.shape != input.shape:
-        raise ValueError(f"bn_add_relu_bwd: res_input {tuple(res_input.shape)} must match input "
-                         f"{tuple(input.shape)}")
+    _check_bn_bwd("bn_add_relu_bwd", grad_out, out, input, res_input, res_mean, res_invstd)
     mean, invstd = _vec(mean), _vec(invstd)
     res_mean, res_invstd = _vec(res_mean), _vec(res_invstd)
     mask = 1 if out is not None else 0
@@ -186,6 +227,66 @@ def bn_relu_bwd(
     return gi, gxsum, gsum
 
 
+# SyncBatchNorm: the two BN backwards split into their reduction (pass 1, this process's sums)
+# and elementwise (pass 2, given the global means of those sums) kernels, the very kernels the
+# single-process ops above run back to back, so that an all-reduce can go between them.
+
+
+def bn_add_relu_bwd_reduce(
+    grad_out: Tensor, out: Tensor | None, input: Tensor, mean: Tensor, invstd: Tensor,
+    res_input: Tensor | None, res_mean: Tensor | None, res_invstd: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_bn_bwd("bn_add_relu_bwd_reduce", grad_out, out, input, res_input, res_mean,
+                  res_invstd)
+    mean, invstd = _vec(mean), _vec(invstd)
+    gsum, gxsum, grsum = _bn.bn_bwd_reduce(grad_out, out, input, None, None, mean, invstd,
+                                           res_input, _vec(res_mean), _vec(res_invstd), None,
+                                           1 if out is not None else 0, True)
+    return gsum, gxsum, (grsum if grsum is not None else mean.new_empty(0))
+
+
+def bn_add_relu_bwd_elemt(
+    grad_out: Tensor, out: Tensor | None, input: Tensor, mean: Tensor, invstd: Tensor,
+    weight: Tensor | None, mean_g: Tensor, mean_g_xhat: Tensor, res_input: Tensor | None,
+    res_mean: Tensor | None, res_invstd: Tensor | None, res_weight: Tensor | None,
+    res_mean_g_xhat: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    _check_bn_bwd("bn_add_relu_bwd_elemt", grad_out, out, input, res_input, res_mean,
+                  res_invstd, res_mean_g_xhat)
+    from ._common import empty_like_format  # noqa: PLC0415
+
+    # Identity residual: grad_res = g, written by this pass (the split reduction writes nothing).
+    g = empty_like_format(grad_out.shape, grad_out) if res_input is None else None
+    gi, gr = _bn.bn_bwd_apply(grad_out, out, input, None, None, _vec(mean), _vec(invstd),
+                              _vec(weight), _vec(mean_g), _vec(mean_g_xhat), res_input,
+                              _vec(res_mean), _vec(res_invstd), _vec(res_weight),
+                              _vec(res_mean_g_xhat), 1 if out is not None else 0, means=True,
+                              g_out=g)
+    return gi, (g if res_input is None else gr)
+
+
+def bn_relu_bwd_reduce(
+    grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor,
+    relu: bool,
+) -> tuple[Tensor, Tensor]:
+    _check_act("bn_relu_bwd_reduce", grad_out, input)
+    gsum, gxsum, _ = _bn.bn_bwd_reduce(grad_out, None, input, _vec(scale), _vec(shift),
+                                       _vec(mean), _vec(invstd), None, None, None, None,
+                                       2 if relu else 0, True)
+    return gsum, gxsum
+
+
+def bn_relu_bwd_elemt(
+    grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    scale: Tensor, shift: Tensor, relu: bool, mean_g: Tensor, mean_g_xhat: Tensor,
+) -> Tensor:
+    _check_act("bn_relu_bwd_elemt", grad_out, input)
+    gi, _ = _bn.bn_bwd_apply(grad_out, None, input, _vec(scale), _vec(shift), _vec(mean),
+                             _vec(invstd), _vec(weight), _vec(mean_g), _vec(mean_g_xhat),
+                             None, None, None, None, None, 2 if relu else 0, means=True)
+    return gi
+
+
 def conv_bwd(
     grad_out: Tensor, input: Tensor, weight: Tensor, pre_scale: Tensor | None,
     pre_shift: Tensor | None, pre_relu: bool, stride: list[int], padding: list[int],
@@ -214,6 +315,11 @@ _IMPLS = {
     "bn_add_relu_bwd": bn_add_relu_bwd,
     "bn_relu_bwd": bn_relu_bwd,
     "conv_bwd": conv_bwd,
+    "bn_finalize_count": bn_finalize_count,
+    "bn_add_relu_bwd_reduce": bn_add_relu_bwd_reduce,
+    "bn_add_relu_bwd_elemt": bn_add_relu_bwd_elemt,
+    "bn_relu_bwd_reduce": bn_relu_bwd_reduce,
+    "bn_relu_bwd_elemt": bn_relu_bwd_elemt,
 }
 
 

@@ -21,15 +21,24 @@ def _bn_finalize_kernel(
     weight_ptr, bias_ptr,  # (C,)
     rm_ptr, rv_ptr,  # (C,) running_mean, running_var, updated in place
     nbt_ptr,  # () int64 num_batches_tracked, incremented in place
+    count_ptr,  # (1,) the number of values per channel (COUNT_ON_DEVICE)
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr,  # (C,) float32 outputs
     C, inv_count, unbias, momentum, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
-    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # One program for all channels: num_batches_tracked is read, incremented and (momentum None)
     # turned into the factor 1/nbt by the only program that exists, so no program can see another
     # one's increment. C <= 2048 in a ResNet: 2 loop trips of 1024; floor ~ 10 * 4 B * C = 80 KB,
     # i.e. launch latency (~3 us), not bandwidth.
+    if COUNT_ON_DEVICE:
+        # SyncBatchNorm: the all-reduced count, read here rather than by the host (no sync). The
+        # float64 divisions rounded once to float32 give the very bits the host's 1.0 / count and
+        # count / (count - 1) give as float32 arguments, so both paths agree bitwise.
+        n = tl.load(count_ptr).to(tl.float64)
+        inv_count = (1.0 / n).to(tl.float32)
+        unbias = (n / (n - 1.0)).to(tl.float32)
     factor = momentum
     if HAS_NBT:
         nbt = tl.load(nbt_ptr) + 1
@@ -211,11 +220,12 @@ def _bn_bwd_apply_kernel(
     go_ptr, out_ptr, x_ptr,  # (N, C, H, W) as in the reduce kernel
     scale_ptr, shift_ptr,  # (C,) prologue scale/shift (MASK == 2)
     mean_ptr, invstd_ptr, weight_ptr,  # (C,)
-    gsum_ptr, gxsum_ptr,  # (C,) float32 sums of g and g*xhat from pass 1
+    gsum_ptr, gxsum_ptr,  # (C,) float32 sums of g and g*xhat from pass 1 (or their means)
     gi_ptr,  # (N, C, H, W) output grad_input
     rx_ptr, rmean_ptr, rinvstd_ptr, rweight_ptr, grxsum_ptr,  # residual branch BN (HAS_RES_BN)
-    gr_ptr,  # (N, C, H, W) output grad_res (HAS_RES_BN)
-    M, C, H, W, inv_count,
+    gr_ptr,  # (N, C, H, W) output grad_res: the residual BN's (HAS_RES_BN) or g itself (WRITE_G)
+    M, C, H, W,
+    inv_count,  # 1/count turns the sums into means; 1.0 when the caller passes means (SyncBN)
     stride_gon, stride_goc, stride_goh, stride_gow,
     stride_outn, stride_outc, stride_outh, stride_outw,
     stride_xn, stride_xc, stride_xh, stride_xw,
@@ -223,7 +233,8 @@ def _bn_bwd_apply_kernel(
     stride_rxn, stride_rxc, stride_rxh, stride_rxw,
     stride_grn, stride_grc, stride_grh, stride_grw,
     MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_RES_BN: tl.constexpr,
-    HAS_RES_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RES_WEIGHT: tl.constexpr, WRITE_G: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # Pass 2: grad_input = weight*invstd * (g - sum(g)/count - xhat * sum(g*xhat)/count), g
     # recomputed from grad_out and the mask rather than stored by pass 1 (a 2 B/element write and
@@ -254,6 +265,11 @@ def _bn_bwd_apply_kernel(
         sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         z = cast_to(x.to(tl.float32) * sc[None, :] + sh[None, :], x_ptr.dtype.element_ty)
         go = tl.where(z > 0, go, 0.0)
+    if WRITE_G:
+        # The identity residual's gradient is g. The single-process op has its reduction pass
+        # write it; SyncBatchNorm's split reduction writes nothing, so the elementwise pass does.
+        tl.store(gr_ptr + (n * stride_grn + h * stride_grh + w * stride_grw)[:, None]
+                 + offs_c[None, :] * stride_grc, cast_to(go, gr_ptr.dtype.element_ty), mask=mask)
     g = go.to(tl.float32)
     mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
     invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
@@ -287,8 +303,11 @@ def _bn_bwd_apply_kernel(
 
 
 def bn_finalize(sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked,
-                count: int, momentum, eps: float):
-    if count <= 1:
+                count, momentum, eps: float):
+    """``count``: an int (bn_finalize, checked here) or a one-element tensor on sum's device
+    (bn_finalize_count: read by the kernel, never by the host, so unchecked)."""
+    on_device = isinstance(count, Tensor)
+    if not on_device and count <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {count} values")
     cumulative = momentum is None
@@ -307,13 +326,14 @@ def bn_finalize(sum, sumsq, weight, bias, running_mean, running_var, num_batches
         running_mean if running_mean is not None else s,
         running_var if running_var is not None else s,
         num_batches_tracked if num_batches_tracked is not None else s,
+        count if on_device else s,
         mean, invstd, scale, shift,
-        c, 1.0 / count, count / (count - 1), 0.0 if momentum is None else float(momentum),
-        float(eps),
+        c, 0.0 if on_device else 1.0 / count, 0.0 if on_device else count / (count - 1),
+        0.0 if momentum is None else float(momentum), float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
         HAS_NBT=num_batches_tracked is not None, CUMULATIVE=cumulative,
-        BLOCK_C=1024, num_warps=4,
+        COUNT_ON_DEVICE=on_device, BLOCK_C=1024, num_warps=4,
     )
     return mean, invstd, scale, shift
 
@@ -375,11 +395,18 @@ def bn_bwd_reduce(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean,
 
 
 def bn_bwd_apply(grad_out, out, x, scale, shift, mean, invstd, weight, gsum, gxsum,
-                 res_x, res_mean, res_invstd, res_weight, grsum, mask_mode: int):
+                 res_x, res_mean, res_invstd, res_weight, grsum, mask_mode: int,
+                 means: bool = False, g_out=None):
+    """Pass 2: (grad_input, grad_res or None). gsum/gxsum/grsum are pass 1's sums over this
+    batch, or with ``means`` their global means (SyncBatchNorm, divided by the all-reduced
+    count). ``g_out``: where to write g (the identity residual's gradient), if anywhere."""
     n, c, h, w = x.shape
     m = n * h * w
     gi = empty_like_format(x.shape, x)
-    gr = empty_like_format(res_x.shape, res_x) if res_x is not None else gi
+    if res_x is not None:
+        gr = empty_like_format(res_x.shape, res_x)
+    else:
+        gr = g_out if g_out is not None else gi
     cfg = rows_config(m, c)
     dummy = x
     f32 = gsum
@@ -395,11 +422,11 @@ def bn_bwd_apply(grad_out, out, x, scale, shift, mean, invstd, weight, gsum, gxs
         res_invstd if res_invstd is not None else f32,
         res_weight if res_weight is not None else f32,
         grsum if grsum is not None else f32, gr,
-        m, c, h, w, 1.0 / m,
+        m, c, h, w, 1.0 if means else 1.0 / m,
         *strides4(grad_out), *strides4(o), *strides4(x), *strides4(gi), *strides4(rx),
         *strides4(gr),
         MASK=mask_mode, HAS_WEIGHT=weight is not None, HAS_RES_BN=res_x is not None,
-        HAS_RES_WEIGHT=res_weight is not None,
+        HAS_RES_WEIGHT=res_weight is not None, WRITE_G=res_x is None and g_out is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
     )
     return gi, (gr if res_x is not None else None)
