@@ -575,6 +575,121 @@ def test_conv_bwd_channels_last_weight():
 
 
 # ----------------------------------------------------------------------------------------------
+# SyncBatchNorm's split ops: each against the reference, and reduce -> mean -> elemt against the
+# single-process op it splits.
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_add_relu_bwd_split(dtype, layout):
+    shape = (3, 21, 7, 5)
+    c, count = shape[1], shape[0] * shape[2] * shape[3]
+    go, out = _act(shape, dtype, layout), _act(shape, dtype, layout)
+    x, x2 = _act(shape, dtype, layout), _act(shape, dtype, layout)
+    for has_out, res, has_w in itertools.product(
+        [False, True], ["identity", "bn", "bn_noweight"], [False, True]
+    ):
+        mean, invstd = _vec(c, dtype), _vec(c, dtype, positive=True)
+        weight = _vec(c, dtype) if has_w else None
+        o = out if has_out else None
+        name = f"out={has_out} res={res} weight={has_w}"
+        if res == "identity":
+            r = (None, None, None)
+            rw = None
+        else:
+            r = (x2, _vec(c, dtype), _vec(c, dtype, positive=True))
+            rw = _vec(c, dtype) if res == "bn" else None
+        args = (go, o, x, mean, invstd, *r)
+        sums = ops.bn_add_relu_bwd_reduce(*args)
+        _check(f"reduce {name}", sums, reference.bn_add_relu_bwd_reduce, args, dtype)
+        # elemt with arbitrary means: every term of the formula is exercised on its own
+        mg, mgx, rmgx = _vec(c, dtype), _vec(c, dtype), _vec(c, dtype)
+        args = (go, o, x, mean, invstd, weight, mg, mgx, *r, rw, rmgx if r[0] is not None else None)
+        _check(
+            f"elemt {name}",
+            ops.bn_add_relu_bwd_elemt(*args),
+            reference.bn_add_relu_bwd_elemt,
+            args,
+            dtype,
+        )
+        # the chain equals the one-op backward: the sums bitwise (same kernel), the gradients
+        # up to the rounding of the means to the accumulation dtype
+        full = ops.bn_add_relu_bwd(go, o, x, mean, invstd, weight, *r, rw)
+        means = [v / count if v.numel() else None for v in sums]
+        gi, gr = ops.bn_add_relu_bwd_elemt(
+            go, o, x, mean, invstd, weight, means[0], means[1], *r, rw, means[2]
+        )
+        torch.testing.assert_close(gi, full[0])
+        torch.testing.assert_close(gr, full[3])
+        torch.testing.assert_close(sums[1], full[1], rtol=0, atol=0)
+        torch.testing.assert_close(sums[0], full[2], rtol=0, atol=0)
+        if r[0] is not None:
+            torch.testing.assert_close(sums[2], full[4], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_relu_bwd_split(dtype, layout):
+    shape = (2, 37, 6, 5)
+    c, count = shape[1], shape[0] * shape[2] * shape[3]
+    go, x = _act(shape, dtype, layout), _act(shape, dtype, layout)
+    for relu, has_w in itertools.product([False, True], [False, True]):
+        mean, invstd = _vec(c, dtype), _vec(c, dtype, positive=True)
+        weight = _vec(c, dtype) if has_w else None
+        scale, shift = _vec(c, dtype), _vec(c, dtype)
+        name = f"relu={relu} weight={has_w}"
+        args = (go, x, mean, invstd, scale, shift, relu)
+        sums = ops.bn_relu_bwd_reduce(*args)
+        _check(f"reduce {name}", sums, reference.bn_relu_bwd_reduce, args, dtype)
+        mg, mgx = _vec(c, dtype), _vec(c, dtype)
+        args = (go, x, mean, invstd, weight, scale, shift, relu, mg, mgx)
+        _check(
+            f"elemt {name}", ops.bn_relu_bwd_elemt(*args), reference.bn_relu_bwd_elemt, args, dtype
+        )
+        full = ops.bn_relu_bwd(go, x, mean, invstd, weight, scale, shift, relu)
+        gi = ops.bn_relu_bwd_elemt(
+            go, x, mean, invstd, weight, scale, shift, relu, sums[0] / count, sums[1] / count
+        )
+        torch.testing.assert_close(gi, full[0])
+        torch.testing.assert_close(sums[1], full[1], rtol=0, atol=0)
+        torch.testing.assert_close(sums[0], full[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bn_finalize_count_matches_bn_finalize(momentum, dtype):
+    c, count = 9, 40
+    x = torch.randn(count, c, dtype=torch.float64) * 2 - 1
+    s, ss = x.sum(0).to(dtype), (x * x).sum(0).to(dtype)
+    w, b = _vec(c, dtype), _vec(c, dtype)
+    state = [torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype), torch.tensor(3)]
+    twin = [t.clone() for t in state]
+    ours = ops.bn_finalize_count(
+        s, ss, torch.tensor([float(count)], dtype=dtype), w, b, *state, momentum, 1e-5
+    )
+    theirs = ops.bn_finalize(s, ss, w, b, *twin, count, momentum, 1e-5)
+    for o, t in zip([*ours, *state], [*theirs, *twin], strict=True):
+        torch.testing.assert_close(o, t, rtol=0, atol=0)
+    args = (s, ss, torch.tensor(float(count), dtype=dtype), w, b, None, None, None, 0.1, 1e-5)
+    _check(
+        "bn_finalize_count", ops.bn_finalize_count(*args), reference.bn_finalize_count, args, dtype
+    )
+
+
+def test_split_ops_bad_input():
+    s = torch.ones(3)
+    with pytest.raises(RuntimeError, match="count must be one floating-point value"):
+        ops.bn_finalize_count(s, s, torch.tensor([4, 4]), None, None, None, None, None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="more than 1 value per channel when training, got 1"):
+        ops.bn_finalize_count(s, s, torch.tensor(1.0), None, None, None, None, None, 0.1, 1e-5)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="res_input needs res_mean_g_xhat"):
+        ops.bn_add_relu_bwd_elemt(x, None, x, s, s, None, s, s, x, s, s, None, None)
+    with pytest.raises(RuntimeError, match="mean_g must be 1-D with 3 elements"):
+        ops.bn_relu_bwd_elemt(x, x, s, s, None, s, s, True, torch.ones(4), s)
+
+
+# ----------------------------------------------------------------------------------------------
 # opcheck: schema, fake kernels (shapes, dtypes, strides), autograd registration, AOT dispatch.
 
 
@@ -631,6 +746,56 @@ def _opcheck_cases(dtype, layout):
         ),
         "bn_relu_bwd": (x, act(2, 5, 6, 7), vec(5), vec(5, True), vec(5), vec(5), vec(5), True),
         "conv_bwd": (y, x, w, vec(5, True), vec(5), True, *conv, [True, True]),
+        "bn_finalize_count": (
+            vec(5, True) * count,
+            vec(5, True) * count * 2,
+            torch.tensor([float(count)], dtype=acc),
+            vec(5),
+            vec(5),
+            torch.zeros(5, dtype=acc),
+            torch.ones(5, dtype=acc),
+            torch.tensor(0),
+            0.1,
+            1e-5,
+        ),
+        "bn_add_relu_bwd_reduce": (
+            x,
+            act(2, 5, 6, 7),
+            act(2, 5, 6, 7),
+            vec(5),
+            vec(5, True),
+            act(2, 5, 6, 7),
+            vec(5),
+            vec(5, True),
+        ),
+        "bn_add_relu_bwd_elemt": (
+            x,
+            act(2, 5, 6, 7),
+            act(2, 5, 6, 7),
+            vec(5),
+            vec(5, True),
+            vec(5),
+            vec(5),
+            vec(5),
+            act(2, 5, 6, 7),
+            vec(5),
+            vec(5, True),
+            None,
+            vec(5),
+        ),
+        "bn_relu_bwd_reduce": (x, act(2, 5, 6, 7), vec(5), vec(5, True), vec(5), vec(5), True),
+        "bn_relu_bwd_elemt": (
+            x,
+            act(2, 5, 6, 7),
+            vec(5),
+            vec(5, True),
+            vec(5),
+            vec(5),
+            vec(5),
+            True,
+            vec(5),
+            vec(5),
+        ),
     }
 
 

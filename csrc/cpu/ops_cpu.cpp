@@ -627,12 +627,11 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cpu(const Tensor& input, const Ten
   return {out, from_doubles(sum, acc_dtype(dtype)), from_doubles(sumsq, acc_dtype(dtype))};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cpu(
-    const Tensor& sum, const Tensor& sumsq, const optional<Tensor>& weight,
-    const optional<Tensor>& bias, const optional<Tensor>& running_mean,
-    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, int64_t count,
-    optional<double> momentum, double eps) {
-  constexpr const char* op = "bn_finalize";
+// Checks shared by bn_finalize and bn_finalize_count; returns the number of channels.
+int64_t check_finalize(const char* op, const Tensor& sum, const Tensor& sumsq,
+                       const optional<Tensor>& weight, const optional<Tensor>& bias,
+                       const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+                       const optional<Tensor>& num_batches_tracked, optional<double> momentum) {
   check_cpu(op, "sum", sum);
   TORCH_CHECK(sum.dim() == 1, "fastres::", op,
               ": sum must be 1-D (one value per channel), got size ", sizes_str(sum));
@@ -651,19 +650,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cpu(
                 ": num_batches_tracked must have one element, got size ",
                 sizes_str(*num_batches_tracked));
   }
-  // nn.BatchNorm2d's message and exception type (ValueError).
-  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count,
-                    " values");
   const bool update = has(running_mean) || has(running_var);
   TORCH_CHECK_VALUE(!update || momentum.has_value() || has(num_batches_tracked), "fastres::", op,
                     ": momentum=None (cumulative average) needs num_batches_tracked");
+  return c;
+}
 
-  // Per-channel arithmetic in double; C is at most a few thousand.
+// bn_finalize's arithmetic over n values per channel (checked by the caller), in double.
+std::tuple<Tensor, Tensor, Tensor, Tensor> finalize(
+    const Tensor& sum, const Tensor& sumsq, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, double n,
+    optional<double> momentum, double eps) {
+  const int64_t c = sum.size(0);
   const auto s = double_vec(sum), ss = double_vec(sumsq);
   const auto w = has(weight) ? double_vec(*weight) : std::vector<double>(c, 1.0);
   const auto b = has(bias) ? double_vec(*bias) : std::vector<double>(c, 0.0);
   std::vector<double> mean(c), invstd(c), scale(c), shift(c), var(c);
-  const double n = static_cast<double>(count);
   for (int64_t i = 0; i < c; ++i) {
     mean[i] = s[i] / n;
     var[i] = std::max(ss[i] / n - mean[i] * mean[i], 0.0);
@@ -674,7 +677,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cpu(
   if (has(num_batches_tracked)) {
     num_batches_tracked->add_(1);
   }
-  if (update) {
+  if (has(running_mean) || has(running_var)) {
     const double factor =
         momentum.has_value() ? *momentum : 1.0 / num_batches_tracked->item<double>();
     if (has(running_mean)) {
@@ -696,6 +699,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cpu(
   const auto t = sum.scalar_type();
   return {from_doubles(mean, t), from_doubles(invstd, t), from_doubles(scale, t),
           from_doubles(shift, t)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cpu(
+    const Tensor& sum, const Tensor& sumsq, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, int64_t count,
+    optional<double> momentum, double eps) {
+  check_finalize("bn_finalize", sum, sumsq, weight, bias, running_mean, running_var,
+                 num_batches_tracked, momentum);
+  // nn.BatchNorm2d's message and exception type (ValueError).
+  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count,
+                    " values");
+  return finalize(sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked,
+                  static_cast<double>(count), momentum, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_count_cpu(
+    const Tensor& sum, const Tensor& sumsq, const Tensor& count, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked,
+    optional<double> momentum, double eps) {
+  constexpr const char* op = "bn_finalize_count";
+  check_finalize(op, sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked,
+                 momentum);
+  check_cpu(op, "count", count);
+  TORCH_CHECK(count.numel() == 1 && count.is_floating_point(), "fastres::", op,
+              ": count must be one floating-point value (the all-reduced count), got ",
+              count.scalar_type(), " of size ", sizes_str(count));
+  // On the CPU reading it costs nothing, so the contract's caller check is repeated here.
+  const double n = count.item<double>();
+  TORCH_CHECK_VALUE(n > 1, "Expected more than 1 value per channel when training, got ", n,
+                    " values");
+  return finalize(sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked, n,
+                  momentum, eps);
 }
 
 Tensor bn_add_relu_cpu(const Tensor& input, const Tensor& scale, const Tensor& shift,
@@ -752,29 +789,54 @@ Tensor bn_add_relu_cpu(const Tensor& input, const Tensor& scale, const Tensor& s
   return out;
 }
 
-// Per-channel coefficients of BatchNorm's backward, grad_x = a*g + b*(x - mean) + d:
-// a = weight*invstd, b = -a*invstd*grad_weight/count, d = -a*grad_bias/count, with
-// grad_bias = sum(g) and grad_weight = invstd * sum(g*(x - mean)).
+// ---------------------------------------------------------------------------------------------
+// BatchNorm backward: a reduction pass (sum g, sum g*(x - mean)) then an elementwise pass
+// grad_x = a*g + b*(x - mean) + d. bn_add_relu_bwd / bn_relu_bwd run both; SyncBatchNorm runs
+// them as separate ops (_reduce, _elemt) with an all-reduce of the sums in between.
+
+// Per-channel coefficients of the elementwise pass from the means of g and g*xhat:
+// a = weight*invstd, b = -a*invstd*mean_g_xhat, d = -a*mean_g.
 struct BnCoef {
-  Tensor a, b, d, grad_weight, grad_bias;
+  Tensor a, b, d;
 };
 
-BnCoef bn_coefficients(const std::vector<double>& sum_g, const std::vector<double>& sum_gx,
-                       const Tensor& invstd, const optional<Tensor>& weight, int64_t count,
-                       at::ScalarType opmath, at::ScalarType out_dtype) {
-  const int64_t c = static_cast<int64_t>(sum_g.size());
+BnCoef bn_coef(const std::vector<double>& mean_g, const std::vector<double>& mean_g_xhat,
+               const Tensor& invstd, const optional<Tensor>& weight, at::ScalarType opmath) {
+  const int64_t c = static_cast<int64_t>(mean_g.size());
   const auto is = double_vec(invstd);
   const auto w = has(weight) ? double_vec(*weight) : std::vector<double>(c, 1.0);
-  std::vector<double> a(c), b(c), d(c), gw(c);
-  const double n = static_cast<double>(std::max<int64_t>(count, 1));
+  std::vector<double> a(c), b(c), d(c);
   for (int64_t i = 0; i < c; ++i) {
-    gw[i] = sum_gx[i] * is[i];
     a[i] = w[i] * is[i];
-    b[i] = -a[i] * is[i] * gw[i] / n;
-    d[i] = -a[i] * sum_g[i] / n;
+    b[i] = -a[i] * is[i] * mean_g_xhat[i];
+    d[i] = -a[i] * mean_g[i];
   }
-  return {from_doubles(a, opmath), from_doubles(b, opmath), from_doubles(d, opmath),
-          from_doubles(gw, out_dtype), from_doubles(sum_g, out_dtype)};
+  return {from_doubles(a, opmath), from_doubles(b, opmath), from_doubles(d, opmath)};
+}
+
+// The identity map as coefficients: grad_x2 = g (exact: 1*g + 0 and 0*(x - mean)).
+BnCoef identity_coef(int64_t c, at::ScalarType opmath) {
+  return {from_doubles(std::vector<double>(c, 1.0), opmath),
+          from_doubles(std::vector<double>(c, 0.0), opmath),
+          from_doubles(std::vector<double>(c, 0.0), opmath)};
+}
+
+// sum g*xhat = invstd * sum g*(x - mean).
+std::vector<double> times(const std::vector<double>& v, const Tensor& invstd) {
+  const auto s = double_vec(invstd);
+  std::vector<double> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    r[i] = v[i] * s[i];
+  }
+  return r;
+}
+
+std::vector<double> divided(const std::vector<double>& v, double div) {
+  std::vector<double> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    r[i] = v[i] / div;
+  }
+  return r;
 }
 
 void check_bn_stats(const char* op, const char* prefix, const Tensor& input, const Tensor& mean,
@@ -786,16 +848,32 @@ void check_bn_stats(const char* op, const char* prefix, const Tensor& input, con
   check_opt_vec(op, (p + "weight").c_str(), weight, c, "one per channel");
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cpu(
-    const Tensor& grad_out, const optional<Tensor>& out, const Tensor& input, const Tensor& mean,
-    const Tensor& invstd, const optional<Tensor>& weight, const optional<Tensor>& res_input,
-    const optional<Tensor>& res_mean, const optional<Tensor>& res_invstd,
-    const optional<Tensor>& res_weight) {
-  constexpr const char* op = "bn_add_relu_bwd";
+// The tensors of one BatchNorm backward in a single working format (the input's; others are
+// copied to it) and the kernel arguments both passes share.
+struct BnBwd {
+  at::MemoryFormat fmt;
+  at::TensorOptions opts;
+  Tensor go, o, x, x2, m, m2, ps, pb;
+  BnBwdArgs args;
+  int64_t c = 0, count = 0;
+  at::ScalarType opmath;
+};
+
+void check_grad_pair(const char* op, const Tensor& grad_out, const Tensor& input) {
   check_act(op, "grad_out", grad_out);
   check_act(op, "input", input);
   check_same_sizes(op, "input", input, "grad_out", grad_out);
   check_same_dtype(op, "input", input, "grad_out", grad_out);
+}
+
+// bn_add_relu_bwd and its split: checks, then the working tensors. weight/res_weight are
+// checked when given (the reduce op has none).
+BnBwd add_relu_bwd_tensors(const char* op, const Tensor& grad_out, const optional<Tensor>& out,
+                           const Tensor& input, const Tensor& mean, const Tensor& invstd,
+                           const optional<Tensor>& weight, const optional<Tensor>& res_input,
+                           const optional<Tensor>& res_mean, const optional<Tensor>& res_invstd,
+                           const optional<Tensor>& res_weight) {
+  check_grad_pair(op, grad_out, input);
   if (has(out)) {
     check_cpu(op, "out", *out);
     check_same_sizes(op, "out", *out, "grad_out", grad_out);
@@ -811,81 +889,193 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cpu(
                       ": res_input needs res_mean and res_invstd");
     check_bn_stats(op, "res_", *res_input, *res_mean, *res_invstd, res_weight);
   }
+  BnBwd t;
   const auto dtype = input.scalar_type();
-  const auto opmath = acc_dtype(dtype);
-  const auto vdtype = mean.scalar_type();
-  const int64_t c = input.size(1);
-  const int64_t count = input.numel() / std::max<int64_t>(c, 1);
-  // One working format (the input's); tensors in another format are copied to it.
-  const auto fmt = format_of(input);
-  const Tensor go = in_format(grad_out, fmt);
-  const Tensor o = has(out) ? in_format(*out, fmt) : Tensor();
-  const Tensor x = in_format(input, fmt);
-  const Tensor x2 = res_bn ? in_format(*res_input, fmt) : Tensor();
-  const Tensor m = opmath_vec(mean, dtype);
-  const Tensor m2 = res_bn ? opmath_vec(*res_mean, dtype) : Tensor();
-  const auto opts = input.options().memory_format(fmt);
-
-  std::vector<double> sum_g(c), sum_gx(c), sum_gx2(c);
-  BnBwdArgs a;
-  a.dtype = dtype;
-  a.g = geom_of(x, fmt);
-  a.mask = has(out) ? Mask::kOut : Mask::kNone;
-  a.grad_out = go.data_ptr();
-  a.out = has(out) ? o.data_ptr() : nullptr;
-  a.x = x.data_ptr();
-  a.mean = m.data_ptr();
-  a.sum_g = sum_g.data();
-  a.sum_gx = sum_gx.data();
-  Tensor g;  // identity residual: grad_res = g, written by the first pass and read by the second
-  if (res_bn) {
-    a.x2 = x2.data_ptr();
-    a.mean2 = m2.data_ptr();
-    a.sum_gx2 = sum_gx2.data();
-  } else {
-    g = at::empty(input.sizes(), opts);
-    a.g_out = g.data_ptr();
+  t.fmt = format_of(input);
+  t.opts = input.options().memory_format(t.fmt);
+  t.opmath = acc_dtype(dtype);
+  t.c = input.size(1);
+  t.count = input.numel() / std::max<int64_t>(t.c, 1);
+  t.go = in_format(grad_out, t.fmt);
+  t.x = in_format(input, t.fmt);
+  t.m = opmath_vec(mean, dtype);
+  t.args.dtype = dtype;
+  t.args.g = geom_of(t.x, t.fmt);
+  t.args.mask = has(out) ? Mask::kOut : Mask::kNone;
+  t.args.grad_out = t.go.data_ptr();
+  if (has(out)) {
+    t.o = in_format(*out, t.fmt);
+    t.args.out = t.o.data_ptr();
   }
-  kernels().bn_bwd_reduce(a);
+  t.args.x = t.x.data_ptr();
+  t.args.mean = t.m.data_ptr();
+  if (res_bn) {
+    t.x2 = in_format(*res_input, t.fmt);
+    t.m2 = opmath_vec(*res_mean, dtype);
+    t.args.x2 = t.x2.data_ptr();
+    t.args.mean2 = t.m2.data_ptr();
+  }
+  return t;
+}
 
-  const BnCoef k = bn_coefficients(sum_g, sum_gx, invstd, weight, count, opmath, vdtype);
-  Tensor grad_input = at::empty(input.sizes(), opts);
-  BnBwdArgs p;
-  p.dtype = dtype;
-  p.g = a.g;
-  p.x = x.data_ptr();
-  p.mean = m.data_ptr();
+// bn_relu_bwd and its split.
+BnBwd relu_bwd_tensors(const char* op, const Tensor& grad_out, const Tensor& input,
+                       const Tensor& mean, const Tensor& invstd, const optional<Tensor>& weight,
+                       const Tensor& scale, const Tensor& shift, bool relu) {
+  check_grad_pair(op, grad_out, input);
+  check_bn_stats(op, "", input, mean, invstd, weight);
+  const int64_t c = input.size(1);
+  check_vec(op, "scale", scale, c, "one per channel");
+  check_vec(op, "shift", shift, c, "one per channel");
+  BnBwd t;
+  const auto dtype = input.scalar_type();
+  t.fmt = format_of(input);
+  t.opts = input.options().memory_format(t.fmt);
+  t.opmath = acc_dtype(dtype);
+  t.c = c;
+  t.count = input.numel() / std::max<int64_t>(c, 1);
+  t.go = in_format(grad_out, t.fmt);
+  t.x = in_format(input, t.fmt);
+  t.m = opmath_vec(mean, dtype);
+  t.ps = opmath_vec(scale, dtype);
+  t.pb = opmath_vec(shift, dtype);
+  t.args.dtype = dtype;
+  t.args.g = geom_of(t.x, t.fmt);
+  t.args.mask = relu ? Mask::kPre : Mask::kNone;
+  t.args.grad_out = t.go.data_ptr();
+  t.args.pre_scale = t.ps.data_ptr();
+  t.args.pre_shift = t.pb.data_ptr();
+  t.args.x = t.x.data_ptr();
+  t.args.mean = t.m.data_ptr();
+  return t;
+}
+
+// The reduction pass: sum_g, sum_g*(x - mean) (and with x2, sum_g*(x2 - mean2)) in double; g
+// itself written to g_out when given (an identity residual's gradient).
+struct BnSums {
+  std::vector<double> g, gx, gx2;
+};
+
+BnSums reduce_pass(const BnBwd& t, void* g_out = nullptr) {
+  BnSums s{std::vector<double>(t.c), std::vector<double>(t.c),
+           std::vector<double>(t.x2.defined() ? t.c : 0)};
+  BnBwdArgs a = t.args;
+  a.sum_g = s.g.data();
+  a.sum_gx = s.gx.data();
+  a.sum_gx2 = t.x2.defined() ? s.gx2.data() : nullptr;
+  a.g_out = g_out;
+  kernels().bn_bwd_reduce(a);
+  return s;
+}
+
+// The elementwise pass: grad_x from (x, k) and, when k2 is given, grad_x2 from (x2 or, for an
+// identity residual, x with identity coefficients, k2). Returns them in the working format.
+std::pair<Tensor, Tensor> apply_pass(const BnBwd& t, const BnCoef& k, const BnCoef* k2) {
+  Tensor grad_x = at::empty(t.x.sizes(), t.opts);
+  BnBwdArgs p = t.args;
   p.a = k.a.data_ptr();
   p.b = k.b.data_ptr();
   p.d = k.d.data_ptr();
-  p.grad_x = grad_input.data_ptr();
-  if (!res_bn) {
-    p.mask = Mask::kNone;
-    p.grad_out = g.data_ptr();
-    kernels().bn_bwd_apply(p);
-    // Two distinct empty tensors: outputs must not alias each other (opcheck's schema test).
-    return {grad_input,
-            k.grad_weight,
-            k.grad_bias,
-            in_format(g, format_of(grad_out)),
-            at::empty({0}, mean.options()),
-            at::empty({0}, mean.options())};
+  p.grad_x = grad_x.data_ptr();
+  Tensor grad_x2;
+  if (k2 != nullptr) {
+    grad_x2 = at::empty(t.x.sizes(), t.opts);
+    if (!t.x2.defined()) {
+      p.x2 = p.x;
+      p.mean2 = p.mean;
+    }
+    p.a2 = k2->a.data_ptr();
+    p.b2 = k2->b.data_ptr();
+    p.d2 = k2->d.data_ptr();
+    p.grad_x2 = grad_x2.data_ptr();
+  } else {
+    p.x2 = nullptr;
   }
-  const BnCoef k2 = bn_coefficients(sum_g, sum_gx2, *res_invstd, res_weight, count, opmath,
-                                    res_mean->scalar_type());
-  Tensor grad_res = at::empty(input.sizes(), opts);
-  p.mask = a.mask;
-  p.grad_out = go.data_ptr();
-  p.out = a.out;
-  p.x2 = x2.data_ptr();
-  p.mean2 = m2.data_ptr();
-  p.a2 = k2.a.data_ptr();
-  p.b2 = k2.b.data_ptr();
-  p.d2 = k2.d.data_ptr();
-  p.grad_x2 = grad_res.data_ptr();
   kernels().bn_bwd_apply(p);
-  return {grad_input,     k.grad_weight, k.grad_bias, in_format(grad_res, format_of(*res_input)),
-          k2.grad_weight, k2.grad_bias};
+  return {grad_x, grad_x2};
+}
+
+// Two distinct empty tensors when needed: outputs of an op must not alias each other (opcheck).
+Tensor empty_vec(const Tensor& like) { return at::empty({0}, like.options()); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cpu(
+    const Tensor& grad_out, const optional<Tensor>& out, const Tensor& input, const Tensor& mean,
+    const Tensor& invstd, const optional<Tensor>& weight, const optional<Tensor>& res_input,
+    const optional<Tensor>& res_mean, const optional<Tensor>& res_invstd,
+    const optional<Tensor>& res_weight) {
+  const BnBwd t = add_relu_bwd_tensors("bn_add_relu_bwd", grad_out, out, input, mean, invstd,
+                                       weight, res_input, res_mean, res_invstd, res_weight);
+  const auto vdtype = mean.scalar_type();
+  const double n = static_cast<double>(std::max<int64_t>(t.count, 1));
+  if (!has(res_input)) {
+    // Identity residual: grad_res = g, written by the reduction and read by the apply pass.
+    Tensor g = at::empty(input.sizes(), t.opts);
+    const BnSums s = reduce_pass(t, g.data_ptr());
+    const auto gw = times(s.gx, invstd);
+    const BnCoef k = bn_coef(divided(s.g, n), divided(gw, n), invstd, weight, t.opmath);
+    BnBwd ti = t;
+    ti.args.mask = Mask::kNone;
+    ti.args.grad_out = g.data_ptr();
+    auto [grad_input, unused] = apply_pass(ti, k, nullptr);
+    return {grad_input,
+            from_doubles(gw, vdtype),
+            from_doubles(s.g, vdtype),
+            in_format(g, format_of(grad_out)),
+            empty_vec(mean),
+            empty_vec(mean)};
+  }
+  const BnSums s = reduce_pass(t);
+  const auto gw = times(s.gx, invstd), gw2 = times(s.gx2, *res_invstd);
+  const auto mg = divided(s.g, n);
+  const BnCoef k = bn_coef(mg, divided(gw, n), invstd, weight, t.opmath);
+  const BnCoef k2 = bn_coef(mg, divided(gw2, n), *res_invstd, res_weight, t.opmath);
+  auto [grad_input, grad_res] = apply_pass(t, k, &k2);
+  const auto rdtype = res_mean->scalar_type();
+  return {grad_input,
+          from_doubles(gw, vdtype),
+          from_doubles(s.g, vdtype),
+          in_format(grad_res, format_of(*res_input)),
+          from_doubles(gw2, rdtype),
+          from_doubles(s.g, rdtype)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cpu(
+    const Tensor& grad_out, const optional<Tensor>& out, const Tensor& input, const Tensor& mean,
+    const Tensor& invstd, const optional<Tensor>& res_input, const optional<Tensor>& res_mean,
+    const optional<Tensor>& res_invstd) {
+  const BnBwd t = add_relu_bwd_tensors("bn_add_relu_bwd_reduce", grad_out, out, input, mean,
+                                       invstd, std::nullopt, res_input, res_mean, res_invstd,
+                                       std::nullopt);
+  const BnSums s = reduce_pass(t);
+  const auto vdtype = mean.scalar_type();
+  return {from_doubles(s.g, vdtype), from_doubles(times(s.gx, invstd), vdtype),
+          has(res_input) ? from_doubles(times(s.gx2, *res_invstd), vdtype)
+                         : empty_vec(mean)};
+}
+
+std::tuple<Tensor, Tensor> bn_add_relu_bwd_elemt_cpu(
+    const Tensor& grad_out, const optional<Tensor>& out, const Tensor& input, const Tensor& mean,
+    const Tensor& invstd, const optional<Tensor>& weight, const Tensor& mean_g,
+    const Tensor& mean_g_xhat, const optional<Tensor>& res_input,
+    const optional<Tensor>& res_mean, const optional<Tensor>& res_invstd,
+    const optional<Tensor>& res_weight, const optional<Tensor>& res_mean_g_xhat) {
+  constexpr const char* op = "bn_add_relu_bwd_elemt";
+  const BnBwd t = add_relu_bwd_tensors(op, grad_out, out, input, mean, invstd, weight, res_input,
+                                       res_mean, res_invstd, res_weight);
+  check_vec(op, "mean_g", mean_g, t.c, "one per channel");
+  check_vec(op, "mean_g_xhat", mean_g_xhat, t.c, "one per channel");
+  const auto mg = double_vec(mean_g);
+  const BnCoef k = bn_coef(mg, double_vec(mean_g_xhat), invstd, weight, t.opmath);
+  if (!has(res_input)) {
+    const BnCoef id = identity_coef(t.c, t.opmath);
+    auto [grad_input, g] = apply_pass(t, k, &id);
+    return {grad_input, in_format(g, format_of(grad_out))};
+  }
+  TORCH_CHECK_VALUE(has(res_mean_g_xhat), "fastres::", op, ": res_input needs res_mean_g_xhat");
+  check_vec(op, "res_mean_g_xhat", *res_mean_g_xhat, t.c, "one per channel");
+  const BnCoef k2 = bn_coef(mg, double_vec(*res_mean_g_xhat), *res_invstd, res_weight, t.opmath);
+  auto [grad_input, grad_res] = apply_pass(t, k, &k2);
+  return {grad_input, in_format(grad_res, format_of(*res_input))};
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cpu(const Tensor& grad_out, const Tensor& input,
@@ -893,44 +1083,38 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cpu(const Tensor& grad_out, const
                                                    const optional<Tensor>& weight,
                                                    const Tensor& scale, const Tensor& shift,
                                                    bool relu) {
-  constexpr const char* op = "bn_relu_bwd";
-  check_act(op, "grad_out", grad_out);
-  check_act(op, "input", input);
-  check_same_sizes(op, "input", input, "grad_out", grad_out);
-  check_same_dtype(op, "input", input, "grad_out", grad_out);
-  check_bn_stats(op, "", input, mean, invstd, weight);
-  const int64_t c = input.size(1);
-  check_vec(op, "scale", scale, c, "one per channel");
-  check_vec(op, "shift", shift, c, "one per channel");
-  const auto dtype = input.scalar_type();
-  const auto fmt = format_of(input);
-  const Tensor go = in_format(grad_out, fmt);
-  const Tensor x = in_format(input, fmt);
-  const Tensor m = opmath_vec(mean, dtype);
-  const Tensor s = opmath_vec(scale, dtype), b = opmath_vec(shift, dtype);
-  std::vector<double> sum_g(c), sum_gx(c);
-  BnBwdArgs a;
-  a.dtype = dtype;
-  a.g = geom_of(x, fmt);
-  a.mask = relu ? Mask::kPre : Mask::kNone;
-  a.grad_out = go.data_ptr();
-  a.pre_scale = s.data_ptr();
-  a.pre_shift = b.data_ptr();
-  a.x = x.data_ptr();
-  a.mean = m.data_ptr();
-  a.sum_g = sum_g.data();
-  a.sum_gx = sum_gx.data();
-  kernels().bn_bwd_reduce(a);
-  const int64_t count = input.numel() / std::max<int64_t>(c, 1);
-  const BnCoef k =
-      bn_coefficients(sum_g, sum_gx, invstd, weight, count, acc_dtype(dtype), mean.scalar_type());
-  Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
-  a.a = k.a.data_ptr();
-  a.b = k.b.data_ptr();
-  a.d = k.d.data_ptr();
-  a.grad_x = grad_input.data_ptr();
-  kernels().bn_bwd_apply(a);
-  return {grad_input, k.grad_weight, k.grad_bias};
+  const BnBwd t =
+      relu_bwd_tensors("bn_relu_bwd", grad_out, input, mean, invstd, weight, scale, shift, relu);
+  const BnSums s = reduce_pass(t);
+  const double n = static_cast<double>(std::max<int64_t>(t.count, 1));
+  const auto gw = times(s.gx, invstd);
+  const BnCoef k = bn_coef(divided(s.g, n), divided(gw, n), invstd, weight, t.opmath);
+  auto [grad_input, unused] = apply_pass(t, k, nullptr);
+  return {grad_input, from_doubles(gw, mean.scalar_type()),
+          from_doubles(s.g, mean.scalar_type())};
+}
+
+std::tuple<Tensor, Tensor> bn_relu_bwd_reduce_cpu(const Tensor& grad_out, const Tensor& input,
+                                                  const Tensor& mean, const Tensor& invstd,
+                                                  const Tensor& scale, const Tensor& shift,
+                                                  bool relu) {
+  const BnBwd t = relu_bwd_tensors("bn_relu_bwd_reduce", grad_out, input, mean, invstd,
+                                   std::nullopt, scale, shift, relu);
+  const BnSums s = reduce_pass(t);
+  return {from_doubles(s.g, mean.scalar_type()),
+          from_doubles(times(s.gx, invstd), mean.scalar_type())};
+}
+
+Tensor bn_relu_bwd_elemt_cpu(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                             const Tensor& invstd, const optional<Tensor>& weight,
+                             const Tensor& scale, const Tensor& shift, bool relu,
+                             const Tensor& mean_g, const Tensor& mean_g_xhat) {
+  constexpr const char* op = "bn_relu_bwd_elemt";
+  const BnBwd t = relu_bwd_tensors(op, grad_out, input, mean, invstd, weight, scale, shift, relu);
+  check_vec(op, "mean_g", mean_g, t.c, "one per channel");
+  check_vec(op, "mean_g_xhat", mean_g_xhat, t.c, "one per channel");
+  const BnCoef k = bn_coef(double_vec(mean_g), double_vec(mean_g_xhat), invstd, weight, t.opmath);
+  return apply_pass(t, k, nullptr).first;
 }
 
 std::tuple<Tensor, Tensor> conv_bwd_cpu(const Tensor& grad_out, const Tensor& input,
@@ -1037,4 +1221,9 @@ TORCH_LIBRARY_IMPL(fastres, CPU, m) {
   m.impl("bn_add_relu_bwd", &fastres::cpu::bn_add_relu_bwd_cpu);
   m.impl("bn_relu_bwd", &fastres::cpu::bn_relu_bwd_cpu);
   m.impl("conv_bwd", &fastres::cpu::conv_bwd_cpu);
+  m.impl("bn_finalize_count", &fastres::cpu::bn_finalize_count_cpu);
+  m.impl("bn_add_relu_bwd_reduce", &fastres::cpu::bn_add_relu_bwd_reduce_cpu);
+  m.impl("bn_add_relu_bwd_elemt", &fastres::cpu::bn_add_relu_bwd_elemt_cpu);
+  m.impl("bn_relu_bwd_reduce", &fastres::cpu::bn_relu_bwd_reduce_cpu);
+  m.impl("bn_relu_bwd_elemt", &fastres::cpu::bn_relu_bwd_elemt_cpu);
 }
