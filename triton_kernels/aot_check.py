@@ -114,6 +114,14 @@ def _run_ops(ops, quick: bool, dtype_names: list[str]) -> None:
         ops.bn_add_relu_bwd(go, x, x, mean, invstd, sc, x, mean, invstd, sc)
         ops.bn_relu_bwd(go, x, mean, invstd, sc, sc, sh, True)
         ops.relu_bias_bwd(go, x)
+        # SyncBatchNorm's split: the reductions without the g write, the elementwise passes
+        # given means (the identity residual's g written by the elementwise pass).
+        ops.bn_add_relu_bwd_reduce(go, x, x, mean, invstd, x, mean, invstd)
+        ops.bn_add_relu_bwd_elemt(go, x, x, mean, invstd, sc, sh, sc, None, None, None, None,
+                                  None)
+        ops.bn_add_relu_bwd_elemt(go, x, x, mean, invstd, sc, sh, sc, x, mean, invstd, sc, sh)
+        ops.bn_relu_bwd_reduce(go, x, mean, invstd, sc, sh, True)
+        ops.bn_relu_bwd_elemt(go, x, mean, invstd, sc, sc, sh, True, sh, sc)
         if not quick:
             ops.conv_bias_act(x, w, None, None, [2, 2], [1, 1], [1, 1], 1, False)
             ops.conv_stats(act(8, 3, 224, 224, dt), torch.randn(64, 3, 7, 7).to(dt), None, None,
@@ -127,9 +135,14 @@ def _run_ops(ops, quick: bool, dtype_names: list[str]) -> None:
             ops.bn_add_relu_bwd(go, None, x, mean, invstd, None, None, None, None, None)
             ops.bn_relu_bwd(go, x, mean, invstd, None, sc, sh, False)
             ops.relu_bias_bwd(go, None)
+            ops.bn_add_relu_bwd_reduce(go, None, x, mean, invstd, None, None, None)
+            ops.bn_relu_bwd_reduce(go, x, mean, invstd, sc, sh, False)
+            ops.bn_relu_bwd_elemt(go, x, mean, invstd, None, sc, sh, False, sh, sc)
     s, ss = torch.randn(64), torch.rand(64)
     ops.bn_finalize(s, ss, sc, sh, torch.zeros(64), torch.ones(64), torch.tensor(0), 100, None,
                     1e-5)
+    ops.bn_finalize_count(s, ss, torch.tensor([100.0]), sc, sh, torch.zeros(64), torch.ones(64),
+                          torch.tensor(0), None, 1e-5)
 
 
 # The pointers each kernel stores through; anything else marked "to clone" is a false mutation.
@@ -171,6 +184,7 @@ def _trace(arch: int) -> int:
         x, w, go = t(2, 8, 6, 6), t(8, 8, 3, 3), t(2, 8, 6, 6)
         v = [torch.empty(8, device="cuda") for _ in range(6)]
         nbt = torch.empty((), device="cuda", dtype=torch.long)
+        cnt = torch.empty(1, device="cuda")
     # (op, args): tensors are traced inputs (aot_function lifts only positional tensors).
     calls = {
         "conv_bias_act": (ops.conv_bias_act, (x, w, v[0].to(bf), go, [1, 1], [1, 1], [1, 1], 1,
@@ -185,6 +199,19 @@ def _trace(arch: int) -> int:
                                                   v[5])),
         "bn_relu_bwd": (ops.bn_relu_bwd, (go, x, v[0], v[1], v[2], v[3], v[4], True)),
         "relu_bias_bwd": (ops.relu_bias_bwd, (go, x)),
+        "bn_finalize_count": (ops.bn_finalize_count, (v[0], v[1], cnt, v[2], v[3], v[4], v[5],
+                                                      nbt, None, 1e-5)),
+        "bn_add_relu_bwd_reduce": (ops.bn_add_relu_bwd_reduce, (go, x, x, v[0], v[1], x, v[2],
+                                                                v[3])),
+        "bn_add_relu_bwd_elemt": (ops.bn_add_relu_bwd_elemt, (go, x, x, v[0], v[1], v[2], v[3],
+                                                              v[4], None, None, None, None,
+                                                              None)),
+        "bn_add_relu_bwd_elemt(bn)": (ops.bn_add_relu_bwd_elemt, (go, x, x, v[0], v[1], v[2],
+                                                                  v[3], v[4], x, v[5], v[0],
+                                                                  v[1], v[2])),
+        "bn_relu_bwd_reduce": (ops.bn_relu_bwd_reduce, (go, x, v[0], v[1], v[2], v[3], True)),
+        "bn_relu_bwd_elemt": (ops.bn_relu_bwd_elemt, (go, x, v[0], v[1], v[2], v[3], v[4], True,
+                                                      v[5], v[0])),
     }
     problems = 0
     for name, (op, op_args) in calls.items():
