@@ -318,9 +318,9 @@ def test_empty_batch():
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("affine", [False, True])
-@pytest.mark.parametrize("running", ["none", "momentum", "cumulative", "nbt-only"])
-def test_bn_finalize(affine, running):
+def _finalize_args(affine, running):
+    """(sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked, count,
+    momentum) of a 37-channel BatchNorm over 50 values per channel."""
     c, count = 37, 50
     x = torch.randn(count, c, device=DEVICE, dtype=torch.float64) * 2 + 1
     s, ss = x.sum(0).float(), (x * x).sum(0).float()
@@ -335,6 +335,16 @@ def test_bn_finalize(affine, running):
         momentum = None
     if running == "nbt-only":
         nbt = torch.tensor(0, device=DEVICE, dtype=torch.long)
+    return s, ss, weight, bias, rm, rv, nbt, count, momentum
+
+
+RUNNING = ["none", "momentum", "cumulative", "nbt-only"]
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("running", RUNNING)
+def test_bn_finalize(affine, running):
+    s, ss, weight, bias, rm, rv, nbt, count, momentum = _finalize_args(affine, running)
     check("bn_finalize", (s, ss, weight, bias, rm, rv, nbt, count, momentum, 1e-5),
           torch.float32, mutated=(4, 5, 6))
 
@@ -435,6 +445,191 @@ def test_bn_bwd_tiles(tiles):
     check("relu_bias_bwd", (go, out), dtype)
 
 
+# ------------------------------------------------------------------------------------------
+# SyncBatchNorm's split: bn_finalize_count, bn_*_bwd_reduce and bn_*_bwd_elemt
+# ------------------------------------------------------------------------------------------
+
+# Indexing, masking and layouts are shared with the single-process ops tested above with all three
+# dtypes; the split ops run fp32 and bf16 only, to keep the interpreter's bill down.
+SPLIT_DTYPES = [torch.float32, torch.bfloat16]
+LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("running", RUNNING)
+def test_bn_finalize_count(affine, running):
+    """bn_finalize with the count read from a one-element tensor: by the rule against the
+    reference, and bitwise equal to bn_finalize given the same count as an int (the kernel rounds
+    1/count and count/(count-1) to float32 as the host does), running stats included."""
+    s, ss, weight, bias, rm, rv, nbt, count, momentum = _finalize_args(affine, running)
+    n = torch.tensor([float(count)], device=DEVICE)
+    check("bn_finalize_count", (s, ss, n, weight, bias, rm, rv, nbt, momentum, 1e-5),
+          torch.float32, mutated=(5, 6, 7))
+    state, single_state = ([_clone(t) for t in (rm, rv, nbt)] for _ in range(2))
+    ours = OPS.bn_finalize_count(s, ss, n, weight, bias, *state, momentum, 1e-5)
+    single = OPS.bn_finalize(s, ss, weight, bias, *single_state, count, momentum, 1e-5)
+    for i, (a, b) in enumerate(zip(ours, single, strict=True)):
+        assert torch.equal(a, b), i
+    for a, b in zip(state, single_state, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_bn_finalize_count_errors():
+    s = torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="one element"):
+        OPS.bn_finalize_count(s, s, torch.tensor([4.0, 4.0], device=DEVICE), None, None, None,
+                              None, None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        OPS.bn_finalize_count(s, s, torch.tensor([4.0], device=DEVICE), None, None, s.clone(),
+                              s.clone(), None, None, 1e-5)
+
+
+def _means(sums, count):
+    """Pass 1's sums made the means pass 2 takes (a single process: global count = count)."""
+    return [t if t is None or t.numel() == 0 else t / count for t in sums]
+
+
+def _bn_add_relu_bwd_case(dtype, has_out, res_mode, channels_last, n=2, c=7, h=5, w=3):
+    """(grad_out, out, input, mean, invstd, weight, res_input, res_mean, res_invstd, res_weight)
+    as in test_bn_add_relu_bwd; res_mode "identity", "bn" or "bn-noaffine" (no weights)."""
+    x = act(n, c, h, w, dtype, channels_last, scale=2.0, offset=0.5)
+    mean, invstd = _stats(x)
+    weight = None if res_mode == "bn-noaffine" else vec(c, 0.5, 1.5)
+    go = act(n, c, h, w, dtype, channels_last)
+    out = act(n, c, h, w, dtype, channels_last) if has_out else None
+    rx = rmean = rinvstd = rweight = None
+    if res_mode != "identity":
+        rx = act(n, c, h, w, dtype, not channels_last, offset=-0.3)  # the other layout
+        rmean, rinvstd = _stats(rx)
+        rweight = None if res_mode == "bn-noaffine" else vec(c, 0.5, 1.5)
+    return go, out, x, mean, invstd, weight, rx, rmean, rinvstd, rweight
+
+
+@pytest.mark.parametrize("dtype", SPLIT_DTYPES, ids=str)
+@pytest.mark.parametrize("has_out", [False, True])
+@pytest.mark.parametrize("res_mode", ["identity", "bn", "bn-noaffine"])
+@LAYOUTS
+def test_bn_add_relu_bwd_split(dtype, has_out, res_mode, channels_last):
+    go, out, x, mean, invstd, weight, rx, rmean, rinvstd, rweight = _bn_add_relu_bwd_case(
+        dtype, has_out, res_mode, channels_last)
+    sums = check("bn_add_relu_bwd_reduce", (go, out, x, mean, invstd, rx, rmean, rinvstd), dtype)
+    # Pass 2 on the reference's float64 sums: each pass is judged on its own.
+    exact = reference.bn_add_relu_bwd_reduce(*[_to64(a) for a in (go, out, x, mean, invstd, rx,
+                                                                   rmean, rinvstd)])
+    mg, mgx, rmgx = [t.float() for t in _means(exact, x.numel() // x.shape[1])]
+    if rx is None:
+        assert sums[2].numel() == 0
+        rmgx = None
+    gi, gr = check("bn_add_relu_bwd_elemt", (go, out, x, mean, invstd, weight, mg, mgx, rx, rmean,
+                                             rinvstd, rweight, rmgx), dtype)
+    if rx is None:  # identity residual: grad_res is g itself, exactly
+        assert torch.equal(gr, reference.bn_add_relu_bwd_elemt(
+            go, out, x, mean, invstd, weight, mg, mgx, None, None, None, None, None)[1])
+
+
+@pytest.mark.parametrize("dtype", SPLIT_DTYPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+@LAYOUTS
+def test_bn_relu_bwd_split(dtype, relu, channels_last):
+    n, c, h, w = 1, 11, 7, 5
+    x = act(n, c, h, w, dtype, channels_last, scale=1.5, offset=0.2)
+    mean, invstd = _stats(x)
+    weight = vec(c, 0.5, 1.5) if channels_last else None
+    scale = invstd * (weight if weight is not None else 1.0)
+    shift = vec(c) - mean * scale
+    go = act(n, c, h, w, dtype, channels_last)
+    check("bn_relu_bwd_reduce", (go, x, mean, invstd, scale, shift, relu), dtype)
+    exact = reference.bn_relu_bwd_reduce(*[_to64(a) for a in (go, x, mean, invstd, scale, shift,
+                                                               relu)])
+    mg, mgx = [t.float() for t in _means(exact, n * h * w)]
+    check("bn_relu_bwd_elemt", (go, x, mean, invstd, weight, scale, shift, relu, mg, mgx), dtype)
+
+
+@pytest.mark.parametrize("dtype", SPLIT_DTYPES, ids=str)
+def test_bn_bwd_split_chain(dtype, tiles):
+    """reduce -> (divide by the count) -> elemt on one process is the single-process op: the sums
+    bitwise (the same reduction kernel and config), the gradients by the rule with the
+    single-process op as yardstick. Under the interpreter also bitwise when the means are taken
+    as the single-process kernel takes them (times 1/count rounded to float32); not on a GPU,
+    where the compiler may fuse the single-process kernel's sum * (1/count) into the subtraction
+    that follows (one FMA, one rounding) but not a mean computed outside. 'small' tiles: several
+    programs per reduction."""
+    n, c, h, w = 2, 37, 5, 7
+    count = n * h * w
+    inv = 1.0 / count
+    ways = [False, True] if _common.INTERPRETED else [False]  # bitwise?
+    for res_mode in ("identity", "bn"):
+        args = _bn_add_relu_bwd_case(dtype, True, res_mode, True, n, c, h, w)
+        go, out, x, mean, invstd, weight, rx, rmean, rinvstd, rweight = args
+        gi1, gw1, gb1, gr1, grw1, grb1 = OPS.bn_add_relu_bwd(*args)
+        sums = OPS.bn_add_relu_bwd_reduce(go, out, x, mean, invstd, rx, rmean, rinvstd)
+        assert torch.equal(sums[0], gb1) and torch.equal(sums[1], gw1)
+        assert torch.equal(sums[2], grw1) if rx is not None else sums[2].numel() == 0
+        hi = reference.bn_add_relu_bwd(*[_to64(a) for a in args])
+        for bitwise in ways:
+            mg, mgx, rmgx = ([t * inv for t in sums] if bitwise else _means(sums, count))
+            gi, gr = OPS.bn_add_relu_bwd_elemt(go, out, x, mean, invstd, weight, mg, mgx, rx,
+                                               rmean, rinvstd, rweight,
+                                               rmgx if rx is not None else None)
+            for name, ours, single, ref in (("grad_input", gi, gi1, hi[0]),
+                                            ("grad_res", gr, gr1, hi[3])):
+                assert _fmt(ours) == _fmt(single), name
+                if bitwise:
+                    assert torch.equal(ours, single), f"{res_mode} {name}"
+                else:
+                    assert_close_rule(f"{res_mode} {name}", ours, single, ref, dtype)
+    x = act(n, c, h, w, dtype, False, offset=0.2)
+    mean, invstd = _stats(x)
+    weight, go = vec(c, 0.5, 1.5), act(n, c, h, w, dtype, False)
+    scale, shift = invstd * weight, vec(c)
+    gi1, gw1, gb1 = OPS.bn_relu_bwd(go, x, mean, invstd, weight, scale, shift, True)
+    gsum, gxsum = OPS.bn_relu_bwd_reduce(go, x, mean, invstd, scale, shift, True)
+    assert torch.equal(gsum, gb1) and torch.equal(gxsum, gw1)
+    hi = reference.bn_relu_bwd(*[_to64(a) for a in (go, x, mean, invstd, weight, scale, shift,
+                                                     True)])
+    gi = OPS.bn_relu_bwd_elemt(go, x, mean, invstd, weight, scale, shift, True, gsum / count,
+                               gxsum / count)
+    assert_close_rule("bn_relu_bwd grad_input", gi, gi1, hi[0], dtype)
+    if True in ways:
+        gi = OPS.bn_relu_bwd_elemt(go, x, mean, invstd, weight, scale, shift, True, gsum * inv,
+                                   gxsum * inv)
+        assert torch.equal(gi, gi1)
+
+
+def test_bn_bwd_split_errors():
+    x = act(1, 3, 2, 2, torch.float32)
+    v = torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="res_mean and res_invstd"):
+        OPS.bn_add_relu_bwd_reduce(x, None, x, v, v, x, None, v)
+    with pytest.raises(ValueError, match="res_mean_g_xhat"):
+        OPS.bn_add_relu_bwd_elemt(x, None, x, v, v, None, v, v, x, v, v, None, None)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_split_ops_do_not_sync():
+    """No host sync in the SyncBatchNorm ops (the count stays on the device), momentum=None
+    included: num_batches_tracked is read by the finalize kernel too."""
+    x = act(4, 64, 14, 14, torch.bfloat16)
+    mean, invstd = _stats(x)
+    s, ss, n = vec(64), vec(64, 1.0, 2.0), torch.tensor([784.0], device=DEVICE)
+    state = [torch.zeros(64, device=DEVICE), torch.ones(64, device=DEVICE),
+             torch.tensor(0, device=DEVICE)]
+    for _ in range(2):  # the first round compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            OPS.bn_finalize_count(s, ss, n, None, None, *state, None, 1e-5)
+            sums = OPS.bn_add_relu_bwd_reduce(x, x, x, mean, invstd, None, None, None)
+            OPS.bn_add_relu_bwd_elemt(x, x, x, mean, invstd, None, sums[0], sums[1], None, None,
+                                      None, None, None)
+            sums = OPS.bn_relu_bwd_reduce(x, x, mean, invstd, mean, invstd, True)
+            OPS.bn_relu_bwd_elemt(x, x, mean, invstd, None, mean, invstd, True, *sums)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert int(state[2]) == 2
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("has_out", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -449,11 +644,36 @@ def test_relu_bias_bwd(dtype, has_out, channels_last):
 # ------------------------------------------------------------------------------------------
 
 
+def _contract_schemas() -> dict[str, str]:
+    """{name: "(args) -> returns"} from csrc/ops.cpp's m.def("...") string literals, or {}."""
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "csrc", "ops.cpp")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        text = f.read()
+    out = {}
+    for body in re.findall(r"m\.def\((.*?)\);", text, flags=re.S):
+        schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
+        name, _, rest = schema.partition("(")
+        out[name.strip()] = "(" + rest
+    return out
+
+
 def test_ops_match_contract():
-    """Eight ops, registered under fastres_triton with csrc/ops.cpp's schemas (compared with the
-    compiled fastres ops when fastres._C loads) and reference.py's argument names."""
+    """Every op of the contract (backends.OP_NAMES), registered under fastres_triton with
+    csrc/ops.cpp's schemas (compared with the m.def texts of csrc/ops.cpp when the source tree is
+    here, and with the compiled fastres ops when fastres._C loads) and reference.py's argument
+    names."""
     ns = OPS.__dict__
     assert sorted(ns) == sorted(backends.OP_NAMES)
+    contract = _contract_schemas()
+    for name in backends.OP_NAMES if contract else ():
+        ours = getattr(torch.ops.fastres_triton, name).default._schema
+        theirs = torch._C.parse_schema(f"fastres::{name}{contract[name]}")
+        assert str(ours).replace("fastres_triton::", "") == \
+            str(theirs).replace("fastres::", ""), name
     from fastres import _ext
 
     mod, _ = _ext.load()
@@ -527,6 +747,16 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastres_triton.bn_add_relu_bwd,
                           (go, go.relu(), go, torch.zeros(6, device=DEVICE),
                            torch.ones(6, device=DEVICE), None, None, None, None, None))
+    ops = torch.ops.fastres_triton
+    z, o = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
+    torch.library.opcheck(ops.bn_finalize_count,
+                          (s, ss, torch.tensor([20.0], device=DEVICE), None, None, vec(6),
+                           vec(6, 1, 2), nbt, None, 1e-5))
+    torch.library.opcheck(ops.bn_add_relu_bwd_reduce, (go, go.relu(), go, z, o, go, z, o))
+    torch.library.opcheck(ops.bn_add_relu_bwd_elemt,
+                          (go, go.relu(), go, z, o, None, z, o, None, None, None, None, None))
+    torch.library.opcheck(ops.bn_relu_bwd_reduce, (go, go, z, o, o, z, True))
+    torch.library.opcheck(ops.bn_relu_bwd_elemt, (go, go, z, o, None, o, z, True, z, o))
 
 
 def _train_step(x, w1, w2, rm, rv, nbt):
@@ -550,6 +780,39 @@ def test_torch_compile_fullgraph():
     state_c = [t.clone() for t in state]
     eager = _train_step(x, w1, w2, *state)
     compiled = torch.compile(_train_step, fullgraph=True, backend=backend)(x, w1, w2, *state_c)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(state_c, state, strict=True):
+        torch.testing.assert_close(a, b)
+    assert int(state_c[2]) == 1
+
+
+def _sync_bn_step(y, count, rm, rv, nbt, go):
+    """SyncBatchNorm's forward finalize and backward on one process (no all-reduce between the
+    passes): the count stays a tensor from end to end."""
+    ops = torch.ops.fastres_triton
+    s, ss = y.sum(dim=(0, 2, 3)), (y * y).sum(dim=(0, 2, 3))
+    mean, invstd, scale, shift = ops.bn_finalize_count(s, ss, count, None, None, rm, rv, nbt,
+                                                       0.1, 1e-5)
+    sum_g, sum_g_xhat = ops.bn_relu_bwd_reduce(go, y, mean, invstd, scale, shift, True)
+    gi = ops.bn_relu_bwd_elemt(go, y, mean, invstd, None, scale, shift, True, sum_g / count,
+                               sum_g_xhat / count)
+    out = ops.bn_add_relu(y, scale, shift, None, None, None, 0, True)
+    sums = ops.bn_add_relu_bwd_reduce(go, out, y, mean, invstd, None, None, None)
+    gi2, gr = ops.bn_add_relu_bwd_elemt(go, out, y, mean, invstd, None, sums[0] / count,
+                                        sums[1] / count, None, None, None, None, None)
+    return gi, gi2, gr
+
+
+def test_torch_compile_fullgraph_sync_bn():
+    backend = "aot_eager" if _common.INTERPRETED else "inductor"
+    y, go = act(2, 4, 3, 3, torch.float32), act(2, 4, 3, 3, torch.float32)
+    count = torch.tensor([18.0], device=DEVICE)
+    state = [torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE),
+             torch.tensor(0, device=DEVICE)]
+    state_c = [t.clone() for t in state]
+    eager = _sync_bn_step(y, count, *state, go)
+    compiled = torch.compile(_sync_bn_step, fullgraph=True, backend=backend)(y, count, *state_c,
+                                                                              go)
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(state_c, state, strict=True):
         torch.testing.assert_close(a, b)
