@@ -13,8 +13,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastres import backends, functional, models, reference  # noqa: E402
+from fastres import backends, distributed, functional, models, reference  # noqa: E402
 from fastres.convert import ConversionReport, convert, unconvert  # noqa: E402
+from fastres.distributed import SyncBatchNorm  # noqa: E402
 from fastres.modules import BasicBlock, BottleneckBlock, ConvBNReLU  # noqa: E402
 
 __all__ = [
@@ -22,8 +23,10 @@ __all__ = [
     "BottleneckBlock",
     "ConvBNReLU",
     "ConversionReport",
+    "SyncBatchNorm",
     "backends",
     "convert",
+    "distributed",
     "functional",
     "models",
     "reference",

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import misc as tv_misc
 
+from fastres import distributed as D
 from fastres import modules as M
 
 __all__ = ["convert", "unconvert", "ConversionReport"]
@@ -75,26 +76,46 @@ def _swap(mod: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return new
 
 
-def convert(model: nn.Module, inplace: bool = False, report: bool = False, verbose: bool = False):
+def convert(
+    model: nn.Module,
+    inplace: bool = False,
+    report: bool = False,
+    verbose: bool = False,
+    sync_bn: bool = False,
+    process_group=None,
+):
     """Replace torchvision ``BasicBlock``/``Bottleneck``/``Conv2dNormActivation`` instances in
     ``model`` by their fastres counterparts, and timm's ``BasicBlock``/``Bottleneck`` by
     :mod:`fastres.integrations`' (when timm is imported).
+
+    Every ``nn.SyncBatchNorm`` becomes a :class:`fastres.distributed.SyncBatchNorm` (same
+    ``state_dict``; it also syncs CPU tensors over gloo), and blocks whose BatchNorms are
+    SyncBatchNorms keep cross-process batch statistics in the fused path.
 
     Args:
         model: any module tree (the model itself may be a block).
         inplace: modify ``model`` itself; by default a deep copy is converted and returned.
         report: also return a :class:`ConversionReport` of what was swapped and what was left.
         verbose: print the report.
+        sync_bn: first turn every BatchNorm into a SyncBatchNorm over ``process_group``
+            (default: the whole world), as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does.
 
-    Returns the converted model (and the report when ``report=True``). Blocks whose layers are not
-    the fusable pattern (another norm layer, a conv with bias, ...) are left as they are, with the
-    reason in the report; subclasses of torchvision's blocks are left too (their forward may differ).
+    Returns the converted model (and the report when ``report=True``). Blocks whose layers are
+    not the fusable pattern (another norm layer, a conv with bias, ...) are left as they are, with
+    the reason in the report; subclasses of torchvision's blocks are left too (their forward may
+    differ).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastres.convert expects an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     rep = ConversionReport()
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    elif process_group is not None:
+        raise ValueError("fastres.convert: process_group is used with sync_bn=True only")
+    model, synced = D.to_fastres_sync_bn(model)
+    rep.swapped += [(path, "SyncBatchNorm") for path in synced]
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
@@ -153,7 +174,8 @@ def _unswap(mod: nn.Module, cls: type[nn.Module]) -> nn.Module:
 
 def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The inverse of :func:`convert`: replace every fastres block by the plain block it stands
-    for (torchvision ``BasicBlock``/``Bottleneck``/``Conv2dNormActivation``).
+    for (torchvision ``BasicBlock``/``Bottleneck``/``Conv2dNormActivation``), and every fastres
+    ``SyncBatchNorm`` by ``nn.SyncBatchNorm``.
 
     The plain blocks share the fused blocks' submodules, parameters, buffers and hooks, so the
     result's ``state_dict`` is the converted model's, key for key. With ``inplace=False`` (the
@@ -164,6 +186,7 @@ def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise TypeError(f"fastres.unconvert expects an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    model = D.to_plain_sync_bn(model)
     cls = _plain_class(model)
     if cls is not None:
         return _unswap(model, cls)

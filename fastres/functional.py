@@ -175,6 +175,18 @@ def _check_batch_stats_count(x_shape: Sequence[int], count: int) -> None:
         )
 
 
+def _check_sync_count(x: Tensor, stages: Sequence[Stage], weight: Tensor, group) -> None:
+    """nn.SyncBatchNorm's check: one value per channel is enough when other processes add theirs
+    (every process of a world of 2 or more has a non-empty batch: empty ones run unfused)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if x.shape[0] == 0:
+        raise ValueError("fastres.residual_unit: SyncBatchNorm with an empty batch runs unfused")
+    if dist.get_world_size(group) < 2:
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        _check_batch_stats_count(x.shape, count)
+
+
 # --------------------------------------------------------------------------------------------
 # Inference: folded BatchNorm, one fused op per convolution.
 
@@ -339,6 +351,37 @@ class _UnitSpec:
     option_a_stride: int
     relu: bool
     backend: str
+    # SyncBatchNorm: the torch.distributed process group whose batch statistics every BatchNorm
+    # of the unit uses (all-reduced per step), or None for this process's batch alone.
+    group: object = None
+
+
+def _all_reduce_sum(t: Tensor, group) -> Tensor:
+    """Sum ``t`` over the processes of ``group`` (in place; returns ``t``)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def _sync_finalize(be: str, group, parts) -> list[tuple]:
+    """bn_finalize of several BatchNorms over the global batch, with ONE all-reduce.
+
+    ``parts`` are, per BatchNorm, (conv output, sum, sumsq, (gamma, beta, running_mean,
+    running_var, num_batches_tracked), BNSpec). Returns per BatchNorm (mean, invstd, scale, shift,
+    global count as a one-element tensor)."""
+    packed = []
+    for y, s, q, _, _ in parts:
+        packed += [s, q, s.new_full((1,), float(y.numel() // y.shape[1]))]
+    total = _all_reduce_sum(torch.cat(packed), group)
+    out, k = [], 0
+    for _, s, _, bn_params, bn in parts:
+        c = s.shape[0]
+        gs, gq, gn = total[k : k + c], total[k + c : k + 2 * c], total[k + 2 * c : k + 2 * c + 1]
+        k += 2 * c + 1
+        stats = backends.op(be, "bn_finalize_count")(gs, gq, gn, *bn_params, bn.momentum, bn.eps)
+        out.append((*stats, gn))
+    return out
 
 
 def _bn_tensors(params: Sequence[Tensor | None], i: int):
@@ -360,17 +403,29 @@ class _ResidualUnitFn(torch.autograd.Function):
         n_stages = len(spec.stages)
         ys, stats = [], []
         inp, pre = x, (None, None, False)
+        sync = spec.group is not None
+        counts = []  # SyncBatchNorm: each BatchNorm's global count (a tensor), for the backward
+
         for i, st in enumerate(spec.stages):
             w, gamma, beta, rm, rv, nbt = _bn_tensors(params, i)
             y, s, q = backends.op(be, "conv_stats")(inp, w, pre[0], pre[1], pre[2], *st.conv.args())
-            count = y.numel() // y.shape[1]
-            _check_batch_stats_count(y.shape, count)
-            mean, invstd, scale, shift = backends.op(be, "bn_finalize")(
-                s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum, st.bn.eps
-            )
             ys.append(y)
-            stats.append((mean, invstd, scale, shift))
-            inp, pre = y, (scale, shift, True)
+            if sync and i == n_stages - 1 and spec.shortcut == "downsample":
+                # finalized with the downsample's BN: one all-reduce for both
+                last_part = (y, s, q, (gamma, beta, rm, rv, nbt), st.bn)
+                break
+            if sync:
+                part = (y, s, q, (gamma, beta, rm, rv, nbt), st.bn)
+                *st4, gn = _sync_finalize(be, spec.group, [part])[0]
+                counts.append(gn)
+            else:
+                count = y.numel() // y.shape[1]
+                _check_batch_stats_count(y.shape, count)
+                st4 = backends.op(be, "bn_finalize")(
+                    s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum, st.bn.eps
+                )
+            stats.append(tuple(st4))
+            inp, pre = y, (st4[2], st4[3], True)
 
         res, res_scale, res_shift, offset = None, None, None, 0
         yd, dstats = None, None
@@ -386,11 +441,19 @@ class _ResidualUnitFn(torch.autograd.Function):
             w, gamma, beta, rm, rv, nbt = _bn_tensors(params, n_stages)
             st = spec.downsample
             yd, s, q = backends.op(be, "conv_stats")(x, w, None, None, False, *st.conv.args())
-            count = yd.numel() // yd.shape[1]
-            _check_batch_stats_count(yd.shape, count)
-            dstats = backends.op(be, "bn_finalize")(
-                s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum, st.bn.eps
-            )
+            if sync:
+                # the block's last BN and the downsample's: one all-reduce for both
+                ds_part = (yd, s, q, (gamma, beta, rm, rv, nbt), st.bn)
+                both = _sync_finalize(be, spec.group, [last_part, ds_part])
+                stats.append(tuple(both[0][:4]))
+                dstats = tuple(both[1][:4])
+                counts += [both[0][4], both[1][4]]
+            else:
+                count = yd.numel() // yd.shape[1]
+                _check_batch_stats_count(yd.shape, count)
+                dstats = backends.op(be, "bn_finalize")(
+                    s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum, st.bn.eps
+                )
             res, res_scale, res_shift = yd, dstats[2], dstats[3]
         mean, invstd, scale, shift = stats[-1]
         out = backends.op(be, "bn_add_relu")(
@@ -409,6 +472,7 @@ class _ResidualUnitFn(torch.autograd.Function):
         )
         ctx.n_stages = n_stages
         ctx.has_gamma = [g is not None for g in gammas]
+        ctx.counts = counts  # SyncBatchNorm: stages' global counts, then the downsample's
         return out
 
     @staticmethod
@@ -434,18 +498,37 @@ class _ResidualUnitFn(torch.autograd.Function):
         fmt = _fmt(ys[-1])
         grad_out = grad_out.contiguous(memory_format=fmt)
         mean, invstd, _, _ = stats[-1]
-        (dy, dgamma, dbeta, dres, dgd, dbd) = backends.op(be, "bn_add_relu_bwd")(
-            grad_out,
-            out,
-            ys[-1],
-            mean,
-            invstd,
-            gammas[-1],
-            yd,
-            dstats[0] if dstats else None,
-            dstats[1] if dstats else None,
-            gd,
-        )
+        res_mean, res_invstd = (dstats[0], dstats[1]) if dstats else (None, None)
+        if spec.group is None:
+            (dy, dgamma, dbeta, dres, dgd, dbd) = backends.op(be, "bn_add_relu_bwd")(
+                grad_out, out, ys[-1], mean, invstd, gammas[-1], yd, res_mean, res_invstd, gd
+            )
+        else:
+            # SyncBatchNorm: this process's sums, all-reduced, then the elementwise pass with the
+            # global means. The parameter gradients are this process's sums (DDP averages them).
+            dbeta, dgamma, dgd = backends.op(be, "bn_add_relu_bwd_reduce")(
+                grad_out, out, ys[-1], mean, invstd, yd, res_mean, res_invstd
+            )
+            dbd = dbeta.clone() if yd is not None else None  # never one tensor for two grads
+            c = dbeta.shape[0]
+            g_means = (
+                _all_reduce_sum(torch.cat([dbeta, dgamma, dgd]), spec.group) / ctx.counts[n - 1]
+            )
+            dy, dres = backends.op(be, "bn_add_relu_bwd_elemt")(
+                grad_out,
+                out,
+                ys[-1],
+                mean,
+                invstd,
+                gammas[-1],
+                g_means[:c],
+                g_means[c : 2 * c],
+                yd,
+                res_mean,
+                res_invstd,
+                gd,
+                g_means[2 * c :] if yd is not None else None,
+            )
         grads_params: list[Tensor | None] = [None] * (6 * n + (6 if yd is not None else 0))
         grads_params[6 * (n - 1) + 1] = dgamma if ctx.has_gamma[-1] else None
         grads_params[6 * (n - 1) + 2] = dbeta
@@ -463,9 +546,30 @@ class _ResidualUnitFn(torch.autograd.Function):
             )
             grads_params[6 * i] = dw
             mean_p, invstd_p, _, _ = stats[i - 1]
-            dy, dgamma, dbeta = backends.op(be, "bn_relu_bwd")(
-                da, ys[i - 1], mean_p, invstd_p, gammas[i - 1], scale_p, shift_p, True
-            )
+            if spec.group is None:
+                dy, dgamma, dbeta = backends.op(be, "bn_relu_bwd")(
+                    da, ys[i - 1], mean_p, invstd_p, gammas[i - 1], scale_p, shift_p, True
+                )
+            else:
+                dbeta, dgamma = backends.op(be, "bn_relu_bwd_reduce")(
+                    da, ys[i - 1], mean_p, invstd_p, scale_p, shift_p, True
+                )
+                c = dbeta.shape[0]
+                g_means = (
+                    _all_reduce_sum(torch.cat([dbeta, dgamma]), spec.group) / ctx.counts[i - 1]
+                )
+                dy = backends.op(be, "bn_relu_bwd_elemt")(
+                    da,
+                    ys[i - 1],
+                    mean_p,
+                    invstd_p,
+                    gammas[i - 1],
+                    scale_p,
+                    shift_p,
+                    True,
+                    g_means[:c],
+                    g_means[c:],
+                )
             grads_params[6 * (i - 1) + 1] = dgamma if ctx.has_gamma[i - 1] else None
             grads_params[6 * (i - 1) + 2] = dbeta
         need_x = ctx.needs_input_grad[1]
@@ -510,6 +614,7 @@ def residual_unit(
     option_a_stride: int = 2,
     relu: bool = True,
     backend: str | None = None,
+    process_group: object = None,
 ) -> Tensor:
     """Training forward of ``relu?(BN_k(conv_k(... relu(BN_1(conv_1(x))) ...)) + shortcut)``.
 
@@ -528,6 +633,13 @@ def residual_unit(
             (add x subsampled by ``option_a_stride`` with zero-padded channels), ``"tensor"``
             (add ``shortcut_tensor``, any module's output) or ``"none"``.
         downsample: ``(Stage, params)`` of the downsample branch when ``shortcut="downsample"``.
+        process_group: SyncBatchNorm: a ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD``) over whose processes every BatchNorm of the unit
+            computes its batch statistics, as ``nn.SyncBatchNorm``: one all-reduce of the
+            per-channel (sum, sum of squares, count) per BatchNorm in the forward (the last one
+            and the downsample's share one) and one of the two per-channel gradient sums in the
+            backward. BN weight/bias gradients are this process's, as nn.SyncBatchNorm's (DDP
+            averages them). Every process of the group must call it the same number of times.
     """
     ac = autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
     if ac is not None:
@@ -547,6 +659,7 @@ def residual_unit(
                 option_a_stride,
                 relu,
                 backend,
+                process_group,
             )
     if not stages:
         raise ValueError("residual_unit needs at least one stage")
@@ -573,5 +686,8 @@ def residual_unit(
         option_a_stride,
         relu,
         b.name,
+        process_group,
     )
+    if process_group is not None:
+        _check_sync_count(x, stages, weights[0], process_group)
     return _ResidualUnitFn.apply(spec, x, shortcut_tensor, *flat)

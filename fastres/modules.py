@@ -16,6 +16,10 @@ fixed, so a block whose norm layers are all FrozenBatchNorm2d folds them in trai
 eval and always runs the inference path, with gradients flowing to the conv weights through the
 fold.
 
+SyncBatchNorm (``nn.SyncBatchNorm`` or ``fastres.SyncBatchNorm``, all of a block's norm layers
+over one process group) is fused too: in training with ``torch.distributed`` initialized the
+block's BatchNorms use the statistics of the whole global batch (fastres.distributed).
+
 Fallbacks (documented, never silent about correctness): a block whose pieces are not the plain
 ``Conv2d`` + ``BatchNorm2d`` pattern (another norm layer, a conv with bias, string padding) and an
 empty batch run torchvision's own forward.
@@ -30,6 +34,7 @@ from torchvision.ops import misc as tv_misc
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fastres import functional as FF
+from fastres.distributed import SyncBatchNorm, sync_group
 from fastres.functional import BNSpec, ConvSpec, Stage
 
 __all__ = ["BasicBlock", "BottleneckBlock", "ConvBNReLU", "fusable_reasons"]
@@ -47,20 +52,38 @@ def _conv_bn_reasons(conv: nn.Module, bn: nn.Module, where: str) -> list[str]:
         if conv.padding_mode != "zeros":
             reasons.append(f"{where}: padding_mode={conv.padding_mode!r}")
     if type(bn) not in _NORMS:
-        reasons.append(f"{where}: {type(bn).__name__} is not nn.BatchNorm2d or FrozenBatchNorm2d")
+        reasons.append(
+            f"{where}: {type(bn).__name__} is not nn.BatchNorm2d, nn.SyncBatchNorm or "
+            "FrozenBatchNorm2d"
+        )
     return reasons
 
 
 #: The norm layers a fused block folds or normalises with batch statistics.
-_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm)
+
+
+def _norm_kind(bn: nn.Module) -> str:
+    """What a norm layer needs of the fused path: "bn", "sync:<group>" or "frozen"."""
+    if type(bn) is FrozenBatchNorm2d:
+        return "frozen"
+    if isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm)):
+        return f"sync:{id(bn.process_group)}"
+    return "bn"
 
 
 def _mixed_norm_reason(bns: list[nn.Module], where: str) -> list[str]:
-    # Batch statistics for some layers and frozen ones for others cannot share one fused path.
-    kinds = {type(bn) for bn in bns}
-    if len(kinds) > 1 and kinds <= set(_NORMS):
-        return [f"{where}: mixes BatchNorm2d and FrozenBatchNorm2d"]
-    return []
+    # Batch statistics for some layers and frozen ones for others, or statistics over different
+    # process groups, cannot share one fused path.
+    if not all(type(bn) in _NORMS for bn in bns):
+        return []
+    kinds = {_norm_kind(bn) for bn in bns}
+    if len(kinds) <= 1:
+        return []
+    if len({k.split(":")[0] for k in kinds}) == 1:
+        return [f"{where}: SyncBatchNorm layers with different process groups"]
+    names = sorted({type(bn).__name__ for bn in bns})
+    return [f"{where}: mixes {' and '.join(names)}"]
 
 
 class _FusedMixin:
@@ -173,15 +196,15 @@ class _FusedMixin:
 
 
 def _downsample_pair(
-    ds: nn.Module | None, norm: type[nn.Module] | None = None
+    ds: nn.Module | None, norm: nn.Module | None = None
 ) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
     """(conv, norm) of a conv + norm downsample branch that can be fused with a block whose
-    norm layers are of type ``norm`` (None: any); otherwise the branch runs as a module."""
+    norm layers are like ``norm`` (None: any); otherwise the branch runs as a module."""
     if (
         isinstance(ds, nn.Sequential)
         and len(ds) == 2
         and not _conv_bn_reasons(ds[0], ds[1], "downsample")
-        and (norm is None or type(ds[1]) is norm)
+        and (norm is None or _norm_kind(ds[1]) == _norm_kind(norm))
     ):
         return ds[0], ds[1]
     return None
@@ -217,7 +240,7 @@ class _ResidualBlockMixin(_FusedMixin):
             return super().forward(x)
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._pairs]
         ds = self.downsample
-        ds_pair = _downsample_pair(ds, type(pairs[0][1]))
+        ds_pair = _downsample_pair(ds, pairs[0][1])
         FF.check_input(x, pairs[0][0].weight, type(self).__name__)
         batch_stats = [self._use_batch_stats(bn) for _, bn in pairs]
         if ds_pair is not None:
@@ -247,13 +270,21 @@ class _ResidualBlockMixin(_FusedMixin):
         staged = [self._stage(c, b) for c, b in pairs]
         stages = [s for s, _ in staged]
         params = [p for _, p in staged]
+        group = sync_group(pairs[0][1])  # SyncBatchNorm: all the block's BNs share it
         if ds_pair is not None:
             return FF.residual_unit(
-                x, stages, params, "downsample", downsample=self._stage(*ds_pair)
+                x,
+                stages,
+                params,
+                "downsample",
+                downsample=self._stage(*ds_pair),
+                process_group=group,
             )
         if ds is not None:
-            return FF.residual_unit(x, stages, params, "tensor", shortcut_tensor=ds(x))
-        return FF.residual_unit(x, stages, params, "identity")
+            return FF.residual_unit(
+                x, stages, params, "tensor", shortcut_tensor=ds(x), process_group=group
+            )
+        return FF.residual_unit(x, stages, params, "identity", process_group=group)
 
 
 class BasicBlock(_ResidualBlockMixin, tv_resnet.BasicBlock):
@@ -315,4 +346,6 @@ class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
         if not self._use_batch_stats(bn):
             return self._eval_conv(x, conv, bn, None, relu, True)
         stage, params = self._stage(conv, bn)
-        return FF.residual_unit(x, [stage], [params], "none", relu=relu)
+        return FF.residual_unit(
+            x, [stage], [params], "none", relu=relu, process_group=sync_group(bn)
+        )

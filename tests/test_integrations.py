@@ -530,3 +530,134 @@ def test_ddp_gloo_two_processes(tmp_path):
         k_ours = torch.load(tmp_path / f"rank{rank}.pt")
         assert int(k_ours.pop("n_fused")) == 4
         check_rule(k_ours, k_single[rank], k_ref[rank], torch.float32)
+
+
+# ------------------------------------------------------------------------------- SyncBatchNorm
+
+
+def _sync_worker(rank: int, world: int, port: int, state: dict, x, proj, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)  # two processes on a 2-core machine
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        kept = {}
+        for dtype in (torch.float64, torch.float32):
+            model = fastres.convert(_small_resnet(), sync_bn=True).to(dtype)
+            model.load_state_dict(state, strict=True)
+            ddp = DDP(model)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            out = ddp(x.chunk(world)[rank].to(dtype))
+            (out * proj.chunk(world)[rank].to(dtype)).sum().backward()
+            k = {"out": out.detach().clone()}
+            k.update({f"{n}.grad": p.grad.detach().clone() for n, p in model.named_parameters()})
+            opt.step()
+            k.update({n: p.detach().clone() for n, p in model.named_parameters()})
+            k.update({n: b.detach().clone() for n, b in model.named_buffers()})
+            k["n_fused"] = torch.tensor(n_fused(model))
+            k["n_sync"] = torch.tensor(
+                sum(type(m) is fastres.SyncBatchNorm for m in model.modules())
+            )
+            kept[str(dtype)] = k
+        torch.save(kept, os.path.join(out_dir, f"sync{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _whole_batch_step(model: nn.Module, x, proj, world: int) -> list[dict]:
+    """What a DDP step with SyncBatchNorm must reproduce, in one process: the whole batch through
+    plain BatchNorm, the loss of every rank summed and divided by the world size (DDP averages
+    the ranks' gradients), one SGD step. Returns each rank's view (its rows of the output)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(x.to(proj.dtype))
+    ((out * proj).sum() / world).backward()
+    k = {f"{n}.grad": p.grad.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        k.update({n: p - 0.1 * p.grad for n, p in model.named_parameters()})
+    k.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    return [{"out": o.detach(), **k} for o in out.chunk(world)]
+
+
+def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path):
+    """SyncBatchNorm in the fused path: a converted model (``convert(sync_bn=True)``: every
+    block fused with synced statistics, the stem's BatchNorm a fastres.SyncBatchNorm) under DDP,
+    gloo, 2 processes with half the batch each, one SGD step, must match one process running
+    the whole batch with plain BatchNorm: each rank's outputs, the gradients, the updated
+    parameters, the running statistics and num_batches_tracked. In float64 against float64
+    torchvision (the rule's float64 bar), and in float32 by the tolerance rule against float64
+    with the single-process fused model as PyTorch's yardstick (see test_ddp_gloo_two_processes).
+    Without the all-reduces every BatchNorm would see half the batch and this fails."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    world = 2
+    tv = randomise_norm(_small_resnet())
+    state = tv.state_dict()
+    # 4 images of 64x64 per rank: layer4's BatchNorms see 2 x 2x2 values per channel per rank
+    x, proj = torch.randn(4 * world, 3, 64, 64), torch.randn(4 * world, 10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_worker, args=(world, port, state, x, proj, str(tmp_path)), nprocs=world)
+    k_ref = _whole_batch_step(copy.deepcopy(tv).double(), x, proj.double(), world)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        k_single = {
+            torch.float64: _whole_batch_step(
+                fastres.convert(copy.deepcopy(tv)).double(), x, proj.double(), world
+            ),
+            torch.float32: _whole_batch_step(fastres.convert(tv), x, proj, world),
+        }
+    finally:
+        torch.set_num_threads(threads)
+    for rank in range(world):
+        kept = torch.load(tmp_path / f"sync{rank}.pt")
+        for dtype in (torch.float64, torch.float32):
+            k_ours = kept[str(dtype)]
+            assert int(k_ours.pop("n_fused")) == 4
+            assert int(k_ours.pop("n_sync")) == 1 + 2 * 4 + 3  # stem + 2 per block + downsamples
+            check_rule(k_ours, k_single[dtype][rank], k_ref[rank], dtype)
+
+
+def test_sync_bn_convert_round_trip_and_single_process():
+    """convert(sync_bn=True): the same state_dict keys; unconvert gives nn.SyncBatchNorm; without
+    an initialized process group it trains and evaluates as the plain fused model, on the CPU,
+    where nn.SyncBatchNorm would be needed on a GPU only."""
+    tv = randomise_norm(_small_resnet())
+    synced, rep = fastres.convert(tv, sync_bn=True, report=True)
+    assert n_fused(synced) == 4
+    assert sum(why == "SyncBatchNorm" for _, why in rep.swapped) == 12
+    assert synced.state_dict().keys() == tv.state_dict().keys()
+    plain = fastres.unconvert(synced)
+    assert not any(isinstance(m, (fastres.SyncBatchNorm, *FUSED)) for m in plain.modules())
+    assert sum(type(m) is nn.SyncBatchNorm for m in plain.modules()) == 12
+    plain_tv = _small_resnet()
+    plain_tv.load_state_dict(synced.state_dict(), strict=True)
+
+    x = torch.randn(4, 3, 64, 64)
+    for train in (False, True):
+        k_ours = run_kept(copy.deepcopy(synced), x, train)
+        k_fused = run_kept(fastres.convert(tv), x, train)
+        k_ref = run_kept(copy.deepcopy(tv).double(), x.double(), train)
+        check_rule(k_ours, k_fused, k_ref, torch.float32)
+    with pytest.raises(ValueError, match="process_group is used with sync_bn=True only"):
+        fastres.convert(tv, process_group=object())
+
+
+def test_sync_bn_blocks_mixed_norms_are_left():
+    """A block mixing BatchNorm2d and SyncBatchNorm, or SyncBatchNorms over different groups,
+    is left unfused with the reason."""
+    block = tv_resnet.BasicBlock(8, 8)
+    block.bn2 = nn.SyncBatchNorm(8)
+    _, rep = fastres.convert(block, report=True)
+    assert rep.left and "mixes BatchNorm2d and SyncBatchNorm" in rep.left[0][1], rep
+    block = nn.SyncBatchNorm.convert_sync_batchnorm(tv_resnet.BasicBlock(8, 8))
+    block.bn2.process_group = object()
+    _, rep = fastres.convert(block, report=True)
+    assert rep.left and "different process groups" in rep.left[0][1], rep
