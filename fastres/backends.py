@@ -83,7 +83,12 @@ class Backend:
     verified_on_gpu: bool = True
 
     def unavailable_reason(self) -> str | None:
-        """Why this backend cannot run at all on this installation, or None."""
+        """Why this backend cannot run at all on this installation, or None. Probed once per
+        process, outside any torch.compile trace (see _probe)."""
+        return _probe(self.name)
+
+    def _unavailable_reason(self) -> str | None:
+        """The probe itself (may import modules, load the extension, read package metadata)."""
         return None
 
     def not_supported_reasons(self, inputs: Inputs) -> list[str]:
@@ -118,7 +123,7 @@ class _CompiledBackend(Backend):
     device_type = "cpu"
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
 
-    def unavailable_reason(self) -> str | None:
+    def _unavailable_reason(self) -> str | None:
         mod, why = _ext.load()
         return why
 
@@ -149,8 +154,8 @@ class CUDABackend(_CompiledBackend):
     device_type = "cuda"
     verified_on_gpu = False
 
-    def unavailable_reason(self) -> str | None:
-        why = super().unavailable_reason()
+    def _unavailable_reason(self) -> str | None:
+        why = super()._unavailable_reason()
         if why:
             return why
         if not _ext.has_cuda():
@@ -179,7 +184,7 @@ class TritonBackend(Backend):
     name = "triton"
     verified_on_gpu = False
 
-    def unavailable_reason(self) -> str | None:
+    def _unavailable_reason(self) -> str | None:
         try:
             from fastres import triton_kernels  # noqa: PLC0415
         except ImportError as exc:  # triton missing or too old
@@ -206,6 +211,19 @@ BACKENDS: dict[str, Backend] = {
     b.name: b for b in (CUDABackend(), TritonBackend(), CPUBackend(), ReferenceBackend())
 }
 PRIORITY = ("cuda", "triton", "cpu", "reference")
+
+_probed: dict[str, str | None] = {}
+
+
+@torch._dynamo.assume_constant_result
+def _probe(name: str) -> str | None:
+    """BACKENDS[name]._unavailable_reason(), once per process. Marked a constant for Dynamo: the
+    first call of a model may come from inside torch.compile, and the probes (importing
+    fastres._C or triton, reading package versions) cannot be traced (fullgraph would fail)."""
+    if name not in _probed:
+        _probed[name] = BACKENDS[name]._unavailable_reason()
+    return _probed[name]
+
 
 _said: set[str] = set()
 

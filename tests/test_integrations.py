@@ -319,6 +319,30 @@ def test_compile_resnet18_no_graph_breaks(train):
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
 
 
+def test_compile_first_call_fullgraph_fresh_process():
+    """The very first call of a converted model may be a compiled one: the backend probes
+    (loading fastres._C, importing triton) run outside the trace, so fullgraph holds. In a fresh
+    interpreter, where nothing has been probed yet (Dynamo's eager backend: only the trace)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torchvision, fastres\n"
+        "from torchvision.models import resnet as tv\n"
+        "m = fastres.convert(torchvision.models.ResNet(tv.BasicBlock, [1, 1, 1, 1]))\n"
+        "x = torch.randn(2, 3, 32, 32)\n"
+        "for train in (False, True):\n"
+        "    torch._dynamo.reset()\n"
+        "    y = torch.compile(m.train(train), fullgraph=True, backend='eager')(x)\n"
+        "    assert y.shape == (2, 1000)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 def _cpu_backend() -> str:
     return fastres.backends.select(fastres.backends.Inputs(torch.device("cpu"), torch.float32)).name
 
