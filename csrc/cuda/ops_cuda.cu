@@ -798,12 +798,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_count_cuda(
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps) {
   check_sums(sum, sumsq);
-  TORCH_CHECK(count.device() == sum.device() && count.numel() == 1, "fastres CUDA: count must "
-              "be one element on ", sum.device(), " (the number of values per channel), got "
-              "shape ", count.sizes(), " on ", count.device());
-  TORCH_CHECK(at::isFloatingType(count.scalar_type()) || at::isIntegralType(count.scalar_type(),
-              /*includeBool=*/false), "fastres CUDA: count must be a real number, got ",
-              count.scalar_type());
+  TORCH_CHECK(count.device() == sum.device() && count.numel() == 1,
+              "fastres CUDA: count must be one element on ", sum.device(),
+              " (the number of values per channel), got shape ", count.sizes(), " on ",
+              count.device());
+  const at::ScalarType ct = count.scalar_type();
+  TORCH_CHECK(at::isFloatingType(ct) || at::isIntegralType(ct, /*includeBool=*/false),
+              "fastres CUDA: count must be a real number (float32, the accumulation dtype), got ",
+              ct);
   c10::cuda::CUDAGuard guard(sum.device());
   // float32 as the reference's count.to(sum.dtype); a conversion on the device, never a read.
   Tensor n = count.reshape({});
