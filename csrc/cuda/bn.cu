@@ -417,7 +417,6 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (KIND == BwdKind::kG) {
       store_f<T, VEC>(static_cast<T*>(p.grad_res) + off, g);
     } else {
-      // BatchNorm backward of g through (x, mean, invstd, weight) into `dst`.
       // Per-channel means of the sums: sum / count, or given (then no division at all).
       auto chan_means = [&](const float* sum_p, const float* mean_p, float (&m)[VEC]) {
         if (given_means) {
