@@ -47,7 +47,9 @@ spec.loader.exec_module(mod)  # registers torch.ops.fastres.* (no GPU needed)
 info = mod.build_info()
 assert info["cuda"], f"built without CUDA: {info}"
 ops = ["conv_bias_act", "relu_bias_bwd", "conv_stats", "bn_finalize", "bn_add_relu",
-       "bn_add_relu_bwd", "bn_relu_bwd", "conv_bwd"]
+       "bn_add_relu_bwd", "bn_relu_bwd", "conv_bwd", "bn_finalize_count",
+       "bn_add_relu_bwd_reduce", "bn_add_relu_bwd_elemt", "bn_relu_bwd_reduce",
+       "bn_relu_bwd_elemt"]
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key("fastres::" + op, "CUDA")]
 assert not missing, f"ops without a CUDA kernel: {missing}"

@@ -319,6 +319,50 @@ def test_compile_resnet18_no_graph_breaks(train):
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
 
 
+def test_compile_max_autotune_small_resnet():
+    """torch.compile(mode="max-autotune", fullgraph=True) of a converted ResNet (one block per
+    stage: identity and downsample blocks), eval and a training step: outputs and running
+    statistics by the tolerance rule against float64 torchvision, with the worse of eager and
+    max-autotune-compiled torchvision as PyTorch's yardstick (test_compile_resnet50_modes runs
+    ResNet-50 in both modes with FASTRES_SLOW=1)."""
+    tv = randomise_norm(_small_resnet())
+    ours = fastres.convert(tv)
+    ref = copy.deepcopy(tv).double()
+    torch._dynamo.reset()
+    compiled = {
+        "ours": torch.compile(ours, mode="max-autotune", fullgraph=True),
+        "tv": torch.compile(tv, mode="max-autotune"),
+    }
+    x = torch.randn(4, 3, 32, 32)
+    for train in (False, True):
+        _check_compiled(compiled, {"tv": tv, "ours": ours}, ref, x, train)
+
+
+def _check_compiled(compiled: dict, models: dict, ref: nn.Module, x, train: bool) -> None:
+    """compiled["ours"] by the tolerance rule against float64 ``ref``, PyTorch's yardstick being
+    the worse of eager and compiled torchvision; gradients only checked finite (see
+    test_compile_resnet50_modes)."""
+    k_ref = run_kept(ref, x.double(), train)
+    k_eager = run_kept(copy.deepcopy(models["tv"]), x, train)
+    kept = {}
+    for name in ("tv", "ours"):
+        models[name].train(train)
+        k = run_kept(compiled[name], x, train)
+        kept[name] = {n.replace("_orig_mod.", ""): v for n, v in k.items()}
+    grads = [n for n in k_ref if n.endswith(".grad")]
+    for n in grads:
+        assert torch.isfinite(kept["ours"].pop(n)).all(), n
+        kept["tv"].pop(n), k_eager.pop(n), k_ref.pop(n)
+    theirs = {
+        n: max(
+            (kept["tv"][n], k_eager[n]),
+            key=lambda t, n=n: (t.double() - k_ref[n].double()).abs().max().item(),
+        )
+        for n in k_ref
+    }
+    check_rule(kept["ours"], theirs, k_ref, torch.float32)
+
+
 def test_compile_first_call_fullgraph_fresh_process():
     """The very first call of a converted model may be a compiled one: the backend probes
     (loading fastres._C, importing triton) run outside the trace, so fullgraph holds. In a fresh
@@ -354,8 +398,9 @@ def _cpu_backend() -> str:
     reason="known: the reference backend compiled by Inductor has 3x eager's error in the "
     "training forward (2.3e-4 vs 8.7e-5 here; compiled torchvision 9.6e-5, cpu backend 7.5e-5)",
 )
-def test_compile_resnet50_default_mode():
-    """torch.compile (default mode: Inductor), fullgraph, on a whole converted ResNet-50, eval and
+@pytest.mark.parametrize("mode", ["default", "max-autotune"])
+def test_compile_resnet50_modes(mode):
+    """torch.compile (Inductor, ``mode``), fullgraph, on a whole converted ResNet-50, eval and
     a training step, by the tolerance rule against float64 torchvision: outputs and running
     statistics. PyTorch's yardstick is the worse of eager and Inductor-compiled torchvision:
     Inductor rounds differently from eager (measured 0.4x to 3x eager's error on torchvision's
@@ -367,28 +412,13 @@ def test_compile_resnet50_default_mode():
     ours = fastres.convert(tv)
     ref = copy.deepcopy(tv).double()
     torch._dynamo.reset()
-    compiled = {"ours": torch.compile(ours, fullgraph=True), "tv": torch.compile(tv)}
+    compiled = {
+        "ours": torch.compile(ours, mode=mode, fullgraph=True),
+        "tv": torch.compile(tv, mode=mode),
+    }
     x = torch.randn(4, 3, 64, 64)
     for train in (False, True):
-        k_ref = run_kept(ref, x.double(), train)
-        k_eager = run_kept(copy.deepcopy(tv), x, train)
-        kept = {}
-        for name, model in (("tv", tv), ("ours", ours)):
-            model.train(train)
-            k = run_kept(compiled[name], x, train)
-            kept[name] = {n.replace("_orig_mod.", ""): v for n, v in k.items()}
-        grads = [n for n in k_ref if n.endswith(".grad")]
-        for n in grads:
-            assert torch.isfinite(kept["ours"].pop(n)).all(), n
-            kept["tv"].pop(n), k_eager.pop(n), k_ref.pop(n)
-        theirs = {
-            n: max(
-                (kept["tv"][n], k_eager[n]),
-                key=lambda t, n=n: (t.double() - k_ref[n].double()).abs().max().item(),
-            )
-            for n in k_ref
-        }
-        check_rule(kept["ours"], theirs, k_ref, torch.float32)
+        _check_compiled(compiled, {"tv": tv, "ours": ours}, ref, x, train)
 
 
 # ------------------------------------------------------------------------------- timm
