@@ -104,7 +104,7 @@ step info 30 170 "$PY" -P -m fastres.info
 
 # 3. GPU tests and the Triton tests (the gpu-marked ones already ran in the first command).
 if have pytest; then
-  step gpu-tests 75 150 "$PY" -P -m pytest tests -m gpu -q -p no:cacheprovider -rfEs
+  step gpu-tests 120 150 "$PY" -P -m pytest tests -m gpu -q -p no:cacheprovider -rfEs
   TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null)
   if [ -n "$TRITON_TESTS" ]; then
     # shellcheck disable=SC2086

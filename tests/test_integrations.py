@@ -715,3 +715,146 @@ def test_sync_bn_blocks_mixed_norms_are_left():
     block.bn2.process_group = object()
     _, rep = fastres.convert(block, report=True)
     assert rep.left and "different process groups" in rep.left[0][1], rep
+
+
+# ------------------------------------------------------------------------------- GPU variants
+# Run by bench/device_check.sh (pytest -m gpu) on a CUDA machine; skipped elsewhere.
+
+
+def _gpu_backends() -> list:
+    """Every backend that can run on CUDA here, forced by name; "auto" is the dispatcher's pick."""
+    return [
+        "auto",
+        *(
+            pytest.param(b, marks=pytest.mark.skipif(True, reason=f"{b} unavailable"))
+            if not torch.cuda.is_available() or fastres.backends.BACKENDS[b].unavailable_reason()
+            else b
+            for b in ("cuda", "triton")
+        ),
+    ]
+
+
+def _gpu_sync_worker(rank, world, port, backend, state, x, proj, out_dir) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    if backend != "auto":
+        os.environ["FASTRES_BACKEND"] = backend
+    n_gpu = torch.cuda.device_count()
+    dev = torch.device("cuda", rank % n_gpu)
+    torch.cuda.set_device(dev)
+    # NCCL needs one GPU per process; with one GPU both processes share it over gloo
+    dist.init_process_group("nccl" if n_gpu >= world else "gloo", rank=rank, world_size=world)
+    try:
+        kept = {}
+        runs = {
+            "ours": (torch.float32, lambda m: fastres.convert(m, sync_bn=True)),
+            "theirs": (torch.float32, nn.SyncBatchNorm.convert_sync_batchnorm),
+            "ref": (torch.float64, nn.SyncBatchNorm.convert_sync_batchnorm),
+        }
+        for name, (dtype, make) in runs.items():
+            model = make(_small_resnet()).to(dev, dtype)
+            model.load_state_dict(state, strict=True)
+            ddp = DDP(model, device_ids=[dev.index])
+            out = ddp(x.chunk(world)[rank].to(dev, dtype))
+            (out * proj.chunk(world)[rank].to(dev, dtype)).sum().backward()
+            k = {"out": out.detach()}
+            k.update({f"{n}.grad": p.grad.detach() for n, p in model.named_parameters()})
+            k.update({n: b.detach() for n, b in model.named_buffers()})
+            kept[name] = {n: v.cpu() for n, v in k.items()}
+        torch.save(kept, os.path.join(out_dir, f"gpu_sync{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_sync_bn_gpu_matches_nn_syncbatchnorm(backend, tmp_path):
+    """On a GPU the same fused SyncBatchNorm path (NCCL with 2 GPUs, gloo on CUDA tensors with
+    one) matches torchvision with nn.SyncBatchNorm under the same DDP step: outputs, gradients,
+    running statistics, by the tolerance rule against the float64 nn.SyncBatchNorm run."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    world = 2
+    state = randomise_norm(_small_resnet()).state_dict()
+    x, proj = torch.randn(4 * world, 3, 64, 64), torch.randn(4 * world, 10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(
+        _gpu_sync_worker,
+        args=(world, port, backend, state, x, proj, str(tmp_path)),
+        nprocs=world,
+    )
+    for rank in range(world):
+        k = torch.load(tmp_path / f"gpu_sync{rank}.pt")
+        check_rule(k["ours"], k["theirs"], k["ref"], torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_cuda_graph_capture_forward_and_training_step(backend, monkeypatch):
+    """CUDA graph capture of a converted model's fused forward (eval) and of a whole training
+    step (forward, backward, SGD step): replays compute what eager runs compute from the same
+    state (no host sync or allocation outside the graph's pool in the fused path)."""
+    if backend != "auto":
+        monkeypatch.setenv("FASTRES_BACKEND", backend)
+    dev = torch.device("cuda")
+    base = fastres.convert(randomise_norm(_small_resnet())).to(dev)
+    base = base.to(memory_format=torch.channels_last)
+    x0 = torch.randn(8, 3, 64, 64, device=dev).contiguous(memory_format=torch.channels_last)
+    proj = torch.randn(8, 10, device=dev)
+
+    def warm(fn):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+
+    # eval: capture, then replay on new data
+    model = copy.deepcopy(base).eval()
+    static_x = x0.clone()
+    with torch.no_grad():
+        warm(lambda: model(static_x))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = model(static_x)
+        for _ in range(2):
+            x = torch.randn_like(static_x)
+            static_x.copy_(x)
+            g.replay()
+            torch.testing.assert_close(static_y, model(x), rtol=1e-5, atol=1e-5)
+
+    # training step: capture forward + backward + optimizer step
+    model = copy.deepcopy(base).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step():
+        out = model(static_x)
+        (out * proj).sum().backward()
+        opt.step()
+
+    static_x.copy_(x0)
+    warm(lambda: (opt.zero_grad(set_to_none=True), step()))
+    opt.zero_grad(set_to_none=True)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    twin = copy.deepcopy(model)  # the state the next replay starts from
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.01)
+    for _ in range(2):
+        x = torch.randn_like(static_x)
+        static_x.copy_(x)
+        g.replay()
+        twin_opt.zero_grad(set_to_none=True)
+        (twin(x) * proj).sum().backward()
+        twin_opt.step()
+        ours = dict(model.state_dict())
+        for n, v in twin.state_dict().items():
+            torch.testing.assert_close(ours[n], v, rtol=1e-4, atol=1e-5, msg=n)
