@@ -51,12 +51,14 @@ def _(input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation, 
     return out, _vec(input, k), _vec(input, k)
 
 
+def _finalize_outputs(sum: Tensor) -> tuple[Tensor, ...]:
+    """(mean, invstd, scale, shift): one value per channel, in the sums' dtype."""
+    return tuple(torch.empty(sum.shape[0], dtype=sum.dtype, device=sum.device) for _ in range(4))
+
+
 @torch.library.register_fake(_lib + "bn_finalize")
-def _(
-    sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked, count, momentum, eps
-):
-    c = sum.shape[0]
-    return tuple(torch.empty(c, dtype=sum.dtype, device=sum.device) for _ in range(4))
+def _(sum, sumsq, *args):
+    return _finalize_outputs(sum)
 
 
 @torch.library.register_fake(_lib + "bn_add_relu")
@@ -115,11 +117,8 @@ def _(
 
 
 @torch.library.register_fake(_lib + "bn_finalize_count")
-def _(
-    sum, sumsq, count, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
-):
-    c = sum.shape[0]
-    return tuple(torch.empty(c, dtype=sum.dtype, device=sum.device) for _ in range(4))
+def _(sum, sumsq, count, *args):
+    return _finalize_outputs(sum)
 
 
 @torch.library.register_fake(_lib + "bn_add_relu_bwd_reduce")

@@ -147,8 +147,35 @@ def bn_finalize(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {count} values"
         )
-    mean = sum / count
-    var = (sumsq / count - mean * mean).clamp_min(0)
+    return _finalize(
+        sum,
+        sumsq,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        count,
+        momentum,
+        eps,
+    )
+
+
+def _finalize(
+    sum: Tensor,
+    sumsq: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    n: int | Tensor,
+    momentum: float | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """bn_finalize's arithmetic over ``n`` values per channel (a number or a 0-dim tensor)."""
+    mean = sum / n
+    var = (sumsq / n - mean * mean).clamp_min(0)
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
     shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
@@ -165,7 +192,7 @@ def bn_finalize(
             if running_mean is not None:
                 running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
             if running_var is not None:
-                unbiased = var * (count / (count - 1))
+                unbiased = var * (n / (n - 1))
                 running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
     return mean, invstd, scale, shift
 
@@ -294,27 +321,9 @@ def bn_finalize_count(
     """bn_finalize with ``count`` a one-element tensor (the all-reduced count); no host sync
     except for momentum=None, which reads num_batches_tracked as bn_finalize does."""
     n = count.reshape(()).to(sum.dtype)
-    mean = sum / n
-    var = (sumsq / n - mean * mean).clamp_min(0)
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if running_mean is not None or running_var is not None:
-        if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            factor = 1.0 / float(num_batches_tracked.item())
-        else:
-            factor = momentum
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-            if running_var is not None:
-                unbiased = var * (n / (n - 1))
-                running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
-    return mean, invstd, scale, shift
+    return _finalize(
+        sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked, n, momentum, eps
+    )
 
 
 def _xhat(input: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:

@@ -509,14 +509,34 @@ def _small_resnet() -> nn.Module:
     return torchvision.models.ResNet(tv_resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
 
 
-def _ddp_worker(rank: int, world: int, port: int, state: dict, xs, projs, out_dir: str) -> None:
+def _spawn(fn, world: int, *args) -> None:
+    """fn(rank, world, port, *args) in ``world`` processes, ``port`` a free one for the store."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fn, args=(world, port, *args), nprocs=world)
+
+
+def _init_dist(rank: int, world: int, port: int, backend: str = "gloo"):
+    """A worker's process group (CPU workers use one thread each: 2 processes, 2 cores)."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)  # two processes on a 2-core machine
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if backend == "gloo" and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    return dist
+
+
+def _ddp_worker(rank: int, world: int, port: int, state: dict, xs, projs, out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_dist(rank, world, port)
     try:
         model = fastres.convert(_small_resnet())
         model.load_state_dict(state, strict=True)
@@ -560,19 +580,12 @@ def test_ddp_gloo_two_processes(tmp_path):
     DDP must reproduce), by the tolerance rule against float64 torchvision. The yardstick is the
     fused model, not torchvision: the fused-vs-torchvision numerics are the other tests' business,
     and a ReLU decision flipped by rounding would make the comparison a coin toss here."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     tv = randomise_norm(_small_resnet())
     state = tv.state_dict()
     # N=4 at 64x64 per rank: layer4's BatchNorms see 16 values per channel (see test_blocks)
     xs = [torch.randn(4, 3, 64, 64) for _ in range(2)]
     projs = [torch.randn(4, 10) for _ in range(2)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, state, xs, projs, str(tmp_path)), nprocs=2, join=True)
+    _spawn(_ddp_worker, 2, state, xs, projs, str(tmp_path))
     k_ref = _single_process_step(copy.deepcopy(tv).double(), xs, [p.double() for p in projs])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same reduction orders
@@ -590,13 +603,9 @@ def test_ddp_gloo_two_processes(tmp_path):
 
 
 def _sync_worker(rank: int, world: int, port: int, state: dict, x, proj, out_dir: str) -> None:
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)  # two processes on a 2-core machine
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist = _init_dist(rank, world, port)
     try:
         kept = {}
         for dtype in (torch.float64, torch.float32):
@@ -645,19 +654,12 @@ def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path):
     torchvision (the rule's float64 bar), and in float32 by the tolerance rule against float64
     with the single-process fused model as PyTorch's yardstick (see test_ddp_gloo_two_processes).
     Without the all-reduces every BatchNorm would see half the batch and this fails."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     world = 2
     tv = randomise_norm(_small_resnet())
     state = tv.state_dict()
-    # 4 images of 64x64 per rank: layer4's BatchNorms see 2 x 2x2 values per channel per rank
+    # 4 images of 64x64 per rank: layer4's BatchNorms see 4 x 2x2 values per channel per rank
     x, proj = torch.randn(4 * world, 3, 64, 64), torch.randn(4 * world, 10)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sync_worker, args=(world, port, state, x, proj, str(tmp_path)), nprocs=world)
+    _spawn(_sync_worker, world, state, x, proj, str(tmp_path))
     k_ref = _whole_batch_step(copy.deepcopy(tv).double(), x, proj.double(), world)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -735,18 +737,15 @@ def _gpu_backends() -> list:
 
 
 def _gpu_sync_worker(rank, world, port, backend, state, x, proj, out_dir) -> None:
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     if backend != "auto":
         os.environ["FASTRES_BACKEND"] = backend
     n_gpu = torch.cuda.device_count()
     dev = torch.device("cuda", rank % n_gpu)
     torch.cuda.set_device(dev)
     # NCCL needs one GPU per process; with one GPU both processes share it over gloo
-    dist.init_process_group("nccl" if n_gpu >= world else "gloo", rank=rank, world_size=world)
+    dist = _init_dist(rank, world, port, "nccl" if n_gpu >= world else "gloo")
     try:
         kept = {}
         runs = {
@@ -775,21 +774,10 @@ def test_sync_bn_gpu_matches_nn_syncbatchnorm(backend, tmp_path):
     """On a GPU the same fused SyncBatchNorm path (NCCL with 2 GPUs, gloo on CUDA tensors with
     one) matches torchvision with nn.SyncBatchNorm under the same DDP step: outputs, gradients,
     running statistics, by the tolerance rule against the float64 nn.SyncBatchNorm run."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     world = 2
     state = randomise_norm(_small_resnet()).state_dict()
     x, proj = torch.randn(4 * world, 3, 64, 64), torch.randn(4 * world, 10)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(
-        _gpu_sync_worker,
-        args=(world, port, backend, state, x, proj, str(tmp_path)),
-        nprocs=world,
-    )
+    _spawn(_gpu_sync_worker, world, backend, state, x, proj, str(tmp_path))
     for rank in range(world):
         k = torch.load(tmp_path / f"gpu_sync{rank}.pt")
         check_rule(k["ours"], k["theirs"], k["ref"], torch.float32)

@@ -435,37 +435,6 @@ def test_bn_add_relu_option_a_shortcut():
 # bn_add_relu_bwd and bn_relu_bwd
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bn_add_relu_bwd(dtype, layout):
-    shape = (3, 21, 7, 5)
-    c = shape[1]
-    go, out = _act(shape, dtype, layout), _act(shape, dtype, layout)
-    x, x2 = _act(shape, dtype, layout), _act(shape, dtype, layout)
-    for has_out, res, has_w in itertools.product(
-        [False, True], ["identity", "bn", "bn_noweight"], [False, True]
-    ):
-        mean, invstd = _vec(c, dtype), _vec(c, dtype, positive=True)
-        weight = _vec(c, dtype) if has_w else None
-        if res == "identity":
-            extra = (None, None, None, None)
-        else:
-            extra = (
-                x2,
-                _vec(c, dtype),
-                _vec(c, dtype, positive=True),
-                _vec(c, dtype) if res == "bn" else None,
-            )
-        args = (go, out if has_out else None, x, mean, invstd, weight, *extra)
-        _check(
-            f"bn_add_relu_bwd out={has_out} res={res} weight={has_w}",
-            ops.bn_add_relu_bwd(*args),
-            reference.bn_add_relu_bwd,
-            args,
-            dtype,
-        )
-
-
 def test_bn_add_relu_bwd_mixed_formats():
     """grad_out contiguous, input channels_last: each output follows its own reference tensor."""
     shape = (2, 24, 6, 6)
@@ -493,26 +462,6 @@ def test_bn_add_relu_bwd_mixed_formats():
         args,
         torch.float32,
     )
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bn_relu_bwd(dtype, layout):
-    shape = (2, 37, 6, 5)
-    c = shape[1]
-    go, x = _act(shape, dtype, layout), _act(shape, dtype, layout)
-    for relu, has_w in itertools.product([False, True], [False, True]):
-        mean, invstd = _vec(c, dtype), _vec(c, dtype, positive=True)
-        weight = _vec(c, dtype) if has_w else None
-        scale, shift = _vec(c, dtype), _vec(c, dtype)
-        args = (go, x, mean, invstd, weight, scale, shift, relu)
-        _check(
-            f"bn_relu_bwd relu={relu} weight={has_w}",
-            ops.bn_relu_bwd(*args),
-            reference.bn_relu_bwd,
-            args,
-            dtype,
-        )
 
 
 def test_bn_relu_bwd_mask_rounds_like_reference():
@@ -581,7 +530,9 @@ def test_conv_bwd_channels_last_weight():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bn_add_relu_bwd_split(dtype, layout):
+def test_bn_add_relu_bwd(dtype, layout):
+    """The one-op backward and its SyncBatchNorm split (reduce, elemt) against the reference,
+    and reduce -> mean -> elemt against the one-op backward."""
     shape = (3, 21, 7, 5)
     c, count = shape[1], shape[0] * shape[2] * shape[3]
     go, out = _act(shape, dtype, layout), _act(shape, dtype, layout)
@@ -614,7 +565,9 @@ def test_bn_add_relu_bwd_split(dtype, layout):
         )
         # the chain equals the one-op backward: the sums bitwise (same kernel), the gradients
         # up to the rounding of the means to the accumulation dtype
-        full = ops.bn_add_relu_bwd(go, o, x, mean, invstd, weight, *r, rw)
+        args = (go, o, x, mean, invstd, weight, *r, rw)
+        full = ops.bn_add_relu_bwd(*args)
+        _check(name, full, reference.bn_add_relu_bwd, args, dtype)
         means = [v / count if v.numel() else None for v in sums]
         gi, gr = ops.bn_add_relu_bwd_elemt(
             go, o, x, mean, invstd, weight, means[0], means[1], *r, rw, means[2]
@@ -629,7 +582,8 @@ def test_bn_add_relu_bwd_split(dtype, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bn_relu_bwd_split(dtype, layout):
+def test_bn_relu_bwd(dtype, layout):
+    """As test_bn_add_relu_bwd, for the prologue BatchNorm + ReLU."""
     shape = (2, 37, 6, 5)
     c, count = shape[1], shape[0] * shape[2] * shape[3]
     go, x = _act(shape, dtype, layout), _act(shape, dtype, layout)
@@ -646,7 +600,9 @@ def test_bn_relu_bwd_split(dtype, layout):
         _check(
             f"elemt {name}", ops.bn_relu_bwd_elemt(*args), reference.bn_relu_bwd_elemt, args, dtype
         )
-        full = ops.bn_relu_bwd(go, x, mean, invstd, weight, scale, shift, relu)
+        args = (go, x, mean, invstd, weight, scale, shift, relu)
+        full = ops.bn_relu_bwd(*args)
+        _check(name, full, reference.bn_relu_bwd, args, dtype)
         gi = ops.bn_relu_bwd_elemt(
             go, x, mean, invstd, weight, scale, shift, relu, sums[0] / count, sums[1] / count
         )
