@@ -602,6 +602,10 @@ def test_ddp_gloo_two_processes(tmp_path):
 # ------------------------------------------------------------------------------- SyncBatchNorm
 
 
+#: Per-rank batch sizes of the SyncBatchNorm tests: uneven, as the last batch of an epoch can be.
+SYNC_SPLIT = [3, 5]
+
+
 def _sync_worker(rank: int, world: int, port: int, state: dict, x, proj, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -613,8 +617,8 @@ def _sync_worker(rank: int, world: int, port: int, state: dict, x, proj, out_dir
             model.load_state_dict(state, strict=True)
             ddp = DDP(model)
             opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-            out = ddp(x.chunk(world)[rank].to(dtype))
-            (out * proj.chunk(world)[rank].to(dtype)).sum().backward()
+            out = ddp(x.split(SYNC_SPLIT)[rank].to(dtype))
+            (out * proj.split(SYNC_SPLIT)[rank].to(dtype)).sum().backward()
             k = {"out": out.detach().clone()}
             k.update({f"{n}.grad": p.grad.detach().clone() for n, p in model.named_parameters()})
             opt.step()
@@ -642,13 +646,13 @@ def _whole_batch_step(model: nn.Module, x, proj, world: int) -> list[dict]:
     with torch.no_grad():
         k.update({n: p - 0.1 * p.grad for n, p in model.named_parameters()})
     k.update({n: b.detach().clone() for n, b in model.named_buffers()})
-    return [{"out": o.detach(), **k} for o in out.chunk(world)]
+    return [{"out": o.detach(), **k} for o in out.split(SYNC_SPLIT)]
 
 
 def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path):
     """SyncBatchNorm in the fused path: a converted model (``convert(sync_bn=True)``: every
     block fused with synced statistics, the stem's BatchNorm a fastres.SyncBatchNorm) under DDP,
-    gloo, 2 processes with half the batch each, one SGD step, must match one process running
+    gloo, 2 processes with 3 and 5 images of the batch, one SGD step, must match one process running
     the whole batch with plain BatchNorm: each rank's outputs, the gradients, the updated
     parameters, the running statistics and num_batches_tracked. In float64 against float64
     torchvision (the rule's float64 bar), and in float32 by the tolerance rule against float64
@@ -657,8 +661,9 @@ def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path):
     world = 2
     tv = randomise_norm(_small_resnet())
     state = tv.state_dict()
-    # 4 images of 64x64 per rank: layer4's BatchNorms see 4 x 2x2 values per channel per rank
-    x, proj = torch.randn(4 * world, 3, 64, 64), torch.randn(4 * world, 10)
+    # 3 and 5 images of 64x64: layer4's BatchNorms see 12 and 20 values per channel
+    n = sum(SYNC_SPLIT)
+    x, proj = torch.randn(n, 3, 64, 64), torch.randn(n, 10)
     _spawn(_sync_worker, world, state, x, proj, str(tmp_path))
     k_ref = _whole_batch_step(copy.deepcopy(tv).double(), x, proj.double(), world)
     threads = torch.get_num_threads()
@@ -757,8 +762,8 @@ def _gpu_sync_worker(rank, world, port, backend, state, x, proj, out_dir) -> Non
             model = make(_small_resnet()).to(dev, dtype)
             model.load_state_dict(state, strict=True)
             ddp = DDP(model, device_ids=[dev.index])
-            out = ddp(x.chunk(world)[rank].to(dev, dtype))
-            (out * proj.chunk(world)[rank].to(dev, dtype)).sum().backward()
+            out = ddp(x.split(SYNC_SPLIT)[rank].to(dev, dtype))
+            (out * proj.split(SYNC_SPLIT)[rank].to(dev, dtype)).sum().backward()
             k = {"out": out.detach()}
             k.update({f"{n}.grad": p.grad.detach() for n, p in model.named_parameters()})
             k.update({n: b.detach() for n, b in model.named_buffers()})
@@ -776,7 +781,7 @@ def test_sync_bn_gpu_matches_nn_syncbatchnorm(backend, tmp_path):
     running statistics, by the tolerance rule against the float64 nn.SyncBatchNorm run."""
     world = 2
     state = randomise_norm(_small_resnet()).state_dict()
-    x, proj = torch.randn(4 * world, 3, 64, 64), torch.randn(4 * world, 10)
+    x, proj = torch.randn(sum(SYNC_SPLIT), 3, 64, 64), torch.randn(sum(SYNC_SPLIT), 10)
     _spawn(_gpu_sync_worker, world, backend, state, x, proj, str(tmp_path))
     for rank in range(world):
         k = torch.load(tmp_path / f"gpu_sync{rank}.pt")
