@@ -686,6 +686,43 @@ def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path):
             check_rule(k_ours, k_single[dtype][rank], k_ref[rank], dtype)
 
 
+def _sync_compile_worker(rank: int, world: int, port: int, state: dict, x, out_dir: str) -> None:
+    dist = _init_dist(rank, world, port)
+    try:
+        kept = {}
+        for name in ("eager", "compiled"):
+            model = fastres.convert(_small_resnet(), sync_bn=True)
+            model.load_state_dict(state, strict=True)
+            run = model
+            if name == "compiled":
+                torch._dynamo.reset()
+                run = torch.compile(model, fullgraph=True, backend="aot_eager")
+            out = run(x.split(SYNC_SPLIT)[rank])
+            out.square().sum().backward()
+            k = {"out": out.detach()}
+            k.update({f"{n}.grad": p.grad.detach() for n, p in model.named_parameters()})
+            k.update({n: b.detach().clone() for n, b in model.named_buffers()})
+            kept[name] = k
+        torch.save(kept, os.path.join(out_dir, f"compiled{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_bn_compiled_fullgraph(tmp_path):
+    """A model with fused SyncBatchNorm compiles as one graph (fullgraph; Dynamo turns the
+    all-reduces of the forward and of the autograd.Function's backward into traceable
+    collectives) and a compiled training step (AOTAutograd, forward and backward graphs) computes
+    what the eager one does, on every rank."""
+    state = randomise_norm(_small_resnet()).state_dict()
+    x = torch.randn(sum(SYNC_SPLIT), 3, 32, 32)
+    _spawn(_sync_compile_worker, 2, state, x, str(tmp_path))
+    for rank in range(2):
+        k = torch.load(tmp_path / f"compiled{rank}.pt")
+        assert k["eager"].keys() == k["compiled"].keys()
+        for n, v in k["eager"].items():
+            torch.testing.assert_close(k["compiled"][n], v, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_sync_bn_convert_round_trip_and_single_process():
     """convert(sync_bn=True): the same state_dict keys; unconvert gives nn.SyncBatchNorm; without
     an initialized process group it trains and evaluates as the plain fused model, on the CPU,
