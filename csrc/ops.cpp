@@ -29,7 +29,8 @@ TORCH_LIBRARY(fastres, m) {
   // BatchNorm + ReLU; zero padding stays zero after the transform), out = conv2d(a, weight), and
   // the per-output-channel sum and sum of squares of out over N, H, W.
   m.def(
-      "conv_stats(Tensor input, Tensor weight, Tensor? pre_scale, Tensor? pre_shift, bool pre_relu, "
+      "conv_stats(Tensor input, Tensor weight, Tensor? pre_scale, Tensor? pre_shift, "
+      "bool pre_relu, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor out, Tensor sum, "
       "Tensor sumsq)");
   // BatchNorm finalize from (sum, sumsq) over `count` values per channel: mean, invstd =
@@ -37,7 +38,8 @@ TORCH_LIBRARY(fastres, m) {
   // running_mean/var are given they are updated exactly as nn.BatchNorm2d does (unbiased variance,
   // momentum, or the cumulative average when momentum is None), and num_batches_tracked += 1.
   m.def(
-      "bn_finalize(Tensor sum, Tensor sumsq, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "bn_finalize(Tensor sum, Tensor sumsq, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int count, float? momentum, "
       "float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)");
   // BN-apply + residual + ReLU: out = relu?(input * scale[c] + shift[c] + r), where r is
@@ -56,7 +58,8 @@ TORCH_LIBRARY(fastres, m) {
   // grad_res = g (identity residual) and grad_res_weight/bias are empty.
   m.def(
       "bn_add_relu_bwd(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, Tensor invstd, "
-      "Tensor? weight, Tensor? res_input, Tensor? res_mean, Tensor? res_invstd, Tensor? res_weight) "
+      "Tensor? weight, Tensor? res_input, Tensor? res_mean, Tensor? res_invstd, "
+      "Tensor? res_weight) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_res, "
       "Tensor grad_res_weight, Tensor grad_res_bias)");
   // Training backward of a prologue BatchNorm + ReLU: grad_out is dL/da for
@@ -107,7 +110,8 @@ TORCH_LIBRARY(fastres, m) {
   // prologue's output, same shape as input), grad_weight is computed from a recomputed from input
   // (never stored). An output whose output_mask entry is false is returned empty.
   m.def(
-      "conv_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor? pre_scale, Tensor? pre_shift, "
+      "conv_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor? pre_scale, "
+      "Tensor? pre_shift, "
       "bool pre_relu, int[2] stride, int[2] padding, int[2] dilation, int groups, bool[2] "
       "output_mask) -> (Tensor grad_input, Tensor grad_weight)");
 }

@@ -1043,22 +1043,20 @@ std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cpu(
     const Tensor& grad_out, const optional<Tensor>& out, const Tensor& input, const Tensor& mean,
     const Tensor& invstd, const optional<Tensor>& res_input, const optional<Tensor>& res_mean,
     const optional<Tensor>& res_invstd) {
-  const BnBwd t = add_relu_bwd_tensors("bn_add_relu_bwd_reduce", grad_out, out, input, mean,
-                                       invstd, std::nullopt, res_input, res_mean, res_invstd,
-                                       std::nullopt);
+  const BnBwd t = add_relu_bwd_tensors("bn_add_relu_bwd_reduce", grad_out, out, input, mean, invstd,
+                                       std::nullopt, res_input, res_mean, res_invstd, std::nullopt);
   const BnSums s = reduce_pass(t);
   const auto vdtype = mean.scalar_type();
   return {from_doubles(s.g, vdtype), from_doubles(times(s.gx, invstd), vdtype),
-          has(res_input) ? from_doubles(times(s.gx2, *res_invstd), vdtype)
-                         : empty_vec(mean)};
+          has(res_input) ? from_doubles(times(s.gx2, *res_invstd), vdtype) : empty_vec(mean)};
 }
 
 std::tuple<Tensor, Tensor> bn_add_relu_bwd_elemt_cpu(
     const Tensor& grad_out, const optional<Tensor>& out, const Tensor& input, const Tensor& mean,
     const Tensor& invstd, const optional<Tensor>& weight, const Tensor& mean_g,
-    const Tensor& mean_g_xhat, const optional<Tensor>& res_input,
-    const optional<Tensor>& res_mean, const optional<Tensor>& res_invstd,
-    const optional<Tensor>& res_weight, const optional<Tensor>& res_mean_g_xhat) {
+    const Tensor& mean_g_xhat, const optional<Tensor>& res_input, const optional<Tensor>& res_mean,
+    const optional<Tensor>& res_invstd, const optional<Tensor>& res_weight,
+    const optional<Tensor>& res_mean_g_xhat) {
   constexpr const char* op = "bn_add_relu_bwd_elemt";
   const BnBwd t = add_relu_bwd_tensors(op, grad_out, out, input, mean, invstd, weight, res_input,
                                        res_mean, res_invstd, res_weight);
@@ -1090,8 +1088,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cpu(const Tensor& grad_out, const
   const auto gw = times(s.gx, invstd);
   const BnCoef k = bn_coef(divided(s.g, n), divided(gw, n), invstd, weight, t.opmath);
   auto [grad_input, unused] = apply_pass(t, k, nullptr);
-  return {grad_input, from_doubles(gw, mean.scalar_type()),
-          from_doubles(s.g, mean.scalar_type())};
+  return {grad_input, from_doubles(gw, mean.scalar_type()), from_doubles(s.g, mean.scalar_type())};
 }
 
 std::tuple<Tensor, Tensor> bn_relu_bwd_reduce_cpu(const Tensor& grad_out, const Tensor& input,

@@ -147,8 +147,8 @@ __global__ void __launch_bounds__(kThreads) bn_finalize_kernel(const BnFinalizeP
     if (p.running_mean)
       p.running_mean[c] = __fadd_rn(__fmul_rn(p.running_mean[c], keep), __fmul_rn(take, mean));
     if (p.running_var)
-      p.running_var[c] = __fadd_rn(__fmul_rn(p.running_var[c], keep),
-                                   __fmul_rn(take, __fmul_rn(var, unbias)));
+      p.running_var[c] =
+          __fadd_rn(__fmul_rn(p.running_var[c], keep), __fmul_rn(take, __fmul_rn(var, unbias)));
   }
 }
 
@@ -428,8 +428,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       };
       // BatchNorm backward of g through (x, mean, invstd, weight) into `dst`.
-      auto bn_bwd = [&](const void* xin, const float* mean_p, const float* inv_p,
-                        const float* w_p, const float* sgx_p, const float* mgx_p, void* dst) {
+      auto bn_bwd = [&](const void* xin, const float* mean_p, const float* inv_p, const float* w_p,
+                        const float* sgx_p, const float* mgx_p, void* dst) {
         float xv[VEC], mean[VEC], inv[VEC], w[VEC], mg[VEC], mgx[VEC], gi[VEC];
         load_f<T, VEC>(static_cast<const T*>(xin) + off, xv);
         load_chan<VEC>(mean_p, c0, mean);

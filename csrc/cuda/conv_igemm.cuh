@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_igemm_kernel(const ConvPara
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ wt = static_cast<const T*>(p.w);
 
-  const int chunk = tid & 3;    // this thread's 16-byte column in every row it loads
-  const int row0 = tid >> 2;    // its first row; the others are row0 + i * ROW_STEP
+  const int chunk = tid & 3;  // this thread's 16-byte column in every row it loads
+  const int row0 = tid >> 2;  // its first row; the others are row0 + i * ROW_STEP
 
   // ---- per-row gather state of A (output pixel -> input window origin), computed once ----
   int64_t a_img[A_ITERS];  // element offset of image n (can pass 2^31)
@@ -205,8 +205,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_igemm_kernel(const ConvPara
   static_assert(MATH != Math::kSimt || (BM == 64 && BN == 64 && THREADS == 256), "SIMT tile");
   const int wm = warp % Cfg::WARPS_M;
   const int wn = warp / Cfg::WARPS_M;
-  float acc[MI][NI][4];            // tensor-core fragments
-  float sacc[4][4];                // SIMT: rows ty + 16 i, cols tx + 16 j
+  float acc[MI][NI][4];  // tensor-core fragments
+  float sacc[4][4];      // SIMT: rows ty + 16 i, cols tx + 16 j
 #pragma unroll
   for (int a = 0; a < MI; ++a)
 #pragma unroll

@@ -27,9 +27,9 @@ struct WgradCfg {
   static constexpr int WM = BM / WARPS_M;
   static constexpr int WN = BN / WARPS_N;
 };
-using WgCfgBig = WgradCfg<128, 128, 32, 2, 4, 4>;   // 16-bit, K > 64 and C > 64
-using WgCfgSmall = WgradCfg<64, 64, 32, 2, 2, 4>;   // 16-bit, K <= 64 or C <= 64
-using WgCfgSimt = WgradCfg<64, 64, 16, 4, 2, 3>;    // fp32: 4 x 4 outputs per thread
+using WgCfgBig = WgradCfg<128, 128, 32, 2, 4, 4>;  // 16-bit, K > 64 and C > 64
+using WgCfgSmall = WgradCfg<64, 64, 32, 2, 2, 4>;  // 16-bit, K <= 64 or C <= 64
+using WgCfgSimt = WgradCfg<64, 64, 16, 4, 2, 3>;   // fp32: 4 x 4 outputs per thread
 
 template <class Cfg, typename T>
 constexpr int wgrad_smem_bytes() {
@@ -301,8 +301,8 @@ cudaError_t launch_wgrad_cfg(WgradParams& p, cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(p.K) * p.R * p.S * p.C;
   int64_t blocks = (n + 255) / 256;
   if (blocks > 65536) blocks = 65536;
-  wgrad_reduce_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      p.ws, static_cast<T*>(p.dw), n, p.splits);
+  wgrad_reduce_kernel<T>
+      <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p.ws, static_cast<T*>(p.dw), n, p.splits);
   FR_LAUNCH_CHECK();
   return cudaSuccess;
 }

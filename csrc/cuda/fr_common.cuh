@@ -15,21 +15,21 @@
 
 // Turn a runtime flag into a constexpr (flash-attention's static_switch.h).
 //   FR_BOOL_SWITCH(has_bias, HAS_BIAS, [&] { launch<HAS_BIAS>(...); });
-#define FR_BOOL_SWITCH(COND, CONST_NAME, ...) \
-  [&] {                                       \
-    if (COND) {                               \
+#define FR_BOOL_SWITCH(COND, CONST_NAME, ...)   \
+  [&] {                                         \
+    if (COND) {                                 \
       constexpr static bool CONST_NAME = true;  \
-      return __VA_ARGS__();                   \
-    } else {                                  \
+      return __VA_ARGS__();                     \
+    } else {                                    \
       constexpr static bool CONST_NAME = false; \
-      return __VA_ARGS__();                   \
-    }                                         \
+      return __VA_ARGS__();                     \
+    }                                           \
   }()
 
 // Return the pending launch error (if any) to the caller, which turns it into a C10 error.
-#define FR_RETURN_IF_ERROR(EXPR)             \
-  do {                                       \
-    cudaError_t fr_err_ = (EXPR);            \
+#define FR_RETURN_IF_ERROR(EXPR)                \
+  do {                                          \
+    cudaError_t fr_err_ = (EXPR);               \
     if (fr_err_ != cudaSuccess) return fr_err_; \
   } while (0)
 #define FR_LAUNCH_CHECK() FR_RETURN_IF_ERROR(cudaGetLastError())
@@ -53,22 +53,22 @@ struct DTypeOf<__nv_bfloat16> {
 };
 
 // Runtime dtype -> C++ type (the three activation dtypes).
-#define FR_DTYPE_SWITCH(DT, TYPE, ...)                      \
-  [&] {                                                     \
-    switch (DT) {                                           \
-      case ::fastres::cuda::DType::kFloat16: {              \
-        using TYPE = __half;                                \
-        return __VA_ARGS__();                               \
-      }                                                     \
-      case ::fastres::cuda::DType::kBFloat16: {             \
-        using TYPE = __nv_bfloat16;                         \
-        return __VA_ARGS__();                               \
-      }                                                     \
-      default: {                                            \
-        using TYPE = float;                                 \
-        return __VA_ARGS__();                               \
-      }                                                     \
-    }                                                       \
+#define FR_DTYPE_SWITCH(DT, TYPE, ...)          \
+  [&] {                                         \
+    switch (DT) {                               \
+      case ::fastres::cuda::DType::kFloat16: {  \
+        using TYPE = __half;                    \
+        return __VA_ARGS__();                   \
+      }                                         \
+      case ::fastres::cuda::DType::kBFloat16: { \
+        using TYPE = __nv_bfloat16;             \
+        return __VA_ARGS__();                   \
+      }                                         \
+      default: {                                \
+        using TYPE = float;                     \
+        return __VA_ARGS__();                   \
+      }                                         \
+    }                                           \
   }()
 
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -113,8 +113,7 @@ union Vec16 {
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-               "r"(src_size)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size)
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {

@@ -48,8 +48,8 @@ struct ConvParams {
   int OH, OW, OC;
   int R, S;
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int M;                   // N * OH * OW
-  int m_tiles, n_tiles;    // filled by launch_conv
+  int M;                 // N * OH * OW
+  int m_tiles, n_tiles;  // filled by launch_conv
   bool dgrad;
   bool prologue, pre_relu;
   bool has_bias, has_residual, relu, stats;
@@ -82,7 +82,7 @@ struct WgradParams {
   int64_t NPQ;
   int64_t rows_per_split;  // multiple of the CTA's reduction tile
   int splits;
-  int m_tiles, n_tiles;    // filled by the launcher
+  int m_tiles, n_tiles;  // filled by the launcher
   bool prologue, pre_relu;
 };
 
@@ -105,19 +105,19 @@ cudaError_t launch_colsum(const ColSumParams& p, cudaStream_t stream);
 struct BnFinalizeParams {
   const float* sum;
   const float* sumsq;
-  const float* weight;   // or null
-  const float* bias;     // or null
-  float* running_mean;   // or null
-  float* running_var;    // or null
+  const float* weight;           // or null
+  const float* bias;             // or null
+  float* running_mean;           // or null
+  float* running_var;            // or null
   int64_t* num_batches_tracked;  // or null
   float* mean;
   float* invstd;
   float* scale;
   float* shift;
   int C;
-  int64_t count;            // values per channel (bn_finalize), unless count_dev is set
-  const float* count_dev;   // or null: the count as one float on the device (bn_finalize_count:
-                            // an all-reduced count, read by the kernel, no host sync)
+  int64_t count;           // values per channel (bn_finalize), unless count_dev is set
+  const float* count_dev;  // or null: the count as one float on the device (bn_finalize_count:
+                           // an all-reduced count, read by the kernel, no host sync)
   bool has_momentum;
   double momentum;
   double eps;
@@ -160,8 +160,8 @@ struct ChannelBwdParams {
   const void* x;         // BN input
   const float* mean;
   const float* invstd;
-  const float* weight;   // or null (1)
-  const void* xr;        // BN'd residual input (kBnBn)
+  const float* weight;  // or null (1)
+  const void* xr;       // BN'd residual input (kBnBn)
   const float* mean_r;
   const float* invstd_r;
   const float* weight_r;  // or null
@@ -180,7 +180,7 @@ struct ChannelBwdParams {
   int C;
   int mask_mode;
   int nsum;
-  int chunks;            // filled by plan_channel_bwd
+  int chunks;  // filled by plan_channel_bwd
   int64_t rows_per_chunk;
   BwdKind kind;
 };

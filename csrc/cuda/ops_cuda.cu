@@ -45,18 +45,17 @@ using MF = at::MemoryFormat;
 using OptTensor = std::optional<Tensor>;
 
 // ---- checks (flash-attention style: the message names the tensor and the offending sizes) ----
-#define CHECK_CUDA(x)                                                                         \
+#define CHECK_CUDA(x)                                                                   \
   TORCH_CHECK((x).is_cuda(), "fastres CUDA: " #x " must be a CUDA tensor, got device ", \
               (x).device())
-#define CHECK_SAME_DEVICE(x, ref)                                                    \
+#define CHECK_SAME_DEVICE(x, ref)                                                          \
   TORCH_CHECK((x).device() == (ref).device(), "fastres CUDA: " #x " is on ", (x).device(), \
               " but " #ref " is on ", (ref).device())
-#define CHECK_DIM(x, d)                                                                   \
-  TORCH_CHECK((x).dim() == (d), "fastres CUDA: " #x " must be " #d "-D, got shape ", \
-              (x).sizes())
-#define CHECK_SHAPE(x, ...)                                                                    \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}),                                   \
-              "fastres CUDA: " #x " must have shape (" #__VA_ARGS__ ") = ",                   \
+#define CHECK_DIM(x, d) \
+  TORCH_CHECK((x).dim() == (d), "fastres CUDA: " #x " must be " #d "-D, got shape ", (x).sizes())
+#define CHECK_SHAPE(x, ...)                                                 \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}),                \
+              "fastres CUDA: " #x " must have shape (" #__VA_ARGS__ ") = ", \
               at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
 #define CHECK_DTYPE(x, ref)                                                                \
   TORCH_CHECK((x).scalar_type() == (ref).scalar_type(), "fastres CUDA: " #x " has dtype ", \
@@ -75,9 +74,7 @@ DType to_dtype(const Tensor& t, const char* op) {
   return DType::kFloat32;  // not reached
 }
 
-bool aligned16(const Tensor& t) {
-  return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
-}
+bool aligned16(const Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // The memory format the fakes give an output "like" t (fastres/_meta.py::_like_format).
 MF like_format(const Tensor& t) {
@@ -98,8 +95,8 @@ Tensor nhwc(const Tensor& t) {
 Tensor chan_vec(const Tensor& v, int64_t n, const char* name, const Tensor& ref) {
   TORCH_CHECK(v.device() == ref.device(), "fastres CUDA: ", name, " is on ", v.device(),
               " but the activations are on ", ref.device());
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "fastres CUDA: ", name,
-              " must be a vector of ", n, " elements (one per channel), got shape ", v.sizes());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "fastres CUDA: ", name, " must be a vector of ", n,
+              " elements (one per channel), got shape ", v.sizes());
   TORCH_CHECK(at::isFloatingType(v.scalar_type()), "fastres CUDA: ", name,
               " must be floating point, got ", v.scalar_type());
   if (v.scalar_type() == at::kFloat && v.is_contiguous() && aligned16(v)) return v;
@@ -138,11 +135,11 @@ Tensor pad_dim(const Tensor& t, int64_t dim, int64_t size, MF fmt) {
 
 void check_sm80(const Tensor& t, const char* op) {
   int major = 0;
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
   TORCH_CHECK(major >= 8, "fastres CUDA ", op,
               ": the convolution kernels need compute capability 8.0+ (cp.async, bf16 mma), "
-              "this GPU is ", major, ".x");
+              "this GPU is ",
+              major, ".x");
 }
 
 int num_sms(const Tensor& t) {
@@ -206,11 +203,11 @@ ConvGeom conv_geom(const Tensor& input, const Tensor& weight, at::IntArrayRef st
   g.P = nh >= 0 ? nh / stride[0] + 1 : 0;
   g.Q = nw >= 0 ? nw / stride[1] + 1 : 0;
   TORCH_CHECK(g.P > 0 && g.Q > 0, "fastres CUDA ", op, ": output size ", g.P, "x", g.Q,
-              " is too small for input ", input.sizes(), ", kernel ", g.R, "x", g.S,
-              ", padding ", padding, ", dilation ", dilation);
+              " is too small for input ", input.sizes(), ", kernel ", g.R, "x", g.S, ", padding ",
+              padding, ", dilation ", dilation);
   TORCH_CHECK(g.N * g.P * g.Q <= kMaxRows && g.N * g.H * g.W <= kMaxRows, "fastres CUDA ", op,
-              ": more than 2^31 pixels (N*H*W = ", g.N * g.H * g.W, ", N*P*Q = ",
-              g.N * g.P * g.Q, ") is not supported");
+              ": more than 2^31 pixels (N*H*W = ", g.N * g.H * g.W, ", N*P*Q = ", g.N * g.P * g.Q,
+              ") is not supported");
   TORCH_CHECK(weight.numel() < (1LL << 31) && g.H < (1LL << 30) && g.W < (1LL << 30),
               "fastres CUDA ", op, ": weight or image too large: ", weight.sizes(), ", ",
               input.sizes());
@@ -358,9 +355,9 @@ void check_stat(const Tensor& t, int64_t C, const char* name, const Tensor& ref)
   CHECK_CUDA(t);
   TORCH_CHECK(t.scalar_type() == at::kFloat, "fastres CUDA: ", name,
               " must be float32 (the accumulation dtype), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device() && t.dim() == 1 && t.size(0) == C, "fastres CUDA: ",
-              name, " must be a vector of ", C, " on ", ref.device(), ", got shape ", t.sizes(),
-              " on ", t.device());
+  TORCH_CHECK(t.device() == ref.device() && t.dim() == 1 && t.size(0) == C, "fastres CUDA: ", name,
+              " must be a vector of ", C, " on ", ref.device(), ", got shape ", t.sizes(), " on ",
+              t.device());
 }
 
 // The BatchNorm backwards share one pipeline (reduction, then elementwise pass): the fused ops
@@ -440,8 +437,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
     const OptTensor& res_mean, const OptTensor& res_invstd, const OptTensor& res_weight) {
   ChannelBwdParams p{};
   AddReluBwdIn a;
-  a.init("bn_add_relu_bwd", p, grad_out, out, input, mean, invstd, res_input, res_mean,
-         res_invstd);
+  a.init("bn_add_relu_bwd", p, grad_out, out, input, mean, invstd, res_input, res_mean, res_invstd);
   const int64_t C = a.C;
   const bool bn_res = a.bn_res;
   const at::TensorOptions fopts = mean.options();
@@ -499,12 +495,11 @@ std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cuda(
 
 std::tuple<Tensor, Tensor> bn_add_relu_bwd_elemt_cuda(
     const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
-    const Tensor& invstd, const OptTensor& weight, const Tensor& mean_g,
-    const Tensor& mean_g_xhat, const OptTensor& res_input, const OptTensor& res_mean,
-    const OptTensor& res_invstd, const OptTensor& res_weight,
-    const OptTensor& res_mean_g_xhat) {
+    const Tensor& invstd, const OptTensor& weight, const Tensor& mean_g, const Tensor& mean_g_xhat,
+    const OptTensor& res_input, const OptTensor& res_mean, const OptTensor& res_invstd,
+    const OptTensor& res_weight, const OptTensor& res_mean_g_xhat) {
   TORCH_CHECK_VALUE(!res_input.has_value() || (res_mean.has_value() && res_invstd.has_value() &&
-                                                 res_mean_g_xhat.has_value()),
+                                               res_mean_g_xhat.has_value()),
                     "bn_add_relu_bwd_elemt: res_input needs res_mean, res_invstd and "
                     "res_mean_g_xhat");
   ChannelBwdParams p{};
@@ -656,8 +651,7 @@ Tensor bn_relu_bwd_elemt_cuda(const Tensor& grad_out, const Tensor& input, const
 std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Tensor& weight,
                                                    const OptTensor& pre_scale,
                                                    const OptTensor& pre_shift, bool pre_relu,
-                                                   at::IntArrayRef stride,
-                                                   at::IntArrayRef padding,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                    at::IntArrayRef dilation, int64_t groups) {
   const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_stats");
   c10::cuda::CUDAGuard guard(input.device());
@@ -741,8 +735,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
   if (num_batches_tracked.has_value()) {
     const Tensor& t = *num_batches_tracked;
     TORCH_CHECK(t.device() == sum.device() && t.scalar_type() == at::kLong && t.numel() == 1,
-                "fastres CUDA: num_batches_tracked must be one int64 on ", sum.device(),
-                ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+                "fastres CUDA: num_batches_tracked must be one int64 on ", sum.device(), ", got ",
+                t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
     nbt = t.data_ptr<int64_t>();
   }
   Tensor mean = at::empty({C}, sum.options());
@@ -786,8 +780,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cuda(
     const OptTensor& num_batches_tracked, int64_t count, std::optional<double> momentum,
     double eps) {
   check_sums(sum, sumsq);
-  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ",
-                    count, " values");
+  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count,
+                    " values");
   return bn_finalize_impl(sum, sumsq, Tensor(), count, weight, bias, running_mean, running_var,
                           num_batches_tracked, momentum, eps);
 }
@@ -837,8 +831,8 @@ Tensor bn_add_relu_cuda(const Tensor& input, const Tensor& scale, const Tensor& 
     CHECK_DIM(res, 4);
     Cr = res.size(1);
     TORCH_CHECK(res.size(0) == N && res.size(2) == H && res.size(3) == W,
-                "fastres CUDA bn_add_relu: residual of shape ", res.sizes(),
-                " must match input ", input.sizes(), " in N, H and W");
+                "fastres CUDA bn_add_relu: residual of shape ", res.sizes(), " must match input ",
+                input.sizes(), " in N, H and W");
     TORCH_CHECK(res_channel_offset >= 0 && res_channel_offset + Cr <= C,
                 "fastres CUDA bn_add_relu: residual channels [", res_channel_offset, ", ",
                 res_channel_offset + Cr, ") do not fit in the input's ", C, " channels");
@@ -872,8 +866,8 @@ Tensor bn_add_relu_cuda(const Tensor& input, const Tensor& scale, const Tensor& 
   const int vec = chunk_elems(dt);
   p.dense = input.is_contiguous(MF::ChannelsLast) && aligned16(input) &&
             out.is_contiguous(MF::ChannelsLast) && C % vec == 0 &&
-            (!res.defined() || (res.is_contiguous(MF::ChannelsLast) && aligned16(res) &&
-                                Cr == C && res_channel_offset == 0));
+            (!res.defined() || (res.is_contiguous(MF::ChannelsLast) && aligned16(res) && Cr == C &&
+                                res_channel_offset == 0));
   p.relu = relu;
   C10_CUDA_CHECK(launch_bn_add_relu(p, dt, stream()));
   return out;
@@ -958,12 +952,12 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
         if (sc.defined()) scp = pad_dim(sc, 0, Cp, MF::Contiguous);
         if (sh.defined()) shp = pad_dim(sh, 0, Cp, MF::Contiguous);
       }
-      const bool direct = Kp == g.K && Cp == g.C &&
-                          grad_weight.is_contiguous(MF::ChannelsLast) && aligned16(grad_weight);
+      const bool direct = Kp == g.K && Cp == g.C && grad_weight.is_contiguous(MF::ChannelsLast) &&
+                          aligned16(grad_weight);
       // (Kp, Cp, R, S) in channels_last = (Kp, R, S, Cp) in memory: what the kernel writes.
-      Tensor dw = direct ? grad_weight
-                         : at::empty({Kp, Cp, g.R, g.S},
-                                     weight.options().memory_format(MF::ChannelsLast));
+      Tensor dw =
+          direct ? grad_weight
+                 : at::empty({Kp, Cp, g.R, g.S}, weight.options().memory_format(MF::ChannelsLast));
       WgradParams p{};
       p.grad_out = go.data_ptr();
       p.x = x.data_ptr();
