@@ -586,10 +586,10 @@ class _ResidualUnitFn(torch.autograd.Function):
             grads_params[6 * n + 1] = dgd if gd is not None else None
             grads_params[6 * n + 2] = dbd
             if need_x:
-                dx = dx + dxd
+                dx = dx.add_(dxd)  # dx is conv_bwd's fresh output: no new buffer
         elif spec.shortcut == "identity":
             if need_x:
-                dx = dx + dres
+                dx = dx.add_(dres)
         elif spec.shortcut == "option_a":
             if need_x:
                 s = spec.option_a_stride
