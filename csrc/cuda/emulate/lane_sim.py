@@ -96,6 +96,77 @@ def mma(acc, a, b, esize):
         acc[l][3] += D[g + 8, 2 * t + 1]
 
 
+def warp_accs(threads, tiles):
+    """acc[warp][tile][lane]: the 4 fp32 accumulators of each m16n8 tile of a warp, zeroed."""
+    return {w: [[[0.0] * 4 for _ in range(32)] for _ in range(tiles)] for w in range(threads // 32)}
+
+
+def split_x4(rg):
+    """One ldmatrix.x4 of B holds two n8 tiles: regs 0-1 are the first one's, 2-3 the second's."""
+    return [(rg[l][0], rg[l][1]) for l in range(32)], [(rg[l][2], rg[l][3]) for l in range(32)]
+
+
+def mma_warp(acc, af, bf, esize):
+    """The warp tile's MI x NI mma.sync: acc[mi * NI + ni] += af[mi] * bf[ni]."""
+    for mi, a in enumerate(af):
+        for ni, b in enumerate(bf):
+            mma(acc[mi * len(bf) + ni], a, b, esize)
+
+
+def prologue16(sm, boff, c, prologue):
+    """The GEMM kernels' prologue, relu?(x * scale + shift), in place on the 16-byte chunk of
+    channels c.. at byte boff."""
+    sc, sh, relu = prologue
+    n = 16 // sm.e
+    v = sm.row16(boff) * sc[c : c + n] + sh[c : c + n]
+    sm.put16(boff, np.maximum(v, 0) if relu else v)
+
+
+def pipeline(stages, k_iters, load_stage, compute_stage, transform_stage=None):
+    """The cp.async main loop of both GEMM kernels: stages - 1 steps in flight; then per step `it`
+    the prologue on its landed stage, the load of step it + stages - 1 into the stage step it - 1
+    used, and the MMAs of step `it`. load_stage(stage, kt) and transform_stage(stage, kt) are
+    called in step order."""
+    for kt in range(min(stages - 1, k_iters)):
+        load_stage(kt, kt)
+    for it in range(k_iters):
+        stage = it % stages
+        if transform_stage is not None:
+            transform_stage(stage, it)
+        nxt = it + stages - 1
+        if nxt < k_iters:
+            assert nxt % stages != stage
+            load_stage(nxt % stages, nxt)
+        compute_stage(stage)
+
+
+def geometry(R, S, st, pd, dl):
+    """Filter size, stride, padding and dilation as the kernels' parameter structs hold them."""
+    return dict(R=R, S=S, sh=st[0], sw=st[1], ph=pd[0], pw=pd[1], dh=dl[0], dw=dl[1])
+
+
+def conv_params(N, XH, XW, XC, OH, OW, OC, R, S, st, pd, dl):
+    """ConvParams (ops_cuda.cu: fill_conv_io): x (N, XH, XW, XC) gathered, out (N, OH, OW, OC)
+    written, one GEMM row per output pixel."""
+    p = dict(N=N, XH=XH, XW=XW, XC=XC, OH=OH, OW=OW, OC=OC, M=N * OH * OW)
+    p.update(geometry(R, S, st, pd, dl))
+    return p
+
+
+def out_size(H, W, R, S, st, pd, dl):
+    """Output height and width of a convolution (as conv_geom computes them)."""
+    P = (H + 2 * pd[0] - dl[0] * (R - 1) - 1) // st[0] + 1
+    Q = (W + 2 * pd[1] - dl[1] * (S - 1) - 1) // st[1] + 1
+    return P, Q
+
+
+def pad_axis(a, axis, size):
+    """a zero-padded along `axis` to `size` (the launchers' pad_dim)."""
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, size - a.shape[axis])
+    return np.pad(a, widths)
+
+
 # ------------------------------------------------------------------------------------------
 def conv_kernel(
     p,
@@ -209,7 +280,6 @@ def conv_kernel(
                     )
 
         def transform_stage(stage, r, s, cb):
-            sc, sh, prelu = prologue
             for tid in range(THREADS):
                 chunk, row0 = st[tid][0], st[tid][1]
                 c = cb * BK + chunk * EPC
@@ -217,18 +287,11 @@ def conv_kernel(
                     continue
                 for i in range(A_ITERS):
                     ok, _ = a_pixel(tid, i, r, s)
-                    if not ok:
-                        continue
-                    b = stage * A_STAGE + swz64(row0 + i * ROW_STEP, chunk)
-                    v = sm.row16(b) * sc[c : c + EPC] + sh[c : c + EPC]
-                    if prelu:
-                        v = np.maximum(v, 0)
-                    sm.put16(b, v)
+                    if ok:
+                        b = stage * A_STAGE + swz64(row0 + i * ROW_STEP, chunk)
+                        prologue16(sm, b, c, prologue)
 
-        accs = {
-            w: [[[0.0] * 4 for _ in range(32)] for _ in range((WM // 16) * (WN // 8))]
-            for w in range(THREADS // 32)
-        }
+        accs = warp_accs(THREADS, (WM // 16) * (WN // 8))
         sacc = np.zeros((THREADS, 4, 4))
 
         def compute_stage(stage):
@@ -270,11 +333,8 @@ def conv_kernel(
                                 for l in range(32)
                             ],
                         )
-                        bf[2 * nj] = [(rg[l][0], rg[l][1]) for l in range(32)]
-                        bf[2 * nj + 1] = [(rg[l][2], rg[l][3]) for l in range(32)]
-                    for mi in range(MI):
-                        for ni in range(NI):
-                            mma(accs[warp][mi * NI + ni], af[mi], bf[ni], esize)
+                        bf[2 * nj], bf[2 * nj + 1] = split_x4(rg)
+                    mma_warp(accs[warp], af, bf, esize)
 
         ld = [0, 0, 0]
         cs_ = [0, 0, 0]
@@ -288,21 +348,21 @@ def conv_kernel(
                     v[1] = 0
                     v[0] += 1
 
-        for s_ in range(STAGES - 1):
-            if s_ < k_iters:
-                load_stage(s_, *ld)
-                advance(ld)
-        for it in range(k_iters):
-            stage = it % STAGES
-            if prologue is not None:
-                transform_stage(stage, *cs_)
-                advance(cs_)
-            nxt = it + STAGES - 1
-            if nxt < k_iters:
-                assert nxt % STAGES != stage
-                load_stage(nxt % STAGES, *ld)
-                advance(ld)
-            compute_stage(stage)
+        def load_step(stage, kt):  # steps come in order: (r, s, cb) advanced as the kernel does
+            load_stage(stage, *ld)
+            advance(ld)
+
+        def transform_step(stage, kt):
+            transform_stage(stage, *cs_)
+            advance(cs_)
+
+        pipeline(
+            STAGES,
+            k_iters,
+            load_step,
+            compute_stage,
+            transform_step if prologue is not None else None,
+        )
         # epilogue
         cs = np.zeros((BM, CS_LD))
         if simt:
@@ -372,8 +432,7 @@ def conv_kernel(
 def ref_conv(a_nchw, w_kcrs, stride, pad, dil):
     N, C, H, W = a_nchw.shape
     K, _, R, S = w_kcrs.shape
-    P = (H + 2 * pad[0] - dil[0] * (R - 1) - 1) // stride[0] + 1
-    Q = (W + 2 * pad[1] - dil[1] * (S - 1) - 1) // stride[1] + 1
+    P, Q = out_size(H, W, R, S, stride, pad, dil)
     ap = np.zeros((N, C, H + 2 * pad[0], W + 2 * pad[1]))
     ap[:, :, pad[0] : pad[0] + H, pad[1] : pad[1] + W] = a_nchw
     out = np.zeros((N, K, P, Q))
@@ -403,6 +462,20 @@ def ref_dgrad(go, w, H, W, stride, pad, dil):
 
 # ---- forward / dgrad ----
 rng = np.random.default_rng(0)
+
+
+def make_prologue(x, pro, Cp):
+    """(a, prologue): the GEMM's activation relu(x * sc + sh) and the kernels' prologue vectors
+    (zero-padded to Cp channels) for random integer sc, sh; (x, None) without a prologue."""
+    if not pro:
+        return x, None
+    C = x.shape[1]
+    sc = rng.integers(-2, 3, C).astype(float)
+    sh = rng.integers(-2, 3, C).astype(float)
+    a = np.maximum(x * sc[None, :, None, None] + sh[None, :, None, None], 0)
+    return a, (pad_axis(sc, 0, Cp), pad_axis(sh, 0, Cp), True)
+
+
 BIG, SMALL, SIMT = (128, 128, 2, 4, 4), (128, 64, 2, 2, 4), (64, 64, 4, 2, 3)  # ConvCfg
 
 
@@ -430,41 +503,11 @@ def run_fwd(
     Cp = -(-C // EPC) * EPC
     x = rng.integers(-3, 4, (N, C, H, W)).astype(float)
     w = rng.integers(-2, 3, (K, C, R, S)).astype(float)
-    P = (H + 2 * pd[0] - dl[0] * (R - 1) - 1) // st[0] + 1
-    Q = (W + 2 * pd[1] - dl[1] * (S - 1) - 1) // st[1] + 1
-    xp = np.zeros((N, Cp, H, W))
-    xp[:, :C] = x
-    wp = np.zeros((K, Cp, R, S))
-    wp[:, :C] = w
-    prologue = None
-    a = x
-    if pro:
-        sc = rng.integers(-2, 3, C).astype(float)
-        sh = rng.integers(-2, 3, C).astype(float)
-        scp = np.zeros(Cp)
-        scp[:C] = sc
-        shp = np.zeros(Cp)
-        shp[:C] = sh
-        prologue = (scp, shp, True)
-        a = np.maximum(x * sc[None, :, None, None] + sh[None, :, None, None], 0)
-    p = dict(
-        N=N,
-        XH=H,
-        XW=W,
-        XC=Cp,
-        OH=P,
-        OW=Q,
-        OC=K,
-        R=R,
-        S=S,
-        sh=st[0],
-        sw=st[1],
-        ph=pd[0],
-        pw=pd[1],
-        dh=dl[0],
-        dw=dl[1],
-        M=N * P * Q,
-    )
+    P, Q = out_size(H, W, R, S, st, pd, dl)
+    xp = pad_axis(x, 1, Cp)
+    wp = pad_axis(w, 1, Cp)
+    a, prologue = make_prologue(x, pro, Cp)
+    p = conv_params(N, H, W, Cp, P, Q, K, R, S, st, pd, dl)
     b = rng.integers(-3, 4, K).astype(float) if bias else None
     r = rng.integers(-3, 4, (N, K, P, Q)).astype(float) if res else None
     out, partial = conv_kernel(
@@ -519,32 +562,11 @@ def run_dgrad(N, C, H, W, K, R, S, st, pd, dl, esize, cfg, simt=False):
     EPC = 16 // esize
     Kp = -(-K // EPC) * EPC
     w = rng.integers(-2, 3, (K, C, R, S)).astype(float)
-    P = (H + 2 * pd[0] - dl[0] * (R - 1) - 1) // st[0] + 1
-    Q = (W + 2 * pd[1] - dl[1] * (S - 1) - 1) // st[1] + 1
+    P, Q = out_size(H, W, R, S, st, pd, dl)
     go = rng.integers(-3, 4, (N, K, P, Q)).astype(float)
-    gop = np.zeros((N, Kp, P, Q))
-    gop[:, :K] = go
-    wkp = np.zeros((Kp, C, R, S))
-    wkp[:K] = w
-    wt = wkp.transpose(1, 2, 3, 0)  # (C, R, S, Kp)
-    p = dict(
-        N=N,
-        XH=P,
-        XW=Q,
-        XC=Kp,
-        OH=H,
-        OW=W,
-        OC=C,
-        R=R,
-        S=S,
-        sh=st[0],
-        sw=st[1],
-        ph=pd[0],
-        pw=pd[1],
-        dh=dl[0],
-        dw=dl[1],
-        M=N * H * W,
-    )
+    gop = pad_axis(go, 1, Kp)
+    wt = pad_axis(w, 0, Kp).transpose(1, 2, 3, 0)  # (C, R, S, Kp)
+    p = conv_params(N, P, Q, Kp, H, W, C, R, S, st, pd, dl)
     out, _ = conv_kernel(
         p,
         gop.transpose(0, 2, 3, 1).ravel(),
@@ -657,7 +679,6 @@ def wgrad_kernel(p, go, x, esize, cfg, simt, prologue):
                     )
 
         def transform_stage(stage, kt):
-            sc, sh, prelu = prologue
             jb = row_begin + kt * BK
             for tid in range(THREADS):
                 b_chunk, b_row0 = tid % B_CPR, tid // B_CPR
@@ -667,19 +688,12 @@ def wgrad_kernel(p, go, x, esize, cfg, simt, prologue):
                 for i in range(B_ITERS):
                     row = b_row0 + i * B_RSTEP
                     ok, _ = b_pixel(jb + row)
-                    if not ok:
-                        continue
-                    b = sB0 + stage * B_STAGE + swz_wide(row, b_chunk, B_RB)
-                    v = sm.row16(b) * sc[b_c : b_c + EPC] + sh[b_c : b_c + EPC]
-                    if prelu:
-                        v = np.maximum(v, 0)
-                    sm.put16(b, v)
+                    if ok:
+                        b = sB0 + stage * B_STAGE + swz_wide(row, b_chunk, B_RB)
+                        prologue16(sm, b, b_c, prologue)
 
         MI, NI = WM // 16, WN // 8
-        accs = {
-            w: [[[0.0] * 4 for _ in range(32)] for _ in range(MI * NI)]
-            for w in range(THREADS // 32)
-        }
+        accs = warp_accs(THREADS, MI * NI)
         sacc = np.zeros((THREADS, 4, 4))
 
         def compute_stage(stage):
@@ -713,23 +727,16 @@ def wgrad_kernel(p, go, x, esize, cfg, simt, prologue):
                             nch = (wn * WN + nj * 16) // 8 + (q >> 1)
                             addrs.append(b_s + swz_wide(krow, nch, B_RB))
                         rg = ldsm_x4(sm, addrs, trans=True)
-                        bf[2 * nj] = [(rg[l][0], rg[l][1]) for l in range(32)]
-                        bf[2 * nj + 1] = [(rg[l][2], rg[l][3]) for l in range(32)]
-                    for mi in range(MI):
-                        for ni in range(NI):
-                            mma(accs[warp][mi * NI + ni], af[mi], bf[ni], esize)
+                        bf[2 * nj], bf[2 * nj + 1] = split_x4(rg)
+                    mma_warp(accs[warp], af, bf, esize)
 
-        for st in range(STAGES - 1):
-            if st < k_iters:
-                load_stage(st, st)
-        for it in range(k_iters):
-            stage = it % STAGES
-            if prologue is not None:
-                transform_stage(stage, it)
-            nxt = it + STAGES - 1
-            if nxt < k_iters:
-                load_stage(nxt % STAGES, nxt)
-            compute_stage(stage)
+        pipeline(
+            STAGES,
+            k_iters,
+            load_stage,
+            compute_stage,
+            transform_stage if prologue is not None else None,
+        )
         base = split * K * RSC + tap * C
         if simt:
             for tid in range(THREADS):
@@ -776,34 +783,11 @@ def plan_wgrad(p, cfg, num_sms=132):
 
 def run_wgrad(N, C, H, W, K, R, S, st, pd, esize, cfg, simt=False, pro=False, force_splits=None):
     x = rng.integers(-3, 4, (N, C, H, W)).astype(float)
-    P = (H + 2 * pd[0] - (R - 1) - 1) // st[0] + 1
-    Q = (W + 2 * pd[1] - (S - 1) - 1) // st[1] + 1
+    P, Q = out_size(H, W, R, S, st, pd, (1, 1))
     go = rng.integers(-3, 4, (N, K, P, Q)).astype(float)
-    a = x
-    prologue = None
-    if pro:
-        sc = rng.integers(-2, 3, C).astype(float)
-        sh = rng.integers(-2, 3, C).astype(float)
-        prologue = (sc, sh, True)
-        a = np.maximum(x * sc[None, :, None, None] + sh[None, :, None, None], 0)
-    p = dict(
-        N=N,
-        H=H,
-        W=W,
-        C=C,
-        P=P,
-        Q=Q,
-        K=K,
-        R=R,
-        S=S,
-        sh=st[0],
-        sw=st[1],
-        ph=pd[0],
-        pw=pd[1],
-        dh=1,
-        dw=1,
-        NPQ=N * P * Q,
-    )
+    a, prologue = make_prologue(x, pro, C)
+    p = dict(N=N, H=H, W=W, C=C, P=P, Q=Q, K=K, NPQ=N * P * Q)
+    p.update(geometry(R, S, st, pd, (1, 1)))
     plan_wgrad(p, cfg)
     if force_splits:
         rows = -(-p["NPQ"] // force_splits)  # ceil
