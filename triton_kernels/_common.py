@@ -49,6 +49,21 @@ def cast_to(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def split_rows(offs_m, H, W):
+    """Flat row indices m = (n, h, w) of an (N, ., H, W) tensor split into (n, h, w)."""
+    n = offs_m // (H * W)
+    hw = offs_m % (H * W)
+    return n, hw // W, hw % W
+
+
+@triton.jit
+def tile_ptrs(ptr, n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w):
+    """Pointers to the (rows, channels) tile of a 4-D tensor with any strides: rows (n, h, w)
+    from split_rows, channels offs_c."""
+    return ptr + (n * stride_n + h * stride_h + w * stride_w)[:, None] + offs_c[None, :] * stride_c
+
+
 def _is_fake(t: object) -> bool:
     from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415
 

@@ -11,7 +11,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import cast_to, empty_like_format, launch, rows_config, strides4, tl, triton
+from ._common import (
+    cast_to,
+    empty_like_format,
+    launch,
+    rows_config,
+    split_rows,
+    strides4,
+    tile_ptrs,
+    tl,
+    triton,
+)
 from .reduce import sum_rows
 
 
@@ -75,6 +85,37 @@ def _bn_finalize_kernel(
 
 
 @triton.jit
+def _row_tile(M, C, H, W, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (pid_m, pid_c)'s tile of BLOCK_M rows m = (n, h, w) by BLOCK_C channels: (n, h, w,
+    offs_c, m_ok, c_ok, mask)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    n, h, w = split_rows(offs_m, H, W)
+    return n, h, w, offs_c, m_ok, c_ok, m_ok[:, None] & c_ok[None, :]
+
+
+@triton.jit
+def _prologue_relu_mask(go, x, sc, sh):
+    """go where the prologue z = x*sc+sh is positive, else 0 (MASK == 2). z is rounded to x's dtype
+    before the comparison, as the reference's prologue is."""
+    z = cast_to(x.to(tl.float32) * sc[None, :] + sh[None, :], x.dtype)
+    return tl.where(z > 0, go, 0.0)
+
+
+@triton.jit
+def _bn_input_grad(g, gmean, x, mean, invstd, gxmean, weight_ptr, offs_c, c_ok,
+                   HAS_WEIGHT: tl.constexpr):
+    """weight*invstd * (g - mean(g) - xhat * mean(g*xhat)), vectors broadcast on rows."""
+    coef = invstd
+    if HAS_WEIGHT:
+        coef = tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) * invstd
+    xhat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
+    return coef[None, :] * (g - gmean[None, :] - xhat * gxmean[None, :])
+
+
+@triton.jit
 def _bn_add_relu_kernel(
     x_ptr,  # (N, C, H, W)
     scale_ptr, shift_ptr,  # (C,)
@@ -91,19 +132,9 @@ def _bn_add_relu_kernel(
     # Floor on H200 (analysis): 3 tensors x 2 B per element (x, residual, out); ResNet-50 layer1
     # output 256x256x56x56 bf16 = 205.5M elements = 411 MB, x 3 / 4.3 TB/s = 287 us, vs 7 tensor
     # passes as separate ops (BN 2, add 3, ReLU 2) = 669 us.
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    n = offs_m // (H * W)
-    hw = offs_m % (H * W)
-    h = hw // W
-    w = hw % W
-    mask = m_ok[:, None] & c_ok[None, :]
-    x = tl.load(x_ptr + (n * stride_xn + h * stride_xh + w * stride_xw)[:, None]
-                + offs_c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    n, h, w, offs_c, m_ok, c_ok, mask = _row_tile(M, C, H, W, BLOCK_M, BLOCK_C)
+    x = tl.load(tile_ptrs(x_ptr, n, h, w, offs_c, stride_xn, stride_xc, stride_xh, stride_xw),
+                mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     z = x * sc[None, :] + sh[None, :]
@@ -111,8 +142,8 @@ def _bn_add_relu_kernel(
         rc = offs_c - res_off
         rc_ok = c_ok & (rc >= 0) & (rc < CR)
         rmask = m_ok[:, None] & rc_ok[None, :]
-        rv = tl.load(res_ptr + (n * stride_rn + h * stride_rh + w * stride_rw)[:, None]
-                     + rc[None, :] * stride_rc, mask=rmask, other=0.0).to(tl.float32)
+        rv = tl.load(tile_ptrs(res_ptr, n, h, w, rc, stride_rn, stride_rc, stride_rh, stride_rw),
+                     mask=rmask, other=0.0).to(tl.float32)
         if HAS_RES_SCALE:
             rv = rv * tl.load(res_scale_ptr + rc, mask=rc_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_RES_SHIFT:
@@ -120,8 +151,8 @@ def _bn_add_relu_kernel(
         z += tl.where(rmask, rv, 0.0)
     if APPLY_RELU:
         z = tl.maximum(z, 0.0)
-    tl.store(out_ptr + (n * stride_on + h * stride_oh + w * stride_ow)[:, None]
-             + offs_c[None, :] * stride_oc, cast_to(z, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(tile_ptrs(out_ptr, n, h, w, offs_c, stride_on, stride_oc, stride_oh, stride_ow),
+             cast_to(z, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -174,35 +205,34 @@ def _bn_bwd_reduce_kernel(
     step = grid_m.to(tl.int64) * BLOCK_M
     for _mb in range(pid_m, num_mb, grid_m):
         m_ok = offs_m < M
-        n = offs_m // (H * W)
-        hw = offs_m % (H * W)
-        h = hw // W
-        w = hw % W
+        n, h, w = split_rows(offs_m, H, W)
         mask = m_ok[:, None] & c_ok[None, :]
-        go = tl.load(go_ptr + (n * stride_gon + h * stride_goh + w * stride_gow)[:, None]
-                     + offs_c[None, :] * stride_goc, mask=mask, other=0.0)
+        go = tl.load(tile_ptrs(go_ptr, n, h, w, offs_c,
+                               stride_gon, stride_goc, stride_goh, stride_gow),
+                     mask=mask, other=0.0)
         if MASK == 1:
-            o = tl.load(out_ptr + (n * stride_outn + h * stride_outh + w * stride_outw)[:, None]
-                        + offs_c[None, :] * stride_outc, mask=mask, other=0.0)
+            o = tl.load(tile_ptrs(out_ptr, n, h, w, offs_c,
+                                  stride_outn, stride_outc, stride_outh, stride_outw),
+                        mask=mask, other=0.0)
             go = tl.where(o > 0, go, 0.0)
         if HAS_XHAT or MASK == 2:
-            x = tl.load(x_ptr + (n * stride_xn + h * stride_xh + w * stride_xw)[:, None]
-                        + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+            x = tl.load(tile_ptrs(x_ptr, n, h, w, offs_c,
+                                  stride_xn, stride_xc, stride_xh, stride_xw),
+                        mask=mask, other=0.0)
         if MASK == 2:
-            # Rounded to x's dtype before the comparison, as the reference's prologue is.
-            z = cast_to(x.to(tl.float32) * sc[None, :] + sh[None, :], x_ptr.dtype.element_ty)
-            go = tl.where(z > 0, go, 0.0)
+            go = _prologue_relu_mask(go, x, sc, sh)
         if WRITE_G:
-            tl.store(g_ptr + (n * stride_gn + h * stride_gh + w * stride_gw)[:, None]
-                     + offs_c[None, :] * stride_gc, cast_to(go, g_ptr.dtype.element_ty), mask=mask)
+            tl.store(tile_ptrs(g_ptr, n, h, w, offs_c, stride_gn, stride_gc, stride_gh, stride_gw),
+                     cast_to(go, g_ptr.dtype.element_ty), mask=mask)
         g = go.to(tl.float32)
         acc_g += tl.sum(g.to(tl.float64), axis=0)
         if HAS_XHAT:
             xhat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
             acc_gx += tl.sum(tl.where(mask, g * xhat, 0.0).to(tl.float64), axis=0)
         if HAS_RES_BN:
-            rx = tl.load(rx_ptr + (n * stride_rxn + h * stride_rxh + w * stride_rxw)[:, None]
-                         + offs_c[None, :] * stride_rxc, mask=mask, other=0.0).to(tl.float32)
+            rx = tl.load(tile_ptrs(rx_ptr, n, h, w, offs_c,
+                                   stride_rxn, stride_rxc, stride_rxh, stride_rxw),
+                         mask=mask, other=0.0).to(tl.float32)
             grx = tl.where(mask, g * (rx - rmean[None, :]) * rinvstd[None, :], 0.0)
             acc_gr += tl.sum(grx.to(tl.float64), axis=0)
         offs_m += step
@@ -241,60 +271,44 @@ def _bn_bwd_apply_kernel(
     # read saved against one compare). Floor on H200 (analysis): reads grad_out, out, x, writes
     # grad_input: 4 x 411 MB / 4.3 TB/s = 382 us for ResNet-50 layer1 (+2 tensors with a BN'd
     # residual branch).
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    n = offs_m // (H * W)
-    hw = offs_m % (H * W)
-    h = hw // W
-    w = hw % W
-    mask = m_ok[:, None] & c_ok[None, :]
-    go = tl.load(go_ptr + (n * stride_gon + h * stride_goh + w * stride_gow)[:, None]
-                 + offs_c[None, :] * stride_goc, mask=mask, other=0.0)
-    x = tl.load(x_ptr + (n * stride_xn + h * stride_xh + w * stride_xw)[:, None]
-                + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+    n, h, w, offs_c, m_ok, c_ok, mask = _row_tile(M, C, H, W, BLOCK_M, BLOCK_C)
+    go = tl.load(tile_ptrs(go_ptr, n, h, w, offs_c, stride_gon, stride_goc, stride_goh, stride_gow),
+                 mask=mask, other=0.0)
+    x = tl.load(tile_ptrs(x_ptr, n, h, w, offs_c, stride_xn, stride_xc, stride_xh, stride_xw),
+                mask=mask, other=0.0)
     if MASK == 1:
-        o = tl.load(out_ptr + (n * stride_outn + h * stride_outh + w * stride_outw)[:, None]
-                    + offs_c[None, :] * stride_outc, mask=mask, other=0.0)
+        o = tl.load(tile_ptrs(out_ptr, n, h, w, offs_c,
+                              stride_outn, stride_outc, stride_outh, stride_outw),
+                    mask=mask, other=0.0)
         go = tl.where(o > 0, go, 0.0)
     if MASK == 2:
         sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        z = cast_to(x.to(tl.float32) * sc[None, :] + sh[None, :], x_ptr.dtype.element_ty)
-        go = tl.where(z > 0, go, 0.0)
+        go = _prologue_relu_mask(go, x, sc, sh)
     if WRITE_G:
         # The identity residual's gradient is g. The single-process op has its reduction pass
         # write it; SyncBatchNorm's split reduction writes nothing, so the elementwise pass does.
-        tl.store(gr_ptr + (n * stride_grn + h * stride_grh + w * stride_grw)[:, None]
-                 + offs_c[None, :] * stride_grc, cast_to(go, gr_ptr.dtype.element_ty), mask=mask)
+        tl.store(tile_ptrs(gr_ptr, n, h, w, offs_c, stride_grn, stride_grc, stride_grh, stride_grw),
+                 cast_to(go, gr_ptr.dtype.element_ty), mask=mask)
     g = go.to(tl.float32)
     mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
     invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
     gb = tl.load(gsum_ptr + offs_c, mask=c_ok, other=0.0) * inv_count
     gw = tl.load(gxsum_ptr + offs_c, mask=c_ok, other=0.0) * inv_count
-    coef = invstd
-    if HAS_WEIGHT:
-        coef = tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) * invstd
-    xhat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
-    gi = coef[None, :] * (g - gb[None, :] - xhat * gw[None, :])
-    tl.store(gi_ptr + (n * stride_gin + h * stride_gih + w * stride_giw)[:, None]
-             + offs_c[None, :] * stride_gic, cast_to(gi, gi_ptr.dtype.element_ty), mask=mask)
+    gi = _bn_input_grad(g, gb, x, mean, invstd, gw, weight_ptr, offs_c, c_ok, HAS_WEIGHT)
+    tl.store(tile_ptrs(gi_ptr, n, h, w, offs_c, stride_gin, stride_gic, stride_gih, stride_giw),
+             cast_to(gi, gi_ptr.dtype.element_ty), mask=mask)
     if HAS_RES_BN:
-        rx = tl.load(rx_ptr + (n * stride_rxn + h * stride_rxh + w * stride_rxw)[:, None]
-                     + offs_c[None, :] * stride_rxc, mask=mask, other=0.0).to(tl.float32)
+        rx = tl.load(tile_ptrs(rx_ptr, n, h, w, offs_c,
+                               stride_rxn, stride_rxc, stride_rxh, stride_rxw),
+                     mask=mask, other=0.0).to(tl.float32)
         rmean = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0)
         rinvstd = tl.load(rinvstd_ptr + offs_c, mask=c_ok, other=0.0)
         grw = tl.load(grxsum_ptr + offs_c, mask=c_ok, other=0.0) * inv_count
-        rcoef = rinvstd
-        if HAS_RES_WEIGHT:
-            rcoef = tl.load(rweight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) * rinvstd
-        rxhat = (rx - rmean[None, :]) * rinvstd[None, :]
-        gr = rcoef[None, :] * (g - gb[None, :] - rxhat * grw[None, :])
-        tl.store(gr_ptr + (n * stride_grn + h * stride_grh + w * stride_grw)[:, None]
-                 + offs_c[None, :] * stride_grc, cast_to(gr, gr_ptr.dtype.element_ty), mask=mask)
+        gr = _bn_input_grad(g, gb, rx, rmean, rinvstd, grw, rweight_ptr, offs_c, c_ok,
+                            HAS_RES_WEIGHT)
+        tl.store(tile_ptrs(gr_ptr, n, h, w, offs_c, stride_grn, stride_grc, stride_grh, stride_grw),
+                 cast_to(gr, gr_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
