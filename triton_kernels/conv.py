@@ -24,13 +24,44 @@ from ._common import (
     hint,
     launch,
     next_pow2,
+    split_rows,
     strides4,
+    tile_ptrs,
     tl,
     to_nhwc,
     triton,
     wgrad_config,
 )
 from .reduce import sum_rows
+
+
+@triton.jit
+def _gemm_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr):
+    """Program pid's tile of an (M, N) GEMM output in grouped ordering (GROUP_M row tiles run one
+    after another on the same column tile, so they share its weight tiles in L2): (pid_m, offs_m
+    (int64), offs_n, offs_k)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_m, offs_m, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def _prologue(a, a_mask, sc, sh, PROLOGUE_BN: tl.constexpr, PRE_RELU: tl.constexpr):
+    """relu?(a * sc + sh) (sc, sh: per-channel vectors, unused without PROLOGUE_BN) back in a's
+    dtype. Padding and the masked tails (a_mask off) stay zero: relu(shift) is not zero."""
+    af = a.to(tl.float32)
+    if PROLOGUE_BN:
+        af = af * sc[None, :] + sh[None, :]
+    if PRE_RELU:
+        af = tl.maximum(af, 0.0)
+    af = tl.where(a_mask, af, 0.0)
+    return cast_to(af, a.dtype)
 
 
 @triton.jit
@@ -61,25 +92,11 @@ def _conv_fwd_kernel(
     # weights) = 2 B * (12.8M + 12.8M + 0.6M) = 52 MB / 4.3 TB/s = 12 us -> compute bound. A 1x1
     # conv with C=K=64 at 56x56 (2*802816*64*64 = 6.6 GFLOP = 8.3 us vs 2*2*51.4M = 206 MB =
     # 48 us) is bandwidth bound: the fused prologue and statistics save a full read+write pass each.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
-    # Grouped ordering: GROUP_M row tiles share the weight tiles in L2.
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    pid_m, offs_m, offs_n, offs_k = _gemm_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                               GROUP_M)
     m_ok = offs_m < M
     n_ok = offs_n < K
-    n_img = offs_m // (P * Q)
-    pq = offs_m % (P * Q)
-    p = pq // Q
-    q = pq % Q
+    n_img, p, q = split_rows(offs_m, P, Q)
     h0 = p * conv_sh - pad_h
     w0 = q * conv_sw - pad_w
     x_row = x_ptr + n_img * stride_xn
@@ -100,17 +117,11 @@ def _conv_fwd_kernel(
         a_ptrs = x_row[:, None] + (h * stride_xh + w * stride_xw)[:, None] + cc[None, :] * stride_xc
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if PROLOGUE_BN or PRE_RELU:
-            af = a.to(tl.float32)
+            sc, sh = 1.0, 0.0  # unused without PROLOGUE_BN
             if PROLOGUE_BN:
                 sc = tl.load(pre_scale_ptr + cc, mask=c_ok, other=0.0)
                 sh = tl.load(pre_shift_ptr + cc, mask=c_ok, other=0.0)
-                af = af * sc[None, :] + sh[None, :]
-            if PRE_RELU:
-                af = tl.maximum(af, 0.0)
-            # Padding (and the masked tails) must stay zero after the transform: relu(shift)
-            # is not zero.
-            af = tl.where(a_mask, af, 0.0)
-            a = cast_to(af, x_ptr.dtype.element_ty)
+            a = _prologue(a, a_mask, sc, sh, PROLOGUE_BN, PRE_RELU)
         b_ptrs = (w_ptr + offs_n[None, :] * stride_wk + cc[:, None] * stride_wc
                   + r * stride_wr + s * stride_ws)
         b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
@@ -134,13 +145,11 @@ def _conv_fwd_kernel(
         acc += bias[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RESIDUAL:
-        r_ptrs = (res_ptr + (n_img * stride_rn + p * stride_rp + q * stride_rq)[:, None]
-                  + offs_n[None, :] * stride_rk)
+        r_ptrs = tile_ptrs(res_ptr, n_img, p, q, offs_n, stride_rn, stride_rk, stride_rp, stride_rq)
         acc += tl.load(r_ptrs, mask=o_mask, other=0.0).to(tl.float32)
     if APPLY_RELU:
         acc = tl.maximum(acc, 0.0)
-    o_ptrs = (out_ptr + (n_img * stride_on + p * stride_op + q * stride_oq)[:, None]
-              + offs_n[None, :] * stride_ok)
+    o_ptrs = tile_ptrs(out_ptr, n_img, p, q, offs_n, stride_on, stride_ok, stride_op, stride_oq)
     tl.store(o_ptrs, cast_to(acc, out_ptr.dtype.element_ty), mask=o_mask)
 
 
@@ -172,22 +181,9 @@ def _conv_dgrad_kernel(
     Hq = tl.cdiv(H, conv_sh)
     Wq = tl.cdiv(W, conv_sw)
     Mq = N * Hq * Wq
-    num_pid_m = tl.cdiv(Mq, BLOCK_M)
-    num_pid_n = tl.cdiv(C, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    _, offs_m, offs_n, offs_k = _gemm_tile(pid, Mq, C, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     n_ok = offs_n < C
-    n_img = offs_m // (Hq * Wq)
-    hw = offs_m % (Hq * Wq)
-    hq = hw // Wq
-    wq = hw % Wq
+    n_img, hq, wq = split_rows(offs_m, Hq, Wq)
     h = hq * conv_sh + ph_h
     w = wq * conv_sw + ph_w
     m_ok = (offs_m < Mq) & (h < H) & (w < W)
@@ -228,8 +224,7 @@ def _conv_dgrad_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    o_ptrs = (gi_ptr + (n_img * stride_in + h * stride_ih + w * stride_iw)[:, None]
-              + offs_n[None, :] * stride_ic)
+    o_ptrs = tile_ptrs(gi_ptr, n_img, h, w, offs_n, stride_in, stride_ic, stride_ih, stride_iw)
     tl.store(o_ptrs, cast_to(acc, gi_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -268,6 +263,7 @@ def _conv_wgrad_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     k_ok = offs_k < K
     c_ok = offs_c < C
+    sc, sh = 1.0, 0.0  # unused without PROLOGUE_BN
     if PROLOGUE_BN:
         sc = tl.load(pre_scale_ptr + offs_c, mask=c_ok, other=0.0)
         sh = tl.load(pre_shift_ptr + offs_c, mask=c_ok, other=0.0)
@@ -276,10 +272,7 @@ def _conv_wgrad_kernel(
     offs_m = split.to(tl.int64) * iters_per_split * BLOCK_M + tl.arange(0, BLOCK_M)
     for _i in range(0, iters_per_split):
         m_ok = offs_m < M
-        n_img = offs_m // (P * Q)
-        pq = offs_m % (P * Q)
-        p = pq // Q
-        q = pq % Q
+        n_img, p, q = split_rows(offs_m, P, Q)
         g_ptrs = (go_ptr + (n_img * stride_gn + p * stride_gp + q * stride_gq)[None, :]
                   + offs_k[:, None] * stride_gk)
         g = tl.load(g_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_M)
@@ -287,17 +280,10 @@ def _conv_wgrad_kernel(
         w = q * conv_sw - pad_w + s * dil_w
         row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         a_mask = row_ok[:, None] & c_ok[None, :]
-        a_ptrs = (x_ptr + (n_img * stride_xn + h * stride_xh + w * stride_xw)[:, None]
-                  + offs_c[None, :] * stride_xc)
+        a_ptrs = tile_ptrs(x_ptr, n_img, h, w, offs_c, stride_xn, stride_xc, stride_xh, stride_xw)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # (BLOCK_M, BLOCK_C)
         if PROLOGUE_BN or PRE_RELU:
-            af = a.to(tl.float32)
-            if PROLOGUE_BN:
-                af = af * sc[None, :] + sh[None, :]
-            if PRE_RELU:
-                af = tl.maximum(af, 0.0)
-            af = tl.where(a_mask, af, 0.0)
-            a = cast_to(af, x_ptr.dtype.element_ty)
+            a = _prologue(a, a_mask, sc, sh, PROLOGUE_BN, PRE_RELU)
         if UPCAST:
             g = g.to(tl.float32)
             a = a.to(tl.float32)
