@@ -45,30 +45,8 @@ def run_block(bm, bctx, provider: str, case: BlockCase, mode: str, batch: int,
             with torch.no_grad():
                 m(xs[i % k])
 
-    with B.forced_backend(provider):
-        try:
-            with torch.no_grad():
-                got = m(xs[0])
-        except NotImplementedError as exc:
-            if B.is_missing_kernel(exc):
-                pytest.skip(f"{provider}: {str(exc).splitlines()[0][:120]}")
-            raise
-        with torch.no_grad():
-            want = got if provider == "eager" and not train else ref_m(xs[0])
-        diff = (got.double() - want.double()).abs().max().item()
-        info = B.measure(bm, call, dev, warmup=B.warmup_calls(provider, dev),
-                         group=f"{group}: {case_id}")
-        saved = None
-        if train:
-            try:
-                saved = B.saved_tensor_bytes(lambda: m(xs[0]), list(m.parameters()))
-            except Exception as exc:  # e.g. hooks a compiled graph refuses: say so, no number
-                info["saved_bytes_error"] = str(exc).splitlines()[0][:200]
-        for p in m.parameters():
-            p.grad = None
-        with B.peak_memory(dev) as pm:
-            if dev.type == "cuda":
-                call(0)
+    want, diff, info, saved, pm = B.check_and_measure(
+        bm, provider, m, ref_m, xs[0], call, dev, f"{group}: {case_id}", train)
     if train:
         def flop_fn():
             meta_block.train()

@@ -54,30 +54,8 @@ def test_resnet50(bm, bctx, provider, mode: str, size: str, batch: int):
                 m(xs[i % k])
 
     ref_m = copy.deepcopy(eager)
-    with B.forced_backend(provider):
-        try:
-            with torch.no_grad():
-                got = m(xs[0])
-        except NotImplementedError as exc:
-            if B.is_missing_kernel(exc):
-                pytest.skip(f"{provider}: {str(exc).splitlines()[0][:120]}")
-            raise
-        with torch.no_grad():
-            want = got if provider == "eager" and not train else ref_m(xs[0])
-        diff = (got.double() - want.double()).abs().max().item()
-        info = B.measure(bm, call, dev, warmup=B.warmup_calls(provider, dev),
-                         group=f"resnet50: {mode} N={batch}")
-        saved = None
-        if train:
-            try:
-                saved = B.saved_tensor_bytes(lambda: m(xs[0]), list(m.parameters()))
-            except Exception as exc:
-                info["saved_bytes_error"] = str(exc).splitlines()[0][:200]
-        if train:
-            opt.zero_grad(set_to_none=True)
-        with B.peak_memory(dev) as pm:
-            if dev.type == "cuda":
-                call(0)
+    want, diff, info, saved, pm = B.check_and_measure(
+        bm, provider, m, ref_m, xs[0], call, dev, f"resnet50: {mode} N={batch}", train)
     meta_m = copy.deepcopy(eager).to("meta")
     x_meta = torch.empty(batch, 3, 224, 224, device="meta", dtype=dt)
     if train:

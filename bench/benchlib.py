@@ -412,3 +412,39 @@ def no_grad_if(flag: bool):
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_and_measure(bm, provider: str, m: nn.Module, ref_m: nn.Module, x0: Tensor,
+                      call: Callable[[int], object], device: torch.device, group: str,
+                      train: bool) -> tuple[Tensor, float, dict, int | None, dict]:
+    """The shared body of a module benchmark, under ``provider``'s backend: the first output
+    (skipping a provider whose kernel is missing here), its max difference from eager (``ref_m``,
+    a copy whose statistics the check may step), the timing of ``call``, the bytes saved for
+    backward (train), and the peak memory of one call from zeroed gradients (CUDA). Returns
+    (eager's output, diff, info, saved bytes or None, peak-memory dict)."""
+    import pytest  # noqa: PLC0415  (benchlib is imported by non-test tools too)
+
+    with forced_backend(provider):
+        try:
+            with torch.no_grad():
+                got = m(x0)
+        except NotImplementedError as exc:
+            if is_missing_kernel(exc):
+                pytest.skip(f"{provider}: {str(exc).splitlines()[0][:120]}")
+            raise
+        with torch.no_grad():
+            want = got if provider == "eager" and not train else ref_m(x0)
+        diff = (got.double() - want.double()).abs().max().item()
+        info = measure(bm, call, device, warmup=warmup_calls(provider, device), group=group)
+        saved = None
+        if train:
+            try:
+                saved = saved_tensor_bytes(lambda: m(x0), list(m.parameters()))
+            except Exception as exc:  # e.g. hooks a compiled graph refuses: say so, no number
+                info["saved_bytes_error"] = str(exc).splitlines()[0][:200]
+        for p in m.parameters():
+            p.grad = None
+        with peak_memory(device) as pm:
+            if device.type == "cuda":
+                call(0)
+    return want, diff, info, saved, pm

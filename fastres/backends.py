@@ -28,22 +28,7 @@ from fastres import _ext, reference
 
 log = logging.getLogger("fastres")
 
-OP_NAMES = (
-    "conv_bias_act",
-    "relu_bias_bwd",
-    "conv_stats",
-    "bn_finalize",
-    "bn_add_relu",
-    "bn_add_relu_bwd",
-    "bn_relu_bwd",
-    "conv_bwd",
-    # SyncBatchNorm's split (csrc/ops.cpp)
-    "bn_finalize_count",
-    "bn_add_relu_bwd_reduce",
-    "bn_add_relu_bwd_elemt",
-    "bn_relu_bwd_reduce",
-    "bn_relu_bwd_elemt",
-)
+OP_NAMES = reference.OP_NAMES
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -324,7 +324,7 @@ def select_backend(
 ) -> backends.Backend:
     """One backend that serves every convolution of a block (the block runs on one backend)."""
     chosen = None
-    for w, c in zip(weights, convs):
+    for w, c in zip(weights, convs, strict=True):
         b = backends.select(_inputs(x, w, c), backend)
         if chosen is None or backends.PRIORITY.index(b.name) > backends.PRIORITY.index(chosen.name):
             chosen = b
@@ -332,7 +332,7 @@ def select_backend(
         raise ValueError("select_backend needs at least one convolution")
     if backend is None:
         # The weakest backend needed by one conv serves them all; make sure it really does.
-        for w, c in zip(weights, convs):
+        for w, c in zip(weights, convs, strict=True):
             reasons = chosen.not_supported_reasons(_inputs(x, w, c))
             if reasons:
                 return backends.BACKENDS["reference"]

@@ -112,17 +112,12 @@ class _FusedMixin:
         differentiable = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in tensors
         )
+
+        def fold():
+            return FF.fold_bn(*tensors, bn.eps, dtype, bias_dtype)
+
         if differentiable or torch.compiler.is_compiling():
-            return FF.fold_bn(
-                conv.weight,
-                bn.weight,
-                bn.bias,
-                bn.running_mean,
-                bn.running_var,
-                bn.eps,
-                dtype,
-                bias_dtype,
-            )
+            return fold()
         key = (id(conv), dtype, bias_dtype, conv.weight.device, float(bn.eps)) + tuple(
             (None if t is None else (t.data_ptr(), t._version, t.dtype)) for t in tensors
         )
@@ -130,16 +125,7 @@ class _FusedMixin:
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            folded = FF.fold_bn(
-                conv.weight,
-                bn.weight,
-                bn.bias,
-                bn.running_mean,
-                bn.running_var,
-                bn.eps,
-                dtype,
-                bias_dtype,
-            )
+            folded = fold()
         self._fold_cache[id(conv)] = (key, folded)
         return folded
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "acc_dtype",
+#: The op set of csrc/ops.cpp, in its order: every backend implements each of these names.
+OP_NAMES = (
     "conv_bias_act",
     "relu_bias_bwd",
     "conv_stats",
@@ -26,13 +26,15 @@ __all__ = [
     "bn_add_relu_bwd",
     "bn_relu_bwd",
     "conv_bwd",
+    # SyncBatchNorm's split
     "bn_finalize_count",
     "bn_add_relu_bwd_reduce",
     "bn_add_relu_bwd_elemt",
     "bn_relu_bwd_reduce",
     "bn_relu_bwd_elemt",
-    "option_a_shortcut",
-]
+)
+
+__all__ = ["OP_NAMES", "acc_dtype", *OP_NAMES, "option_a_shortcut"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,7 +85,7 @@ def conv_bias_act(
     groups: int,
     relu: bool,
 ) -> Tensor:
-    """out = relu?(conv2d(input, weight) + bias[k] + residual), in input's dtype and memory format."""
+    """out = relu?(conv2d(input, weight) + bias[k] + residual), in input's dtype and format."""
     y = F.conv2d(input, weight, None, stride, padding, dilation, groups)
     z = y.to(acc_dtype(y.dtype))
     if bias is not None:
@@ -112,7 +114,7 @@ def conv_stats(
     dilation: list[int],
     groups: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """out = conv2d(relu?(input * pre_scale + pre_shift), weight); per-channel sum and sum of squares.
+    """out = conv2d(relu?(input * pre_scale + pre_shift), weight); per-channel sum, sum of squares.
 
     Zero padding is applied after the prologue (the transformed tensor is padded), as it is when
     the previous BatchNorm + ReLU is a separate layer.
@@ -233,7 +235,7 @@ def bn_add_relu(
 def _bn_backward(
     g: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """BatchNorm's training backward of g = dL/dz for z = weight * (input - mean) * invstd + bias."""
+    """BatchNorm's training backward of g = dL/dz, z = weight * (input - mean) * invstd + bias."""
     acc = mean.dtype
     gf = g.to(acc)
     xhat = (input.to(acc) - _per_channel(mean)) * _per_channel(invstd)

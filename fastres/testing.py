@@ -62,7 +62,7 @@ class Verdict:
 def verdict(
     name: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype
 ) -> Verdict:
-    """Judge ``ours`` against ``ref`` (float64) with PyTorch's own result ``theirs`` as the yardstick."""
+    """Judge ``ours`` against ``ref`` (float64), PyTorch's own result ``theirs`` the yardstick."""
     err = max_abs_err(ours, ref)
     torch_err = max_abs_err(theirs, ref)
     return Verdict(name, err, torch_err, 2 * torch_err + dtype_tols(dtype))
