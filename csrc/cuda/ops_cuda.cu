@@ -105,6 +105,11 @@ Tensor chan_vec(const Tensor& v, int64_t n, const char* name, const Tensor& ref)
   return r;
 }
 
+// chan_vec of an optional vector; undefined when absent.
+Tensor opt_chan_vec(const OptTensor& v, int64_t n, const char* name, const Tensor& ref) {
+  return v.has_value() ? chan_vec(*v, n, name, ref) : Tensor();
+}
+
 // Output in `fmt` (what the fake returns) plus the NHWC buffer the kernel writes.
 struct NhwcOut {
   Tensor ret;
@@ -121,6 +126,8 @@ NhwcOut nhwc_out(at::IntArrayRef sizes, const at::TensorOptions& opts, MF fmt) {
               : at::empty(sizes, opts.memory_format(MF::ChannelsLast));
   return o;
 }
+// The output "like" t: t's shape, dtype, device and the format the fakes give it.
+NhwcOut nhwc_out_like(const Tensor& t) { return nhwc_out(t.sizes(), t.options(), like_format(t)); }
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -220,7 +227,9 @@ ConvGeom conv_geom(const Tensor& input, const Tensor& weight, at::IntArrayRef st
   return g;
 }
 
-void fill_geometry(ConvParams& p, const ConvGeom& g) {
+// Filter size, stride, padding and dilation (ConvParams and WgradParams name them alike).
+template <typename Params>
+void fill_geometry(Params& p, const ConvGeom& g) {
   p.R = static_cast<int>(g.R);
   p.S = static_cast<int>(g.S);
   p.stride_h = g.sh;
@@ -231,30 +240,59 @@ void fill_geometry(ConvParams& p, const ConvGeom& g) {
   p.dil_w = g.dw;
 }
 
-// Forward convolution operands: x NHWC and w KRSC, both zero-padded to a multiple of the
-// 16-byte chunk in C (and the prologue vectors with them: scale 0, shift 0 -> a = 0 there).
-struct FwdOperands {
-  Tensor x, w, scale, shift;
+const float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// The operands and GEMM shape of an implicit-GEMM launch, read from the NHWC tensors the kernel
+// uses: x (N, XC, XH, XW) gathered, w, out (N, OC, OH, OW) written; M = N * OH * OW rows. The
+// forward passes (input, weight, output), dgrad (grad_out, the transposed weight, grad_input).
+void fill_conv_io(ConvParams& p, const Tensor& x, const Tensor& w, const Tensor& out,
+                  const ConvGeom& g) {
+  p.x = x.data_ptr();
+  p.w = w.data_ptr();
+  p.out = out.data_ptr();
+  p.N = static_cast<int>(g.N);
+  p.XH = static_cast<int>(x.size(2));
+  p.XW = static_cast<int>(x.size(3));
+  p.XC = static_cast<int>(x.size(1));
+  p.OH = static_cast<int>(out.size(2));
+  p.OW = static_cast<int>(out.size(3));
+  p.OC = static_cast<int>(out.size(1));
+  fill_geometry(p, g);
+  p.M = static_cast<int>(g.N * out.size(2) * out.size(3));
+}
+
+// The activation operand of a convolution (forward and wgrad): x NHWC, zero-padded to a multiple
+// of the 16-byte chunk in C, and the prologue vectors with it (scale 0, shift 0 -> a = 0 there).
+struct ActOperand {
+  Tensor x, scale, shift;
   int64_t Cp;
 };
-FwdOperands fwd_operands(const Tensor& input, const Tensor& weight, const ConvGeom& g, DType dt,
-                         const Tensor& scale, const Tensor& shift) {
-  FwdOperands o;
+ActOperand act_operand(const Tensor& input, const ConvGeom& g, DType dt, const Tensor& scale,
+                       const Tensor& shift) {
+  ActOperand o;
   o.x = nhwc(input);
-  o.w = nhwc(weight);
   o.scale = scale;
   o.shift = shift;
   o.Cp = round_up(g.C, chunk_elems(dt));
   if (o.Cp != g.C) {
     o.x = pad_dim(o.x, 1, o.Cp, MF::ChannelsLast);
-    o.w = pad_dim(o.w, 1, o.Cp, MF::ChannelsLast);
     if (scale.defined()) o.scale = pad_dim(scale, 0, o.Cp, MF::Contiguous);
     if (shift.defined()) o.shift = pad_dim(shift, 0, o.Cp, MF::Contiguous);
   }
   return o;
 }
 
-const float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+// Forward convolution operands: the activation operand and w KRSC, padded to the same Cp.
+struct FwdOperands : ActOperand {
+  Tensor w;
+};
+FwdOperands fwd_operands(const Tensor& input, const Tensor& weight, const ConvGeom& g, DType dt,
+                         const Tensor& scale, const Tensor& shift) {
+  FwdOperands o{act_operand(input, g, dt, scale, shift)};
+  o.w = nhwc(weight);
+  if (o.Cp != g.C) o.w = pad_dim(o.w, 1, o.Cp, MF::ChannelsLast);
+  return o;
+}
 
 // ---------------------------------------------------------------------------------------------
 // conv_bias_act
@@ -266,8 +304,8 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
   const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_bias_act");
   c10::cuda::CUDAGuard guard(input.device());
   const DType dt = to_dtype(input, "conv_bias_act");
-  Tensor b, res;
-  if (bias.has_value()) b = chan_vec(*bias, g.K, "bias", input);
+  const Tensor b = opt_chan_vec(bias, g.K, "bias", input);
+  Tensor res;
   if (residual.has_value()) {
     const Tensor& r = *residual;
     CHECK_CUDA(r);
@@ -282,20 +320,9 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
   const FwdOperands o = fwd_operands(input, weight, g, dt, Tensor(), Tensor());
 
   ConvParams p{};
-  p.x = o.x.data_ptr();
-  p.w = o.w.data_ptr();
-  p.out = out.buf.data_ptr();
+  fill_conv_io(p, o.x, o.w, out.buf, g);
   p.bias = fptr(b);
   p.residual = res.defined() ? res.data_ptr() : nullptr;
-  p.N = static_cast<int>(g.N);
-  p.XH = static_cast<int>(g.H);
-  p.XW = static_cast<int>(g.W);
-  p.XC = static_cast<int>(o.Cp);
-  p.OH = static_cast<int>(g.P);
-  p.OW = static_cast<int>(g.Q);
-  p.OC = static_cast<int>(g.K);
-  fill_geometry(p, g);
-  p.M = static_cast<int>(g.N * g.P * g.Q);
   p.has_bias = b.defined();
   p.has_residual = res.defined();
   p.relu = relu;
@@ -307,11 +334,14 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
 // ---------------------------------------------------------------------------------------------
 // relu_bias_bwd and the BatchNorm backward family (one reduction + elementwise pipeline)
 // ---------------------------------------------------------------------------------------------
-void run_channel_bwd(ChannelBwdParams& p, DType dt, const Tensor& ref) {
+// Plans the reduction, allocates its per-chunk partial sums and runs `launch`:
+// launch_channel_bwd (reduction, then elementwise pass) or launch_channel_reduce (reduction only).
+using ChannelLaunch = cudaError_t (*)(const ChannelBwdParams&, DType, cudaStream_t);
+void run_channel(ChannelBwdParams& p, DType dt, const Tensor& ref, ChannelLaunch launch) {
   const int64_t n = plan_channel_bwd(p, dt, num_sms(ref));
   Tensor partial = at::empty({n}, ref.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
-  C10_CUDA_CHECK(launch_channel_bwd(p, dt, stream()));
+  C10_CUDA_CHECK(launch(p, dt, stream()));
 }
 
 void check_like(const Tensor& t, const Tensor& ref, const char* name) {
@@ -331,7 +361,7 @@ std::tuple<Tensor, Tensor> relu_bias_bwd_cuda(const Tensor& grad_out, const OptT
   if (out.has_value()) check_like(*out, grad_out, "out");
   c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t C = grad_out.size(1);
-  NhwcOut gz = nhwc_out(grad_out.sizes(), grad_out.options(), like_format(grad_out));
+  NhwcOut gz = nhwc_out_like(grad_out);
   Tensor gb = at::zeros({C}, grad_out.options().dtype(at::kFloat));
   if (grad_out.numel() == 0) return {gz.ret, gb};
   const Tensor go = nhwc(grad_out);
@@ -346,7 +376,7 @@ std::tuple<Tensor, Tensor> relu_bias_bwd_cuda(const Tensor& grad_out, const OptT
   p.C = static_cast<int>(C);
   p.nsum = 1;
   p.kind = BwdKind::kG;
-  run_channel_bwd(p, dt, grad_out);
+  run_channel(p, dt, grad_out, launch_channel_bwd);
   gz.finish();
   return {gz.ret, gb};
 }
@@ -363,13 +393,8 @@ void check_stat(const Tensor& t, int64_t C, const char* name, const Tensor& ref)
 // The BatchNorm backwards share one pipeline (reduction, then elementwise pass): the fused ops
 // run both passes, the SyncBatchNorm split (*_reduce, *_elemt) one pass each, with the
 // all-reduce of the sums in between. The two structs below check and prepare the inputs the three
-// forms of each backward share, and hold the prepared tensors until the launches are done.
-void run_channel_reduce(ChannelBwdParams& p, DType dt, const Tensor& ref) {
-  const int64_t n = plan_channel_bwd(p, dt, num_sms(ref));
-  Tensor partial = at::empty({n}, ref.options().dtype(at::kFloat));
-  p.partial = partial.data_ptr<float>();
-  C10_CUDA_CHECK(launch_channel_reduce(p, dt, stream()));
-}
+// forms of each backward share and the outputs of the two forms with an elementwise pass, and hold
+// the prepared tensors until the launches are done.
 
 // grad_out, out, input, mean, invstd (and res_input, res_mean, res_invstd) of bn_add_relu_bwd and
 // its split: checked, then (under a guard on grad_out's device) mean/invstd as float32 vectors
@@ -429,6 +454,27 @@ struct AddReluBwdIn {
     p.rows = grad_out.numel() / C;
     p.C = static_cast<int>(C);
   }
+
+  NhwcOut gi, gr;  // grad_input, grad_res (set by grads)
+
+  // The elementwise pass's outputs grad_input and grad_res (grad_out's shape without res_input:
+  // grad_res = g there) in the formats the fakes report and, when grad_out is not empty, their
+  // buffers, the weights and the kind filled into `p`.
+  void grads(ChannelBwdParams& p, const Tensor& grad_out, const Tensor& input,
+             const OptTensor& res_input, const Tensor& w, const Tensor& wr) {
+    gi = nhwc_out_like(input);
+    gr = nhwc_out_like(bn_res ? *res_input : grad_out);
+    if (empty) return;
+    p.weight = fptr(w);
+    p.grad_input = gi.buf.data_ptr();
+    p.grad_res = gr.buf.data_ptr();
+    if (bn_res) p.weight_r = fptr(wr);
+    p.kind = bn_res ? BwdKind::kBnBn : BwdKind::kBnId;
+  }
+  void finish() {
+    gi.finish();
+    gr.finish();
+  }
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
@@ -441,34 +487,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
   const int64_t C = a.C;
   const bool bn_res = a.bn_res;
   const at::TensorOptions fopts = mean.options();
-  const Tensor w = weight.has_value() ? chan_vec(*weight, C, "weight", input) : Tensor();
-  const Tensor wr =
-      bn_res && res_weight.has_value() ? chan_vec(*res_weight, C, "res_weight", input) : Tensor();
-  NhwcOut gi = nhwc_out(input.sizes(), input.options(), like_format(input));
-  NhwcOut gr = bn_res ? nhwc_out(res_input->sizes(), res_input->options(), like_format(*res_input))
-                      : nhwc_out(grad_out.sizes(), grad_out.options(), like_format(grad_out));
+  const Tensor w = opt_chan_vec(weight, C, "weight", input);
+  const Tensor wr = bn_res ? opt_chan_vec(res_weight, C, "res_weight", input) : Tensor();
+  a.grads(p, grad_out, input, res_input, w, wr);
   Tensor gw = at::zeros({C}, fopts);
   Tensor gb = at::zeros({C}, fopts);
   Tensor grw = bn_res ? at::zeros({C}, fopts) : at::empty({0}, fopts);
   Tensor grb = bn_res ? at::empty({C}, fopts) : at::empty({0}, fopts);
   if (!a.empty) {
-    p.weight = fptr(w);
     p.sum_g = gb.data_ptr<float>();
     p.sum_gx = gw.data_ptr<float>();
-    p.grad_input = gi.buf.data_ptr();
-    p.grad_res = gr.buf.data_ptr();
-    if (bn_res) {
-      p.weight_r = fptr(wr);
-      p.sum_gxr = grw.data_ptr<float>();
-    }
+    if (bn_res) p.sum_gxr = grw.data_ptr<float>();
     p.nsum = bn_res ? 3 : 2;
-    p.kind = bn_res ? BwdKind::kBnBn : BwdKind::kBnId;
-    run_channel_bwd(p, a.dt, grad_out);
-    gi.finish();
-    gr.finish();
+    run_channel(p, a.dt, grad_out, launch_channel_bwd);
+    a.finish();
   }
   if (bn_res) grb.copy_(gb);  // the residual branch sees the same g: its grad_bias is sum(g)
-  return {gi.ret, gw, gb, gr.ret, grw, grb};
+  return {a.gi.ret, gw, gb, a.gr.ret, grw, grb};
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cuda(
@@ -488,7 +523,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cuda(
     p.sum_gx = sgx.data_ptr<float>();
     p.sum_gxr = a.bn_res ? sgxr.data_ptr<float>() : nullptr;
     p.nsum = a.bn_res ? 3 : 2;
-    run_channel_reduce(p, a.dt, grad_out);
+    run_channel(p, a.dt, grad_out, launch_channel_reduce);
   }
   return {sg, sgx, sgxr};
 }
@@ -508,33 +543,23 @@ std::tuple<Tensor, Tensor> bn_add_relu_bwd_elemt_cuda(
          res_invstd);
   const int64_t C = a.C;
   const bool bn_res = a.bn_res;
-  const Tensor w = weight.has_value() ? chan_vec(*weight, C, "weight", input) : Tensor();
+  const Tensor w = opt_chan_vec(weight, C, "weight", input);
   const Tensor mg = chan_vec(mean_g, C, "mean_g", input);
   const Tensor mgx = chan_vec(mean_g_xhat, C, "mean_g_xhat", input);
   Tensor wr, mgxr;
   if (bn_res) {
-    if (res_weight.has_value()) wr = chan_vec(*res_weight, C, "res_weight", input);
+    wr = opt_chan_vec(res_weight, C, "res_weight", input);
     mgxr = chan_vec(*res_mean_g_xhat, C, "res_mean_g_xhat", input);
   }
-  NhwcOut gi = nhwc_out(input.sizes(), input.options(), like_format(input));
-  NhwcOut gr = bn_res ? nhwc_out(res_input->sizes(), res_input->options(), like_format(*res_input))
-                      : nhwc_out(grad_out.sizes(), grad_out.options(), like_format(grad_out));
+  a.grads(p, grad_out, input, res_input, w, wr);
   if (!a.empty) {
-    p.weight = fptr(w);
     p.mean_g = mg.data_ptr<float>();
     p.mean_gx = mgx.data_ptr<float>();
-    p.grad_input = gi.buf.data_ptr();
-    p.grad_res = gr.buf.data_ptr();
-    if (bn_res) {
-      p.weight_r = fptr(wr);
-      p.mean_gxr = mgxr.data_ptr<float>();
-    }
-    p.kind = bn_res ? BwdKind::kBnBn : BwdKind::kBnId;
+    if (bn_res) p.mean_gxr = mgxr.data_ptr<float>();
     C10_CUDA_CHECK(launch_channel_elementwise(p, a.dt, stream()));
-    gi.finish();
-    gr.finish();
+    a.finish();
   }
-  return {gi.ret, gr.ret};
+  return {a.gi.ret, a.gr.ret};
 }
 
 // grad_out, input, mean, invstd, scale, shift of bn_relu_bwd and its split, as AddReluBwdIn.
@@ -576,6 +601,18 @@ struct ReluBwdIn {
     p.rows = grad_out.numel() / C;
     p.C = static_cast<int>(C);
   }
+
+  NhwcOut gi;  // grad_input (set by grad)
+
+  // The elementwise pass's output grad_input in the format the fakes report and, when grad_out
+  // is not empty, its buffer, the weight and the kind filled into `p`.
+  void grad(ChannelBwdParams& p, const Tensor& input, const Tensor& w) {
+    gi = nhwc_out_like(input);
+    if (empty) return;
+    p.weight = fptr(w);
+    p.grad_input = gi.buf.data_ptr();
+    p.kind = BwdKind::kBn;
+  }
 };
 
 std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, const Tensor& input,
@@ -586,21 +623,17 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, cons
   ReluBwdIn a;
   a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
   const at::TensorOptions fopts = mean.options();
-  const Tensor w = weight.has_value() ? chan_vec(*weight, a.C, "weight", input) : Tensor();
-  NhwcOut gi = nhwc_out(input.sizes(), input.options(), like_format(input));
+  a.grad(p, input, opt_chan_vec(weight, a.C, "weight", input));
   Tensor gw = at::zeros({a.C}, fopts);
   Tensor gb = at::zeros({a.C}, fopts);
   if (!a.empty) {
-    p.weight = fptr(w);
     p.sum_g = gb.data_ptr<float>();
     p.sum_gx = gw.data_ptr<float>();
-    p.grad_input = gi.buf.data_ptr();
     p.nsum = 2;
-    p.kind = BwdKind::kBn;
-    run_channel_bwd(p, a.dt, grad_out);
-    gi.finish();
+    run_channel(p, a.dt, grad_out, launch_channel_bwd);
+    a.gi.finish();
   }
-  return {gi.ret, gw, gb};
+  return {a.gi.ret, gw, gb};
 }
 
 std::tuple<Tensor, Tensor> bn_relu_bwd_reduce_cuda(const Tensor& grad_out, const Tensor& input,
@@ -617,7 +650,7 @@ std::tuple<Tensor, Tensor> bn_relu_bwd_reduce_cuda(const Tensor& grad_out, const
     p.sum_g = sg.data_ptr<float>();
     p.sum_gx = sgx.data_ptr<float>();
     p.nsum = 2;
-    run_channel_reduce(p, a.dt, grad_out);
+    run_channel(p, a.dt, grad_out, launch_channel_reduce);
   }
   return {sg, sgx};
 }
@@ -629,20 +662,17 @@ Tensor bn_relu_bwd_elemt_cuda(const Tensor& grad_out, const Tensor& input, const
   ChannelBwdParams p{};
   ReluBwdIn a;
   a.init("bn_relu_bwd_elemt", p, grad_out, input, mean, invstd, scale, shift, relu);
-  const Tensor w = weight.has_value() ? chan_vec(*weight, a.C, "weight", input) : Tensor();
+  const Tensor w = opt_chan_vec(weight, a.C, "weight", input);
   const Tensor mg = chan_vec(mean_g, a.C, "mean_g", input);
   const Tensor mgx = chan_vec(mean_g_xhat, a.C, "mean_g_xhat", input);
-  NhwcOut gi = nhwc_out(input.sizes(), input.options(), like_format(input));
+  a.grad(p, input, w);
   if (!a.empty) {
-    p.weight = fptr(w);
     p.mean_g = mg.data_ptr<float>();
     p.mean_gx = mgx.data_ptr<float>();
-    p.grad_input = gi.buf.data_ptr();
-    p.kind = BwdKind::kBn;
     C10_CUDA_CHECK(launch_channel_elementwise(p, a.dt, stream()));
-    gi.finish();
+    a.gi.finish();
   }
-  return gi.ret;
+  return a.gi.ret;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,10 +686,8 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
   const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_stats");
   c10::cuda::CUDAGuard guard(input.device());
   const DType dt = to_dtype(input, "conv_stats");
-  const Tensor sc =
-      pre_scale.has_value() ? chan_vec(*pre_scale, g.C, "pre_scale", input) : Tensor();
-  const Tensor sh =
-      pre_shift.has_value() ? chan_vec(*pre_shift, g.C, "pre_shift", input) : Tensor();
+  const Tensor sc = opt_chan_vec(pre_scale, g.C, "pre_scale", input);
+  const Tensor sh = opt_chan_vec(pre_shift, g.C, "pre_shift", input);
   NhwcOut out = nhwc_out({g.N, g.K, g.P, g.Q}, input.options(), like_format(input));
   const at::TensorOptions fopts = input.options().dtype(at::kFloat);
   Tensor sum = at::empty({g.K}, fopts);
@@ -677,21 +705,10 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
   Tensor partial = at::empty({2, m_tiles, g.K}, fopts);
 
   ConvParams p{};
-  p.x = o.x.data_ptr();
-  p.w = o.w.data_ptr();
-  p.out = out.buf.data_ptr();
+  fill_conv_io(p, o.x, o.w, out.buf, g);
   p.pre_scale = fptr(o.scale);
   p.pre_shift = fptr(o.shift);
   p.stats_partial = partial.data_ptr<float>();
-  p.N = static_cast<int>(g.N);
-  p.XH = static_cast<int>(g.H);
-  p.XW = static_cast<int>(g.W);
-  p.XC = static_cast<int>(o.Cp);
-  p.OH = static_cast<int>(g.P);
-  p.OW = static_cast<int>(g.Q);
-  p.OC = static_cast<int>(g.K);
-  fill_geometry(p, g);
-  p.M = static_cast<int>(M);
   p.m_tiles = static_cast<int>(m_tiles);
   p.prologue = sc.defined() || sh.defined() || pre_relu;
   p.pre_relu = pre_relu;
@@ -725,12 +742,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
   TORCH_CHECK_VALUE(!has_running || momentum.has_value() || num_batches_tracked.has_value(),
                     "momentum=None (cumulative average) needs num_batches_tracked");
   c10::cuda::CUDAGuard guard(sum.device());
-  const Tensor w = weight.has_value() ? chan_vec(*weight, C, "weight", sum) : Tensor();
-  const Tensor b = bias.has_value() ? chan_vec(*bias, C, "bias", sum) : Tensor();
+  const Tensor w = opt_chan_vec(weight, C, "weight", sum);
+  const Tensor b = opt_chan_vec(bias, C, "bias", sum);
   // Running stats are updated in place; a float32 working copy when they are stored otherwise.
-  Tensor rm, rv;
-  if (running_mean.has_value()) rm = chan_vec(*running_mean, C, "running_mean", sum);
-  if (running_var.has_value()) rv = chan_vec(*running_var, C, "running_var", sum);
+  const Tensor rm = opt_chan_vec(running_mean, C, "running_mean", sum);
+  const Tensor rv = opt_chan_vec(running_var, C, "running_var", sum);
   int64_t* nbt = nullptr;
   if (num_batches_tracked.has_value()) {
     const Tensor& t = *num_batches_tracked;
@@ -836,8 +852,8 @@ Tensor bn_add_relu_cuda(const Tensor& input, const Tensor& scale, const Tensor& 
     TORCH_CHECK(res_channel_offset >= 0 && res_channel_offset + Cr <= C,
                 "fastres CUDA bn_add_relu: residual channels [", res_channel_offset, ", ",
                 res_channel_offset + Cr, ") do not fit in the input's ", C, " channels");
-    if (res_scale.has_value()) rsc = chan_vec(*res_scale, Cr, "res_scale", input);
-    if (res_shift.has_value()) rsh = chan_vec(*res_shift, Cr, "res_shift", input);
+    rsc = opt_chan_vec(res_scale, Cr, "res_scale", input);
+    rsh = opt_chan_vec(res_shift, Cr, "res_shift", input);
   }
   Tensor out = at::empty(input.sizes(), input.options().memory_format(like_format(input)));
   if (out.numel() == 0) return out;
@@ -889,10 +905,8 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
   CHECK_SHAPE(grad_out, g.N, g.K, g.P, g.Q);
   c10::cuda::CUDAGuard guard(input.device());
   const DType dt = to_dtype(input, "conv_bwd");
-  const Tensor sc =
-      pre_scale.has_value() ? chan_vec(*pre_scale, g.C, "pre_scale", input) : Tensor();
-  const Tensor sh =
-      pre_shift.has_value() ? chan_vec(*pre_shift, g.C, "pre_shift", input) : Tensor();
+  const Tensor sc = opt_chan_vec(pre_scale, g.C, "pre_scale", input);
+  const Tensor sh = opt_chan_vec(pre_shift, g.C, "pre_shift", input);
   const int64_t epc = chunk_elems(dt);
   const int64_t Kp = round_up(g.K, epc);
   // N == 0 is the only empty case left (conv_geom rejects empty images and weights).
@@ -907,7 +921,7 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
 
   Tensor grad_input;
   if (output_mask[0]) {
-    NhwcOut o = nhwc_out(input.sizes(), input.options(), like_format(input));
+    NhwcOut o = nhwc_out_like(input);
     if (o.ret.numel() > 0) {
       // dL/da[n, h, w, c] = sum over (r, s, k) of grad_out[n, p, q, k] * weight[k, c, r, s]
       // with h = p * stride - pad + r * dil: the gather form with weights as (C, R, S, Kp).
@@ -916,18 +930,7 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
       Tensor wt = wk.permute({1, 2, 3, 0}).contiguous();
       if (!aligned16(wt)) wt = wt.clone();
       ConvParams p{};
-      p.x = go.data_ptr();
-      p.w = wt.data_ptr();
-      p.out = o.buf.data_ptr();
-      p.N = static_cast<int>(g.N);
-      p.XH = static_cast<int>(g.P);
-      p.XW = static_cast<int>(g.Q);
-      p.XC = static_cast<int>(Kp);
-      p.OH = static_cast<int>(g.H);
-      p.OW = static_cast<int>(g.W);
-      p.OC = static_cast<int>(g.C);
-      fill_geometry(p, g);
-      p.M = static_cast<int>(g.N * g.H * g.W);
+      fill_conv_io(p, go, wt, o.buf, g);
       p.dgrad = true;
       C10_CUDA_CHECK(launch_conv(p, dt, conv_math(dt), stream()));
       o.finish();
@@ -944,14 +947,8 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
     if (npq == 0) {
       grad_weight.zero_();
     } else {
-      const int64_t Cp = round_up(g.C, epc);
-      Tensor x = nhwc(input);
-      Tensor scp = sc, shp = sh;
-      if (Cp != g.C) {
-        x = pad_dim(x, 1, Cp, MF::ChannelsLast);
-        if (sc.defined()) scp = pad_dim(sc, 0, Cp, MF::Contiguous);
-        if (sh.defined()) shp = pad_dim(sh, 0, Cp, MF::Contiguous);
-      }
+      const ActOperand a = act_operand(input, g, dt, sc, sh);
+      const int64_t Cp = a.Cp;
       const bool direct = Kp == g.K && Cp == g.C && grad_weight.is_contiguous(MF::ChannelsLast) &&
                           aligned16(grad_weight);
       // (Kp, Cp, R, S) in channels_last = (Kp, R, S, Cp) in memory: what the kernel writes.
@@ -960,9 +957,9 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
                  : at::empty({Kp, Cp, g.R, g.S}, weight.options().memory_format(MF::ChannelsLast));
       WgradParams p{};
       p.grad_out = go.data_ptr();
-      p.x = x.data_ptr();
-      p.pre_scale = fptr(scp);
-      p.pre_shift = fptr(shp);
+      p.x = a.x.data_ptr();
+      p.pre_scale = fptr(a.scale);
+      p.pre_shift = fptr(a.shift);
       p.dw = dw.data_ptr();
       p.N = static_cast<int>(g.N);
       p.H = static_cast<int>(g.H);
@@ -971,14 +968,7 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
       p.P = static_cast<int>(g.P);
       p.Q = static_cast<int>(g.Q);
       p.K = static_cast<int>(Kp);
-      p.R = static_cast<int>(g.R);
-      p.S = static_cast<int>(g.S);
-      p.stride_h = g.sh;
-      p.stride_w = g.sw;
-      p.pad_h = g.ph;
-      p.pad_w = g.pw;
-      p.dil_h = g.dh;
-      p.dil_w = g.dw;
+      fill_geometry(p, g);
       p.NPQ = npq;
       p.prologue = sc.defined() || sh.defined() || pre_relu;
       p.pre_relu = pre_relu;
