@@ -387,17 +387,7 @@ def test_compile_first_call_fullgraph_fresh_process():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
-def _cpu_backend() -> str:
-    return fastres.backends.select(fastres.backends.Inputs(torch.device("cpu"), torch.float32)).name
-
-
 @slow
-@pytest.mark.xfail(
-    _cpu_backend() == "reference",
-    strict=True,
-    reason="known: the reference backend compiled by Inductor has 3x eager's error in the "
-    "training forward (2.3e-4 vs 8.7e-5 here; compiled torchvision 9.6e-5, cpu backend 7.5e-5)",
-)
 @pytest.mark.parametrize("mode", ["default", "max-autotune"])
 def test_compile_resnet50_modes(mode):
     """torch.compile (Inductor, ``mode``), fullgraph, on a whole converted ResNet-50, eval and
