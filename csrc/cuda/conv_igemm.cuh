@@ -171,28 +171,13 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_igemm_kernel(const ConvPara
   auto transform_stage = [&](int stage, int r, int s, int cb) {
     const int c = cb * BK + chunk * EPC;
     if (c >= p.XC) return;
-    float sc[EPC], sh[EPC];
-#pragma unroll
-    for (int e = 0; e < EPC; ++e) {
-      sc[e] = p.pre_scale ? __ldg(p.pre_scale + c + e) : 1.f;
-      sh[e] = p.pre_shift ? __ldg(p.pre_shift + c + e) : 0.f;
-    }
+    const PrologueChunk<T> pro(p.pre_scale, p.pre_shift, c);
     unsigned char* base = sA + stage * Cfg::A_STAGE;
 #pragma unroll
     for (int i = 0; i < A_ITERS; ++i) {
       int64_t off;
       if (!a_pixel(i, r, s, off)) continue;  // padding stays zero
-      uint4* ptr = reinterpret_cast<uint4*>(base + swz64(row0 + i * ROW_STEP, chunk));
-      Vec16<T> v;
-      v.u = *ptr;
-#pragma unroll
-      for (int e = 0; e < EPC; ++e) {
-        // Two roundings (mul, then add) as the reference computes x * scale + shift.
-        float y = __fadd_rn(__fmul_rn(to_f(v.v[e]), sc[e]), sh[e]);
-        if (p.pre_relu) y = y < 0.f ? 0.f : y;
-        v.v[e] = from_f<T>(y);
-      }
-      *ptr = v.u;
+      pro.apply(base + swz64(row0 + i * ROW_STEP, chunk), p.pre_relu);
     }
   };
 
@@ -207,16 +192,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_igemm_kernel(const ConvPara
   const int wn = warp / Cfg::WARPS_M;
   float acc[MI][NI][4];  // tensor-core fragments
   float sacc[4][4];      // SIMT: rows ty + 16 i, cols tx + 16 j
-#pragma unroll
-  for (int a = 0; a < MI; ++a)
-#pragma unroll
-    for (int b = 0; b < NI; ++b)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b) sacc[a][b] = 0.f;
+  zero_acc(acc, sacc);
 
   auto compute_stage = [&](int stage) {
     const unsigned char* a_s = sA + stage * Cfg::A_STAGE;

@@ -130,12 +130,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) wgrad_kernel(const WgradParams p
   // Prologue on this thread's own B chunks (see conv_igemm.cuh: no barrier needed before it).
   auto transform_stage = [&](int stage, int kt) {
     if (!b_c_ok) return;
-    float sc[EPC], sh[EPC];
-#pragma unroll
-    for (int e = 0; e < EPC; ++e) {
-      sc[e] = p.pre_scale ? __ldg(p.pre_scale + b_c + e) : 1.f;
-      sh[e] = p.pre_shift ? __ldg(p.pre_shift + b_c + e) : 0.f;
-    }
+    const PrologueChunk<T> pro(p.pre_scale, p.pre_shift, b_c);
     const int64_t jb = row_begin + static_cast<int64_t>(kt) * BK;
     unsigned char* base = sB + stage * B_STAGE;
 #pragma unroll
@@ -143,16 +138,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) wgrad_kernel(const WgradParams p
       const int row = b_row0 + i * B_RSTEP;
       int64_t off;
       if (!b_pixel(jb + row, off)) continue;  // padding stays zero
-      uint4* ptr = reinterpret_cast<uint4*>(base + swz_wide(row, b_chunk, B_RB));
-      Vec16<T> v;
-      v.u = *ptr;
-#pragma unroll
-      for (int e = 0; e < EPC; ++e) {
-        float y = __fadd_rn(__fmul_rn(to_f(v.v[e]), sc[e]), sh[e]);
-        if (p.pre_relu) y = y < 0.f ? 0.f : y;
-        v.v[e] = from_f<T>(y);
-      }
-      *ptr = v.u;
+      pro.apply(base + swz_wide(row, b_chunk, B_RB), p.pre_relu);
     }
   };
 
@@ -164,16 +150,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) wgrad_kernel(const WgradParams p
   constexpr int NI = SIMT ? 2 : Cfg::WN / 8;
   float acc[MI][NI][4];
   float sacc[4][4];  // SIMT: k = ty*4 + i, c = tx*4 + j
-#pragma unroll
-  for (int a = 0; a < MI; ++a)
-#pragma unroll
-    for (int b = 0; b < NI; ++b)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b) sacc[a][b] = 0.f;
+  zero_acc(acc, sacc);
 
   auto compute_stage = [&](int stage) {
     const unsigned char* a_s = sA + stage * A_STAGE;

@@ -1,5 +1,6 @@
 // Device helpers shared by the fastres CUDA kernels: compile-time switches, dtype conversions,
-// cp.async / ldmatrix / mma.sync wrappers and the 64-byte-row shared-memory swizzle.
+// cp.async / ldmatrix / mma.sync wrappers, the GEMM kernels' accumulator zeroing and prologue
+// chunk, and the shared-memory swizzles.
 //
 // Kernel files include only this header and kernels.h (no ATen): a kernel file then compiles in
 // the time its device code takes, not the ~30 s the ATen headers cost (csrc/cuda/README.md).
@@ -181,6 +182,55 @@ __device__ __forceinline__ uint32_t to_tf32(uint32_t x) {
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(x)));
   return r;
 }
+
+// Zero the accumulators of a GEMM kernel: the tensor-core fragments acc[MI][NI] and the SIMT
+// per-thread 4 x 4 block (each kernel declares both and uses one; the other is dead code).
+template <int MI, int NI>
+__device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4], float (&sacc)[4][4]) {
+#pragma unroll
+  for (int a = 0; a < MI; ++a)
+#pragma unroll
+    for (int b = 0; b < NI; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) sacc[a][b] = 0.f;
+}
+
+// The convolutions' prologue a = relu?(x * scale + shift) on the 16-byte chunks of channels
+// c .. c + N - 1 that a thread loaded itself into shared memory (conv_igemm.cuh: A, conv_wgrad.cu:
+// B): the factors are read once per stage, then applied to each of the thread's rows.
+template <typename T>
+struct PrologueChunk {
+  static constexpr int N = Vec16<T>::N;
+  float sc[N], sh[N];
+
+  // scale 1 / shift 0 where the vector is absent.
+  __device__ __forceinline__ PrologueChunk(const float* scale, const float* shift, int c) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      sc[e] = scale ? __ldg(scale + c + e) : 1.f;
+      sh[e] = shift ? __ldg(shift + c + e) : 0.f;
+    }
+  }
+
+  // The chunk at `chunk` (shared memory), in place. Two roundings (mul, then add) as the
+  // reference computes x * scale + shift: bn_relu_bwd's recomputed ReLU mask matches bit for bit.
+  __device__ __forceinline__ void apply(void* chunk, bool relu) const {
+    uint4* ptr = static_cast<uint4*>(chunk);
+    Vec16<T> v;
+    v.u = *ptr;
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      float y = __fadd_rn(__fmul_rn(to_f(v.v[e]), sc[e]), sh[e]);
+      if (relu) y = y < 0.f ? 0.f : y;
+      v.v[e] = from_f<T>(y);
+    }
+    *ptr = v.u;
+  }
+};
 
 // Byte offset of 16-byte chunk `chunk` (0..3) of row `row` in a tile of 64-byte rows. The XOR
 // spreads the 8 rows one ldmatrix phase reads over all 32 banks: rows r and r+2 would otherwise
