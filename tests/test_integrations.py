@@ -57,19 +57,19 @@ def _flat(out) -> dict[str, torch.Tensor]:
 
 
 def run_kept(model: nn.Module, x: torch.Tensor, train: bool, autocast=None):
-    """Forward (under ``autocast``, a dtype for torch.autocast("cpu")) and, for train, a backward
-    of a fixed random projection outside autocast. Returns what a user keeps: outputs, input grad,
-    every parameter grad and every buffer."""
+    """Forward (under ``autocast``, a dtype for torch.autocast on x's device) and, for train, a
+    backward of a fixed random projection outside autocast. Returns what a user keeps: outputs,
+    input grad, every parameter grad and every buffer."""
     model.train(train)
     x = x.detach().clone().requires_grad_(train)
-    ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    ctx = torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     with ctx:
         outs = _flat(model(x))
     kept = {k: v.detach() for k, v in outs.items()}
     if train:
         g = torch.Generator().manual_seed(1)
         loss = sum(
-            (v.double() * torch.randn(v.shape, generator=g, dtype=torch.float64)).sum()
+            (v.double() * torch.randn(v.shape, generator=g, dtype=torch.float64).to(v.device)).sum()
             for v in outs.values()
         )
         loss.backward()
@@ -878,3 +878,21 @@ def test_cuda_graph_capture_forward_and_training_step(backend, monkeypatch):
         ours = dict(model.state_dict())
         for n, v in twin.state_dict().items():
             torch.testing.assert_close(ours[n], v, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_resnet18_cuda_autocast_bf16(backend, train, monkeypatch):
+    """test_resnet18_cpu_autocast_bf16 on CUDA (torch.autocast("cuda", bfloat16)), per backend."""
+    if backend != "auto":
+        monkeypatch.setenv("FASTRES_BACKEND", backend)
+    tv = randomise_norm(torchvision.models.resnet18(num_classes=10)).cuda()
+    ref = copy.deepcopy(tv).double()
+    ours = fastres.convert(tv)
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    k_ref = run_kept(ref, x.double(), train)
+    k_theirs = run_kept(tv, x, train, autocast=torch.bfloat16)
+    k_ours = run_kept(ours, x, train, autocast=torch.bfloat16)
+    assert k_ours["out"].dtype == torch.bfloat16
+    check_rule(k_ours, k_theirs, k_ref, torch.bfloat16)
