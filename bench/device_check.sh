@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU device check: build fastres on a fresh CUDA machine and run, each step time-boxed,
-#   info -> GPU tests -> Triton tests -> parity harness -> benchmarks -> a short table.
+#   info -> GPU tests -> Triton tests -> parity harness -> benchmarks -> integration GPU tests
+#   -> a short table.
 #
 #   bash bench/device_check.sh OUTDIR
 #
@@ -104,7 +105,8 @@ step info 30 170 "$PY" -P -m fastres.info
 
 # 3. GPU tests and the Triton tests (the gpu-marked ones already ran in the first command).
 if have pytest; then
-  step gpu-tests 120 150 "$PY" -P -m pytest tests -m gpu -q -p no:cacheprovider -rfEs
+  step gpu-tests 75 150 "$PY" -P -m pytest tests -m "gpu and not gpu_integration" -q \
+    -p no:cacheprovider -rfEs
   TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null)
   if [ -n "$TRITON_TESTS" ]; then
     # shellcheck disable=SC2086
@@ -130,10 +132,10 @@ fi
 # fused vs eager first, then the reference case with torch.compile(max-autotune) in whatever time
 # is left; both into one bench.json.
 if have pytest; then
-  step bench 100 30 "$PY" -P -m pytest bench/bench_convs.py bench/bench_blocks.py \
+  step bench 100 60 "$PY" -P -m pytest bench/bench_convs.py bench/bench_blocks.py \
     bench/bench_resnet.py -q -p no:cacheprovider --bench-quick \
     --bench-compile=none --bench-out "$OUT/bench.json" -rfE
-  step bench-compile 60 5 "$PY" -P -m pytest bench/bench_blocks.py -q -p no:cacheprovider \
+  step bench-compile 60 50 "$PY" -P -m pytest bench/bench_blocks.py -q -p no:cacheprovider \
     -k "reference_case and compile" --bench-compile=ref --bench-out "$OUT/bench.json" \
     --bench-append -rfE
   if [ -f "$OUT/bench.json" ]; then
@@ -141,7 +143,14 @@ if have pytest; then
   fi
 fi
 
-# 6. The short table, last.
+# 6. The GPU tests of the integrations (SyncBatchNorm over NCCL or gloo on CUDA tensors, CUDA
+# graphs, CUDA autocast), per backend, in whatever time is left.
+if have pytest; then
+  step gpu-integr 120 5 "$PY" -P -m pytest tests/test_integrations.py -m gpu_integration -q \
+    -p no:cacheprovider -rfEs
+fi
+
+# 7. The short table, last.
 {
   echo "fastres device check, commit $FASTRES_COMMIT, $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   printf '%-14s %-9s %7s  %s\n' step status time note

@@ -752,7 +752,8 @@ def test_sync_bn_blocks_mixed_norms_are_left():
 
 
 # ------------------------------------------------------------------------------- GPU variants
-# Run by bench/device_check.sh (pytest -m gpu) on a CUDA machine; skipped elsewhere.
+# Run by bench/device_check.sh on a CUDA machine (its last step, in the time the parity run and the
+# benchmarks leave: marker gpu_integration); skipped elsewhere.
 
 
 def _gpu_backends() -> list:
@@ -801,6 +802,7 @@ def _gpu_sync_worker(rank, world, port, backend, state, x, proj, out_dir) -> Non
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_integration
 @pytest.mark.parametrize("backend", _gpu_backends())
 def test_sync_bn_gpu_matches_nn_syncbatchnorm(backend, tmp_path):
     """On a GPU the same fused SyncBatchNorm path (NCCL with 2 GPUs, gloo on CUDA tensors with
@@ -816,6 +818,7 @@ def test_sync_bn_gpu_matches_nn_syncbatchnorm(backend, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_integration
 @pytest.mark.parametrize("backend", _gpu_backends())
 def test_cuda_graph_capture_forward_and_training_step(backend, monkeypatch):
     """CUDA graph capture of a converted model's fused forward (eval) and of a whole training
@@ -881,6 +884,7 @@ def test_cuda_graph_capture_forward_and_training_step(backend, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_integration
 @pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_resnet18_cuda_autocast_bf16(backend, train, monkeypatch):
