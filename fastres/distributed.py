@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastres import backends
+from fastres import backends, reference
 from fastres import functional as FF
 from fastres.backends import Inputs
 from fastres.functional import BNSpec
@@ -48,9 +48,9 @@ class _SyncBNFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, nbt, bn: BNSpec, group, be):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xs = x.to(acc)
-        s, q = xs.sum(dim=(0, 2, 3)), (xs * xs).sum(dim=(0, 2, 3))
+        # per-channel sums accumulated in float64, as the ops' own statistics are
+        xs = x.to(reference.acc_dtype(x.dtype))
+        s, q = reference._channel_sum(xs), reference._channel_sum(xs * xs)
         part = (x, s, q, (weight, bias, running_mean, running_var, nbt), bn)
         mean, invstd, scale, shift, count = FF._sync_finalize(be, group, [part])[0]
         out = backends.op(be, "bn_add_relu")(x, scale, shift, None, None, None, 0, False)
