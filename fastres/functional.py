@@ -602,6 +602,26 @@ class _ResidualUnitFn(torch.autograd.Function):
         return (None, dx if need_x else None, grad_shortcut, *grads_params)
 
 
+def inner_relu_decisions(out: Tensor) -> list[Tensor] | None:
+    """The decisions (``> 0`` masks) of the ReLUs between the convolutions of the training-mode
+    unit that produced ``out``, as the fused path takes them (``dtype(y * scale + shift) > 0``,
+    the prologue's and bn_relu_bwd's mask), recomputed from what its backward saved; None when
+    ``out`` did not come from :func:`residual_unit`. For the parity harness: judging a run
+    against float64 math that takes the run's own decisions (``fastres.parity``)."""
+    fn = out.grad_fn
+    if fn is None or type(fn).__name__ != "_ResidualUnitFnBackward":
+        return None
+    from fastres.reference import _prologue  # noqa: PLC0415
+
+    n = fn.n_stages
+    saved = fn.saved_tensors  # x, out, yd, *ys, then (mean, invstd, scale, shift) per stage
+    ys, stats = saved[3 : 3 + n], saved[3 + n : 3 + 5 * n]
+    return [
+        _prologue(ys[i], stats[4 * i + 2], stats[4 * i + 3], relu=False).detach() > 0
+        for i in range(n - 1)
+    ]
+
+
 def residual_unit(
     x: Tensor,
     stages: Sequence[Stage],

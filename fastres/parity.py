@@ -196,12 +196,53 @@ def run_train(m: nn.Module, x: Tensor, grad_out: Tensor) -> dict[str, Tensor]:
     for p in m.parameters():
         p.grad = None
     xx = x.detach().clone().requires_grad_(True)  # clone keeps the memory format
-    out = m(xx)
+    with relu_calls(m) as calls:
+        out = m(xx)
+    decisions = relu_decisions_of(calls, out)
     out.backward(grad_out)
-    res = {"out": out.detach(), "grad.input": xx.grad}
+    res = Kept({"out": out.detach(), "grad.input": xx.grad})
     res.update({f"grad.{n}": p.grad for n, p in m.named_parameters()})
     res.update(_buffers(m))
+    res.decisions = decisions
     return res
+
+
+class Kept(dict):
+    """What a user keeps from a run (every key is judged), and, for a train run, the run's ReLU
+    decisions (``decisions``: inner ReLUs first, the output's last), which are not kept."""
+
+    decisions: list[Tensor] | None = None
+
+
+@contextlib.contextmanager
+def relu_calls(block: nn.Module) -> Iterator[list[Tensor]]:
+    """Inside, the decisions (``out > 0``) of every call of ``block.relu`` in call order."""
+    calls: list[Tensor] = []
+    relu = getattr(block, "relu", None)
+    if relu is None:
+        yield calls
+        return
+    handle = relu.register_forward_hook(lambda mod, args, out: calls.append(out.detach() > 0))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def relu_decisions_of(calls: list[Tensor], out: Tensor) -> list[Tensor]:
+    """A train run's ReLU decisions, inner ones first and the output's last: the relu module's
+    calls (torchvision, or a fastres block on an unfused path), or, for a fused block whose
+    ReLUs never run as modules, recomputed from what its backward saved."""
+    inner = fastres_inner_decisions(out)
+    if inner is None:
+        inner = calls[:-1]
+    return [*inner, out.detach() > 0]
+
+
+def fastres_inner_decisions(out: Tensor) -> list[Tensor] | None:
+    from fastres.functional import inner_relu_decisions
+
+    return inner_relu_decisions(out)
 
 
 class _DecidedReLU(torch.autograd.Function):
@@ -219,25 +260,28 @@ class _DecidedReLU(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def output_relu_decisions(block: nn.Module, mask: Tensor) -> Iterator[None]:
-    """Inside, the output ReLU of a torchvision block (the last of its ``relu`` calls) lets
-    through exactly the elements of ``mask``.
+def relu_decisions(block: nn.Module, masks: list[Tensor | None]) -> Iterator[None]:
+    """Inside, call k of a torchvision block's ``relu`` (k = 0, 1, ... within each forward) lets
+    through exactly the elements of ``masks[k]`` (None: an ordinary ReLU).
 
     Why: a ReLU decision on an element within rounding of zero goes either way; the float64
     reference and a low-precision run then disagree on it, and the whole gradient value of that
     element lands in the max-abs error (PyTorch's own run flips a few such decisions too, at other
-    elements). Judging each run against a float64 reference that takes that run's own output-ReLU
-    decisions removes this coin flip from the verdict and keeps everything else."""
-    calls = 3 if hasattr(block, "conv3") else 2
+    elements). A flip at an inner ReLU (between the convolutions) spreads further: the BatchNorm
+    backward's means carry it to the whole channel. Judging each run against a float64 reference
+    that takes that run's own decisions removes this coin flip from the verdict and keeps
+    everything else (values, statistics, the gradients' arithmetic)."""
+    calls = len(masks)
     count = [0]
     inplace = block.relu.inplace
     block.relu.inplace = False  # so that the hook sees the pre-activation
 
     def hook(mod, args, out):
+        mask = masks[count[0] % calls]
         count[0] += 1
-        if count[0] % calls == 0:
-            return _DecidedReLU.apply(args[0], mask.to(args[0].dtype))
-        return None
+        if mask is None:
+            return None
+        return _DecidedReLU.apply(args[0], mask.to(device=args[0].device, dtype=args[0].dtype))
 
     handle = block.relu.register_forward_hook(hook)
     try:
@@ -247,37 +291,50 @@ def output_relu_decisions(block: nn.Module, mask: Tensor) -> Iterator[None]:
         block.relu.inplace = inplace
 
 
+def output_relu_decisions(block: nn.Module, mask: Tensor) -> contextlib.AbstractContextManager:
+    """:func:`relu_decisions` for the output ReLU only (the last of the block's ``relu`` calls)."""
+    calls = 3 if hasattr(block, "conv3") else 2
+    return relu_decisions(block, [None] * (calls - 1) + [mask])
+
+
 def kept_reference(ref: nn.Module, mode: str, x: Tensor, grad_out: Tensor,
-                   decided_by: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """What a user keeps from the float64 reference block; in train mode, with the output-ReLU
-    decisions of the run ``decided_by`` (its ``out > 0``) when given."""
+                   decided_by: list[Tensor] | None = None) -> dict[str, Tensor]:
+    """What a user keeps from the float64 reference block; in train mode, with the ReLU decisions
+    ``decided_by`` (a run's, from :func:`relu_decisions_of`) when given."""
     m = copy.deepcopy(ref)
     if decided_by is None or mode == "eval":
         return kept(m, mode, x, grad_out)
-    with output_relu_decisions(m, (decided_by["out"] > 0).to(x.device)):
+    with relu_decisions(m, decided_by):
         return kept(m, mode, x, grad_out)
 
 
 class References:
     """The float64 references of one (block, dtype, mode): the plain one, and in train mode one
-    per set of output-ReLU decisions (runs that decide alike share one)."""
+    per set of ReLU decisions (runs that decide alike share one)."""
 
     def __init__(self, ref: nn.Module, mode: str, x64: Tensor, g64: Tensor):
         self.ref, self.mode, self.x64, self.g64 = ref, mode, x64, g64
         self.plain = kept_reference(ref, mode, x64, g64)
-        self._by_mask: list[tuple[Tensor, dict[str, Tensor]]] = [(self.plain["out"] > 0,
-                                                                  self.plain)]
+        self.plain_decisions = decisions(self.plain)
+        self._by_masks: list[tuple[list[Tensor] | None, dict[str, Tensor]]] = [
+            (self.plain_decisions, self.plain)]
 
     def for_run(self, run: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.mode == "eval":
             return self.plain
-        mask = run["out"] > 0
-        for m, r in self._by_mask:
-            if torch.equal(m, mask):
+        masks = decisions(run)
+        for m, r in self._by_masks:
+            if m is not None and len(m) == len(masks) and all(
+                    torch.equal(a, b) for a, b in zip(m, masks, strict=True)):
                 return r
-        r = kept_reference(self.ref, self.mode, self.x64, self.g64, decided_by=run)
-        self._by_mask.append((mask, r))
+        r = kept_reference(self.ref, self.mode, self.x64, self.g64, decided_by=masks)
+        self._by_masks.append((masks, r))
         return r
+
+
+def decisions(run: dict[str, Tensor]) -> list[Tensor] | None:
+    """The ReLU decisions of a train run's kept dict (None for an eval run)."""
+    return getattr(run, "decisions", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +610,7 @@ def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str
                 ours_m = fastres.convert(copy.deepcopy(tv))
                 with forced_backend(bname):
                     ours = kept(ours_m, mode, x, g)
-                # The verdict: each run against the float64 reference with its own output-ReLU
+                # The verdict: each run against the float64 reference with its own ReLU
                 # decisions (identical to the plain reference in eval mode).
                 ref_ours = refs.for_run(ours)
                 verdicts = judge(ours, ref_ours, theirs, ref_theirs, dtype)
@@ -622,11 +679,20 @@ def diagnostics(ours: dict[str, Tensor], theirs: dict[str, Tensor], ref: dict[st
       a flip puts one whole gradient value into the max-abs error of the grads, so in bf16/fp16
       training a max-abs failure with similar flip counts and similar RMS errors is rounding luck,
       not a kernel bug.
+    * ``inner_relu_flips`` (train): the same for the ReLUs between the convolutions, which the
+      verdict's references also take from each run (see :func:`relu_decisions`).
     * ``rms``: root-mean-square error against the reference per check, fastres and PyTorch."""
     out = {"relu_flips": {
         "fastres": int(((ours["out"] > 0) != (ref["out"] > 0)).sum()),
         "torch": int(((theirs["out"] > 0) != (ref["out"] > 0)).sum()),
         "elements": ref["out"].numel()}}
+    masks = {who: decisions(d) for who, d in (("fastres", ours), ("torch", theirs), ("ref", ref))}
+    if all(m is not None and len(m) == len(masks["ref"]) for m in masks.values()):
+        inner = list(zip(*(masks[w][:-1] for w in ("fastres", "torch", "ref")), strict=True))
+        out["inner_relu_flips"] = {
+            "fastres": sum(int((f != r).sum()) for f, _, r in inner),
+            "torch": sum(int((t != r).sum()) for _, t, r in inner),
+            "elements": sum(r.numel() for _, _, r in inner)}
     out["rms"] = {k: {"fastres": _rms(ours[k], r), "torch": _rms(theirs[k], r)}
                   for k, r in ref.items() if r.is_floating_point()}
     return out
@@ -740,6 +806,10 @@ def _row_line(r: dict) -> str:
         if fl:
             line += (f"\n    output ReLU decisions differing from float64: fastres "
                      f"{fl['fastres']}, PyTorch {fl['torch']} (of {fl['elements']})")
+        fi = (r.get("diagnostics") or {}).get("inner_relu_flips")
+        if fi:
+            line += (f"\n    inner ReLU decisions differing from float64: fastres "
+                     f"{fi['fastres']}, PyTorch {fi['torch']} (of {fi['elements']})")
     return line
 
 
@@ -1001,11 +1071,10 @@ def main(argv: list[str] | None = None) -> int:
     train_fails = [r for r in results if r["status"] == "fail" and r["mode"] == "train"]
     if train_fails:
         print(f"note: {len(train_fails)} failing case(s) are training. The verdict already gives "
-              "each run a float64 reference with its own output-ReLU decisions; a decision of "
-              "an inner ReLU that rounding flips near zero still puts a whole gradient value "
-              "into the max-abs error (PyTorch's run flips a few too). Compare the RMS errors "
-              "printed with each failure, and diagnostics.plain_reference_checks in the JSON, "
-              "before suspecting a kernel.")
+              "each run a float64 reference with its own ReLU decisions (inner and output), so "
+              "rounding that flips a decision near zero is not what failed. Compare the RMS "
+              "errors printed with each failure, and diagnostics.plain_reference_checks in the "
+              "JSON.")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
         print(f"wrote {args.json}")
