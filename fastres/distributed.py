@@ -17,6 +17,8 @@ of a model for it, and
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -91,13 +93,12 @@ def sync_batch_norm(
     backend: str | None = None,
 ) -> Tensor:
     """Training-mode BatchNorm of ``x`` (``(N, C, ...)``) with statistics over every process of
-    ``process_group``, as ``nn.SyncBatchNorm``; updates the running statistics in place."""
+    ``process_group``, as ``nn.SyncBatchNorm``; updates the running statistics in place. ``x``
+    may be an empty batch (this process adds zero sums and a zero count)."""
     if x.dim() < 2:
         raise ValueError(f"expected at least 2-D input (N, C, ...), got {x.dim()}-D")
-    if x.shape[0] == 0:
-        raise ValueError("fastres.sync_batch_norm: empty batch")
     shape = x.shape
-    x4 = x if x.dim() == 4 else x.reshape(shape[0], shape[1], -1, 1)
+    x4 = x if x.dim() == 4 else x.reshape(shape[0], shape[1], math.prod(shape[2:]), 1)
     be = backends.select(Inputs.of(x4), backend).name
     out = _SyncBNFn.apply(
         x4,

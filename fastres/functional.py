@@ -175,18 +175,6 @@ def _check_batch_stats_count(x_shape: Sequence[int], count: int) -> None:
         )
 
 
-def _check_sync_count(x: Tensor, stages: Sequence[Stage], weight: Tensor, group) -> None:
-    """nn.SyncBatchNorm's check: one value per channel is enough when other processes add theirs
-    (every process of a world of 2 or more has a non-empty batch: empty ones run unfused)."""
-    import torch.distributed as dist  # noqa: PLC0415
-
-    if x.shape[0] == 0:
-        raise ValueError("fastres.residual_unit: SyncBatchNorm with an empty batch runs unfused")
-    if dist.get_world_size(group) < 2:
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        _check_batch_stats_count(x.shape, count)
-
-
 # --------------------------------------------------------------------------------------------
 # Inference: folded BatchNorm, one fused op per convolution.
 
@@ -354,6 +342,12 @@ class _UnitSpec:
     # SyncBatchNorm: the torch.distributed process group whose batch statistics every BatchNorm
     # of the unit uses (all-reduced per step), or None for this process's batch alone.
     group: object = None
+
+
+def _world_size(group) -> int:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    return dist.get_world_size(group)
 
 
 def _all_reduce_sum(t: Tensor, group) -> Tensor:
@@ -659,7 +653,8 @@ def residual_unit(
             per-channel (sum, sum of squares, count) per BatchNorm in the forward (the last one
             and the downsample's share one) and one of the two per-channel gradient sums in the
             backward. BN weight/bias gradients are this process's, as nn.SyncBatchNorm's (DDP
-            averages them). Every process of the group must call it the same number of times.
+            averages them). Every process of the group must call it the same number of times; a
+            process may bring an empty batch (it adds zero sums and a zero count).
     """
     ac = autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
     if ac is not None:
@@ -696,6 +691,8 @@ def residual_unit(
         weights.append(downsample[1][0])
         convs.append(downsample[0].conv)
     b = select_backend(x, weights, convs, backend)
+    if process_group is not None and _world_size(process_group) < 2:
+        process_group = None  # nothing to sync with (as nn.SyncBatchNorm)
     flat: list[Tensor | None] = [t for p in params for t in p]
     if downsample is not None:
         flat.extend(downsample[1])
@@ -708,6 +705,4 @@ def residual_unit(
         b.name,
         process_group,
     )
-    if process_group is not None:
-        _check_sync_count(x, stages, weights[0], process_group)
     return _ResidualUnitFn.apply(spec, x, shortcut_tensor, *flat)

@@ -22,7 +22,8 @@ block's BatchNorms use the statistics of the whole global batch (fastres.distrib
 
 Fallbacks (documented, never silent about correctness): a block whose pieces are not the plain
 ``Conv2d`` + ``BatchNorm2d`` pattern (another norm layer, a conv with bias, string padding) and an
-empty batch run torchvision's own forward.
+empty batch (except under SyncBatchNorm, where it takes part in the all-reduces) run
+torchvision's own forward.
 """
 
 from __future__ import annotations
@@ -181,6 +182,10 @@ class _FusedMixin:
             self._fold_cache = {}
 
 
+def _empty(x) -> bool:
+    return isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0
+
+
 def _downsample_pair(
     ds: nn.Module | None, norm: nn.Module | None = None
 ) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
@@ -222,9 +227,13 @@ class _ResidualBlockMixin(_FusedMixin):
         return fusable_reasons(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._fusable_reasons() or (isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0):
+        if self._fusable_reasons():
             return super().forward(x)
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._pairs]
+        if _empty(x) and sync_group(pairs[0][1]) is None:
+            # An empty batch runs as torchvision's block; under SyncBatchNorm it runs fused, so
+            # that this process takes part in the same all-reduces as the others.
+            return super().forward(x)
         ds = self.downsample
         ds_pair = _downsample_pair(ds, pairs[0][1])
         FF.check_input(x, pairs[0][0].weight, type(self).__name__)
@@ -325,7 +334,7 @@ class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
 
     def forward(self, x: Tensor) -> Tensor:
         parts = self._fusable()
-        if parts is None or (isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0):
+        if parts is None or (_empty(x) and sync_group(parts[1]) is None):
             return super().forward(x)
         conv, bn, relu = parts
         FF.check_input(x, conv.weight, "ConvBNReLU")

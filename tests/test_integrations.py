@@ -596,7 +596,9 @@ def test_ddp_gloo_two_processes(tmp_path):
 SYNC_SPLIT = [3, 5]
 
 
-def _sync_worker(rank: int, world: int, port: int, state: dict, x, proj, out_dir: str) -> None:
+def _sync_worker(
+    rank: int, world: int, port: int, split, state: dict, x, proj, out_dir: str
+) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dist = _init_dist(rank, world, port)
@@ -607,8 +609,8 @@ def _sync_worker(rank: int, world: int, port: int, state: dict, x, proj, out_dir
             model.load_state_dict(state, strict=True)
             ddp = DDP(model)
             opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-            out = ddp(x.split(SYNC_SPLIT)[rank].to(dtype))
-            (out * proj.split(SYNC_SPLIT)[rank].to(dtype)).sum().backward()
+            out = ddp(x.split(split)[rank].to(dtype))
+            (out * proj.split(split)[rank].to(dtype)).sum().backward()
             k = {"out": out.detach().clone()}
             k.update({f"{n}.grad": p.grad.detach().clone() for n, p in model.named_parameters()})
             opt.step()
@@ -624,7 +626,7 @@ def _sync_worker(rank: int, world: int, port: int, state: dict, x, proj, out_dir
         dist.destroy_process_group()
 
 
-def _whole_batch_step(model: nn.Module, x, proj, world: int) -> list[dict]:
+def _whole_batch_step(model: nn.Module, x, proj, world: int, split) -> list[dict]:
     """What a DDP step with SyncBatchNorm must reproduce, in one process: the whole batch through
     plain BatchNorm, the loss of every rank summed and divided by the world size (DDP averages
     the ranks' gradients), one SGD step. Returns each rank's view (its rows of the output)."""
@@ -636,34 +638,37 @@ def _whole_batch_step(model: nn.Module, x, proj, world: int) -> list[dict]:
     with torch.no_grad():
         k.update({n: p - 0.1 * p.grad for n, p in model.named_parameters()})
     k.update({n: b.detach().clone() for n, b in model.named_buffers()})
-    return [{"out": o.detach(), **k} for o in out.split(SYNC_SPLIT)]
+    return [{"out": o.detach(), **k} for o in out.split(split)]
 
 
-def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path):
+@pytest.mark.parametrize("split", [SYNC_SPLIT, [0, 8]], ids=["3+5", "0+8"])
+def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path, split):
     """SyncBatchNorm in the fused path: a converted model (``convert(sync_bn=True)``: every
     block fused with synced statistics, the stem's BatchNorm a fastres.SyncBatchNorm) under DDP,
-    gloo, 2 processes with 3 and 5 images of the batch, one SGD step, must match one process running
-    the whole batch with plain BatchNorm: each rank's outputs, the gradients, the updated
-    parameters, the running statistics and num_batches_tracked. In float64 against float64
-    torchvision (the rule's float64 bar), and in float32 by the tolerance rule against float64
-    with the single-process fused model as PyTorch's yardstick (see test_ddp_gloo_two_processes).
-    Without the all-reduces every BatchNorm would see half the batch and this fails."""
+    gloo, 2 processes with ``split`` images of the batch (3 and 5; or 0 and 8: an empty process
+    still takes part in every all-reduce, as with nn.SyncBatchNorm), one SGD step, must match one
+    process running the whole batch with plain BatchNorm: each rank's outputs, the gradients, the
+    updated parameters, the running statistics and num_batches_tracked. In float64 against
+    float64 torchvision (the rule's float64 bar), and in float32 by the tolerance rule against
+    float64 with the single-process fused model as PyTorch's yardstick (see
+    test_ddp_gloo_two_processes). Without the all-reduces every BatchNorm would see only its
+    process's images and this fails."""
     world = 2
     tv = randomise_norm(_small_resnet())
     state = tv.state_dict()
-    # 3 and 5 images of 64x64: layer4's BatchNorms see 12 and 20 values per channel
-    n = sum(SYNC_SPLIT)
+    # 64x64 images: layer4's BatchNorms see 4 values per channel per image
+    n = sum(split)
     x, proj = torch.randn(n, 3, 64, 64), torch.randn(n, 10)
-    _spawn(_sync_worker, world, state, x, proj, str(tmp_path))
-    k_ref = _whole_batch_step(copy.deepcopy(tv).double(), x, proj.double(), world)
+    _spawn(_sync_worker, world, split, state, x, proj, str(tmp_path))
+    k_ref = _whole_batch_step(copy.deepcopy(tv).double(), x, proj.double(), world, split)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         k_single = {
             torch.float64: _whole_batch_step(
-                fastres.convert(copy.deepcopy(tv)).double(), x, proj.double(), world
+                fastres.convert(copy.deepcopy(tv)).double(), x, proj.double(), world, split
             ),
-            torch.float32: _whole_batch_step(fastres.convert(tv), x, proj, world),
+            torch.float32: _whole_batch_step(fastres.convert(tv), x, proj, world, split),
         }
     finally:
         torch.set_num_threads(threads)
