@@ -681,6 +681,49 @@ def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path, split):
             check_rule(k_ours, k_single[dtype][rank], k_ref[rank], dtype)
 
 
+def _mlp() -> nn.Module:
+    # BatchNorm1d on (N, C) and on (N, C, L): fastres.SyncBatchNorm's non-4-D inputs
+    return nn.Sequential(
+        nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Unflatten(1, (3, 2)), nn.BatchNorm1d(3)
+    )
+
+
+def _sync_mlp_worker(rank, world, port, state, x, proj, out_dir) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_dist(rank, world, port)
+    try:
+        model = fastres.convert(_mlp().double(), sync_bn=True)
+        model.load_state_dict(state, strict=True)
+        ddp = DDP(model)  # held: its reducer averages the gradients during backward
+        out = ddp(x.split(SYNC_SPLIT)[rank])
+        (out * proj.split(SYNC_SPLIT)[rank]).sum().backward()
+        k = {"out": out.detach(), **{n: b.detach() for n, b in model.named_buffers()}}
+        k.update({f"{n}.grad": p.grad.detach() for n, p in model.named_parameters()})
+        torch.save(k, os.path.join(out_dir, f"mlp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_bn_standalone_non_4d_inputs(tmp_path):
+    """fastres.SyncBatchNorm outside a fused block, on 2-D and 3-D inputs (a converted
+    BatchNorm1d), float64, gloo, 2 processes with 3 and 5 rows: outputs, gradients and running
+    statistics equal those of plain BatchNorm on the whole batch (float64's bar)."""
+    base = _mlp().double()
+    state = base.state_dict()
+    n = sum(SYNC_SPLIT)
+    x, proj = torch.randn(n, 8, dtype=torch.float64), torch.randn(n, 3, 2, dtype=torch.float64)
+    _spawn(_sync_mlp_worker, 2, state, x, proj, str(tmp_path))
+    ref = copy.deepcopy(base).train()
+    out = ref(x)
+    (out * proj / 2).sum().backward()  # DDP averages the two processes' gradients
+    want = {n: b for n, b in ref.named_buffers()}
+    want.update({f"{n}.grad": p.grad for n, p in ref.named_parameters()})
+    for rank, rows in enumerate(out.detach().split(SYNC_SPLIT)):
+        k = torch.load(tmp_path / f"mlp{rank}.pt")
+        check_rule(k, {"out": rows, **want}, {"out": rows, **want}, torch.float64)
+
+
 def _sync_compile_worker(rank: int, world: int, port: int, state: dict, x, out_dir: str) -> None:
     dist = _init_dist(rank, world, port)
     try:
