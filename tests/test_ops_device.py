@@ -1,0 +1,195 @@
+"""Every op of the contract (csrc/ops.cpp) through ``torch.ops.fastres`` on each device's compiled
+kernels, against fastres.reference: the C++ CPU kernels here, the CUDA kernels on a GPU.
+
+This is the first thing to run on a GPU (bench/device_check.sh runs it with ``-m gpu``): one
+test per op, dtype and layout, so a broken CUDA kernel is named by the failing test id rather
+than found through a whole block. The CPU variant runs everywhere and keeps the test itself
+honest (the C++ CPU kernels are covered in depth by test_ops_cpu.py).
+
+Each output: same shape, dtype and (4-D) strides as the reference's, and the tolerance rule
+against the reference run in float64; mutated running statistics likewise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastres import _ext, backends, reference
+from fastres.testing import assert_close_rule
+
+_MOD, _WHY = _ext.load()
+
+
+def _device_params():
+    out = [pytest.param("cpu", id="cpu")]
+    why = None
+    if not torch.cuda.is_available():
+        why = "needs a CUDA device (none visible)"
+    elif backends.BACKENDS["cuda"].unavailable_reason():
+        why = backends.BACKENDS["cuda"].unavailable_reason()
+    marks = [pytest.mark.gpu] + ([pytest.mark.skip(reason=why)] if why else [])
+    out.append(pytest.param("cuda", id="cuda", marks=marks))
+    return out
+
+
+DEVICES = _device_params()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["channels_last", "contiguous"]
+# (C, K, kernel, stride, padding): 1x1, 3x3 and 7x7 as ResNets use them, odd channel counts too
+CONVS = [
+    (16, 32, 1, 1, 0),
+    (16, 16, 3, 1, 1),
+    (6, 10, 3, 2, 1),
+    (3, 8, 7, 2, 3),
+]
+
+pytestmark = pytest.mark.skipif(_MOD is None, reason=f"fastres._C not built: {_WHY}")
+
+
+class Maker:
+    """Random operands on one device, dtype and layout; reproducible per test (autouse seed)."""
+
+    def __init__(self, device: str, dtype: torch.dtype, layout: str):
+        self.device, self.dtype, self.layout = torch.device(device), dtype, layout
+        self.acc = reference.acc_dtype(dtype)
+
+    def act(self, *shape, lo=None):
+        t = torch.randn(shape, dtype=torch.float64)
+        if lo is not None:
+            t = t.clamp_min(lo)
+        t = t.to(self.dtype).to(self.device)
+        return t.contiguous(memory_format=torch.channels_last) if self.layout != "contiguous" else t
+
+    def vec(self, c, positive=False):
+        v = torch.rand(c, dtype=torch.float64) + 0.5 if positive else torch.randn(c)
+        return v.to(self.acc).to(self.device)
+
+    def weight(self, k, c, r):
+        w = (torch.randn(k, c, r, r, dtype=torch.float64) / (c * r * r) ** 0.5).to(self.dtype)
+        w = w.to(self.device)
+        return w.contiguous(memory_format=torch.channels_last) if self.layout != "contiguous" else w
+
+
+def _f64(a):
+    if isinstance(a, torch.Tensor) and a.is_floating_point():
+        return a.double()
+    return a
+
+
+def _clone(a):
+    return a.clone() if isinstance(a, torch.Tensor) else a
+
+
+def _check(name: str, args: tuple, dtype: torch.dtype, mutated: tuple[int, ...] = ()) -> None:
+    """Run the op as ours (torch.ops.fastres), PyTorch's (reference at dtype) and the truth
+    (reference in float64), each on its own copy of the mutated arguments; compare."""
+    op = getattr(torch.ops.fastres, name)
+    fn = getattr(reference, name)
+    a_ours = [_clone(a) for a in args]
+    a_theirs = [_clone(a) for a in args]
+    a_truth = [_f64(_clone(a)) for a in args]
+    ours, theirs, truth = op(*a_ours), fn(*a_theirs), fn(*a_truth)
+    if isinstance(ours, torch.Tensor):
+        ours, theirs, truth = (ours,), (theirs,), (truth,)
+    outs = [
+        (f"{name}[{i}]", o, t, r)
+        for i, (o, t, r) in enumerate(zip(ours, theirs, truth, strict=True))
+    ]
+    outs += [(f"{name} arg {i}", a_ours[i], a_theirs[i], a_truth[i]) for i in mutated]
+    for label, o, t, r in outs:
+        assert o.device == t.device, f"{label}: on {o.device}, reference on {t.device}"
+        assert o.dtype == t.dtype, f"{label}: dtype {o.dtype} != reference {t.dtype}"
+        assert o.shape == t.shape, f"{label}: shape {tuple(o.shape)} != {tuple(t.shape)}"
+        if o.dim() == 4:
+            assert o.stride() == t.stride(), f"{label}: strides {o.stride()} != {t.stride()}"
+        if o.is_floating_point():
+            assert_close_rule(label, o, t, r, dtype)
+        else:
+            assert torch.equal(o, t), label
+
+
+def _bn_stats(m: Maker, x):
+    xs = x.to(m.acc)
+    return xs.mean((0, 2, 3)), torch.rsqrt(xs.var((0, 2, 3), unbiased=False) + 1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: "C{}K{}r{}s{}".format(*c[:4]))
+def test_convolutions(device, dtype, layout, conv):
+    """conv_bias_act (bias, residual, ReLU), conv_stats (with and without the BN-ReLU prologue)
+    and conv_bwd (both grads, prologue recomputed)."""
+    c, k, r, s, p = conv
+    m = Maker(device, dtype, layout)
+    x, w = m.act(2, c, 9, 11), m.weight(k, c, r)
+    ho, wo = (9 + 2 * p - r) // s + 1, (11 + 2 * p - r) // s + 1
+    cv = ([s, s], [p, p], [1, 1], 1)
+    _check("conv_bias_act", (x, w, m.vec(k), m.act(2, k, ho, wo), *cv, True), dtype)
+    _check("conv_bias_act", (x, w, None, None, *cv, False), dtype)
+    _check("conv_stats", (x, w, None, None, False, *cv), dtype)
+    _check("conv_stats", (x, w, m.vec(c, True), m.vec(c), True, *cv), dtype)
+    g = m.act(2, k, ho, wo)
+    _check("conv_bwd", (g, x, w, m.vec(c, True), m.vec(c), True, *cv, [True, True]), dtype)
+    _check("conv_bwd", (g, x, w, None, None, False, *cv, [True, False]), dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_batchnorm_family(device, dtype, layout):
+    """bn_finalize(_count) with running statistics, bn_add_relu (identity, BN'd, option-A and
+    strided residuals), relu_bias_bwd, and the BN backwards, one-op and split."""
+    m = Maker(device, dtype, layout)
+    c, n = 24, 2 * 7 * 5
+    x = m.act(2, c, 7, 5)
+    s = x.to(m.acc).sum((0, 2, 3))
+    q = (x.to(m.acc) ** 2).sum((0, 2, 3))
+    state = (m.vec(c), m.vec(c, True), torch.tensor(3, device=m.device))
+    _check("bn_finalize", (s, q, m.vec(c), m.vec(c), *state, n, 0.1, 1e-5), dtype, (4, 5, 6))
+    count = torch.tensor([float(n)], dtype=m.acc, device=m.device)
+    _check(
+        "bn_finalize_count", (s, q, count, m.vec(c), m.vec(c), *state, None, 1e-5), dtype, (5, 6, 7)
+    )
+
+    res, res_bn = m.act(2, c, 7, 5), m.act(2, c, 7, 5)
+    _check("bn_add_relu", (x, m.vec(c), m.vec(c), res, None, None, 0, True), dtype)
+    _check("bn_add_relu", (x, m.vec(c), m.vec(c), res_bn, m.vec(c), m.vec(c), 0, True), dtype)
+    narrow = m.act(2, c // 2, 14, 10)[:, :, ::2, ::2]  # option A: fewer channels, strided view
+    _check("bn_add_relu", (x, m.vec(c), m.vec(c), narrow, None, None, c // 4, True), dtype)
+    _check("bn_add_relu", (x, m.vec(c), m.vec(c), None, None, None, 0, False), dtype)
+
+    go, out = m.act(2, c, 7, 5), m.act(2, c, 7, 5)
+    _check("relu_bias_bwd", (go, out), dtype)
+    mean, invstd = _bn_stats(m, x)
+    rmean, rinvstd = _bn_stats(m, res_bn)
+    for o in (out, None):
+        for r in ((res_bn, rmean, rinvstd), (None, None, None)):
+            rw = m.vec(c) if r[0] is not None else None
+            _check("bn_add_relu_bwd", (go, o, x, mean, invstd, m.vec(c), *r, rw), dtype)
+            _check("bn_add_relu_bwd_reduce", (go, o, x, mean, invstd, *r), dtype)
+            rmg = m.vec(c) if r[0] is not None else None
+            _check(
+                "bn_add_relu_bwd_elemt",
+                (go, o, x, mean, invstd, m.vec(c), m.vec(c), m.vec(c), *r, rw, rmg),
+                dtype,
+            )
+    for relu in (True, False):
+        scale, shift = m.vec(c), m.vec(c)
+        _check("bn_relu_bwd", (go, x, mean, invstd, m.vec(c), scale, shift, relu), dtype)
+        _check("bn_relu_bwd_reduce", (go, x, mean, invstd, scale, shift, relu), dtype)
+        _check(
+            "bn_relu_bwd_elemt",
+            (go, x, mean, invstd, None, scale, shift, relu, m.vec(c), m.vec(c)),
+            dtype,
+        )
+
+
+def test_every_op_is_covered():
+    """A new op in the contract needs a case here."""
+    import inspect
+
+    src = inspect.getsource(test_convolutions) + inspect.getsource(test_batchnorm_family)
+    missing = [n for n in backends.OP_NAMES if f'"{n}"' not in src]
+    assert not missing, f"ops without a device test: {missing}"
