@@ -442,6 +442,41 @@ Tensor conv_nobias(const Tensor& input, const Tensor& weight, at::IntArrayRef st
 // ---------------------------------------------------------------------------------------------
 // The ops.
 
+// One epilogue pass, out = relu?(in * scale[c] + shift[c] + r), r = residual * res_scale[j] +
+// res_shift[j] on output channel res_c0 + j (any strided residual view); out may be in (in
+// place). scale/shift: C opmath values, or none (1 and 0); res_scale/res_shift likewise.
+void run_epilogue(const Tensor& out, const Tensor& in, at::MemoryFormat fmt,
+                  const optional<Tensor>& scale, const optional<Tensor>& shift,
+                  const optional<Tensor>& residual, const optional<Tensor>& res_scale,
+                  const optional<Tensor>& res_shift, int64_t res_c0, bool relu) {
+  const auto dtype = in.scalar_type();
+  const int64_t c = in.size(1);
+  const Tensor s = opmath_vec(scale, dtype, c, 1.0), b = opmath_vec(shift, dtype, c, 0.0);
+  EpilogueArgs a;
+  a.dtype = dtype;
+  a.g = geom_of(in, fmt);
+  a.out = out.data_ptr();
+  a.in = in.data_ptr();
+  a.scale = s.data_ptr();
+  a.shift = b.data_ptr();
+  Tensor rs, rb;
+  if (has(residual)) {
+    const int64_t cr = residual->size(1);
+    rs = opmath_vec(res_scale, dtype, cr, 1.0);
+    rb = opmath_vec(res_shift, dtype, cr, 0.0);
+    a.res = residual->data_ptr();
+    for (int d = 0; d < 4; ++d) {
+      a.rs[d] = residual->stride(d);
+    }
+    a.res_c0 = res_c0;
+    a.res_cn = cr;
+    a.res_scale = rs.data_ptr();
+    a.res_shift = rb.data_ptr();
+  }
+  a.relu = relu;
+  kernels().epilogue(a);
+}
+
 Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
                          const optional<Tensor>& residual, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -495,25 +530,8 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
         fmt);
     if (has(residual)) {
       // relu?(y + residual), in place, one pass
-      EpilogueArgs a;
-      a.dtype = dtype;
-      a.g = geom_of(out, fmt);
-      a.out = out.data_ptr();
-      a.in = out.data_ptr();
-      const Tensor ones = at::ones({k}, at::TensorOptions().dtype(acc_dtype(dtype)));
-      const Tensor zeros = at::zeros({k}, at::TensorOptions().dtype(acc_dtype(dtype)));
-      a.scale = ones.data_ptr();
-      a.shift = zeros.data_ptr();
-      a.res = residual->data_ptr();
-      for (int d = 0; d < 4; ++d) {
-        a.rs[d] = residual->stride(d);
-      }
-      a.res_c0 = 0;
-      a.res_cn = k;
-      a.res_scale = ones.data_ptr();
-      a.res_shift = zeros.data_ptr();
-      a.relu = relu;
-      kernels().epilogue(a);
+      run_epilogue(out, out, fmt, std::nullopt, std::nullopt, residual, std::nullopt, std::nullopt,
+                   0, relu);
     }
     return out;
   }
@@ -521,28 +539,7 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
   // float64, or no oneDNN for this dtype: ATen's convolution, then bias + residual + ReLU in one
   // pass over its output, in place.
   Tensor out = in_format(conv_nobias(input, weight, stride, padding, dilation, groups), fmt);
-  const Tensor ones = at::ones({k}, at::TensorOptions().dtype(acc_dtype(dtype)));
-  const Tensor shift = opmath_vec(bias, dtype, k, 0.0);
-  const Tensor zeros = at::zeros({k}, at::TensorOptions().dtype(acc_dtype(dtype)));
-  EpilogueArgs a;
-  a.dtype = dtype;
-  a.g = geom_of(out, fmt);
-  a.out = out.data_ptr();
-  a.in = out.data_ptr();
-  a.scale = ones.data_ptr();
-  a.shift = shift.data_ptr();
-  if (has(residual)) {
-    a.res = residual->data_ptr();
-    for (int d = 0; d < 4; ++d) {
-      a.rs[d] = residual->stride(d);
-    }
-    a.res_c0 = 0;
-    a.res_cn = k;
-    a.res_scale = ones.data_ptr();
-    a.res_shift = zeros.data_ptr();
-  }
-  a.relu = relu;
-  kernels().epilogue(a);
+  run_epilogue(out, out, fmt, std::nullopt, bias, residual, std::nullopt, std::nullopt, 0, relu);
   return out;
 }
 
@@ -763,29 +760,7 @@ Tensor bn_add_relu_cpu(const Tensor& input, const Tensor& scale, const Tensor& s
   }
   const Tensor x = in_format(input, fmt);
   Tensor out = at::empty(input.sizes(), input.options().memory_format(fmt));
-  const Tensor s = opmath_vec(scale, dtype), b = opmath_vec(shift, dtype);
-  EpilogueArgs a;
-  a.dtype = dtype;
-  a.g = geom_of(x, fmt);
-  a.out = out.data_ptr();
-  a.in = x.data_ptr();
-  a.scale = s.data_ptr();
-  a.shift = b.data_ptr();
-  Tensor rs, rb;
-  if (has(residual)) {
-    rs = opmath_vec(res_scale, dtype, cr, 1.0);
-    rb = opmath_vec(res_shift, dtype, cr, 0.0);
-    a.res = residual->data_ptr();
-    for (int d = 0; d < 4; ++d) {
-      a.rs[d] = residual->stride(d);
-    }
-    a.res_c0 = res_channel_offset;
-    a.res_cn = cr;
-    a.res_scale = rs.data_ptr();
-    a.res_shift = rb.data_ptr();
-  }
-  a.relu = relu;
-  kernels().epilogue(a);
+  run_epilogue(out, x, fmt, scale, shift, residual, res_scale, res_shift, res_channel_offset, relu);
   return out;
 }
 
