@@ -105,7 +105,7 @@ def conv_bias_act(
 
 def relu_bias_bwd(grad_out: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
     """grad_z = grad_out * (out > 0) (no mask when out is None); grad_bias = sum over N, H, W."""
-    g = grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
+    g = _relu_grad(grad_out, out)
     return g.contiguous(memory_format=_memory_format(grad_out)), _channel_sum(g)
 
 
@@ -238,25 +238,57 @@ def bn_add_relu(
     return z.to(input.dtype).contiguous(memory_format=_memory_format(input))
 
 
+def _xhat(input: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    return (input.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
+
+
+def _relu_grad(grad_out: Tensor, out: Tensor | None) -> Tensor:
+    return grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
+
+
+def _prologue_grad(
+    grad_out: Tensor, input: Tensor, scale: Tensor, shift: Tensor, relu: bool
+) -> Tensor:
+    if not relu:
+        return grad_out
+    z = _prologue(input, scale, shift, relu=False)
+    return torch.where(z > 0, grad_out, torch.zeros_like(grad_out))
+
+
+def _bn_grad_input(
+    g: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_g: Tensor,
+    mean_g_xhat: Tensor,
+) -> Tensor:
+    acc = mean.dtype
+    w = invstd if weight is None else weight.to(acc) * invstd
+    gi = _per_channel(w) * (
+        g.to(acc)
+        - _per_channel(mean_g.to(acc))
+        - _xhat(input, mean, invstd) * _per_channel(mean_g_xhat.to(acc))
+    )
+    return gi.to(input.dtype).contiguous(memory_format=_memory_format(input))
+
+
 def _bn_backward(
     g: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """BatchNorm's training backward of g = dL/dz, z = weight * (input - mean) * invstd + bias."""
+    """BatchNorm's training backward of g = dL/dz, z = weight * (input - mean) * invstd + bias:
+    (grad_input, grad_weight = sum(g * xhat), grad_bias = sum(g)), the two passes of the split
+    ops (``*_reduce``, ``*_elemt``) with this batch's own means."""
     acc = mean.dtype
     gf = g.to(acc)
-    xhat = (input.to(acc) - _per_channel(mean)) * _per_channel(invstd)
-    count = g.numel() // g.shape[1]
     grad_bias = _channel_sum(gf, acc)
-    grad_weight = _channel_sum(gf * xhat, acc)
-    w = invstd if weight is None else weight.to(acc) * invstd
-    grad_input = _per_channel(w) * (
-        gf - _per_channel(grad_bias / count) - xhat * _per_channel(grad_weight / count)
+    grad_weight = _channel_sum(gf * _xhat(input, mean, invstd), acc)
+    count = g.numel() // g.shape[1]
+    grad_input = _bn_grad_input(
+        g, input, mean, invstd, weight, grad_bias / count, grad_weight / count
     )
-    return (
-        grad_input.to(input.dtype).contiguous(memory_format=_memory_format(input)),
-        grad_weight,
-        grad_bias,
-    )
+    return grad_input, grad_weight, grad_bias
 
 
 def bn_add_relu_bwd(
@@ -272,7 +304,7 @@ def bn_add_relu_bwd(
     res_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of bn_add_relu with batch statistics (see csrc/ops.cpp)."""
-    g = grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
+    g = _relu_grad(grad_out, out)
     grad_input, grad_weight, grad_bias = _bn_backward(g, input, mean, invstd, weight)
     if res_input is None:
         # Two distinct empty tensors: outputs of an op must not alias each other.
@@ -303,10 +335,7 @@ def bn_relu_bwd(
     relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of a prologue BatchNorm + ReLU; the mask is recomputed as input*scale+shift > 0."""
-    g = grad_out
-    if relu:
-        z = _prologue(input, scale, shift, relu=False)
-        g = torch.where(z > 0, grad_out, torch.zeros_like(grad_out))
+    g = _prologue_grad(grad_out, input, scale, shift, relu)
     return _bn_backward(g, input, mean, invstd, weight)
 
 
@@ -332,33 +361,6 @@ def bn_finalize_count(
     return _finalize(
         sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked, n, momentum, eps
     )
-
-
-def _xhat(input: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
-    return (input.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
-
-
-def _relu_grad(grad_out: Tensor, out: Tensor | None) -> Tensor:
-    return grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
-
-
-def _bn_grad_input(
-    g: Tensor,
-    input: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    mean_g: Tensor,
-    mean_g_xhat: Tensor,
-) -> Tensor:
-    acc = mean.dtype
-    w = invstd if weight is None else weight.to(acc) * invstd
-    gi = _per_channel(w) * (
-        g.to(acc)
-        - _per_channel(mean_g.to(acc))
-        - _xhat(input, mean, invstd) * _per_channel(mean_g_xhat.to(acc))
-    )
-    return gi.to(input.dtype).contiguous(memory_format=_memory_format(input))
 
 
 def bn_add_relu_bwd_reduce(
@@ -410,15 +412,6 @@ def bn_add_relu_bwd_elemt(
         g, res_input, res_mean, res_invstd, res_weight, mean_g, res_mean_g_xhat
     )
     return grad_input, grad_res
-
-
-def _prologue_grad(
-    grad_out: Tensor, input: Tensor, scale: Tensor, shift: Tensor, relu: bool
-) -> Tensor:
-    if not relu:
-        return grad_out
-    z = _prologue(input, scale, shift, relu=False)
-    return torch.where(z > 0, grad_out, torch.zeros_like(grad_out))
 
 
 def bn_relu_bwd_reduce(
