@@ -21,7 +21,7 @@ from __future__ import annotations
 from timm.models import resnet as timm_resnet
 from torch import nn
 
-from fastres.modules import _conv_bn_reasons, _mixed_norm_reason, _ResidualBlockMixin
+from fastres.modules import _ResidualBlockMixin, pair_reasons
 
 __all__ = ["TimmBasicBlock", "TimmBottleneck", "timm_fusable_reasons", "PAIRS"]
 
@@ -34,10 +34,7 @@ def timm_fusable_reasons(block: nn.Module) -> list[str]:
         pairs, acts = TimmBasicBlock._pairs, TimmBasicBlock._acts
     else:
         return [f"{type(block).__name__} is not a timm BasicBlock or Bottleneck"]
-    reasons = []
-    for c, b in pairs:
-        reasons += _conv_bn_reasons(getattr(block, c), getattr(block, b), f"{c}/{b}")
-    reasons += _mixed_norm_reason([getattr(block, b) for _, b in pairs], "norm layers")
+    reasons = pair_reasons(block, pairs)
     for a in acts:
         act = getattr(block, a, None)
         if type(act) is not nn.ReLU:

@@ -201,6 +201,15 @@ def _downsample_pair(
     return None
 
 
+def pair_reasons(block: nn.Module, pairs) -> list[str]:
+    """Why the (conv, norm) attribute pairs ``pairs`` of ``block`` cannot run fused: each pair's
+    reasons, then a mix of norm kinds across them."""
+    reasons = []
+    for c, b in pairs:
+        reasons += _conv_bn_reasons(getattr(block, c), getattr(block, b), f"{c}/{b}")
+    return reasons + _mixed_norm_reason([getattr(block, b) for _, b in pairs], "norm layers")
+
+
 def fusable_reasons(block: nn.Module) -> list[str]:
     """Why ``block`` (a torchvision BasicBlock/Bottleneck or a fastres block) cannot run fused;
     empty when it can. The downsample branch may be any module (it then runs unfused)."""
@@ -210,10 +219,7 @@ def fusable_reasons(block: nn.Module) -> list[str]:
         pairs = [("conv1", "bn1"), ("conv2", "bn2")]
     else:
         return [f"{type(block).__name__} is not a torchvision BasicBlock or Bottleneck"]
-    reasons = []
-    for c, b in pairs:
-        reasons += _conv_bn_reasons(getattr(block, c), getattr(block, b), f"{c}/{b}")
-    reasons += _mixed_norm_reason([getattr(block, b) for _, b in pairs], "norm layers")
+    reasons = pair_reasons(block, pairs)
     if not isinstance(getattr(block, "relu", None), nn.ReLU):
         reasons.append("relu is not nn.ReLU")
     return reasons
