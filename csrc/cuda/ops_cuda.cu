@@ -344,6 +344,27 @@ void run_channel(ChannelBwdParams& p, DType dt, const Tensor& ref, ChannelLaunch
   C10_CUDA_CHECK(launch(p, dt, stream()));
 }
 
+// The per-channel sums of a BatchNorm backward, zero-initialised (an empty batch sums to zero):
+// sum g, sum g*xhat and, with a BN'd residual, the residual's sum g*xhat (else empty). `launch`
+// runs the reduction alone (the _reduce ops) or the reduction and the elementwise pass.
+struct ChannelSums {
+  Tensor g, gx, gxr;
+};
+
+ChannelSums run_sums(ChannelBwdParams& p, DType dt, bool empty, int64_t C, bool res,
+                     const at::TensorOptions& fopts, const Tensor& ref, ChannelLaunch launch) {
+  ChannelSums s{at::zeros({C}, fopts), at::zeros({C}, fopts),
+                res ? at::zeros({C}, fopts) : at::empty({0}, fopts)};
+  if (!empty) {
+    p.sum_g = s.g.data_ptr<float>();
+    p.sum_gx = s.gx.data_ptr<float>();
+    p.sum_gxr = res ? s.gxr.data_ptr<float>() : nullptr;
+    p.nsum = res ? 3 : 2;
+    run_channel(p, dt, ref, launch);
+  }
+  return s;
+}
+
 void check_like(const Tensor& t, const Tensor& ref, const char* name) {
   CHECK_CUDA(t);
   TORCH_CHECK(t.device() == ref.device(), "fastres CUDA: ", name, " is on ", t.device(),
@@ -490,20 +511,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
   const Tensor w = opt_chan_vec(weight, C, "weight", input);
   const Tensor wr = bn_res ? opt_chan_vec(res_weight, C, "res_weight", input) : Tensor();
   a.grads(p, grad_out, input, res_input, w, wr);
-  Tensor gw = at::zeros({C}, fopts);
-  Tensor gb = at::zeros({C}, fopts);
-  Tensor grw = bn_res ? at::zeros({C}, fopts) : at::empty({0}, fopts);
-  Tensor grb = bn_res ? at::empty({C}, fopts) : at::empty({0}, fopts);
+  const ChannelSums s = run_sums(p, a.dt, a.empty, C, bn_res, fopts, grad_out, launch_channel_bwd);
   if (!a.empty) {
-    p.sum_g = gb.data_ptr<float>();
-    p.sum_gx = gw.data_ptr<float>();
-    if (bn_res) p.sum_gxr = grw.data_ptr<float>();
-    p.nsum = bn_res ? 3 : 2;
-    run_channel(p, a.dt, grad_out, launch_channel_bwd);
     a.finish();
   }
-  if (bn_res) grb.copy_(gb);  // the residual branch sees the same g: its grad_bias is sum(g)
-  return {a.gi.ret, gw, gb, a.gr.ret, grw, grb};
+  // the residual branch sees the same g: its grad_bias is sum(g) (a distinct tensor: outputs
+  // must not alias)
+  Tensor grb = bn_res ? s.g.clone() : at::empty({0}, fopts);
+  return {a.gi.ret, s.gx, s.g, a.gr.ret, s.gxr, grb};
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cuda(
@@ -514,18 +529,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cuda(
   AddReluBwdIn a;
   a.init("bn_add_relu_bwd_reduce", p, grad_out, out, input, mean, invstd, res_input, res_mean,
          res_invstd);
-  const at::TensorOptions fopts = mean.options();
-  Tensor sg = at::zeros({a.C}, fopts);
-  Tensor sgx = at::zeros({a.C}, fopts);
-  Tensor sgxr = a.bn_res ? at::zeros({a.C}, fopts) : at::empty({0}, fopts);
-  if (!a.empty) {
-    p.sum_g = sg.data_ptr<float>();
-    p.sum_gx = sgx.data_ptr<float>();
-    p.sum_gxr = a.bn_res ? sgxr.data_ptr<float>() : nullptr;
-    p.nsum = a.bn_res ? 3 : 2;
-    run_channel(p, a.dt, grad_out, launch_channel_reduce);
-  }
-  return {sg, sgx, sgxr};
+  const ChannelSums s =
+      run_sums(p, a.dt, a.empty, a.C, a.bn_res, mean.options(), grad_out, launch_channel_reduce);
+  return {s.g, s.gx, s.gxr};
 }
 
 std::tuple<Tensor, Tensor> bn_add_relu_bwd_elemt_cuda(
@@ -624,16 +630,11 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, cons
   a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
   const at::TensorOptions fopts = mean.options();
   a.grad(p, input, opt_chan_vec(weight, a.C, "weight", input));
-  Tensor gw = at::zeros({a.C}, fopts);
-  Tensor gb = at::zeros({a.C}, fopts);
+  const ChannelSums s = run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out, launch_channel_bwd);
   if (!a.empty) {
-    p.sum_g = gb.data_ptr<float>();
-    p.sum_gx = gw.data_ptr<float>();
-    p.nsum = 2;
-    run_channel(p, a.dt, grad_out, launch_channel_bwd);
     a.gi.finish();
   }
-  return {a.gi.ret, gw, gb};
+  return {a.gi.ret, s.gx, s.g};
 }
 
 std::tuple<Tensor, Tensor> bn_relu_bwd_reduce_cuda(const Tensor& grad_out, const Tensor& input,
@@ -643,16 +644,9 @@ std::tuple<Tensor, Tensor> bn_relu_bwd_reduce_cuda(const Tensor& grad_out, const
   ChannelBwdParams p{};
   ReluBwdIn a;
   a.init("bn_relu_bwd_reduce", p, grad_out, input, mean, invstd, scale, shift, relu);
-  const at::TensorOptions fopts = mean.options();
-  Tensor sg = at::zeros({a.C}, fopts);
-  Tensor sgx = at::zeros({a.C}, fopts);
-  if (!a.empty) {
-    p.sum_g = sg.data_ptr<float>();
-    p.sum_gx = sgx.data_ptr<float>();
-    p.nsum = 2;
-    run_channel(p, a.dt, grad_out, launch_channel_reduce);
-  }
-  return {sg, sgx};
+  const ChannelSums s =
+      run_sums(p, a.dt, a.empty, a.C, false, mean.options(), grad_out, launch_channel_reduce);
+  return {s.g, s.gx};
 }
 
 Tensor bn_relu_bwd_elemt_cuda(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
