@@ -54,7 +54,7 @@ class _SyncBNFn(torch.autograd.Function):
         xs = x.to(reference.acc_dtype(x.dtype))
         s, q = reference._channel_sum(xs), reference._channel_sum(xs * xs)
         part = (x, s, q, (weight, bias, running_mean, running_var, nbt), bn)
-        mean, invstd, scale, shift, count = FF._sync_finalize(be, group, [part])[0]
+        mean, invstd, scale, shift, count = FF._finalize(be, group, [part])[0]
         out = backends.op(be, "bn_add_relu")(x, scale, shift, None, None, None, 0, False)
         ctx.save_for_backward(x, weight, mean, invstd, scale, shift, count)
         ctx.group, ctx.backend = group, be

@@ -358,12 +358,21 @@ def _all_reduce_sum(t: Tensor, group) -> Tensor:
     return t
 
 
-def _sync_finalize(be: str, group, parts) -> list[tuple]:
-    """bn_finalize of several BatchNorms over the global batch, with ONE all-reduce.
+def _finalize(be: str, group, parts) -> list[tuple]:
+    """bn_finalize of several BatchNorms; under SyncBatchNorm (``group``) over the global batch,
+    with ONE all-reduce for all of them.
 
     ``parts`` are, per BatchNorm, (conv output, sum, sumsq, (gamma, beta, running_mean,
     running_var, num_batches_tracked), BNSpec). Returns per BatchNorm (mean, invstd, scale, shift,
-    global count as a one-element tensor)."""
+    global count as a one-element tensor, or None without a group)."""
+    if group is None:
+        out = []
+        for y, s, q, bn_params, bn in parts:
+            count = y.numel() // y.shape[1]
+            _check_batch_stats_count(y.shape, count)
+            stats = backends.op(be, "bn_finalize")(s, q, *bn_params, count, bn.momentum, bn.eps)
+            out.append((*stats, None))
+        return out
     packed = []
     for y, s, q, _, _ in parts:
         packed += [s, q, s.new_full((1,), float(y.numel() // y.shape[1]))]
@@ -397,28 +406,23 @@ class _ResidualUnitFn(torch.autograd.Function):
         n_stages = len(spec.stages)
         ys, stats = [], []
         inp, pre = x, (None, None, False)
-        sync = spec.group is not None
         counts = []  # SyncBatchNorm: each BatchNorm's global count (a tensor), for the backward
 
+        def part(i: int, st: Stage, y: Tensor, s: Tensor, q: Tensor):
+            return (y, s, q, _bn_tensors(params, i)[1:], st.bn)
+
         for i, st in enumerate(spec.stages):
-            w, gamma, beta, rm, rv, nbt = _bn_tensors(params, i)
+            w = params[6 * i]
             y, s, q = backends.op(be, "conv_stats")(inp, w, pre[0], pre[1], pre[2], *st.conv.args())
             ys.append(y)
-            if sync and i == n_stages - 1 and spec.shortcut == "downsample":
-                # finalized with the downsample's BN: one all-reduce for both
-                last_part = (y, s, q, (gamma, beta, rm, rv, nbt), st.bn)
+            if i == n_stages - 1:
+                # finalized below, with the downsample's BN when there is one (under
+                # SyncBatchNorm: one all-reduce for both)
+                parts = [part(i, st, y, s, q)]
                 break
-            if sync:
-                part = (y, s, q, (gamma, beta, rm, rv, nbt), st.bn)
-                *st4, gn = _sync_finalize(be, spec.group, [part])[0]
-                counts.append(gn)
-            else:
-                count = y.numel() // y.shape[1]
-                _check_batch_stats_count(y.shape, count)
-                st4 = backends.op(be, "bn_finalize")(
-                    s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum, st.bn.eps
-                )
+            *st4, gn = _finalize(be, spec.group, [part(i, st, y, s, q)])[0]
             stats.append(tuple(st4))
+            counts.append(gn)
             inp, pre = y, (st4[2], st4[3], True)
 
         res, res_scale, res_shift, offset = None, None, None, 0
@@ -432,22 +436,16 @@ class _ResidualUnitFn(torch.autograd.Function):
             res = x[:, :, ::s, ::s] if s > 1 else x
             offset = (ys[-1].shape[1] - x.shape[1]) // 2
         elif spec.shortcut == "downsample":
-            w, gamma, beta, rm, rv, nbt = _bn_tensors(params, n_stages)
             st = spec.downsample
-            yd, s, q = backends.op(be, "conv_stats")(x, w, None, None, False, *st.conv.args())
-            if sync:
-                # the block's last BN and the downsample's: one all-reduce for both
-                ds_part = (yd, s, q, (gamma, beta, rm, rv, nbt), st.bn)
-                both = _sync_finalize(be, spec.group, [last_part, ds_part])
-                stats.append(tuple(both[0][:4]))
-                dstats = tuple(both[1][:4])
-                counts += [both[0][4], both[1][4]]
-            else:
-                count = yd.numel() // yd.shape[1]
-                _check_batch_stats_count(yd.shape, count)
-                dstats = backends.op(be, "bn_finalize")(
-                    s, q, gamma, beta, rm, rv, nbt, count, st.bn.momentum, st.bn.eps
-                )
+            yd, s, q = backends.op(be, "conv_stats")(
+                x, params[6 * n_stages], None, None, False, *st.conv.args()
+            )
+            parts.append(part(n_stages, st, yd, s, q))
+        finalized = _finalize(be, spec.group, parts)
+        stats.append(tuple(finalized[0][:4]))
+        counts += [f[4] for f in finalized]
+        if yd is not None:
+            dstats = tuple(finalized[1][:4])
             res, res_scale, res_shift = yd, dstats[2], dstats[3]
         mean, invstd, scale, shift = stats[-1]
         out = backends.op(be, "bn_add_relu")(
