@@ -65,16 +65,9 @@ class _SyncBNFn(torch.autograd.Function):
         x, weight, mean, invstd, scale, shift, count = ctx.saved_tensors
         be = ctx.backend
         g = grad_out.contiguous(memory_format=FF._fmt(x))
-        sum_g, sum_g_xhat = backends.op(be, "bn_relu_bwd_reduce")(
-            g, x, mean, invstd, scale, shift, False
+        grad_x, sum_g_xhat, sum_g = FF._bn_relu_backward(
+            be, ctx.group, count, g, x, mean, invstd, weight, scale, shift, False
         )
-        c = sum_g.shape[0]
-        means = FF._all_reduce_sum(torch.cat([sum_g, sum_g_xhat]), ctx.group) / count
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = backends.op(be, "bn_relu_bwd_elemt")(
-                g, x, mean, invstd, weight, scale, shift, False, means[:c], means[c:]
-            )
         grad_w = sum_g_xhat.to(weight.dtype) if weight is not None else None
         grad_b = sum_g.to(weight.dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None

@@ -387,6 +387,38 @@ def _finalize(be: str, group, parts) -> list[tuple]:
     return out
 
 
+def _bn_relu_backward(
+    be: str,
+    group,
+    count: Tensor | None,
+    grad_out: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    scale: Tensor,
+    shift: Tensor,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of a BatchNorm (+ ReLU recomputed from scale/shift):
+    the one-op ``bn_relu_bwd``, or under SyncBatchNorm (``group``, ``count`` the global count)
+    this process's sums, one all-reduce of them and the elementwise pass with the global means.
+    The parameter gradients are this process's sums either way."""
+    if group is None:
+        return backends.op(be, "bn_relu_bwd")(
+            grad_out, input, mean, invstd, weight, scale, shift, relu
+        )
+    sum_g, sum_g_xhat = backends.op(be, "bn_relu_bwd_reduce")(
+        grad_out, input, mean, invstd, scale, shift, relu
+    )
+    c = sum_g.shape[0]
+    means = _all_reduce_sum(torch.cat([sum_g, sum_g_xhat]), group) / count
+    grad_input = backends.op(be, "bn_relu_bwd_elemt")(
+        grad_out, input, mean, invstd, weight, scale, shift, relu, means[:c], means[c:]
+    )
+    return grad_input, sum_g_xhat, sum_g
+
+
 def _bn_tensors(params: Sequence[Tensor | None], i: int):
     # Flat layout per stage: weight, gamma, beta, running_mean, running_var, num_batches_tracked.
     return params[6 * i : 6 * i + 6]
@@ -538,30 +570,19 @@ class _ResidualUnitFn(torch.autograd.Function):
             )
             grads_params[6 * i] = dw
             mean_p, invstd_p, _, _ = stats[i - 1]
-            if spec.group is None:
-                dy, dgamma, dbeta = backends.op(be, "bn_relu_bwd")(
-                    da, ys[i - 1], mean_p, invstd_p, gammas[i - 1], scale_p, shift_p, True
-                )
-            else:
-                dbeta, dgamma = backends.op(be, "bn_relu_bwd_reduce")(
-                    da, ys[i - 1], mean_p, invstd_p, scale_p, shift_p, True
-                )
-                c = dbeta.shape[0]
-                g_means = (
-                    _all_reduce_sum(torch.cat([dbeta, dgamma]), spec.group) / ctx.counts[i - 1]
-                )
-                dy = backends.op(be, "bn_relu_bwd_elemt")(
-                    da,
-                    ys[i - 1],
-                    mean_p,
-                    invstd_p,
-                    gammas[i - 1],
-                    scale_p,
-                    shift_p,
-                    True,
-                    g_means[:c],
-                    g_means[c:],
-                )
+            dy, dgamma, dbeta = _bn_relu_backward(
+                be,
+                spec.group,
+                ctx.counts[i - 1],
+                da,
+                ys[i - 1],
+                mean_p,
+                invstd_p,
+                gammas[i - 1],
+                scale_p,
+                shift_p,
+                True,
+            )
             grads_params[6 * (i - 1) + 1] = dgamma if ctx.has_gamma[i - 1] else None
             grads_params[6 * (i - 1) + 2] = dbeta
         need_x = ctx.needs_input_grad[1]
