@@ -34,6 +34,16 @@ def _device_params():
 
 
 DEVICES = _device_params()
+# (name, dtype, TF32): fp32 runs with TF32 off (exact, compared with the exact reference) and on
+# (cuDNN's default: the CUDA kernels then use m16n8k8 TF32 MMAs); its yardstick is then the
+# reference on operands rounded to TF32, which is what a TF32 convolution computes.
+PRECISIONS = [
+    pytest.param(("fp32", torch.float32, False), id="fp32"),
+    pytest.param(("tf32", torch.float32, True), id="tf32"),
+    pytest.param(("bf16", torch.bfloat16, False), id="bf16"),
+    pytest.param(("fp16", torch.float16, False), id="fp16"),
+]
+# The batch-norm family has no convolution: TF32 does not apply.
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["channels_last", "contiguous"]
 # (C, K, kernel, stride, padding): 1x1, 3x3 and 7x7 as ResNets use them, odd channel counts too
@@ -81,15 +91,34 @@ def _clone(a):
     return a.clone() if isinstance(a, torch.Tensor) else a
 
 
-def _check(name: str, args: tuple, dtype: torch.dtype, mutated: tuple[int, ...] = ()) -> None:
+def _tf32(a):
+    """A 4-D float32 operand (activation, weight, gradient) rounded to TF32 (10 explicit mantissa
+    bits, to nearest even): what a TF32 tensor-core convolution multiplies. Other arguments
+    (per-channel vectors, flags) are returned as they are."""
+    if not (isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.dim() == 4):
+        return a
+    b = a.view(torch.int32)  # same strides: a reinterpretation, not a copy
+    r = ((b + 0xFFF + ((b >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(a), r, a)
+
+
+def _check(name: str, args: tuple, dtype: torch.dtype, mutated: tuple[int, ...] = (),
+           tf32: bool = False) -> None:
     """Run the op as ours (torch.ops.fastres), PyTorch's (reference at dtype) and the truth
-    (reference in float64), each on its own copy of the mutated arguments; compare."""
+    (reference in float64), each on its own copy of the mutated arguments; compare. TF32 is
+    pinned off (cuDNN's default is on) unless ``tf32``; then PyTorch's yardstick is the reference
+    on TF32-rounded operands (a CPU reference cannot run TF32 itself)."""
     op = getattr(torch.ops.fastres, name)
     fn = getattr(reference, name)
     a_ours = [_clone(a) for a in args]
-    a_theirs = [_clone(a) for a in args]
+    a_theirs = [_tf32(_clone(a)) if tf32 else _clone(a) for a in args]
     a_truth = [_f64(_clone(a)) for a in args]
-    ours, theirs, truth = op(*a_ours), fn(*a_theirs), fn(*a_truth)
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        ours, theirs, truth = op(*a_ours), fn(*a_theirs), fn(*a_truth)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
     if isinstance(ours, torch.Tensor):
         ours, theirs, truth = (ours,), (theirs,), (truth,)
     outs = [
@@ -115,24 +144,25 @@ def _bn_stats(m: Maker, x):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("conv", CONVS, ids=lambda c: "C{}K{}r{}s{}".format(*c[:4]))
-def test_convolutions(device, dtype, layout, conv):
+def test_convolutions(device, precision, layout, conv):
     """conv_bias_act (bias, residual, ReLU), conv_stats (with and without the BN-ReLU prologue)
-    and conv_bwd (both grads, prologue recomputed)."""
+    and conv_bwd (both grads, prologue recomputed); fp32 exact and TF32, bf16, fp16."""
     c, k, r, s, p = conv
+    _, dtype, tf32 = precision
     m = Maker(device, dtype, layout)
     x, w = m.act(2, c, 9, 11), m.weight(k, c, r)
     ho, wo = (9 + 2 * p - r) // s + 1, (11 + 2 * p - r) // s + 1
     cv = ([s, s], [p, p], [1, 1], 1)
-    _check("conv_bias_act", (x, w, m.vec(k), m.act(2, k, ho, wo), *cv, True), dtype)
-    _check("conv_bias_act", (x, w, None, None, *cv, False), dtype)
-    _check("conv_stats", (x, w, None, None, False, *cv), dtype)
-    _check("conv_stats", (x, w, m.vec(c, True), m.vec(c), True, *cv), dtype)
+    _check("conv_bias_act", (x, w, m.vec(k), m.act(2, k, ho, wo), *cv, True), dtype, tf32=tf32)
+    _check("conv_bias_act", (x, w, None, None, *cv, False), dtype, tf32=tf32)
+    _check("conv_stats", (x, w, None, None, False, *cv), dtype, tf32=tf32)
+    _check("conv_stats", (x, w, m.vec(c, True), m.vec(c), True, *cv), dtype, tf32=tf32)
     g = m.act(2, k, ho, wo)
-    _check("conv_bwd", (g, x, w, m.vec(c, True), m.vec(c), True, *cv, [True, True]), dtype)
-    _check("conv_bwd", (g, x, w, None, None, False, *cv, [True, False]), dtype)
+    _check("conv_bwd", (g, x, w, m.vec(c, True), m.vec(c), True, *cv, [True, True]), dtype, tf32=tf32)
+    _check("conv_bwd", (g, x, w, None, None, False, *cv, [True, False]), dtype, tf32=tf32)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

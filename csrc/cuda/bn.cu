@@ -81,21 +81,21 @@ __global__ void __launch_bounds__(1024) colsum_kernel(const ColSumParams p) {
   const int ty = threadIdx.y;
   const int c = blockIdx.x * 32 + tx;
   const int j = blockIdx.y;
-  const float* base = p.partial + static_cast<int64_t>(j) * p.T * p.C;
-  float s = 0.f;
+  const double* base = p.partial + static_cast<int64_t>(j) * p.T * p.C;
+  double s = 0.0;
   if (c < p.C) {
     for (int t = ty; t < p.T; t += 32) s += base[static_cast<int64_t>(t) * p.C + c];
   }
-  __shared__ float red[32][33];
+  __shared__ double red[32][33];
   red[ty][tx] = s;
   __syncthreads();
   if (ty == 0 && c < p.C) {
-    float total = 0.f;
+    double total = 0.0;
 #pragma unroll
     for (int y = 0; y < 32; ++y) total += red[y][tx];
     // (a switch, not p.out[j]: a dynamic index into the parameter array costs a stack copy)
     float* dst = j == 0 ? p.out[0] : j == 1 ? p.out[1] : j == 2 ? p.out[2] : p.out[3];
-    dst[c] = total;
+    dst[c] = static_cast<float>(total);
   }
 }
 
@@ -390,7 +390,9 @@ __global__ void __launch_bounds__(kThreads) channel_reduce_kernel(const ChannelB
     for (int j = 0; j < NSUM; ++j)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        float s = 0.f;
+        // Each lane's fp32 sum covers rows_per_chunk / lanes rows (tens); lanes and chunks are
+        // combined in double (colsum), as the reference sums in float64.
+        double s = 0.0;
         for (int l = 0; l < lanes; ++l) s += red[j][l * cvb + cv][e];  // fixed order
         p.partial[(static_cast<int64_t>(j) * p.chunks + chunk) * p.C + c0 + e] = s;
       }

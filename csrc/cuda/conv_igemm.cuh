@@ -39,7 +39,8 @@ struct ConvCfg {
   static constexpr int B_STAGE = BN * 64;
   static constexpr int PIPE_BYTES = STAGES * (A_STAGE + B_STAGE);
   static constexpr int CS_LD = BN + 4;  // fp32 epilogue tile row pitch (+4: fewer bank conflicts)
-  static constexpr int EPI_BYTES = BM * CS_LD * 4 + 2 * THREADS * 4;
+  // + the stats epilogue's per-thread (sum, sum of squares) in double: 2 * THREADS * 8 bytes.
+  static constexpr int EPI_BYTES = BM * CS_LD * 4 + 2 * THREADS * 8;
   static constexpr int SMEM = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
 };
 
@@ -379,25 +380,29 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_igemm_kernel(const ConvPara
   if constexpr (STATS) {
     // Column sums of the rounded tile in a fixed order: PARTS threads per column each sum a
     // contiguous run of rows, then thread `col` adds the PARTS results in order. No atomics.
+    // Accumulated in double, as the reference and the CPU kernels do: in fp32, sum of squares
+    // E[x^2] - E[x]^2 loses the variance when |mean| >> std (the conv_stats device test missed
+    // the tolerance at 16-32 channels). Hopper's FP64 rate is half its FP32 rate and this loop
+    // is RPP (<= 64) adds per thread per tile, noise next to the tile's MMAs.
     __syncthreads();
     constexpr int PARTS = THREADS / BN;
     constexpr int RPP = BM / PARTS;
     static_assert(THREADS % BN == 0 && BM % PARTS == 0, "stats layout");
     const int col = tid % BN;
     const int part = tid / BN;
-    float s = 0.f, q = 0.f;
+    double s = 0.0, q = 0.0;
 #pragma unroll 4
     for (int r = 0; r < RPP; ++r) {
-      const float v = cs[(part * RPP + r) * LD + col];
+      const double v = cs[(part * RPP + r) * LD + col];
       s += v;
-      q = fmaf(v, v, q);
+      q = fma(v, v, q);
     }
-    float* red = cs + BM * LD;
+    double* red = reinterpret_cast<double*>(cs + BM * LD);  // BM * LD * 4 is a multiple of 8
     red[tid] = s;
     red[THREADS + tid] = q;
     __syncthreads();
     if (tid < BN && n0 + tid < p.OC) {
-      float S = 0.f, Q = 0.f;
+      double S = 0.0, Q = 0.0;
 #pragma unroll
       for (int pp = 0; pp < PARTS; ++pp) {
         S += red[pp * BN + tid];

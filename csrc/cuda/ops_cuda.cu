@@ -135,7 +135,10 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 Tensor pad_dim(const Tensor& t, int64_t dim, int64_t size, MF fmt) {
   std::vector<int64_t> sizes = t.sizes().vec();
   sizes[dim] = size;
-  Tensor r = at::zeros(sizes, t.options().memory_format(fmt));
+  // at::zeros ignores a memory format carried in TensorOptions (the buffer came back NCHW while
+  // the kernels read it as NHWC): allocate in the format, then zero.
+  Tensor r = at::empty(sizes, t.options().memory_format(fmt));
+  r.zero_();
   r.narrow(dim, 0, t.size(dim)).copy_(t);
   return r;
 }
@@ -339,8 +342,8 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
 using ChannelLaunch = cudaError_t (*)(const ChannelBwdParams&, DType, cudaStream_t);
 void run_channel(ChannelBwdParams& p, DType dt, const Tensor& ref, ChannelLaunch launch) {
   const int64_t n = plan_channel_bwd(p, dt, num_sms(ref));
-  Tensor partial = at::empty({n}, ref.options().dtype(at::kFloat));
-  p.partial = partial.data_ptr<float>();
+  Tensor partial = at::empty({n}, ref.options().dtype(at::kDouble));
+  p.partial = partial.data_ptr<double>();
   C10_CUDA_CHECK(launch(p, dt, stream()));
 }
 
@@ -696,13 +699,13 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
   const Math math = conv_math(dt);
   const int64_t M = g.N * g.P * g.Q;
   const int64_t m_tiles = (M + conv_block_m(math) - 1) / conv_block_m(math);
-  Tensor partial = at::empty({2, m_tiles, g.K}, fopts);
+  Tensor partial = at::empty({2, m_tiles, g.K}, fopts.dtype(at::kDouble));
 
   ConvParams p{};
   fill_conv_io(p, o.x, o.w, out.buf, g);
   p.pre_scale = fptr(o.scale);
   p.pre_shift = fptr(o.shift);
-  p.stats_partial = partial.data_ptr<float>();
+  p.stats_partial = partial.data_ptr<double>();
   p.m_tiles = static_cast<int>(m_tiles);
   p.prologue = sc.defined() || sh.defined() || pre_relu;
   p.pre_relu = pre_relu;
@@ -710,7 +713,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
   C10_CUDA_CHECK(launch_conv(p, dt, math, stream()));
 
   ColSumParams cp{};
-  cp.partial = partial.data_ptr<float>();
+  cp.partial = partial.data_ptr<double>();
   cp.out[0] = sum.data_ptr<float>();
   cp.out[1] = sumsq.data_ptr<float>();
   cp.nsum = 2;
@@ -753,9 +756,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
   Tensor invstd = at::empty({C}, sum.options());
   Tensor scale = at::empty({C}, sum.options());
   Tensor shift = at::empty({C}, sum.options());
+  // The kernel reads sum/sumsq as dense float arrays: a strided view (e.g. a column of a stacked
+  // all-reduce buffer) is made dense first, never read through its raw pointer.
+  const Tensor s = chan_vec(sum, C, "sum", sum);
+  const Tensor ss = chan_vec(sumsq, C, "sumsq", sum);
   BnFinalizeParams p{};
-  p.sum = sum.data_ptr<float>();
-  p.sumsq = sumsq.data_ptr<float>();
+  p.sum = s.data_ptr<float>();
+  p.sumsq = ss.data_ptr<float>();
   p.weight = fptr(w);
   p.bias = fptr(b);
   p.running_mean = rm.defined() ? rm.data_ptr<float>() : nullptr;
