@@ -106,11 +106,11 @@ step info 30 170 "$PY" -P -m fastres.info
 # 3. GPU tests and the Triton tests (the gpu-marked ones already ran in the first command).
 if have pytest; then
   step gpu-tests 75 150 "$PY" -P -m pytest tests -m "gpu and not gpu_integration" -q \
-    -p no:cacheprovider -rfEs
+    -p no:cacheprovider -p fastres._pytest_instafail -rfEs
   TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null)
   if [ -n "$TRITON_TESTS" ]; then
     # shellcheck disable=SC2086
-    step triton-tests 60 140 "$PY" -P -m pytest $TRITON_TESTS -m "not gpu" -q -p no:cacheprovider -rfE
+    step triton-tests 60 140 "$PY" -P -m pytest $TRITON_TESTS -m "not gpu" -q -p no:cacheprovider -p fastres._pytest_instafail -rfE
   fi
 else
   note "pytest is not installed: GPU and Triton tests skipped"
@@ -147,7 +147,7 @@ fi
 # graphs, CUDA autocast), per backend, in whatever time is left.
 if have pytest; then
   step gpu-integr 120 5 "$PY" -P -m pytest tests/test_integrations.py -m gpu_integration -q \
-    -p no:cacheprovider -rfEs
+    -p no:cacheprovider -p fastres._pytest_instafail -rfEs
 fi
 
 # 7. The short table, last.
