@@ -84,6 +84,48 @@ def _cases(n: int, dtype: torch.dtype, device: str):
                (s, q, wt, sh, None, None, None, n * h * h, 0.1, 1e-5))
 
 
+def _conv_case(op: str, n: int, c: int, k: int, r: int, s: int, h: int, dtype, device,
+               prologue: bool):
+    cl = torch.channels_last
+    f32 = dict(device=device, dtype=torch.float32)
+    p = (h + 2 * (r // 2) - r) // s + 1
+    x = torch.randn(n, c, h, h, device=device).to(dtype).contiguous(memory_format=cl)
+    w = (torch.randn(k, c, r, r, device=device) / (c * r * r) ** 0.5).to(dtype)
+    w = w.contiguous(memory_format=cl)
+    sc, sh = (torch.rand(c, **f32) + 0.5, torch.randn(c, **f32) * 0.5) if prologue else (None, None)
+    cv = ([s, s], [r // 2, r // 2], [1, 1], 1)
+    if op == "conv_bwd":
+        g = torch.randn(n, k, p, p, device=device).to(dtype).contiguous(memory_format=cl)
+        return (g, x, w, sc, sh, prologue, *cv, [True, True])
+    return (x, w, sc, sh, prologue, *cv)
+
+
+def sweep(device: str, names: list[str], dtype: torch.dtype) -> None:
+    """Where does each conv op start failing? Batch, image side, channels and kernel varied one
+    at a time around the smallest shapes, so a size-dependent bug (splits, chunks, tiles) shows
+    its threshold."""
+    print("--- sweep: conv_bwd and conv_stats (prologue), per backend; errors per output")
+    grid = [(n, c, k, r, s, h) for r, s in ((3, 1), (1, 1), (3, 2)) for c, k in ((16, 16), (64, 64))
+            for n, h in ((1, 8), (2, 14), (1, 56), (4, 28), (8, 56), (32, 56))]
+    for op in ("conv_bwd", "conv_stats"):
+        for pro in (False, True):
+            for n, c, k, r, s, h in grid:
+                args = _conv_case(op, n, c, k, r, s, h, dtype, device, pro)
+                ref = getattr(reference, op)(*[_up(a) for a in args])
+                for b in names:
+                    try:
+                        out = backends.op(b, op)(*args)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"{b} {op} pro={pro:d} N{n} C{c} K{k} r{r} s{s} H{h}: ERROR {exc}")
+                        continue
+                    errs = [_rel(o, rr) for o, rr in zip(out, ref, strict=True)
+                            if isinstance(rr, torch.Tensor) and rr.numel()]
+                    flag = "BAD" if any(not e <= BOUND[dtype] for e in errs) else "ok"
+                    print(f"{b:7s} {op:10s} pro={pro:d} N{n:<3d} C{c:<3d} K{k:<3d} r{r} s{s} H{h:<3d}"
+                          f" {' '.join(f'{e:.1e}' for e in errs)} {flag}")
+        sys.stdout.flush()
+
+
 def _up(a):
     return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
 
@@ -169,6 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-diag", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="conv ops over a ladder of sizes")
     a = ap.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     avail = backends.available()  # loads fastres._C (registers torch.ops.fastres) and triton ops
@@ -184,6 +227,8 @@ def main(argv=None) -> int:
           f"{torch.cuda.get_device_name() if a.device == 'cuda' else ''} backends {names} "
           f"N={a.batch} {dtype}; error = max|out - ref| / max|ref| vs float32 reference")
     bad = 0 if a.no_diag else diag(a.device, names, a.batch, dtype)
+    if a.sweep:
+        sweep(a.device, names, dtype)
     if a.profile:
         profile(a.device, names, a.batch, dtype)
     print(f"op_diag: {bad} BAD")
