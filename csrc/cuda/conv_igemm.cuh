@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_igemm_kernel(const ConvPara
   static_assert(MATH != Math::kTf32 || std::is_same<T, float>::value, "TF32 path is fp32 only");
   static_assert(MATH != Math::kMma16 || sizeof(T) == 2, "mma m16n8k16 path is 16-bit only");
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  FR_DYNAMIC_SMEM(smem);
   unsigned char* sA = smem;
   unsigned char* sB = smem + STAGES * Cfg::A_STAGE;
 
@@ -426,7 +426,7 @@ cudaError_t launch_conv_kernel(ConvParams& p, cudaStream_t stream) {
   if (grid <= 0 || grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   FR_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM));
-  kernel<<<static_cast<unsigned>(grid), Cfg::THREADS, Cfg::SMEM, stream>>>(p);
+  FR_LAUNCH(static_cast<unsigned>(grid), Cfg::THREADS, Cfg::SMEM, stream, kernel)(p);
   FR_LAUNCH_CHECK();
   return cudaSuccess;
 }

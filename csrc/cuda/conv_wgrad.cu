@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) wgrad_kernel(const WgradParams p
   static_assert(!SIMT || (sizeof(T) == 4 && BM == 64 && BN == 64 && THREADS == 256), "SIMT");
   static_assert(SIMT || sizeof(T) == 2, "tensor-core wgrad is 16-bit only");
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  FR_DYNAMIC_SMEM(smem);
   unsigned char* sA = smem;
   unsigned char* sB = smem + STAGES * A_STAGE;
 
@@ -272,14 +272,14 @@ cudaError_t launch_wgrad_cfg(WgradParams& p, cudaStream_t stream) {
     auto kernel = wgrad_kernel<T, SIMT, Cfg, PRO>;
     FR_RETURN_IF_ERROR(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<static_cast<unsigned>(grid), Cfg::THREADS, smem, stream>>>(p);
+    FR_LAUNCH(static_cast<unsigned>(grid), Cfg::THREADS, smem, stream, kernel)(p);
     return cudaGetLastError();
   }));
   const int64_t n = static_cast<int64_t>(p.K) * p.R * p.S * p.C;
   int64_t blocks = (n + 255) / 256;
   if (blocks > 65536) blocks = 65536;
-  wgrad_reduce_kernel<T>
-      <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p.ws, static_cast<T*>(p.dw), n, p.splits);
+  FR_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream,
+            wgrad_reduce_kernel<T>)(p.ws, static_cast<T*>(p.dw), n, p.splits);
   FR_LAUNCH_CHECK();
   return cudaSuccess;
 }
