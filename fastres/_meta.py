@@ -10,16 +10,16 @@ from torch import Tensor
 
 from fastres.reference import acc_dtype
 
-_lib = "fastres::"
-#: op name -> its fake, so that another namespace with the same schemas (fastres_cudasim, the CUDA
-#: launchers on CPU tensors) registers the same fakes (register_fakes).
+#: op name -> its fake. register_fakes(namespace) registers them for the ops of one namespace
+#: with these schemas: fastres (fastres._C, fastres/_ext.py) and fastres_cudasim (the CUDA
+#: launchers on CPU tensors, fastres._C_cudasim), each once its extension has loaded.
 FAKES: dict = {}
 
 
 def _fake(name: str):
     def deco(fn):
         FAKES[name] = fn
-        return torch.library.register_fake(_lib + name)(fn)
+        return fn
 
     return deco
 

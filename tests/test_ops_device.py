@@ -216,6 +216,9 @@ def test_batchnorm_family(device, dtype, layout):
     for relu in (True, False):
         scale, shift = m.vec(c), m.vec(c)
         _check("bn_relu_bwd", (go, x, mean, invstd, m.vec(c), scale, shift, relu), dtype, backend=device)
+        # the BN weight of a model in dtype (bf16/fp16 training without autocast) is in dtype
+        w_lo = m.vec(c).to(dtype)
+        _check("bn_relu_bwd", (go, x, mean, invstd, w_lo, scale, shift, relu), dtype, backend=device)
         _check("bn_relu_bwd_reduce", (go, x, mean, invstd, scale, shift, relu), dtype, backend=device)
         _check(
             "bn_relu_bwd_elemt",

@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "fr_ptx.cuh"  // cp.async / ldmatrix / mma.sync / cvt.rna.tf32 (PTX and cudasim twins)
@@ -47,6 +48,24 @@
 
 namespace fastres {
 namespace cuda {
+
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) once per kernel and device, not per launch (a
+// driver call each time otherwise). The caller keeps one static instance per kernel; devices past
+// 63 are simply set every time.
+struct SmemOptIn {
+  std::atomic<uint64_t> devices{0};
+  template <class Kernel>
+  cudaError_t ensure(Kernel* kernel, int bytes) {
+    int dev = 0;
+    FR_RETURN_IF_ERROR(cudaGetDevice(&dev));
+    const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+    if (bit && (devices.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+    FR_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    devices.fetch_or(bit, std::memory_order_release);
+    return cudaSuccess;
+  }
+};
 
 template <typename T>
 struct DTypeOf;

@@ -642,7 +642,11 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, cons
   ReluBwdIn a;
   a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
   const at::TensorOptions fopts = mean.options();
-  a.grad(p, input, opt_chan_vec(weight, a.C, "weight", input));
+  // Held until the launches are done: p.weight points into it (a temporary here was freed before
+  // the kernel read it whenever the weight was not already float32, e.g. a bf16 model's BN
+  // weight: the H200's bf16 grad.input errors of 1e5-1e8, found by cudasim).
+  const Tensor w = opt_chan_vec(weight, a.C, "weight", input);
+  a.grad(p, input, w);
   const ChannelSums s = run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out, launch_channel_bwd);
   if (!a.empty) {
     a.gi.finish();

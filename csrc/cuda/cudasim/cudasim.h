@@ -205,6 +205,10 @@ inline cudaError_t cudaFuncSetAttribute(F* fn, cudaFuncAttribute attr, int value
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   return ::cudasim::set_max_dyn_smem(reinterpret_cast<const void*>(fn), value);
 }
+inline cudaError_t cudaGetDevice(int* dev) {
+  *dev = 0;  // one simulated device
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int dev) {
   return ::cudasim::device_attribute(v, a, dev);
 }
