@@ -103,7 +103,7 @@ cudaError_t launch_colsum(const ColSumParams& p, cudaStream_t stream) {
   if (p.C <= 0 || p.nsum <= 0) return cudaSuccess;
   if (p.nsum > 4) return cudaErrorInvalidValue;
   const dim3 grid((p.C + 31) / 32, p.nsum);
-  colsum_kernel<<<grid, dim3(32, 32), 0, stream>>>(p);
+  FR_LAUNCH(grid, dim3(32, 32), 0, stream, colsum_kernel)(p);
   FR_LAUNCH_CHECK();
   return cudaSuccess;
 }
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) bn_finalize_kernel(const BnFinalizeP
 }
 
 cudaError_t launch_bn_finalize(const BnFinalizeParams& p, cudaStream_t stream) {
-  bn_finalize_kernel<<<1, kThreads, 0, stream>>>(p);
+  FR_LAUNCH(1, kThreads, 0, stream, bn_finalize_kernel)(p);
   FR_LAUNCH_CHECK();
   return cudaSuccess;
 }
@@ -272,11 +272,11 @@ cudaError_t launch_bn_add_relu_t(const BnAddReluParams& p, cudaStream_t stream) 
         } else {
           if (p.dense) {
             constexpr int VEC = 16 / sizeof(T);
-            bn_add_relu_dense_kernel<T, HAS_RES, RES_AFFINE, RELU>
-                <<<grid_for(numel / VEC, kThreads), kThreads, 0, stream>>>(p);
+            FR_LAUNCH(grid_for(numel / VEC, kThreads), kThreads, 0, stream,
+                      bn_add_relu_dense_kernel<T, HAS_RES, RES_AFFINE, RELU>)(p);
           } else {
-            bn_add_relu_generic_kernel<T, HAS_RES, RES_AFFINE, RELU>
-                <<<grid_for(numel, kThreads), kThreads, 0, stream>>>(p);
+            FR_LAUNCH(grid_for(numel, kThreads), kThreads, 0, stream,
+                      bn_add_relu_generic_kernel<T, HAS_RES, RES_AFFINE, RELU>)(p);
           }
           return cudaGetLastError();
         }
@@ -488,9 +488,15 @@ cudaError_t launch_channel_reduce_tv(const ChannelBwdParams& p, cudaStream_t str
   const int cvb = cv_total < kThreads ? cv_total : kThreads;
   const dim3 rgrid(p.chunks, (cv_total + cvb - 1) / cvb);
   switch (p.nsum) {
-    case 1: channel_reduce_kernel<T, VEC, 1><<<rgrid, kThreads, 0, stream>>>(p); break;
-    case 2: channel_reduce_kernel<T, VEC, 2><<<rgrid, kThreads, 0, stream>>>(p); break;
-    case 3: channel_reduce_kernel<T, VEC, 3><<<rgrid, kThreads, 0, stream>>>(p); break;
+    case 1:
+      FR_LAUNCH(rgrid, kThreads, 0, stream, channel_reduce_kernel<T, VEC, 1>)(p);
+      break;
+    case 2:
+      FR_LAUNCH(rgrid, kThreads, 0, stream, channel_reduce_kernel<T, VEC, 2>)(p);
+      break;
+    case 3:
+      FR_LAUNCH(rgrid, kThreads, 0, stream, channel_reduce_kernel<T, VEC, 3>)(p);
+      break;
     default: return cudaErrorInvalidValue;
   }
   FR_LAUNCH_CHECK();
@@ -510,16 +516,20 @@ cudaError_t launch_channel_elementwise_tv(const ChannelBwdParams& p, cudaStream_
   const unsigned egrid = grid_for(p.rows * p.C / VEC, kThreads);
   switch (p.kind) {
     case BwdKind::kG:
-      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kG><<<egrid, kThreads, 0, stream>>>(p);
+      FR_LAUNCH(egrid, kThreads, 0, stream,
+                channel_bwd_elementwise_kernel<T, VEC, BwdKind::kG>)(p);
       break;
     case BwdKind::kBn:
-      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBn><<<egrid, kThreads, 0, stream>>>(p);
+      FR_LAUNCH(egrid, kThreads, 0, stream,
+                channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBn>)(p);
       break;
     case BwdKind::kBnId:
-      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBnId><<<egrid, kThreads, 0, stream>>>(p);
+      FR_LAUNCH(egrid, kThreads, 0, stream,
+                channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBnId>)(p);
       break;
     case BwdKind::kBnBn:
-      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBnBn><<<egrid, kThreads, 0, stream>>>(p);
+      FR_LAUNCH(egrid, kThreads, 0, stream,
+                channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBnBn>)(p);
       break;
   }
   FR_LAUNCH_CHECK();

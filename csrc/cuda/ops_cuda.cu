@@ -27,6 +27,16 @@
 
 #include "kernels.h"
 
+// The device these launchers serve and where they register: CUDA tensors in torch.ops.fastres,
+// or, under cudasim (csrc/cuda/cudasim/tu_ops.cpp), CPU tensors in torch.ops.fastres_cudasim:
+// the same launchers and kernels executed on the CPU.
+#ifndef FR_DISPATCH_KEY
+#define FR_DEVICE_IS(x) (x).is_cuda()
+#define FR_DISPATCH_KEY CUDA
+#define FR_OPS_NAMESPACE fastres
+#endif
+#define FR_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
 namespace fastres {
 namespace cuda {
 
@@ -46,7 +56,7 @@ using OptTensor = std::optional<Tensor>;
 
 // ---- checks (flash-attention style: the message names the tensor and the offending sizes) ----
 #define CHECK_CUDA(x)                                                                   \
-  TORCH_CHECK((x).is_cuda(), "fastres CUDA: " #x " must be a CUDA tensor, got device ", \
+  TORCH_CHECK(FR_DEVICE_IS(x), "fastres CUDA: " #x " must be a CUDA tensor, got device ", \
               (x).device())
 #define CHECK_SAME_DEVICE(x, ref)                                                          \
   TORCH_CHECK((x).device() == (ref).device(), "fastres CUDA: " #x " is on ", (x).device(), \
@@ -632,7 +642,11 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, cons
   ReluBwdIn a;
   a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
   const at::TensorOptions fopts = mean.options();
-  a.grad(p, input, opt_chan_vec(weight, a.C, "weight", input));
+  // Held until the launches are done: p.weight points into it (a temporary here was freed before
+  // the kernel read it whenever the weight was not already float32, e.g. a bf16 model's BN
+  // weight: the H200's bf16 grad.input errors of 1e5-1e8, found by cudasim).
+  const Tensor w = opt_chan_vec(weight, a.C, "weight", input);
+  a.grad(p, input, w);
   const ChannelSums s = run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out, launch_channel_bwd);
   if (!a.empty) {
     a.gi.finish();
@@ -989,7 +1003,7 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
 }  // namespace cuda
 }  // namespace fastres
 
-TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
+FR_TORCH_LIBRARY_IMPL(FR_OPS_NAMESPACE, FR_DISPATCH_KEY, m) {
   m.impl("conv_bias_act", &fastres::cuda::conv_bias_act_cuda);
   m.impl("relu_bias_bwd", &fastres::cuda::relu_bias_bwd_cuda);
   m.impl("conv_stats", &fastres::cuda::conv_stats_cuda);
