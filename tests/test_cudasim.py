@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
 from fastres import backends
 
 _WHY = backends.BACKENDS["cudasim"].unavailable_reason()
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cudasim not available: {_WHY}")
+needs_module = pytest.mark.skipif(_WHY is not None, reason=f"cudasim not available: {_WHY}")
 
 
 def _conv(dtype, k):
@@ -19,6 +25,7 @@ def _conv(dtype, k):
                                                    False)
 
 
+@needs_module
 def test_smem_attribute_set_once_per_kernel():
     """cudaFuncSetAttribute(MaxDynamicSharedMemorySize) runs at the first launch of a kernel on a
     device, not at every launch (a driver call each time)."""
@@ -29,3 +36,68 @@ def test_smem_attribute_set_once_per_kernel():
     for _ in range(3):
         _conv(torch.bfloat16, 128)
     assert _C_cudasim.func_set_attribute_calls() == before
+
+
+# ---- planted bugs: csrc/cuda/cudasim/harness.cpp built with -DFR_PLANT=n (csrc/cuda/conv_igemm.cuh)
+_ROOT = Path(__file__).resolve().parent.parent
+_SIM = _ROOT / "csrc" / "cuda" / "cudasim"
+_FLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas", f"-I{_SIM / 'include'}"]
+# (plant, what it breaks, the exit status cudasim must give: 1 wrong results, 2 a reported error)
+PLANTS = [
+    pytest.param(1, 1, id="wait_group-off-by-one"),
+    pytest.param(2, 1, id="barrier-removed"),
+    pytest.param(3, 1, id="ldmatrix-lane-map"),
+    pytest.param(4, 2, id="out-of-bounds-global-read"),
+]
+
+
+def _cxx() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _harness(plant: int) -> Path:
+    """The harness binary for ``plant``, built once per source state into a cache directory
+    (FASTRES_CUDASIM_CACHE, default ~/.cache/fastres/cudasim)."""
+    cxx = _cxx()
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++ or clang++) to build the cudasim harness")
+    srcs = sorted(_SIM.rglob("*.h")) + sorted(_SIM.glob("*.cpp")) + sorted(
+        (_ROOT / "csrc" / "cuda").glob("*.cuh")) + [_ROOT / "csrc" / "cuda" / "kernels.h"]
+    key = hashlib.sha256(" ".join([cxx, *_FLAGS]).encode())
+    for f in srcs:
+        key.update(f.read_bytes())
+    cache = Path(os.environ.get("FASTRES_CUDASIM_CACHE", Path.home() / ".cache/fastres/cudasim"))
+    out = cache / key.hexdigest()[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    exe = out / f"harness_plant{plant}"
+    if not exe.exists():
+        rt = out / "runtime.o"
+        if not rt.exists():
+            subprocess.run([cxx, *_FLAGS, "-c", str(_SIM / "runtime.cpp"), "-o", f"{rt}.tmp"],
+                           check=True)
+            os.replace(f"{rt}.tmp", rt)
+        subprocess.run([cxx, *_FLAGS, f"-DFR_PLANT={plant}", str(_SIM / "harness.cpp"), str(rt),
+                        "-o", f"{exe}.tmp"], check=True)
+        os.replace(f"{exe}.tmp", exe)
+    return exe
+
+
+def _run_harness(plant: int) -> subprocess.CompletedProcess:
+    return subprocess.run([str(_harness(plant))], capture_output=True, text=True, timeout=120)
+
+
+def test_harness_clean_kernel_passes():
+    """The unplanted kernel agrees with a float64 direct convolution (else the planted tests
+    below would prove nothing)."""
+    r = _run_harness(0)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("plant,expect", PLANTS)
+def test_planted_bug_is_caught(plant, expect):
+    """Each planted bug fails: wrong results (a stale stage read: the NaN-filled shared memory
+    or an old stage), or a reported error naming the kernel line."""
+    r = _run_harness(plant)
+    assert r.returncode == expect, f"plant {plant}: exit {r.returncode}\n{r.stdout}{r.stderr}"
+    if expect == 2:
+        assert "outside every allocation" in r.stdout and "conv_igemm.cuh:" in r.stdout, r.stdout

@@ -23,6 +23,7 @@ extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const voi
                                                size_t size);
 extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old,
                                                 size_t* size_old);
+extern "C" void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
 #endif
 
 // ---- 16-bit float conversions (round to nearest even, as __float2half_rn) ----
@@ -279,6 +280,10 @@ void fiber_main() {
 }
 
 void init_fiber(ThreadState* t) {
+#ifdef CUDASIM_ASAN
+  // A reused stack keeps the redzones of the frames its last fiber left without returning.
+  __asan_unpoison_memory_region(t->stack, kStack);
+#endif
 #ifdef CUDASIM_USE_UCONTEXT
   getcontext(&t->uc);
   t->uc.uc_stack.ss_sp = t->stack;
