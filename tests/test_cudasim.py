@@ -101,3 +101,20 @@ def test_planted_bug_is_caught(plant, expect):
     assert r.returncode == expect, f"plant {plant}: exit {r.returncode}\n{r.stdout}{r.stderr}"
     if expect == 2:
         assert "outside every allocation" in r.stdout and "conv_igemm.cuh:" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize(
+    "check,message",
+    [
+        ("early-exit", "a barrier not reached by all threads of the block"),
+        ("divergent-barrier", "divergent barriers"),
+        ("divergent-warp", "divergent warp"),
+        ("smem-48k", "over 48 KB needs cudaFuncSetAttribute"),
+        ("block-1025", "at most 1024 threads"),
+    ],
+)
+def test_simulator_reports(check, message):
+    """The harness's toy kernels: each error reported with the offending source line."""
+    r = subprocess.run([str(_harness(0)), check], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stdout and "harness.cpp:" in r.stdout, r.stdout

@@ -4,7 +4,13 @@
 // tests/test_cudasim.py, with -DFR_PLANT=n to plant a bug (csrc/cuda/conv_igemm.cuh) that
 // cudasim must catch, and by scripts/cudasim_sanitizers.sh under ASan + UBSan.
 // Exit status: 0 correct, 1 wrong results, 2 the simulator reported a kernel error.
+//
+// `harness <check>` runs instead one of the toy kernels below that the simulator must refuse or
+// report (exit 2 with the message): early-exit (a barrier not reached by all threads),
+// divergent-barrier, divergent-warp (lanes at two different ldmatrix call sites), smem-48k (a
+// launch over 48 KB of dynamic shared memory without cudaFuncSetAttribute), block-1025.
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "../conv_igemm.cuh"
@@ -12,7 +18,70 @@
 using namespace fastres::cuda;
 using T = __nv_bfloat16;
 
-int main() {
+namespace toy {
+
+__global__ void early_exit(int* out) {
+  if (threadIdx.x >= 32) return;  // BUG: these threads never reach the barrier
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+__global__ void divergent_barrier(int* out) {
+  if (threadIdx.x % 2) {
+    __syncthreads();
+  } else {
+    __syncthreads();  // BUG: another barrier (bar.sync 0 would pair them on a GPU: by luck)
+  }
+  out[threadIdx.x] = 1;
+}
+
+__global__ void divergent_warp(int* out) {
+  FR_DYNAMIC_SMEM(smem);
+  uint32_t r[4];
+  const unsigned char* row = smem + 16 * (threadIdx.x % 8);
+  if (threadIdx.x < 16) {
+    ldsm_x4(r[0], r[1], r[2], r[3], row);
+  } else {
+    ldsm_x4(r[0], r[1], r[2], r[3], row);  // BUG: half the warp at another call site
+  }
+  out[threadIdx.x] = static_cast<int>(r[0]);
+}
+
+__global__ void big_smem(int* out) {
+  FR_DYNAMIC_SMEM(smem);
+  smem[threadIdx.x] = 1;
+  out[threadIdx.x] = smem[threadIdx.x];
+}
+
+int run(const char* what) {
+  std::vector<int> out(2048);
+  if (!std::strcmp(what, "early-exit")) {
+    FR_LAUNCH(1, 64, 0, nullptr, early_exit)(out.data());
+  } else if (!std::strcmp(what, "divergent-barrier")) {
+    FR_LAUNCH(1, 64, 0, nullptr, divergent_barrier)(out.data());
+  } else if (!std::strcmp(what, "divergent-warp")) {
+    FR_LAUNCH(1, 32, 128, nullptr, divergent_warp)(out.data());
+  } else if (!std::strcmp(what, "smem-48k")) {
+    FR_LAUNCH(1, 32, 64 * 1024, nullptr, big_smem)(out.data());
+  } else if (!std::strcmp(what, "block-1025")) {
+    FR_LAUNCH(1, 1025, 0, nullptr, early_exit)(out.data());
+  } else {
+    std::printf("unknown check %s\n", what);
+    return 3;
+  }
+  const cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) {
+    std::printf("not reported\n");
+    return 0;
+  }
+  std::printf("cudasim reported: %s\n", cudaGetErrorString(e));
+  return 2;
+}
+
+}  // namespace toy
+
+int main(int argc, char** argv) {
+  if (argc > 1) return toy::run(argv[1]);
   const int N = 2, H = 9, W = 9, C = 64, K = 64, R = 3, S = 3, pad = 1;
   const int P = H, Q = W, M = N * P * Q;
   uint32_t seed = 12345;
