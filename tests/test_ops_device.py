@@ -57,6 +57,9 @@ CONVS = [
     (16, 16, 3, 1, 1),
     (6, 10, 3, 2, 1),
     (3, 8, 7, 2, 3),
+    # the CUDA kernels' big tiles (conv and dgrad OC > 64, wgrad K and C > 64), a partial second
+    # 128-wide n-tile, and 72 channels = two 32-wide channel blocks and a masked 8-channel one
+    (72, 136, 1, 1, 0),
 ]
 
 pytestmark = pytest.mark.skipif(_MOD is None, reason=f"fastres._C not built: {_WHY}")
@@ -226,6 +229,19 @@ def test_batchnorm_family(device, dtype, layout):
             dtype,
             backend=device,
         )
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_bwd_split_reduction(device, precision):
+    """conv_bwd on N*P*Q = 1024 rows: the CUDA weight gradient splits the rows over CTAs (2 splits
+    at 16 bits, 4 in fp32) and sums the fp32 partials in order; the small cases above fit one."""
+    _, dtype, tf32 = precision
+    m = Maker(device, dtype, "channels_last")
+    x, w, g = m.act(4, 16, 16, 16), m.weight(24, 16, 3), m.act(4, 24, 16, 16)
+    cv = ([1, 1], [1, 1], [1, 1], 1)
+    _check("conv_bwd", (g, x, w, m.vec(16, True), m.vec(16), True, *cv, [True, True]), dtype,
+           tf32=tf32, backend=device)
 
 
 # (dtype, train, compare gradients): eval at every precision; a training step at fp32 with every
