@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from fastres import _ext, reference
+from fastres import _ext, gpu_record, reference
 
 log = logging.getLogger("fastres")
 
@@ -46,6 +46,9 @@ class Inputs:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     channels_last: bool = False
+    #: A training call (batch statistics, gradients) rather than inference: the recorded GPU
+    #: speed of a backend differs between the two (fastres.gpu_record).
+    training: bool = False
 
     @staticmethod
     def of(x: Tensor, conv: torch.nn.Conv2d | None = None) -> Inputs:
@@ -139,7 +142,7 @@ class CUDABackend(_CompiledBackend):
 
     name = "cuda"
     device_type = "cuda"
-    verified_on_gpu = False
+    verified_on_gpu = gpu_record.verified("cuda")  # the project's recorded GPU run
 
     def _unavailable_reason(self) -> str | None:
         why = super()._unavailable_reason()
@@ -186,7 +189,7 @@ class TritonBackend(Backend):
     and then only when forced: the interpreter is thousands of times slower than eager)."""
 
     name = "triton"
-    verified_on_gpu = False
+    verified_on_gpu = gpu_record.verified("triton")  # the project's recorded GPU run
 
     def _unavailable_reason(self) -> str | None:
         try:
@@ -278,6 +281,11 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
                 )
             continue
         reasons = b.not_supported_reasons(inputs)
+        if not reasons and inputs.device.type == "cuda" and name != "reference":
+            slow = gpu_record.slower_reason(name, inputs.device, inputs.dtype, inputs.training)
+            if slow:
+                passed.append(f"{name}: {slow}")
+                continue
         if not reasons:
             if passed:
                 _say_once(f"fastres: {inputs} runs on the {name} backend: " + " | ".join(passed))

@@ -186,7 +186,7 @@ def _empty(x) -> bool:
     return isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0
 
 
-def _only_reference(x, conv: nn.Conv2d) -> bool:
+def _only_reference(x, conv: nn.Conv2d, training: bool) -> bool:
     """No fused backend serves ``x`` by itself: the dispatcher would fall back to the reference
     path, the op contract composed of plain PyTorch ops. That path is the oracle, not a fast path:
     on the H200 it ran ResNet-50's blocks at 0.26-0.68x of torchvision's own block
@@ -200,7 +200,7 @@ def _only_reference(x, conv: nn.Conv2d) -> bool:
         return False
     spec = ConvSpec(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
     try:
-        return backends.select(FF._inputs(x, conv.weight, spec)).name == "reference"
+        return backends.select(FF._inputs(x, conv.weight, spec, training)).name == "reference"
     except (RuntimeError, ValueError, TypeError):
         return False  # nothing serves x: the fused path raises its own clear error
 
@@ -255,7 +255,7 @@ class _ResidualBlockMixin(_FusedMixin):
         if self._fusable_reasons():
             return super().forward(x)
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._pairs]
-        if _only_reference(x, pairs[0][0]):
+        if _only_reference(x, pairs[0][0], self.training):
             return super().forward(x)
         if _empty(x) and sync_group(pairs[0][1]) is None:
             # An empty batch runs as torchvision's block; under SyncBatchNorm it runs fused, so
@@ -363,7 +363,7 @@ class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
         parts = self._fusable()
         if parts is None or (_empty(x) and sync_group(parts[1]) is None):
             return super().forward(x)
-        if _only_reference(x, parts[0]):
+        if _only_reference(x, parts[0], self.training):
             return super().forward(x)
         conv, bn, relu = parts
         FF.check_input(x, conv.weight, "ConvBNReLU")
