@@ -222,3 +222,99 @@ def test_bn_finalize_like_batchnorm(backend, value):
     assert torch.equal(_pattern(rv), _pattern(bn.running_var))
     assert _pattern(invstd)[1] == 1 and _pattern(invstd)[[0, 2]].eq(0).all()
     assert torch.equal(_pattern(mean), _pattern(x.mean((0, 2, 3))))
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_cpu_narrower_instruction_sets(isa):
+    """The AVX2 and baseline CPU kernels (which this CPU may not pick by itself) keep NaN too:
+    _mm256_max_ps / _mm512_max_ps return their second operand when either is NaN, so the
+    operand order of clamp_min decides."""
+    if backends.BACKENDS["cpu"].unavailable_reason() is not None:
+        pytest.skip("cpu backend unavailable")
+    order = ["base", "avx2", "avx512"]
+    auto = torch.ops.fastres_cpu.kernel_isa()
+    if order.index(isa) >= order.index(auto):
+        pytest.skip(f"{isa} is the automatic choice here ({auto}) or wider: covered above")
+    torch.ops.fastres_cpu.set_kernel_isa(isa)
+    try:
+        test_relu_keeps_nan_in_every_lane("cpu")
+        test_relu_masks_pass_the_gradient_where_out_is_nan("cpu")
+    finally:
+        torch.ops.fastres_cpu.set_kernel_isa("auto")
+
+
+# ------------------------------------------------------------------------------------------
+# Mixed precision: GradScaler must see the overflow.
+
+
+def _net(block: nn.Module) -> nn.Module:
+    width = block.conv1.in_channels
+    out = block.downsample[1].num_features
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        block,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(out, 5),
+    )
+
+
+def _amp_steps(model: nn.Module, xs: list[torch.Tensor], y: torch.Tensor):
+    """bf16 CPU autocast training steps under GradScaler; per step (scale after update,
+    parameters after the step, buffers, scaled gradients)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    model.train()
+    trace = []
+    for x in xs:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        scaler.step(opt)
+        scaler.update()
+        trace.append(
+            (
+                scaler.get_scale(),
+                {n: p.detach().clone() for n, p in model.named_parameters()},
+                {n: b.detach().clone() for n, b in model.named_buffers()},
+                grads,
+            )
+        )
+    return trace
+
+
+@pytest.mark.parametrize("value", ["nan", "+inf"])
+def test_grad_scaler_skips_the_step_like_torchvision(backend, value):
+    tv, fr = _blocks("basic")
+    tv_net = _net(tv)
+    fr_net = copy.deepcopy(tv_net)
+    fr_net[3] = fr
+    fr_net.load_state_dict(tv_net.state_dict())
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(2, 3, 6, 5, generator=g) for _ in range(3)]
+    xs[1][1, 2, 3, 1] = VALUES[value]  # the overflow, as a layer upstream would have produced it
+    y = torch.tensor([1, 3])
+    theirs = _amp_steps(tv_net, xs, y)
+    ours = _amp_steps(fr_net, xs, y)
+    # torchvision: step 0 taken (scale grows), step 1 skipped (scale halves, no parameter moves)
+    assert theirs[0][0] == 2.0**11 and theirs[1][0] == 2.0**10
+    assert all(torch.equal(theirs[0][1][n], p) for n, p in theirs[1][1].items())
+    for step, ((s_t, p_t, b_t, g_t), (s_o, p_o, b_o, g_o)) in enumerate(
+        zip(theirs, ours, strict=True)
+    ):
+        assert s_o == s_t, f"step {step}: scale {s_o} vs torchvision {s_t}"
+        # every gradient, the block's own included (the head's NaN alone would skip the step)
+        for n, gr in g_t.items():
+            assert torch.equal(_pattern(g_o[n]), _pattern(gr)), f"step {step}: {n}.grad"
+        for n, p in p_t.items():
+            assert torch.equal(_pattern(p_o[n]), _pattern(p)), f"step {step}: {n}"
+            # bf16 rounding of a few SGD steps (lr 0.1) on O(1) weights
+            torch.testing.assert_close(p_o[n], p, rtol=2e-2, atol=2e-2, equal_nan=True)
+        for n, b in b_t.items():
+            assert torch.equal(_pattern(b_o[n]), _pattern(b)), f"step {step}: buffer {n}"
+    # the skipped step left the parameters exactly where step 0 put them
+    assert all(torch.equal(ours[0][1][n], p) for n, p in ours[1][1].items())
