@@ -87,6 +87,33 @@ def _mixed_norm_reason(bns: list[nn.Module], where: str) -> list[str]:
     return [f"{where}: mixes {' and '.join(names)}"]
 
 
+def _fold_is_exact(
+    conv_weight: Tensor,
+    folded: Tensor,
+    bn_weight: Tensor | None,
+    running_var: Tensor,
+    eps: float,
+) -> bool:
+    """Whether the folded weight gives the unfolded conv + BN's NaN/Inf pattern for every input.
+
+    It does unless a finite nonzero weight times a finite nonzero BN scale rounds to 0 or to
+    +-Inf in the folded dtype: an underflow turns Inf * w * s = +-Inf into Inf * 0 = NaN
+    (measured: conv weight 1e-30, gamma 1e-15, fp32, an Inf input value: torchvision 10 +Inf
+    outputs, the fold NaN there), an overflow (float16 weights past 65504, e.g. gamma 300 with
+    var ~ 0) turns 0 * w * s = 0 into 0 * Inf = NaN. A zero scale (gamma 0) is exact: Inf * 0 =
+    NaN both ways; NaN/Inf statistics are exact too (every output of the channel NaN/Inf both
+    ways). One pass over the weight, cached with the fold."""
+    with torch.no_grad():
+        acc = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+        scale = torch.rsqrt(running_var.to(acc) + eps)
+        if bn_weight is not None:
+            scale = bn_weight.to(acc) * scale
+        s = scale.reshape(-1, 1, 1, 1)
+        live = (conv_weight != 0) & conv_weight.isfinite() & (s != 0) & s.isfinite()
+        lost = (folded == 0) | folded.isinf()
+        return not bool((live & lost).any())
+
+
 class _FusedMixin:
     """Shared machinery: the eval-mode fold cache and the train-mode stage description."""
 
@@ -107,15 +134,20 @@ class _FusedMixin:
         bn: nn.BatchNorm2d,
         dtype: torch.dtype,
         bias_dtype: torch.dtype | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """(weight, bias) of conv with bn folded in; cached while nothing they depend on changes."""
+    ) -> tuple[Tensor, Tensor, bool]:
+        """(weight, bias, exact) of conv with bn folded in; cached while nothing they depend on
+        changes. ``exact``: see _fold_is_exact (always True while compiling: no data-dependent
+        branch in a traced graph)."""
         tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
         differentiable = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in tensors
         )
 
         def fold():
-            return FF.fold_bn(*tensors, bn.eps, dtype, bias_dtype)
+            w, b = FF.fold_bn(*tensors, bn.eps, dtype, bias_dtype)
+            if torch.compiler.is_compiling():
+                return w, b, True
+            return w, b, _fold_is_exact(conv.weight, w, bn.weight, bn.running_var, bn.eps)
 
         if differentiable or torch.compiler.is_compiling():
             return fold()
@@ -142,7 +174,14 @@ class _FusedMixin:
         # Under autocast, fold straight into the autocast dtype (cached) rather than casting the
         # float32 fold on every call; the bias stays float32 then (see FF.fold_dtypes).
         wdt, bdt = FF.fold_dtypes(x)
-        w, b = self._folded(conv, bn, wdt, bdt)
+        w, b, exact = self._folded(conv, bn, wdt, bdt)
+        if not exact:
+            # The fold would change where NaN/Inf appear (see _fold_is_exact): run the unfolded
+            # composition, as torchvision does.
+            z = bn(conv(x))
+            if residual is not None:
+                z = z + residual
+            return torch.relu(z) if relu else z
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         if block_output and type(bn) is FrozenBatchNorm2d:
             out_dt = torch.promote_types(wdt, bn.weight.dtype)

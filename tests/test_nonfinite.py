@@ -148,6 +148,47 @@ def test_block_nonfinite_like_torchvision(backend, kind, value, where, mode):
 
 
 # ------------------------------------------------------------------------------------------
+# Folding: eval folds each BN into its conv; where the fold itself would move NaN/Inf (a weight
+# that underflows to 0 or overflows to Inf in the folded dtype) the block runs unfolded.
+
+
+def _edit_bn(tv: nn.Module, case: str) -> None:
+    with torch.no_grad():
+        if case == "zero gamma":  # zero_init_residual-style: Inf * 0 = NaN folded or not
+            tv.bn2.weight[::2] = 0
+            tv.bn1.weight[1] = 0
+        elif case == "non-finite stats":  # a model after a divergence
+            tv.bn1.running_var[1] = float("nan")
+            tv.bn1.running_mean[2] = INF
+            tv.bn2.running_var[0] = INF
+        elif case == "underflow":  # 1e-30 * 1e-15 * invstd rounds to 0 in float32
+            tv.conv1.weight[0] *= 1e-30
+            tv.bn1.weight[0] = 1e-15
+        elif case == "fp16 overflow":  # 1 * 300 / sqrt(0 + 1e-5) = 94868 > 65504
+            tv.conv1.weight[0, 0] = 1.0
+            tv.bn1.weight[0] = 300
+            tv.bn1.running_var[0] = 0
+
+
+@pytest.mark.parametrize("value", ["finite", *VALUES])
+@pytest.mark.parametrize("case", ["zero gamma", "non-finite stats", "underflow", "fp16 overflow"])
+def test_fold_keeps_the_pattern(backend, case, value):
+    tv, fr = _blocks("basic")
+    _edit_bn(tv, case)
+    fr.load_state_dict(tv.state_dict())
+    x = _input("basic", "value", VALUES.get(value, 1.0))
+    x[0, :, 1, 1] = 0  # zeros (as after a ReLU): 0 * Inf = NaN where a folded weight overflowed
+    if case == "fp16 overflow":
+        x, tv, fr = x.half(), tv.half(), fr.half()
+    theirs = _run(tv, x, False, False)
+    ours = _run(fr, x, False, False)
+    if x.dtype == torch.float16:  # compare patterns; float16 values are the rest of the suite's
+        theirs = {k: _pattern(v) for k, v in theirs.items()}
+        ours = {k: _pattern(v) for k, v in ours.items()}
+    assert_same_nonfinite(ours, theirs, f"{backend} {case} {value}")
+
+
+# ------------------------------------------------------------------------------------------
 # The ops themselves, one non-finite value each: the cheapest place to see a max(x, 0) or a
 # "> 0" mask that drops NaN (every vectorised lane position is tried, odd channel count).
 
