@@ -107,10 +107,58 @@ def _extension():
     )
 
 
+def _want_cudasim() -> tuple[bool, str]:
+    """cudasim (csrc/cuda/cudasim): the CUDA backend's kernels and launchers compiled by the host
+    C++ compiler against a SIMT shim, as fastres._C_cudasim. It needs no CUDA toolkit or header
+    (the shim stands in for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h and c10/cuda), only g++ or
+    clang on Linux (x86-64: its own context switch; other CPUs: ucontext).
+    FASTRES_CUDASIM=auto|0|1 (1 fails loudly when it cannot be built)."""
+    mode = os.environ.get("FASTRES_CUDASIM", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"FASTRES_CUDASIM must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False, "FASTRES_CUDASIM=0"
+    reasons = []
+    if not sys.platform.startswith("linux"):
+        reasons.append(f"cudasim's fibers are Linux-only, this is {sys.platform}")
+    if not glob.glob(os.path.join(ROOT, "csrc", "cuda", "cudasim", "*.cpp")):
+        reasons.append("no cudasim sources in csrc/cuda/cudasim")
+    if reasons:
+        if mode == "1":
+            sys.exit("FASTRES_CUDASIM=1 but cudasim cannot be built: " + "; ".join(reasons))
+        return False, "; ".join(reasons)
+    return True, "host compiler"
+
+
+def _cudasim_extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "cuda", "cudasim", "*.cpp")))
+    flags = [
+        "-O2",  # -O3 only adds compile time: the fibers' switches dominate, not the arithmetic
+        "-ffp-contract=off",  # __fmul_rn/__fadd_rn are separate roundings, as on the GPU
+        "-fvisibility=hidden",  # kernels and launchers stay private to this module
+        "-Wno-unknown-pragmas",  # #pragma unroll
+    ]
+    return cpp_extension.CppExtension(
+        "fastres._C_cudasim",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc", "cuda", "cudasim", "include")],
+        extra_compile_args={"cxx": flags},
+    )
+
+
+def _extensions():
+    exts = [_extension()]
+    with_sim, why = _want_cudasim()
+    print(f"fastres: cudasim {'yes' if with_sim else 'no'} ({why})")
+    if with_sim:
+        exts.append(_cudasim_extension())
+    return exts
+
+
 setup(
     version=VERSION,
     packages=["fastres", "fastres.experiments", "fastres.triton_kernels"],
     package_dir={"fastres": "fastres", "fastres.triton_kernels": "triton_kernels"},
-    ext_modules=[_extension()],
+    ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -33,7 +33,7 @@ end=$(date +%s)
 echo "fastres: CUDA build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST) took $((end - start)) s" \
      "on $(nproc) cores"
 
-SO=$(ls "$OUT"/fastres/_C*.so)
+SO=$(ls "$OUT"/fastres/_C.*.so)
 "$PY" - "$SO" <<'PYEOF'
 import importlib.util
 import sys

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU device check: build fastres on a fresh CUDA machine and run, each step time-boxed,
-#   info -> GPU tests -> Triton tests -> parity harness -> benchmarks -> integration GPU tests
-#   -> a short table.
+#   info -> op tests -> ops at real sizes (+ size sweep) -> parity harness (cuda, triton)
+#   -> profile of one block per backend -> benchmarks [-> compile bench, Triton tests, integration
+#   GPU tests when DEVICE_CHECK_EXTRA=1] -> a short table.
 #
 #   bash bench/device_check.sh OUTDIR
 #
 # Made for a bare H200 machine (Python 3.12, torch CUDA build, triton, nvcc, pybind11, ninja, no
 # network): nothing is downloaded; pytest-benchmark, tqdm and matplotlib are used when present
 # (without them: the suite's own timer, no progress bar, no plot). The whole script stays within
-# DEVICE_CHECK_BUDGET seconds (default 470, under 8 minutes); a failing or timed-out step does not
+# DEVICE_CHECK_BUDGET seconds (default 380: a session's GPU time is 15 minutes, start included, and
+# must leave room for a rerun); a failing or timed-out step does not
 # stop the later ones, and the exit status is the number of steps that failed (0: all passed).
 #
 # It writes at most 8 files into OUTDIR:
@@ -18,7 +20,7 @@
 #   bench.md      python bench/table.py bench.json
 #
 # The commit: a copied working tree has no .git, so pass it in: FASTRES_COMMIT=<sha> bash ...
-# Environment: DEVICE_CHECK_BUDGET (s), PYTHON (interpreter), TORCH_CUDA_ARCH_LIST (default 9.0),
+# Environment: DEVICE_CHECK_BUDGET (s), DEVICE_CHECK_EXTRA=1 (the extra steps), PYTHON (interpreter), TORCH_CUDA_ARCH_LIST (default 9.0),
 # MAX_JOBS (default: the CPU count), SKIP_BUILD=1 (try the script on a tree already installed).
 set -uo pipefail
 
@@ -30,7 +32,7 @@ cd "$REPO"
 
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 START=$(date +%s)
-BUDGET=${DEVICE_CHECK_BUDGET:-470}
+BUDGET=${DEVICE_CHECK_BUDGET:-380}
 DEADLINE=$((START + BUDGET))
 LOG="$OUT/steps.log"
 SUMMARY="$OUT/summary.txt"
@@ -96,61 +98,67 @@ done
 if [ "${SKIP_BUILD:-0}" = 1 ]; then  # only for trying this script on an already built tree
   note "== build: skipped (SKIP_BUILD=1)"
 else
-  step build 220 200 "$PY" -m pip install --no-build-isolation --no-deps --no-input .
+  step build 150 230 "$PY" -m pip install --no-build-isolation --no-deps --no-input .
 fi
 (cd /tmp && "$PY" -c "import fastres, fastres._C; print('installed:', fastres.__file__)") 2>&1 | tee -a "$LOG"
 
 # 2. What was built and which backends are available.
-step info 30 170 "$PY" -P -m fastres.info
+step info 20 240 "$PY" -P -m fastres.info
 
-# 3. GPU tests and the Triton tests (the gpu-marked ones already ran in the first command).
+# 3. The op tests on the GPU: every op of the contract per dtype and layout at small shapes
+# (a broken CUDA kernel is named by its test id; failures print as they happen).
 if have pytest; then
-  step gpu-tests 75 150 "$PY" -P -m pytest tests -m "gpu and not gpu_integration" -q \
-    -p no:cacheprovider -rfEs
-  TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null)
-  if [ -n "$TRITON_TESTS" ]; then
-    # shellcheck disable=SC2086
-    step triton-tests 60 140 "$PY" -P -m pytest $TRITON_TESTS -m "not gpu" -q -p no:cacheprovider -rfE
-  fi
+  step gpu-tests 45 200 "$PY" -P -m pytest tests/test_ops_device.py -m gpu -q \
+    -p no:cacheprovider -p fastres._pytest_instafail -rfEs
 else
-  note "pytest is not installed: GPU and Triton tests skipped"
+  note "pytest is not installed: GPU tests skipped"
   STEPS+=("$(printf '%-14s %-9s %5s s  %s' tests "no pytest" 0 "")")
   FAILED=$((FAILED + 1))
 fi
 
-# 4. The parity harness: ResNet-50's 8 Bottleneck types, bf16 and fp32, eval and train, every
-# backend. The JSON is rewritten after every block, so a timeout keeps what was measured; the
-# markdown and the plot are then made from it.
+# 4. The ops at ResNet-50's real sizes (the first H200 run failed only there) and a sweep of the
+# conv ops over sizes, so a size-dependent failure shows where it starts.
+step op-diag 35 170 "$PY" -P bench/op_diag.py --backends cuda --sweep
+
+# 5. The parity harness: ResNet-50's 8 Bottleneck types, bf16 and fp32, eval and train, on the
+# GPU backends (the reference backend is the oracle's own code: it costs a third of the time and
+# verifies nothing). The JSON is rewritten after every block, so a timeout keeps what was
+# measured; the markdown and the plot are then made from it.
 STEP_NOTE="see parity.md"
-step parity 130 80 "$PY" -P -m fastres.parity --dtype bf16 fp32 --no-progress --json "$OUT/parity.json"
+step parity 105 70 "$PY" -P -m fastres.parity --dtype bf16 fp32 --backend cuda --backend triton \
+  --no-progress --json "$OUT/parity.json"
 if [ -f "$OUT/parity.json" ]; then
   "$PY" -P -m fastres.parity --from-json "$OUT/parity.json" --markdown "$OUT/parity.md" \
     --plot "$OUT/parity.png" 2>&1 | tee -a "$LOG"
 fi
 
-# 5. Benchmarks (--bench-quick: a representative subset of the conv, block and ResNet-50 cases):
-# fused vs eager first, then the reference case with torch.compile(max-autotune) in whatever time
-# is left; both into one bench.json.
+# 6. Where each backend's time goes: one fused layer3.0 block, eval and a training step, under
+# torch.profiler (device time and host time), after parity has filled Triton's kernel cache.
+step profile 30 45 "$PY" -P bench/op_diag.py --no-diag --profile --backends cuda triton
+
+# 7. Benchmarks (--bench-quick: a representative subset of the conv, block and ResNet-50 cases),
+# fused vs eager; with DEVICE_CHECK_EXTRA=1 (or a budget of 600 s or more) also the reference
+# case under torch.compile(max-autotune), the Triton tests and the integration GPU tests.
 if have pytest; then
-  step bench 100 60 "$PY" -P -m pytest bench/bench_convs.py bench/bench_blocks.py \
+  step bench 70 5 "$PY" -P -m pytest bench/bench_convs.py bench/bench_blocks.py \
     bench/bench_resnet.py -q -p no:cacheprovider --bench-quick \
     --bench-compile=none --bench-out "$OUT/bench.json" -rfE
-  step bench-compile 60 50 "$PY" -P -m pytest bench/bench_blocks.py -q -p no:cacheprovider \
-    -k "reference_case and compile" --bench-compile=ref --bench-out "$OUT/bench.json" \
-    --bench-append -rfE
+  EXTRA=${DEVICE_CHECK_EXTRA:-$([ "$BUDGET" -ge 600 ] && echo 1 || echo 0)}
+  if [ "$EXTRA" = 1 ]; then
+    step bench-compile 60 50 "$PY" -P -m pytest bench/bench_blocks.py -q -p no:cacheprovider \
+      -k "reference_case and compile" --bench-compile=ref --bench-out "$OUT/bench.json" \
+      --bench-append -rfE
+    step triton-tests 60 40 "$PY" -P -m pytest tests/test_triton.py -m "not gpu" -q \
+      -p no:cacheprovider -p fastres._pytest_instafail -rfE
+    step gpu-integr 120 5 "$PY" -P -m pytest tests/test_integrations.py -m gpu_integration -q \
+      -p no:cacheprovider -p fastres._pytest_instafail -rfEs
+  fi
   if [ -f "$OUT/bench.json" ]; then
     "$PY" -P bench/table.py "$OUT/bench.json" -o "$OUT/bench.md" 2>&1 | tee -a "$LOG"
   fi
 fi
 
-# 6. The GPU tests of the integrations (SyncBatchNorm over NCCL or gloo on CUDA tensors, CUDA
-# graphs, CUDA autocast), per backend, in whatever time is left.
-if have pytest; then
-  step gpu-integr 120 5 "$PY" -P -m pytest tests/test_integrations.py -m gpu_integration -q \
-    -p no:cacheprovider -rfEs
-fi
-
-# 7. The short table, last.
+# 8. The short table, last.
 {
   echo "fastres device check, commit $FASTRES_COMMIT, $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   printf '%-14s %-9s %7s  %s\n' step status time note

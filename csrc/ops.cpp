@@ -25,7 +25,14 @@
 //     a zero gamma gives a zero folded weight).
 #include <torch/library.h>
 
-TORCH_LIBRARY(fastres, m) {
+// The namespace: fastres; cudasim compiles this file again for fastres_cudasim
+// (csrc/cuda/cudasim/tu_schema.cpp).
+#ifndef FR_OPS_NAMESPACE
+#define FR_OPS_NAMESPACE fastres
+#endif
+#define FR_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+FR_TORCH_LIBRARY(FR_OPS_NAMESPACE, m) {
   // Inference: out = act(conv2d(input, weight) + bias[k] + residual), one output write.
   // bias is the folded BatchNorm shift, residual has the output's shape.
   m.def(

@@ -25,8 +25,9 @@ def load() -> tuple[object | None, str | None]:
     except ImportError as exc:
         _reason = f"fastres._C is not built or does not load ({exc}); rebuild with: {REBUILD}"
         return None, _reason
-    from fastres import _meta  # noqa: F401,PLC0415  (fake kernels for the compiled ops)
+    from fastres import _meta  # noqa: PLC0415  (fake kernels for the compiled ops)
 
+    _meta.register_fakes("fastres")
     _module, _info = _C, dict(_C.build_info())
     return _module, None
 
@@ -42,3 +43,29 @@ def build_info() -> dict:
     if mod is None:
         return {"built": False, "reason": why}
     return {"built": True, **_info}
+
+
+_sim_loaded = False
+_sim_reason: str | None = None
+
+
+def load_cudasim() -> str | None:
+    """Load fastres._C_cudasim (registers torch.ops.fastres_cudasim.*, the CUDA backend's launchers
+    and kernels on CPU tensors, and their fakes); None when loaded, else why not."""
+    global _sim_loaded, _sim_reason
+    if _sim_loaded:
+        return _sim_reason
+    _sim_loaded = True
+    try:
+        from fastres import _C_cudasim  # noqa: F401,PLC0415
+    except ImportError as exc:
+        _sim_reason = (
+            f"fastres._C_cudasim is not built or does not load ({exc}); it needs only the host "
+            f"C++ compiler on Linux (FASTRES_CUDASIM=1 makes the build fail loudly otherwise); "
+            f"rebuild with: {REBUILD}"
+        )
+        return _sim_reason
+    from fastres import _meta  # noqa: PLC0415
+
+    _meta.register_fakes("fastres_cudasim")
+    return None

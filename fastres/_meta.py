@@ -10,7 +10,24 @@ from torch import Tensor
 
 from fastres.reference import acc_dtype
 
-_lib = "fastres::"
+#: op name -> its fake. register_fakes(namespace) registers them for the ops of one namespace
+#: with these schemas: fastres (fastres._C, fastres/_ext.py) and fastres_cudasim (the CUDA
+#: launchers on CPU tensors, fastres._C_cudasim), each once its extension has loaded.
+FAKES: dict = {}
+
+
+def _fake(name: str):
+    def deco(fn):
+        FAKES[name] = fn
+        return fn
+
+    return deco
+
+
+def register_fakes(namespace: str) -> None:
+    """Register every fake above for ``namespace::<op>`` too (its schemas must be loaded)."""
+    for name, fn in FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}")(fn)
 
 
 def _conv_out_shape(input: Tensor, weight: Tensor, stride, padding, dilation) -> list:
@@ -34,17 +51,17 @@ def _vec(ref: Tensor, c: int) -> Tensor:
     return torch.empty(c, dtype=acc_dtype(ref.dtype), device=ref.device)
 
 
-@torch.library.register_fake(_lib + "conv_bias_act")
+@_fake("conv_bias_act")
 def _(input, weight, bias, residual, stride, padding, dilation, groups, relu):
     return _like_format(_conv_out_shape(input, weight, stride, padding, dilation), input)
 
 
-@torch.library.register_fake(_lib + "relu_bias_bwd")
+@_fake("relu_bias_bwd")
 def _(grad_out, out):
     return _like_format(grad_out.shape, grad_out), _vec(grad_out, grad_out.shape[1])
 
 
-@torch.library.register_fake(_lib + "conv_stats")
+@_fake("conv_stats")
 def _(input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation, groups):
     out = _like_format(_conv_out_shape(input, weight, stride, padding, dilation), input)
     k = weight.shape[0]
@@ -56,17 +73,17 @@ def _finalize_outputs(sum: Tensor) -> tuple[Tensor, ...]:
     return tuple(torch.empty(sum.shape[0], dtype=sum.dtype, device=sum.device) for _ in range(4))
 
 
-@torch.library.register_fake(_lib + "bn_finalize")
+@_fake("bn_finalize")
 def _(sum, sumsq, *args):
     return _finalize_outputs(sum)
 
 
-@torch.library.register_fake(_lib + "bn_add_relu")
+@_fake("bn_add_relu")
 def _(input, scale, shift, residual, res_scale, res_shift, res_channel_offset, relu):
     return _like_format(input.shape, input)
 
 
-@torch.library.register_fake(_lib + "bn_add_relu_bwd")
+@_fake("bn_add_relu_bwd")
 def _(grad_out, out, input, mean, invstd, weight, res_input, res_mean, res_invstd, res_weight):
     c = input.shape[1]
     grad_input = _like_format(input.shape, input)
@@ -91,13 +108,13 @@ def _(grad_out, out, input, mean, invstd, weight, res_input, res_mean, res_invst
     )
 
 
-@torch.library.register_fake(_lib + "bn_relu_bwd")
+@_fake("bn_relu_bwd")
 def _(grad_out, input, mean, invstd, weight, scale, shift, relu):
     c = input.shape[1]
     return _like_format(input.shape, input), mean.new_empty(c), mean.new_empty(c)
 
 
-@torch.library.register_fake(_lib + "conv_bwd")
+@_fake("conv_bwd")
 def _(
     grad_out,
     input,
@@ -116,19 +133,19 @@ def _(
     return gi, gw
 
 
-@torch.library.register_fake(_lib + "bn_finalize_count")
+@_fake("bn_finalize_count")
 def _(sum, sumsq, count, *args):
     return _finalize_outputs(sum)
 
 
-@torch.library.register_fake(_lib + "bn_add_relu_bwd_reduce")
+@_fake("bn_add_relu_bwd_reduce")
 def _(grad_out, out, input, mean, invstd, res_input, res_mean, res_invstd):
     c = input.shape[1]
     cr = res_input.shape[1] if res_input is not None else 0
     return mean.new_empty(c), mean.new_empty(c), mean.new_empty(cr)
 
 
-@torch.library.register_fake(_lib + "bn_add_relu_bwd_elemt")
+@_fake("bn_add_relu_bwd_elemt")
 def _(
     grad_out,
     out,
@@ -152,12 +169,12 @@ def _(
     return _like_format(input.shape, input), grad_res
 
 
-@torch.library.register_fake(_lib + "bn_relu_bwd_reduce")
+@_fake("bn_relu_bwd_reduce")
 def _(grad_out, input, mean, invstd, scale, shift, relu):
     c = input.shape[1]
     return mean.new_empty(c), mean.new_empty(c)
 
 
-@torch.library.register_fake(_lib + "bn_relu_bwd_elemt")
+@_fake("bn_relu_bwd_elemt")
 def _(grad_out, input, mean, invstd, weight, scale, shift, relu, mean_g, mean_g_xhat):
     return _like_format(input.shape, input)

@@ -5,7 +5,9 @@ Four backends implement the op set of ``csrc/ops.cpp``:
 * ``cuda``      the CUDA C++ kernels of fastres._C (``torch.ops.fastres.*`` on CUDA tensors);
 * ``triton``    the Triton kernels of fastres.triton_kernels (``torch.ops.fastres_triton.*``);
 * ``cpu``       the C++ CPU kernels of fastres._C (``torch.ops.fastres.*`` on CPU tensors);
-* ``reference`` fastres.reference, plain PyTorch, any device.
+* ``reference`` fastres.reference, plain PyTorch, any device;
+* ``cudasim``   the CUDA backend's launchers and kernels run on CPU tensors by cudasim
+                (``torch.ops.fastres_cudasim.*``, fastres._C_cudasim): a check, only when forced.
 
 Each states what it cannot serve through ``not_supported_reasons(inputs)``. The dispatcher walks
 the priority list and takes the first backend with no reasons. ``FASTRES_BACKEND=cuda|triton|cpu|
@@ -162,6 +164,23 @@ class CUDABackend(_CompiledBackend):
         return reasons
 
 
+class CudasimBackend(CUDABackend):
+    """The CUDA backend's own launchers and kernels (csrc/cuda) executed on CPU tensors by cudasim
+    (csrc/cuda/cudasim: every CUDA thread a fiber, warp instructions from the PTX fragment
+    layouts), as torch.ops.fastres_cudasim.*: a correctness check of the CUDA code without a GPU,
+    far slower than the cpu backend. Never chosen automatically (not in PRIORITY);
+    FASTRES_BACKEND=cudasim forces it."""
+
+    name = "cudasim"
+    device_type = "cpu"
+
+    def _unavailable_reason(self) -> str | None:
+        return _ext.load_cudasim()
+
+    def op(self, name: str) -> Callable[..., object]:
+        return getattr(torch.ops.fastres_cudasim, name)
+
+
 class TritonBackend(Backend):
     """The Triton kernels of fastres.triton_kernels (on CPU tensors only under TRITON_INTERPRET=1,
     and then only when forced: the interpreter is thousands of times slower than eager)."""
@@ -193,9 +212,10 @@ class TritonBackend(Backend):
 
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (CUDABackend(), TritonBackend(), CPUBackend(), ReferenceBackend())
+    b.name: b
+    for b in (CUDABackend(), TritonBackend(), CPUBackend(), ReferenceBackend(), CudasimBackend())
 }
-PRIORITY = ("cuda", "triton", "cpu", "reference")
+PRIORITY = ("cuda", "triton", "cpu", "reference")  # cudasim: only when forced
 
 _probed: dict[str, str | None] = {}
 
@@ -225,7 +245,7 @@ def forced() -> str | None:
     if not name or name == "auto":
         return None
     if name not in BACKENDS:
-        raise ValueError(f"FASTRES_BACKEND={name!r}: choose one of {', '.join(PRIORITY)} or auto")
+        raise ValueError(f"FASTRES_BACKEND={name!r}: choose one of {', '.join(BACKENDS)} or auto")
     return name
 
 
@@ -236,7 +256,7 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
     if name is not None:
         if name not in BACKENDS:
             raise ValueError(
-                f"unknown fastres backend {name!r}: choose one of {', '.join(PRIORITY)}"
+                f"unknown fastres backend {name!r}: choose one of {', '.join(BACKENDS)}"
             )
         b = BACKENDS[name]
         reasons = b.not_supported_reasons(inputs)
@@ -270,7 +290,7 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
 
 def available() -> dict[str, str | None]:
     """Each backend's name and why it is unavailable (None when it is available)."""
-    return {n: BACKENDS[n].unavailable_reason() for n in PRIORITY}
+    return {n: BACKENDS[n].unavailable_reason() for n in BACKENDS}
 
 
 def op(backend: str, name: str) -> Callable[..., object]:

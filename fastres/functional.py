@@ -314,7 +314,8 @@ def select_backend(
     chosen = None
     for w, c in zip(weights, convs, strict=True):
         b = backends.select(_inputs(x, w, c), backend)
-        if chosen is None or backends.PRIORITY.index(b.name) > backends.PRIORITY.index(chosen.name):
+        rank = list(backends.BACKENDS).index  # PRIORITY's order, then the forced-only backends
+        if chosen is None or rank(b.name) > rank(chosen.name):
             chosen = b
     if chosen is None:
         raise ValueError("select_backend needs at least one convolution")

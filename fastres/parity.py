@@ -488,7 +488,7 @@ def backend_plan(device: torch.device, only: list[str] | None) -> tuple[list[str
     """The backends to run on ``device`` and, for each one left out, why."""
     from fastres import backends
 
-    names = list(backends.PRIORITY)
+    names = list(backends.BACKENDS)
     if only:
         unknown = [n for n in only if n not in backends.BACKENDS]
         if unknown:
@@ -500,6 +500,9 @@ def backend_plan(device: torch.device, only: list[str] | None) -> tuple[list[str
     for n in names:
         if avail[n] is not None:
             skipped[n] = avail[n]
+        elif n == "cudasim" and not only:
+            skipped[n] = ("cudasim runs the CUDA kernels fiber by fiber on the CPU (minutes per "
+                          "block); ask for it with --backend cudasim")
         elif n == "triton" and device.type != "cuda" and not only:
             skipped[n] = ("on a CPU Triton runs only in the interpreter (thousands of times "
                           "slower); ask for it with --backend triton")

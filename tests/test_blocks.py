@@ -352,6 +352,36 @@ def test_forced_backend_that_cannot_serve_raises(monkeypatch):
         _block().eval()(torch.randn(2, 8, 6, 6))
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_no_fused_backend_runs_torchvision_forward(train, monkeypatch):
+    """Where only the reference path would serve (a GPU with no verified fused backend), blocks
+    run torchvision's own forward: PyTorch's numbers bit for bit and no reference op called. A
+    forced reference backend still runs the reference ops."""
+    from fastres import reference  # noqa: PLC0415
+
+    monkeypatch.delenv("FASTRES_BACKEND", raising=False)
+    monkeypatch.setattr(backends.BACKENDS["cpu"], "not_supported_reasons",
+                        lambda inputs: ["cpu: disabled by the test"])
+    calls = []
+    for name in ("conv_bias_act", "conv_stats", "bn_add_relu"):
+        orig = getattr(reference, name)
+        monkeypatch.setattr(reference, name,
+                            lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    tv = torchvision.models.resnet.Bottleneck(16, 4).train(train)
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.running_var, 0.5, 1.5)
+    ours = fastres.convert(tv)
+    x = torch.randn(2, 16, 6, 6)
+    assert torch.equal(ours(x), tv(x))
+    assert calls == []
+    assert torch.equal(ours.bn1.running_mean, tv.bn1.running_mean)
+    monkeypatch.setenv("FASTRES_BACKEND", "reference")
+    ours(x)
+    assert calls, "a forced reference backend must run the reference ops"
+
+
 def test_auto_backend_on_cpu_is_cpu_when_built(monkeypatch):
     monkeypatch.delenv("FASTRES_BACKEND", raising=False)
     chosen = backends.select(backends.Inputs(torch.device("cpu"), torch.float32))

@@ -1,5 +1,6 @@
-"""Every op of the contract (csrc/ops.cpp) through ``torch.ops.fastres`` on each device's compiled
-kernels, against fastres.reference: the C++ CPU kernels here, the CUDA kernels on a GPU.
+"""Every op of the contract (csrc/ops.cpp) through each compiled backend, against fastres.reference:
+the C++ CPU kernels (``cpu``), the CUDA kernels on a GPU (``cuda``) and the same CUDA launchers and
+kernels executed on CPU tensors by cudasim (``cudasim``, csrc/cuda/cudasim: CI runs the CUDA code).
 
 This is the first thing to run on a GPU (bench/device_check.sh runs it with ``-m gpu``): one
 test per op, dtype and layout, so a broken CUDA kernel is named by the failing test id rather
@@ -22,6 +23,7 @@ _MOD, _WHY = _ext.load()
 
 
 def _device_params():
+    """Backend names; each runs on its device (DEVICE_OF) through its own op namespace."""
     out = [pytest.param("cpu", id="cpu")]
     why = None
     if not torch.cuda.is_available():
@@ -30,10 +32,23 @@ def _device_params():
         why = backends.BACKENDS["cuda"].unavailable_reason()
     marks = [pytest.mark.gpu] + ([pytest.mark.skip(reason=why)] if why else [])
     out.append(pytest.param("cuda", id="cuda", marks=marks))
+    why = backends.BACKENDS["cudasim"].unavailable_reason()
+    out.append(pytest.param("cudasim", id="cudasim", marks=[pytest.mark.skip(reason=why)] if why else []))
     return out
 
 
 DEVICES = _device_params()
+DEVICE_OF = {"cpu": "cpu", "cuda": "cuda", "cudasim": "cpu"}
+# (name, dtype, TF32): fp32 runs with TF32 off (exact, compared with the exact reference) and on
+# (cuDNN's default: the CUDA kernels then use m16n8k8 TF32 MMAs); its yardstick is then the
+# reference on operands rounded to TF32, which is what a TF32 convolution computes.
+PRECISIONS = [
+    pytest.param(("fp32", torch.float32, False), id="fp32"),
+    pytest.param(("tf32", torch.float32, True), id="tf32"),
+    pytest.param(("bf16", torch.bfloat16, False), id="bf16"),
+    pytest.param(("fp16", torch.float16, False), id="fp16"),
+]
+# The batch-norm family has no convolution: TF32 does not apply.
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["channels_last", "contiguous"]
 # (C, K, kernel, stride, padding): 1x1, 3x3 and 7x7 as ResNets use them, odd channel counts too
@@ -50,8 +65,9 @@ pytestmark = pytest.mark.skipif(_MOD is None, reason=f"fastres._C not built: {_W
 class Maker:
     """Random operands on one device, dtype and layout; reproducible per test (autouse seed)."""
 
-    def __init__(self, device: str, dtype: torch.dtype, layout: str):
-        self.device, self.dtype, self.layout = torch.device(device), dtype, layout
+    def __init__(self, backend: str, dtype: torch.dtype, layout: str):
+        self.backend = backend
+        self.device, self.dtype, self.layout = torch.device(DEVICE_OF[backend]), dtype, layout
         self.acc = reference.acc_dtype(dtype)
 
     def act(self, *shape, lo=None):
@@ -81,15 +97,34 @@ def _clone(a):
     return a.clone() if isinstance(a, torch.Tensor) else a
 
 
-def _check(name: str, args: tuple, dtype: torch.dtype, mutated: tuple[int, ...] = ()) -> None:
-    """Run the op as ours (torch.ops.fastres), PyTorch's (reference at dtype) and the truth
-    (reference in float64), each on its own copy of the mutated arguments; compare."""
-    op = getattr(torch.ops.fastres, name)
+def _tf32(a):
+    """A 4-D float32 operand (activation, weight, gradient) rounded to TF32 (10 explicit mantissa
+    bits, to nearest even): what a TF32 tensor-core convolution multiplies. Other arguments
+    (per-channel vectors, flags) are returned as they are."""
+    if not (isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.dim() == 4):
+        return a
+    b = a.view(torch.int32)  # same strides: a reinterpretation, not a copy
+    r = ((b + 0xFFF + ((b >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(a), r, a)
+
+
+def _check(name: str, args: tuple, dtype: torch.dtype, mutated: tuple[int, ...] = (),
+           tf32: bool = False, backend: str = "cpu") -> None:
+    """Run the op as ours (``backend``'s), PyTorch's (reference at dtype) and the truth
+    (reference in float64), each on its own copy of the mutated arguments; compare. TF32 is
+    pinned off (cuDNN's default is on) unless ``tf32``; then PyTorch's yardstick is the reference
+    on TF32-rounded operands (a CPU reference cannot run TF32 itself)."""
+    op = backends.BACKENDS[backend].op(name)
     fn = getattr(reference, name)
     a_ours = [_clone(a) for a in args]
-    a_theirs = [_clone(a) for a in args]
+    a_theirs = [_tf32(_clone(a)) if tf32 else _clone(a) for a in args]
     a_truth = [_f64(_clone(a)) for a in args]
-    ours, theirs, truth = op(*a_ours), fn(*a_theirs), fn(*a_truth)
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        ours, theirs, truth = op(*a_ours), fn(*a_theirs), fn(*a_truth)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
     if isinstance(ours, torch.Tensor):
         ours, theirs, truth = (ours,), (theirs,), (truth,)
     outs = [
@@ -115,24 +150,25 @@ def _bn_stats(m: Maker, x):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("conv", CONVS, ids=lambda c: "C{}K{}r{}s{}".format(*c[:4]))
-def test_convolutions(device, dtype, layout, conv):
+def test_convolutions(device, precision, layout, conv):
     """conv_bias_act (bias, residual, ReLU), conv_stats (with and without the BN-ReLU prologue)
-    and conv_bwd (both grads, prologue recomputed)."""
+    and conv_bwd (both grads, prologue recomputed); fp32 exact and TF32, bf16, fp16."""
     c, k, r, s, p = conv
+    _, dtype, tf32 = precision
     m = Maker(device, dtype, layout)
     x, w = m.act(2, c, 9, 11), m.weight(k, c, r)
     ho, wo = (9 + 2 * p - r) // s + 1, (11 + 2 * p - r) // s + 1
     cv = ([s, s], [p, p], [1, 1], 1)
-    _check("conv_bias_act", (x, w, m.vec(k), m.act(2, k, ho, wo), *cv, True), dtype)
-    _check("conv_bias_act", (x, w, None, None, *cv, False), dtype)
-    _check("conv_stats", (x, w, None, None, False, *cv), dtype)
-    _check("conv_stats", (x, w, m.vec(c, True), m.vec(c), True, *cv), dtype)
+    _check("conv_bias_act", (x, w, m.vec(k), m.act(2, k, ho, wo), *cv, True), dtype, tf32=tf32, backend=device)
+    _check("conv_bias_act", (x, w, None, None, *cv, False), dtype, tf32=tf32, backend=device)
+    _check("conv_stats", (x, w, None, None, False, *cv), dtype, tf32=tf32, backend=device)
+    _check("conv_stats", (x, w, m.vec(c, True), m.vec(c), True, *cv), dtype, tf32=tf32, backend=device)
     g = m.act(2, k, ho, wo)
-    _check("conv_bwd", (g, x, w, m.vec(c, True), m.vec(c), True, *cv, [True, True]), dtype)
-    _check("conv_bwd", (g, x, w, None, None, False, *cv, [True, False]), dtype)
+    _check("conv_bwd", (g, x, w, m.vec(c, True), m.vec(c), True, *cv, [True, True]), dtype, tf32=tf32, backend=device)
+    _check("conv_bwd", (g, x, w, None, None, False, *cv, [True, False]), dtype, tf32=tf32, backend=device)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -147,42 +183,48 @@ def test_batchnorm_family(device, dtype, layout):
     s = x.to(m.acc).sum((0, 2, 3))
     q = (x.to(m.acc) ** 2).sum((0, 2, 3))
     state = (m.vec(c), m.vec(c, True), torch.tensor(3, device=m.device))
-    _check("bn_finalize", (s, q, m.vec(c), m.vec(c), *state, n, 0.1, 1e-5), dtype, (4, 5, 6))
+    _check("bn_finalize", (s, q, m.vec(c), m.vec(c), *state, n, 0.1, 1e-5), dtype, (4, 5, 6), backend=device)
     count = torch.tensor([float(n)], dtype=m.acc, device=m.device)
     _check(
-        "bn_finalize_count", (s, q, count, m.vec(c), m.vec(c), *state, None, 1e-5), dtype, (5, 6, 7)
+        "bn_finalize_count", (s, q, count, m.vec(c), m.vec(c), *state, None, 1e-5), dtype, (5, 6, 7),
+        backend=device,
     )
 
     res, res_bn = m.act(2, c, 7, 5), m.act(2, c, 7, 5)
-    _check("bn_add_relu", (x, m.vec(c), m.vec(c), res, None, None, 0, True), dtype)
-    _check("bn_add_relu", (x, m.vec(c), m.vec(c), res_bn, m.vec(c), m.vec(c), 0, True), dtype)
+    _check("bn_add_relu", (x, m.vec(c), m.vec(c), res, None, None, 0, True), dtype, backend=device)
+    _check("bn_add_relu", (x, m.vec(c), m.vec(c), res_bn, m.vec(c), m.vec(c), 0, True), dtype, backend=device)
     narrow = m.act(2, c // 2, 14, 10)[:, :, ::2, ::2]  # option A: fewer channels, strided view
-    _check("bn_add_relu", (x, m.vec(c), m.vec(c), narrow, None, None, c // 4, True), dtype)
-    _check("bn_add_relu", (x, m.vec(c), m.vec(c), None, None, None, 0, False), dtype)
+    _check("bn_add_relu", (x, m.vec(c), m.vec(c), narrow, None, None, c // 4, True), dtype, backend=device)
+    _check("bn_add_relu", (x, m.vec(c), m.vec(c), None, None, None, 0, False), dtype, backend=device)
 
     go, out = m.act(2, c, 7, 5), m.act(2, c, 7, 5)
-    _check("relu_bias_bwd", (go, out), dtype)
+    _check("relu_bias_bwd", (go, out), dtype, backend=device)
     mean, invstd = _bn_stats(m, x)
     rmean, rinvstd = _bn_stats(m, res_bn)
     for o in (out, None):
         for r in ((res_bn, rmean, rinvstd), (None, None, None)):
             rw = m.vec(c) if r[0] is not None else None
-            _check("bn_add_relu_bwd", (go, o, x, mean, invstd, m.vec(c), *r, rw), dtype)
-            _check("bn_add_relu_bwd_reduce", (go, o, x, mean, invstd, *r), dtype)
+            _check("bn_add_relu_bwd", (go, o, x, mean, invstd, m.vec(c), *r, rw), dtype, backend=device)
+            _check("bn_add_relu_bwd_reduce", (go, o, x, mean, invstd, *r), dtype, backend=device)
             rmg = m.vec(c) if r[0] is not None else None
             _check(
                 "bn_add_relu_bwd_elemt",
                 (go, o, x, mean, invstd, m.vec(c), m.vec(c), m.vec(c), *r, rw, rmg),
                 dtype,
+                backend=device,
             )
     for relu in (True, False):
         scale, shift = m.vec(c), m.vec(c)
-        _check("bn_relu_bwd", (go, x, mean, invstd, m.vec(c), scale, shift, relu), dtype)
-        _check("bn_relu_bwd_reduce", (go, x, mean, invstd, scale, shift, relu), dtype)
+        _check("bn_relu_bwd", (go, x, mean, invstd, m.vec(c), scale, shift, relu), dtype, backend=device)
+        # the BN weight of a model in dtype (bf16/fp16 training without autocast) is in dtype
+        w_lo = m.vec(c).to(dtype)
+        _check("bn_relu_bwd", (go, x, mean, invstd, w_lo, scale, shift, relu), dtype, backend=device)
+        _check("bn_relu_bwd_reduce", (go, x, mean, invstd, scale, shift, relu), dtype, backend=device)
         _check(
             "bn_relu_bwd_elemt",
             (go, x, mean, invstd, None, scale, shift, relu, m.vec(c), m.vec(c)),
             dtype,
+            backend=device,
         )
 
 

@@ -296,7 +296,7 @@ def test_conv_fp32_tf32_switch(monkeypatch):
     upcast operands (the interpreter) are always multiplied exactly."""
     for allow in (False, True):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
-        assert _common.dot_precision(torch.float32, upcast=False) == ("tf32" if allow else "ieee")
+        assert _common.dot_precision(torch.float32, upcast=False) == ("tf32x3" if allow else "ieee")
         assert _common.dot_precision(torch.float32, upcast=True) == "ieee"
         assert _common.dot_precision(torch.bfloat16, upcast=False) == "tf32"
 

@@ -128,14 +128,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def dot_precision(dtype: torch.dtype, upcast: bool = UPCAST_DOT) -> str:
-    """tl.dot's input_precision: TF32 for float32 when cuDNN may use it (as F.conv2d would), exact
-    "ieee" otherwise. bf16/fp16 operands go to the tensor cores whatever this says; operands
-    upcast to float32 (the interpreter) are multiplied exactly."""
+    """tl.dot's input_precision: tensor cores for float32 when cuDNN may use TF32 (as F.conv2d
+    would), exact "ieee" otherwise. bf16/fp16 operands go to the tensor cores whatever this says;
+    operands upcast to float32 (the interpreter) are multiplied exactly.
+
+    Float32 on the tensor cores is "tf32x3" (three TF32 MMAs: big*big + big*small + small*big),
+    not "tf32": Triton's plain TF32 dot truncates the operands to 10 mantissa bits where cuDNN
+    rounds them, so its error is biased and grows with the reduction length. Measured on the
+    H200 (bench/results/h200_1dd399b2dd3c_parity.md): plain "tf32" gave 2.4-3.8x cuDNN's TF32
+    error on every fp32 eval block and biased running statistics (running_var 5e-5 off against
+    cuDNN's 2e-6), failing the tolerance rule in 14 of 14 fp32 cases. tf32x3 is about as exact as
+    fp32 FMA at 3x the MMA work, still on the tensor cores."""
     if upcast:
         return "ieee"
     if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
         return "ieee"
-    return "tf32"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 # --------------------------------------------------------------------------------------------

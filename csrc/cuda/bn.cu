@@ -81,21 +81,21 @@ __global__ void __launch_bounds__(1024) colsum_kernel(const ColSumParams p) {
   const int ty = threadIdx.y;
   const int c = blockIdx.x * 32 + tx;
   const int j = blockIdx.y;
-  const float* base = p.partial + static_cast<int64_t>(j) * p.T * p.C;
-  float s = 0.f;
+  const double* base = p.partial + static_cast<int64_t>(j) * p.T * p.C;
+  double s = 0.0;
   if (c < p.C) {
     for (int t = ty; t < p.T; t += 32) s += base[static_cast<int64_t>(t) * p.C + c];
   }
-  __shared__ float red[32][33];
+  __shared__ double red[32][33];
   red[ty][tx] = s;
   __syncthreads();
   if (ty == 0 && c < p.C) {
-    float total = 0.f;
+    double total = 0.0;
 #pragma unroll
     for (int y = 0; y < 32; ++y) total += red[y][tx];
     // (a switch, not p.out[j]: a dynamic index into the parameter array costs a stack copy)
     float* dst = j == 0 ? p.out[0] : j == 1 ? p.out[1] : j == 2 ? p.out[2] : p.out[3];
-    dst[c] = total;
+    dst[c] = static_cast<float>(total);
   }
 }
 
@@ -103,7 +103,7 @@ cudaError_t launch_colsum(const ColSumParams& p, cudaStream_t stream) {
   if (p.C <= 0 || p.nsum <= 0) return cudaSuccess;
   if (p.nsum > 4) return cudaErrorInvalidValue;
   const dim3 grid((p.C + 31) / 32, p.nsum);
-  colsum_kernel<<<grid, dim3(32, 32), 0, stream>>>(p);
+  FR_LAUNCH(grid, dim3(32, 32), 0, stream, colsum_kernel)(p);
   FR_LAUNCH_CHECK();
   return cudaSuccess;
 }
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) bn_finalize_kernel(const BnFinalizeP
 }
 
 cudaError_t launch_bn_finalize(const BnFinalizeParams& p, cudaStream_t stream) {
-  bn_finalize_kernel<<<1, kThreads, 0, stream>>>(p);
+  FR_LAUNCH(1, kThreads, 0, stream, bn_finalize_kernel)(p);
   FR_LAUNCH_CHECK();
   return cudaSuccess;
 }
@@ -272,11 +272,11 @@ cudaError_t launch_bn_add_relu_t(const BnAddReluParams& p, cudaStream_t stream) 
         } else {
           if (p.dense) {
             constexpr int VEC = 16 / sizeof(T);
-            bn_add_relu_dense_kernel<T, HAS_RES, RES_AFFINE, RELU>
-                <<<grid_for(numel / VEC, kThreads), kThreads, 0, stream>>>(p);
+            FR_LAUNCH(grid_for(numel / VEC, kThreads), kThreads, 0, stream,
+                      bn_add_relu_dense_kernel<T, HAS_RES, RES_AFFINE, RELU>)(p);
           } else {
-            bn_add_relu_generic_kernel<T, HAS_RES, RES_AFFINE, RELU>
-                <<<grid_for(numel, kThreads), kThreads, 0, stream>>>(p);
+            FR_LAUNCH(grid_for(numel, kThreads), kThreads, 0, stream,
+                      bn_add_relu_generic_kernel<T, HAS_RES, RES_AFFINE, RELU>)(p);
           }
           return cudaGetLastError();
         }
@@ -390,7 +390,9 @@ __global__ void __launch_bounds__(kThreads) channel_reduce_kernel(const ChannelB
     for (int j = 0; j < NSUM; ++j)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        float s = 0.f;
+        // Each lane's fp32 sum covers rows_per_chunk / lanes rows (tens); lanes and chunks are
+        // combined in double (colsum), as the reference sums in float64.
+        double s = 0.0;
         for (int l = 0; l < lanes; ++l) s += red[j][l * cvb + cv][e];  // fixed order
         p.partial[(static_cast<int64_t>(j) * p.chunks + chunk) * p.C + c0 + e] = s;
       }
@@ -486,9 +488,15 @@ cudaError_t launch_channel_reduce_tv(const ChannelBwdParams& p, cudaStream_t str
   const int cvb = cv_total < kThreads ? cv_total : kThreads;
   const dim3 rgrid(p.chunks, (cv_total + cvb - 1) / cvb);
   switch (p.nsum) {
-    case 1: channel_reduce_kernel<T, VEC, 1><<<rgrid, kThreads, 0, stream>>>(p); break;
-    case 2: channel_reduce_kernel<T, VEC, 2><<<rgrid, kThreads, 0, stream>>>(p); break;
-    case 3: channel_reduce_kernel<T, VEC, 3><<<rgrid, kThreads, 0, stream>>>(p); break;
+    case 1:
+      FR_LAUNCH(rgrid, kThreads, 0, stream, channel_reduce_kernel<T, VEC, 1>)(p);
+      break;
+    case 2:
+      FR_LAUNCH(rgrid, kThreads, 0, stream, channel_reduce_kernel<T, VEC, 2>)(p);
+      break;
+    case 3:
+      FR_LAUNCH(rgrid, kThreads, 0, stream, channel_reduce_kernel<T, VEC, 3>)(p);
+      break;
     default: return cudaErrorInvalidValue;
   }
   FR_LAUNCH_CHECK();
@@ -508,16 +516,20 @@ cudaError_t launch_channel_elementwise_tv(const ChannelBwdParams& p, cudaStream_
   const unsigned egrid = grid_for(p.rows * p.C / VEC, kThreads);
   switch (p.kind) {
     case BwdKind::kG:
-      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kG><<<egrid, kThreads, 0, stream>>>(p);
+      FR_LAUNCH(egrid, kThreads, 0, stream,
+                channel_bwd_elementwise_kernel<T, VEC, BwdKind::kG>)(p);
       break;
     case BwdKind::kBn:
-      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBn><<<egrid, kThreads, 0, stream>>>(p);
+      FR_LAUNCH(egrid, kThreads, 0, stream,
+                channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBn>)(p);
       break;
     case BwdKind::kBnId:
-      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBnId><<<egrid, kThreads, 0, stream>>>(p);
+      FR_LAUNCH(egrid, kThreads, 0, stream,
+                channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBnId>)(p);
       break;
     case BwdKind::kBnBn:
-      channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBnBn><<<egrid, kThreads, 0, stream>>>(p);
+      FR_LAUNCH(egrid, kThreads, 0, stream,
+                channel_bwd_elementwise_kernel<T, VEC, BwdKind::kBnBn>)(p);
       break;
   }
   FR_LAUNCH_CHECK();

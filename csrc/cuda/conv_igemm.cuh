@@ -25,13 +25,16 @@
 namespace fastres {
 namespace cuda {
 
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_>
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_CTAS_ = 1>
 struct ConvCfg {
   static constexpr int BM = BM_;
   static constexpr int BN = BN_;
   static constexpr int WARPS_M = WARPS_M_;
   static constexpr int WARPS_N = WARPS_N_;
   static constexpr int STAGES = STAGES_;
+  // CTAs per SM the config is sized for (__launch_bounds__' second argument: ptxas keeps the
+  // registers within 65536 / (MIN_CTAS * THREADS)).
+  static constexpr int MIN_CTAS = MIN_CTAS_;
   static constexpr int THREADS = WARPS_M * WARPS_N * 32;
   static constexpr int WM = BM / WARPS_M;  // warp tile (tensor-core path)
   static constexpr int WN = BN / WARPS_N;
@@ -39,19 +42,22 @@ struct ConvCfg {
   static constexpr int B_STAGE = BN * 64;
   static constexpr int PIPE_BYTES = STAGES * (A_STAGE + B_STAGE);
   static constexpr int CS_LD = BN + 4;  // fp32 epilogue tile row pitch (+4: fewer bank conflicts)
-  static constexpr int EPI_BYTES = BM * CS_LD * 4 + 2 * THREADS * 4;
+  // + the stats epilogue's per-thread (sum, sum of squares) in double: 2 * THREADS * 8 bytes.
+  static constexpr int EPI_BYTES = BM * CS_LD * 4 + 2 * THREADS * 8;
   static constexpr int SMEM = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
 };
 
 // 16-bit tensor cores: 128 x 128 (8 warps, 64 x 32 each) for OC > 64, 128 x 64 (4 warps) else.
-using CfgTcBig = ConvCfg<128, 128, 2, 4, 4>;
+// The big tile's 69,632 B of shared memory allow 2 CTAs per SM (228 KB); so do 128 registers.
+using CfgTcBig = ConvCfg<128, 128, 2, 4, 4, 2>;
 using CfgTcSmall = ConvCfg<128, 64, 2, 2, 4>;
 // Exact fp32: 64 x 64, 256 threads with 4 x 4 outputs each.
 using CfgSimt = ConvCfg<64, 64, 4, 2, 3>;
 
 template <typename T, Math MATH, class Cfg, bool DGRAD, bool PROLOGUE, bool STATS, bool BIAS,
           bool RESIDUAL, bool RELU>
-__global__ void __launch_bounds__(Cfg::THREADS) conv_igemm_kernel(const ConvParams p) {
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
+    conv_igemm_kernel(const ConvParams p) {
   constexpr int BM = Cfg::BM;
   constexpr int BN = Cfg::BN;
   constexpr int THREADS = Cfg::THREADS;
@@ -66,7 +72,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_igemm_kernel(const ConvPara
   static_assert(MATH != Math::kTf32 || std::is_same<T, float>::value, "TF32 path is fp32 only");
   static_assert(MATH != Math::kMma16 || sizeof(T) == 2, "mma m16n8k16 path is 16-bit only");
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  FR_DYNAMIC_SMEM(smem);
   unsigned char* sA = smem;
   unsigned char* sB = smem + STAGES * Cfg::A_STAGE;
 
@@ -379,25 +385,29 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_igemm_kernel(const ConvPara
   if constexpr (STATS) {
     // Column sums of the rounded tile in a fixed order: PARTS threads per column each sum a
     // contiguous run of rows, then thread `col` adds the PARTS results in order. No atomics.
+    // Accumulated in double, as the reference and the CPU kernels do: in fp32, sum of squares
+    // E[x^2] - E[x]^2 loses the variance when |mean| >> std (the conv_stats device test missed
+    // the tolerance at 16-32 channels). Hopper's FP64 rate is half its FP32 rate and this loop
+    // is RPP (<= 64) adds per thread per tile, noise next to the tile's MMAs.
     __syncthreads();
     constexpr int PARTS = THREADS / BN;
     constexpr int RPP = BM / PARTS;
     static_assert(THREADS % BN == 0 && BM % PARTS == 0, "stats layout");
     const int col = tid % BN;
     const int part = tid / BN;
-    float s = 0.f, q = 0.f;
+    double s = 0.0, q = 0.0;
 #pragma unroll 4
     for (int r = 0; r < RPP; ++r) {
-      const float v = cs[(part * RPP + r) * LD + col];
+      const double v = cs[(part * RPP + r) * LD + col];
       s += v;
-      q = fmaf(v, v, q);
+      q = fma(v, v, q);
     }
-    float* red = cs + BM * LD;
+    double* red = reinterpret_cast<double*>(cs + BM * LD);  // BM * LD * 4 is a multiple of 8
     red[tid] = s;
     red[THREADS + tid] = q;
     __syncthreads();
     if (tid < BN && n0 + tid < p.OC) {
-      float S = 0.f, Q = 0.f;
+      double S = 0.0, Q = 0.0;
 #pragma unroll
       for (int pp = 0; pp < PARTS; ++pp) {
         S += red[pp * BN + tid];
@@ -419,9 +429,9 @@ cudaError_t launch_conv_kernel(ConvParams& p, cudaStream_t stream) {
   p.n_tiles = (p.OC + Cfg::BN - 1) / Cfg::BN;
   const int64_t grid = static_cast<int64_t>(p.m_tiles) * p.n_tiles;
   if (grid <= 0 || grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  FR_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM));
-  kernel<<<static_cast<unsigned>(grid), Cfg::THREADS, Cfg::SMEM, stream>>>(p);
+  static SmemOptIn opt_in;  // one per instantiation: once per kernel and device
+  FR_RETURN_IF_ERROR(opt_in.ensure(kernel, Cfg::SMEM));
+  FR_LAUNCH(static_cast<unsigned>(grid), Cfg::THREADS, Cfg::SMEM, stream, kernel)(p);
   FR_LAUNCH_CHECK();
   return cudaSuccess;
 }

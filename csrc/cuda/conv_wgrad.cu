@@ -15,7 +15,8 @@
 namespace fastres {
 namespace cuda {
 
-template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_>
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_,
+          int MIN_CTAS_ = 1>
 struct WgradCfg {
   static constexpr int BM = BM_;  // output channels k
   static constexpr int BN = BN_;  // input channels c (one tap)
@@ -23,11 +24,13 @@ struct WgradCfg {
   static constexpr int WARPS_M = WARPS_M_;
   static constexpr int WARPS_N = WARPS_N_;
   static constexpr int STAGES = STAGES_;
+  static constexpr int MIN_CTAS = MIN_CTAS_;  // CTAs per SM it is sized for (launch bounds)
   static constexpr int THREADS = WARPS_M * WARPS_N * 32;
   static constexpr int WM = BM / WARPS_M;
   static constexpr int WN = BN / WARPS_N;
 };
-using WgCfgBig = WgradCfg<128, 128, 32, 2, 4, 4>;  // 16-bit, K > 64 and C > 64
+// 16-bit, K > 64 and C > 64: 65,536 B of shared memory and <= 128 registers, 2 CTAs per SM.
+using WgCfgBig = WgradCfg<128, 128, 32, 2, 4, 4, 2>;
 using WgCfgSmall = WgradCfg<64, 64, 32, 2, 2, 4>;  // 16-bit, K <= 64 or C <= 64
 using WgCfgSimt = WgradCfg<64, 64, 16, 4, 2, 3>;   // fp32: 4 x 4 outputs per thread
 
@@ -37,7 +40,8 @@ constexpr int wgrad_smem_bytes() {
 }
 
 template <typename T, bool SIMT, class Cfg, bool PROLOGUE>
-__global__ void __launch_bounds__(Cfg::THREADS) wgrad_kernel(const WgradParams p) {
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
+    wgrad_kernel(const WgradParams p) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK;
   constexpr int THREADS = Cfg::THREADS, STAGES = Cfg::STAGES;
   constexpr int EPC = 16 / sizeof(T);
@@ -57,7 +61,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) wgrad_kernel(const WgradParams p
   static_assert(!SIMT || (sizeof(T) == 4 && BM == 64 && BN == 64 && THREADS == 256), "SIMT");
   static_assert(SIMT || sizeof(T) == 2, "tensor-core wgrad is 16-bit only");
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  FR_DYNAMIC_SMEM(smem);
   unsigned char* sA = smem;
   unsigned char* sB = smem + STAGES * A_STAGE;
 
@@ -270,16 +274,16 @@ cudaError_t launch_wgrad_cfg(WgradParams& p, cudaStream_t stream) {
   if (grid <= 0 || grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   FR_RETURN_IF_ERROR(FR_BOOL_SWITCH(p.prologue, PRO, [&] {
     auto kernel = wgrad_kernel<T, SIMT, Cfg, PRO>;
-    FR_RETURN_IF_ERROR(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<static_cast<unsigned>(grid), Cfg::THREADS, smem, stream>>>(p);
+    static SmemOptIn opt_in;  // one per instantiation: once per kernel and device
+    FR_RETURN_IF_ERROR(opt_in.ensure(kernel, smem));
+    FR_LAUNCH(static_cast<unsigned>(grid), Cfg::THREADS, smem, stream, kernel)(p);
     return cudaGetLastError();
   }));
   const int64_t n = static_cast<int64_t>(p.K) * p.R * p.S * p.C;
   int64_t blocks = (n + 255) / 256;
   if (blocks > 65536) blocks = 65536;
-  wgrad_reduce_kernel<T>
-      <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p.ws, static_cast<T*>(p.dw), n, p.splits);
+  FR_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream,
+            wgrad_reduce_kernel<T>)(p.ws, static_cast<T*>(p.dw), n, p.splits);
   FR_LAUNCH_CHECK();
   return cudaSuccess;
 }

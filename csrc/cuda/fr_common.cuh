@@ -10,8 +10,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
+#include "fr_ptx.cuh"  // cp.async / ldmatrix / mma.sync / cvt.rna.tf32 (PTX and cudasim twins)
 #include "kernels.h"
 
 // Turn a runtime flag into a constexpr (flash-attention's static_switch.h).
@@ -35,8 +37,35 @@
   } while (0)
 #define FR_LAUNCH_CHECK() FR_RETURN_IF_ERROR(cudaGetLastError())
 
+// The two spellings cudasim (csrc/cuda/cudasim) defines differently: a kernel launch
+//   FR_LAUNCH(grid, block, smem_bytes, stream, kernel)(args)  is
+//   kernel<<<grid, block, smem_bytes, stream>>>(args)
+// and the dynamic shared memory of a kernel (128-byte aligned).
+#ifndef FASTRES_CUDASIM
+#define FR_LAUNCH(G, B, S, ST, ...) __VA_ARGS__<<<G, B, S, ST>>>
+#define FR_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 namespace fastres {
 namespace cuda {
+
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) once per kernel and device, not per launch (a
+// driver call each time otherwise). The caller keeps one static instance per kernel; devices past
+// 63 are simply set every time.
+struct SmemOptIn {
+  std::atomic<uint64_t> devices{0};
+  template <class Kernel>
+  cudaError_t ensure(Kernel* kernel, int bytes) {
+    int dev = 0;
+    FR_RETURN_IF_ERROR(cudaGetDevice(&dev));
+    const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+    if (bit && (devices.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+    FR_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    devices.fetch_or(bit, std::memory_order_release);
+    return cudaSuccess;
+  }
+};
 
 template <typename T>
 struct DTypeOf;
@@ -104,84 +133,6 @@ union Vec16 {
   uint4 u;
   T v[N];
 };
-
-// ---------------------------------------------------------------------------------------------
-// Asynchronous copies, ldmatrix and mma.sync (sm_80+; the launchers refuse older GPUs).
-// ---------------------------------------------------------------------------------------------
-
-// 16-byte global -> shared copy; when !valid nothing is read and the 16 bytes are zero-filled
-// (src-size 0), which is how padding and out-of-range channels/rows become zeros.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
-                                        const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(a)
-               : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2,
-                                              uint32_t& r3, const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(a)
-               : "memory");
-}
-
-// D += A * B for one m16n8 tile. 16-bit types: m16n8k16 (A: 4 regs, B: 2 regs);
-// float: TF32 m16n8k8 (A: 4 regs, B: 2 regs, the registers hold fp32 bits, see to_tf32).
-// The accumulator layout is the same for both: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at row g+8.
-template <typename T>
-__device__ __forceinline__ void mma_tile(float (&d)[4], const uint32_t (&a)[4],
-                                         const uint32_t (&b)[2]);
-template <>
-__device__ __forceinline__ void mma_tile<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                        const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma_tile<__half>(float (&d)[4], const uint32_t (&a)[4],
-                                                 const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma_tile<float>(float (&d)[4], const uint32_t (&a)[4],
-                                                const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// fp32 bits -> TF32 (round to nearest, ties away, as cuDNN/cuBLAS do) in a 32-bit register.
-__device__ __forceinline__ uint32_t to_tf32(uint32_t x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(x)));
-  return r;
-}
 
 // Zero the accumulators of a GEMM kernel: the tensor-core fragments acc[MI][NI] and the SIMT
 // per-thread 4 x 4 block (each kernel declares both and uses one; the other is dead code).

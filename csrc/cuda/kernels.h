@@ -43,7 +43,7 @@ struct ConvParams {
   const void* residual;    // (M, OC) like out, or null
   const float* pre_scale;  // (XC) or null: prologue a = relu?(x * pre_scale + pre_shift)
   const float* pre_shift;  // (XC) or null
-  float* stats_partial;    // (2, m_tiles, OC): per-CTA sum and sum of squares of out, or null
+  double* stats_partial;   // (2, m_tiles, OC): per-CTA sum and sum of squares of out, or null
   int N, XH, XW, XC;
   int OH, OW, OC;
   int R, S;
@@ -94,9 +94,11 @@ cudaError_t launch_wgrad(WgradParams& p, DType dt, cudaStream_t stream);
 // BatchNorm and elementwise kernels (bn.cu).
 // ---------------------------------------------------------------------------------------------
 
-// out_j[c] = sum over t of partial[j][t][c] in a fixed order, for j < nsum (<= 4).
+// out_j[c] = sum over t of partial[j][t][c] in a fixed order, for j < nsum (<= 4). Partials and
+// the sum are double (fp32 sums of ~10^6 values lose the variance; the reference sums in float64);
+// the result is rounded to float once.
 struct ColSumParams {
-  const float* partial;  // (nsum, T, C)
+  const double* partial;  // (nsum, T, C)
   float* out[4];         // each (C)
   int nsum, T, C;
 };
@@ -175,7 +177,7 @@ struct ChannelBwdParams {
   const float* mean_gxr;  // kBnBn
   void* grad_input;
   void* grad_res;  // grad_z for kG
-  float* partial;  // workspace (nsum, chunks, C)
+  double* partial;  // workspace (nsum, chunks, C): per-chunk sums, combined in double
   int64_t rows;
   int C;
   int mask_mode;
@@ -184,7 +186,7 @@ struct ChannelBwdParams {
   int64_t rows_per_chunk;
   BwdKind kind;
 };
-// Plan the row split; returns the partial floats needed (nsum * chunks * C).
+// Plan the row split; returns the partial doubles needed (nsum * chunks * C).
 int64_t plan_channel_bwd(ChannelBwdParams& p, DType dt, int num_sms);
 // Reduction (two levels, deterministic) then the elementwise pass.
 cudaError_t launch_channel_bwd(const ChannelBwdParams& p, DType dt, cudaStream_t stream);

@@ -27,6 +27,16 @@
 
 #include "kernels.h"
 
+// The device these launchers serve and where they register: CUDA tensors in torch.ops.fastres,
+// or, under cudasim (csrc/cuda/cudasim/tu_ops.cpp), CPU tensors in torch.ops.fastres_cudasim:
+// the same launchers and kernels executed on the CPU.
+#ifndef FR_DISPATCH_KEY
+#define FR_DEVICE_IS(x) (x).is_cuda()
+#define FR_DISPATCH_KEY CUDA
+#define FR_OPS_NAMESPACE fastres
+#endif
+#define FR_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
 namespace fastres {
 namespace cuda {
 
@@ -46,7 +56,7 @@ using OptTensor = std::optional<Tensor>;
 
 // ---- checks (flash-attention style: the message names the tensor and the offending sizes) ----
 #define CHECK_CUDA(x)                                                                   \
-  TORCH_CHECK((x).is_cuda(), "fastres CUDA: " #x " must be a CUDA tensor, got device ", \
+  TORCH_CHECK(FR_DEVICE_IS(x), "fastres CUDA: " #x " must be a CUDA tensor, got device ", \
               (x).device())
 #define CHECK_SAME_DEVICE(x, ref)                                                          \
   TORCH_CHECK((x).device() == (ref).device(), "fastres CUDA: " #x " is on ", (x).device(), \
@@ -135,7 +145,10 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 Tensor pad_dim(const Tensor& t, int64_t dim, int64_t size, MF fmt) {
   std::vector<int64_t> sizes = t.sizes().vec();
   sizes[dim] = size;
-  Tensor r = at::zeros(sizes, t.options().memory_format(fmt));
+  // at::zeros ignores a memory format carried in TensorOptions (the buffer came back NCHW while
+  // the kernels read it as NHWC): allocate in the format, then zero.
+  Tensor r = at::empty(sizes, t.options().memory_format(fmt));
+  r.zero_();
   r.narrow(dim, 0, t.size(dim)).copy_(t);
   return r;
 }
@@ -339,8 +352,8 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
 using ChannelLaunch = cudaError_t (*)(const ChannelBwdParams&, DType, cudaStream_t);
 void run_channel(ChannelBwdParams& p, DType dt, const Tensor& ref, ChannelLaunch launch) {
   const int64_t n = plan_channel_bwd(p, dt, num_sms(ref));
-  Tensor partial = at::empty({n}, ref.options().dtype(at::kFloat));
-  p.partial = partial.data_ptr<float>();
+  Tensor partial = at::empty({n}, ref.options().dtype(at::kDouble));
+  p.partial = partial.data_ptr<double>();
   C10_CUDA_CHECK(launch(p, dt, stream()));
 }
 
@@ -629,7 +642,11 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, cons
   ReluBwdIn a;
   a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
   const at::TensorOptions fopts = mean.options();
-  a.grad(p, input, opt_chan_vec(weight, a.C, "weight", input));
+  // Held until the launches are done: p.weight points into it (a temporary here was freed before
+  // the kernel read it whenever the weight was not already float32, e.g. a bf16 model's BN
+  // weight: the H200's bf16 grad.input errors of 1e5-1e8, found by cudasim).
+  const Tensor w = opt_chan_vec(weight, a.C, "weight", input);
+  a.grad(p, input, w);
   const ChannelSums s = run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out, launch_channel_bwd);
   if (!a.empty) {
     a.gi.finish();
@@ -696,13 +713,13 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
   const Math math = conv_math(dt);
   const int64_t M = g.N * g.P * g.Q;
   const int64_t m_tiles = (M + conv_block_m(math) - 1) / conv_block_m(math);
-  Tensor partial = at::empty({2, m_tiles, g.K}, fopts);
+  Tensor partial = at::empty({2, m_tiles, g.K}, fopts.dtype(at::kDouble));
 
   ConvParams p{};
   fill_conv_io(p, o.x, o.w, out.buf, g);
   p.pre_scale = fptr(o.scale);
   p.pre_shift = fptr(o.shift);
-  p.stats_partial = partial.data_ptr<float>();
+  p.stats_partial = partial.data_ptr<double>();
   p.m_tiles = static_cast<int>(m_tiles);
   p.prologue = sc.defined() || sh.defined() || pre_relu;
   p.pre_relu = pre_relu;
@@ -710,7 +727,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
   C10_CUDA_CHECK(launch_conv(p, dt, math, stream()));
 
   ColSumParams cp{};
-  cp.partial = partial.data_ptr<float>();
+  cp.partial = partial.data_ptr<double>();
   cp.out[0] = sum.data_ptr<float>();
   cp.out[1] = sumsq.data_ptr<float>();
   cp.nsum = 2;
@@ -753,9 +770,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
   Tensor invstd = at::empty({C}, sum.options());
   Tensor scale = at::empty({C}, sum.options());
   Tensor shift = at::empty({C}, sum.options());
+  // The kernel reads sum/sumsq as dense float arrays: a strided view (e.g. a column of a stacked
+  // all-reduce buffer) is made dense first, never read through its raw pointer.
+  const Tensor s = chan_vec(sum, C, "sum", sum);
+  const Tensor ss = chan_vec(sumsq, C, "sumsq", sum);
   BnFinalizeParams p{};
-  p.sum = sum.data_ptr<float>();
-  p.sumsq = sumsq.data_ptr<float>();
+  p.sum = s.data_ptr<float>();
+  p.sumsq = ss.data_ptr<float>();
   p.weight = fptr(w);
   p.bias = fptr(b);
   p.running_mean = rm.defined() ? rm.data_ptr<float>() : nullptr;
@@ -982,7 +1003,7 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
 }  // namespace cuda
 }  // namespace fastres
 
-TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
+FR_TORCH_LIBRARY_IMPL(FR_OPS_NAMESPACE, FR_DISPATCH_KEY, m) {
   m.impl("conv_bias_act", &fastres::cuda::conv_bias_act_cuda);
   m.impl("relu_bias_bwd", &fastres::cuda::relu_bias_bwd_cuda);
   m.impl("conv_stats", &fastres::cuda::conv_stats_cuda);

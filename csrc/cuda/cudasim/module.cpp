@@ -1,0 +1,21 @@
+// The Python module fastres._C_cudasim: importing it registers torch.ops.fastres_cudasim.* (the
+// CUDA backend's launchers and kernels on CPU tensors, csrc/cuda/cudasim). Plain Python C API:
+// no pybind11 or torch/extension.h to compile.
+#include <Python.h>
+
+#include "cudasim.h"
+
+namespace {
+PyObject* func_set_attribute_calls(PyObject*, PyObject*) {
+  return PyLong_FromLong(cudasim::func_set_attribute_calls());
+}
+PyMethodDef kMethods[] = {
+    {"func_set_attribute_calls", func_set_attribute_calls, METH_NOARGS,
+     "cudaFuncSetAttribute calls so far (the launchers should cache them per kernel)."},
+    {nullptr, nullptr, 0, nullptr}};
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C_cudasim",
+                       "fastres CUDA kernels on the CPU (cudasim): torch.ops.fastres_cudasim", -1,
+                       kMethods};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C_cudasim(void) { return PyModule_Create(&kModule); }
