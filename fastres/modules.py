@@ -114,6 +114,45 @@ def _fold_is_exact(
         return not bool((live & lost).any())
 
 
+def check_pair_tensors(
+    x: Tensor, conv: nn.Conv2d, bn: nn.Module, names: tuple[str, str], where: str
+) -> None:
+    """A clear error naming the conv or norm tensor whose device or dtype cannot go with ``x``
+    (torchvision raises too, e.g. "expected scalar type Float but found Double", without naming
+    it; unchecked, a fused path would compute with it or fail deep inside a kernel). BatchNorm's
+    parameters and buffers share one dtype: the input's, or float32 for a float16/bfloat16
+    input (under autocast: the autocast dtype), as ATen's batch_norm accepts. FrozenBatchNorm2d
+    computes in its buffers' dtype (promoted), so only its device is checked."""
+    dev, cdt = x.device, FF.compute_dtype(x)
+    w = conv.weight
+    if w.device != dev:
+        raise RuntimeError(f"{where}: {names[0]}.weight is on {w.device} but the input is on {dev}")
+    if FF.compute_dtype(w) != cdt:
+        raise TypeError(
+            f"{where}: {names[0]}.weight has dtype {w.dtype} but the input has dtype {x.dtype}"
+        )
+    allowed = {cdt, torch.float32} if cdt in (torch.float16, torch.bfloat16) else {cdt}
+    dtypes = {}
+    for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        t = getattr(bn, n, None)
+        if t is None:
+            continue
+        if t.device != dev:
+            raise RuntimeError(
+                f"{where}: {names[1]}.{n} is on {t.device} but the input is on {dev}"
+            )
+        if n != "num_batches_tracked" and type(bn) is not FrozenBatchNorm2d:
+            if t.dtype not in allowed:
+                raise TypeError(
+                    f"{where}: {names[1]}.{n} has dtype {t.dtype}; with a {cdt} input the "
+                    f"BatchNorm tensors must be {' or '.join(sorted(str(d) for d in allowed))}"
+                )
+            dtypes[n] = t.dtype
+    if len(set(dtypes.values())) > 1:
+        mix = ", ".join(f"{names[1]}.{n} {d}" for n, d in dtypes.items())
+        raise TypeError(f"{where}: BatchNorm tensors of one layer must share a dtype, got {mix}")
+
+
 class _FusedMixin:
     """Shared machinery: the eval-mode fold cache and the train-mode stage description."""
 
@@ -303,6 +342,14 @@ class _ResidualBlockMixin(_FusedMixin):
         ds = self.downsample
         ds_pair = _downsample_pair(ds, pairs[0][1])
         FF.check_input(x, pairs[0][0].weight, type(self).__name__)
+        named = list(self._pairs)
+        if ds_pair is not None:
+            named.append(("downsample.0", "downsample.1"))
+            pairs_ds = [*pairs, ds_pair]
+        else:
+            pairs_ds = pairs
+        for (conv, bn), names in zip(pairs_ds, named, strict=True):
+            check_pair_tensors(x, conv, bn, names, type(self).__name__)
         batch_stats = [self._use_batch_stats(bn) for _, bn in pairs]
         if ds_pair is not None:
             batch_stats.append(self._use_batch_stats(ds_pair[1]))
@@ -406,6 +453,7 @@ class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
             return super().forward(x)
         conv, bn, relu = parts
         FF.check_input(x, conv.weight, "ConvBNReLU")
+        check_pair_tensors(x, conv, bn, ("0", "1"), "ConvBNReLU")
         if not self._use_batch_stats(bn):
             return self._eval_conv(x, conv, bn, None, relu, True)
         stage, params = self._stage(conv, bn)

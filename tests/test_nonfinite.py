@@ -359,3 +359,99 @@ def test_grad_scaler_skips_the_step_like_torchvision(backend, value):
             assert torch.equal(_pattern(b_o[n]), _pattern(b)), f"step {step}: buffer {n}"
     # the skipped step left the parameters exactly where step 0 put them
     assert all(torch.equal(ours[0][1][n], p) for n, p in ours[1][1].items())
+
+
+# ------------------------------------------------------------------------------------------
+# The rest of bad input: a clear error naming the offending tensor, or torchvision's result.
+# (Inputs that need grad in eval mode: the "eval+grad" cases above.)
+
+
+def _bad_bn(tv: nn.Module, case: str) -> str:
+    """Make one BN tensor of ``tv`` wrong; returns the name the error must give."""
+    bn = tv.bn2
+    if case == "weight float64":
+        bn.weight = nn.Parameter(bn.weight.detach().double())
+        return "bn2.weight"
+    if case == "running_var float16":
+        bn.running_var = bn.running_var.half()
+        return "bn2.running_var"
+    if case == "bias bfloat16":
+        bn.bias = nn.Parameter(bn.bias.detach().bfloat16())
+        return "bn2.bias"
+    if case == "running_mean on meta":
+        bn.running_mean = bn.running_mean.to("meta")
+        return "bn2.running_mean"
+    if case == "downsample weight on meta":
+        tv.downsample[1].weight = nn.Parameter(tv.downsample[1].weight.detach().to("meta"))
+        return "downsample.1.weight"
+    raise AssertionError(case)
+
+
+BAD_BN = [
+    "weight float64",
+    "running_var float16",
+    "bias bfloat16",
+    "running_mean on meta",
+    "downsample weight on meta",
+]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", BAD_BN)
+def test_bn_tensor_on_wrong_device_or_dtype(backend, case, train):
+    tv, fr = _blocks("basic")
+    _bad_bn(tv, case)
+    name = _bad_bn(fr, case)
+    x = _input("basic", "value", 1.0)
+    with pytest.raises(RuntimeError):  # torchvision refuses too (without naming the tensor)
+        _run(tv, x, train, train)
+    with pytest.raises((RuntimeError, TypeError), match=name.replace(".", r"\.")):
+        _run(fr, x, train, train)
+
+
+def test_bn_float32_with_low_precision_input_is_allowed(backend):
+    """A bf16 model whose BN tensors stay float32: ATen's batch_norm accepts it, so do we."""
+    tv, fr = _blocks("basic")
+    for m in (tv, fr):
+        for mod in m.modules():
+            if isinstance(mod, nn.Conv2d):
+                mod.bfloat16()
+    x = _input("basic", "value", float("nan")).bfloat16()
+    theirs = _run(tv, x, False, False)
+    ours = _run(fr, x, False, False)
+    assert torch.equal(_pattern(ours["out"]), _pattern(theirs["out"]))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_weight_that_is_a_non_contiguous_view(backend, mode):
+    tv, fr = _blocks("basic")
+    w = tv.conv2.weight.detach()
+    big = torch.randn(w.shape[0], 2 * w.shape[1], *w.shape[2:])
+    big[:, ::2] = w
+    for m in (tv, fr):
+        m.conv2.weight = nn.Parameter(big.clone()[:, ::2])  # every other input channel
+        assert not m.conv2.weight.is_contiguous()
+    fr.conv1.weight = nn.Parameter(fr.conv1.weight.detach().transpose(2, 3).contiguous().mT)
+    train, grad = MODES[mode]
+    x = _input("basic", "pixel", float("nan"))
+    assert_same_nonfinite(_run(fr, x, train, grad), _run(tv, x, train, grad), mode)
+
+
+def test_triton_refuses_int32_channel_offsets_past_2_31():
+    """The Triton kernels index channels in int32: a tensor whose channel offsets pass 2^31 - 1
+    is refused naming its size (checked on meta tensors: no 8 GB allocation). channels_last
+    (channel stride 1) passes; row offsets are int64 in every kernel."""
+    if backends.BACKENDS["triton"].unavailable_reason() is not None:
+        pytest.skip("triton unavailable")
+    from fastres.triton_kernels import _ops
+
+    x = torch.empty(1, 2**12, 2**10, 2**10, device="meta")  # (4095) * 2^20 > 2^31 - 1
+    with pytest.raises(ValueError, match=r"size \(1, 4096, 1024, 1024\).*2\^31"):
+        _ops._check_act("bn_add_relu", x)
+    _ops._check_act("bn_add_relu", x.contiguous(memory_format=torch.channels_last))
+    # a convolution whose NCHW output passes it while its input does not
+    xi = torch.empty(1, 64, 2**10, 2**10, device="meta")
+    w = torch.empty(2**12, 64, 1, 1, device="meta")
+    _ops._check_act("conv_stats", xi)
+    with pytest.raises(ValueError, match=r"output of size \(1, 4096, 1024, 1024\)"):
+        _ops._check_conv_out("conv_stats", xi, w, [1, 1], [0, 0], [1, 1])
