@@ -10,9 +10,9 @@ bf16 autocast training step under torch.amp.GradScaler with an injected overflow
 skipped and the scale drops exactly as with the torchvision model.
 
 Backends: reference and cpu as they are; triton under the interpreter (TRITON_INTERPRET=1, set by
-tests/conftest.py before triton is imported), so the shapes are tiny. A backend that cannot run
-here is skipped with its reason; the CUDA kernels on the CPU execution harness join by adding
-their backend name to BACKENDS.
+tests/conftest.py before triton is imported) and the CUDA kernels on cudasim (their own source on
+the CPU execution harness), so the shapes are tiny. A backend that cannot run here is skipped with
+its reason; on a GPU "cuda" joins by adding it to BACKENDS.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torchvision.models import resnet as tv_resnet  # noqa: E402
 import fastres  # noqa: E402
 from fastres import backends  # noqa: E402
 
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = ["reference", "cpu", "triton", "cudasim"]
 INF = float("inf")
 VALUES = {"nan": float("nan"), "+inf": INF, "-inf": -INF}
 
@@ -44,6 +44,9 @@ def backend(request, monkeypatch):
     if why is not None:
         pytest.skip(f"{name}: {why}")
     monkeypatch.setenv("FASTRES_BACKEND", name)
+    # exact fp32 convolutions on the CUDA kernels (TF32 would need a looser value comparison;
+    # the NaN/Inf patterns are the same either way)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     return name
 
 
