@@ -622,7 +622,7 @@ class _ResidualUnitFn(torch.autograd.Function):
 
 def inner_relu_decisions(out: Tensor) -> list[Tensor] | None:
     """The decisions (``> 0`` masks) of the ReLUs between the convolutions of the training-mode
-    unit that produced ``out``, as the fused path takes them (``dtype(y * scale + shift) > 0``,
+    unit that produced ``out``, as the fused path takes them (``not dtype(y*scale + shift) <= 0``,
     the prologue's and bn_relu_bwd's mask), recomputed from what its backward saved; None when
     ``out`` did not come from :func:`residual_unit`. For the parity harness: judging a run
     against float64 math that takes the run's own decisions (``fastres.parity``)."""
@@ -635,7 +635,7 @@ def inner_relu_decisions(out: Tensor) -> list[Tensor] | None:
     saved = fn.saved_tensors  # x, out, yd, *ys, then (mean, invstd, scale, shift) per stage
     ys, stats = saved[3 : 3 + n], saved[3 + n : 3 + 5 * n]
     return [
-        _prologue(ys[i], stats[4 * i + 2], stats[4 * i + 3], relu=False).detach() > 0
+        ~(_prologue(ys[i], stats[4 * i + 2], stats[4 * i + 3], relu=False).detach() <= 0)
         for i in range(n - 1)
     ]
 
