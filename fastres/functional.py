@@ -304,6 +304,8 @@ def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec) -> Inputs:
         dilation=conv.dilation,
         groups=conv.groups,
         channels_last=x.is_contiguous(memory_format=torch.channels_last),
+        channels=int(weight.shape[1]) * conv.groups,
+        batch=backends._static(x.shape[0]),
     )
 
 
