@@ -306,6 +306,8 @@ def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec, training: bool = False) -
         groups=conv.groups,
         channels_last=x.is_contiguous(memory_format=torch.channels_last),
         training=training,
+        channels=int(weight.shape[1]) * conv.groups,
+        batch=backends._static(x.shape[0]),
     )
 
 
