@@ -562,7 +562,7 @@ def run(device: str | None = None, backend: list[str] | None = None, quick: bool
         status = "pass" if r.ok else "fail"
         if r.ok and ((cov and cov["missing"]) or not complete):
             status = "partial"  # correct where it ran, but some variants or cases never ran
-        rec["backends"][n] = {"status": status, **r.counts, "failures": [
+        rec["backends"][n] = {"status": status, "date": rec["date"], **r.counts, "failures": [
             {"group": g, "case": lbl, "reason": why} for g, lbl, why in r.failures[:50]],
             "more_failures": max(0, len(r.failures) - 50)}
     ok = all(r.ok for r in results.values())
