@@ -321,6 +321,13 @@ def run(device: str | None = None, backend: list[str] | None = None, quick: bool
             complete = False
     finally:
         bar.close()
+    # On a GPU, where a pass makes a backend eligible, only a full run verifies: every dtype and
+    # TF32, both layouts, the blocks (a CPU backend is eligible without any record).
+    full = dev.type != "cuda" or (set(precisions) >= {"fp32", "tf32", "bf16", "fp16"}
+                                  and set(layouts) >= set(LAYOUTS) and blocks)
+    if not full:
+        out("not a full run (--precision/--layout/--no-blocks): the backends that pass count as "
+            "'partial', not verified on this GPU")
     if not complete:
         out(f"--time-limit {time_limit:g} s reached: the cases not run leave every backend "
             "'partial' (not verified)")
@@ -328,7 +335,8 @@ def run(device: str | None = None, backend: list[str] | None = None, quick: bool
     for n, r in results.items():
         if n not in ("cuda", "cudasim", "triton"):
             continue
-        precs = [p for p in precisions if p != "tf32" or _tf32_applies(n, dev)]
+        # Every precision, whatever this run was asked for: a bf16-only run verifies no fp32.
+        precs = [p for p in variants.PRECISIONS if p != "tf32" or _tf32_applies(n, dev)]
         reach = variants.reachable(n, precs, interpreted)
         rec["coverage"][n] = {
             "launched": sorted(r.launched), "reachable": len(reach),
@@ -339,7 +347,7 @@ def run(device: str | None = None, backend: list[str] | None = None, quick: bool
     for n, r in results.items():
         cov = rec["coverage"].get(n)
         status = "pass" if r.ok else "fail"
-        if r.ok and ((cov and cov["missing"]) or not complete):
+        if r.ok and ((cov and cov["missing"]) or not complete or not full):
             status = "partial"  # correct where it ran, but some variants or cases never ran
         rec["backends"][n] = {"status": status, "date": rec["date"], **r.counts, "failures": [
             {"group": g, "case": lbl, "reason": why} for g, lbl, why in r.failures[:50]],
