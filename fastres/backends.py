@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from fastres import _ext, reference, verify
+from fastres import _ext, gpu_record, reference, verify
 
 log = logging.getLogger("fastres")
 
@@ -46,6 +46,9 @@ class Inputs:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     channels_last: bool = False
+    #: A training call (batch statistics, gradients) rather than inference: the recorded GPU
+    #: speed of a backend differs between the two (fastres.gpu_record).
+    training: bool = False
     #: Input channels and batch size, for the shape classes of the self-test's speed ranking
     #: (fastres.verify); None when unknown (a dynamic batch under torch.compile).
     channels: int | None = None
@@ -160,7 +163,7 @@ class CUDABackend(_CompiledBackend):
 
     name = "cuda"
     device_type = "cuda"
-    verified_on_gpu = False
+    verified_on_gpu = gpu_record.verified("cuda")  # the project's recorded GPU run
 
     def _unavailable_reason(self) -> str | None:
         why = super()._unavailable_reason()
@@ -207,7 +210,7 @@ class TritonBackend(Backend):
     and then only when forced: the interpreter is thousands of times slower than eager)."""
 
     name = "triton"
-    verified_on_gpu = False
+    verified_on_gpu = gpu_record.verified("triton")  # the project's recorded GPU run
 
     def _unavailable_reason(self) -> str | None:
         try:
@@ -304,6 +307,13 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
                     )
                 continue
         reasons = b.not_supported_reasons(inputs)
+        if (not reasons and inputs.device.type == "cuda" and name != "reference"
+                and not verify.preference(dev, verify.class_of(inputs))):
+            # The project's recorded speed on this GPU, unless this device timed it itself.
+            slow = gpu_record.slower_reason(name, inputs.device, inputs.dtype, inputs.training)
+            if slow:
+                passed.append(f"{name}: {slow}")
+                continue
         if not reasons:
             if passed:
                 _say_once(f"fastres: {inputs} runs on the {name} backend: " + " | ".join(passed))
