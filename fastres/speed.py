@@ -169,7 +169,7 @@ def table(result: dict, names: list[str]) -> str:
                 t, r = row.get(n), row.get("reference")
                 cells += (f" {t:9.3f} ({r / t:4.2f}x)" if t and r else f" {'-':>16s}")
             ref = row.get("reference")
+            ref_s = f"{ref:10.3f}" if ref else f"{'-':>10s}"
             pref = rk.get(key, ["reference"])[0] if op == OPS[-1] else ""
-            lines.append(f"{key if op == OPS[0] else '':38s} {op:14s} "
-                         f"{(f'{ref:10.3f}' if ref else '-':>10s)}{cells}  {pref}")
+            lines.append(f"{key if op == OPS[0] else '':38s} {op:14s} {ref_s}{cells}  {pref}")
     return "\n".join(lines)

@@ -154,6 +154,15 @@ def save(record: dict, path: str | os.PathLike | None = None) -> Path:
     if path is None:
         d = cache_dir() / "selftest"
         p = d / f"{record['key']['device']}_{key_id(record['key'])}.json"
+        try:  # a run of some backends keeps the other backends' verdicts of the same key
+            old = json.loads(p.read_text())
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and old.get("key") == record["key"]:
+            record = {**record,
+                      "backends": {**old.get("backends", {}), **record["backends"]},
+                      "coverage": {**old.get("coverage", {}), **record["coverage"]},
+                      "bench": record["bench"] or old.get("bench", {})}
     else:
         p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
