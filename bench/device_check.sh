@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # The GPU device check: build fastres on a fresh CUDA machine and run, each step time-boxed,
-#   info -> op tests -> ops at real sizes (+ size sweep) -> parity harness (cuda, triton)
-#   -> profile of one block per backend -> benchmarks [-> compile bench, Triton tests, integration
-#   GPU tests when DEVICE_CHECK_EXTRA=1] -> a short table.
+#   info -> parity harness (cuda, triton) -> op tests -> self-test (+ its speed ranking)
+#   -> benchmarks [-> compile bench, Triton tests, integration GPU tests when DEVICE_CHECK_EXTRA=1]
+#   -> profile of one block per backend -> ops at real sizes -> a short table.
 #
 #   bash bench/device_check.sh OUTDIR
 #
 # Made for a bare H200 machine (Python 3.12, torch CUDA build, triton, nvcc, pybind11, ninja, no
 # network): nothing is downloaded; pytest-benchmark, tqdm and matplotlib are used when present
 # (without them: the suite's own timer, no progress bar, no plot). The whole script stays within
-# DEVICE_CHECK_BUDGET seconds (default 380: a session's GPU time is 15 minutes, start included, and
+# DEVICE_CHECK_BUDGET seconds (default 395: a session's GPU time is 15 minutes, start included, and
 # must leave room for a rerun); a failing or timed-out step does not
 # stop the later ones, and the exit status is the number of steps that failed (0: all passed).
 #
 # It writes at most 8 files into OUTDIR:
-#   summary.txt   the step table printed last        steps.log   every step's console output
+#   summary.txt   the step table printed last, then the benchmark table (bench/table.py)
+#   steps.log     every step's console output
+#   selftest.json python -m fastres.selftest's record: keep it in bench/results/ as
+#                 <gpu>_<commit>_selftest.json (the backends that passed become eligible there)
 #   parity.json   python -m fastres.parity --json    parity.md   its markdown table
 #   parity.png    its plot (when matplotlib is here) bench.json  pytest bench/ --bench-out
-#   bench.md      python bench/table.py bench.json
 #
 # The commit: a copied working tree has no .git, so pass it in: FASTRES_COMMIT=<sha> bash ...
 # Environment: DEVICE_CHECK_BUDGET (s), DEVICE_CHECK_EXTRA=1 (the extra steps), PYTHON (interpreter), TORCH_CUDA_ARCH_LIST (default 9.0),
@@ -32,7 +34,7 @@ cd "$REPO"
 
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 START=$(date +%s)
-BUDGET=${DEVICE_CHECK_BUDGET:-380}
+BUDGET=${DEVICE_CHECK_BUDGET:-395}
 DEADLINE=$((START + BUDGET))
 LOG="$OUT/steps.log"
 SUMMARY="$OUT/summary.txt"
@@ -98,17 +100,29 @@ done
 if [ "${SKIP_BUILD:-0}" = 1 ]; then  # only for trying this script on an already built tree
   note "== build: skipped (SKIP_BUILD=1)"
 else
-  step build 150 230 "$PY" -m pip install --no-build-isolation --no-deps --no-input .
+  step build 150 295 "$PY" -m pip install --no-build-isolation --no-deps --no-input .
 fi
 (cd /tmp && "$PY" -c "import fastres, fastres._C; print('installed:', fastres.__file__)") 2>&1 | tee -a "$LOG"
 
 # 2. What was built and which backends are available.
-step info 20 240 "$PY" -P -m fastres.info
+step info 15 280 "$PY" -P -m fastres.info
 
-# 3. The op tests on the GPU: every op of the contract per dtype and layout at small shapes
+# 3. The parity harness first (it decides what is verified): ResNet-50's 8 Bottleneck types, bf16
+# and fp32, eval and train, on the GPU backends (the reference backend is the oracle's own code:
+# it costs a third of the time and verifies nothing). The JSON is rewritten after every block,
+# so a timeout keeps what was measured; the markdown and the plot are then made from it.
+STEP_NOTE="see parity.md"
+step parity 100 180 "$PY" -P -m fastres.parity --dtype bf16 fp32 --backend cuda --backend triton \
+  --no-progress --json "$OUT/parity.json"
+if [ -f "$OUT/parity.json" ]; then
+  "$PY" -P -m fastres.parity --from-json "$OUT/parity.json" --markdown "$OUT/parity.md" \
+    --plot "$OUT/parity.png" 2>&1 | tee -a "$LOG"
+fi
+
+# 4. The op tests on the GPU: every op of the contract per dtype and layout at small shapes
 # (a broken CUDA kernel is named by its test id; failures print as they happen).
 if have pytest; then
-  step gpu-tests 45 200 "$PY" -P -m pytest tests/test_ops_device.py -m gpu -q \
+  step gpu-tests 30 150 "$PY" -P -m pytest tests/test_ops_device.py -m gpu -q \
     -p no:cacheprovider -p fastres._pytest_instafail -rfEs
 else
   note "pytest is not installed: GPU tests skipped"
@@ -116,31 +130,19 @@ else
   FAILED=$((FAILED + 1))
 fi
 
-# 4. The ops at ResNet-50's real sizes (the first H200 run failed only there) and a sweep of the
-# conv ops over sizes, so a size-dependent failure shows where it starts.
-step op-diag 35 170 "$PY" -P bench/op_diag.py --backends cuda --sweep
+# 5. The self-test a user runs on their own GPU, with its speed ranking; its record is the one
+# the project keeps in bench/results/ (h200_<commit>_selftest.json).
+# --time-limit: a run cut short still writes its record (its backends then "partial", not
+# verified); the first Triton run on a machine JIT-compiles every kernel variant it launches.
+STEP_NOTE="record: selftest.json"
+step selftest 50 100 "$PY" -P -m fastres.selftest --bench --no-progress --time-limit 45 \
+  --record-to "$OUT/selftest.json"
 
-# 5. The parity harness: ResNet-50's 8 Bottleneck types, bf16 and fp32, eval and train, on the
-# GPU backends (the reference backend is the oracle's own code: it costs a third of the time and
-# verifies nothing). The JSON is rewritten after every block, so a timeout keeps what was
-# measured; the markdown and the plot are then made from it.
-STEP_NOTE="see parity.md"
-step parity 105 70 "$PY" -P -m fastres.parity --dtype bf16 fp32 --backend cuda --backend triton \
-  --no-progress --json "$OUT/parity.json"
-if [ -f "$OUT/parity.json" ]; then
-  "$PY" -P -m fastres.parity --from-json "$OUT/parity.json" --markdown "$OUT/parity.md" \
-    --plot "$OUT/parity.png" 2>&1 | tee -a "$LOG"
-fi
-
-# 6. Where each backend's time goes: one fused layer3.0 block, eval and a training step, under
-# torch.profiler (device time and host time), after parity has filled Triton's kernel cache.
-step profile 30 45 "$PY" -P bench/op_diag.py --no-diag --profile --backends cuda triton
-
-# 7. Benchmarks (--bench-quick: a representative subset of the conv, block and ResNet-50 cases),
+# 6. Benchmarks (--bench-quick: a representative subset of the conv, block and ResNet-50 cases),
 # fused vs eager; with DEVICE_CHECK_EXTRA=1 (or a budget of 600 s or more) also the reference
 # case under torch.compile(max-autotune), the Triton tests and the integration GPU tests.
 if have pytest; then
-  step bench 70 5 "$PY" -P -m pytest bench/bench_convs.py bench/bench_blocks.py \
+  step bench 60 40 "$PY" -P -m pytest bench/bench_convs.py bench/bench_blocks.py \
     bench/bench_resnet.py -q -p no:cacheprovider --bench-quick \
     --bench-compile=none --bench-out "$OUT/bench.json" -rfE
   EXTRA=${DEVICE_CHECK_EXTRA:-$([ "$BUDGET" -ge 600 ] && echo 1 || echo 0)}
@@ -150,13 +152,16 @@ if have pytest; then
       --bench-append -rfE
     step triton-tests 60 40 "$PY" -P -m pytest tests/test_triton.py -m "not gpu" -q \
       -p no:cacheprovider -p fastres._pytest_instafail -rfE
-    step gpu-integr 120 5 "$PY" -P -m pytest tests/test_integrations.py -m gpu_integration -q \
+    step gpu-integr 120 40 "$PY" -P -m pytest tests/test_integrations.py -m gpu_integration -q \
       -p no:cacheprovider -p fastres._pytest_instafail -rfEs
   fi
-  if [ -f "$OUT/bench.json" ]; then
-    "$PY" -P bench/table.py "$OUT/bench.json" -o "$OUT/bench.md" 2>&1 | tee -a "$LOG"
-  fi
 fi
+
+# 7. Where each backend's time goes: one fused layer3.0 block, eval and a training step, under
+# torch.profiler (device time and host time), after parity has filled Triton's kernel cache;
+# then the ops at ResNet-50's real sizes (the first H200 run failed only there).
+step profile 25 15 "$PY" -P bench/op_diag.py --no-diag --profile --backends cuda triton
+step op-diag 15 0 "$PY" -P bench/op_diag.py --backends cuda triton
 
 # 8. The short table, last.
 {
@@ -196,6 +201,22 @@ for p in provs:
         print(f"  {p}: speedup vs eager median {xs[len(xs) // 2]:.2f}x (min {xs[0]:.2f}x, max {xs[-1]:.2f}x, {len(xs)} cases)")
 EOF
   fi
+  if [ -f "$OUT/selftest.json" ]; then
+    "$PY" - "$OUT/selftest.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"selftest on {r['key']['name']} (sm_{str(r['key']['capability']).replace('.', '')}): "
+      + ", ".join(f"{n} {b['status']} ({b['pass']} pass, {b['fail']} fail, {b['error']} error)"
+                  for n, b in r["backends"].items()))
+for n, c in r.get("coverage", {}).items():
+    print(f"  {n}: {len(c['launched'])} kernel variants launched, {len(c['missing'])} of "
+          f"{c['reachable']} reachable never launched")
+EOF
+  fi
   echo "total $(($(date +%s) - START)) s, $FAILED step(s) failed; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+  if [ -f "$OUT/bench.json" ]; then  # the benchmark table (bench.md before: 8 files at most)
+    echo
+    "$PY" -P bench/table.py "$OUT/bench.json" 2>&1
+  fi
 } 2>&1 | tee "$SUMMARY"
 exit "$FAILED"

@@ -12,7 +12,17 @@
 //     output of its channel);
 //   * per-channel vectors (scale, shift, mean, invstd, sum, sumsq and the BN parameter grads) are
 //     float32, or float64 when the activations are float64 ("the accumulation dtype");
-//   * a mutated input is declared Tensor(a!) and never returned.
+//   * a mutated input is declared Tensor(a!) and never returned;
+//   * non-finite values propagate exactly as through the composition of PyTorch ops each op
+//     replaces (conv2d, batch_norm, add, relu), so that an overflow under torch.amp.GradScaler
+//     reaches the gradients as Inf/NaN and the step is skipped: relu(NaN) = NaN (torch.relu; a
+//     max(x, 0) instruction usually returns 0 for NaN: oneDNN's ReLU post-op, x86 maxps with
+//     NaN second, Triton's default tl.maximum, CUDA fmaxf); every ReLU mask "out > 0" below is
+//     threshold_backward's, i.e. "not out <= 0" (the gradient passes where out is NaN); batch
+//     statistics of a channel holding NaN/Inf are nn.BatchNorm2d's (mean NaN or +-Inf, var NaN
+//     since Inf - Inf = NaN, running statistics updated with them); the folded-BN inference
+//     path gives the NaN/Inf pattern of the unfolded conv + BatchNorm (Inf * 0 = NaN in both:
+//     a zero gamma gives a zero folded weight).
 #include <torch/library.h>
 
 // The namespace: fastres; cudasim compiles this file again for fastres_cudasim

@@ -18,6 +18,18 @@ from fastres.convert import ConversionReport, convert, unconvert  # noqa: E402
 from fastres.distributed import SyncBatchNorm  # noqa: E402
 from fastres.modules import BasicBlock, BottleneckBlock, ConvBNReLU  # noqa: E402
 
+
+
+def __getattr__(name: str):
+    # fastres.selftest(...) runs the self-test (the module is callable); imported on first use,
+    # so that `python -m fastres.selftest` does not find it imported already.
+    if name == "selftest":
+        import importlib  # noqa: PLC0415
+
+        return importlib.import_module("fastres.selftest")
+    raise AttributeError(f"module 'fastres' has no attribute {name!r}")
+
+
 __all__ = [
     "BasicBlock",
     "BottleneckBlock",

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from fastres import _ext, reference
+from fastres import _ext, gpu_record, reference, verify
 
 log = logging.getLogger("fastres")
 
@@ -46,6 +46,13 @@ class Inputs:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     channels_last: bool = False
+    #: A training call (batch statistics, gradients) rather than inference: the recorded GPU
+    #: speed of a backend differs between the two (fastres.gpu_record).
+    training: bool = False
+    #: Input channels and batch size, for the shape classes of the self-test's speed ranking
+    #: (fastres.verify); None when unknown (a dynamic batch under torch.compile).
+    channels: int | None = None
+    batch: int | None = None
 
     @staticmethod
     def of(x: Tensor, conv: torch.nn.Conv2d | None = None) -> Inputs:
@@ -60,7 +67,15 @@ class Inputs:
             dilation=tuple(conv.dilation),
             groups=conv.groups,
             channels_last=cl,
+            channels=conv.in_channels,
+            batch=_static(x.shape[0]),
         )
+
+
+def _static(n) -> int | None:
+    """A size as a plain int, or None when symbolic (a dynamic dimension under torch.compile:
+    using it would guard on it)."""
+    return n if isinstance(n, int) else None
 
 
 class Backend:
@@ -68,6 +83,12 @@ class Backend:
     #: Has this backend passed the GPU parity tests on a real GPU (bench/results/)? Unverified GPU
     #: backends are never chosen automatically; FASTRES_BACKEND=<name> still forces them.
     verified_on_gpu: bool = True
+
+    def requires_verification(self, device_type: str) -> bool:
+        """Whether the dispatcher may choose this backend on ``device_type`` only once it is
+        verified: by the project (``verified_on_gpu``) or by a self-test record of this very
+        device and software (fastres.verify). CPU backends need neither."""
+        return device_type == "cuda"
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all on this installation, or None. Probed once per
@@ -96,6 +117,9 @@ class Backend:
 
 class ReferenceBackend(Backend):
     name = "reference"
+
+    def requires_verification(self, device_type: str) -> bool:
+        return False  # the yardstick itself: plain PyTorch
 
     def not_supported_reasons(self, inputs: Inputs) -> list[str]:
         if inputs.dtype not in FLOAT_DTYPES + (torch.float64,):
@@ -139,7 +163,7 @@ class CUDABackend(_CompiledBackend):
 
     name = "cuda"
     device_type = "cuda"
-    verified_on_gpu = False
+    verified_on_gpu = gpu_record.verified("cuda")  # the project's recorded GPU run
 
     def _unavailable_reason(self) -> str | None:
         why = super()._unavailable_reason()
@@ -186,7 +210,7 @@ class TritonBackend(Backend):
     and then only when forced: the interpreter is thousands of times slower than eager)."""
 
     name = "triton"
-    verified_on_gpu = False
+    verified_on_gpu = gpu_record.verified("triton")  # the project's recorded GPU run
 
     def _unavailable_reason(self) -> str | None:
         try:
@@ -266,18 +290,30 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
             )
         return b
     passed: list[str] = []
-    for name in PRIORITY:
+    dev = str(inputs.device)
+    for name in _order(inputs):
         b = BACKENDS[name]
         if name == "triton" and inputs.device.type != "cuda":
             continue
-        if inputs.device.type == "cuda" and not b.verified_on_gpu:
-            why = b.unavailable_reason()
-            if why is None:
-                passed.append(
-                    f"{name}: not yet verified on a GPU (force it with FASTRES_BACKEND={name})"
-                )
-            continue
+        if b.requires_verification(inputs.device.type):
+            seen = verify.verdict(name, dev)
+            if seen == "fail" or (not b.verified_on_gpu and seen != "pass"):
+                if b.unavailable_reason() is None:
+                    passed.append(
+                        f"{name}: failed python -m fastres.selftest on this device"
+                        if seen == "fail"
+                        else f"{name}: not yet verified on this GPU (run python -m "
+                        f"fastres.selftest once, or force it with FASTRES_BACKEND={name})"
+                    )
+                continue
         reasons = b.not_supported_reasons(inputs)
+        if (not reasons and inputs.device.type == "cuda" and name != "reference"
+                and not verify.preference(dev, verify.class_of(inputs))):
+            # The project's recorded speed on this GPU, unless this device timed it itself.
+            slow = gpu_record.slower_reason(name, inputs.device, inputs.dtype, inputs.training)
+            if slow:
+                passed.append(f"{name}: {slow}")
+                continue
         if not reasons:
             if passed:
                 _say_once(f"fastres: {inputs} runs on the {name} backend: " + " | ".join(passed))
@@ -286,6 +322,17 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
         if not any(r.startswith(f"{name} runs on") for r in reasons):
             passed.append(f"{name}: " + "; ".join(reasons))
     raise RuntimeError(f"no fastres backend serves {inputs}: " + " | ".join(passed))
+
+
+def _order(inputs: Inputs) -> list[str]:
+    """PRIORITY, except where this device's self-test timed the shape class of ``inputs``
+    (python -m fastres.selftest --bench): then the verified backends faster than the reference
+    path, fastest first, then reference, then the rest (fastres.verify.preference)."""
+    pref = verify.preference(str(inputs.device), verify.class_of(inputs))
+    if not pref:
+        return list(PRIORITY)
+    first = [n for n in pref.split(",") if n in PRIORITY]
+    return first + [n for n in PRIORITY if n not in first]
 
 
 def available() -> dict[str, str | None]:

@@ -288,14 +288,15 @@ def conv_bias_act(
             )
     check_input(x, weight, "fastres.conv_bias_act")
     conv = ConvSpec(tuple(_pair(stride)), tuple(_pair(padding)), tuple(_pair(dilation)), groups)
-    b = backends.select(_inputs(x, weight, conv), backend)
-    if b.name != "reference" and _needs_grad(x, weight, bias, residual):
+    needs_grad = _needs_grad(x, weight, bias, residual)
+    b = backends.select(_inputs(x, weight, conv, training=needs_grad), backend)
+    if b.name != "reference" and needs_grad:
         return _ConvBiasActFn.apply(x, weight, bias, residual, conv, relu, b.name)
     # The reference op is plain PyTorch, differentiable as it is.
     return b.op("conv_bias_act")(x, weight, bias, residual, *conv.args(), relu)
 
 
-def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec) -> Inputs:
+def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec, training: bool = False) -> Inputs:
     return Inputs(
         x.device,
         x.dtype,
@@ -304,16 +305,21 @@ def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec) -> Inputs:
         dilation=conv.dilation,
         groups=conv.groups,
         channels_last=x.is_contiguous(memory_format=torch.channels_last),
+        training=training,
+        channels=int(weight.shape[1]) * conv.groups,
+        batch=backends._static(x.shape[0]),
     )
 
 
 def select_backend(
-    x: Tensor, weights: Sequence[Tensor], convs: Sequence[ConvSpec], backend: str | None = None
+    x: Tensor, weights: Sequence[Tensor], convs: Sequence[ConvSpec], backend: str | None = None,
+    training: bool = True,
 ) -> backends.Backend:
-    """One backend that serves every convolution of a block (the block runs on one backend)."""
+    """One backend that serves every convolution of a block (the block runs on one backend).
+    ``training``: a training call (the recorded GPU speed of a backend differs by mode)."""
     chosen = None
     for w, c in zip(weights, convs, strict=True):
-        b = backends.select(_inputs(x, w, c), backend)
+        b = backends.select(_inputs(x, w, c, training), backend)
         rank = list(backends.BACKENDS).index  # PRIORITY's order, then the forced-only backends
         if chosen is None or rank(b.name) > rank(chosen.name):
             chosen = b
@@ -322,7 +328,7 @@ def select_backend(
     if backend is None:
         # The weakest backend needed by one conv serves them all; make sure it really does.
         for w, c in zip(weights, convs, strict=True):
-            reasons = chosen.not_supported_reasons(_inputs(x, w, c))
+            reasons = chosen.not_supported_reasons(_inputs(x, w, c, training))
             if reasons:
                 return backends.BACKENDS["reference"]
     return chosen
@@ -618,7 +624,7 @@ class _ResidualUnitFn(torch.autograd.Function):
 
 def inner_relu_decisions(out: Tensor) -> list[Tensor] | None:
     """The decisions (``> 0`` masks) of the ReLUs between the convolutions of the training-mode
-    unit that produced ``out``, as the fused path takes them (``dtype(y * scale + shift) > 0``,
+    unit that produced ``out``, as the fused path takes them (``not dtype(y*scale + shift) <= 0``,
     the prologue's and bn_relu_bwd's mask), recomputed from what its backward saved; None when
     ``out`` did not come from :func:`residual_unit`. For the parity harness: judging a run
     against float64 math that takes the run's own decisions (``fastres.parity``)."""
@@ -631,7 +637,7 @@ def inner_relu_decisions(out: Tensor) -> list[Tensor] | None:
     saved = fn.saved_tensors  # x, out, yd, *ys, then (mean, invstd, scale, shift) per stage
     ys, stats = saved[3 : 3 + n], saved[3 + n : 3 + 5 * n]
     return [
-        _prologue(ys[i], stats[4 * i + 2], stats[4 * i + 3], relu=False).detach() > 0
+        ~(_prologue(ys[i], stats[4 * i + 2], stats[4 * i + 3], relu=False).detach() <= 0)
         for i in range(n - 1)
     ]
 

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from fastres import __version__, _ext, backends
+from fastres import __version__, _ext, backends, verify
 
 
 def report() -> dict:
@@ -30,6 +30,11 @@ def report() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    st = verify.state(dev)
+    info["selftest"] = {"device": dev, "verdicts": st["verdicts"], "records": st["by"],
+                        "ranking_record": st["ranking_by"], "wins": st["wins"],
+                        "error": st.get("error")}
     try:
         info["forced"] = backends.forced()
     except ValueError as exc:
@@ -61,12 +66,39 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         else:
             print(f"fastres._C: not available: {ext['reason']}")
+    st = info["selftest"]
+    on_gpu = st["device"] == "cuda"
     for name, why in info["backends"].items():
         b = backends.BACKENDS[name]
         state = "available" if why is None else f"unavailable: {why}"
-        if why is None and not b.verified_on_gpu:
-            state += " (not yet verified on a GPU: chosen only when forced)"
+        seen = st["verdicts"].get(name)
+        if seen == "pass":
+            state += f" (verified on this {'GPU' if on_gpu else 'CPU'} by the self-test)"
+        elif seen:
+            state += f" (self-test here: {seen}" + (
+                ", not chosen automatically)" if on_gpu and b.requires_verification("cuda")
+                else ")")
+        elif why is None and not b.verified_on_gpu and on_gpu:
+            state += (" (not yet verified on a GPU: chosen only when forced; python -m "
+                      "fastres.selftest verifies it on this one)")
+        elif why is None and name not in backends.PRIORITY:
+            state += " (chosen only when forced)"
         print(f"backend {name:9s} {state}")
+    if not args.brief:
+        if st["records"]:
+            print(f"self-test records for this {st['device']} device and software:")
+            for name, path in st["records"].items():
+                print(f"  {name}: {st['verdicts'][name]} ({path})")
+        else:
+            print(f"self-test: no record for this {st['device']} device and software (run "
+                  "python -m fastres.selftest once)")
+        if st["error"]:
+            print(f"self-test records unreadable: {st['error']}")
+        if st["wins"]:
+            print(f"fastest verified backend per shape class ({st['ranking_record']}):")
+            for name, classes in sorted(st["wins"].items()):
+                print(f"  {name}: {len(classes)} class(es): {'; '.join(sorted(classes)[:12])}"
+                      + (" ..." if len(classes) > 12 else ""))
     if info["forced"]:
         print(f"FASTRES_BACKEND forces: {info['forced']}")
     return 0

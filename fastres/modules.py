@@ -87,6 +87,72 @@ def _mixed_norm_reason(bns: list[nn.Module], where: str) -> list[str]:
     return [f"{where}: mixes {' and '.join(names)}"]
 
 
+def _fold_is_exact(
+    conv_weight: Tensor,
+    folded: Tensor,
+    bn_weight: Tensor | None,
+    running_var: Tensor,
+    eps: float,
+) -> bool:
+    """Whether the folded weight gives the unfolded conv + BN's NaN/Inf pattern for every input.
+
+    It does unless a finite nonzero weight times a finite nonzero BN scale rounds to 0 or to
+    +-Inf in the folded dtype: an underflow turns Inf * w * s = +-Inf into Inf * 0 = NaN
+    (measured: conv weight 1e-30, gamma 1e-15, fp32, an Inf input value: torchvision 10 +Inf
+    outputs, the fold NaN there), an overflow (float16 weights past 65504, e.g. gamma 300 with
+    var ~ 0) turns 0 * w * s = 0 into 0 * Inf = NaN. A zero scale (gamma 0) is exact: Inf * 0 =
+    NaN both ways; NaN/Inf statistics are exact too (every output of the channel NaN/Inf both
+    ways). One pass over the weight, cached with the fold."""
+    with torch.no_grad():
+        acc = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+        scale = torch.rsqrt(running_var.to(acc) + eps)
+        if bn_weight is not None:
+            scale = bn_weight.to(acc) * scale
+        s = scale.reshape(-1, 1, 1, 1)
+        live = (conv_weight != 0) & conv_weight.isfinite() & (s != 0) & s.isfinite()
+        lost = (folded == 0) | folded.isinf()
+        return not bool((live & lost).any())
+
+
+def check_pair_tensors(
+    x: Tensor, conv: nn.Conv2d, bn: nn.Module, names: tuple[str, str], where: str
+) -> None:
+    """A clear error naming the conv or norm tensor whose device or dtype cannot go with ``x``
+    (torchvision raises too, e.g. "expected scalar type Float but found Double", without naming
+    it; unchecked, a fused path would compute with it or fail deep inside a kernel). BatchNorm's
+    parameters and buffers share one dtype: the input's, or float32 for a float16/bfloat16
+    input (under autocast: the autocast dtype), as ATen's batch_norm accepts. FrozenBatchNorm2d
+    computes in its buffers' dtype (promoted), so only its device is checked."""
+    dev, cdt = x.device, FF.compute_dtype(x)
+    w = conv.weight
+    if w.device != dev:
+        raise RuntimeError(f"{where}: {names[0]}.weight is on {w.device} but the input is on {dev}")
+    if FF.compute_dtype(w) != cdt:
+        raise TypeError(
+            f"{where}: {names[0]}.weight has dtype {w.dtype} but the input has dtype {x.dtype}"
+        )
+    allowed = {cdt, torch.float32} if cdt in (torch.float16, torch.bfloat16) else {cdt}
+    dtypes = {}
+    for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        t = getattr(bn, n, None)
+        if t is None:
+            continue
+        if t.device != dev:
+            raise RuntimeError(
+                f"{where}: {names[1]}.{n} is on {t.device} but the input is on {dev}"
+            )
+        if n != "num_batches_tracked" and type(bn) is not FrozenBatchNorm2d:
+            if t.dtype not in allowed:
+                raise TypeError(
+                    f"{where}: {names[1]}.{n} has dtype {t.dtype}; with a {cdt} input the "
+                    f"BatchNorm tensors must be {' or '.join(sorted(str(d) for d in allowed))}"
+                )
+            dtypes[n] = t.dtype
+    if len(set(dtypes.values())) > 1:
+        mix = ", ".join(f"{names[1]}.{n} {d}" for n, d in dtypes.items())
+        raise TypeError(f"{where}: BatchNorm tensors of one layer must share a dtype, got {mix}")
+
+
 class _FusedMixin:
     """Shared machinery: the eval-mode fold cache and the train-mode stage description."""
 
@@ -107,15 +173,20 @@ class _FusedMixin:
         bn: nn.BatchNorm2d,
         dtype: torch.dtype,
         bias_dtype: torch.dtype | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """(weight, bias) of conv with bn folded in; cached while nothing they depend on changes."""
+    ) -> tuple[Tensor, Tensor, bool]:
+        """(weight, bias, exact) of conv with bn folded in; cached while nothing they depend on
+        changes. ``exact``: see _fold_is_exact (always True while compiling: no data-dependent
+        branch in a traced graph)."""
         tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
         differentiable = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in tensors
         )
 
         def fold():
-            return FF.fold_bn(*tensors, bn.eps, dtype, bias_dtype)
+            w, b = FF.fold_bn(*tensors, bn.eps, dtype, bias_dtype)
+            if torch.compiler.is_compiling():
+                return w, b, True
+            return w, b, _fold_is_exact(conv.weight, w, bn.weight, bn.running_var, bn.eps)
 
         if differentiable or torch.compiler.is_compiling():
             return fold()
@@ -142,7 +213,14 @@ class _FusedMixin:
         # Under autocast, fold straight into the autocast dtype (cached) rather than casting the
         # float32 fold on every call; the bias stays float32 then (see FF.fold_dtypes).
         wdt, bdt = FF.fold_dtypes(x)
-        w, b = self._folded(conv, bn, wdt, bdt)
+        w, b, exact = self._folded(conv, bn, wdt, bdt)
+        if not exact:
+            # The fold would change where NaN/Inf appear (see _fold_is_exact): run the unfolded
+            # composition, as torchvision does.
+            z = bn(conv(x))
+            if residual is not None:
+                z = z + residual
+            return torch.relu(z) if relu else z
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         if block_output and type(bn) is FrozenBatchNorm2d:
             out_dt = torch.promote_types(wdt, bn.weight.dtype)
@@ -186,7 +264,7 @@ def _empty(x) -> bool:
     return isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0
 
 
-def _only_reference(x, conv: nn.Conv2d) -> bool:
+def _only_reference(x, conv: nn.Conv2d, training: bool) -> bool:
     """No fused backend serves ``x`` by itself: the dispatcher would fall back to the reference
     path, the op contract composed of plain PyTorch ops. That path is the oracle, not a fast path:
     on the H200 it ran ResNet-50's blocks at 0.26-0.68x of torchvision's own block
@@ -200,7 +278,7 @@ def _only_reference(x, conv: nn.Conv2d) -> bool:
         return False
     spec = ConvSpec(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
     try:
-        return backends.select(FF._inputs(x, conv.weight, spec)).name == "reference"
+        return backends.select(FF._inputs(x, conv.weight, spec, training)).name == "reference"
     except (RuntimeError, ValueError, TypeError):
         return False  # nothing serves x: the fused path raises its own clear error
 
@@ -255,7 +333,7 @@ class _ResidualBlockMixin(_FusedMixin):
         if self._fusable_reasons():
             return super().forward(x)
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._pairs]
-        if _only_reference(x, pairs[0][0]):
+        if _only_reference(x, pairs[0][0], self.training):
             return super().forward(x)
         if _empty(x) and sync_group(pairs[0][1]) is None:
             # An empty batch runs as torchvision's block; under SyncBatchNorm it runs fused, so
@@ -264,6 +342,14 @@ class _ResidualBlockMixin(_FusedMixin):
         ds = self.downsample
         ds_pair = _downsample_pair(ds, pairs[0][1])
         FF.check_input(x, pairs[0][0].weight, type(self).__name__)
+        named = list(self._pairs)
+        if ds_pair is not None:
+            named.append(("downsample.0", "downsample.1"))
+            pairs_ds = [*pairs, ds_pair]
+        else:
+            pairs_ds = pairs
+        for (conv, bn), names in zip(pairs_ds, named, strict=True):
+            check_pair_tensors(x, conv, bn, names, type(self).__name__)
         batch_stats = [self._use_batch_stats(bn) for _, bn in pairs]
         if ds_pair is not None:
             batch_stats.append(self._use_batch_stats(ds_pair[1]))
@@ -363,10 +449,11 @@ class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
         parts = self._fusable()
         if parts is None or (_empty(x) and sync_group(parts[1]) is None):
             return super().forward(x)
-        if _only_reference(x, parts[0]):
+        if _only_reference(x, parts[0], self.training):
             return super().forward(x)
         conv, bn, relu = parts
         FF.check_input(x, conv.weight, "ConvBNReLU")
+        check_pair_tensors(x, conv, bn, ("0", "1"), "ConvBNReLU")
         if not self._use_batch_stats(bn):
             return self._eval_conv(x, conv, bn, None, relu, True)
         stage, params = self._stage(conv, bn)

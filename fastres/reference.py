@@ -9,6 +9,12 @@ same argument names. They compute in the activations' dtype where PyTorch would 
 and in the accumulation dtype (float32, or float64 for float64 activations) for the per-channel
 statistics, as ``nn.BatchNorm2d`` does; the per-channel sums are accumulated in float64 and then
 rounded to it (see ``_channel_sum``).
+
+Non-finite values (the rule of csrc/ops.cpp): every function propagates NaN and Inf as the
+PyTorch composition it replaces does. ReLU is ``torch.relu`` (NaN stays NaN), the ReLU masks of
+the backwards are ``threshold_backward``'s (the gradient passes where the output is NaN), and the
+batch statistics of a channel holding NaN or Inf are nn.BatchNorm2d's: mean NaN or +-Inf, var
+NaN (Inf - Inf), and the running statistics follow.
 """
 
 from __future__ import annotations
@@ -104,7 +110,8 @@ def conv_bias_act(
 
 
 def relu_bias_bwd(grad_out: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
-    """grad_z = grad_out * (out > 0) (no mask when out is None); grad_bias = sum over N, H, W."""
+    """grad_z = grad_out where not out <= 0 (all of it when out is None); grad_bias = its sum
+    over N, H, W."""
     g = _relu_grad(grad_out, out)
     return g.contiguous(memory_format=_memory_format(grad_out)), _channel_sum(g)
 
@@ -243,7 +250,11 @@ def _xhat(input: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
 
 
 def _relu_grad(grad_out: Tensor, out: Tensor | None) -> Tensor:
-    return grad_out if out is None else torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
+    """grad_out where out is not <= 0: torch.ops.aten.threshold_backward(grad_out, out, 0), the
+    backward of torch.relu, which passes the gradient where out is NaN (``out > 0`` would not)."""
+    if out is None:
+        return grad_out
+    return torch.where(out <= 0, torch.zeros_like(grad_out), grad_out)
 
 
 def _prologue_grad(
@@ -252,7 +263,7 @@ def _prologue_grad(
     if not relu:
         return grad_out
     z = _prologue(input, scale, shift, relu=False)
-    return torch.where(z > 0, grad_out, torch.zeros_like(grad_out))
+    return torch.where(z <= 0, torch.zeros_like(grad_out), grad_out)  # NaN passes, as _relu_grad
 
 
 def _bn_grad_input(

@@ -68,6 +68,34 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 7  # R and S are constexprs; tested 1x1, 3x3, 7x7 and 1x3
 
 
+#: Channel offsets (channel index * channel stride, and the weight's output-channel offsets)
+#: are int32 in the kernels (conv.py, bn.py); row offsets are int64. A tensor whose largest channel
+#: offset passes 2^31 - 1 (an NCHW image of 2^31 elements, e.g. 64 x 5793 x 5793) would wrap
+#: around to a wrong address, so it is refused with its size.
+INT32_MAX = 2**31 - 1
+
+
+def check_offsets(name: str, label: str, shape, strides, dims=(1,)) -> None:
+    """Raise a ValueError naming ``label`` and its size when an int32 offset would overflow."""
+    for d in dims:
+        top = (shape[d] - 1) * abs(strides[d])
+        if top > INT32_MAX:
+            raise ValueError(
+                f"fastres_triton.{name}: {label} of size {tuple(shape)} has offsets up to {top} "
+                f"along dim {d}, past 2^31 - 1 (the kernels index channels in int32): use "
+                "channels_last (channel stride 1) or the cpu/cuda backend")
+
+
+def _check_conv_out(name: str, input: Tensor, weight: Tensor, stride, padding, dilation) -> None:
+    """The convolution's output follows the input's memory format: NCHW, its channel stride is
+    P*Q."""
+    p, q = _conv.out_hw(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3],
+                        stride, padding, dilation)
+    cl = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    shape = (input.shape[0], weight.shape[0], p, q)
+    check_offsets(name, "output", shape, (0, 1 if cl else p * q, 0, 0))
+
+
 def _check_act(name: str, *tensors: Tensor | None) -> None:
     ref = tensors[0]
     for t in tensors:
@@ -76,6 +104,7 @@ def _check_act(name: str, *tensors: Tensor | None) -> None:
         if t.dim() != 4:
             raise ValueError(f"fastres_triton.{name}: expected 4-D (N, C, H, W), got "
                              f"{tuple(t.shape)}")
+        check_offsets(name, "an activation", t.shape, t.stride())
         if t.dtype not in DTYPES:
             raise TypeError(f"fastres_triton.{name}: dtype {t.dtype} not supported "
                             "(float32, float16, bfloat16)")
@@ -86,6 +115,7 @@ def _check_act(name: str, *tensors: Tensor | None) -> None:
 
 def _check_conv(name: str, input: Tensor, weight: Tensor, groups: int, dilation) -> None:
     _check_act(name, input, weight)
+    check_offsets(name, "weight", weight.shape, weight.stride(), (0, 1))
     if groups != 1:
         raise NotImplementedError(f"fastres_triton.{name}: groups={groups} (only groups=1)")
     if weight.shape[1] != input.shape[1]:
@@ -105,6 +135,7 @@ def conv_bias_act(
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
 ) -> Tensor:
     _check_conv("conv_bias_act", input, weight, groups, dilation)
+    _check_conv_out("conv_bias_act", input, weight, stride, padding, dilation)
     _check_act("conv_bias_act", input, residual)
     out, _, _ = _conv.conv_forward(input, weight, bias, residual, relu, None, None, False, False,
                                    stride, padding, dilation)
@@ -126,6 +157,7 @@ def conv_stats(
     pre_relu: bool, stride: list[int], padding: list[int], dilation: list[int], groups: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_conv("conv_stats", input, weight, groups, dilation)
+    _check_conv_out("conv_stats", input, weight, stride, padding, dilation)
     out, s, ss = _conv.conv_forward(input, weight, None, None, False, _vec(pre_scale),
                                     _vec(pre_shift), pre_relu, True, stride, padding, dilation)
     return out, s, ss

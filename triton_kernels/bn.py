@@ -62,7 +62,8 @@ def _bn_finalize_kernel(
         s = tl.load(sum_ptr + offs, mask=ok, other=0.0)
         ss = tl.load(sumsq_ptr + offs, mask=ok, other=0.0)
         mean = s * inv_count
-        var = tl.maximum(ss * inv_count - mean * mean, 0.0)
+        # NaN (a NaN, or Inf - Inf from an Inf in the batch) stays NaN, as nn.BatchNorm2d's var
+        var = tl.maximum(ss * inv_count - mean * mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
         invstd = 1.0 / tl.sqrt_rn(var + eps)
         scale = invstd
         if HAS_WEIGHT:
@@ -98,10 +99,10 @@ def _row_tile(M, C, H, W, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _prologue_relu_mask(go, x, sc, sh):
-    """go where the prologue z = x*sc+sh is positive, else 0 (MASK == 2). z is rounded to x's dtype
-    before the comparison, as the reference's prologue is."""
+    """0 where the prologue z = x*sc+sh is <= 0, else go (MASK == 2): threshold_backward, so a NaN
+    z passes go. z is rounded to x's dtype before the comparison, as the reference's prologue is."""
     z = cast_to(x.to(tl.float32) * sc[None, :] + sh[None, :], x.dtype)
-    return tl.where(z > 0, go, 0.0)
+    return tl.where(z <= 0, 0.0, go)
 
 
 @triton.jit
@@ -150,7 +151,7 @@ def _bn_add_relu_kernel(
             rv = rv + tl.load(res_shift_ptr + rc, mask=rc_ok, other=0.0).to(tl.float32)[None, :]
         z += tl.where(rmask, rv, 0.0)
     if APPLY_RELU:
-        z = tl.maximum(z, 0.0)
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN
     tl.store(tile_ptrs(out_ptr, n, h, w, offs_c, stride_on, stride_oc, stride_oh, stride_ow),
              cast_to(z, out_ptr.dtype.element_ty), mask=mask)
 
@@ -214,7 +215,7 @@ def _bn_bwd_reduce_kernel(
             o = tl.load(tile_ptrs(out_ptr, n, h, w, offs_c,
                                   stride_outn, stride_outc, stride_outh, stride_outw),
                         mask=mask, other=0.0)
-            go = tl.where(o > 0, go, 0.0)
+            go = tl.where(o <= 0, 0.0, go)  # threshold_backward: NaN out passes
         if HAS_XHAT or MASK == 2:
             x = tl.load(tile_ptrs(x_ptr, n, h, w, offs_c,
                                   stride_xn, stride_xc, stride_xh, stride_xw),
@@ -280,7 +281,7 @@ def _bn_bwd_apply_kernel(
         o = tl.load(tile_ptrs(out_ptr, n, h, w, offs_c,
                               stride_outn, stride_outc, stride_outh, stride_outw),
                     mask=mask, other=0.0)
-        go = tl.where(o > 0, go, 0.0)
+        go = tl.where(o <= 0, 0.0, go)  # threshold_backward: NaN out passes
     if MASK == 2:
         sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)

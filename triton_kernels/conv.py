@@ -59,7 +59,8 @@ def _prologue(a, a_mask, sc, sh, PROLOGUE_BN: tl.constexpr, PRE_RELU: tl.constex
     if PROLOGUE_BN:
         af = af * sc[None, :] + sh[None, :]
     if PRE_RELU:
-        af = tl.maximum(af, 0.0)
+        # NaN stays NaN as in torch.relu: the default NaN policy (PropagateNan.NONE) returns 0
+        af = tl.maximum(af, 0.0, propagate_nan=tl.PropagateNan.ALL)
     af = tl.where(a_mask, af, 0.0)
     return cast_to(af, a.dtype)
 
@@ -148,7 +149,7 @@ def _conv_fwd_kernel(
         r_ptrs = tile_ptrs(res_ptr, n_img, p, q, offs_n, stride_rn, stride_rk, stride_rp, stride_rq)
         acc += tl.load(r_ptrs, mask=o_mask, other=0.0).to(tl.float32)
     if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN
     o_ptrs = tile_ptrs(out_ptr, n_img, p, q, offs_n, stride_on, stride_ok, stride_op, stride_oq)
     tl.store(o_ptrs, cast_to(acc, out_ptr.dtype.element_ty), mask=o_mask)
 

@@ -566,12 +566,13 @@ inline Vectorized<opmath_t<T>> masked_grad(const BnBwdArgs& a, int64_t i, int64_
   using io = IO<T>;
   const V go = io::load(static_cast<const T*>(a.grad_out) + i, n);
   if constexpr (MASK == Mask::kOut) {
-    // where(out > 0, grad_out, 0): the comparison is all-ones or all-zeros bits per lane.
-    return go & (io::load(static_cast<const T*>(a.out) + i, n) > V(M(0)));
+    // threshold_backward: 0 where out <= 0, else grad_out, so a NaN out passes the gradient
+    // (go & (out > 0) would zero it). The comparison is all-ones or all-zeros bits per lane.
+    return V::blendv(go, V(M(0)), io::load(static_cast<const T*>(a.out) + i, n) <= V(M(0)));
   } else if constexpr (MASK == Mask::kPre) {
     const V z = mul_add_exact(io::load(static_cast<const T*>(a.x) + i, n), prm(a.pre_scale),
                               prm(a.pre_shift));
-    return go & (z > V(zero_threshold<T>()));
+    return V::blendv(go, V(M(0)), z <= V(zero_threshold<T>()));  // NaN z passes, as above
   } else {
     return go;
   }

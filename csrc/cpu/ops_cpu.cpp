@@ -518,17 +518,25 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
       packed = PackedWeights::get().lookup(weight, input, stride, padding, dilation, groups);
     }
     const Tensor& w = packed.has_value() ? *packed : weight;
+    // oneDNN's ReLU post-op returns 0 for NaN (measured, torch 2.14.1 on AVX-512: relu, and
+    // leaky_relu / hardtanh with bound 0, all map NaN to 0; torch.relu keeps NaN), so the ReLU
+    // runs in our epilogue pass (at::vec::clamp_min, which keeps NaN), in place: one more read
+    // and write of the output than the fused post-op, the price of the non-finite rule.
     if (binary) {
-      const Tensor out = pointwise_ops().binary->call(
-          input, *residual, w, bias, padding, stride, dilation, groups, "add", std::nullopt,
-          relu ? optional<c10::string_view>("relu") : std::nullopt,
-          c10::List<optional<at::Scalar>>(), std::nullopt);
-      return in_format(out, fmt);
+      Tensor out = in_format(
+          pointwise_ops().binary->call(input, *residual, w, bias, padding, stride, dilation, groups,
+                                       "add", std::nullopt, std::nullopt,
+                                       c10::List<optional<at::Scalar>>(), std::nullopt),
+          fmt);
+      if (relu) {
+        run_epilogue(out, out, fmt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                     std::nullopt, 0, true);
+      }
+      return out;
     }
     Tensor out = in_format(
-        pointwise_conv(input, w, bias, stride, padding, dilation, groups, relu && !has(residual)),
-        fmt);
-    if (has(residual)) {
+        pointwise_conv(input, w, bias, stride, padding, dilation, groups, false), fmt);
+    if (has(residual) || relu) {
       // relu?(y + residual), in place, one pass
       run_epilogue(out, out, fmt, std::nullopt, std::nullopt, residual, std::nullopt, std::nullopt,
                    0, relu);

@@ -302,19 +302,19 @@ __device__ __forceinline__ void load_g(const ChannelBwdParams& p, int64_t off,
                                        const float (&msc)[VEC], const float (&msh)[VEC],
                                        float (&g)[VEC]) {
   load_f<T, VEC>(static_cast<const T*>(p.grad_out) + off, g);
-  if (p.mask_mode == 1) {  // out > 0 (torch.where(out > 0, grad_out, 0): NaN -> 0)
+  if (p.mask_mode == 1) {  // threshold_backward: 0 where out <= 0, so a NaN out passes grad_out
     float o[VEC];
     load_f<T, VEC>(static_cast<const T*>(p.mask_src) + off, o);
 #pragma unroll
     for (int e = 0; e < VEC; ++e)
-      if (!(o[e] > 0.f)) g[e] = 0.f;
-  } else if (p.mask_mode == 2) {  // T(x * scale + shift) > 0, as the prologue computed it
+      if (o[e] <= 0.f) g[e] = 0.f;
+  } else if (p.mask_mode == 2) {  // T(x * scale + shift) <= 0, as the prologue computed it
     float xv[VEC];
     load_f<T, VEC>(static_cast<const T*>(p.mask_src) + off, xv);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       const float z = round_to<T>(__fadd_rn(__fmul_rn(xv[e], msc[e]), msh[e]));
-      if (!(z > 0.f)) g[e] = 0.f;
+      if (z <= 0.f) g[e] = 0.f;  // NaN z passes, as above
     }
   }
 }
