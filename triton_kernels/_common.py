@@ -248,6 +248,22 @@ def _rows_config(m: int, c: int, interpreted: bool) -> RowsConfig:
     return RowsConfig(bm, bc, grid_m, 8)
 
 
+def intended_ctas_per_sm(kernel_name: str, consts: dict, num_warps: int) -> int:
+    """CTAs per SM a launch config is meant to run at, which aot_check's lint holds the compiled
+    registers and shared memory to. GEMM tiles of 128x128 and up: 1 (8 warps, a 128x128 fp32
+    accumulator is 64 registers per thread of 256; the tile alone feeds the tensor cores). Smaller
+    GEMM tiles: 2, so one CTA's epilogue or load wait overlaps the other's MMAs. Bandwidth
+    kernels: 2 CTAs of 8 warps (16 warps per SM keep ~2x the bytes in flight of one CTA; one
+    CTA per SM would leave the loads of the next tile unissued during the reduction)."""
+    if kernel_name == "_conv_wgrad_kernel":
+        tile = consts["BLOCK_K"] * consts["BLOCK_C"]
+    elif "BLOCK_N" in consts and kernel_name.startswith("_conv"):
+        tile = consts["BLOCK_M"] * consts["BLOCK_N"]
+    else:
+        return 2 if num_warps >= 8 else 4
+    return 1 if tile >= 128 * 128 else 2
+
+
 def strides4(t: Tensor) -> tuple[int, int, int, int]:
     s = t.stride()
     return s[0], s[1], s[2], s[3]
