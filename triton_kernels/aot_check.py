@@ -288,6 +288,29 @@ def _res_usage(cubin: bytes, cuobjdump: str) -> dict[str, int]:
 DOT_KERNELS = ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel")
 
 
+# Lint failures understood and not yet fixed, waived by (kernel, flag subset, check): printed as
+# "known", counted apart from failures. Each says why; remove the entry when fixed.
+KNOWN = [
+    # The stem's input has C = 3: a 6-byte pixel row admits no 4/8/16-byte cp.async chunk, so its
+    # A (and wgrad's) tile is loaded with scalar ld.global.b16 and the wgrad loop waits with
+    # wait_group 0. Fix: a channel-padded input (C = 8 -> 16-byte rows, 2.7x the stem's bytes)
+    # or TMA im2col; the MMAs already pad the reduction to BLOCK_K = 16.
+    ("_conv_fwd_kernel", {"R": 7, "S": 7}, "sync-load"),
+    ("_conv_fwd_kernel", {"R": 7, "S": 7}, "occupancy"),
+    ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "sync-load"),
+    ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "wait0"),
+    # The BN prologue at 128x64 (layer1's 3x3 and 1x1 convs at 64 channels): 4 stages of 24 KiB
+    # plus the prologue's 16 KiB staging buffer (113 KiB) and 175 registers at 8 warps: 1 CTA/SM,
+    # where the 128x64 config intends 2. Needs a prologue-aware config (3 stages, 4 warps).
+    ("_conv_fwd_kernel", {"PROLOGUE_BN": True, "BLOCK_M": 128, "BLOCK_N": 64}, "occupancy"),
+]
+
+
+def _known(name: str, consts: dict, problem: str) -> bool:
+    return any(name == k and all(consts.get(f) == v for f, v in flags.items())
+               and problem.startswith(check) for k, flags, check in KNOWN)
+
+
 def lint_compiled(name: str, consts: dict, opts: dict, compiled, cuobjdump: str):
     """(summary, problems) of one compiled variant: lint.py's checks on its PTX and resources."""
     from . import lint  # noqa: PLC0415
@@ -325,7 +348,7 @@ def main(argv=None) -> int:
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
 
     cuobjdump = cuobjdump_path()
-    seen, failures, linted = set(), 0, args.shapes == "resnet50"
+    seen, failures, waived, linted = set(), 0, 0, args.shapes == "resnet50"
     t_start = time.time()
     for kernel, (sig, consts, attrs, opts), label in _capture(args.quick, args.dtypes.split(","),
                                                               args.shapes):
@@ -343,9 +366,13 @@ def main(argv=None) -> int:
                                             attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=opts)
             summary, problems = lint_compiled(kernel.__name__, consts, opts, compiled, cuobjdump)
-            if problems and linted:
+            real = [p for p in problems if not _known(kernel.__name__, consts, p)]
+            waived += len(problems) > len(real)
+            if real and linted:
                 failures += 1
-                status = f"FAIL {summary} " + "; ".join(problems)
+                status = f"FAIL {summary} " + "; ".join(real)
+            elif problems and linted:
+                status = f"ok (known: {'; '.join(problems)}) {summary}"
             else:
                 status = f"ok {summary}" + (f" (lint: {'; '.join(problems)})" if problems else "")
         except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
@@ -360,6 +387,8 @@ def main(argv=None) -> int:
         problems = _trace(args.arch)
         print(f"aot_check: trace: {problems} problems")
         failures += problems
+    if waived:
+        print(f"aot_check: {waived} variants with known lint findings (aot_check.KNOWN)")
     print(f"{len(seen)} variants, {failures} failures")
     return 1 if failures else 0
 

@@ -18,6 +18,7 @@ from ._common import (
     UPCAST_DOT,
     cast_to,
     clamp_pow2,
+    colsum_f64,
     dot_precision,
     empty_like_format,
     gemm_config,
@@ -49,22 +50,6 @@ def _gemm_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K:
     pid_n = (pid % group) // group_m
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     return pid_m, offs_m, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
-
-
-STATS_CHUNK = tl.constexpr(32)
-
-
-@triton.jit
-def _chunked_colsum(v, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Column sums of a (BLOCK_M, BLOCK_N) fp32 tile as float64: fp32 within chunks of 32 rows,
-    fp64 across chunks. Widening the whole tile (acc.to(float64)) cost 255 registers and 24 B of
-    stack at 128x128 on sm_90 (aot_check --shapes resnet50, bf16: every 128x128 statistics
-    forward). Summing all BLOCK_M rows in fp32 instead failed the tolerance rule on the fp32
-    sum of squares under the interpreter (whose column sums are sequential: BLOCK_M = 256 terms,
-    err 1.73e-5 vs bound 1.54e-5); 32 terms lose at most 32 * 6e-8 = 1.9e-6 relative."""
-    CH: tl.constexpr = STATS_CHUNK if BLOCK_M > STATS_CHUNK else BLOCK_M
-    part = tl.sum(tl.reshape(v, (BLOCK_M // CH, CH, BLOCK_N)), axis=1)
-    return tl.sum(part.to(tl.float64), axis=0)
 
 
 @triton.jit
@@ -174,10 +159,10 @@ def _conv_fwd_kernel(
         # channel, summed later in a fixed order: bitwise reproducible, no atomics. float64
         # because var = E[x^2] - E[x]^2 cancels: over 3.2M values (ResNet-50 stem) fp32 sums lose
         # ~1e-4 relative, which the cancellation then amplifies. Within a tile see
-        # _chunked_colsum: fp32 over 32 rows, fp64 across chunks.
+        # colsum_f64: fp32 over 32 rows, fp64 across chunks.
         prow = pid_m.to(tl.int64) * K
-        tl.store(psum_ptr + prow + offs_n, _chunked_colsum(acc, BLOCK_M, BLOCK_N), mask=n_ok)
-        tl.store(psumsq_ptr + prow + offs_n, _chunked_colsum(acc * acc, BLOCK_M, BLOCK_N),
+        tl.store(psum_ptr + prow + offs_n, colsum_f64(acc, BLOCK_M, BLOCK_N), mask=n_ok)
+        tl.store(psumsq_ptr + prow + offs_n, colsum_f64(acc * acc, BLOCK_M, BLOCK_N),
                  mask=n_ok)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
