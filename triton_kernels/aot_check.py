@@ -297,6 +297,7 @@ KNOWN = [
     # or TMA im2col; the MMAs already pad the reduction to BLOCK_K = 16.
     ("_conv_fwd_kernel", {"R": 7, "S": 7}, "sync-load"),
     ("_conv_fwd_kernel", {"R": 7, "S": 7}, "occupancy"),
+    ("_conv_fwd_kernel", {"R": 7, "S": 7}, "wait0"),
     ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "sync-load"),
     ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "wait0"),
     # The BN prologue at 128x64 (layer1's 3x3 and 1x1 convs at 64 channels): 4 stages of 24 KiB
