@@ -121,7 +121,7 @@ def test_planted_kernel_fails_when_compiled_for_sm90():
 
 def test_resnet50_variants_pass_the_sm90_lint():
     """Every variant ResNet-50 launches in bf16 at batch 32/128/256 (97 with triton 3.8), compiled
-    for sm_90 and linted; known findings are waived in aot_check.KNOWN with their reasons. ~320 s
+    for sm_90 and linted; known findings are waived in aot_check.KNOWN with their reasons. 150-320 s
     on 2 busy cores without triton's compile cache (~/.triton/cache), ~40 s with it. The full
     dtype set (bf16, fp16, fp32 TF32 and exact) is `python -m fastres.triton_kernels.aot_check
     --shapes resnet50`, recorded in bench/results."""
