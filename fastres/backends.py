@@ -197,6 +197,7 @@ class CudasimBackend(CUDABackend):
 
     name = "cudasim"
     device_type = "cpu"
+    verified_on_gpu = False  # a CPU harness: not CUDA's GPU record
 
     def _unavailable_reason(self) -> str | None:
         return _ext.load_cudasim()

@@ -61,7 +61,7 @@ def _run(model, x, train: bool, grad_seed: int = 1):
     kept = {"out": out.detach()}
     if train:
         g = torch.Generator().manual_seed(grad_seed)
-        proj = torch.randn(out.shape, generator=g).to(out.dtype)
+        proj = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
         (out * proj).sum().backward()
         kept["input.grad"] = x.grad.detach()
         for n, p in model.named_parameters():

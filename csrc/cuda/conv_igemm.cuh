@@ -22,6 +22,14 @@
 
 #include "fr_common.cuh"
 
+// Planted bugs for cudasim's self-test (tests/test_cudasim.py builds csrc/cuda/cudasim/harness.cpp
+// with -DFR_PLANT=n; a checker must fail on broken code): 1 cp.async.wait_group one group too
+// early, 2 the main loop's barrier removed, 3 a wrong ldmatrix lane -> row mapping, 4 padding
+// taps read from global memory (outside the tensor). 0, the default, plants nothing.
+#ifndef FR_PLANT
+#define FR_PLANT 0
+#endif
+
 namespace fastres {
 namespace cuda {
 
@@ -131,7 +139,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
     } else {
       h = a_h[i] + r * p.dil_h;
       w = a_w[i] + s * p.dil_w;
-      ok = h >= 0 && h < p.XH && w >= 0 && w < p.XW;
+      ok = FR_PLANT == 4 || (h >= 0 && h < p.XH && w >= 0 && w < p.XW);
     }
     off = ok ? a_img[i] + (static_cast<int64_t>(h) * p.XW + w) * p.XC : 0;
     return ok;
@@ -234,7 +242,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
           // matrices: rows 0-7 / 8-15 of chunk 2kk, then of chunk 2kk+1 -> a0..a3
-          const int row = wm * Cfg::WM + mi * 16 + (lane & 15);
+          const int row = wm * Cfg::WM + mi * 16 + (FR_PLANT == 3 ? lane & 7 : lane & 15);
           ldsm_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3],
                   a_s + swz64(row, kk * 2 + (lane >> 4)));
         }
@@ -284,13 +292,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
     cp_async_commit();  // always commit (possibly empty) so group counting stays uniform
   }
   for (int it = 0; it < k_iters; ++it) {
-    cp_async_wait<STAGES - 2>();  // this thread's copies for step `it` have landed
+    cp_async_wait<STAGES - 2 + (FR_PLANT == 1)>();  // this thread's copies for step `it` landed
     const int stage = it % STAGES;
     if constexpr (PROLOGUE) {
       transform_stage(stage, cs_r, cs_s, cs_cb);
       advance(cs_r, cs_s, cs_cb);
     }
-    __syncthreads();  // everyone's copies (and transforms) of `it` visible; step it-1 consumed
+    if (FR_PLANT != 2) __syncthreads();  // all copies (transforms) of `it` seen; it-1 consumed
     const int nxt = it + STAGES - 1;
     if (nxt < k_iters) {
       load_stage(nxt % STAGES, ld_r, ld_s, ld_cb);  // refills the stage step it-1 used

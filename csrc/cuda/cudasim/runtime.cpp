@@ -23,6 +23,7 @@ extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const voi
                                                size_t size);
 extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old,
                                                 size_t* size_old);
+extern "C" void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
 #endif
 
 // ---- 16-bit float conversions (round to nearest even, as __float2half_rn) ----
@@ -101,6 +102,22 @@ struct Copy {
   int src_size, size;
 };
 
+// The race check's shadow of one 16-byte granule of dynamic shared memory: the last cp.async into
+// it and the ldmatrix reads of it, with the barrier interval ("epoch": barriers released so far
+// in the block) each happened in. Only accesses through the PTX twins are seen (cp.async writes,
+// ldmatrix reads), not plain loads and stores.
+struct Granule {
+  int writer = -1;  // thread of the last cp.async into it
+  bool pending = false;  // issued, not landed yet
+  int w_epoch = -1;      // when it landed
+  const char* w_file = "";
+  int w_line = 0;
+  int reader = -1;  // last ldmatrix reader in r_epoch; -2: several threads
+  int r_epoch = -1;
+  const char* r_file = "";
+  int r_line = 0;
+};
+
 enum class St : int { kRun, kBar, kWarp, kDone };
 
 }  // namespace
@@ -152,6 +169,8 @@ struct BlockRun {
   size_t smem_size = 0;
   dim3 grid, block;
   uint3 block_idx{};
+  std::vector<Granule> shadow;  // smem_size / 16
+  int epoch = 0;
 };
 
 thread_local BlockRun* g_blk = nullptr;
@@ -240,9 +259,16 @@ std::string who(const ThreadState* t) {
   std::abort();  // not reached: a failed block's fibers are never resumed
 }
 
+Granule& granule(const void* p) {
+  return g_blk->shadow[(static_cast<const unsigned char*>(p) - g_blk->smem) / 16];
+}
+
 void complete_copies(ThreadState* t, size_t upto) {
   for (size_t i = 0; i < upto; ++i) {
     const Copy& c = t->copies[i];
+    Granule& g = granule(c.dst);
+    g.pending = false;
+    g.w_epoch = g_blk->epoch;
     if (c.src_size > 0) std::memcpy(c.dst, c.src, c.src_size);
     if (c.size > c.src_size) std::memset(c.dst + c.src_size, 0, c.size - c.src_size);
   }
@@ -279,6 +305,10 @@ void fiber_main() {
 }
 
 void init_fiber(ThreadState* t) {
+#ifdef CUDASIM_ASAN
+  // A reused stack keeps the redzones of the frames its last fiber left without returning.
+  __asan_unpoison_memory_region(t->stack, kStack);
+#endif
 #ifdef CUDASIM_USE_UCONTEXT
   getcontext(&t->uc);
   t->uc.uc_stack.ss_sp = t->stack;
@@ -324,6 +354,8 @@ bool run_block(BlockRun* blk) {
   // Shared memory starts as garbage on a GPU: a NaN in every 16-, 32- and 64-bit float view
   // (0xff bytes), so a read of a byte nobody wrote shows up in the results.
   if (blk->smem_size) std::memset(blk->smem, 0xff, blk->smem_size);
+  blk->shadow.assign(blk->smem_size / 16, Granule{});
+  blk->epoch = 0;
   for (int i = 0; i < n; ++i) {
     ThreadState& t = blk->th[i];
     t.stack = stack_for(i);
@@ -534,6 +566,7 @@ void syncthreads(const char* file, int line) {
   }
   if (++blk->bar_arrived == blk->n) {
     blk->bar_arrived = 0;
+    ++blk->epoch;
     for (int i = 0; i < blk->n; ++i)
       if (blk->th[i].st == St::kBar) blk->th[i].st = St::kRun;
     return;
@@ -552,6 +585,21 @@ void cp_async(void* smem, const void* gmem, int src_size, int size, const char* 
            " from a global address not 16-byte aligned");
     check_global_read(gmem, src_size, "cp.async", file, line);
   }
+  // Write after read: another thread read these bytes in this barrier interval; on a GPU the copy
+  // may land before that read (cudasim lands it late, so only this check sees it).
+  Granule& g = granule(smem);
+  const int me = g_cur->linear;
+  if (g.r_epoch == g_blk->epoch && g.reader != me)
+    fail("shared-memory race: " + who(g_cur) + ": cp.async at " + where(file, line) +
+         " overwrites bytes at offset " +
+         std::to_string(static_cast<unsigned char*>(smem) - g_blk->smem) + " that " +
+         (g.reader == -2 ? std::string("several threads") : "thread " + std::to_string(g.reader)) +
+         " read with ldmatrix at " + where(g.r_file, g.r_line) +
+         " with no __syncthreads in between");
+  g.writer = me;
+  g.pending = true;
+  g.w_file = file;
+  g.w_line = line;
   g_cur->copies.push_back(Copy{static_cast<unsigned char*>(smem),
                                static_cast<const unsigned char*>(gmem), src_size, size});
 }
@@ -576,6 +624,22 @@ void cp_async_wait(int n, const char* file, int line) {
 void ldmatrix_x4(bool trans, uint32_t* r0, uint32_t* r1, uint32_t* r2, uint32_t* r3,
                  const void* smem, const char* file, int line) {
   check_smem(smem, 16, trans ? "ldmatrix.trans" : "ldmatrix", file, line);
+  // Read after write: bytes whose cp.async has not landed, or landed (another thread's
+  // wait_group) in this barrier interval: nothing orders that landing before this read.
+  Granule& g = granule(smem);
+  const int me = g_cur->linear;
+  if (g.writer >= 0 && (g.pending || (g.writer != me && g.w_epoch == g_blk->epoch)))
+    fail("shared-memory race: " + who(g_cur) + ": ldmatrix at " + where(file, line) +
+         " reads bytes at offset " +
+         std::to_string(static_cast<const unsigned char*>(smem) - g_blk->smem) +
+         " written by thread " + std::to_string(g.writer) + "'s cp.async at " +
+         where(g.w_file, g.w_line) +
+         (g.pending ? ", not landed yet (its cp.async.wait_group comes later)"
+                    : ", landed by its wait_group with no __syncthreads before this read"));
+  g.reader = (g.r_epoch == g_blk->epoch && g.reader != me) ? -2 : me;
+  g.r_epoch = g_blk->epoch;
+  g.r_file = file;
+  g.r_line = line;
   LdsmArg a{static_cast<const unsigned char*>(smem), {r0, r1, r2, r3}};
   collective(trans ? 1 : 0, &a, file, line, ldsm_compute);
 }
