@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-PROVIDER_ORDER = ["eager", "compile", "fastres-cuda", "fastres-triton", "fastres-cpu",
+PROVIDER_ORDER = ["eager", "compile", "compile-freezing", "openvino", "onnxruntime",
+                  "fastres-cuda", "fastres-triton", "fastres-cpu", "fastres-cpu+compile",
                   "fastres-reference"]
 GROUP_TITLES = {
     "conv": "Single fused convs (ResNet-50 shapes, eval: conv + folded BN + ReLU [+ residual])",
@@ -22,7 +23,25 @@ GROUP_TITLES = {
     "block-train": "Blocks, train forward + backward",
     "reference_case": "Reference case: fp32 channels_last BottleneckBlock(256, 64), N=8, 56x56",
     "resnet50": "Full ResNet-50",
+    "peers-resnet50-fp32": "ResNet-50 eval against the CPU engines, fp32",
+    "peers-resnet50-bf16": "ResNet-50 eval against the CPU engines, bf16",
+    "peers-block-fp32": "Blocks eval against the CPU engines, fp32",
+    "peers-block-bf16": "Blocks eval against the CPU engines, bf16",
 }
+
+
+def is_fastres(provider: str) -> bool:
+    return provider.startswith("fastres-")
+
+
+def best_peer(by: dict, case: str, provs: list[str]) -> tuple[str | None, float | None]:
+    """The fastest provider of ``case`` that is not fastres (eager included): (name, p50)."""
+    best = (None, None)
+    for p in provs:
+        t = (by.get((case, p)) or {}).get("p50_ms")
+        if t and not is_fastres(p) and (best[1] is None or t < best[1]):
+            best = (p, t)
+    return best
 
 
 def load(path: str) -> dict:
@@ -82,7 +101,8 @@ def render(doc: dict, compact: bool = False) -> str:
         if env.get("loadavg_1min") is not None:
             out.append(f"- 1-minute load average at the start: {env['loadavg_1min']:.2f} "
                        f"({env.get('cpu_count')} CPUs)")
-        out += ["- cells: p50 ms (speedup vs eager = eager p50 / provider p50; > 1 is faster)",
+        out += ["- cells: p50 ms (speedup vs eager = eager p50 / provider p50; > 1 is faster); "
+                "'vs best peer' = the fastest non-fastres provider's p50 / fastres p50",
                 ""]
     groups = list(dict.fromkeys(r["group"] for r in recs))
     for g in groups:
@@ -91,8 +111,11 @@ def render(doc: dict, compact: bool = False) -> str:
         cases = list(dict.fromkeys(r["case"] for r in grecs))
         by = {(r["case"], r["provider"]): r["extra_info"] for r in grecs}
         out += [f"## {GROUP_TITLES.get(g, g)}" if not compact else f"[{g}]", ""]
-        out.append("| case | " + " | ".join(provs) + " |")
-        out.append("|---|" + "---:|" * len(provs))
+        ours = [p for p in provs if is_fastres(p)]
+        vs_best = bool(ours) and any(not is_fastres(p) and p != "eager" for p in provs)
+        extra = [f"{p} vs best peer" for p in ours] if vs_best else []
+        out.append("| case | " + " | ".join(provs + extra) + " |")
+        out.append("|---|" + "---:|" * len(provs + extra))
         for c in cases:
             base = (by.get((c, "eager")) or {}).get("p50_ms")
             cells = []
@@ -103,6 +126,11 @@ def render(doc: dict, compact: bool = False) -> str:
                 if t and base and p != "eager":
                     cell += f" ({base / t:.2f}x)"
                 cells.append(cell)
+            if vs_best:  # best peer p50 / fastres p50: above 1, fastres is ahead of every peer
+                name, bt = best_peer(by, c, provs)
+                for p in ours:
+                    t = (by.get((c, p)) or {}).get("p50_ms")
+                    cells.append(f"{bt / t:.2f}x vs {name}" if t and bt else "")
             out.append(f"| {c} | " + " | ".join(cells) + " |")
         out.append("")
         if not compact:

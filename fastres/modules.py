@@ -198,6 +198,7 @@ class _FusedMixin:
             return hit[1]
         with torch.no_grad():
             folded = fold()
+        _allow_prepacking(folded[0])
         self._fold_cache[id(conv)] = (key, folded)
         return folded
 
@@ -258,6 +259,21 @@ class _FusedMixin:
         super().__setstate__(state)
         if "_fold_cache" not in self.__dict__:
             self._fold_cache = {}
+
+
+def _allow_prepacking(w: Tensor) -> None:
+    """Let the CPU backend keep a oneDNN-prepacked copy of a folded weight across calls.
+
+    It prepacks parameters by itself, and any other tensor only when told: this one is owned by
+    the fold cache and only ever replaced, never written (a buffer of a torch.compile graph may be
+    rewritten in place, without a version bump, so such tensors are never prepacked)."""
+    if w.device.type != "cpu":
+        return
+    try:
+        allow = torch.ops.fastres_cpu.weight_cache_allow
+    except (AttributeError, RuntimeError):  # CPU extension not built/loaded: nothing to pack
+        return
+    allow(w)
 
 
 def _empty(x) -> bool:

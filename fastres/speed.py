@@ -15,7 +15,6 @@ time.perf_counter medians (fastres.parity.time_ms). Inputs are random, never zer
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
 import torch
@@ -89,23 +88,12 @@ def _calls(ops, a: dict) -> dict[str, Callable[[], object]]:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median milliseconds of ``fn``: CUDA events around each call after 3 warm-up calls on a
-    GPU; fastres.parity.time_ms (perf_counter) on a CPU."""
-    if device.type != "cuda":
-        from fastres.parity import time_ms as cpu_time  # noqa: PLC0415
+    """Median milliseconds of ``fn``, timed as the parity harness times (fastres.parity.time_ms:
+    triton.testing.do_bench with L2 flushed on a GPU, CUDA events without triton;
+    time.perf_counter on a CPU), after 3 warm-up calls."""
+    from fastres.parity import time_ms as parity_time  # noqa: PLC0415
 
-        return cpu_time(fn, device, 1, repeats)["p50"]
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize(device)
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-           for _ in range(repeats)]
-    for a, b in evs:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize(device)
-    return statistics.median(a.elapsed_time(b) for a, b in evs)
+    return parity_time(fn, device, 3, repeats)["p50"]
 
 
 def bench(device: torch.device, names: list[str], out: Callable[[str], None] = print,

@@ -137,3 +137,18 @@ def verdict_own_refs(name: str, ours: torch.Tensor, ref_ours: torch.Tensor,
     torch_err = max_abs_err(theirs, ref_theirs)
     return Verdict(name, max_abs_err(ours, ref_ours), torch_err,
                    2 * torch_err + dtype_tols(dtype))
+
+
+def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BN affine parameters and running statistics, so folding is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.num_batches_tracked.fill_(3)
+    return model

@@ -27,26 +27,11 @@ from torch import nn
 
 import fastres
 from fastres import backends
-from fastres.testing import assert_close_rule
+from fastres.testing import assert_close_rule, randomise_bn
 
 CPU_BACKENDS = [
     b for b in ("cpu", "reference") if backends.BACKENDS[b].unavailable_reason() is None
 ]
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN affine parameters and running statistics, so folding is really exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                m.num_batches_tracked.fill_(3)
-    return model
 
 
 def _fmt(channels_last: bool) -> torch.memory_format:

@@ -325,6 +325,22 @@ def test_compile_resnet18_no_graph_breaks(train):
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
 
 
+def test_compile_channels_last_eval_block():
+    """torch.compile (Inductor) of a converted block on channels_last CPU input, eval: the case
+    where the CPU backend prepacks weights. Inductor computes the folds in the graph and reuses
+    conv1's folded-weight buffer for conv2's (written without a version bump); a cache keyed on
+    the tensor then ran conv2 with conv1's weight (max error 2.09 before the fix)."""
+    tv = randomise_norm(tv_resnet.BasicBlock(16, 16)).eval().to(memory_format=torch.channels_last)
+    ours = fastres.convert(tv)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, dynamic=False)
+    with torch.no_grad():
+        k_ref = {"out": copy.deepcopy(tv).double()(x.double())}
+        for _ in range(2):  # the second call runs with every cache warm
+            check_rule({"out": compiled(x)}, {"out": tv(x)}, k_ref, torch.float32)
+
+
 def test_compile_max_autotune_small_resnet():
     """torch.compile(mode="max-autotune", fullgraph=True) of a converted ResNet (one block per
     stage: identity and downsample blocks), eval and a training step: outputs and running

@@ -31,6 +31,7 @@ from torchvision.models import resnet as tv_resnet  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres import backends  # noqa: E402
+from fastres.testing import randomise_bn  # noqa: E402
 
 BACKENDS = ["reference", "cpu", "triton", "cudasim"]
 INF = float("inf")
@@ -50,19 +51,6 @@ def backend(request, monkeypatch):
     return name
 
 
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return model
-
-
 def _blocks(kind: str) -> tuple[nn.Module, nn.Module]:
     """(torchvision block, fastres block) with the same weights; both have a downsample branch
     (stride 2) so every op and both residual kinds of the op set run."""
@@ -72,7 +60,7 @@ def _blocks(kind: str) -> tuple[nn.Module, nn.Module]:
         tv_cls, fr_cls, inp, planes = tv_resnet.Bottleneck, fastres.BottleneckBlock, 8, 3
     out = planes * tv_cls.expansion
     ds = nn.Sequential(nn.Conv2d(inp, out, 1, 2, bias=False), nn.BatchNorm2d(out))
-    tv = _randomise_bn(tv_cls(inp, planes, 2, ds))
+    tv = randomise_bn(tv_cls(inp, planes, 2, ds))
     fr = fr_cls(inp, planes, 2, copy.deepcopy(ds))
     fr.load_state_dict(tv.state_dict())
     return tv, fr

@@ -223,7 +223,8 @@ def test_conv_bias_act_mixed_formats():
 
 def test_conv_bias_act_weight_cache_follows_the_weight():
     """The prepacked-weight cache (channels_last inference) sees in-place updates, new weights
-    and dead weights; inference tensors are not cached."""
+    and dead weights; inference tensors are not cached; a tensor that is neither a parameter
+    nor allowed (a torch.compile buffer may be rewritten without a version bump) is not cached."""
     cache_size, cache_clear = (
         torch.ops.fastres_cpu.weight_cache_size,
         torch.ops.fastres_cpu.weight_cache_clear,
@@ -243,7 +244,15 @@ def test_conv_bias_act_weight_cache_follows_the_weight():
             torch.float32,
         )
 
+    plain = torch.randn(8, 16, 3, 3) / 12
+    run(plain)
+    run(plain)
+    assert cache_size() == 0
+    # Inductor's buffer reuse as a cache sees it: new values, same impl, pointer and version.
+    plain.numpy()[:] *= -1
+    run(plain)
     w = torch.randn(8, 16, 3, 3) / 12
+    torch.ops.fastres_cpu.weight_cache_allow(w)
     run(w)
     run(w)
     packed = cache_size()
@@ -263,6 +272,11 @@ def test_conv_bias_act_weight_cache_follows_the_weight():
     before = cache_size()
     run(wi)
     assert cache_size() <= before
+    p = torch.nn.Parameter(torch.randn(8, 16, 3, 3) / 12)  # parameters are cached unasked
+    with torch.no_grad():
+        before = cache_size()
+        run(p)
+        assert cache_size() == before + 1
     cache_clear()
     assert cache_size() == 0
 

@@ -49,6 +49,22 @@ def cast_to(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+STATS_CHUNK = tl.constexpr(32)
+
+
+@triton.jit
+def colsum_f64(v, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column sums of a (BLOCK_M, BLOCK_N) fp32 tile as float64: fp32 within chunks of 32 rows,
+    fp64 across chunks. Widening the whole tile (acc.to(float64)) cost 255 registers and 24 B of
+    stack at 128x128 on sm_90 (aot_check --shapes resnet50, bf16: every 128x128 statistics
+    forward). Summing all BLOCK_M rows in fp32 instead failed the tolerance rule on the fp32
+    sum of squares under the interpreter (whose column sums are sequential: BLOCK_M = 256 terms,
+    err 1.73e-5 vs bound 1.54e-5); 32 terms lose at most 32 * 6e-8 = 1.9e-6 relative."""
+    CH: tl.constexpr = STATS_CHUNK if BLOCK_M > STATS_CHUNK else BLOCK_M
+    part = tl.sum(tl.reshape(v, (BLOCK_M // CH, CH, BLOCK_N)), axis=1)
+    return tl.sum(part.to(tl.float64), axis=0)
+
+
 @triton.jit
 def split_rows(offs_m, H, W):
     """Flat row indices m = (n, h, w) of an (N, ., H, W) tensor split into (n, h, w)."""
@@ -254,6 +270,22 @@ def _rows_config(m: int, c: int, interpreted: bool) -> RowsConfig:
     # 8 warps: 16 elements per thread per tensor. With 4, the fp32 BN-backward reduction with a
     # BN'd residual (4 tiles live, plus their fp64 row sums) needs 240 registers (sm_90 AOT).
     return RowsConfig(bm, bc, grid_m, 8)
+
+
+def intended_ctas_per_sm(kernel_name: str, consts: dict, num_warps: int) -> int:
+    """CTAs per SM a launch config is meant to run at, which aot_check's lint holds the compiled
+    registers and shared memory to. GEMM tiles of 128x128 and up: 1 (8 warps, a 128x128 fp32
+    accumulator is 64 registers per thread of 256; the tile alone feeds the tensor cores). Smaller
+    GEMM tiles: 2, so one CTA's epilogue or load wait overlaps the other's MMAs. Bandwidth
+    kernels: 2 CTAs of 8 warps (16 warps per SM keep ~2x the bytes in flight of one CTA; one
+    CTA per SM would leave the loads of the next tile unissued during the reduction)."""
+    if kernel_name == "_conv_wgrad_kernel":
+        tile = consts["BLOCK_K"] * consts["BLOCK_C"]
+    elif "BLOCK_N" in consts and kernel_name.startswith("_conv"):
+        tile = consts["BLOCK_M"] * consts["BLOCK_N"]
+    else:
+        return 2 if num_warps >= 8 else 4
+    return 1 if tile >= 128 * 128 else 2
 
 
 def strides4(t: Tensor) -> tuple[int, int, int, int]:

@@ -68,23 +68,33 @@ def _signature(kernel, args, meta):
     return sig, consts, attrs, opts
 
 
-def _capture(quick: bool, dtype_names: list[str]):
+def _capture(quick: bool, dtype_names: list[str], shapes: str = "test"):
     """Run the op bodies on CPU tensors with every launch recorded, not executed."""
     from . import _common, bn, conv, reduce  # noqa: PLC0415
 
     if _common.INTERPRETED:
         raise SystemExit("aot_check: unset TRITON_INTERPRET (the kernels are interpreted)")
     ops = importlib.import_module(__package__ + "._ops")
-    captured = []
+    captured, label = [], [""]
 
     def record(kernel, grid, *args, **meta):
-        captured.append((kernel, args, meta))
+        # The signature now, not the tensors: holding every launch's activations alive would
+        # keep GBs of (empty, but sometimes copied) batch-256 tensors.
+        captured.append((kernel, _signature(kernel, args, meta), label[0]))
+
+    def set_label(text):
+        label[0] = text
 
     saved = {mod: mod.launch for mod in (_common, conv, bn, reduce)}
     for mod in saved:
         mod.launch = record
     try:
-        _run_ops(ops, quick, dtype_names)
+        if shapes == "resnet50":
+            from .resnet50_shapes import run_resnet50  # noqa: PLC0415
+
+            run_resnet50(ops, dtype_names, set_label)
+        else:
+            _run_ops(ops, quick, dtype_names)
     finally:
         for mod, fn in saved.items():
             mod.launch = fn
@@ -254,18 +264,75 @@ def _trace(arch: int) -> int:
     return problems
 
 
-def _resources(cubin: bytes, cuobjdump: str) -> str:
-    if not os.path.exists(cuobjdump):
-        return ""
+def cuobjdump_path() -> str:
+    """The cuobjdump bundled with triton's NVIDIA backend (no CUDA toolkit needed)."""
+    import triton  # noqa: PLC0415
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+
+
+def _res_usage(cubin: bytes, cuobjdump: str) -> dict[str, int]:
+    """cuobjdump -res-usage of a cubin: REG, STACK, SHARED, LOCAL, ..."""
+    from .lint import parse_res_usage  # noqa: PLC0415
+
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
-                             text=True).stdout
-    for line in out.splitlines():
-        if "REG:" in line:
-            return " ".join(t for t in line.split() if t.split(":")[0] in ("REG", "STACK"))
-    return ""
+                             text=True, check=True).stdout
+    return parse_res_usage(out)
+
+
+# Kernels whose tl.dot must reach the tensor cores (wgmma) unless DOT_PRECISION is "ieee".
+DOT_KERNELS = ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel")
+
+
+# Lint failures understood and not yet fixed, waived by (kernel, flag subset, check): printed as
+# "known", counted apart from failures. Each says why; remove the entry when fixed.
+KNOWN = [
+    # The stem's input has C = 3: a 6-byte pixel row admits no 4/8/16-byte cp.async chunk, so its
+    # A (and wgrad's) tile is loaded with scalar ld.global.b16 and the wgrad loop waits with
+    # wait_group 0. Fix: a channel-padded input (C = 8 -> 16-byte rows, 2.7x the stem's bytes)
+    # or TMA im2col; the MMAs already pad the reduction to BLOCK_K = 16.
+    ("_conv_fwd_kernel", {"R": 7, "S": 7}, "sync-load"),
+    ("_conv_fwd_kernel", {"R": 7, "S": 7}, "occupancy"),
+    ("_conv_fwd_kernel", {"R": 7, "S": 7}, "wait0"),
+    ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "sync-load"),
+    ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "wait0"),
+    # The BN prologue at 128x64 (layer1's 3x3 and 1x1 convs at 64 channels): 4 stages of 24 KiB
+    # plus the prologue's 16 KiB staging buffer (113 KiB) and 175 registers at 8 warps: 1 CTA/SM,
+    # where the 128x64 config intends 2. Needs a prologue-aware config (3 stages, 4 warps).
+    ("_conv_fwd_kernel", {"PROLOGUE_BN": True, "BLOCK_M": 128, "BLOCK_N": 64}, "occupancy"),
+    # The BN-backward reduction with a BN'd residual: four 64x64 tiles (grad, out, x, res x) live
+    # per iteration, 172 registers at 8 warps, 1 CTA/SM where bandwidth kernels intend 2. Summing
+    # the row blocks as colsum_f64 (fp32 within 32 rows) instead of fp64 tiles made it 178, so
+    # the fix is a smaller tile for this variant (bn.py's launcher; issue 13 edits bn.py).
+    ("_bn_bwd_reduce_kernel", {"HAS_RES_BN": True}, "occupancy"),
+]
+
+
+def _known(name: str, consts: dict, problem: str) -> bool:
+    return any(name == k and all(consts.get(f) == v for f, v in flags.items())
+               and problem.startswith(check) for k, flags, check in KNOWN)
+
+
+def lint_compiled(name: str, consts: dict, opts: dict, compiled, cuobjdump: str):
+    """(summary, problems) of one compiled variant: lint.py's checks on its PTX and resources."""
+    from . import lint  # noqa: PLC0415
+    from ._common import intended_ctas_per_sm  # noqa: PLC0415
+
+    ru = _res_usage(compiled.asm["cubin"], cuobjdump)
+    warps = opts.get("num_warps", 4)
+    res = lint.Resources(regs=ru.get("REG", 0), stack=ru.get("STACK", 0), local=ru.get("LOCAL", 0),
+                         smem=compiled.metadata.shared, num_warps=warps)
+    ctas = intended_ctas_per_sm(name, consts, warps)
+    expect_wgmma = name in DOT_KERNELS and consts.get("DOT_PRECISION") != "ieee"
+    problems = lint.lint_ptx(compiled.asm["ptx"], expect_wgmma)
+    problems += lint.lint_resources(res, ctas)
+    summary = (f"regs={res.regs} stack={res.stack} smem={res.smem} ctas/SM={ctas}"
+               + (" wgmma" if "wgmma.mma_async" in compiled.asm["ptx"] else ""))
+    return summary, problems
 
 
 def main(argv=None) -> int:
@@ -274,6 +341,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bfloat16,float16,float32",
                         help="comma-separated torch dtypes (bfloat16,float16,float32)")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90)")
+    parser.add_argument("--shapes", choices=("test", "resnet50"), default="test",
+                        help="test: small shapes, one call per flag set; resnet50: every variant "
+                             "ResNet-50 launches at batch 32/128/256, each linted (lint.py)")
     parser.add_argument("--trace", action="store_true",
                         help="also trace the ops as torch.compile does (fake CUDA tensors)")
     args = parser.parse_args(argv)
@@ -283,11 +353,13 @@ def main(argv=None) -> int:
     import triton  # noqa: PLC0415
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
-    seen, failures, spills = set(), 0, 0
-    for kernel, kargs, meta in _capture(args.quick, args.dtypes.split(",")):
-        sig, consts, attrs, opts = _signature(kernel, kargs, meta)
+    cuobjdump = cuobjdump_path()
+    seen, failures, waived, linted = set(), 0, 0, args.shapes == "resnet50"
+    t_start = time.time()
+    for kernel, (sig, consts, attrs, opts), label in _capture(args.quick, args.dtypes.split(","),
+                                                              args.shapes):
+        # Deduplicated by what the compiler sees: kernel, types and specialisations, constexprs,
+        # config (num_warps, num_stages).
         key = (kernel.__name__, repr(sorted(sig.items())), repr(sorted(consts.items(), key=str)),
                repr(sorted(attrs)), repr(sorted(opts.items())))
         if key in seen:
@@ -299,20 +371,31 @@ def main(argv=None) -> int:
             src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts,
                                             attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=opts)
-            res = _resources(compiled.asm["cubin"], cuobjdump)
-            if "STACK:" in res and not res.endswith("STACK:0"):
-                spills += 1
-            status = f"ok {time.time() - t0:4.1f}s smem={compiled.metadata.shared} {res}"
+            summary, problems = lint_compiled(kernel.__name__, consts, opts, compiled, cuobjdump)
+            real = [p for p in problems if not _known(kernel.__name__, consts, p)]
+            waived += len(problems) > len(real)
+            if real and linted:
+                failures += 1
+                status = f"FAIL {summary} " + "; ".join(real)
+            elif problems and linted:
+                status = f"ok (known: {'; '.join(problems)}) {summary}"
+            else:
+                status = f"ok {summary}" + (f" (lint: {'; '.join(problems)})" if problems else "")
         except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
             failures += 1
             status = f"FAIL {exc!r}"[:3000]
-        print(f"{kernel.__name__} {flags} {opts}: {status}", flush=True)
-    print(f"aot_check: triton {triton.__version__}, sm_{args.arch}: {len(seen)} variants, "
-          f"{failures} failed, {spills} with a stack frame (spills)")
+        where = f"[{label}] " if label else ""
+        print(f"{where}{kernel.__name__} {flags} {opts}: {status} ({time.time() - t0:.1f}s)",
+              flush=True)
+    print(f"aot_check: triton {triton.__version__}, sm_{args.arch}, shapes {args.shapes}, "
+          f"{time.time() - t_start:.0f}s")
     if args.trace:
         problems = _trace(args.arch)
         print(f"aot_check: trace: {problems} problems")
         failures += problems
+    if waived:
+        print(f"aot_check: {waived} variants with known lint findings (aot_check.KNOWN)")
+    print(f"{len(seen)} variants, {failures} failures")
     return 1 if failures else 0
 
 

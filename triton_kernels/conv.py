@@ -18,6 +18,7 @@ from ._common import (
     UPCAST_DOT,
     cast_to,
     clamp_pow2,
+    colsum_f64,
     dot_precision,
     empty_like_format,
     gemm_config,
@@ -52,12 +53,36 @@ def _gemm_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
-def _prologue(a, a_mask, sc, sh, PROLOGUE_BN: tl.constexpr, PRE_RELU: tl.constexpr):
-    """relu?(a * sc + sh) (sc, sh: per-channel vectors, unused without PROLOGUE_BN) back in a's
-    dtype. Padding and the masked tails (a_mask off) stay zero: relu(shift) is not zero."""
+def _tap_rs(tap, R: tl.constexpr, S: tl.constexpr):
+    """(r, s) of a flat tap index; a constexpr 0 along a kernel dimension of size 1. A 1x1
+    weight stored (K, C, 1, 1) contiguous has stride_wr = stride_ws = 1, which the JIT specialises
+    to the constant 1: w + ... + r + s then adds a runtime tap index of unknown divisibility, the
+    weight tile loses its 16-byte alignment proof and is loaded with scalar ld.global.b16 outside
+    the cp.async pipeline, and the K loop waits with wgmma.wait_group 0 (aot_check --shapes
+    resnet50 before this: 1x1 forward and dgrad with such weights failed sync-load and wait0)."""
+    if R == 1:
+        r = 0
+    else:
+        r = tap // S
+    if S == 1:
+        s = 0
+    else:
+        s = tap % S
+    return r, s
+
+
+@triton.jit
+def _prologue(a, a_mask, sc, sh, PROLOGUE_BN: tl.constexpr, PRE_RELU: tl.constexpr,
+              C_AXIS: tl.constexpr):
+    """relu?(a * sc + sh) (sc, sh: per-channel vectors along a's axis C_AXIS, unused without
+    PROLOGUE_BN) back in a's dtype. Padding and the masked tails (a_mask off) stay zero:
+    relu(shift) is not zero."""
     af = a.to(tl.float32)
     if PROLOGUE_BN:
-        af = af * sc[None, :] + sh[None, :]
+        if C_AXIS == 1:
+            af = af * sc[None, :] + sh[None, :]
+        else:
+            af = af * sc[:, None] + sh[:, None]
     if PRE_RELU:
         # NaN stays NaN as in torch.relu: the default NaN policy (PropagateNan.NONE) returns 0
         af = tl.maximum(af, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -107,8 +132,7 @@ def _conv_fwd_kernel(
     for it in range(0, R * S * num_cb):
         tap = it // num_cb
         c0 = (it % num_cb) * BLOCK_K
-        r = tap // S
-        s = tap % S
+        r, s = _tap_rs(tap, R, S)
         h = h0 + r * dil_h
         w = w0 + s * dil_w
         row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
@@ -122,7 +146,7 @@ def _conv_fwd_kernel(
             if PROLOGUE_BN:
                 sc = tl.load(pre_scale_ptr + cc, mask=c_ok, other=0.0)
                 sh = tl.load(pre_shift_ptr + cc, mask=c_ok, other=0.0)
-            a = _prologue(a, a_mask, sc, sh, PROLOGUE_BN, PRE_RELU)
+            a = _prologue(a, a_mask, sc, sh, PROLOGUE_BN, PRE_RELU, 1)
         b_ptrs = (w_ptr + offs_n[None, :] * stride_wk + cc[:, None] * stride_wc
                   + r * stride_wr + s * stride_ws)
         b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
@@ -135,12 +159,12 @@ def _conv_fwd_kernel(
         # Rows past M loaded zeros, so they add nothing. One float64 partial per program and
         # channel, summed later in a fixed order: bitwise reproducible, no atomics. float64
         # because var = E[x^2] - E[x]^2 cancels: over 3.2M values (ResNet-50 stem) fp32 sums lose
-        # ~1e-4 relative, which the cancellation then amplifies. Costs 2*BLOCK_M*BLOCK_N fp64
-        # ops once per tile against 2*BLOCK_M*BLOCK_N*R*S*C tensor-core FLOPs.
-        acc64 = acc.to(tl.float64)
+        # ~1e-4 relative, which the cancellation then amplifies. Within a tile see
+        # colsum_f64: fp32 over 32 rows, fp64 across chunks.
         prow = pid_m.to(tl.int64) * K
-        tl.store(psum_ptr + prow + offs_n, tl.sum(acc64, axis=0), mask=n_ok)
-        tl.store(psumsq_ptr + prow + offs_n, tl.sum(acc64 * acc64, axis=0), mask=n_ok)
+        tl.store(psum_ptr + prow + offs_n, colsum_f64(acc, BLOCK_M, BLOCK_N), mask=n_ok)
+        tl.store(psumsq_ptr + prow + offs_n, colsum_f64(acc * acc, BLOCK_M, BLOCK_N),
+                 mask=n_ok)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -206,8 +230,15 @@ def _conv_dgrad_kernel(
     for it in range(0, count_r * count_s * num_kb):
         tap = it // num_kb
         k0 = (it % num_kb) * BLOCK_K
-        r = r0 + (tap // count_s_div) * step_r
-        s = s0 + (tap % count_s_div) * step_s
+        # R == 1 or S == 1: the only tap is 0, a constexpr (see _tap_rs: the weight's alignment).
+        if R == 1:
+            r = 0
+        else:
+            r = r0 + (tap // count_s_div) * step_r
+        if S == 1:
+            s = 0
+        else:
+            s = s0 + (tap % count_s_div) * step_s
         # Exact divisions: the numerators are multiples of the strides by construction.
         p = hq + (ph_h + pad_h - r * dil_h) // conv_sh
         q = wq + (ph_w + pad_w - s * dil_w) // conv_sw
@@ -269,31 +300,37 @@ def _conv_wgrad_kernel(
         sc = tl.load(pre_scale_ptr + offs_c, mask=c_ok, other=0.0)
         sh = tl.load(pre_shift_ptr + offs_c, mask=c_ok, other=0.0)
 
-    acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    # The transposed product dW^T (BLOCK_C, BLOCK_K) = a^T (BLOCK_C, BLOCK_M) @ go (BLOCK_M,
+    # BLOCK_K): wgmma takes its first operand from registers but its second only from shared
+    # memory, so the recomputed activation goes first. As dW = go^T @ a, the activation was the
+    # shared-memory operand: stored back to shared memory every iteration after the prologue,
+    # and the loop waited with wgmma.wait_group 0 (aot_check --shapes resnet50, sm_90).
+    acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
     offs_m = split.to(tl.int64) * iters_per_split * BLOCK_M + tl.arange(0, BLOCK_M)
     for _i in range(0, iters_per_split):
         m_ok = offs_m < M
         n_img, p, q = split_rows(offs_m, P, Q)
-        g_ptrs = (go_ptr + (n_img * stride_gn + p * stride_gp + q * stride_gq)[None, :]
-                  + offs_k[:, None] * stride_gk)
-        g = tl.load(g_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_M)
+        g_ptrs = tile_ptrs(go_ptr, n_img, p, q, offs_k, stride_gn, stride_gk, stride_gp,
+                           stride_gq)
+        g = tl.load(g_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         h = p * conv_sh - pad_h + r * dil_h
         w = q * conv_sw - pad_w + s * dil_w
         row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        a_mask = row_ok[:, None] & c_ok[None, :]
-        a_ptrs = tile_ptrs(x_ptr, n_img, h, w, offs_c, stride_xn, stride_xc, stride_xh, stride_xw)
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # (BLOCK_M, BLOCK_C)
+        a_mask = c_ok[:, None] & row_ok[None, :]
+        a_ptrs = (x_ptr + (n_img * stride_xn + h * stride_xh + w * stride_xw)[None, :]
+                  + offs_c[:, None] * stride_xc)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # (BLOCK_C, BLOCK_M)
         if PROLOGUE_BN or PRE_RELU:
-            a = _prologue(a, a_mask, sc, sh, PROLOGUE_BN, PRE_RELU)
+            a = _prologue(a, a_mask, sc, sh, PROLOGUE_BN, PRE_RELU, 0)
         if UPCAST:
             g = g.to(tl.float32)
             a = a.to(tl.float32)
-        acc = tl.dot(g, a, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, g, acc, input_precision=DOT_PRECISION)
         offs_m += BLOCK_M
 
-    o_ptrs = (out_ptr + split.to(tl.int64) * stride_osplit + offs_k[:, None] * stride_ok
-              + offs_c[None, :] * stride_oc + r * stride_or + s * stride_os)
-    tl.store(o_ptrs, cast_to(acc, out_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
+    o_ptrs = (out_ptr + split.to(tl.int64) * stride_osplit + offs_c[:, None] * stride_oc
+              + offs_k[None, :] * stride_ok + r * stride_or + s * stride_os)
+    tl.store(o_ptrs, cast_to(acc, out_ptr.dtype.element_ty), mask=c_ok[:, None] & k_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------

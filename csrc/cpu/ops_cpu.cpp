@@ -319,6 +319,14 @@ bool onednn_supports(at::ScalarType dtype) {
 // .data_ptr()) are not seen: FASTRES_CPU_WEIGHT_CACHE=0 turns the cache off. Inference tensors
 // have no version counter and are never cached. At most kMaxPacked entries (least recently used
 // evicted); memory cost: one blocked copy of each cached weight.
+//
+// Only weights that own their values are cached: a leaf that requires grad (an nn.Parameter),
+// or a tensor registered with allow() (fastres' modules register the BN-folded weights they keep
+// in their fold cache). Any other tensor may be a buffer that torch.compile's Inductor reuses
+// for the next convolution's weight, written by its own kernel without a version bump: the same
+// TensorImpl, data pointer, version and sizes with other values. Measured before this rule: a
+// converted BasicBlock(64, 64) under torch.compile (channels_last, eval) ran conv2 with conv1's
+// packed weight, max error 2.09 against eager (Inductor's `buf3 = buf0; del buf0  # reuse`).
 class PackedWeights {
  public:
   static PackedWeights& get() {
@@ -332,9 +340,13 @@ class PackedWeights {
         !reorder_.has_value()) {
       return std::nullopt;
     }
+    const bool parameter = weight.requires_grad() && weight.is_leaf();
     Entry key = make_entry(weight, input, stride, padding, dilation, groups);
     {
       std::lock_guard<std::mutex> lock(mu_);
+      if (!parameter && !is_allowed_locked(weight)) {
+        return std::nullopt;
+      }
       for (size_t i = 0; i < entries_.size();) {
         Entry& e = entries_[i];
         if (e.owner.expired()) {
@@ -379,6 +391,19 @@ class PackedWeights {
   void clear() {
     std::lock_guard<std::mutex> lock(mu_);
     entries_.clear();
+    allowed_.clear();
+  }
+
+  // Let lookup() cache ``weight`` although it is not a parameter: its owner promises that nobody
+  // writes it without bumping its version counter. Held weakly (a dead tensor drops out).
+  void allow(const Tensor& weight) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (is_allowed_locked(weight)) {
+      return;
+    }
+    allowed_.push_back(
+        {c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()),
+         weight.unsafeGetTensorImpl()});
   }
 
  private:
@@ -426,10 +451,27 @@ class PackedWeights {
     return e;
   }
 
+  // Drops dead entries of allowed_ on the way (a dead impl's address may be reused).
+  bool is_allowed_locked(const Tensor& weight) {
+    const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
+    bool found = false;
+    for (size_t i = 0; i < allowed_.size();) {
+      if (allowed_[i].first.expired()) {
+        allowed_.erase(allowed_.begin() + static_cast<std::ptrdiff_t>(i));
+        continue;
+      }
+      found = found || allowed_[i].second == impl;
+      ++i;
+    }
+    return found;
+  }
+
   bool enabled_ = true;
   optional<c10::OperatorHandle> reorder_;
   std::mutex mu_;
   std::vector<Entry> entries_;
+  std::vector<std::pair<c10::weak_intrusive_ptr<c10::TensorImpl>, const c10::TensorImpl*>>
+      allowed_;
   uint64_t clock_ = 0;
 };
 
@@ -1169,6 +1211,9 @@ TORCH_LIBRARY(fastres_cpu, m) {
   // Entries of the prepacked-weight cache of conv_bias_act, and a way to empty it.
   m.def("weight_cache_size() -> int", [] { return fastres::cpu::PackedWeights::get().size(); });
   m.def("weight_cache_clear() -> ()", [] { fastres::cpu::PackedWeights::get().clear(); });
+  // Mark a weight that is not a parameter as safe to prepack (see PackedWeights).
+  m.def("weight_cache_allow(Tensor weight) -> ()",
+        [](const at::Tensor& w) { fastres::cpu::PackedWeights::get().allow(w); });
   // How many distinct threads an at::parallel_for over n one-element chunks ran on: proves the
   // extension's OpenMP regions really fork (compiled with -fopenmp, torch's libgomp).
   m.def("parallel_threads(int n) -> int", [](int64_t n) {

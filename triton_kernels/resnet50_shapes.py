@@ -1,0 +1,101 @@
+"""ResNet-50's convolutions and BatchNorms as the dispatcher launches them (fastres/functional.py's
+residual unit: conv_stats with the previous BN+ReLU as prologue, bn_finalize, bn_add_relu with
+the identity or the downsample's BN as residual; backward bn_add_relu_bwd, conv_bwd with the
+prologue, bn_relu_bwd; eval: conv_bias_act with folded bias, residual and ReLU), at batch 32, 128
+and 256, for aot_check's capture. Tensors are torch.empty: only shapes, strides, dtypes and the
+16-byte alignment of the pointers decide the compiled variant; untouched pages cost no memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+BATCHES = (32, 128, 256)
+# (width, out channels, stride of the first block, input side, blocks) of layer1..layer4
+LAYERS = ((64, 256, 1, 56, 3), (128, 512, 2, 56, 4), (256, 1024, 2, 28, 6), (512, 2048, 2, 14, 3))
+
+
+def resnet50_convs():
+    """Distinct (name, C, K, kernel, stride, pad, H, prologue, needs_input_grad) of ResNet-50
+    (torchvision v1.5: the stride on the 3x3)."""
+    convs = {("stem", 3, 64, 7, 2, 3, 224, False, False)}
+    in_c = 64
+    for li, (width, out, stride, h, blocks) in enumerate(LAYERS, start=1):
+        for b in range(blocks):
+            s = stride if b == 0 else 1
+            hin = h if b == 0 else h // stride
+            convs.add((f"l{li}.conv1", in_c, width, 1, 1, 0, hin, False, True))
+            convs.add((f"l{li}.conv2", width, width, 3, s, 1, hin, True, True))
+            convs.add((f"l{li}.conv3", width, out, 1, 1, 0, hin // s, True, True))
+            if b == 0:
+                convs.add((f"l{li}.down", in_c, out, 1, s, 0, hin, False, True))
+            in_c = out
+    return sorted(convs, key=lambda c: (c[0], c[1:]))
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool):
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+def modes(dtype_names):
+    """(label, dtype, allow_tf32): fp32 both with TF32 (cuDNN's default) and exact."""
+    for name in dtype_names:
+        dt = getattr(torch, name)
+        if dt == torch.float32:
+            yield "fp32-tf32", dt, True
+            yield "fp32-ieee", dt, False
+        else:
+            yield name.replace("bfloat", "bf").replace("float", "fp"), dt, True
+
+
+def run_resnet50(ops, dtype_names, set_label) -> None:
+    cl = torch.channels_last
+
+    def t(*shape, dt, fmt=cl):
+        return torch.empty(shape, dtype=dt, memory_format=fmt)  # no copy: pages stay untouched
+
+    def v(c):
+        return torch.empty(c, dtype=torch.float32)
+
+    for label, dt, tf32 in modes(dtype_names):
+        with _tf32(tf32):
+            for n in BATCHES:
+                for name, c, k, ks, st, pd, h, pro, need_x in resnet50_convs():
+                    p = (h + 2 * pd - ks) // st + 1
+                    x, go = t(n, c, h, h, dt=dt), t(n, k, p, p, dt=dt)
+                    # A 1x1 weight is the same memory contiguous or channels_last, but its strides
+                    # differ ((C,1,1,1) vs (C,1,C,C)) and so does the specialisation: lint both.
+                    fmts = (cl, torch.contiguous_format) if ks == 1 else (cl,)
+                    for fmt in fmts:
+                        w = t(k, c, ks, ks, dt=dt, fmt=fmt)
+                        wf = "w-nchw" if fmt != cl else "w-nhwc"
+                        geo = ([st, st], [pd, pd], [1, 1], 1)
+                        sc, sh = (v(c), v(c)) if pro else (None, None)
+                        set_label(f"{label} n={n} {name} {wf} fwd")
+                        ops.conv_stats(x, w, sc, sh, pro, *geo)
+                        set_label(f"{label} n={n} {name} {wf} eval")
+                        res = t(n, k, p, p, dt=dt) if name.endswith("conv3") else None
+                        ops.conv_bias_act(x, w, torch.empty(k, dtype=dt), res, *geo,
+                                          not name.endswith("down"))
+                        set_label(f"{label} n={n} {name} {wf} bwd")
+                        ops.conv_bwd(go, x, w, sc, sh, pro, *geo, [need_x, True])
+                    set_label(f"{label} n={n} {name} bn")
+                    y, cv = t(n, k, p, p, dt=dt), v(k)
+                    ops.bn_finalize(cv, cv, cv, cv, cv, cv, torch.zeros((), dtype=torch.long),
+                                    n * p * p, 0.1, 1e-5)
+                    if name.endswith("conv3"):  # the unit's end: identity or downsample residual
+                        ops.bn_add_relu(y, cv, cv, y, None, None, 0, True)
+                        ops.bn_add_relu(y, cv, cv, y, cv, cv, 0, True)
+                        ops.bn_add_relu_bwd(go, y, y, cv, cv, cv, None, None, None, None)
+                        ops.bn_add_relu_bwd(go, y, y, cv, cv, cv, y, cv, cv, cv)
+                    else:  # stem and inner BNs: BN+ReLU (forward fused into the next conv)
+                        ops.bn_add_relu(y, cv, cv, None, None, None, 0, True)
+                        ops.bn_relu_bwd(go, y, cv, cv, cv, cv, cv, True)
