@@ -258,7 +258,9 @@ MODEL_CASES = [
 
 def _model_parity(arch: str, device: str, case, monkeypatch, n: int, size: int) -> None:
     import torchvision
-    from test_blocks import check_model_parity, randomise_bn
+    from test_blocks import check_model_parity
+
+    from fastres.testing import randomise_bn
 
     dtype, train, grads = case
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32, as on the CPU
