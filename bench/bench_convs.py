@@ -38,6 +38,11 @@ def test_conv(bm, bctx, provider, case: B.ConvCase):
         with torch.no_grad():
             w, b = FF.fold_bn(eager.conv.weight, eager.bn.weight, eager.bn.bias,
                               eager.bn.running_mean, eager.bn.running_var, eager.bn.eps, dt)
+        # Prepacked across calls as a converted model's fold cache has it (the CPU backend packs
+        # only parameters and weights their owner registers).
+        from fastres.modules import _allow_prepacking
+
+        _allow_prepacking(w)
 
         def call(i):
             return FF.conv_bias_act(xs[i % k], w, b, rs[i % k], case.stride, case.pad, 1, 1,
