@@ -46,12 +46,12 @@ from fastres.selftest_cases import (  # noqa: F401  (BASE_CONVS, Maker, ...: re-
     OpCase,
     _clone,
     _f64,
-    _tf32,
     bn_cases,
     conv_cases,
     judge_op,
     tf32_round,
 )
+from fastres.testing import allow_tf32
 
 
 def _blocks():
@@ -118,7 +118,7 @@ def run_ops(cases: list[OpCase], names: list[str], device: torch.device,
             continue
         args = case.build(device)
         fn = backends.BACKENDS["reference"].op(case.op)
-        with _tf32(tf32):
+        with allow_tf32(tf32):
             a_theirs = [tf32_round(_clone(a)) if tf32 else _clone(a) for a in args]
             a_truth = [_f64(_clone(a)) for a in args]
             theirs, truth = fn(*a_theirs), fn(*a_truth)
@@ -127,7 +127,7 @@ def run_ops(cases: list[OpCase], names: list[str], device: torch.device,
             res = results[name]
             a_ours = [_clone(a) for a in args]
             try:
-                with _tf32(tf32):
+                with allow_tf32(tf32):
                     ours = backends.BACKENDS[name].op(case.op)(*a_ours)
                 bad = judge_op(case, ours, a_ours, theirs, a_theirs, truth, a_truth, dtype)
             except Exception as exc:  # a backend that raises fails the case; the run goes on
@@ -155,7 +155,7 @@ def run_blocks(names: list[str], device: torch.device, precisions: list[str], la
     for layout in layouts:
         def emit(line):  # one line per (block, dtype, mode, backend): the progress tick
             tick(line.split("\n")[0][:60])
-        with _tf32(False):
+        with allow_tf32(False):
             rows = parity.run_cases(_blocks(), dtypes, ["eval", "train"], names, device, batch=2,
                                     channels_last=layout == "channels_last", warmup=0, repeats=1,
                                     timing=False, progress=False, emit=emit)

@@ -4,8 +4,7 @@ scaled-down ResNet shapes, and the judgement of one call by the suite's toleranc
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -209,16 +208,6 @@ def _clone(a):
 
 def _f64(a):
     return a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-
-
-@contextlib.contextmanager
-def _tf32(on: bool) -> Iterator[None]:
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = prev
 
 
 def _as_tuple(x):

@@ -10,6 +10,8 @@ suite; no per-test magic numbers.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -152,3 +154,15 @@ def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
                 m.num_batches_tracked.fill_(3)
     return model
+
+
+@contextlib.contextmanager
+def allow_tf32(on: bool) -> Iterator[None]:
+    """cuDNN's TF32 switch (which the CUDA and Triton fp32 convolutions follow) set to ``on`` for
+    the block, restored after."""
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev

@@ -8,9 +8,9 @@ and 256, for aot_check's capture. Tensors are torch.empty: only shapes, strides,
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from fastres.testing import allow_tf32
 
 BATCHES = (32, 128, 256)
 # (width, out channels, stride of the first block, input side, blocks) of layer1..layer4
@@ -35,16 +35,6 @@ def resnet50_convs():
     return sorted(convs, key=lambda c: (c[0], c[1:]))
 
 
-@contextlib.contextmanager
-def _tf32(allowed: bool):
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved
-
-
 def modes(dtype_names):
     """(label, dtype, allow_tf32): fp32 both with TF32 (cuDNN's default) and exact."""
     for name in dtype_names:
@@ -66,7 +56,7 @@ def run_resnet50(ops, dtype_names, set_label) -> None:
         return torch.empty(c, dtype=torch.float32)
 
     for label, dt, tf32 in modes(dtype_names):
-        with _tf32(tf32):
+        with allow_tf32(tf32):
             for n in BATCHES:
                 for name, c, k, ks, st, pd, h, pro, need_x in resnet50_convs():
                     p = (h + 2 * pd - ks) // st + 1
