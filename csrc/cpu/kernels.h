@@ -101,6 +101,13 @@ struct BnBwdArgs {
   void* grad_x2 = nullptr;
 };
 
+// max |x| over n dense values of dtype: NaN when any value is NaN, else +Inf when any is +-Inf.
+struct AbsMaxArgs {
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  const void* in = nullptr;
+  int64_t n = 0;
+};
+
 struct Kernels {
   const char* isa;
   void (*epilogue)(const EpilogueArgs&);
@@ -108,6 +115,7 @@ struct Kernels {
   void (*channel_stats)(const StatsArgs&);
   void (*bn_bwd_reduce)(const BnBwdArgs&);
   void (*bn_bwd_apply)(const BnBwdArgs&);
+  double (*absmax)(const AbsMaxArgs&);
 };
 
 // One table per instruction set; null where that set was not compiled (non-x86 builds).

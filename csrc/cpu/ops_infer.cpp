@@ -1,0 +1,436 @@
+// The CPU inference ops: conv_bias_act through oneDNN fused convolutions with prepacked weights,
+// and the backward of its bias/ReLU epilogue.
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "ops_common.h"
+
+namespace fastres::cpu {
+
+// ---------------------------------------------------------------------------------------------
+// oneDNN fused convolutions (mkldnn::_convolution_pointwise): conv + bias + ReLU, or conv + bias
+// + residual add + ReLU, in one write of the output.
+
+using PointwiseFn = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, at::IntArrayRef,
+                           at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
+                           c10::List<optional<at::Scalar>>, optional<c10::string_view>);
+using PointwiseBinaryFn = Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                 const optional<Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                                 at::IntArrayRef, int64_t, c10::string_view, optional<at::Scalar>,
+                                 optional<c10::string_view>, c10::List<optional<at::Scalar>>,
+                                 optional<c10::string_view>);
+
+struct Pointwise {
+  optional<c10::TypedOperatorHandle<PointwiseFn>> unary;
+  optional<c10::TypedOperatorHandle<PointwiseBinaryFn>> binary;
+};
+
+const Pointwise& pointwise_ops() {
+  static const Pointwise ops = [] {
+    Pointwise p;
+    if (!at::hasMKLDNN()) {
+      return p;
+    }
+    auto& d = c10::Dispatcher::singleton();
+    if (auto h = d.findSchema({"mkldnn::_convolution_pointwise", ""})) {
+      p.unary = h->typed<PointwiseFn>();
+    }
+    if (auto h = d.findSchema({"mkldnn::_convolution_pointwise", "binary"})) {
+      p.binary = h->typed<PointwiseBinaryFn>();
+    }
+    return p;
+  }();
+  return ops;
+}
+
+Tensor pointwise_conv(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                      int64_t groups, bool relu) {
+  return pointwise_ops().unary->call(input, weight, bias, padding, stride, dilation, groups,
+                                     relu ? "relu" : "none", c10::List<optional<at::Scalar>>(),
+                                     std::nullopt);
+}
+
+// Whether oneDNN runs convolutions of this dtype on this CPU (bfloat16 and float16 need AVX-512
+// class hardware; the check lives in ATen internals, so a 1x1 convolution asks once per dtype).
+bool onednn_supports(at::ScalarType dtype) {
+  if (!at::globalContext().userEnabledMkldnn() || !pointwise_ops().unary.has_value()) {
+    return false;
+  }
+  if (dtype == at::kFloat) {
+    return true;
+  }
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) {
+    return false;
+  }
+  static std::atomic<int> state[2] = {-1, -1};  // -1 unknown, 0 no, 1 yes
+  std::atomic<int>& s = state[dtype == at::kHalf];
+  if (s.load() < 0) {
+    bool ok = true;
+    try {
+      const auto opts = at::TensorOptions().dtype(dtype);
+      const Tensor x = at::ones({1, 1, 1, 1}, opts).contiguous(at::MemoryFormat::ChannelsLast);
+      (void)pointwise_conv(x, at::ones({1, 1, 1, 1}, opts), std::nullopt, {1, 1}, {0, 0}, {1, 1}, 1,
+                           false);
+    } catch (const c10::Error&) {
+      ok = false;
+    }
+    s.store(ok ? 1 : 0);
+  }
+  return s.load() == 1;
+}
+
+// Prepacked oneDNN weights (mkldnn::_reorder_convolution_weight) for channels_last inference.
+// Without them every call copies the weight to channels_last and reorders it into oneDNN's
+// blocked layout: two more parallel regions per convolution. Measured, Bottleneck(256, 64) N=8
+// 56x56 fp32 CL, 2 threads, interleaved calls on the 2-core box under load average ~9 from other
+// jobs: 134 ms (min) / 199 ms (p50) with plain weights vs 102 / 142 ms prepacked (one thread,
+// same load: 112 vs 115 ms, no difference; the saving is the synchronisation).
+//
+// An entry is valid while the weight's TensorImpl is alive (held weakly, so the cache never keeps
+// a model alive and a dead impl's address cannot be reused while the entry exists), its version
+// counter, data pointer, sizes, strides and dtype are unchanged, and the convolution and input
+// sizes are the same. In-place updates (optimizer steps, load_state_dict, copy_ under no_grad)
+// bump the version and repack. Writes that bypass the version counter (through .numpy() or
+// .data_ptr()) are not seen: FASTRES_CPU_WEIGHT_CACHE=0 turns the cache off. Inference tensors
+// have no version counter and are never cached. At most kMaxPacked entries (least recently used
+// evicted); memory cost: one blocked copy of each cached weight.
+//
+// Only weights that own their values are cached: a leaf that requires grad (an nn.Parameter),
+// or a tensor registered with allow() (fastres' modules register the BN-folded weights they keep
+// in their fold cache). Any other tensor may be a buffer that torch.compile's Inductor reuses
+// for the next convolution's weight, written by its own kernel without a version bump: the same
+// TensorImpl, data pointer, version and sizes with other values. Measured before this rule: a
+// converted BasicBlock(64, 64) under torch.compile (channels_last, eval) ran conv2 with conv1's
+// packed weight, max error 2.09 against eager (Inductor's `buf3 = buf0; del buf0  # reuse`).
+class PackedWeights {
+ public:
+  static PackedWeights& get() {
+    static PackedWeights* cache = new PackedWeights();  // leaked: used until exit
+    return *cache;
+  }
+
+  optional<Tensor> lookup(const Tensor& weight, const Tensor& input, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    if (!enabled_ || weight.is_inference() || !weight.is_non_overlapping_and_dense() ||
+        !reorder_.has_value()) {
+      return std::nullopt;
+    }
+    const bool parameter = weight.requires_grad() && weight.is_leaf();
+    Entry key = make_entry(weight, input, stride, padding, dilation, groups);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!parameter && !is_allowed_locked(weight)) {
+        return std::nullopt;
+      }
+      for (size_t i = 0; i < entries_.size();) {
+        Entry& e = entries_[i];
+        if (e.owner.expired()) {
+          entries_.erase(entries_.begin() + static_cast<std::ptrdiff_t>(i));
+          continue;
+        }
+        if (e.same_as(key)) {
+          e.used = ++clock_;
+          return e.packed;
+        }
+        ++i;
+      }
+    }
+    torch::jit::Stack stack = {weight,         padding.vec(), stride.vec(),
+                               dilation.vec(), groups,        input.sizes().vec()};
+    try {
+      reorder_->callBoxed(stack);
+    } catch (const c10::Error&) {
+      return std::nullopt;  // this weight stays unpacked: oneDNN reorders it per call
+    }
+    key.packed = stack.at(0).toTensor();
+    std::lock_guard<std::mutex> lock(mu_);
+    key.used = ++clock_;
+    // An older packing of this same weight (before an in-place update) can never match again.
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                  [&](const Entry& e) { return e.impl == key.impl; }),
+                   entries_.end());
+    if (entries_.size() >= kMaxPacked) {
+      auto lru = std::min_element(entries_.begin(), entries_.end(),
+                                  [](const Entry& a, const Entry& b) { return a.used < b.used; });
+      entries_.erase(lru);
+    }
+    entries_.push_back(std::move(key));
+    return entries_.back().packed;
+  }
+
+  int64_t size() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int64_t>(entries_.size());
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    entries_.clear();
+    allowed_.clear();
+  }
+
+  // Let lookup() cache ``weight`` although it is not a parameter: its owner promises that nobody
+  // writes it without bumping its version counter. Held weakly (a dead tensor drops out).
+  void allow(const Tensor& weight) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (is_allowed_locked(weight)) {
+      return;
+    }
+    allowed_.push_back(
+        {c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()),
+         weight.unsafeGetTensorImpl()});
+  }
+
+ private:
+  static constexpr size_t kMaxPacked = 256;
+
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl> owner{c10::intrusive_ptr<c10::TensorImpl>()};
+    const c10::TensorImpl* impl = nullptr;
+    const void* data = nullptr;
+    int64_t version = 0;
+    at::ScalarType dtype = at::kFloat;
+    std::vector<int64_t> shape;  // sizes, strides, input sizes, stride, padding, dilation, groups
+    Tensor packed;
+    uint64_t used = 0;
+
+    bool same_as(const Entry& k) const {
+      return impl == k.impl && data == k.data && version == k.version && dtype == k.dtype &&
+             shape == k.shape;
+    }
+  };
+
+  PackedWeights() {
+    const char* env = std::getenv("FASTRES_CPU_WEIGHT_CACHE");
+    enabled_ = env == nullptr || std::string(env) != "0";
+    if (at::hasMKLDNN()) {
+      reorder_ =
+          c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_convolution_weight", ""});
+    }
+  }
+
+  static Entry make_entry(const Tensor& weight, const Tensor& input, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    Entry e;
+    e.owner = c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr());
+    e.impl = weight.unsafeGetTensorImpl();
+    e.data = weight.data_ptr();
+    e.version =
+        static_cast<int64_t>(weight.unsafeGetTensorImpl()->version_counter().current_version());
+    e.dtype = weight.scalar_type();
+    for (auto list : {weight.sizes(), weight.strides(), input.sizes(), stride, padding, dilation}) {
+      e.shape.insert(e.shape.end(), list.begin(), list.end());
+      e.shape.push_back(-1);
+    }
+    e.shape.push_back(groups);
+    return e;
+  }
+
+  // Drops dead entries of allowed_ on the way (a dead impl's address may be reused).
+  bool is_allowed_locked(const Tensor& weight) {
+    const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
+    bool found = false;
+    for (size_t i = 0; i < allowed_.size();) {
+      if (allowed_[i].first.expired()) {
+        allowed_.erase(allowed_.begin() + static_cast<std::ptrdiff_t>(i));
+        continue;
+      }
+      found = found || allowed_[i].second == impl;
+      ++i;
+    }
+    return found;
+  }
+
+  bool enabled_ = true;
+  optional<c10::OperatorHandle> reorder_;
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+  std::vector<std::pair<c10::weak_intrusive_ptr<c10::TensorImpl>, const c10::TensorImpl*>>
+      allowed_;
+  uint64_t clock_ = 0;
+};
+
+// conv_bias_act; finite: the caller has shown that the pre-activation conv(input) + bias
+// (+ residual) is finite at every output (conv_bias_act_finite below), so oneDNN's ReLU post-op
+// gives torch.relu's values.
+Tensor conv_bias_act_impl(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
+                          const optional<Tensor>& residual, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          bool relu, bool finite) {
+  constexpr const char* op = "conv_bias_act";
+  const auto out_sizes = check_conv(op, input, weight, stride, padding, dilation, groups);
+  const auto dtype = input.scalar_type();
+  const int64_t k = weight.size(0);
+  if (has(bias)) {
+    check_vec(op, "bias", *bias, k, "one per output channel of weight");
+    TORCH_CHECK(bias->scalar_type() == dtype || bias->scalar_type() == acc_dtype(dtype),
+                "fastres::", op, ": bias has dtype ", bias->scalar_type(), " but input has dtype ",
+                dtype, " (bias must have the input's dtype or ", acc_dtype(dtype), ")");
+  }
+  if (has(residual)) {
+    check_cpu(op, "residual", *residual);
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_sizes), "fastres::", op,
+                ": residual must have the output's size ", at::IntArrayRef(out_sizes), ", got ",
+                sizes_str(*residual));
+    check_same_dtype(op, "residual", *residual, "input", input);
+  }
+  const auto fmt = format_of(input);
+
+  if (onednn_supports(dtype)) {
+    // Measured on a 2-core Xeon (AVX-512), fp32 channels_last, torchvision Bottleneck(256, 64),
+    // N=8, 56x56, eval with BN folded: 3 fused oneDNN convolutions take 13.4 ms; eager PyTorch
+    // (conv + separate bias/ReLU/add passes) takes 30 ms. The binary post-op fuses only for
+    // groups == 1 and channels_last (ATen falls back to conv + add_relu_ otherwise, which
+    // asserts for bf16/fp16), and wants a bias of the input's dtype. NCHW fp32 (same block,
+    // load ~7): oneDNN unary fusion + the epilogue pass for the residual 78 ms (min) vs
+    // at::convolution + one fused pass 76 ms, a tie, so both layouts take this path. bf16 CL:
+    // 11 ms (min) vs eager 40 ms.
+    const bool binary = has(residual) && pointwise_ops().binary.has_value() && groups == 1 &&
+                        fmt == at::MemoryFormat::ChannelsLast &&
+                        (!has(bias) || bias->scalar_type() == dtype);
+    // A prepacked weight makes oneDNN compute in channels_last: only for channels_last input.
+    optional<Tensor> packed;
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      packed = PackedWeights::get().lookup(weight, input, stride, padding, dilation, groups);
+    }
+    const Tensor& w = packed.has_value() ? *packed : weight;
+    // oneDNN's ReLU post-op returns 0 for NaN (measured, torch 2.14.1 on AVX-512: relu, and
+    // leaky_relu / hardtanh with bound 0, all map NaN to 0; torch.relu keeps NaN), so the ReLU
+    // runs in our epilogue pass (at::vec::clamp_min, which keeps NaN), in place: one more read
+    // and write of the output than the fused post-op, the price of the non-finite rule. Unless
+    // the caller has shown there is no NaN to keep (finite): then the post-op.
+    const bool post_relu = relu && finite;
+    if (binary) {
+      const optional<c10::string_view> unary =
+          post_relu ? optional<c10::string_view>("relu") : std::nullopt;
+      Tensor out = in_format(
+          pointwise_ops().binary->call(input, *residual, w, bias, padding, stride, dilation, groups,
+                                       "add", std::nullopt, unary,
+                                       c10::List<optional<at::Scalar>>(), std::nullopt),
+          fmt);
+      if (relu && !post_relu) {
+        run_epilogue(out, out, fmt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                     std::nullopt, 0, true);
+      }
+      return out;
+    }
+    const bool fused_relu = post_relu && !has(residual);
+    Tensor out = in_format(
+        pointwise_conv(input, w, bias, stride, padding, dilation, groups, fused_relu), fmt);
+    if (has(residual) || (relu && !fused_relu)) {
+      // relu?(y + residual), in place, one pass
+      run_epilogue(out, out, fmt, std::nullopt, std::nullopt, residual, std::nullopt, std::nullopt,
+                   0, relu);
+    }
+    return out;
+  }
+
+  // float64, or no oneDNN for this dtype: ATen's convolution, then bias + residual + ReLU in one
+  // pass over its output, in place.
+  Tensor out = in_format(conv_nobias(input, weight, stride, padding, dilation, groups), fmt);
+  run_epilogue(out, out, fmt, std::nullopt, bias, residual, std::nullopt, std::nullopt, 0, relu);
+  return out;
+}
+
+Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
+                         const optional<Tensor>& residual, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                         bool relu) {
+  return conv_bias_act_impl(input, weight, bias, residual, stride, padding, dilation, groups, relu,
+                            false);
+}
+
+Tensor conv_bias_act_finite_cpu(const Tensor& input, const Tensor& weight,
+                                const optional<Tensor>& bias, const optional<Tensor>& residual,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, int64_t groups, bool relu) {
+  check_cpu("conv_bias_act_finite", "input", input);
+  return conv_bias_act_impl(input, weight, bias, residual, stride, padding, dilation, groups, relu,
+                            true);
+}
+
+double absmax_cpu(const Tensor& x) {
+  constexpr const char* op = "absmax";
+  check_cpu(op, "x", x);
+  TORCH_CHECK(is_act_dtype(x.scalar_type()), "fastres_cpu::", op, ": x has dtype ",
+              x.scalar_type(), "; expected float32, float64, bfloat16 or float16");
+  const Tensor d = x.is_non_overlapping_and_dense() ? x : x.contiguous();
+  AbsMaxArgs a;
+  a.dtype = d.scalar_type();
+  a.in = d.data_ptr();
+  a.n = d.numel();
+  return kernels().absmax(a);
+}
+
+std::tuple<Tensor, Tensor> relu_bias_bwd_cpu(const Tensor& grad_out, const optional<Tensor>& out) {
+  constexpr const char* op = "relu_bias_bwd";
+  check_act(op, "grad_out", grad_out);
+  if (has(out)) {
+    check_cpu(op, "out", *out);
+    check_same_sizes(op, "out", *out, "grad_out", grad_out);
+    check_same_dtype(op, "out", *out, "grad_out", grad_out);
+  }
+  const auto dtype = grad_out.scalar_type();
+  const auto fmt = format_of(grad_out);
+  const Tensor go = in_format(grad_out, fmt);
+  const Tensor o = has(out) ? in_format(*out, fmt) : Tensor();
+  Tensor grad_z = at::empty(grad_out.sizes(), grad_out.options().memory_format(fmt));
+  const int64_t c = grad_out.size(1);
+  std::vector<double> sum_g(c);
+  BnBwdArgs a;
+  a.dtype = dtype;
+  a.g = geom_of(go, fmt);
+  a.mask = has(out) ? Mask::kOut : Mask::kNone;
+  a.grad_out = go.data_ptr();
+  a.out = has(out) ? o.data_ptr() : nullptr;
+  a.sum_g = sum_g.data();
+  a.g_out = grad_z.data_ptr();
+  kernels().bn_bwd_reduce(a);
+  return {grad_z, from_doubles(sum_g, acc_dtype(dtype))};
+}
+
+
+}  // namespace fastres::cpu
+
+// Introspection of the prepacked-weight cache (tests, fastres.info); not part of the op contract.
+TORCH_LIBRARY_FRAGMENT(fastres_cpu, m) {
+  // Entries of the prepacked-weight cache of conv_bias_act, and a way to empty it.
+  m.def("weight_cache_size() -> int", [] { return fastres::cpu::PackedWeights::get().size(); });
+  m.def("weight_cache_clear() -> ()", [] { fastres::cpu::PackedWeights::get().clear(); });
+  // Mark a weight that is not a parameter as safe to prepack (see PackedWeights).
+  m.def("weight_cache_allow(Tensor weight) -> ()",
+        [](const at::Tensor& w) { fastres::cpu::PackedWeights::get().allow(w); });
+  // max |x|, NaN when x holds a NaN, +Inf when it holds +-Inf: one read pass (fastres.eval_plan
+  // bounds a block's pre-activations with it).
+  m.def("absmax(Tensor x) -> float", &fastres::cpu::absmax_cpu);
+  // conv_bias_act for a caller that has shown conv(input) + bias (+ residual) to be finite at
+  // every output (fastres.eval_plan: a bound from absmax and the folded weights' norms). Then
+  // no NaN exists for oneDNN's ReLU post-op to map to 0, and the ReLU is fused into the
+  // convolution's output write instead of a separate pass. Called otherwise, a NaN
+  // pre-activation gives 0 where torch.relu gives NaN.
+  m.def("conv_bias_act_finite(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor",
+        &fastres::cpu::conv_bias_act_finite_cpu);
+}
