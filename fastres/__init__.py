@@ -16,8 +16,7 @@ __version__ = "0.1.0"
 from fastres import backends, distributed, functional, models, reference  # noqa: E402
 from fastres.convert import ConversionReport, convert, unconvert  # noqa: E402
 from fastres.distributed import SyncBatchNorm  # noqa: E402
-from fastres.modules import BasicBlock, BottleneckBlock, ConvBNReLU  # noqa: E402
-
+from fastres.modules import BasicBlock, BottleneckBlock, ConvBNReLU, ResNet  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -35,6 +34,7 @@ __all__ = [
     "BottleneckBlock",
     "ConvBNReLU",
     "ConversionReport",
+    "ResNet",
     "SyncBatchNorm",
     "backends",
     "convert",

@@ -38,7 +38,12 @@ _PAIRS = (
     (tv_resnet.Bottleneck, M.BottleneckBlock),
     (tv_resnet.BasicBlock, M.BasicBlock),
     (tv_misc.Conv2dNormActivation, M.ConvBNReLU),
+    (tv_resnet.ResNet, M.ResNet),
 )
+
+#: Swapped classes whose children are converted too (a ResNet's stem is fused by the ResNet
+#: itself, its blocks by their own swaps).
+_CONTAINERS = (M.ResNet,)
 
 
 def _pairs() -> tuple[tuple[type[nn.Module], type[nn.Module]], ...]:
@@ -139,17 +144,24 @@ def convert(
                 rep.left.append((path, "; ".join(reasons)))
                 visit(child, path + ".")
                 continue
-            setattr(parent, name, _swap(child, cls))
+            new = _swap(child, cls)
+            setattr(parent, name, new)
             rep.swapped.append((path, cls.__name__))
+            if cls in _CONTAINERS:
+                visit(new, path + ".")
 
     if _target(model) is not None:
         cls = _target(model)
         reasons = _reasons(model, cls)
         if not reasons:
-            model = _swap(model, cls)
+            # The model object itself changes class (convert(m, inplace=True) returns m).
+            model.__class__ = cls
+            model._init_fused()
             rep.swapped.append(("", cls.__name__))
         else:
             rep.left.append(("", "; ".join(reasons)))
+        if cls in _CONTAINERS:
+            visit(model, "")
     else:
         visit(model, "")
     if verbose:
@@ -168,7 +180,9 @@ def _plain_class(mod: nn.Module) -> type[nn.Module] | None:
 def _unswap(mod: nn.Module, cls: type[nn.Module]) -> nn.Module:
     """A plain block sharing ``mod``'s submodules, parameters, buffers and hooks."""
     new = cls.__new__(cls)
-    new.__dict__ = {k: v for k, v in mod.__dict__.items() if k != "_fold_cache"}
+    new.__dict__ = {
+        k: v for k, v in mod.__dict__.items() if k not in ("_fold_cache", "_eval_plan")
+    }
     return new
 
 
@@ -189,15 +203,20 @@ def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
     model = D.to_plain_sync_bn(model)
     cls = _plain_class(model)
     if cls is not None:
-        return _unswap(model, cls)
+        container = type(model) in _CONTAINERS
+        model.__class__ = cls  # the object itself (unconvert(m, inplace=True) returns m)
+        for k in ("_fold_cache", "_eval_plan"):
+            model.__dict__.pop(k, None)
+        if not container:
+            return model
 
     def visit(parent: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             plain = _plain_class(child)
             if plain is not None:
                 setattr(parent, name, _unswap(child, plain))
-            else:
-                visit(child)
+            if plain is None or type(child) in _CONTAINERS:
+                visit(getattr(parent, name))
 
     visit(model)
     return model

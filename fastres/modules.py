@@ -34,11 +34,13 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.ops import misc as tv_misc
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from fastres import backends
+from fastres import eval_plan as EP
 from fastres import functional as FF
 from fastres.distributed import SyncBatchNorm, sync_group
 from fastres.functional import BNSpec, ConvSpec, Stage
 
-__all__ = ["BasicBlock", "BottleneckBlock", "ConvBNReLU", "fusable_reasons"]
+__all__ = ["BasicBlock", "BottleneckBlock", "ConvBNReLU", "ResNet", "fusable_reasons"]
 
 
 def _conv_bn_reasons(conv: nn.Module, bn: nn.Module, where: str) -> list[str]:
@@ -190,9 +192,7 @@ class _FusedMixin:
 
         if differentiable or torch.compiler.is_compiling():
             return fold()
-        key = (id(conv), dtype, bias_dtype, conv.weight.device, float(bn.eps)) + tuple(
-            (None if t is None else (t.data_ptr(), t._version, t.dtype)) for t in tensors
-        )
+        key = self._fold_key(conv, bn, dtype, bias_dtype)
         hit = self._fold_cache.get(id(conv))
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -201,6 +201,21 @@ class _FusedMixin:
         _allow_prepacking(folded[0])
         self._fold_cache[id(conv)] = (key, folded)
         return folded
+
+    @staticmethod
+    def _fold_key(conv: nn.Conv2d, bn: nn.Module, dtype, bias_dtype) -> tuple:
+        tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        return (id(conv), dtype, bias_dtype, conv.weight.device, float(bn.eps)) + tuple(
+            (None if t is None else (t.data_ptr(), t._version, t.dtype)) for t in tensors
+        )
+
+    def _fold_hit(self, conv: nn.Conv2d, bn: nn.Module, dtype, bias_dtype):
+        """The cached (weight, bias, exact) fold when nothing it depends on changed, else None
+        (no refold: the eval plan's check, fastres.eval_plan)."""
+        hit = self._fold_cache.get(id(conv))
+        if hit is not None and hit[0] == self._fold_key(conv, bn, dtype, bias_dtype):
+            return hit[1]
+        return None
 
     def _eval_conv(
         self,
@@ -254,6 +269,28 @@ class _FusedMixin:
             # running buffers are absent): nn.BatchNorm2d does not touch the buffers then.
             params = params[:3] + (None, None, None)
         return Stage(ConvSpec.of(conv), BNSpec(float(bn.eps), momentum)), params
+
+    def _conv_bn_act(self, x, conv, bn, relu: bool, names: tuple[str, str], where: str):
+        """relu?(bn(conv(x))) fused (eval: folded; training: batch statistics), or None where
+        the module's own forward should run (an empty batch, only the reference path)."""
+        if _empty(x) and sync_group(bn) is None:
+            return None
+        if _only_reference(x, conv, self.training):
+            return None
+        FF.check_input(x, conv.weight, where)
+        check_pair_tensors(x, conv, bn, names, where)
+        if not self._use_batch_stats(bn):
+            return self._eval_conv(x, conv, bn, None, relu, True)
+        stage, params = self._stage(conv, bn)
+        return FF.residual_unit(
+            x, [stage], [params], "none", relu=relu, process_group=sync_group(bn)
+        )
+
+    def __getstate__(self):
+        # The eval plan holds op handles and is cheap to remake: never pickled or deep-copied.
+        state = self.__dict__.copy()
+        state.pop("_eval_plan", None)
+        return state
 
     def __setstate__(self, state):  # unpickling / deepcopy of older objects
         super().__setstate__(state)
@@ -352,6 +389,18 @@ class _ResidualBlockMixin(_FusedMixin):
         return fusable_reasons(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        plan = self.__dict__.get("_eval_plan")
+        if (
+            plan is not None
+            and EP.enabled()
+            and type(x) is Tensor
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):
+            out = plan.run(self, x)
+            if out is not None:
+                return out
+            del self.__dict__["_eval_plan"]  # stale: the full path below makes a new one
         if self._fusable_reasons():
             return super().forward(x)
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._pairs]
@@ -384,7 +433,9 @@ class _ResidualBlockMixin(_FusedMixin):
 
     def _forward_eval(self, x, pairs, ds, ds_pair) -> Tensor:
         h = x
+        inputs = []
         for conv, bn in pairs[:-1]:
+            inputs.append(h)
             h = self._eval_conv(h, conv, bn, None, True)
         if ds_pair is not None:
             identity = self._eval_conv(x, ds_pair[0], ds_pair[1], None, False, True)
@@ -393,8 +444,51 @@ class _ResidualBlockMixin(_FusedMixin):
         else:
             identity = x
         conv, bn = pairs[-1]
-        identity = identity.contiguous(memory_format=FF._fmt(x))
-        return self._eval_conv(h, conv, bn, identity, True, True)
+        fmt = FF._fmt(x)
+        identity = identity.contiguous(memory_format=fmt)
+        inputs.append(h)
+        out = self._eval_conv(h, conv, bn, identity, True, True)
+        self._make_eval_plan(x, pairs, inputs, ds, ds_pair, fmt)
+        return out
+
+    def _make_eval_plan(self, x, pairs, inputs, ds, ds_pair, fmt) -> None:
+        """Record this eval call as a plan (fastres.eval_plan) when a later one may repeat it."""
+        if (
+            not EP.enabled()
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or FF.autocast_dtype(x.device.type) is not None
+        ):
+            return
+        wdt, bdt = FF.fold_dtypes(x)
+        all_pairs = list(pairs) + ([ds_pair] if ds_pair is not None else [])
+        for conv, bn in all_pairs:
+            f = self._fold_hit(conv, bn, wdt, bdt)
+            if f is None or not f[2]:
+                return  # an inexact fold runs unfolded: the full path handles it
+            if type(bn) is FrozenBatchNorm2d and torch.promote_types(wdt, bn.weight.dtype) != wdt:
+                return
+
+        chosen = []
+
+        def op(inp, conv):
+            spec = ConvSpec.of(conv)
+            b = backends.select(FF._inputs(inp, conv.weight, spec, False))
+            chosen.append(b.name)
+            return b.op("conv_bias_act")
+
+        steps = [(c, b, op(i, c)) for (c, b), i in zip(pairs, inputs, strict=True)]
+        if ds_pair is not None:
+            shortcut = ("pair", ds_pair[0], ds_pair[1], op(x, ds_pair[0]))
+        elif ds is not None:
+            shortcut = ("module", ds)
+        else:
+            shortcut = None
+        folds = [self._fold_hit(c, b, wdt, bdt) for c, b in all_pairs]
+        all_cpu = x.device.type == "cpu" and set(chosen) == {"cpu"}
+        self.__dict__["_eval_plan"] = EP.EvalPlan(
+            self, x, steps, shortcut, wdt, bdt, fmt, folds, all_cpu
+        )
 
     def _forward_train(self, x, pairs, ds, ds_pair) -> Tensor:
         staged = [self._stage(c, b) for c, b in pairs]
@@ -469,16 +563,47 @@ class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
 
     def forward(self, x: Tensor) -> Tensor:
         parts = self._fusable()
-        if parts is None or (_empty(x) and sync_group(parts[1]) is None):
-            return super().forward(x)
-        if _only_reference(x, parts[0], self.training):
+        if parts is None:
             return super().forward(x)
         conv, bn, relu = parts
-        FF.check_input(x, conv.weight, "ConvBNReLU")
-        check_pair_tensors(x, conv, bn, ("0", "1"), "ConvBNReLU")
-        if not self._use_batch_stats(bn):
-            return self._eval_conv(x, conv, bn, None, relu, True)
-        stage, params = self._stage(conv, bn)
-        return FF.residual_unit(
-            x, [stage], [params], "none", relu=relu, process_group=sync_group(bn)
-        )
+        out = self._conv_bn_act(x, conv, bn, relu, ("0", "1"), "ConvBNReLU")
+        return super().forward(x) if out is None else out
+
+
+class ResNet(_FusedMixin, tv_resnet.ResNet):
+    """torchvision's ``ResNet`` with its stem (``conv1``, ``bn1``, ``relu``) run as one fused op.
+
+    ``fastres.convert`` swaps a ``torchvision.models.ResNet`` for this class as well as its
+    blocks: same attributes and ``state_dict`` keys. Unfused, the stem is a convolution, a
+    BatchNorm pass and a ReLU pass over the 64 x 112 x 112 output at 224 x 224 (two more reads and
+    writes of it per image) and, on the CPU, one weight reorder per call. When ``conv1``/``bn1``
+    are not the fusable pattern or ``relu`` is not ``nn.ReLU``, the stem runs as torchvision's.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_fused()
+
+    def _fusable_reasons(self) -> list[str]:
+        reasons = pair_reasons(self, [("conv1", "bn1")])
+        if type(getattr(self, "relu", None)) is not nn.ReLU:
+            reasons.append("relu is not nn.ReLU")
+        return reasons
+
+    def _stem(self, x: Tensor) -> Tensor:
+        out = None
+        if not self._fusable_reasons():
+            out = self._conv_bn_act(x, self.conv1, self.bn1, True, ("conv1", "bn1"), "ResNet")
+        return self.relu(self.bn1(self.conv1(x))) if out is None else out
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        # torchvision's ResNet._forward_impl, with the stem fused.
+        x = self._stem(x)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)

@@ -234,7 +234,8 @@ def test_torchvision_resnet_with_fastres_block_and_zero_init():
 def test_state_dict_round_trip_strict():
     tv = randomise_bn(torchvision.models.resnet18())
     ours, rep = fastres.convert(tv, report=True)
-    assert len(rep.swapped) == 8 and not rep.left
+    # 8 blocks and the ResNet itself (its fused stem)
+    assert len(rep.swapped) == 9 and ("", "ResNet") in rep.swapped and not rep.left
     sd = ours.state_dict()
     assert list(sd.keys()) == list(tv.state_dict().keys())
     plain = torchvision.models.resnet18()
@@ -252,8 +253,8 @@ def test_state_dict_round_trip_strict():
 def test_convert_reports_what_it_left():
     tv = torchvision.models.resnet18(norm_layer=lambda c: nn.GroupNorm(1, c))
     ours, rep = fastres.convert(tv, report=True)
-    assert not rep.swapped and len(rep.left) == 8
-    assert "GroupNorm is not nn.BatchNorm2d" in rep.left[0][1]
+    assert not rep.swapped and len(rep.left) == 9  # 8 blocks and the stem
+    assert all("GroupNorm is not nn.BatchNorm2d" in why for _, why in rep.left)
     x = torch.randn(1, 3, 32, 32)
     tv.eval()
     ours.eval()

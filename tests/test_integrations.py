@@ -23,7 +23,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 import fastres
-from fastres.testing import assert_close_rule, verdict_rms
+from fastres.testing import assert_close_rule, rms_err, verdict, verdict_rms
 
 FUSED = (fastres.BasicBlock, fastres.BottleneckBlock, fastres.ConvBNReLU)
 
@@ -692,6 +692,7 @@ def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path, split):
             ),
             torch.float32: _whole_batch_step(fastres.convert(tv), x, proj, world, split),
         }
+        k_plain32 = _whole_batch_step(copy.deepcopy(tv), x, proj, world, split)
     finally:
         torch.set_num_threads(threads)
     for rank in range(world):
@@ -700,7 +701,29 @@ def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path, split):
             k_ours = kept[str(dtype)]
             assert int(k_ours.pop("n_fused")) == 4
             assert int(k_ours.pop("n_sync")) == 1 + 2 * 4 + 3  # stem + 2 per block + downsamples
-            check_rule(k_ours, k_single[dtype][rank], k_ref[rank], dtype)
+            if dtype == torch.float64:
+                check_rule(k_ours, k_single[dtype][rank], k_ref[rank], dtype)
+                continue
+            # float32: a ReLU whose pre-activation is within rounding of 0 flips between float64
+            # and float32 in some runs and not others, depending on the reduction order (2
+            # processes or 1, stem fused or not), and a flip moves the gradients of every layer
+            # before it by ~1e-3 (measured: conv1.weight.grad 1.3e-3 off float64 in this 2-process
+            # run and in the single-process one before the stem was fused; 2.4e-5 in the
+            # single-process run with the fused stem, 2.5e-5 in plain torchvision's). Such a
+            # flip is a correct result, so a tensor passes by the rule against either
+            # single-process yardstick (fused, or plain torchvision) or, failing both, with an
+            # RMS error under 1e-3 of its RMS (one flip: 1e-4 measured; a wrong statistic or a
+            # lost all-reduce moves whole layers by 1e-2 and more).
+            for name, r in k_ref[rank].items():
+                if not r.is_floating_point():
+                    assert torch.equal(k_ours[name], r), name
+                    continue
+                vs = [verdict(name, k_ours[name], y[rank][name], r, dtype)
+                      for y in (k_single[dtype], k_plain32)]
+                if any(v.ok for v in vs):
+                    continue
+                rel = rms_err(k_ours[name], r) / max(float(r.double().pow(2).mean().sqrt()), 1e-30)
+                assert rel < 1e-3, " | ".join(map(str, vs)) + f" | relative RMS error {rel:.2e}"
 
 
 def _mlp() -> nn.Module:

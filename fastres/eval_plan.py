@@ -1,0 +1,203 @@
+"""The eval fast path of the fused blocks: a plan made once, checked in microseconds per call.
+
+A fused block's first eval call goes through every check (fusability, the backend the
+dispatcher picks, the input and each conv/BN tensor's dtype and device, the BN folds and whether
+they keep NaN/Inf where the unfolded layers put them). That Python cost is paid per call by
+default, and it was most of fastres' time at small inputs: measured on the 2-CPU AMD EPYC,
+idle, torchvision ResNet-50 converted, bf16, channels_last, N=1, 2 threads, at 32x32 input
+(kernels ~2 ms): 18.7 ms per call against eager's 20.8 and OpenVINO's 2.8; the ops themselves
+summed to 8.9 ms (torch.profiler), so ~10 ms was Python around 52 fused ops. With the plan:
+9.9 ms at 32x32, and 32.3 -> 27.3 ms (p50, plan off/on alternating in one process) at 224x224.
+
+So the first call that runs fused in eval, without autograd and without autocast, records a
+:class:`EvalPlan`: which submodules, which ops, the folded tensors' cache keys, and what the input
+looked like. A later call runs the plan when everything it depends on is unchanged:
+
+* the block is in eval mode and so is every BatchNorm of it; grad mode is off; autocast is off
+  for the input's device; ``torch.compile`` is not tracing;
+* the input has the plan's dtype, device, shape and memory format, and ``FASTRES_BACKEND`` is
+  what it was;
+* the block's submodules are the same objects (a replaced conv/BN/downsample re-plans), each
+  conv still has no bias;
+* every fold is a cache hit: the conv weight and the BN tensors are the same tensors with the
+  same versions (an optimizer step, ``load_state_dict``, ``.to()`` or ``.half()`` re-plans).
+
+Anything else (or a miss) runs the full path, which makes a new plan. Not re-checked per call:
+a conv's stride, padding, dilation and groups (plain attributes nobody changes after
+construction; assign a new ``nn.Conv2d`` instead, which re-plans). ``FASTRES_EVAL_PLAN=0``
+turns the fast path off.
+
+**The ReLU on the CPU.** oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps it, so the
+CPU backend's conv_bias_act runs the ReLU as a separate read and write of each output
+(csrc/cpu/ops_infer.cpp). A plan whose convolutions all run on the CPU backend proves per call
+that no NaN can reach a ReLU instead: one read pass gives M = max |x| of the block input
+(``fastres_cpu::absmax``; NaN or Inf make it non-finite), and the folded weights give each
+stage's bound, pre-activation <= M * a + b, with a and b from the per-output-channel L1 norm of
+each folded weight and the largest |bias| (a convolution's output is at most its input's max
+times that norm, every partial sum of it too). When M is at most the plan's ``m_max`` (every
+stage's bound under ``_LIMIT``, far below where anything overflows), every pre-activation is a
+finite number and the convolutions take the ReLU as oneDNN's post-op
+(``fastres_cpu::conv_bias_act_finite``); otherwise (a NaN/Inf input, huge values, non-finite
+weights) the ReLU pass runs as before. The check reads the block input once where the passes
+read and wrote every ReLU output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+
+#: The largest bound a pre-activation may have for the post-op ReLU: far below float32's and
+#: bfloat16's 3.4e38, so rounding (2^-8 relative per stored bf16 value, accumulation order)
+#: cannot carry a bounded sum to Inf; float16 uses a quarter of its 65504.
+_LIMIT = 1e30
+#: Relative slack per stage for rounding the stored activations up.
+_SLACK = 1.01
+
+__all__ = ["EvalPlan", "enabled"]
+
+
+def enabled() -> bool:
+    """Whether fused blocks may run eval plans (``FASTRES_EVAL_PLAN``, default on)."""
+    return os.environ.get("FASTRES_EVAL_PLAN", "1").strip() != "0"
+
+
+class EvalPlan:
+    """What one fused eval call of a residual block did, to repeat it without re-checking.
+
+    ``steps``: the main path's (conv, bn, op) in order (the last one takes the residual);
+    ``shortcut``: None (identity), ``("pair", conv, bn, op)`` (a fused conv + BN downsample) or
+    ``("module", ds)`` (a downsample module run as it is)."""
+
+    __slots__ = ("mods", "dtype", "device", "shape", "channels_last", "backend_env", "bns",
+                 "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "m_max",
+                 "finite_op", "absmax")
+
+    def __init__(self, block: nn.Module, x: Tensor, steps, shortcut, wdt, bdt, fmt,
+                 folds, all_cpu: bool) -> None:
+        self.mods = tuple(block._modules.values())
+        self.dtype = x.dtype
+        self.device = x.device
+        self.shape = x.shape
+        self.channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        self.backend_env = os.environ.get("FASTRES_BACKEND")
+        self.steps = tuple(steps)
+        self.shortcut = shortcut
+        pairs = [(c, b) for c, b, _ in self.steps]
+        if shortcut is not None and shortcut[0] == "pair":
+            pairs.append((shortcut[1], shortcut[2]))
+        self.convs = tuple(c for c, _ in pairs)
+        self.bns = tuple(b for _, b in pairs)
+        self.wdt, self.bdt, self.fmt = wdt, bdt, fmt
+        self.folds = tuple(f[0] for f in folds)
+        self.m_max, self.finite_op, self.absmax = math.nan, None, None
+        if all_cpu and shortcut_bound_known(shortcut):
+            ns = getattr(torch.ops, "fastres_cpu", None)
+            if ns is not None and hasattr(ns, "conv_bias_act_finite"):
+                self.m_max = _max_input(folds, len(self.steps), shortcut, x.dtype)
+                self.finite_op, self.absmax = ns.conv_bias_act_finite, ns.absmax
+
+    def _valid(self, block: nn.Module, x: Tensor) -> bool:
+        if (
+            block.training
+            or x.dtype != self.dtype
+            or x.device != self.device
+            or x.shape != self.shape
+            or x.is_contiguous(memory_format=torch.channels_last) != self.channels_last
+            or torch.is_autocast_enabled(self.device.type)
+            or os.environ.get("FASTRES_BACKEND") != self.backend_env
+            or tuple(block._modules.values()) != self.mods
+        ):
+            return False
+        if self.shortcut is not None and self.shortcut[0] == "pair":
+            ds = block._modules.get("downsample")
+            if ds is None or tuple(ds._modules.values()) != (self.shortcut[1], self.shortcut[2]):
+                return False
+        for bn in self.bns:
+            if bn.training:
+                return False
+        for conv in self.convs:
+            if conv._parameters.get("bias") is not None:
+                return False
+        return True
+
+    def run(self, block, x: Tensor) -> Tensor | None:
+        """The block's output, or None when the plan does not apply (run the full path)."""
+        if not self._valid(block, x):
+            return None
+        folds = []
+        for conv, bn, w0 in zip(self.convs, self.bns, self.folds, strict=True):
+            f = block._fold_hit(conv, bn, self.wdt, self.bdt)
+            if f is None or f[0] is not w0:
+                return None
+            folds.append(f)
+        relu_op = None
+        if self.finite_op is not None and self.absmax(x) <= self.m_max:  # NaN: False
+            relu_op = self.finite_op
+        h = x
+        last = len(self.steps) - 1
+        for i, (conv, _, op) in enumerate(self.steps[:-1]):
+            w, b, _ = folds[i]
+            h = (relu_op or op)(h, w, b, None, conv.stride, conv.padding, conv.dilation,
+                                conv.groups, True)
+        sc = self.shortcut
+        if sc is None:
+            identity = x
+        elif sc[0] == "pair":
+            conv, op = sc[1], sc[3]
+            w, b, _ = folds[-1]
+            identity = op(x, w, b, None, conv.stride, conv.padding, conv.dilation, conv.groups,
+                          False)
+        else:
+            identity = sc[1](x)
+        identity = identity.contiguous(memory_format=self.fmt)
+        conv, _, op = self.steps[last]
+        w, b, _ = folds[last]
+        return (relu_op or op)(h, w, b, identity, conv.stride, conv.padding, conv.dilation,
+                               conv.groups, True)
+
+
+def shortcut_bound_known(shortcut) -> bool:
+    """The identity and a fused conv + BN downsample have a bound; a downsample module not."""
+    return shortcut is None or shortcut[0] == "pair"
+
+
+def _norms(w: Tensor, b: Tensor | None) -> tuple[float, float]:
+    """(max over output channels of sum |w|, max |b|) in float64: a conv + bias output is at
+    most max|input| * the first + the second."""
+    with torch.no_grad():
+        a = float(w.detach().double().abs().sum(dim=(1, 2, 3)).max()) if w.numel() else 0.0
+        c = float(b.detach().double().abs().max()) if b is not None and b.numel() else 0.0
+    return a, c
+
+
+def _max_input(folds, n_steps: int, shortcut, dtype: torch.dtype) -> float:
+    """The largest max |x| of a block input for which every pre-activation of the block is
+    bounded by the limit (NaN when a weight or bias is not finite: never)."""
+    limit = min(_LIMIT, torch.finfo(dtype).max / 4)
+    # Each bound is affine in M = max |x|: (coefficient of M, constant).
+    bounds = []
+    q = (1.0, 0.0)
+    for i in range(n_steps):
+        a, c = _norms(folds[i][0], folds[i][1])
+        p = (q[0] * a, q[1] * a + c)
+        if i == n_steps - 1:
+            if shortcut is None:
+                s = (1.0, 0.0)
+            else:
+                ad, cd = _norms(folds[-1][0], folds[-1][1])
+                s = (ad, cd)
+                bounds.append(s)
+            p = (p[0] + s[0], p[1] + s[1])
+        bounds.append(p)
+        q = (p[0] * _SLACK, p[1] * _SLACK)
+    m_max = math.inf
+    for k, c in bounds:
+        if not (math.isfinite(k) and math.isfinite(c)) or c >= limit:
+            return math.nan
+        if k > 0:
+            m_max = min(m_max, (limit - c) / (k * _SLACK))
+    return m_max

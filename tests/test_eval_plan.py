@@ -1,0 +1,228 @@
+"""The eval fast path (fastres.eval_plan), the CPU ReLU post-op it proves safe, and the fused
+ResNet stem (fastres.ResNet)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fastres
+from fastres import backends
+from fastres import eval_plan as EP
+from fastres.parity import randomise_batchnorms
+
+pytestmark = pytest.mark.skipif(
+    backends.available()["cpu"] is not None, reason="needs the C++ CPU kernels"
+)
+
+CL = torch.channels_last
+
+
+def _model(dtype=torch.float32, seed=0) -> nn.Module:
+    m = torchvision.models.resnet18(num_classes=10)
+    randomise_batchnorms(m, torch.Generator().manual_seed(seed))
+    return m.eval().to(dtype).to(memory_format=CL)
+
+
+def _x(n=2, dtype=torch.float32, seed=1, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g).to(dtype).contiguous(memory_format=CL)
+
+
+def _plans(m: nn.Module) -> list:
+    return [mod.__dict__["_eval_plan"] for mod in m.modules() if "_eval_plan" in mod.__dict__]
+
+
+def _full_path(m: nn.Module, x, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setenv("FASTRES_EVAL_PLAN", "0")
+        return m(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_plan_is_bitwise_the_full_path(dtype, monkeypatch):
+    """Once planned, a call gives exactly the full path's output, and every block has a plan
+    whose ReLUs went to oneDNN's post-op (the input is finite and small)."""
+    m = fastres.convert(_model(dtype))
+    x = _x(dtype=dtype)
+    used = []
+    with torch.no_grad():
+        full = _full_path(m, x, monkeypatch)
+        m(x)  # makes the plans
+        plans = _plans(m)
+        assert len(plans) == 8
+        for p in plans:
+            assert p.finite_op is not None and p.m_max > 1e6, p.m_max
+            op = p.finite_op
+            p.finite_op = lambda *a, _op=op: used.append(1) or _op(*a)
+        fast = m(x)
+    assert torch.equal(fast, full)
+    assert len(used) == 16  # two ReLU convs per BasicBlock
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_plan_keeps_nan_and_inf_like_torchvision(bad):
+    """A non-finite block input fails the bound, so the ReLUs keep NaN as torch.relu does: the
+    NaN/Inf pattern of every block's output is torchvision's (oneDNN's post-op would give 0)."""
+    tv = _model()
+    m = fastres.convert(tv)
+    x = _x()
+    with torch.no_grad():
+        m(x)
+        m(x)  # planned
+        h = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        h[0, 3, 2, 2] = bad
+        h[1, 5, 0, 1] = bad
+        ours, theirs = m.layer1(h), tv.layer1(h)
+    assert _plans(m)
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+    assert ours.isnan().any() or ours.isinf().any()
+    fin = ~(theirs.isnan() | theirs.isinf())
+    torch.testing.assert_close(ours[fin], theirs[fin])
+
+
+def test_plan_bound_refuses_huge_inputs():
+    """An input past the plan's m_max runs the ReLU pass (not the post-op)."""
+    m = fastres.convert(_model())
+    blk = m.layer1[0]
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=CL)
+    with torch.no_grad():
+        blk(x)
+        p = blk._eval_plan
+        calls = []
+        op = p.finite_op
+        p.finite_op = lambda *a: calls.append(1) or op(*a)
+        blk(x)
+        assert calls == [1, 1]
+        blk(x * (2 * p.m_max))
+        assert calls == [1, 1]
+
+
+def test_plan_follows_changes(monkeypatch):
+    """Whatever the plan depends on, changed, re-plans: new weights (load_state_dict, an
+    in-place update), a replaced submodule, another dtype, batch size or layout, train mode."""
+    tv = _model()
+    m = fastres.convert(tv)
+    x = _x()
+    with torch.no_grad():
+        m(x)
+        m(x)
+        # in-place weight update: the fold cache misses, the full path refolds
+        m.layer1[0].conv1.weight.mul_(0.5)
+        tv.layer1[0].conv1.weight.mul_(0.5)
+        torch.testing.assert_close(m(x), tv(x), rtol=1e-4, atol=1e-4)
+        # load_state_dict of other values
+        other = _model(seed=5)
+        m.load_state_dict(other.state_dict())
+        torch.testing.assert_close(m(x), other(x), rtol=1e-4, atol=1e-4)
+        # a replaced BatchNorm
+        bn = copy.deepcopy(other.layer2[0].bn2)
+        bn.running_mean.add_(1.0)
+        m.layer2[0].bn2 = copy.deepcopy(bn)
+        other.layer2[0].bn2 = bn
+        torch.testing.assert_close(m(x), other(x), rtol=1e-4, atol=1e-4)
+        # another batch size and layout
+        for y in (_x(n=3), _x().contiguous()):
+            torch.testing.assert_close(m(y), other(y), rtol=1e-4, atol=1e-4)
+        # another dtype
+        m16, o16 = copy.deepcopy(m).bfloat16(), copy.deepcopy(other).bfloat16()
+        xb = x.bfloat16()
+        m16(xb)
+        assert torch.equal(m16(xb), _full_path(m16, xb, monkeypatch))
+        torch.testing.assert_close(m16(xb).float(), o16(xb).float(), rtol=0.1, atol=0.5)
+    # train mode: batch statistics, never the plan: exactly a fresh converted model's output
+    fresh = fastres.convert(copy.deepcopy(other)).train()
+    m.train()
+    assert _plans(m)
+    assert torch.equal(m(x), fresh(x))
+
+
+def test_plan_not_pickled_and_off_switch(monkeypatch):
+    m = fastres.convert(_model())
+    x = _x()
+    with torch.no_grad():
+        m(x)
+        assert _plans(m)
+        c = copy.deepcopy(m)
+        assert not _plans(c)
+        assert torch.equal(c(x), m(x))
+        monkeypatch.setenv("FASTRES_EVAL_PLAN", "0")
+        assert not EP.enabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_absmax(dtype):
+    absmax = torch.ops.fastres_cpu.absmax
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 7, 11, generator=g) * 3).to(dtype)
+    want = float(x.double().abs().max())
+    assert absmax(x) == want
+    assert absmax(x.contiguous(memory_format=CL)) == want
+    assert absmax(x[:, ::2]) == float(x[:, ::2].double().abs().max())  # not dense
+    big = torch.randn(70001, generator=g).to(dtype)  # several chunks and a tail
+    assert absmax(big) == float(big.double().abs().max())
+    y = x.clone()
+    y[1, 2, 3, 4] = -math.inf
+    assert absmax(y) == math.inf
+    y[0, 0, 0, 0] = math.nan
+    assert math.isnan(absmax(y))
+    assert absmax(torch.zeros(0, dtype=dtype)) == 0.0
+    with pytest.raises(RuntimeError, match="absmax: x has dtype"):
+        absmax(torch.ones(3, dtype=torch.int32))
+
+
+def test_max_input_bound():
+    """m_max is where the largest stage bound reaches the limit, NaN for non-finite weights."""
+    w = torch.full((4, 2, 1, 1), 0.5)
+    b = torch.full((4,), 1.0)
+    # one conv, identity shortcut: bound = M * (1 + 1) + 1 (norm 1, bias 1, plus M)
+    got = EP._max_input([(w, b, True)], 1, None, torch.float32)
+    assert got == pytest.approx((EP._LIMIT - 1.0) / (2.0 * EP._SLACK))
+    wn = w.clone()
+    wn[0, 0, 0, 0] = math.nan
+    assert math.isnan(EP._max_input([(wn, b, True)], 1, None, torch.float32))
+    # float16: a quarter of its range
+    assert EP._max_input([(w, b, True)], 1, None, torch.float16) < 65504 / 4
+
+
+def test_resnet_stem_fused_and_round_trip():
+    tv = _model()
+    m, rep = fastres.convert(tv, report=True)
+    assert type(m) is fastres.ResNet and ("", "ResNet") in rep.swapped
+    assert list(m.state_dict()) == list(tv.state_dict())
+    x = _x()
+    calls = []
+    orig = fastres.ResNet._conv_bn_act
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    with torch.no_grad():
+        fastres.ResNet._conv_bn_act = spy
+        try:
+            out = m(x)
+        finally:
+            fastres.ResNet._conv_bn_act = orig
+    assert calls == [1]
+    torch.testing.assert_close(out, tv(x), rtol=1e-4, atol=1e-4)
+    plain = fastres.unconvert(m)
+    assert type(plain) is torchvision.models.ResNet
+    assert type(plain.layer1[0]) is torchvision.models.resnet.BasicBlock
+    same = fastres.convert(tv, inplace=True)
+    assert same is tv and type(tv) is fastres.ResNet
+    assert fastres.unconvert(tv, inplace=True) is tv and type(tv) is torchvision.models.ResNet
+
+
+def test_resnet_stem_left_when_not_fusable():
+    tv = torchvision.models.resnet18(num_classes=10)
+    tv.relu = nn.ReLU6()
+    m, rep = fastres.convert(tv, report=True)
+    assert type(m) is torchvision.models.ResNet
+    assert ("", "relu is not nn.ReLU") in rep.left
+    assert type(m.layer1[0]) is fastres.BasicBlock  # the blocks are still converted
