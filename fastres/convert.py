@@ -181,7 +181,9 @@ def _unswap(mod: nn.Module, cls: type[nn.Module]) -> nn.Module:
     """A plain block sharing ``mod``'s submodules, parameters, buffers and hooks."""
     new = cls.__new__(cls)
     new.__dict__ = {
-        k: v for k, v in mod.__dict__.items() if k not in ("_fold_cache", "_eval_plan")
+        k: v
+        for k, v in mod.__dict__.items()
+        if k not in ("_fold_cache", "_eval_plan", "_fr_handle")
     }
     return new
 
@@ -205,7 +207,7 @@ def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
     if cls is not None:
         container = type(model) in _CONTAINERS
         model.__class__ = cls  # the object itself (unconvert(m, inplace=True) returns m)
-        for k in ("_fold_cache", "_eval_plan"):
+        for k in ("_fold_cache", "_eval_plan", "_fr_handle"):
             model.__dict__.pop(k, None)
         if not container:
             return model

@@ -226,3 +226,28 @@ def test_resnet_stem_left_when_not_fusable():
     assert type(m) is torchvision.models.ResNet
     assert ("", "relu is not nn.ReLU") in rep.left
     assert type(m.layer1[0]) is fastres.BasicBlock  # the blocks are still converted
+
+
+def test_compiled_inference_runs_fused_modules_opaque():
+    """torch.compile (fullgraph) of a converted model in inference: each fused module is one
+    fastres::_module_forward node running the module's eager fused path (its eval plan, its
+    prepacked weights: no new packing per call), with the converted model's numbers."""
+    torch._dynamo.reset()
+    m = fastres.convert(_model())
+    x = _x()
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True, dynamic=False)
+        out = compiled(x)
+        packed = torch.ops.fastres_cpu.weight_cache_size()
+        out2 = compiled(x)
+        assert torch.ops.fastres_cpu.weight_cache_size() == packed
+    assert len(_plans(m)) == 8
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)  # Inductor's pool/fc round
+    assert torch.equal(out, out2)
+    # training still traces the fused ops (no opaque node: it would hide the statistics update)
+    from fastres import opaque as OP  # noqa: PLC0415
+
+    assert not OP.compiled_inference(m, x)  # not tracing here
+    m.train()
+    torch.testing.assert_close(torch.compile(m, dynamic=False)(x), m(x), rtol=1e-4, atol=1e-4)
