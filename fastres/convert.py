@@ -183,7 +183,7 @@ def _unswap(mod: nn.Module, cls: type[nn.Module]) -> nn.Module:
     new.__dict__ = {
         k: v
         for k, v in mod.__dict__.items()
-        if k not in ("_fold_cache", "_eval_plan", "_fr_handle")
+        if k not in ("_fold_cache", "_eval_plan", "_fr_handle", "_stem_bound")
     }
     return new
 
@@ -207,7 +207,7 @@ def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
     if cls is not None:
         container = type(model) in _CONTAINERS
         model.__class__ = cls  # the object itself (unconvert(m, inplace=True) returns m)
-        for k in ("_fold_cache", "_eval_plan", "_fr_handle"):
+        for k in ("_fold_cache", "_eval_plan", "_fr_handle", "_stem_bound"):
             model.__dict__.pop(k, None)
         if not container:
             return model

@@ -174,9 +174,10 @@ def _norms(w: Tensor, b: Tensor | None) -> tuple[float, float]:
     return a, c
 
 
-def _max_input(folds, n_steps: int, shortcut, dtype: torch.dtype) -> float:
+def _max_input(folds, n_steps: int, shortcut, dtype: torch.dtype, residual: bool = True) -> float:
     """The largest max |x| of a block input for which every pre-activation of the block is
-    bounded by the limit (NaN when a weight or bias is not finite: never)."""
+    bounded by the limit (NaN when a weight or bias is not finite: never). ``residual``: the
+    last step adds the shortcut (a block); without it, a chain of convolutions (the stem)."""
     limit = min(_LIMIT, torch.finfo(dtype).max / 4)
     # Each bound is affine in M = max |x|: (coefficient of M, constant).
     bounds = []
@@ -184,7 +185,7 @@ def _max_input(folds, n_steps: int, shortcut, dtype: torch.dtype) -> float:
     for i in range(n_steps):
         a, c = _norms(folds[i][0], folds[i][1])
         p = (q[0] * a, q[1] * a + c)
-        if i == n_steps - 1:
+        if i == n_steps - 1 and residual:
             if shortcut is None:
                 s = (1.0, 0.0)
             else:

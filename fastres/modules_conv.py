@@ -9,7 +9,11 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import misc as tv_misc
 
+from fastres import backends
+from fastres import eval_plan as EP
+from fastres import functional as FF
 from fastres import opaque as OP
+from fastres.functional import ConvSpec
 from fastres.modules import _conv_bn_reasons, _FusedMixin, pair_reasons
 
 __all__ = ["ConvBNReLU", "ResNet"]
@@ -73,8 +77,44 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
             return OP.opaque_forward(self, x, stem=True)
         out = None
         if not self._fusable_reasons():
-            out = self._conv_bn_act(x, self.conv1, self.bn1, True, ("conv1", "bn1"), "ResNet")
+            out = self._stem_finite(x)
+            if out is None:
+                out = self._conv_bn_act(x, self.conv1, self.bn1, True, ("conv1", "bn1"), "ResNet")
         return self.relu(self.bn1(self.conv1(x))) if out is None else out
+
+    def _stem_finite(self, x: Tensor) -> Tensor | None:
+        """The CPU stem with oneDNN's ReLU post-op when max |x| bounds the pre-activation (the
+        eval plan's proof, fastres.eval_plan), once a full call has folded the BatchNorm; else
+        None. The ReLU pass over the stem's output is the largest of the network's (64 x 112 x
+        112 per image at 224 x 224)."""
+        conv, bn = self.conv1, self.bn1
+        if (
+            type(x) is not Tensor
+            or x.device.type != "cpu"
+            or self.training
+            or bn.training
+            or torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")
+            or not EP.enabled()
+        ):
+            return None
+        ns = getattr(torch.ops, "fastres_cpu", None)
+        if ns is None or not hasattr(ns, "conv_bias_act_finite"):
+            return None
+        wdt, bdt = FF.fold_dtypes(x)
+        f = self._fold_hit(conv, bn, wdt, bdt)
+        if f is None or not f[2]:
+            return None
+        spec = ConvSpec.of(conv)
+        if backends.select(FF._inputs(x, conv.weight, spec, False)).name != "cpu":
+            return None
+        bound = self.__dict__.get("_stem_bound")
+        if bound is None or bound[0] is not f[0]:
+            bound = (f[0], EP._max_input([f], 1, None, x.dtype, residual=False))
+            self.__dict__["_stem_bound"] = bound
+        if not ns.absmax(x) <= bound[1]:  # NaN: not <=
+            return None
+        return ns.conv_bias_act_finite(x, f[0], f[1], None, *spec.args(), True)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         # torchvision's ResNet._forward_impl, with the stem fused.

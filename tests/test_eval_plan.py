@@ -251,3 +251,23 @@ def test_compiled_inference_runs_fused_modules_opaque():
     assert not OP.compiled_inference(m, x)  # not tracing here
     m.train()
     torch.testing.assert_close(torch.compile(m, dynamic=False)(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_stem_relu_post_op_keeps_nan(monkeypatch):
+    """The CPU stem takes oneDNN's ReLU post-op for a bounded input (bitwise the full path's
+    output) and the ReLU pass for an input holding NaN/Inf (torchvision's pattern)."""
+    tv = _model()
+    m = fastres.convert(tv)
+    x = _x()
+    with torch.no_grad():
+        full = _full_path(m, x, monkeypatch)
+        m(x)
+        assert m._stem_finite(x) is not None
+        assert torch.equal(m._stem(x), m._stem_finite(x))
+        assert torch.equal(m(x), full)
+        bad = x.clone()
+        bad[0, 1, 5, 5] = math.nan
+        bad[1, 2, 7, 3] = math.inf
+        assert m._stem_finite(bad) is None
+        ours, theirs = m._stem(bad), tv.relu(tv.bn1(tv.conv1(bad)))
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
