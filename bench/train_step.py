@@ -1,0 +1,105 @@
+"""A ResNet-50 training step on the CPU, providers alternating in one process (issue 15, item 4).
+
+    python bench/train_step.py --dtype bf16 --batch 8 --providers eager,fastres,compile
+    python bench/train_step.py --dtype fp32 --batch 8 --peak     # peak RSS, one process each
+
+One step is forward, cross-entropy, backward and an SGD (momentum) step, on the same randomised
+ResNet-50 (bench.benchlib.randomised), channels_last, the model in ``--dtype``. After two warm-up
+steps per provider, ``--rounds`` rounds run each provider once in turn (alternating, so a busy
+spell of the machine hits all of them); the median, min and max are printed with the machine's
+load average. ``--peak`` instead runs each provider in its own process for two steps and prints
+the process's peak resident memory (``ru_maxrss``: model, optimizer state, activations and the
+libraries, which are the same for every provider).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _models(providers: list[str], dtype: torch.dtype, batch: int):
+    import torchvision
+
+    import benchlib as B
+    import fastres
+
+    torch.manual_seed(0)
+    base = B.place(B.randomised(torchvision.models.resnet50(), seed=1), torch.device("cpu"),
+                   dtype, True).train()
+    x = B.randn((batch, 3, 224, 224), torch.device("cpu"), dtype, True, seed=10)
+    y = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(3))
+    models = {}
+    for p in providers:
+        m = copy.deepcopy(base)
+        if p == "fastres":
+            m = fastres.convert(m)
+        elif p == "compile":
+            m = torch.compile(m)
+        elif p != "eager":
+            raise SystemExit(f"unknown provider {p!r}: eager, fastres or compile")
+        models[p] = (m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9))
+    return models, x, y
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--providers", default="eager,fastres")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peak", action="store_true")
+    a = ap.parse_args(argv)
+    providers = a.providers.split(",")
+    if a.peak:
+        for p in providers:
+            cmd = [sys.executable, __file__, "--dtype", a.dtype, "--batch", str(a.batch),
+                   "--providers", p, "--rounds", "1", "--threads", str(a.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            print(out.strip().splitlines()[-1])
+        return 0
+    torch.set_num_threads(a.threads)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    models, x, y = _models(providers, dtype, a.batch)
+
+    def step(p):
+        m, opt = models[p]
+        F.cross_entropy(m(x).float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for p in providers:
+        for _ in range(2):
+            step(p)
+    load = os.getloadavg()[0]
+    ts = {p: [] for p in providers}
+    for _ in range(a.rounds):
+        for p in providers:
+            t = time.perf_counter()
+            step(p)
+            ts[p].append((time.perf_counter() - t) * 1e3)
+    print(f"# ResNet-50 training step, {a.dtype}, N={a.batch}, channels_last, {a.threads} threads,"
+          f" load average {load:.2f} at the start, {a.rounds} alternating rounds")
+    for p in providers:
+        v = sorted(ts[p])
+        print(f"{p:8s} median {statistics.median(v):8.1f} ms  min {v[0]:8.1f}  max {v[-1]:8.1f}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{'+'.join(providers)}: peak RSS {rss:.0f} MiB ({a.dtype}, N={a.batch})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
