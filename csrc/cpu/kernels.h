@@ -1,4 +1,4 @@
-// The interface between the ATen-level CPU ops (ops_cpu.cpp) and the vectorised single-pass
+// The interface between the ATen-level CPU ops (ops_common/ops_infer/ops_train.cpp) and the vectorised single-pass
 // kernels (kernels_impl.h, compiled once per instruction set by kernels_<isa>.cpp).
 //
 // Kernels see raw pointers and sizes only, never at::Tensor: the per-ISA translation units are
