@@ -1,5 +1,6 @@
-// The interface between the ATen-level CPU ops (ops_common/ops_infer/ops_train.cpp) and the vectorised single-pass
-// kernels (kernels_impl.h, compiled once per instruction set by kernels_<isa>.cpp).
+// The interface between the ATen-level CPU ops (ops_common.cpp, ops_infer.cpp, ops_train.cpp)
+// and the vectorised single-pass kernels (kernels_impl.h, compiled once per instruction set by
+// kernels_<isa>.cpp).
 //
 // Kernels see raw pointers and sizes only, never at::Tensor: the per-ISA translation units are
 // compiled with wider instruction sets than the baseline, and keeping ATen's inline functions out
