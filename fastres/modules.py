@@ -460,6 +460,7 @@ class _ResidualBlockMixin(_FusedMixin):
         """Record this eval call as a plan (fastres.eval_plan) when a later one may repeat it."""
         if (
             not EP.enabled()
+            or self.training  # a frozen-BN block in training runs this path; plans need eval
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
             or FF.autocast_dtype(x.device.type) is not None
