@@ -74,7 +74,7 @@ class EvalPlan:
 
     __slots__ = ("mods", "dtype", "device", "shape", "channels_last", "backend_env", "bns",
                  "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "m_max",
-                 "finite_op", "absmax")
+                 "finite_op", "absmax", "into_op")
 
     def __init__(self, block: nn.Module, x: Tensor, steps, shortcut, wdt, bdt, fmt,
                  folds, all_cpu: bool) -> None:
@@ -93,12 +93,13 @@ class EvalPlan:
         self.bns = tuple(b for _, b in pairs)
         self.wdt, self.bdt, self.fmt = wdt, bdt, fmt
         self.folds = tuple(f[0] for f in folds)
-        self.m_max, self.finite_op, self.absmax = math.nan, None, None
+        self.m_max, self.finite_op, self.absmax, self.into_op = math.nan, None, None, None
         if all_cpu and shortcut_bound_known(shortcut):
             ns = getattr(torch.ops, "fastres_cpu", None)
             if ns is not None and hasattr(ns, "conv_bias_act_finite"):
                 self.m_max = _max_input(folds, len(self.steps), shortcut, x.dtype)
                 self.finite_op, self.absmax = ns.conv_bias_act_finite, ns.absmax
+                self.into_op = getattr(ns, "conv_bias_act_finite_into", None)
 
     def _valid(self, block: nn.Module, x: Tensor) -> bool:
         if (
@@ -124,8 +125,11 @@ class EvalPlan:
                 return False
         return True
 
-    def run(self, block, x: Tensor) -> Tensor | None:
-        """The block's output, or None when the plan does not apply (run the full path)."""
+    def run(self, block, x: Tensor, donate: bool = False) -> Tensor | None:
+        """The block's output, or None when the plan does not apply (run the full path).
+        ``donate``: the caller owns ``x`` and no longer needs it, so an identity shortcut's
+        residual add may write into it (fastres.ResNet's own intermediates); a fused
+        downsample's output is the plan's own and is always written into."""
         if not self._valid(block, x):
             return None
         folds = []
@@ -156,6 +160,13 @@ class EvalPlan:
         identity = identity.contiguous(memory_format=self.fmt)
         conv, _, op = self.steps[last]
         w, b, _ = folds[last]
+        owned = (sc is not None and sc[0] == "pair") or (
+            sc is None and (donate or identity is not x)  # not x: .contiguous() copied it
+        )
+        if relu_op is not None and self.into_op is not None and owned:
+            # The residual buffer is ours: the convolution accumulates into it in place.
+            return self.into_op(identity, h, w, b, conv.stride, conv.padding, conv.dilation,
+                                conv.groups, True)
         return (relu_op or op)(h, w, b, identity, conv.stride, conv.padding, conv.dilation,
                                conv.groups, True)
 

@@ -14,7 +14,7 @@ from fastres import eval_plan as EP
 from fastres import functional as FF
 from fastres import opaque as OP
 from fastres.functional import ConvSpec
-from fastres.modules import _conv_bn_reasons, _FusedMixin, pair_reasons
+from fastres.modules import _conv_bn_reasons, _FusedMixin, _ResidualBlockMixin, pair_reasons
 
 __all__ = ["ConvBNReLU", "ResNet"]
 
@@ -82,6 +82,26 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
                 out = self._conv_bn_act(x, self.conv1, self.bn1, True, ("conv1", "bn1"), "ResNet")
         return self.relu(self.bn1(self.conv1(x))) if out is None else out
 
+    def _may_donate(self, layers) -> bool:
+        """Inference without autograd, tracing or any forward hook on the path (a hook could
+        keep a block's input), every layer a plain Sequential of fused residual blocks."""
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or not EP.enabled()
+            or _global_hooks()
+        ):
+            return False
+        for layer in layers:
+            if type(layer) is not nn.Sequential or _has_hooks(layer):
+                return False
+            for blk in layer:
+                if not isinstance(blk, _ResidualBlockMixin) or _has_hooks(blk):
+                    return False
+        return True
+
     def _stem_finite(self, x: Tensor) -> Tensor | None:
         """The CPU stem with oneDNN's ReLU post-op when max |x| bounds the pre-activation (the
         eval plan's proof, fastres.eval_plan), once a full call has folded the BatchNorm; else
@@ -120,10 +140,30 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         # torchvision's ResNet._forward_impl, with the stem fused.
         x = self._stem(x)
         x = self.maxpool(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if self._may_donate(layers):
+            # The activations between blocks are this forward's own (no hook can see them): a
+            # planned block may write its residual add into its input (fastres.eval_plan).
+            for layer in layers:
+                for blk in layer:
+                    plan = blk.__dict__.get("_eval_plan")
+                    out = None if plan is None else plan.run(blk, x, donate=True)
+                    x = blk(x) if out is None else out
+        else:
+            for layer in layers:
+                x = layer(x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+
+def _has_hooks(mod: nn.Module) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m  # noqa: PLC0415
+
+    return bool(
+        getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None)
+    )

@@ -58,11 +58,14 @@ def test_plan_is_bitwise_the_full_path(dtype, monkeypatch):
         assert len(plans) == 8
         for p in plans:
             assert p.finite_op is not None and p.m_max > 1e6, p.m_max
-            op = p.finite_op
-            p.finite_op = lambda *a, _op=op: used.append(1) or _op(*a)
+            op, into = p.finite_op, p.into_op
+            p.finite_op = lambda *a, _op=op: used.append("out") or _op(*a)
+            p.into_op = lambda *a, _op=into: used.append("into") or _op(*a)
         fast = m(x)
     assert torch.equal(fast, full)
-    assert len(used) == 16  # two ReLU convs per BasicBlock
+    # two ReLU convs per BasicBlock; the residual ones write into fastres.ResNet's own
+    # intermediates (or a fused downsample's output)
+    assert used.count("out") == 8 and used.count("into") == 8
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -271,3 +274,44 @@ def test_stem_relu_post_op_keeps_nan(monkeypatch):
         assert m._stem_finite(bad) is None
         ours, theirs = m._stem(bad), tv.relu(tv.bn1(tv.conv1(bad)))
     assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+
+
+@pytest.mark.parametrize("cl", [True, False], ids=["channels_last", "contiguous"])
+def test_conv_bias_act_finite_into(cl):
+    """The result written into the residual is the out-of-place op's, bitwise (the in-place
+    oneDNN kernel in channels_last, a copy otherwise), and the residual itself is returned."""
+    g = torch.Generator().manual_seed(0)
+    fmt = CL if cl else torch.contiguous_format
+    x = torch.randn(2, 8, 9, 9, generator=g).contiguous(memory_format=fmt)
+    w = torch.randn(16, 8, 3, 3, generator=g).contiguous(memory_format=fmt) * 0.1
+    b = torch.randn(16, generator=g)
+    r = torch.randn(2, 16, 9, 9, generator=g).contiguous(memory_format=fmt)
+    ns = torch.ops.fastres_cpu
+    want = ns.conv_bias_act_finite(x, w, b, r, [1, 1], [1, 1], [1, 1], 1, True)
+    r2 = r.clone()
+    got = ns.conv_bias_act_finite_into(r2, x, w, b, [1, 1], [1, 1], [1, 1], 1, True)
+    assert got.data_ptr() == r2.data_ptr() and torch.equal(r2, want)
+    with pytest.raises(RuntimeError, match="residual must have the output's size"):
+        ns.conv_bias_act_finite_into(r2[:, :8], x, w, b, [1, 1], [1, 1], [1, 1], 1, True)
+
+
+def test_resnet_donates_its_own_intermediates_only():
+    """fastres.ResNet lets planned blocks write the residual add into their input (bitwise the
+    same output), but never with a forward hook on the path: a hook's tensor stays intact."""
+    m = fastres.convert(_model())
+    x = _x()
+    with torch.no_grad():
+        m(x)
+        m(x)
+        assert m._may_donate((m.layer1, m.layer2, m.layer3, m.layer4))
+        donated = m(x)
+        seen = []
+        h = m.layer1[1].register_forward_hook(lambda mod, inp, out: seen.append(
+            (inp[0], inp[0].clone())))
+        assert not m._may_donate((m.layer1, m.layer2, m.layer3, m.layer4))
+        hooked = m(x)
+        h.remove()
+    assert torch.equal(donated, hooked)
+    kept, copy_then = seen[0]
+    assert torch.equal(kept, copy_then)  # not overwritten by layer1[1]'s residual add
+    assert not torch.equal(x, torch.zeros_like(x))

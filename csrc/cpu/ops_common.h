@@ -63,6 +63,10 @@ Tensor conv_bias_act_finite_cpu(const Tensor& input, const Tensor& weight,
                                 const optional<Tensor>& bias, const optional<Tensor>& residual,
                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t groups, bool relu);
+Tensor& conv_bias_act_finite_into_cpu(Tensor& residual, const Tensor& input, const Tensor& weight,
+                                      const optional<Tensor>& bias, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t groups, bool relu);
 double absmax_cpu(const Tensor& x);
 std::tuple<Tensor, Tensor> relu_bias_bwd_cpu(const Tensor& grad_out, const optional<Tensor>& out);
 

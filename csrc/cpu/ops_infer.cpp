@@ -41,9 +41,19 @@ using PointwiseBinaryFn = Tensor(const Tensor&, const Tensor&, const Tensor&,
                                  optional<c10::string_view>, c10::List<optional<at::Scalar>>,
                                  optional<c10::string_view>);
 
+// The in-place binary variant: the result is written into `other` (the residual) and returned.
+using PointwiseBinaryInplaceFn = Tensor&(Tensor&, const Tensor&, const Tensor&,
+                                         const optional<Tensor>&, at::IntArrayRef,
+                                         at::IntArrayRef, at::IntArrayRef, int64_t,
+                                         c10::string_view, optional<at::Scalar>,
+                                         optional<c10::string_view>,
+                                         c10::List<optional<at::Scalar>>,
+                                         optional<c10::string_view>);
+
 struct Pointwise {
   optional<c10::TypedOperatorHandle<PointwiseFn>> unary;
   optional<c10::TypedOperatorHandle<PointwiseBinaryFn>> binary;
+  optional<c10::TypedOperatorHandle<PointwiseBinaryInplaceFn>> binary_inplace;
 };
 
 const Pointwise& pointwise_ops() {
@@ -58,6 +68,9 @@ const Pointwise& pointwise_ops() {
     }
     if (auto h = d.findSchema({"mkldnn::_convolution_pointwise", "binary"})) {
       p.binary = h->typed<PointwiseBinaryFn>();
+    }
+    if (auto h = d.findSchema({"mkldnn::_convolution_pointwise_", "binary"})) {
+      p.binary_inplace = h->typed<PointwiseBinaryInplaceFn>();
     }
     return p;
   }();
@@ -371,6 +384,46 @@ Tensor conv_bias_act_finite_cpu(const Tensor& input, const Tensor& weight,
                             true);
 }
 
+// conv_bias_act_finite with the result written into `residual` (which the caller no longer
+// needs): oneDNN accumulates the convolution into the residual's buffer, where the out-of-place
+// add first copies the residual into a new output (measured, layer1's conv3 at N=8: 2.37 vs
+// 2.87 ms bf16, 5.85 vs 6.70 ms fp32, bitwise the same values). Where the in-place kernel does
+// not apply (not channels_last, groups, a float32 bias with bf16 activations, no oneDNN), the
+// out-of-place result is copied into `residual`.
+Tensor& conv_bias_act_finite_into_cpu(Tensor& residual, const Tensor& input, const Tensor& weight,
+                                      const optional<Tensor>& bias, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t groups, bool relu) {
+  constexpr const char* op = "conv_bias_act_finite_into";
+  check_cpu(op, "input", input);
+  const auto out_sizes = check_conv(op, input, weight, stride, padding, dilation, groups);
+  check_cpu(op, "residual", residual);
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef(out_sizes), "fastres_cpu::", op,
+              ": residual must have the output's size ", at::IntArrayRef(out_sizes), ", got ",
+              sizes_str(residual));
+  check_same_dtype(op, "residual", residual, "input", input);
+  const auto dtype = input.scalar_type();
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const bool inplace = onednn_supports(dtype) && pointwise_ops().binary_inplace.has_value() &&
+                       groups == 1 && format_of(input) == cl && has_dense_strides(residual, cl) &&
+                       (!has(bias) || bias->scalar_type() == dtype);
+  if (inplace) {
+    optional<Tensor> packed =
+        PackedWeights::get().lookup(weight, input, stride, padding, dilation, groups);
+    const Tensor& w = packed.has_value() ? *packed : weight;
+    const optional<c10::string_view> unary =
+        relu ? optional<c10::string_view>("relu") : std::nullopt;
+    pointwise_ops().binary_inplace->call(residual, input, w, bias, padding, stride, dilation,
+                                         groups, "add", std::nullopt, unary,
+                                         c10::List<optional<at::Scalar>>(), std::nullopt);
+    return residual;
+  }
+  const Tensor out = conv_bias_act_impl(input, weight, bias, residual, stride, padding, dilation,
+                                        groups, relu, true);
+  residual.copy_(out);
+  return residual;
+}
+
 double absmax_cpu(const Tensor& x) {
   constexpr const char* op = "absmax";
   check_cpu(op, "x", x);
@@ -433,4 +486,10 @@ TORCH_LIBRARY_FRAGMENT(fastres_cpu, m) {
   m.def("conv_bias_act_finite(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
         "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor",
         &fastres::cpu::conv_bias_act_finite_cpu);
+  // conv_bias_act_finite with its residual overwritten by the result (returned): for a caller
+  // that owns the residual and no longer needs it.
+  m.def("conv_bias_act_finite_into(Tensor(a!) residual, Tensor input, Tensor weight, "
+        "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) "
+        "-> Tensor(a!)",
+        &fastres::cpu::conv_bias_act_finite_into_cpu);
 }
