@@ -309,10 +309,6 @@ KNOWN = [
     ("_conv_fwd_kernel", {"R": 7, "S": 7}, "wait0"),
     ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "sync-load"),
     ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "wait0"),
-    # The BN prologue at 128x64 (layer1's 3x3 and 1x1 convs at 64 channels): 4 stages of 24 KiB
-    # plus the prologue's 16 KiB staging buffer (113 KiB) and 175 registers at 8 warps: 1 CTA/SM,
-    # where the 128x64 config intends 2. Needs a prologue-aware config (3 stages, 4 warps).
-    ("_conv_fwd_kernel", {"PROLOGUE_BN": True, "BLOCK_M": 128, "BLOCK_N": 64}, "occupancy"),
     # The BN-backward reduction with a BN'd residual: four 64x64 tiles (grad, out, x, res x) live
     # per iteration, 172 registers at 8 warps, 1 CTA/SM where bandwidth kernels intend 2. Summing
     # the row blocks as colsum_f64 (fp32 within 32 rows) instead of fp64 tiles made it 178, so
