@@ -83,19 +83,28 @@ def round_tf32(t: Tensor) -> Tensor:
 
 
 STATS_CHUNK = tl.constexpr(32)
+# The interpreter's tl.sum is numpy's, sequential down a column; a GPU's is a tree (a few rows per
+# thread, then shuffles, then one partial per warp).
+_SEQUENTIAL_SUMS = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
 def colsum_f64(v, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Column sums of a (BLOCK_M, BLOCK_N) fp32 tile as float64: fp32 within chunks of 32 rows,
-    fp64 across chunks. Widening the whole tile (acc.to(float64)) cost 255 registers and 24 B of
+    """Column sums of a (BLOCK_M, BLOCK_N) fp32 tile as float64, summed in fp32 with at most ~32
+    terms in sequence. Widening the whole tile (acc.to(float64)) cost 255 registers and 24 B of
     stack at 128x128 on sm_90 (aot_check --shapes resnet50, bf16: every 128x128 statistics
-    forward). Summing all BLOCK_M rows in fp32 instead failed the tolerance rule on the fp32
-    sum of squares under the interpreter (whose column sums are sequential: BLOCK_M = 256 terms,
-    err 1.73e-5 vs bound 1.54e-5); 32 terms lose at most 32 * 6e-8 = 1.9e-6 relative."""
-    CH: tl.constexpr = STATS_CHUNK if BLOCK_M > STATS_CHUNK else BLOCK_M
-    part = tl.sum(tl.reshape(v, (BLOCK_M // CH, CH, BLOCK_N)), axis=1)
-    return tl.sum(part.to(tl.float64), axis=0)
+    forward). A GPU's tl.sum over BLOCK_M <= 128 rows is a tree (a few rows per thread, then
+    shuffles across lanes, then one partial per warp): one fp32 sum, no chunks. Chunks of 32 rows
+    as a (BLOCK_M // 32, 32, BLOCK_N) reshape cost triton 3.6 ~60 registers (164-174 at 128x64 and
+    64x128: 1 CTA/SM where 2 are intended; 102-124 without them). Under the interpreter the sums
+    are sequential, and a 256-row fp32 sum failed the tolerance rule on the fp32 sum of squares
+    (err 1.73e-5 vs bound 1.54e-5): there fp32 within 32-row chunks, fp64 across them."""
+    if _SEQUENTIAL_SUMS:
+        CH: tl.constexpr = STATS_CHUNK if BLOCK_M > STATS_CHUNK else BLOCK_M
+        part = tl.sum(tl.reshape(v, (BLOCK_M // CH, CH, BLOCK_N)), axis=1)
+        return tl.sum(part.to(tl.float64), axis=0)
+    else:
+        return tl.sum(v, axis=0).to(tl.float64)
 
 
 @triton.jit
