@@ -108,20 +108,28 @@ def conv_variants(backend: str, precision: str, cv: Conv, families=FAMILIES,
     from fastres.triton_kernels import _common as tc  # noqa: PLC0415
 
     dtype = DTYPE_OF[precision]
-    # tl.dot's input_precision is a constexpr: fp32 compiles once for TF32 and once exact; the
-    # interpreter always multiplies exactly (upcast operands).
+    # tl.dot's input_precision is a constexpr: fp32 compiles once for TF32 and once exact (with
+    # tiles of its own: the FMA path); the interpreter always multiplies exactly (upcast operands).
     prec = precision if not interpreted else ("fp32" if precision == "tf32" else precision)
+    exact = precision == "fp32" and not interpreted
+
+    def gemm(g):
+        return f"BM{g.BLOCK_M} BN{g.BLOCK_N} BK{g.BLOCK_K} w{g.num_warps} s{g.num_stages}"
+
     for fam in families:
         if fam == "fwd":
-            g = tc._gemm_config(cv.n * p * q, cv.k, cv.c, dtype, interpreted)
-            tile = f"BM{g.BLOCK_M} BN{g.BLOCK_N} BK{g.BLOCK_K} w{g.num_warps} s{g.num_stages}"
-        elif fam == "dgrad":
+            # conv_bias_act and conv_stats without and with the BN prologue (its own tile rule)
+            for prologue in (False, True):
+                g = tc._gemm_config(cv.n * p * q, cv.k, cv.c, dtype, interpreted, exact, prologue)
+                out.add(f"{fam} {prec} {rs} {gemm(g)}")
+            continue
+        if fam == "dgrad":
             mq = cv.n * math.ceil(cv.h / cv.stride) * math.ceil(cv.w / cv.stride)
-            g = tc._gemm_config(mq, cv.c, cv.k, dtype, interpreted)
-            tile = f"BM{g.BLOCK_M} BN{g.BLOCK_N} BK{g.BLOCK_K} w{g.num_warps} s{g.num_stages}"
+            tile = gemm(tc._gemm_config(mq, cv.c, cv.k, dtype, interpreted, exact,
+                                        strided_dgrad=cv.stride > 1))
         else:
             m = cv.n * p * q
-            g = tc._wgrad_config(cv.k, cv.c, cv.r * cv.r, m, dtype, interpreted)
+            g = tc._wgrad_config(cv.k, cv.c, cv.r * cv.r, m, dtype, interpreted, exact)
             split = max(1, min(g.SPLIT, math.ceil(m / g.BLOCK_M)))
             tile = (f"BK{g.BLOCK_K} BC{g.BLOCK_C} BM{g.BLOCK_M} w{g.num_warps} "
                     f"{'split' if split > 1 else 'nosplit'}")

@@ -100,6 +100,22 @@ def test_resources():
     assert lint.parse_res_usage(" REG:164 STACK:8 SHARED:0 LOCAL:8 CONSTANT[0]:1000")["STACK"] == 8
 
 
+def test_stack_frame_without_local_traffic_is_not_a_spill():
+    # the stride-2 dgrad's dead 2-byte __local_depot: an 8 B frame, no STL/LDL in the SASS
+    frame = lint.Resources(regs=120, stack=8, local=0, smem=0, num_warps=4, local_ops=0)
+    assert lint.lint_resources(frame, 2) == []
+    assert lint.lint_resources(lint.Resources(120, 8, 0, 0, 4, local_ops=6), 2)[0].startswith(
+        "spill")
+    assert lint.lint_resources(lint.Resources(120, 8, 0, 0, 4), 2)[0].startswith("spill")
+    sass = """
+        /*0650*/                   STL [R1+0x4], R2 ;                  /* 0x0000040201007387 */
+        /*7b40*/                   LDL.LU R0, [R1+0x4] ;               /* 0x0000040001007983 */
+        /*7b50*/              @!P0 STL.64 [R1], R4 ;                   /* 0x0000040001007983 */
+        /*7b60*/                   LDS.U.128 R8, [R3] ;                /* 0x0000040001007983 */
+        /*7b70*/                   STS [R3], R9 ;                      /* 0x0000040001007983 */"""
+    assert lint.local_memory_ops(sass) == 3
+
+
 def test_planted_kernel_fails_when_compiled_for_sm90():
     """A real GEMM compiled for sm_90: clean as written; with a runtime offset of unknown
     divisibility on its B pointer (the 1x1-weight bug) the lint reports sync-load and wait0."""

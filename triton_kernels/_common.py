@@ -37,6 +37,11 @@ UPCAST_DOT: bool = INTERPRETED
 # there; on a GPU it is a plain .to().
 _ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
 
+# Under the interpreter float32 runs exact, as F.conv2d on CPU tensors ignores cudnn.allow_tf32.
+# A test sets this to run the TF32 path instead (operands rounded as on the GPU, then multiplied
+# exactly: TF32 products are exact in fp32) and judges it against the TF32 yardstick.
+EMULATE_TF32: bool = False
+
 
 @triton.jit
 def cast_to(x, dtype: tl.constexpr):
@@ -49,20 +54,57 @@ def cast_to(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def tf32_operand(x, DOT_PRECISION: tl.constexpr):
+    """A float32 dot operand rounded to TF32 to nearest, ties away from zero (PTX cvt.rna.tf32.f32,
+    what cuDNN and the CUDA kernels multiply) when DOT_PRECISION is "tf32"; anything else as is.
+    wgmma would truncate the 13 low mantissa bits instead: a bias of half an ulp of TF32 on every
+    product, which measured 2.4-3.8x cuDNN's TF32 error on the H200
+    (bench/results/h200_1dd399b2dd3c_parity.md). Rounded once here, the truncation is exact.
+    Integer bit operations, so the interpreter runs the same code: + 0x1000 rounds the magnitude
+    (sign and magnitude are separate bits) and carries into the exponent when the mantissa is
+    full (the largest finite floats become Inf, as cvt.rna); Inf stays Inf. NaN is kept as it is:
+    the canonical NaN 0x7FFFFFFF would carry into the sign bit and become -0."""
+    if DOT_PRECISION == "tf32":
+        if x.dtype == tl.float32:
+            bits = x.to(tl.uint32, bitcast=True)
+            r = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            x = tl.where(x == x, r, x)
+    return x
+
+
+def round_tf32(t: Tensor) -> Tensor:
+    """A float32 tensor rounded to TF32 as tf32_operand rounds (a new tensor, same strides): for
+    the operands a kernel takes from shared memory as they are (the weights), rounded once per
+    call instead of once per tile load and program."""
+    b = t.view(torch.int32)
+    r = ((b + 0x1000) & -0x2000).view(torch.float32)  # -0x2000 == ~0x1FFF: keep 19 high bits
+    return torch.where(torch.isnan(t), t, r)
+
+
 STATS_CHUNK = tl.constexpr(32)
+# The interpreter's tl.sum is numpy's, sequential down a column; a GPU's is a tree (a few rows per
+# thread, then shuffles, then one partial per warp).
+_SEQUENTIAL_SUMS = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
 def colsum_f64(v, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Column sums of a (BLOCK_M, BLOCK_N) fp32 tile as float64: fp32 within chunks of 32 rows,
-    fp64 across chunks. Widening the whole tile (acc.to(float64)) cost 255 registers and 24 B of
+    """Column sums of a (BLOCK_M, BLOCK_N) fp32 tile as float64, summed in fp32 with at most ~32
+    terms in sequence. Widening the whole tile (acc.to(float64)) cost 255 registers and 24 B of
     stack at 128x128 on sm_90 (aot_check --shapes resnet50, bf16: every 128x128 statistics
-    forward). Summing all BLOCK_M rows in fp32 instead failed the tolerance rule on the fp32
-    sum of squares under the interpreter (whose column sums are sequential: BLOCK_M = 256 terms,
-    err 1.73e-5 vs bound 1.54e-5); 32 terms lose at most 32 * 6e-8 = 1.9e-6 relative."""
-    CH: tl.constexpr = STATS_CHUNK if BLOCK_M > STATS_CHUNK else BLOCK_M
-    part = tl.sum(tl.reshape(v, (BLOCK_M // CH, CH, BLOCK_N)), axis=1)
-    return tl.sum(part.to(tl.float64), axis=0)
+    forward). A GPU's tl.sum over BLOCK_M <= 128 rows is a tree (a few rows per thread, then
+    shuffles across lanes, then one partial per warp): one fp32 sum, no chunks. Chunks of 32 rows
+    as a (BLOCK_M // 32, 32, BLOCK_N) reshape cost triton 3.6 ~60 registers (164-174 at 128x64 and
+    64x128: 1 CTA/SM where 2 are intended; 102-124 without them). Under the interpreter the sums
+    are sequential, and a 256-row fp32 sum failed the tolerance rule on the fp32 sum of squares
+    (err 1.73e-5 vs bound 1.54e-5): there fp32 within 32-row chunks, fp64 across them."""
+    if _SEQUENTIAL_SUMS:
+        CH: tl.constexpr = STATS_CHUNK if BLOCK_M > STATS_CHUNK else BLOCK_M
+        part = tl.sum(tl.reshape(v, (BLOCK_M // CH, CH, BLOCK_N)), axis=1)
+        return tl.sum(part.to(tl.float64), axis=0)
+    else:
+        return tl.sum(v, axis=0).to(tl.float64)
 
 
 @triton.jit
@@ -144,22 +186,23 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def dot_precision(dtype: torch.dtype, upcast: bool = UPCAST_DOT) -> str:
-    """tl.dot's input_precision: tensor cores for float32 when cuDNN may use TF32 (as F.conv2d
+    """tl.dot's input_precision: TF32 tensor cores for float32 when cuDNN may use TF32 (as F.conv2d
     would), exact "ieee" otherwise. bf16/fp16 operands go to the tensor cores whatever this says;
-    operands upcast to float32 (the interpreter) are multiplied exactly.
+    operands upcast to float32 (the interpreter) are multiplied exactly, unless EMULATE_TF32.
 
-    Float32 on the tensor cores is "tf32x3" (three TF32 MMAs: big*big + big*small + small*big),
-    not "tf32": Triton's plain TF32 dot truncates the operands to 10 mantissa bits where cuDNN
-    rounds them, so its error is biased and grows with the reduction length. Measured on the
-    H200 (bench/results/h200_1dd399b2dd3c_parity.md): plain "tf32" gave 2.4-3.8x cuDNN's TF32
-    error on every fp32 eval block and biased running statistics (running_var 5e-5 off against
-    cuDNN's 2e-6), failing the tolerance rule in 14 of 14 fp32 cases. tf32x3 is about as exact as
-    fp32 FMA at 3x the MMA work, still on the tensor cores."""
-    if upcast:
+    Float32 with TF32 is "tf32" on operands rounded to nearest first (tf32_operand on the
+    activation tile in the kernels, round_tf32 on the weights and grad_out): one TF32 MMA per
+    tile, the products cuDNN's TF32 computes. Plain "tf32" on unrounded operands truncates them
+    (2.4-3.8x cuDNN's error on the H200, 14 of 14 fp32 parity cases failed,
+    bench/results/h200_1dd399b2dd3c_parity.md). "tf32x3" (three MMAs on big and small halves,
+    about fp32-exact, never measured on a GPU) split the operands in registers every iteration:
+    wgmma.wait_group 0 in the main loop of 50 of 69 TF32 variants (sm_90 lint,
+    bench/results/epyc-2cpu_e3cf8cf44533_triton38-lint-fp32.txt), at 3x the MMA work."""
+    if dtype != torch.float32 or not torch.backends.cudnn.allow_tf32:
+        return "ieee" if upcast or dtype == torch.float32 else "tf32"
+    if upcast and not EMULATE_TF32:
         return "ieee"
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
-        return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    return "tf32"
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,14 +223,21 @@ class GemmConfig:
     GROUP_M: int = 8
 
 
-def gemm_config(m, n, k_chunk, dtype: torch.dtype) -> GemmConfig:
+def gemm_config(m, n, k_chunk, dtype: torch.dtype, exact: bool = False,
+                prologue: bool = False, strided_dgrad: bool = False) -> GemmConfig:
     """Tile for an implicit GEMM with m rows, n columns and k_chunk reduction elements per tap
-    (the channel count: the reduction is looped tap by tap, k_chunk channels at a time)."""
-    return _gemm_config(hint(m), hint(n), hint(k_chunk), dtype, INTERPRETED)
+    (the channel count: the reduction is looped tap by tap, k_chunk channels at a time). ``exact``:
+    float32 with DOT_PRECISION "ieee" (FMA units, not tensor cores); ``prologue``: the forward
+    with the BN prologue on its A tile; ``strided_dgrad``: the data gradient of a stride > 1
+    convolution (per-phase row and tap indices)."""
+    return _gemm_config(hint(m), hint(n), hint(k_chunk), dtype, INTERPRETED, exact, prologue,
+                        strided_dgrad)
 
 
 @functools.lru_cache(maxsize=1024)
-def _gemm_config(m: int, n: int, k_chunk: int, dtype: torch.dtype, interpreted: bool) -> GemmConfig:
+def _gemm_config(m: int, n: int, k_chunk: int, dtype: torch.dtype, interpreted: bool,
+                 exact: bool = False, prologue: bool = False,
+                 strided_dgrad: bool = False) -> GemmConfig:
     if interpreted:
         # One program per output tile covering as much as possible: the interpreter costs ~1 ms
         # per tl op per program, whatever the block size.
@@ -195,11 +245,29 @@ def _gemm_config(m: int, n: int, k_chunk: int, dtype: torch.dtype, interpreted: 
             clamp_pow2(m, 16, 256), clamp_pow2(n, 16, 128), clamp_pow2(k_chunk, 16, 128), 4, 1
         )
     wide = dtype in (torch.float16, torch.bfloat16)
-    block_k = clamp_pow2(k_chunk, 16, 64 if wide else 32)
+    # float32: 16 channels per step. At 32, the 128x64 TF32 forward and dgrad needed 132-157
+    # registers (8 warps; 2 CTAs/SM allow 128) and the exact ones 128-182 with 8-16 B of stack
+    # (sm_90 lint); at 16, 116-137 and 128.
+    block_k = clamp_pow2(k_chunk, 16, 64 if wide else 16)
     block_n = 64 if n <= 64 or not wide else 128
     block_m = 128
     if triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < NUM_SMS:
-        block_m = 64  # fill the 132 SMs before growing tiles
+        # fill the 132 SMs before growing tiles. Exact fp32 always: its FMA dot holds operand
+        # slices per thread, and the 128x64 forward with the BN prologue spilled (8 B of stack,
+        # 6 local loads/stores at 128 registers, 8 warps).
+        block_m = 64
+    if prologue and block_n == 64 and (wide or exact):
+        # The prologue's A tile goes through registers (and a staging buffer in shared memory):
+        # at 128x64 the 16-bit forward needed 175 registers and 113 KiB (1 CTA/SM where 2 are
+        # intended) and the exact fp32 one spilled (6 local loads/stores at 128 registers). TF32
+        # fits at 128x64 (120 registers at BLOCK_K 16).
+        block_m = 64
+    if strided_dgrad and not wide:
+        # The per-phase row indices (int64 vectors live across the loop) cost the fp32 TF32
+        # dgrad of a stride-2 conv 133-134 registers at 128x64 and at 64x128 (8 warps; 2 CTAs/SM
+        # allow 128); at 64x64 and 4 warps, 116-136.
+        block_m = 64
+        block_n = 64
     # 8 warps from 128x64 up: with 4, the prologue's fp32 copy of the A tile and the accumulator
     # need 255 registers per thread and ptxas spills (sm_90 AOT compile of the 1x1 prologue+stats
     # variant: 256 B of stack); with 8, 178 registers and no spill.
@@ -218,13 +286,13 @@ class WgradConfig:
     num_stages: int
 
 
-def wgrad_config(k, c, taps, m, dtype: torch.dtype) -> WgradConfig:
-    return _wgrad_config(hint(k), hint(c), hint(taps), hint(m), dtype, INTERPRETED)
+def wgrad_config(k, c, taps, m, dtype: torch.dtype, exact: bool = False) -> WgradConfig:
+    return _wgrad_config(hint(k), hint(c), hint(taps), hint(m), dtype, INTERPRETED, exact)
 
 
 @functools.lru_cache(maxsize=1024)
 def _wgrad_config(k: int, c: int, taps: int, m: int, dtype: torch.dtype,
-                  interpreted: bool) -> WgradConfig:
+                  interpreted: bool, exact: bool = False) -> WgradConfig:
     if interpreted:
         # BLOCK_M 32, not 256: the interpreter's tl.dot is one numpy/BLAS matmul whose 256-term
         # sums lost 3.6x more than PyTorch's conv backward on a BN-backward gradient (zero mean per
@@ -234,11 +302,13 @@ def _wgrad_config(k: int, c: int, taps: int, m: int, dtype: torch.dtype,
     wide = dtype in (torch.float16, torch.bfloat16)
     bk = 64 if k <= 64 or not wide else 128
     bc = 64 if c <= 64 or not wide else 128
-    bm = 64 if wide else 32
+    # Exact fp32 (FMA): 16 rows per step and 8 warps. At 32 rows and 4 warps every exact wgrad
+    # spilled (255 registers and 888 B of stack; 2.8-2.9 KB with the BN prologue, sm_90 lint).
+    bm = 64 if wide else 16 if exact else 32
     tiles = triton.cdiv(k, bk) * triton.cdiv(c, bc) * taps
     # Two waves of programs, each reducing at least 8 blocks of BLOCK_M rows.
     split = max(1, min(triton.cdiv(2 * NUM_SMS, tiles), triton.cdiv(m, 8 * bm)))
-    warps = 8 if bk * bc >= 128 * 128 else 4
+    warps = 8 if exact or bk * bc >= 128 * 128 else 4
     return WgradConfig(bk, bc, bm, split, warps, 3)
 
 

@@ -326,6 +326,7 @@ def conv_bwd(
 ) -> tuple[Tensor, Tensor]:
     _check_conv("conv_bwd", input, weight, groups, dilation)
     _check_act("conv_bwd", input, grad_out)
+    grad_out = _conv.grad_out_nhwc(grad_out)
     if output_mask[0]:
         gi = _conv.conv_dgrad(grad_out, input, weight, stride, padding, dilation)
     else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -284,6 +285,14 @@ def _res_usage(cubin: bytes, cuobjdump: str) -> dict[str, int]:
     return parse_res_usage(out)
 
 
+def _sass(cubin: bytes, cuobjdump: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
 # Kernels whose tl.dot must reach the tensor cores (wgmma) unless DOT_PRECISION is "ieee".
 DOT_KERNELS = ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel")
 
@@ -300,10 +309,6 @@ KNOWN = [
     ("_conv_fwd_kernel", {"R": 7, "S": 7}, "wait0"),
     ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "sync-load"),
     ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "wait0"),
-    # The BN prologue at 128x64 (layer1's 3x3 and 1x1 convs at 64 channels): 4 stages of 24 KiB
-    # plus the prologue's 16 KiB staging buffer (113 KiB) and 175 registers at 8 warps: 1 CTA/SM,
-    # where the 128x64 config intends 2. Needs a prologue-aware config (3 stages, 4 warps).
-    ("_conv_fwd_kernel", {"PROLOGUE_BN": True, "BLOCK_M": 128, "BLOCK_N": 64}, "occupancy"),
     # The BN-backward reduction with a BN'd residual: four 64x64 tiles (grad, out, x, res x) live
     # per iteration, 172 registers at 8 warps, 1 CTA/SM where bandwidth kernels intend 2. Summing
     # the row blocks as colsum_f64 (fp32 within 32 rows) instead of fp64 tiles made it 178, so
@@ -324,13 +329,18 @@ def lint_compiled(name: str, consts: dict, opts: dict, compiled, cuobjdump: str)
 
     ru = _res_usage(compiled.asm["cubin"], cuobjdump)
     warps = opts.get("num_warps", 4)
+    local_ops = None
+    if ru.get("STACK", 0) or ru.get("LOCAL", 0):  # a spill, or a frame nothing touches?
+        local_ops = lint.local_memory_ops(_sass(compiled.asm["cubin"], cuobjdump))
     res = lint.Resources(regs=ru.get("REG", 0), stack=ru.get("STACK", 0), local=ru.get("LOCAL", 0),
-                         smem=compiled.metadata.shared, num_warps=warps)
+                         smem=compiled.metadata.shared, num_warps=warps, local_ops=local_ops)
     ctas = intended_ctas_per_sm(name, consts, warps)
     expect_wgmma = name in DOT_KERNELS and consts.get("DOT_PRECISION") != "ieee"
     problems = lint.lint_ptx(compiled.asm["ptx"], expect_wgmma)
     problems += lint.lint_resources(res, ctas)
-    summary = (f"regs={res.regs} stack={res.stack} smem={res.smem} ctas/SM={ctas}"
+    summary = (f"regs={res.regs} stack={res.stack}"
+               + (f" ({local_ops} STL/LDL)" if local_ops is not None else "")
+               + f" smem={res.smem} ctas/SM={ctas}"
                + (" wgmma" if "wgmma.mma_async" in compiled.asm["ptx"] else ""))
     return summary, problems
 
@@ -344,6 +354,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", choices=("test", "resnet50"), default="test",
                         help="test: small shapes, one call per flag set; resnet50: every variant "
                              "ResNet-50 launches at batch 32/128/256, each linted (lint.py)")
+    parser.add_argument("--only", default=None, metavar="REGEX",
+                        help="compile only the launches whose '[label] kernel' line matches")
     parser.add_argument("--trace", action="store_true",
                         help="also trace the ops as torch.compile does (fake CUDA tensors)")
     args = parser.parse_args(argv)
@@ -356,10 +368,13 @@ def main(argv=None) -> int:
     cuobjdump = cuobjdump_path()
     seen, failures, waived, linted = set(), 0, 0, args.shapes == "resnet50"
     t_start = time.time()
+    only = re.compile(args.only) if args.only else None
     for kernel, (sig, consts, attrs, opts), label in _capture(args.quick, args.dtypes.split(","),
                                                               args.shapes):
         # Deduplicated by what the compiler sees: kernel, types and specialisations, constexprs,
         # config (num_warps, num_stages).
+        if only and not only.search(f"[{label}] {kernel.__name__}"):
+            continue
         key = (kernel.__name__, repr(sorted(sig.items())), repr(sorted(consts.items(), key=str)),
                repr(sorted(attrs)), repr(sorted(opts.items())))
         if key in seen:

@@ -25,8 +25,10 @@ from ._common import (
     hint,
     launch,
     next_pow2,
+    round_tf32,
     split_rows,
     strides4,
+    tf32_operand,
     tile_ptrs,
     tl,
     to_nhwc,
@@ -93,7 +95,7 @@ def _prologue(a, a_mask, sc, sh, PROLOGUE_BN: tl.constexpr, PRE_RELU: tl.constex
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr,  # (N, C, H, W), any strides (channels_last: C contiguous)
-    w_ptr,  # (K, C, R, S), any strides
+    w_ptr,  # (K, C, R, S), any strides; with DOT_PRECISION "tf32": rounded to TF32 (round_tf32)
     bias_ptr,  # (K,)
     res_ptr,  # (N, K, P, Q), any strides
     out_ptr,  # (N, K, P, Q), any strides
@@ -147,6 +149,7 @@ def _conv_fwd_kernel(
                 sc = tl.load(pre_scale_ptr + cc, mask=c_ok, other=0.0)
                 sh = tl.load(pre_shift_ptr + cc, mask=c_ok, other=0.0)
             a = _prologue(a, a_mask, sc, sh, PROLOGUE_BN, PRE_RELU, 1)
+        a = tf32_operand(a, DOT_PRECISION)  # the register operand; w came rounded
         b_ptrs = (w_ptr + offs_n[None, :] * stride_wk + cc[:, None] * stride_wc
                   + r * stride_wr + s * stride_ws)
         b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
@@ -160,7 +163,7 @@ def _conv_fwd_kernel(
         # channel, summed later in a fixed order: bitwise reproducible, no atomics. float64
         # because var = E[x^2] - E[x]^2 cancels: over 3.2M values (ResNet-50 stem) fp32 sums lose
         # ~1e-4 relative, which the cancellation then amplifies. Within a tile see
-        # colsum_f64: fp32 over 32 rows, fp64 across chunks.
+        # colsum_f64: fp32 within the tile (a tree; 32-row chunks under the interpreter).
         prow = pid_m.to(tl.int64) * K
         tl.store(psum_ptr + prow + offs_n, colsum_f64(acc, BLOCK_M, BLOCK_N), mask=n_ok)
         tl.store(psumsq_ptr + prow + offs_n, colsum_f64(acc * acc, BLOCK_M, BLOCK_N),
@@ -180,8 +183,8 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_dgrad_kernel(
-    go_ptr,  # (N, K, P, Q) grad of the conv output, any strides
-    w_ptr,  # (K, C, R, S), any strides
+    go_ptr,  # (N, K, P, Q) grad of the conv output, any strides; rounded like w
+    w_ptr,  # (K, C, R, S), any strides; with DOT_PRECISION "tf32": rounded to TF32 (round_tf32)
     gi_ptr,  # (N, C, H, W) dL/da, any strides
     C, H, W, K, P, Q, N,
     stride_gn, stride_gk, stride_gp, stride_gq,
@@ -262,7 +265,7 @@ def _conv_dgrad_kernel(
 
 @triton.jit
 def _conv_wgrad_kernel(
-    go_ptr,  # (N, K, P, Q), any strides
+    go_ptr,  # (N, K, P, Q), any strides; with DOT_PRECISION "tf32": rounded to TF32 (round_tf32)
     x_ptr,  # (N, C, H, W), any strides: the prologue is recomputed from it on load
     pre_scale_ptr,  # (C,) float32
     pre_shift_ptr,  # (C,) float32
@@ -322,6 +325,7 @@ def _conv_wgrad_kernel(
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # (BLOCK_C, BLOCK_M)
         if PROLOGUE_BN or PRE_RELU:
             a = _prologue(a, a_mask, sc, sh, PROLOGUE_BN, PRE_RELU, 0)
+        a = tf32_operand(a, DOT_PRECISION)  # the register operand; go came rounded
         if UPCAST:
             g = g.to(tl.float32)
             a = a.to(tl.float32)
@@ -379,10 +383,13 @@ def conv_forward(
     # (K, R, S, C) storage: each B tile row is BLOCK_K contiguous channels, not a 2-byte gather
     # every R*S elements. A no-op for a channels_last model and for 1x1 weights.
     weight = to_nhwc(weight)
+    precision = dot_precision(input.dtype)
+    if precision == "tf32" and weight.dtype == torch.float32:
+        weight = round_tf32(weight)
     m = n * p * q
-    cfg = gemm_config(m, k, c, input.dtype)
-    num_pid_m = triton.cdiv(m, cfg.BLOCK_M)
     prologue, sc, sh = _prologue_vectors(x, pre_scale, pre_shift)
+    cfg = gemm_config(m, k, c, input.dtype, exact=precision == "ieee", prologue=prologue)
+    num_pid_m = triton.cdiv(m, cfg.BLOCK_M)
     psum = psumsq = x
     if stats:
         psum = torch.empty((num_pid_m, k), device=x.device, dtype=torch.float64)
@@ -400,7 +407,7 @@ def conv_forward(
         R=r, S=s,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
         PROLOGUE_BN=prologue, PRE_RELU=bool(pre_relu), STATS=bool(stats),
-        DOT_PRECISION=dot_precision(input.dtype), UPCAST=UPCAST_DOT,
+        DOT_PRECISION=precision, UPCAST=UPCAST_DOT,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -409,18 +416,36 @@ def conv_forward(
     return out, sum_rows(psum), sum_rows(psumsq)
 
 
+def grad_out_nhwc(grad_out: Tensor) -> Tensor:
+    """grad_out as conv_dgrad and conv_wgrad take it: channels_last and, when they run TF32,
+    rounded to TF32 once for both (round_tf32). wgrad takes it as wgmma's shared-memory operand,
+    which wgmma truncates: rounded in registers in the kernel, it went back to shared memory every
+    iteration and the loop waited with wgmma.wait_group 0 (sm_90 lint). dgrad takes it unchanged
+    from its cp.async stages too, with 15-20 fewer registers than rounding it in the kernel
+    (135-137 at 128x64: over the 128 of 2 CTAs/SM). One extra pass over grad_out (8 B/element)."""
+    go = to_nhwc(grad_out)
+    if go.dtype == torch.float32 and dot_precision(go.dtype) == "tf32":
+        go = round_tf32(go)
+    return go
+
+
 def conv_dgrad(grad_out: Tensor, input: Tensor, weight: Tensor, stride, padding,
                dilation) -> Tensor:
+    """dL/dinput; grad_out from grad_out_nhwc."""
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
     p, q = grad_out.shape[2], grad_out.shape[3]
     gi = empty_like_format(input.shape, input)
     go = to_nhwc(grad_out)
     weight = to_nhwc(weight)
+    precision = dot_precision(input.dtype)
+    if precision == "tf32" and weight.dtype == torch.float32:
+        weight = round_tf32(weight)
     hq = triton.cdiv(h, stride[0])
     wq = triton.cdiv(w, stride[1])
     mq = n * hq * wq
-    cfg = gemm_config(mq, c, k, input.dtype)
+    cfg = gemm_config(mq, c, k, input.dtype, exact=precision == "ieee",
+                      strided_dgrad=stride[0] * stride[1] > 1)
     grid = (triton.cdiv(mq, cfg.BLOCK_M) * triton.cdiv(c, cfg.BLOCK_N), stride[0] * stride[1])
     import math  # noqa: PLC0415
 
@@ -434,7 +459,7 @@ def conv_dgrad(grad_out: Tensor, input: Tensor, weight: Tensor, stride, padding,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         step_r, step_s,
         R=r, S=s, STRIDE_POW2=next_pow2(max(stride[0], stride[1], 2)),
-        DOT_PRECISION=dot_precision(input.dtype), UPCAST=UPCAST_DOT,
+        DOT_PRECISION=precision, UPCAST=UPCAST_DOT,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -452,6 +477,7 @@ def conv_wgrad(
     padding,
     dilation,
 ) -> Tensor:
+    """dL/dweight; grad_out from grad_out_nhwc."""
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
     p, q = grad_out.shape[2], grad_out.shape[3]
@@ -461,8 +487,9 @@ def conv_wgrad(
         gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     x = to_nhwc(input)
     go = to_nhwc(grad_out)
+    precision = dot_precision(input.dtype)
     prologue, sc, sh = _prologue_vectors(x, pre_scale, pre_shift)
-    cfg = wgrad_config(k, c, r * s, m, input.dtype)
+    cfg = wgrad_config(k, c, r * s, m, input.dtype, exact=precision == "ieee")
     # The split count comes from the size hint (no guard on a dynamic size); the row blocks per
     # split from the real M, so the splits cover it whatever it is (trailing ones may be empty
     # and then contribute zeros).
@@ -485,7 +512,7 @@ def conv_wgrad(
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         iters,
         R=r, S=s, PROLOGUE_BN=prologue, PRE_RELU=bool(pre_relu),
-        DOT_PRECISION=dot_precision(input.dtype), UPCAST=UPCAST_DOT,
+        DOT_PRECISION=precision, UPCAST=UPCAST_DOT,
         BLOCK_K=cfg.BLOCK_K, BLOCK_C=cfg.BLOCK_C, BLOCK_M=cfg.BLOCK_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -6,7 +6,9 @@ Checks (each a string in the returned list when it fails):
 - ``wgmma``: a kernel with a 16-bit or TF32 ``tl.dot`` must issue ``wgmma.mma_async`` (else it
   runs on the Ampere ``mma.sync`` path or FMA units: 2x or worse below the tensor-core roof).
 - ``spill``: no stack frame and no local memory (ptxas spills go to local memory, ~500 cycles per
-  miss instead of a register read).
+  miss instead of a register read). A stack frame that no instruction touches (no ``STL``/``LDL``
+  in the SASS) is not a spill: the NVPTX backend sometimes leaves a dead ``__local_depot`` in the
+  PTX (2 bytes, never addressed, in the stride-2 dgrad), which ptxas turns into an 8 B frame.
 - ``sync-load``: no dot operand loaded outside the asynchronous pipeline. Inside the main loop, a
   value that a plain ``ld.global`` returns and that reaches a ``st.shared`` or a ``wgmma`` operand
   through data movement only (mov, cvt, prmt, selp, bit packing) is a synchronous copy from global
@@ -53,6 +55,7 @@ class Resources:
     local: int  # bytes of local memory (spills)
     smem: int  # bytes of shared memory (dynamic, from the launch metadata)
     num_warps: int
+    local_ops: int | None = None  # STL/LDL instructions in the SASS; None: not disassembled
 
 
 def _strip(line: str) -> str:
@@ -160,8 +163,10 @@ def lint_ptx(ptx: str, expect_wgmma: bool) -> list[str]:
 
 def lint_resources(res: Resources, ctas_per_sm: int) -> list[str]:
     problems = []
-    if res.stack or res.local:
-        problems.append(f"spill: stack {res.stack} B, local {res.local} B")
+    dead_frame = res.stack and not res.local and res.local_ops == 0
+    if (res.stack or res.local) and not dead_frame:
+        ops = "" if res.local_ops is None else f", {res.local_ops} local loads/stores"
+        problems.append(f"spill: stack {res.stack} B, local {res.local} B{ops}")
     regs_per_cta = ((res.regs + 7) // 8 * 8) * 32 * res.num_warps  # allocated 8 per thread
     if regs_per_cta * ctas_per_sm > SM90_REGS:
         problems.append(f"occupancy: {res.regs} registers x {32 * res.num_warps} threads allow "
@@ -171,6 +176,14 @@ def lint_resources(res: Resources, ctas_per_sm: int) -> list[str]:
                         f"{SM90_SMEM // (res.smem + SMEM_RESERVED_PER_CTA)} CTAs/SM, the config "
                         f"intends {ctas_per_sm}")
     return problems
+
+
+_LOCAL_OP = re.compile(r"\b(?:STL|LDL)(?:\.[A-Z0-9]+)*\s")
+
+
+def local_memory_ops(sass: str) -> int:
+    """Instructions that load or store local memory (spill traffic) in cuobjdump -sass output."""
+    return sum(1 for line in sass.splitlines() if _LOCAL_OP.search(line))
 
 
 def parse_res_usage(text: str) -> dict[str, int]:
