@@ -1085,8 +1085,10 @@ def test_hopper_configs_compile_rules(dtype):
         wc = _common._wgrad_config(k, c, 9, m, dtype, False)
         assert all(pow2(b) and b >= 16 for b in (wc.BLOCK_K, wc.BLOCK_C, wc.BLOCK_M)), wc
         assert wc.SPLIT >= 1
-        rc = _common._rows_config(m, k, False)
-        assert pow2(rc.BLOCK_M) and pow2(rc.BLOCK_C) and rc.GRID_M >= 1
+        for live_tiles in (3, 4):
+            rc = _common._rows_config(m, k, False, live_tiles)
+            assert pow2(rc.BLOCK_M) and pow2(rc.BLOCK_C) and rc.GRID_M >= 1
+            assert rc.BLOCK_M * rc.BLOCK_C <= (4096 if live_tiles == 3 else 1024)
 
 
 # ------------------------------------------------------------------------------------------

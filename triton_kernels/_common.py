@@ -322,18 +322,25 @@ class RowsConfig:
     num_warps: int
 
 
-def rows_config(m, c) -> RowsConfig:
-    return _rows_config(hint(m), hint(c), INTERPRETED)
+def rows_config(m, c, live_tiles: int = 3) -> RowsConfig:
+    """``live_tiles``: the activation tiles a kernel holds per iteration (the BN-backward reduction
+    with a BN'd residual holds 4: grad_out, out, x, res_x)."""
+    return _rows_config(hint(m), hint(c), INTERPRETED, live_tiles)
 
 
 @functools.lru_cache(maxsize=1024)
-def _rows_config(m: int, c: int, interpreted: bool) -> RowsConfig:
+def _rows_config(m: int, c: int, interpreted: bool, live_tiles: int = 3) -> RowsConfig:
     if interpreted:
         bc = clamp_pow2(c, 16, 128)
         bm = clamp_pow2(m, 16, max(16, 8192 // bc))
         return RowsConfig(bm, bc, 1, 4)
     bc = clamp_pow2(c, 16, 64)
-    bm = max(16, 4096 // bc)  # 4096 elements per tile: 8 KiB of bf16 per tensor per iteration
+    # 4096 elements per tile: 8 KiB of bf16 per tensor per iteration. With 4 tiles live, 1024:
+    # the BN-backward reduction with a BN'd residual takes 172 registers at 64x64 and still 164 at
+    # 32x64 in bf16 (8 channels per thread, each with 3 fp64 accumulators), so 1 CTA of 8 warps
+    # per SM instead of 2; at 16x64 it takes 78-80 (bf16, fp16, fp32; sm_90 AOT, triton 3.8).
+    # Half the bytes per iteration of 32x64, but 2 CTAs per SM instead of 1 (not timed on a GPU).
+    bm = max(16, (4096 if live_tiles <= 3 else 1024) // bc)
     grid_c = triton.cdiv(c, bc)
     # ~4 programs per SM for the reductions, each looping over its share of row blocks.
     grid_m = max(1, min(triton.cdiv(m, bm), triton.cdiv(4 * NUM_SMS, grid_c)))

@@ -309,11 +309,6 @@ KNOWN = [
     ("_conv_fwd_kernel", {"R": 7, "S": 7}, "wait0"),
     ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "sync-load"),
     ("_conv_wgrad_kernel", {"R": 7, "S": 7}, "wait0"),
-    # The BN-backward reduction with a BN'd residual: four 64x64 tiles (grad, out, x, res x) live
-    # per iteration, 172 registers at 8 warps, 1 CTA/SM where bandwidth kernels intend 2. Summing
-    # the row blocks as colsum_f64 (fp32 within 32 rows) instead of fp64 tiles made it 178, so
-    # the fix is a smaller tile for this variant (bn.py's launcher; issue 13 edits bn.py).
-    ("_bn_bwd_reduce_kernel", {"HAS_RES_BN": True}, "occupancy"),
 ]
 
 

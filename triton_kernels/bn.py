@@ -380,7 +380,7 @@ def bn_bwd_reduce(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean,
     """Pass 1: (sum g, sum g*xhat or None, sum g*xhat_res or None); writes g to g_out if given."""
     n, c, h, w = grad_out.shape
     m = n * h * w
-    cfg = rows_config(m, c)
+    cfg = rows_config(m, c, 4 if res_x is not None else 3)
     grid = (cfg.GRID_M, triton.cdiv(c, cfg.BLOCK_C))
     part = torch.empty((3, cfg.GRID_M, c), device=grad_out.device, dtype=torch.float64)
     dummy = grad_out
