@@ -197,6 +197,37 @@ def test_conv_bias_act_contiguous_in_contiguous_out():
     assert out.is_contiguous()
 
 
+def test_stem_channel_padding_keeps_values_and_nonfinite_patterns():
+    """A pixel row under 16 bytes (the stem, C = 3) runs zero-padded to 16 channels
+    (conv._padded_channels): the forward output and the weight gradient must equal the unpadded
+    reference's, with NaN and Inf exactly where PyTorch puts them; the padded channels' gradient
+    (Inf * 0 = NaN there) is sliced off and never reaches the real ones."""
+    assert conv._padded_channels(3, torch.bfloat16) == 16
+    assert conv._padded_channels(3, torch.float32) == 16
+    assert conv._padded_channels(4, torch.float32) == 4  # a 16-byte row: no copy
+    assert conv._padded_channels(8, torch.float16) == 8
+    dtype = torch.float32
+    geo = ([2, 2], [3, 3], [1, 1], 1)
+    x = act(1, 3, 11, 11, dtype)
+    x[0, 0, 4, 4], x[0, 2, 8, 1] = float("nan"), float("inf")
+    w = (torch.randn(8, 3, 7, 7, device=DEVICE) / 12).to(dtype)
+    ours = OPS.conv_bias_act(x, w, None, None, *geo, False)
+    ref = reference.conv_bias_act(x, w, None, None, *geo, False)
+    assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours.isinf(), ref.isinf())
+    assert ours.isnan().any()
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(ours[fin], ref[fin], atol=1e-4, rtol=1e-4)
+    go = act(1, 8, 6, 6, dtype)
+    go[0, 1, 2, 3] = float("inf")  # meets the padded zeros: NaN in the sliced-off channels only
+    xf = act(1, 3, 11, 11, dtype)
+    gi, gw = OPS.conv_bwd(go, xf, w, None, None, False, *geo, [False, True])
+    rgi, rgw = reference.conv_bwd(go, xf, w, None, None, False, *geo, [False, True])
+    assert gw.shape == w.shape and _fmt(gw) == _fmt(rgw)
+    assert torch.equal(gw.isnan(), rgw.isnan()) and torch.equal(gw.isinf(), rgw.isinf())
+    fin = torch.isfinite(rgw)
+    torch.testing.assert_close(gw[fin], rgw[fin], atol=1e-4, rtol=1e-4)
+
+
 # Prologue variants: (pre_scale, pre_shift, pre_relu). The shift is biased positive so that a
 # padded zero transformed (relu(shift) > 0) instead of kept zero would show.
 PROLOGUES = [

@@ -361,6 +361,34 @@ def _prologue_vectors(x: Tensor, pre_scale: Tensor | None, pre_shift: Tensor | N
     return True, sc, sh
 
 
+def _padded_channels(c: int, dtype: torch.dtype) -> int:
+    """Channels to run a convolution with: c, or 16 when a pixel's channel row is under 16 bytes
+    (the stem: C = 3, a 6-byte row in bf16). Such a row admits no cp.async chunk: the A tile was
+    loaded with scalar ld.global and the wgrad loop waited with wait_group 0 (sm_90 lint). 16, not
+    the 8 (bf16) or 4 (fp32) of a 16-byte row: the JIT proves divisibility only for integers that
+    are multiples of 16, and C, stride_xh and stride_xw must all be to vectorise the row. The MMAs
+    already pad the reduction to BLOCK_K = 16 per tap, so the FLOPs do not change; the cost is a
+    zero-padded copy of the input per call (ResNet-50's stem at batch 256 in bf16: 77 MB read,
+    411 MB written, then read by the kernel) and of the weight (64x16x7x7)."""
+    return 16 if c * dtype.itemsize < 16 else c
+
+
+def _pad_channels(t: Tensor, c: int) -> Tensor:
+    """t (A, B, R, S) with dimension 1 zero-padded to c, channels_last. Padded channels hold 0
+    and meet only zeros (padded weight, or a gradient column that is sliced off): 0 * 0 adds an
+    exact 0 to each real output, and NaN or Inf stays in the channels it came from."""
+    out = torch.empty((t.shape[0], c, t.shape[2], t.shape[3]), dtype=t.dtype, device=t.device,
+                      memory_format=torch.channels_last)
+    out[:, t.shape[1]:] = 0
+    out[:, : t.shape[1]] = t
+    return out
+
+
+def _pad_vector(v: Tensor, c: int) -> Tensor:
+    """A per-channel prologue vector zero-padded to c: a padded channel's 0 * 0 + 0 stays 0."""
+    return torch.cat([v, v.new_zeros(c - v.shape[0])]) if v.shape[0] != c else v
+
+
 def conv_forward(
     input: Tensor,
     weight: Tensor,
@@ -383,6 +411,12 @@ def conv_forward(
     # (K, R, S, C) storage: each B tile row is BLOCK_K contiguous channels, not a 2-byte gather
     # every R*S elements. A no-op for a channels_last model and for 1x1 weights.
     weight = to_nhwc(weight)
+    cp = _padded_channels(c, input.dtype)
+    if cp != c:
+        x, weight = _pad_channels(x, cp), _pad_channels(weight, cp)
+        pre_scale = _pad_vector(pre_scale, cp) if pre_scale is not None else None
+        pre_shift = _pad_vector(pre_shift, cp) if pre_shift is not None else None
+        c = cp
     precision = dot_precision(input.dtype)
     if precision == "tf32" and weight.dtype == torch.float32:
         weight = round_tf32(weight)
@@ -487,6 +521,16 @@ def conv_wgrad(
         gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     x = to_nhwc(input)
     go = to_nhwc(grad_out)
+    c_real, gw_real = c, gw
+    cp = _padded_channels(c, input.dtype)
+    if cp != c:
+        # The padded channels' weight gradient is computed, then sliced off.
+        x = _pad_channels(x, cp)
+        pre_scale = _pad_vector(pre_scale, cp) if pre_scale is not None else None
+        pre_shift = _pad_vector(pre_shift, cp) if pre_shift is not None else None
+        c = cp
+        gw = torch.empty((k, c, r, s), dtype=weight.dtype, device=weight.device,
+                         memory_format=torch.channels_last)
     precision = dot_precision(input.dtype)
     prologue, sc, sh = _prologue_vectors(x, pre_scale, pre_shift)
     cfg = wgrad_config(k, c, r * s, m, input.dtype, exact=precision == "ieee")
@@ -518,7 +562,9 @@ def conv_wgrad(
     )
     if split > 1:
         sum_rows(target, out=gw)
-    return gw
+    if gw is not gw_real:
+        gw_real.copy_(gw[:, :c_real])
+    return gw_real
 
 
 __all__ = ["conv_forward", "conv_dgrad", "conv_wgrad", "out_hw", "clamp_pow2"]
