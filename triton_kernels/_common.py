@@ -273,6 +273,11 @@ def _gemm_config(m: int, n: int, k_chunk: int, dtype: torch.dtype, interpreted: 
     # variant: 256 B of stack); with 8, 178 registers and no spill.
     warps = 8 if block_m * block_n >= 128 * 64 else 4
     stages = 3 if block_m * block_n >= 128 * 128 else 4
+    if exact and block_m * block_n >= 128 * 64:
+        # Exact fp32 at 128x64: the stem's eval forward (49 taps of 16 padded channels, bias and
+        # ReLU) needed 164 registers at 4 stages (2 CTAs/SM allow 128; the 18 other exact 128x64
+        # variants 123-128) and 128 at 3 (sm_90 AOT, triton 3.8).
+        stages = 3
     return GemmConfig(block_m, block_n, block_k, warps, stages)
 
 
