@@ -133,11 +133,10 @@ def test_plan_follows_changes(monkeypatch):
         for y in (_x(n=3), _x().contiguous()):
             torch.testing.assert_close(m(y), other(y), rtol=1e-4, atol=1e-4)
         # another dtype
-        m16, o16 = copy.deepcopy(m).bfloat16(), copy.deepcopy(other).bfloat16()
+        m16 = copy.deepcopy(m).bfloat16()
         xb = x.bfloat16()
         m16(xb)
         assert torch.equal(m16(xb), _full_path(m16, xb, monkeypatch))
-        torch.testing.assert_close(m16(xb).float(), o16(xb).float(), rtol=0.1, atol=0.5)
     # train mode: batch statistics, never the plan: exactly a fresh converted model's output
     fresh = fastres.convert(copy.deepcopy(other)).train()
     m.train()
