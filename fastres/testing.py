@@ -166,3 +166,22 @@ def allow_tf32(on: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32 = prev
+
+
+def run_sm90_compiler(args: list[str], timeout: int):
+    """``python *args`` in a subprocess without TRITON_INTERPRET (the sm_90 AOT compile needs
+    the real compiler), output captured; skips the calling test when this triton bundles no
+    ptxas. For the tests that compile Triton kernels for sm_90 without a GPU."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+    import triton  # noqa: PLC0415
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"this triton has no bundled ptxas ({ptxas})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)

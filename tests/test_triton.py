@@ -1022,18 +1022,11 @@ def test_kernels_compile_and_trace_for_hopper_without_gpu():
     kernel for sm_90 (ptxas bundled with triton; no GPU needed) with the GPU configs, and trace
     every triton_op as torch.compile does, checking that torch's mutation analysis marks only the
     kernels' outputs as written (else torch.compile would clone every input of every call)."""
-    import subprocess
-    import sys
+    from fastres.testing import run_sm90_compiler
 
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip(f"this triton has no bundled ptxas ({ptxas})")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-m", "fastres.triton_kernels.aot_check", "--quick", "--dtypes",
-         "bfloat16", "--trace"], env=env, capture_output=True, text=True, timeout=600)
+    run = run_sm90_compiler(
+        ["-m", "fastres.triton_kernels.aot_check", "--quick", "--dtypes", "bfloat16", "--trace"],
+        timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert " 0 failures" in run.stdout and "trace: 0 problems" in run.stdout
 

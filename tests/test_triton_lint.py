@@ -3,12 +3,12 @@ exists to catch: planted in hand-written PTX (loops, waits, synchronous operand 
 occupancy) and in a real kernel compiled for sm_90 without a GPU (tests/_lint_planted.py)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 lint = pytest.importorskip("fastres.triton_kernels.lint")
+
+from fastres.testing import run_sm90_compiler  # noqa: E402
 
 WGMMA = "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1, %f2}, %rd5, %rd6, 1, 1, 1;"
 
@@ -119,15 +119,8 @@ def test_stack_frame_without_local_traffic_is_not_a_spill():
 def test_planted_kernel_fails_when_compiled_for_sm90():
     """A real GEMM compiled for sm_90: clean as written; with a runtime offset of unknown
     divisibility on its B pointer (the 1x1-weight bug) the lint reports sync-load and wait0."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip(f"this triton has no bundled ptxas ({ptxas})")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "_lint_planted.py")
-    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = run_sm90_compiler([script], timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     lines = dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "")
                  for line in run.stdout.splitlines())
@@ -142,16 +135,9 @@ def test_resnet50_variants_pass_the_sm90_lint():
     triton cache (bf16 alone was 91 s, fp32 171 s), a few tens of seconds with a warm one
     (~/.triton/cache). Same command as `python -m fastres.triton_kernels.aot_check --shapes
     resnet50`, recorded in bench/results."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip(f"this triton has no bundled ptxas ({ptxas})")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-m", "fastres.triton_kernels.aot_check", "--shapes", "resnet50",
-         "--dtypes", "bfloat16,float16,float32"], env=env, capture_output=True, text=True,
-        timeout=1800)
+    run = run_sm90_compiler(
+        ["-m", "fastres.triton_kernels.aot_check", "--shapes", "resnet50", "--dtypes",
+         "bfloat16,float16,float32"], timeout=1800)
     last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
     assert run.returncode == 0 and last.endswith(" 0 failures"), (
         "\n".join(line for line in run.stdout.splitlines() if "FAIL" in line)[-6000:]
