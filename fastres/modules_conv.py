@@ -110,6 +110,8 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         conv, bn = self.conv1, self.bn1
         if (
             type(x) is not Tensor
+            or x.dim() != 4
+            or x.shape[1] != conv.in_channels  # the full path names the mismatch
             or x.device.type != "cpu"
             or self.training
             or bn.training

@@ -299,6 +299,7 @@ def test_resnet_donates_its_own_intermediates_only():
     same output), but never with a forward hook on the path: a hook's tensor stays intact."""
     m = fastres.convert(_model())
     x = _x()
+    x0 = x.clone()
     with torch.no_grad():
         m(x)
         m(x)
@@ -313,4 +314,18 @@ def test_resnet_donates_its_own_intermediates_only():
     assert torch.equal(donated, hooked)
     kept, copy_then = seen[0]
     assert torch.equal(kept, copy_then)  # not overwritten by layer1[1]'s residual add
-    assert not torch.equal(x, torch.zeros_like(x))
+    assert torch.equal(x, x0)  # the caller's input is never written
+
+
+def test_planned_paths_keep_clear_errors():
+    """Once planned, a bad input still gets the full path's errors: another channel count at
+    the stem and at a block."""
+    m = fastres.convert(_model())
+    x = _x()
+    with torch.no_grad():
+        m(x)
+        m(x)
+        with pytest.raises(ValueError, match="input has 4 channels but the convolution expects 3"):
+            m(torch.randn(2, 4, 32, 32).contiguous(memory_format=CL))
+        with pytest.raises(ValueError, match="input has 32 channels"):
+            m.layer1[0](torch.randn(2, 32, 8, 8).contiguous(memory_format=CL))
