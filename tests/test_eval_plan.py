@@ -290,6 +290,12 @@ def test_conv_bias_act_finite_into(cl):
     r2 = r.clone()
     got = ns.conv_bias_act_finite_into(r2, x, w, b, [1, 1], [1, 1], [1, 1], 1, True)
     assert got.data_ptr() == r2.data_ptr() and torch.equal(r2, want)
+    # a residual that is the input itself (1x1, same channels): the out-of-place result, copied
+    x1 = torch.randn(2, 16, 9, 9, generator=g).contiguous(memory_format=fmt)
+    w1 = torch.randn(16, 16, 1, 1, generator=g).contiguous(memory_format=fmt) * 0.1
+    want1 = ns.conv_bias_act_finite(x1, w1, b, x1, [1, 1], [0, 0], [1, 1], 1, True)
+    ns.conv_bias_act_finite_into(x1, x1, w1, b, [1, 1], [0, 0], [1, 1], 1, True)
+    assert torch.equal(x1, want1)
     with pytest.raises(RuntimeError, match="residual must have the output's size"):
         ns.conv_bias_act_finite_into(r2[:, :8], x, w, b, [1, 1], [1, 1], [1, 1], 1, True)
 

@@ -404,9 +404,11 @@ Tensor& conv_bias_act_finite_into_cpu(Tensor& residual, const Tensor& input, con
   check_same_dtype(op, "residual", residual, "input", input);
   const auto dtype = input.scalar_type();
   const auto cl = at::MemoryFormat::ChannelsLast;
+  // A residual sharing memory with the input or weight would be read while it is written.
   const bool inplace = onednn_supports(dtype) && pointwise_ops().binary_inplace.has_value() &&
                        groups == 1 && format_of(input) == cl && has_dense_strides(residual, cl) &&
-                       (!has(bias) || bias->scalar_type() == dtype);
+                       (!has(bias) || bias->scalar_type() == dtype) &&
+                       !residual.is_alias_of(input) && !residual.is_alias_of(weight);
   if (inplace) {
     optional<Tensor> packed =
         PackedWeights::get().lookup(weight, input, stride, padding, dilation, groups);
