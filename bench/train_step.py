@@ -9,7 +9,10 @@ steps per provider, ``--rounds`` rounds run each provider once in turn (alternat
 spell of the machine hits all of them); the median, min and max are printed with the machine's
 load average. ``--peak`` instead runs each provider in its own process for two steps and prints
 the process's peak resident memory (``ru_maxrss``: model, optimizer state, activations and the
-libraries, which are the same for every provider).
+libraries, which are the same for every provider). ``--conv-share`` adds, after the timed rounds,
+one profiled step per provider: the self time of its convolution ops (forward and backward,
+ATen's oneDNN calls for every provider here) against the rest, and the ceiling that puts on any
+speed-up that leaves the convolutions as they are (eager's step over the convolutions alone).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peak", action="store_true")
+    ap.add_argument("--conv-share", action="store_true")
     a = ap.parse_args(argv)
     providers = a.providers.split(",")
     if a.peak:
@@ -96,9 +100,35 @@ def main(argv=None) -> int:
     for p in providers:
         v = sorted(ts[p])
         print(f"{p:8s} median {statistics.median(v):8.1f} ms  min {v[0]:8.1f}  max {v[-1]:8.1f}")
+    if a.conv_share:
+        _conv_share(providers, step, {p: statistics.median(v) for p, v in ts.items()})
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{'+'.join(providers)}: peak RSS {rss:.0f} MiB ({a.dtype}, N={a.batch})")
     return 0
+
+
+def _conv_share(providers, step, median_ms, rounds: int = 3) -> None:
+    """Profiled steps, providers alternating: median convolution self time against the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tot, conv = {p: [] for p in providers}, {p: [] for p in providers}
+    for _ in range(rounds):
+        for p in providers:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(p)
+            ev = prof.key_averages()
+            tot[p].append(sum(e.self_cpu_time_total for e in ev) / 1e3)
+            conv[p].append(sum(e.self_cpu_time_total for e in ev if "convolution" in e.key) / 1e3)
+    med = {p: statistics.median(conv[p]) for p in providers}
+    for p in providers:
+        t, c = statistics.median(tot[p]), med[p]
+        print(f"{p:8s} profiled step {t:8.1f} ms: convolutions {c:7.1f} ms ({100 * c / t:.0f}%),"
+              f" the rest {t - c:6.1f} ms (medians of {rounds} alternating profiled steps)")
+    if "eager" in median_ms:
+        best = min(med.values())
+        print(f"ceiling with these convolutions: eager's median {median_ms['eager']:.1f} ms over "
+              f"the fastest convolution time {best:.1f} ms = {median_ms['eager'] / best:.2f}x "
+              "(everything but the convolutions free)")
 
 
 if __name__ == "__main__":
