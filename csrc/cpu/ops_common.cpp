@@ -162,7 +162,7 @@ Tensor in_format(const Tensor& t, at::MemoryFormat fmt) {
   if (has_dense_strides(t, fmt)) {
     return t;
   }
-  return at::empty(t.sizes(), t.options().memory_format(fmt)).copy_(t);
+  return empty_act(t.sizes(), t.options(), fmt).copy_(t);
 }
 
 Geom geom_of(const Tensor& t, at::MemoryFormat fmt) {

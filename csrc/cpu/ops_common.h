@@ -42,6 +42,13 @@ at::MemoryFormat format_of(const Tensor& ref);
 std::vector<int64_t> dense_strides(at::IntArrayRef sizes, at::MemoryFormat fmt);
 bool has_dense_strides(const Tensor& t, at::MemoryFormat fmt);
 Tensor in_format(const Tensor& t, at::MemoryFormat fmt);
+// An activation-sized output or temporary, as at::empty(sizes, opts.memory_format(fmt)); large
+// ones come from fastres' CPU activation pool (act_pool.cpp).
+Tensor empty_act(at::IntArrayRef sizes, const at::TensorOptions& opts, at::MemoryFormat fmt);
+// The pool's (cached bytes, hits, misses, cap bytes), and freeing its cached buffers (returns the
+// bytes freed): fastres_cpu::act_pool_stats / act_pool_empty_cache.
+std::vector<int64_t> act_pool_stats();
+int64_t act_pool_empty_cache();
 Geom geom_of(const Tensor& t, at::MemoryFormat fmt);
 std::vector<double> double_vec(const Tensor& t);
 Tensor from_doubles(const std::vector<double>& v, at::ScalarType dtype);

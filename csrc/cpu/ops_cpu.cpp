@@ -91,6 +91,10 @@ TORCH_LIBRARY(fastres_cpu, m) {
     fastres::cpu::g_forced.store(chosen, std::memory_order_release);
     return previous;
   });
+  // The activation pool (act_pool.cpp): [cached bytes, hits, misses, cap bytes]; and freeing
+  // its cached buffers, returning the bytes freed.
+  m.def("act_pool_stats() -> int[]", [] { return fastres::cpu::act_pool_stats(); });
+  m.def("act_pool_empty_cache() -> int", [] { return fastres::cpu::act_pool_empty_cache(); });
   // How many distinct threads an at::parallel_for over n one-element chunks ran on: proves the
   // extension's OpenMP regions really fork (compiled with -fopenmp, torch's libgomp).
   m.def("parallel_threads(int n) -> int", [](int64_t n) {

@@ -451,7 +451,7 @@ std::tuple<Tensor, Tensor> relu_bias_bwd_cpu(const Tensor& grad_out, const optio
   const auto fmt = format_of(grad_out);
   const Tensor go = in_format(grad_out, fmt);
   const Tensor o = has(out) ? in_format(*out, fmt) : Tensor();
-  Tensor grad_z = at::empty(grad_out.sizes(), grad_out.options().memory_format(fmt));
+  Tensor grad_z = empty_act(grad_out.sizes(), grad_out.options(), fmt);
   const int64_t c = grad_out.size(1);
   std::vector<double> sum_g(c);
   BnBwdArgs a;

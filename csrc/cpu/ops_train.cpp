@@ -35,7 +35,7 @@ Tensor apply_prologue(const Tensor& x, at::MemoryFormat fmt, const optional<Tens
   const int64_t c = x.size(1);
   const Tensor s = opmath_vec(scale, dtype, c, 1.0);
   const Tensor b = opmath_vec(shift, dtype, c, 0.0);
-  Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  Tensor out = empty_act(x.sizes(), x.options(), fmt);
   PrologueArgs a;
   a.dtype = dtype;
   a.g = geom_of(x, fmt);
@@ -217,7 +217,7 @@ Tensor bn_add_relu_cpu(const Tensor& input, const Tensor& scale, const Tensor& s
     check_opt_vec(op, "res_shift", res_shift, cr, "one per channel of residual");
   }
   const Tensor x = in_format(input, fmt);
-  Tensor out = at::empty(input.sizes(), input.options().memory_format(fmt));
+  Tensor out = empty_act(input.sizes(), input.options(), fmt);
   run_epilogue(out, x, fmt, scale, shift, residual, res_scale, res_shift, res_channel_offset, relu);
   return out;
 }
@@ -404,7 +404,7 @@ BnSums reduce_pass(const BnBwd& t, void* g_out = nullptr) {
 // The elementwise pass: grad_x from (x, k) and, when k2 is given, grad_x2 from (x2 or, for an
 // identity residual, x with identity coefficients, k2). Returns them in the working format.
 std::pair<Tensor, Tensor> apply_pass(const BnBwd& t, const BnCoef& k, const BnCoef* k2) {
-  Tensor grad_x = at::empty(t.x.sizes(), t.opts);
+  Tensor grad_x = empty_act(t.x.sizes(), t.opts, t.fmt);
   BnBwdArgs p = t.args;
   p.a = k.a.data_ptr();
   p.b = k.b.data_ptr();
@@ -412,7 +412,7 @@ std::pair<Tensor, Tensor> apply_pass(const BnBwd& t, const BnCoef& k, const BnCo
   p.grad_x = grad_x.data_ptr();
   Tensor grad_x2;
   if (k2 != nullptr) {
-    grad_x2 = at::empty(t.x.sizes(), t.opts);
+    grad_x2 = empty_act(t.x.sizes(), t.opts, t.fmt);
     if (!t.x2.defined()) {
       p.x2 = p.x;
       p.mean2 = p.mean;
@@ -442,7 +442,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cpu(
   const double n = static_cast<double>(std::max<int64_t>(t.count, 1));
   if (!has(res_input)) {
     // Identity residual: grad_res = g, written by the reduction and read by the apply pass.
-    Tensor g = at::empty(input.sizes(), t.opts);
+    Tensor g = empty_act(input.sizes(), t.opts, t.fmt);
     const BnSums s = reduce_pass(t, g.data_ptr());
     const auto gw = times(s.gx, invstd);
     const BnCoef k = bn_coef(divided(s.g, n), divided(gw, n), invstd, weight, t.opmath);
