@@ -139,7 +139,18 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         return ns.conv_bias_act_finite(x, f[0], f[1], None, *spec.args(), True)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        # torchvision's ResNet._forward_impl, with the stem fused.
+        # torchvision's ResNet._forward_impl, with the stem fused; under torch.compile in
+        # inference the body is one opaque op (fastres.opaque.opaque_body).
+        if OP.compiled_inference(self, x) and OP.body_traceable(self):
+            x = OP.opaque_body(self, x)
+        else:
+            x = self._body(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+    def _body(self, x: Tensor) -> Tensor:
+        """Stem, max-pool and the four layers."""
         x = self._stem(x)
         x = self.maxpool(x)
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
@@ -154,9 +165,7 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         else:
             for layer in layers:
                 x = layer(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
+        return x
 
 
 def _has_hooks(mod: nn.Module) -> bool:

@@ -25,7 +25,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-__all__ = ["compiled_inference", "opaque_forward", "register"]
+__all__ = ["body_traceable", "compiled_inference", "opaque_body", "opaque_forward", "register"]
 
 _HANDLES: dict[int, weakref.ref] = {}
 _NEXT = itertools.count(1)
@@ -109,6 +109,73 @@ def _module_forward(x: Tensor, handle: int, stem: bool, params: list[Tensor]) ->
 @_module_forward.register_fake
 def _(x: Tensor, handle: int, stem: bool, params: list[Tensor]) -> Tensor:
     return _out_like(_lookup(handle), x, stem)
+
+
+def _pool_out(h, w, pool: nn.MaxPool2d):
+    def one(size, k, s, p, d):
+        span = size + 2 * p - d * (k - 1) - 1
+        out = (-(-span // s) if pool.ceil_mode else span // s) + 1
+        if pool.ceil_mode and (out - 1) * s >= size + p:
+            out -= 1  # the last window must start inside the input or its left padding
+        return out
+
+    k, s, p, d = (v if isinstance(v, tuple) else (v, v) for v in
+                  (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding, pool.dilation))
+    return one(h, k[0], s[0], p[0], d[0]), one(w, k[1], s[1], p[1], d[1])
+
+
+def body_traceable(resnet: nn.Module) -> bool:
+    """A fastres.ResNet whose body (stem, max-pool, layer1-4) has a shape this module can
+    compute without running it: a Conv2d stem, an nn.MaxPool2d, Sequentials of fused blocks."""
+    from fastres.modules import _ResidualBlockMixin  # noqa: PLC0415
+
+    if not isinstance(resnet.conv1, nn.Conv2d) or type(resnet.maxpool) is not nn.MaxPool2d:
+        return False
+    layers = (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+    return all(
+        type(layer) is nn.Sequential
+        and len(layer) > 0
+        and all(isinstance(b, _ResidualBlockMixin) for b in layer)
+        for layer in layers
+    )
+
+
+def _body_out_like(resnet: nn.Module, x: Tensor) -> Tensor:
+    h, w = _conv_out(x.shape[2], x.shape[3], resnet.conv1)
+    h, w = _pool_out(h, w, resnet.maxpool)
+    c = resnet.conv1.out_channels
+    for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        for blk in layer:
+            for conv in _main_convs(blk, False):
+                h, w = _conv_out(h, w, conv)
+                c = conv.out_channels
+    fmt = torch.channels_last if (
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    ) else torch.contiguous_format
+    return torch.empty((x.shape[0], c, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+@torch.library.custom_op("fastres::_resnet_body", mutates_args=())
+def _resnet_body(x: Tensor, handle: int, params: list[Tensor]) -> Tensor:
+    mod = _lookup(handle)
+    with torch.no_grad():
+        out = mod._body(x)
+    return out.clone() if out is x else out
+
+
+@_resnet_body.register_fake
+def _(x: Tensor, handle: int, params: list[Tensor]) -> Tensor:
+    return _body_out_like(_lookup(handle), x)
+
+
+def opaque_body(resnet: nn.Module, x: Tensor) -> Tensor:
+    """A fastres.ResNet's stem, max-pool and four layers as ONE call of an opaque op: the
+    converted model's own eager path at run time (its plans, and the inter-block activations it
+    donates to the residual adds), one dispatch instead of one per fused module. Inductor
+    compiles the average pool and the classifier around it."""
+    mods = (resnet.conv1, resnet.bn1, resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+    params = [t for m in mods for t in (*m.parameters(), *m.buffers())]
+    return _resnet_body(x, resnet.__dict__["_fr_handle"], params)
 
 
 def opaque_forward(module: nn.Module, x: Tensor, stem: bool = False) -> Tensor:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 
 import fastres
 from fastres import backends
@@ -230,10 +230,47 @@ def test_resnet_stem_left_when_not_fusable():
     assert type(m.layer1[0]) is fastres.BasicBlock  # the blocks are still converted
 
 
+def _fastres_nodes(m: nn.Module, x: Tensor) -> list[str]:
+    """The fastres ops in the graph torch.compile (fullgraph, inference) captures for m(x)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(m, backend=backend, fullgraph=True, dynamic=False)(x)
+    torch._dynamo.reset()
+    return [str(n.target) for g in graphs for n in g.graph.nodes
+            if n.op == "call_function" and "fastres" in str(n.target)]
+
+
+def test_compiled_resnet_body_is_one_opaque_op():
+    """A converted torchvision ResNet compiles (inference) to ONE fastres::_resnet_body node (its
+    stem, max-pool and layers, run as the converted model runs them) with Inductor's pool and fc
+    around it; fused modules elsewhere are one fastres::_module_forward node each. The op's
+    output shape comes from the modules alone: checked at odd sizes, both layouts, and a
+    ceil_mode max-pool."""
+    m = fastres.convert(_model())
+    assert _fastres_nodes(m, _x()) == ["fastres._resnet_body.default"]
+    seq = nn.Sequential(*[fastres.convert(_model()).layer1[i] for i in range(2)]).eval()
+    assert _fastres_nodes(seq, torch.randn(1, 64, 8, 8)) == ["fastres._module_forward.default"] * 2
+    for x, ceil in ((_x(size=37), False), (torch.randn(1, 3, 45, 51), False), (_x(size=41), True)):
+        m.maxpool.ceil_mode = ceil
+        with torch.no_grad():
+            want = m(x)
+            torch._dynamo.reset()
+            got = torch.compile(m, fullgraph=True, dynamic=False)(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_compiled_inference_runs_fused_modules_opaque():
-    """torch.compile (fullgraph) of a converted model in inference: each fused module is one
-    fastres::_module_forward node running the module's eager fused path (its eval plan, its
-    prepacked weights: no new packing per call), with the converted model's numbers."""
+    """torch.compile (fullgraph) of a converted model in inference: the fused modules run their
+    eager fused path inside an opaque node (their eval plans, their prepacked weights: no new
+    packing per call), with the converted model's numbers."""
     torch._dynamo.reset()
     m = fastres.convert(_model())
     x = _x()
