@@ -2,6 +2,7 @@
 
     python bench/cpu_profile.py --provider fastres --dtype bf16 --batch 1
     python bench/cpu_profile.py --provider fastres+compile --dtype fp32 --batch 8 --json out.json
+    python bench/cpu_profile.py --provider onnxruntime --batch 1     # ORT's per-node times, fp32
 
 For one warm call (after ``--warmup`` untimed calls) it prints:
 
@@ -11,6 +12,9 @@ For one warm call (after ``--warmup`` untimed calls) it prints:
   *created* during the call (a warm call should create none: a creation is a primitive-cache miss);
 * torch.profiler's per-op table (self CPU time, calls) and the number of ATen ops dispatched,
   so framework overhead per op can be set against the kernels' own time.
+
+``--provider openvino`` prints OpenVINO's executed graph instead, ``--provider onnxruntime`` ONNX
+Runtime's kernel time per operator type (its session profiler; median of 5 runs).
 
 Relative numbers only when the machine is shared: the load average is printed with them.
 """
@@ -139,6 +143,44 @@ def openvino_exec_graph(dtype: torch.dtype, batch: int, threads: int) -> dict:
             "conv_nodes_by_number_of_original_layers": dict(fused), **eng.info}
 
 
+def onnxruntime_nodes(batch: int, threads: int, warmup: int, runs: int = 5) -> dict:
+    """ONNX Runtime's per-node kernel times (its session profiler), fp32: for each of the last
+    ``runs`` runs the summed time per operator type; the median run's sums are returned with
+    its total, to set beside oneDNN's per-convolution sums of the other providers."""
+    import onnxruntime as ort
+
+    import peers as P
+
+    m, x = build("eager", torch.float32, batch)
+    os.environ.setdefault("FASTRES_BENCH_THREADS", str(threads))
+    eng = P.build("onnxruntime", m, x, torch.float32, False)
+    path = eng.info["ort_model_path"]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="fastres-ortprof-")) / "p")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x.float().contiguous().numpy()}
+    for _ in range(warmup + runs):
+        sess.run(None, feed)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    model_runs = [e for e in events if e.get("name") == "model_run"][-runs:]
+    per_run = []
+    for r in model_runs:
+        t0, t1 = r["ts"], r["ts"] + r["dur"]
+        ops: collections.Counter = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and t0 <= e["ts"] <= t1:
+                ops[e["args"].get("op_name", "?")] += e["dur"] / 1e3
+        per_run.append((r["dur"] / 1e3, ops))
+    per_run.sort(key=lambda t: t[0])
+    run_ms, ops = per_run[len(per_run) // 2]
+    return {"run_ms": round(run_ms, 3), "ops_ms": {k: round(v, 3) for k, v in ops.most_common()},
+            "runs_ms": [round(t, 3) for t, _ in per_run], "ort_version": ort.__version__}
+
+
 def peak_rates(threads: int, reps: int = 5) -> dict:
     """This CPU's attainable rates for the floor: best-of-``reps`` torch.mm GFLOP/s (fp32,
     bf16; oneDNN/MKL with AVX-512 or AMX) at 2048^3, and copy bandwidth GB/s (read + write of a
@@ -173,7 +215,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--provider", default="fastres",
                     choices=["eager", "fastres", "fastres+compile", "compile",
-                             "compile-freezing", "openvino"])
+                             "compile-freezing", "openvino", "onnxruntime"])
     ap.add_argument("--peak", action="store_true",
                     help="only measure the matmul (fp32, bf16) and copy rates of the floor")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -191,6 +233,16 @@ def main(argv=None) -> int:
     if args.provider == "openvino":
         g = openvino_exec_graph(dtype, args.batch, args.threads)
         print(f"# OpenVINO executed graph, ResNet-50 {args.dtype} N={args.batch}")
+        print(json.dumps(g, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(g, indent=1))
+        return 0
+    if args.provider == "onnxruntime":
+        if dtype != torch.float32:
+            ap.error("onnxruntime: fp32 only (its CPU execution provider has no bf16 convolution)")
+        g = onnxruntime_nodes(args.batch, args.threads, args.warmup)
+        print(f"# ONNX Runtime node times (session profiler), ResNet-50 fp32 N={args.batch}, "
+              f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}")
         print(json.dumps(g, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(g, indent=1))

@@ -151,5 +151,6 @@ def build(provider: str, eager: nn.Module, x: Tensor, dtype: torch.dtype,
         def run(a):
             return torch.from_numpy(sess.run(None, {name: a})[0])
 
-        return Engine(run, as_numpy, {"ort_version": ort.__version__})
+        return Engine(run, as_numpy, {"ort_version": ort.__version__,
+                                      "ort_model_path": str(path)})
     raise ValueError(f"unknown provider {provider!r}")

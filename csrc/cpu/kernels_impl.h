@@ -42,8 +42,11 @@ constexpr int64_t kGrain = 32768;
 // Row blocks of an NHWC reduction: at most this many partial sums per channel. The split depends
 // on the shape only (never on the thread count), so the sums are bitwise reproducible.
 constexpr int64_t kMaxBlocks = 64;
-// Rows of an NHWC reduction summed in registers before they are added to a block's partials.
-constexpr int64_t kRows = 16;
+// Rows of an NHWC reduction summed in float before they are added to a block's double partials.
+// 16 was as fast but its float rounding put the sum of squares of a 2x32x9x11 convolution output
+// outside the suite's bound (4.9e-5 against 3.4e-5, PyTorch's own float32 error 1.2e-5); 4, 8 and
+// 16 ran alike (memory-bound), 2 and 1 slower (bf16 8x256x56x56, alternating with eager's).
+constexpr int64_t kRows = 4;
 
 #define FASTRES_BOOL_SWITCH(COND, NAME, ...) \
   [&] {                                      \
@@ -232,22 +235,6 @@ struct DAcc {
     hi.store(buf + DV::size());
     for (int64_t i = 0; i < n; ++i) {
       acc[i] += buf[i];
-    }
-  }
-};
-
-// A float register accumulator for a few values per lane (an NHWC reduction's kRows rows): no
-// double conversion per element; flushed into double partials. kRows float additions per lane
-// lose at most ~kRows/2 ulp of the partial, far below the double total's other terms.
-template <typename M>
-struct RowAcc {
-  Vectorized<M> sum = Vectorized<M>(M(0));
-  inline void add(const Vectorized<M>& v) { sum = sum + v; }
-  inline void flush(double* acc, int64_t n) const {
-    alignas(64) M buf[Vectorized<M>::size()];
-    sum.store(buf);
-    for (int64_t i = 0; i < n; ++i) {
-      acc[i] += static_cast<double>(buf[i]);
     }
   }
 };
