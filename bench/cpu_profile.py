@@ -154,7 +154,7 @@ def onnxruntime_nodes(batch: int, threads: int, warmup: int, runs: int = 5) -> d
     m, x = build("eager", torch.float32, batch)
     os.environ.setdefault("FASTRES_BENCH_THREADS", str(threads))
     eng = P.build("onnxruntime", m, x, torch.float32, False)
-    path = eng.info["ort_model_path"]
+    path = eng.model_path
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -83,18 +83,20 @@ def _main_convs(mod: nn.Module, stem: bool) -> list[nn.Conv2d]:
     return [mod[0]]  # ConvBNReLU
 
 
+def _empty_out(x: Tensor, c: int, h: int, w: int) -> Tensor:
+    """The fake output: N x c x h x w in x's dtype, device and layout."""
+    fmt = torch.channels_last if (
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    ) else torch.contiguous_format
+    return torch.empty((x.shape[0], c, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
 def _out_like(mod: nn.Module, x: Tensor, stem: bool) -> Tensor:
     h, w = x.shape[2], x.shape[3]
     convs = _main_convs(mod, stem)
     for conv in convs:
         h, w = _conv_out(h, w, conv)
-    fmt = torch.channels_last if (
-        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    ) else torch.contiguous_format
-    return torch.empty(
-        (x.shape[0], convs[-1].out_channels, h, w), dtype=x.dtype, device=x.device,
-        memory_format=fmt,
-    )
+    return _empty_out(x, convs[-1].out_channels, h, w)
 
 
 @torch.library.custom_op("fastres::_module_forward", mutates_args=())
@@ -149,10 +151,7 @@ def _body_out_like(resnet: nn.Module, x: Tensor) -> Tensor:
             for conv in _main_convs(blk, False):
                 h, w = _conv_out(h, w, conv)
                 c = conv.out_channels
-    fmt = torch.channels_last if (
-        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    ) else torch.contiguous_format
-    return torch.empty((x.shape[0], c, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    return _empty_out(x, c, h, w)
 
 
 @torch.library.custom_op("fastres::_resnet_body", mutates_args=())

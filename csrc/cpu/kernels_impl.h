@@ -228,15 +228,6 @@ struct DAcc {
     }
     return s;
   }
-  // acc[0, n) += lanes [0, n) (one lane per channel).
-  inline void flush(double* acc, int64_t n) const {
-    alignas(64) double buf[2 * DV::size()];
-    lo.store(buf);
-    hi.store(buf + DV::size());
-    for (int64_t i = 0; i < n; ++i) {
-      acc[i] += buf[i];
-    }
-  }
 };
 
 // acc[0, n) += f[0, n) (float or double partials into double ones).
