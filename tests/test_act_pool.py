@@ -99,6 +99,22 @@ def test_pooled_outputs_survive_resize_and_autograd():
     assert torch.equal(leaf.grad, torch.ones(BIG))
 
 
+def test_profiler_sees_pooled_allocations():
+    # torch.profiler(profile_memory=True) accounts a pooled output to the op that made it, as it
+    # does ATen's allocations, whether the buffer is new or reused.
+    args = _args(BIG)
+    n = _nbytes(args[0])
+    for reused in (False, True):
+        hits = _stats()["hits"]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            out = ops.bn_add_relu(*args)
+        assert _stats()["hits"] == hits + int(reused)
+        ev = [e for e in prof.key_averages() if e.key == "fastres::bn_add_relu"]
+        assert len(ev) == 1 and ev[0].self_cpu_memory_usage == n, (reused, ev)
+        del out
+
+
 def _run(code: str, env_value: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, FASTRES_CPU_POOL_MB=env_value)
     prelude = textwrap.dedent(
