@@ -19,8 +19,10 @@ looked like. A later call runs the plan when everything it depends on is unchang
   what it was;
 * the block's submodules are the same objects (a replaced conv/BN/downsample re-plans), each
   conv still has no bias;
-* every fold is a cache hit: the conv weight and the BN tensors are the same tensors with the
-  same versions (an optimizer step, ``load_state_dict``, ``.to()`` or ``.half()`` re-plans).
+* every fold is current: one fingerprint of the values of every conv weight and BN tensor of
+  the block (``fastres_cpu::fingerprint``, one read pass; it sees an optimizer step,
+  ``load_state_dict``, ``.to()``, and writes through ``.data`` or ``.numpy()`` that leave the
+  version counters alone) equals the plan's, and every BN's ``eps`` is the plan's.
 
 Anything else (or a miss) runs the full path, which makes a new plan. Not re-checked per call:
 a conv's stride, padding, dilation and groups (plain attributes nobody changes after
@@ -73,8 +75,8 @@ class EvalPlan:
     ``("module", ds)`` (a downsample module run as it is)."""
 
     __slots__ = ("mods", "dtype", "device", "shape", "channels_last", "backend_env", "bns",
-                 "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "m_max",
-                 "finite_op", "absmax", "into_op")
+                 "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "eps", "sources",
+                 "m_max", "finite_op", "absmax", "into_op")
 
     def __init__(self, block: nn.Module, x: Tensor, steps, shortcut, wdt, bdt, fmt,
                  folds, all_cpu: bool) -> None:
@@ -92,7 +94,10 @@ class EvalPlan:
         self.convs = tuple(c for c, _ in pairs)
         self.bns = tuple(b for _, b in pairs)
         self.wdt, self.bdt, self.fmt = wdt, bdt, fmt
-        self.folds = tuple(f[0] for f in folds)
+        self.folds = tuple(folds)
+        # The values every fold was computed from (fastres_cpu::fingerprint), checked per call.
+        self.eps = tuple(float(bn.eps) for bn in self.bns)
+        self.sources = _fingerprint(self.convs, self.bns)
         self.m_max, self.finite_op, self.absmax, self.into_op = math.nan, None, None, None
         if all_cpu and shortcut_bound_known(shortcut):
             ns = getattr(torch.ops, "fastres_cpu", None)
@@ -117,8 +122,8 @@ class EvalPlan:
             ds = block._modules.get("downsample")
             if ds is None or tuple(ds._modules.values()) != (self.shortcut[1], self.shortcut[2]):
                 return False
-        for bn in self.bns:
-            if bn.training:
+        for bn, eps in zip(self.bns, self.eps, strict=True):
+            if bn.training or bn.eps != eps:
                 return False
         for conv in self.convs:
             if conv._parameters.get("bias") is not None:
@@ -132,12 +137,11 @@ class EvalPlan:
         downsample's output is the plan's own and is always written into."""
         if not self._valid(block, x):
             return None
-        folds = []
-        for conv, bn, w0 in zip(self.convs, self.bns, self.folds, strict=True):
-            f = block._fold_hit(conv, bn, self.wdt, self.bdt)
-            if f is None or f[0] is not w0:
-                return None
-            folds.append(f)
+        # One read of the block's conv weights and BN tensors: the folds are current only if
+        # their values are (writes through .data leave the version counters alone).
+        if self.sources is None or _fingerprint(self.convs, self.bns) != self.sources:
+            return None
+        folds = self.folds
         relu_op = None
         if self.finite_op is not None and self.absmax(x) <= self.m_max:  # NaN: False
             relu_op = self.finite_op
@@ -169,6 +173,13 @@ class EvalPlan:
                                 conv.groups, True)
         return (relu_op or op)(h, w, b, identity, conv.stride, conv.padding, conv.dilation,
                                conv.groups, True)
+
+
+def _fingerprint(convs, bns) -> int | None:
+    """fastres.functional.fingerprint of every conv weight and BN tensor of a plan."""
+    from fastres.functional import fingerprint, fold_sources  # noqa: PLC0415
+
+    return fingerprint([t for c, b in zip(convs, bns, strict=True) for t in fold_sources(c, b)])
 
 
 def shortcut_bound_known(shortcut) -> bool:

@@ -39,9 +39,13 @@ __all__ = [
     "fold_bn",
     "residual_unit",
     "check_input",
+    "ShapeError",
+    "DtypeError",
     "autocast_dtype",
     "compute_dtype",
     "fold_dtypes",
+    "fingerprint",
+    "fold_sources",
 ]
 
 
@@ -137,34 +141,50 @@ def fold_dtypes(x: Tensor) -> tuple[torch.dtype, torch.dtype]:
 # Input checks: a clear error that names the problem, before any kernel runs.
 
 
+class ShapeError(RuntimeError, ValueError):
+    """A rank or channel-count mistake in a fused module's input: a RuntimeError, as torch's
+    conv2d raises for it (code that catches RuntimeError around a model keeps working), and a
+    ValueError, as BatchNorm2d raises for a wrong rank."""
+
+
+class DtypeError(RuntimeError, TypeError):
+    """A dtype mistake (input, weight or BatchNorm tensors that cannot go together): a
+    RuntimeError, as torch's conv2d and batch_norm raise for it, and a TypeError."""
+
+
 def check_input(x: Tensor, weight: Tensor, where: str = "fastres") -> None:
     """Raise a clear error when ``x`` cannot be convolved with ``weight`` (rank, channels, dtype,
-    device)."""
+    device): a :class:`ShapeError` or :class:`DtypeError`, both RuntimeErrors as torch's own for
+    the same mistakes, or a RuntimeError for the device."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: expected a Tensor input, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(
+        raise ShapeError(
             f"{where}: expected a 4-D (N, C, H, W) input, got {x.dim()}-D input of size "
             f"{tuple(x.shape)}"
         )
     groups_cin = weight.shape[1]
     if x.shape[1] % groups_cin != 0 or x.shape[1] == 0:
-        raise ValueError(
+        raise ShapeError(
             f"{where}: input has {x.shape[1]} channels but the convolution expects "
             f"{groups_cin} per group (weight of size {tuple(weight.shape)})"
         )
+    if not x.is_floating_point():
+        raise DtypeError(
+            f"{where}: expected a floating-point input, got {x.dtype} (convert the input, "
+            f"e.g. x.to({weight.dtype}))"
+        )
     # Under autocast both are cast to the autocast dtype first (see compute_dtype).
     if compute_dtype(x) != compute_dtype(weight):
-        raise TypeError(
+        raise DtypeError(
             f"{where}: input dtype {x.dtype} does not match weight dtype {weight.dtype} "
-            f"(convert the module with .to({x.dtype}) or use torch.autocast)"
+            f"(convert the module with .to({x.dtype}), the input with .to({weight.dtype}), or "
+            "use torch.autocast)"
         )
     if x.device != weight.device:
         raise RuntimeError(
             f"{where}: input is on {x.device} but the weights are on {weight.device}"
         )
-    if not x.is_floating_point():
-        raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
 
 
 def _check_batch_stats_count(x_shape: Sequence[int], count: int) -> None:
@@ -173,6 +193,44 @@ def _check_batch_stats_count(x_shape: Sequence[int], count: int) -> None:
             f"Expected more than 1 value per channel when training, got input size "
             f"{torch.Size(x_shape)}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The values check of the eval path's caches.
+
+def fold_sources(conv: torch.nn.Module, bn: torch.nn.Module) -> list[Tensor | None]:
+    """The live tensors a BatchNorm fold is computed from, in :func:`fold_bn`'s order: the conv
+    weight, then the norm layer's weight, bias, running_mean and running_var (parameters or, in
+    FrozenBatchNorm2d, buffers)."""
+    return [
+        conv.weight,
+        getattr(bn, "weight", None),
+        getattr(bn, "bias", None),
+        bn.running_mean,
+        bn.running_var,
+    ]
+
+
+_FINGERPRINT = []  # [op or None], looked up once
+
+
+def fingerprint(tensors: Sequence[Tensor | None]) -> int | None:
+    """A 64-bit hash of the values, dtypes, sizes and strides of CPU tensors (None entries
+    allowed): ``fastres_cpu::fingerprint``, one read of every byte, so that a write through
+    ``.data`` or ``.numpy()`` (which leaves a tensor's version counter alone) changes it. None when
+    the first tensor is not on the CPU (checking a device tensor's values from the host would
+    sync the two: such folds are not cached) or the CPU kernels are not built. A later tensor
+    not on the CPU makes the hash new on every call (never a match)."""
+    first = tensors[0] if tensors else None
+    if first is not None and first.device.type != "cpu":
+        return None
+    if not _FINGERPRINT:
+        from fastres import _ext  # noqa: PLC0415
+
+        ok = _ext.load()[0] is not None and hasattr(torch.ops.fastres_cpu, "fingerprint")
+        _FINGERPRINT.append(torch.ops.fastres_cpu.fingerprint if ok else None)
+    op = _FINGERPRINT[0]
+    return None if op is None else op(list(tensors))
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,8 +28,11 @@ torchvision's own forward.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -130,7 +133,7 @@ def check_pair_tensors(
     if w.device != dev:
         raise RuntimeError(f"{where}: {names[0]}.weight is on {w.device} but the input is on {dev}")
     if FF.compute_dtype(w) != cdt:
-        raise TypeError(
+        raise FF.DtypeError(
             f"{where}: {names[0]}.weight has dtype {w.dtype} but the input has dtype {x.dtype}"
         )
     allowed = {cdt, torch.float32} if cdt in (torch.float16, torch.bfloat16) else {cdt}
@@ -145,14 +148,63 @@ def check_pair_tensors(
             )
         if n != "num_batches_tracked" and type(bn) is not FrozenBatchNorm2d:
             if t.dtype not in allowed:
-                raise TypeError(
+                raise FF.DtypeError(
                     f"{where}: {names[1]}.{n} has dtype {t.dtype}; with a {cdt} input the "
                     f"BatchNorm tensors must be {' or '.join(sorted(str(d) for d in allowed))}"
                 )
             dtypes[n] = t.dtype
     if len(set(dtypes.values())) > 1:
         mix = ", ".join(f"{names[1]}.{n} {d}" for n, d in dtypes.items())
-        raise TypeError(f"{where}: BatchNorm tensors of one layer must share a dtype, got {mix}")
+        raise FF.DtypeError(
+            f"{where}: BatchNorm tensors of one layer must share a dtype, got {mix}"
+        )
+
+
+def plain_call(x) -> bool:
+    """Calls that run a fused module's plain forward (torchvision's or timm's, op by op), so
+    that what traces or exports them records standard operators: ``torch.fx.symbolic_trace``
+    (``x`` is a Proxy; torchvision's ``create_feature_extractor`` uses it), ``torch.jit.trace``
+    and ``torch.onnx.export``. Each is one cheap test."""
+    if not isinstance(x, Tensor) or torch.jit.is_tracing():
+        return True
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+def _hooked(mods) -> bool:
+    """Whether any of ``mods`` or their submodules carries a forward, forward-pre or backward
+    hook: then the block runs its plain forward, which calls every inner module (conv1, bn1,
+    relu, ...) with the arguments torchvision's block gives them. A few dict truth tests per
+    module (~1 us for a Bottleneck), no per-call state."""
+    for m in mods:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+        if m._modules and _hooked(m._modules.values()):
+            return True
+    return False
+
+
+def global_hooks() -> bool:
+    """A hook registered for every module (``torch.nn.modules.module.register_module_*``): it
+    expects to see the inner modules of every block called."""
+    return bool(
+        _nn_module._global_forward_hooks
+        or _nn_module._global_forward_pre_hooks
+        or _nn_module._global_backward_hooks
+        or _nn_module._global_backward_pre_hooks
+    )
+
+
+def inner_hooks(module: nn.Module) -> bool:
+    """A hook on a submodule of ``module`` (or a global module hook): its fused path would skip
+    the submodule's calls, so it runs its plain forward instead."""
+    return global_hooks() or _hooked(module._modules.values())
+
+
+def hooked_inner_modules(module: nn.Module) -> list[str]:
+    """The submodules of ``module`` that carry hooks (for convert's report)."""
+    return [n for n, m in module.named_modules() if m is not module and _hooked([m])
+            and not any(_hooked([c]) for c in m.children())]
 
 
 class _FusedMixin:
@@ -177,10 +229,14 @@ class _FusedMixin:
         dtype: torch.dtype,
         bias_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor, bool]:
-        """(weight, bias, exact) of conv with bn folded in; cached while nothing they depend on
-        changes. ``exact``: see _fold_is_exact (always True while compiling: no data-dependent
-        branch in a traced graph)."""
-        tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        """(weight, bias, exact) of conv with bn folded in. ``exact``: see _fold_is_exact (always
+        True while compiling: no data-dependent branch in a traced graph).
+
+        Cached only where the cache can be proven current on every call without a host-device
+        sync: CPU tensors, whose values are checked by one read pass (see _fold_key). Anything
+        else folds on every call, from the live tensors (so does a differentiable or traced
+        call: the fold is part of the autograd graph or the compiled program)."""
+        tensors = FF.fold_sources(conv, bn)
         differentiable = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in tensors
         )
@@ -193,7 +249,10 @@ class _FusedMixin:
 
         if differentiable or torch.compiler.is_compiling():
             return fold()
-        key = self._fold_key(conv, bn, dtype, bias_dtype)
+        key = self._fold_key(bn, dtype, bias_dtype, tensors)
+        if key is None:
+            with torch.no_grad():
+                return fold()
         hit = self._fold_cache.get(id(conv))
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -204,19 +263,24 @@ class _FusedMixin:
         return folded
 
     @staticmethod
-    def _fold_key(conv: nn.Conv2d, bn: nn.Module, dtype, bias_dtype) -> tuple:
-        tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        return (id(conv), dtype, bias_dtype, conv.weight.device, float(bn.eps)) + tuple(
-            (None if t is None else (t.data_ptr(), t._version, t.dtype)) for t in tensors
-        )
+    def _fold_key(bn: nn.Module, dtype, bias_dtype, tensors) -> tuple | None:
+        """What a fold depends on: the conv weight's and BN tensors' values, dtypes, sizes and
+        strides (one fingerprint, fastres_cpu::fingerprint: a read of every byte, so writes
+        through ``.data`` or ``.numpy()``, which leave the version counter alone, are seen), eps
+        and the fold's dtypes. None where it cannot be checked without a host-device sync."""
+        fp = FF.fingerprint(tensors)
+        if fp is None:
+            return None
+        return (dtype, bias_dtype, float(bn.eps), fp)
 
     def _fold_hit(self, conv: nn.Conv2d, bn: nn.Module, dtype, bias_dtype):
-        """The cached (weight, bias, exact) fold when nothing it depends on changed, else None
-        (no refold: the eval plan's check, fastres.eval_plan)."""
+        """The cached (weight, bias, exact) fold when it is current, else None (no refold: the
+        eval plan's and the stem's check, fastres.eval_plan)."""
         hit = self._fold_cache.get(id(conv))
-        if hit is not None and hit[0] == self._fold_key(conv, bn, dtype, bias_dtype):
-            return hit[1]
-        return None
+        if hit is None:
+            return None
+        key = self._fold_key(bn, dtype, bias_dtype, FF.fold_sources(conv, bn))
+        return hit[1] if key is not None and hit[0] == key else None
 
     def _eval_conv(
         self,
@@ -285,6 +349,17 @@ class _FusedMixin:
         stage, params = self._stage(conv, bn)
         return FF.residual_unit(
             x, [stage], [params], "none", relu=relu, process_group=sync_group(bn)
+        )
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise RuntimeError(
+            f"torch.jit.script cannot compile fastres' fused {type(self).__name__} (its forward "
+            "dispatches to Python autograd Functions and custom ops). Ways that work: "
+            "torch.jit.script(fastres.revert(model)) scripts the plain model with the same "
+            "parameters; torch.compile(model) and torch.export.export(model, ...) trace fastres' "
+            "ops; torch.jit.trace(model, x) and torch.onnx.export(model, (x,), dynamo=True) "
+            "record the plain operators."
         )
 
     def __getstate__(self):
@@ -392,6 +467,8 @@ class _ResidualBlockMixin(_FusedMixin):
         return fusable_reasons(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        if plain_call(x) or inner_hooks(self):
+            return super().forward(x)
         if OP.compiled_inference(self, x):
             return OP.opaque_forward(self, x)
         plan = self.__dict__.get("_eval_plan")

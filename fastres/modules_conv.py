@@ -14,7 +14,16 @@ from fastres import eval_plan as EP
 from fastres import functional as FF
 from fastres import opaque as OP
 from fastres.functional import ConvSpec
-from fastres.modules import _conv_bn_reasons, _FusedMixin, _ResidualBlockMixin, pair_reasons
+from fastres.modules import (
+    _conv_bn_reasons,
+    _FusedMixin,
+    _hooked,
+    _ResidualBlockMixin,
+    global_hooks,
+    inner_hooks,
+    pair_reasons,
+    plain_call,
+)
 
 __all__ = ["ConvBNReLU", "ResNet"]
 
@@ -42,6 +51,8 @@ class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
         return mods[0], mods[1], len(mods) == 3
 
     def forward(self, x: Tensor) -> Tensor:
+        if plain_call(x) or inner_hooks(self):
+            return super().forward(x)
         if OP.compiled_inference(self, x):
             return OP.opaque_forward(self, x)
         parts = self._fusable()
@@ -73,6 +84,8 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         return reasons
 
     def _stem(self, x: Tensor) -> Tensor:
+        if plain_call(x) or global_hooks() or _hooked((self.conv1, self.bn1, self.relu)):
+            return self.relu(self.bn1(self.conv1(x)))
         if OP.compiled_inference(self, x, (self.bn1,)):
             return OP.opaque_forward(self, x, stem=True)
         out = None
@@ -82,24 +95,25 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
                 out = self._conv_bn_act(x, self.conv1, self.bn1, True, ("conv1", "bn1"), "ResNet")
         return self.relu(self.bn1(self.conv1(x))) if out is None else out
 
-    def _may_donate(self, layers) -> bool:
-        """Inference without autograd, tracing or any forward hook on the path (a hook could
-        keep a block's input), every layer a plain Sequential of fused residual blocks."""
+    def _may_donate(self, x, layers) -> bool:
+        """Inference without autograd, tracing or any hook on the path (a hook could keep a
+        block's input; a hook inside a block runs its plain forward), every layer a plain
+        Sequential of fused residual blocks."""
         if (
             self.training
+            or plain_call(x)
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
             or not EP.enabled()
-            or _global_hooks()
+            or global_hooks()
         ):
             return False
         for layer in layers:
-            if type(layer) is not nn.Sequential or _has_hooks(layer):
+            if type(layer) is not nn.Sequential or _hooked((layer,)):  # any hook inside too
                 return False
-            for blk in layer:
-                if not isinstance(blk, _ResidualBlockMixin) or _has_hooks(blk):
-                    return False
+            if not all(isinstance(blk, _ResidualBlockMixin) for blk in layer):
+                return False
         return True
 
     def _stem_finite(self, x: Tensor) -> Tensor | None:
@@ -154,7 +168,7 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         x = self._stem(x)
         x = self.maxpool(x)
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
-        if self._may_donate(layers):
+        if self._may_donate(x, layers):
             # The activations between blocks are this forward's own (no hook can see them): a
             # planned block may write its residual add into its input (fastres.eval_plan).
             for layer in layers:
@@ -166,15 +180,3 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
             for layer in layers:
                 x = layer(x)
         return x
-
-
-def _has_hooks(mod: nn.Module) -> bool:
-    return bool(mod._forward_hooks or mod._forward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as _m  # noqa: PLC0415
-
-    return bool(
-        getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None)
-    )

@@ -16,7 +16,7 @@ if ! python -c "import torch, torchvision" >/dev/null 2>&1; then
   pip install --quiet torch==2.14.1 torchvision==0.29.1
 fi
 pip install --quiet pytest pytest-benchmark numpy tqdm matplotlib scikit-learn ninja pybind11 \
-  setuptools wheel timm
+  setuptools wheel timm onnx onnxscript onnxruntime
 # CUDA_HOME: torch's own guess follows the nvcc wrapper to /usr/local and then cannot link
 # -lcudart; setup.py prefers /usr/local/cuda. Arch list: Hopper + PTX unless told otherwise.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0+PTX}

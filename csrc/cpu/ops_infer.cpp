@@ -124,19 +124,19 @@ bool onednn_supports(at::ScalarType dtype) {
 // An entry is valid while the weight's TensorImpl is alive (held weakly, so the cache never keeps
 // a model alive and a dead impl's address cannot be reused while the entry exists), its version
 // counter, data pointer, sizes, strides and dtype are unchanged, and the convolution and input
-// sizes are the same. In-place updates (optimizer steps, load_state_dict, copy_ under no_grad)
-// bump the version and repack. Writes that bypass the version counter (through .numpy() or
-// .data_ptr()) are not seen: FASTRES_CPU_WEIGHT_CACHE=0 turns the cache off. Inference tensors
+// sizes are the same. FASTRES_CPU_WEIGHT_CACHE=0 turns the cache off. Inference tensors
 // have no version counter and are never cached. At most kMaxPacked entries (least recently used
 // evicted); memory cost: one blocked copy of each cached weight.
 //
-// Only weights that own their values are cached: a leaf that requires grad (an nn.Parameter),
-// or a tensor registered with allow() (fastres' modules register the BN-folded weights they keep
-// in their fold cache). Any other tensor may be a buffer that torch.compile's Inductor reuses
-// for the next convolution's weight, written by its own kernel without a version bump: the same
-// TensorImpl, data pointer, version and sizes with other values. Measured before this rule: a
-// converted BasicBlock(64, 64) under torch.compile (channels_last, eval) ran conv2 with conv1's
-// packed weight, max error 2.09 against eager (Inductor's `buf3 = buf0; del buf0  # reuse`).
+// Only tensors registered with allow() are cached: fastres' modules register the BN-folded
+// weights of their fold cache, which nobody else can reach and which are replaced, never
+// written, when the fold changes (the modules check the conv and BN values on every call,
+// fastres_cpu::fingerprint). Any other tensor may be written without a version bump: a
+// parameter through `.data` (`p.data.mul_(2)`, an EMA's `p.data.copy_(...)`: `.data` has a
+// version counter of its own), or a buffer that torch.compile's Inductor reuses for the next
+// convolution's weight (the same TensorImpl, data pointer, version and sizes with other values;
+// measured: a converted BasicBlock(64, 64) under torch.compile ran conv2 with conv1's packed
+// weight, max error 2.09 against eager, Inductor's `buf3 = buf0; del buf0  # reuse`).
 class PackedWeights {
  public:
   static PackedWeights& get() {
@@ -150,11 +150,10 @@ class PackedWeights {
         !reorder_.has_value()) {
       return std::nullopt;
     }
-    const bool parameter = weight.requires_grad() && weight.is_leaf();
     Entry key = make_entry(weight, input, stride, padding, dilation, groups);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (!parameter && !is_allowed_locked(weight)) {
+      if (!is_allowed_locked(weight)) {
         return std::nullopt;
       }
       for (size_t i = 0; i < entries_.size();) {
@@ -204,8 +203,8 @@ class PackedWeights {
     allowed_.clear();
   }
 
-  // Let lookup() cache ``weight`` although it is not a parameter: its owner promises that nobody
-  // writes it without bumping its version counter. Held weakly (a dead tensor drops out).
+  // Let lookup() cache ``weight``: its owner promises that nobody writes it without bumping its
+  // version counter. Held weakly (a dead tensor drops out).
   void allow(const Tensor& weight) {
     std::lock_guard<std::mutex> lock(mu_);
     if (is_allowed_locked(weight)) {
@@ -474,7 +473,7 @@ TORCH_LIBRARY_FRAGMENT(fastres_cpu, m) {
   // Entries of the prepacked-weight cache of conv_bias_act, and a way to empty it.
   m.def("weight_cache_size() -> int", [] { return fastres::cpu::PackedWeights::get().size(); });
   m.def("weight_cache_clear() -> ()", [] { fastres::cpu::PackedWeights::get().clear(); });
-  // Mark a weight that is not a parameter as safe to prepack (see PackedWeights).
+  // Mark a weight as safe to prepack: only its owner writes it, never in place (see PackedWeights).
   m.def("weight_cache_allow(Tensor weight) -> ()",
         [](const at::Tensor& w) { fastres::cpu::PackedWeights::get().allow(w); });
   // max |x|, NaN when x holds a NaN, +Inf when it holds +-Inf: one read pass (fastres.eval_plan
