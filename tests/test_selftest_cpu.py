@@ -1,16 +1,19 @@
-"""The self-test as a CPU-only user runs it: the Triton statistics are fp64 sums under the
-interpreter as the contract's are.
+"""The self-test as a CPU-only user runs it: ``python -m fastres.selftest`` passes here, every
+kernel variant it does not launch is named with the reason, and the Triton statistics are fp64
+sums under the interpreter as the contract's are.
 
 The Triton kernels run under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 
 import pytest
 import torch
 
-from fastres import backends, verify
+from fastres import backends, selftest, variants, verify
 from fastres.selftest_cases import BASE_CONVS, _clone, _f64, conv_cases, judge_op
 from fastres.testing import allow_tf32
 
@@ -124,3 +127,57 @@ def test_interpreted_tile_sums_are_fp64_and_keep_nonfinite_values():
         assert torch.equal(got[~fin & ~exact.isnan()], exact[~fin & ~exact.isnan()])
         bound = 2.0**-40 * terms.double().abs().sum(0)
         assert ((got - exact).abs()[fin] <= bound[fin]).all(), (got, exact)
+
+
+# --------------------------------------------------------------------------------------------
+# Coverage: every reachable variant launched, or named with the reason.
+
+
+def test_quick_run_launches_every_cudasim_variant():
+    """--quick (the CPU default) adds the cheapest shape for each CUDA-kernel variant its 3
+    shapes miss (TF32, fp16, tiles past 64 channels), so cudasim is not left 'partial'."""
+    _skip_unless("cudasim")
+    rec = selftest.run("cpu", ["cudasim"], quick=True, blocks=False, progress=False,
+                       record=False, out=lambda s: None)
+    assert rec["summary"]["ok"], rec["backends"]["cudasim"]["failures"][:3]
+    cov = rec["coverage"]["cudasim"]
+    assert cov["missing"] == [] and cov["not_reached"] == {}, cov["missing"]
+    assert len(cov["launched"]) == cov["reachable"] == len(variants.reachable("cudasim"))
+    assert rec["backends"]["cudasim"]["status"] == "pass"
+
+
+def test_variants_not_launched_are_named_with_the_reason():
+    _skip_unless("cudasim")
+    lines: list[str] = []
+    rec = selftest.run("cpu", ["cudasim"], quick=True, precisions=["fp32"], blocks=False,
+                       progress=False, record=False, out=lines.append)
+    cov = rec["coverage"]["cudasim"]
+    named = [v for vs in cov["not_reached"].values() for v in vs]
+    assert cov["missing"] and sorted(named) == cov["missing"]
+    assert all(v.split(" ")[1] != "fp32" for v in named)
+    for why, vs in cov["not_reached"].items():
+        assert f"{vs[0].split(' ')[1]} is not among this run's precisions (fp32" in why
+        assert any(f"cudasim: {len(vs)} variant(s) not launched: {why}" in s for s in lines)
+    # The Triton interpreter's variants at ResNet sizes are --full's: said so on --quick.
+    reach = sorted(variants.reachable("triton", interpreted=True))
+    whys = selftest.not_reached("triton", reach, True, ["fp32", "bf16"], True, True)
+    assert sum(len(v) for v in whys.values()) == len(reach)
+    assert any("--full adds the cheapest shape" in w for w in whys), whys
+    cut = selftest.not_reached("cudasim", reach[:2], False, ["fp32"], False, False)
+    assert list(cut) == ["the --time-limit stopped the run before the case that launches it"]
+
+
+# --------------------------------------------------------------------------------------------
+# The whole CPU run.
+
+
+def test_selftest_exits_0_on_the_cpu():
+    """`python -m fastres.selftest` as a CPU-only user runs it: every available backend
+    (triton under the interpreter, cpu, reference, cudasim), --quick, blocks included."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the default run is the GPU's")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = selftest.main(["--device", "cpu", "--no-progress", "--no-record"])
+    assert rc == 0, out.getvalue()[-3000:]
+    assert "self-test PASSED" in out.getvalue()
