@@ -453,20 +453,47 @@ def report(rec: dict, results: dict[str, BackendResult], out: Callable[[str], No
     out(f"\nself-test {'PASSED' if s['ok'] else 'FAILED'} in {s['duration_s']:.1f} s")
 
 
+_DESCRIPTION = """\
+Are fastres's kernels correct on this device? Every op of the contract on every available
+backend, against fastres.reference, at scaled-down ResNet-18/50 shapes, then whole converted
+blocks (eval and training), judged by the suite's tolerance rule.
+
+On a GPU (the default there: --full) a backend that passes becomes eligible for the
+dispatcher on this device. On a CPU (the default there: --quick) nothing needs verifying: the
+cpu and reference backends serve without a record; the run checks the cpu and reference
+backends, the CUDA kernels' source under cudasim and the Triton kernels under the interpreter
+(TRITON_INTERPRET=1, set for you), in a minute or two."""
+
+_EPILOG = """\
+examples:
+  python -m fastres.selftest                  this device, every backend
+  python -m fastres.selftest --device cpu --backend cpu --backend reference
+  python -m fastres.selftest --bench          also the speedup report
+  python -m fastres.selftest --record-to bench/results/h200_<commit>_selftest.json
+
+exit status: 0 when every backend run passed, 1 on any failure, 2 when nothing could run."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m fastres.selftest", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m fastres.selftest", description=_DESCRIPTION,
+                                 epilog=_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     ap.add_argument("--backend", action="append", metavar="NAME",
-                    help="only this backend (repeatable; default every available one)")
+                    help="only this backend (repeatable; default every available one: cuda, "
+                         "triton, cpu, reference, cudasim)")
     q = ap.add_mutually_exclusive_group()
     q.add_argument("--quick", dest="quick", action="store_true", default=None,
-                   help="3 conv shapes, fp32 + bf16, channels_last, no coverage completion "
-                        "(the default on a CPU)")
+                   help="3 conv shapes, fp32 + bf16, channels_last; kernel-variant coverage "
+                        "shapes for cuda and cudasim only (the default on a CPU)")
     q.add_argument("--full", dest="quick", action="store_false",
-                   help="every shape, precision and layout (the default on a GPU)")
-    ap.add_argument("--precision", action="append", choices=tuple(PRECISION_DTYPE))
-    ap.add_argument("--layout", action="append", choices=LAYOUTS)
+                   help="every shape, precision and layout, and coverage shapes for every "
+                        "kernel variant (the default on a GPU; on a CPU many minutes)")
+    ap.add_argument("--precision", action="append", choices=tuple(PRECISION_DTYPE),
+                    help="only this precision (repeatable; tf32 is fp32 on TF32 tensor cores, "
+                         "run by the CUDA kernels and by Triton on a GPU)")
+    ap.add_argument("--layout", action="append", choices=LAYOUTS,
+                    help="only this memory layout (repeatable)")
     ap.add_argument("--no-blocks", dest="blocks", action="store_false",
                     help="ops only, no whole blocks")
     ap.add_argument("--bench", action="store_true",
@@ -478,8 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--time-limit", type=float, metavar="S",
                     help="stop starting cases after S seconds and still write the record (the "
                          "backends then count as partial, not verified)")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bar on stderr")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the random operands (default 0)")
     return ap
 
 

@@ -1,6 +1,7 @@
 """The self-test as a CPU-only user runs it: ``python -m fastres.selftest`` passes here, every
-kernel variant it does not launch is named with the reason, and the Triton statistics are fp64
-sums under the interpreter as the contract's are.
+kernel variant it does not launch is named with the reason, the Triton statistics are fp64 sums
+under the interpreter as the contract's are, and ``fastres.info`` and ``--help`` say what
+applies.
 
 The Triton kernels run under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
@@ -13,7 +14,7 @@ import math
 import pytest
 import torch
 
-from fastres import backends, selftest, variants, verify
+from fastres import backends, info, selftest, variants, verify
 from fastres.selftest_cases import BASE_CONVS, _clone, _f64, conv_cases, judge_op
 from fastres.testing import allow_tf32
 
@@ -168,7 +169,7 @@ def test_variants_not_launched_are_named_with_the_reason():
 
 
 # --------------------------------------------------------------------------------------------
-# The whole CPU run.
+# The whole CPU run, and what the CLIs tell a CPU-only user.
 
 
 def test_selftest_exits_0_on_the_cpu():
@@ -181,3 +182,27 @@ def test_selftest_exits_0_on_the_cpu():
         rc = selftest.main(["--device", "cpu", "--no-progress", "--no-record"])
     assert rc == 0, out.getvalue()[-3000:]
     assert "self-test PASSED" in out.getvalue()
+
+
+def test_help_has_help_for_every_option_and_no_markup():
+    ap = selftest.build_parser()
+    for action in ap._actions:
+        if action.dest != "help":
+            assert action.help, f"{action.option_strings}: no help text"
+    text = ap.format_help()
+    assert "``" not in text and "exit status" in text
+
+
+def test_info_tells_a_cpu_user_what_applies(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert info.main([]) == 0
+    text = out.getvalue()
+    assert "run python -m fastres.selftest once" not in text
+    assert "no record for this CPU and software (none needed)" in text
+    serving = next(line for line in text.splitlines() if "serving the ops:" in line)
+    assert "cpu (float32" in serving or "reference (float32" in serving, serving
+    assert "no self-test record needed" in serving
+    assert "python -m fastres.selftest here is optional" in text
+    assert "cudasim" in text and "needs no GPU" in text
