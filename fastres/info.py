@@ -81,7 +81,9 @@ def cpu_guide(info: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastres.info", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m fastres.info", description=(
+        "What fastres was built with, which backends are available here and why not, and what "
+        "the self-test recorded on this device."))
     ap.add_argument("--brief", action="store_true", help="one line per backend")
     args = ap.parse_args(argv)
     info = report()

@@ -191,6 +191,10 @@ def test_help_has_help_for_every_option_and_no_markup():
             assert action.help, f"{action.option_strings}: no help text"
     text = ap.format_help()
     assert "``" not in text and "exit status" in text
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        info.main(["--help"])
+    assert "``" not in out.getvalue()
 
 
 def test_info_tells_a_cpu_user_what_applies(monkeypatch):
