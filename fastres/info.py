@@ -39,11 +39,51 @@ def report() -> dict:
         info["forced"] = backends.forced()
     except ValueError as exc:
         info["forced"] = f"invalid: {exc}"
+    if dev == "cpu":
+        info["cpu_serves"] = _cpu_serves()
     return info
 
 
+def _cpu_serves() -> dict[str, str]:
+    """dtype -> the backend the dispatcher picks for a CPU convolution of that dtype (or why
+    none can)."""
+    out = {}
+    for dtype in backends.FLOAT_DTYPES:
+        inputs = backends.Inputs(torch.device("cpu"), dtype, kernel_size=(3, 3),
+                                 channels_last=True)
+        try:
+            out[str(dtype).split(".")[1]] = backends.select(inputs).name
+        except (RuntimeError, ValueError) as exc:
+            out[str(dtype).split(".")[1]] = f"none ({exc})"
+    return out
+
+
+def cpu_guide(info: dict) -> list[str]:
+    """What applies to a user without a CUDA device."""
+    serves = info["cpu_serves"]
+    by = {}
+    for dtype, name in serves.items():
+        by.setdefault(name, []).append(dtype)
+    lines = ["on this machine (no CUDA device):",
+             "  serving the ops: " + "; ".join(f"{name} ({', '.join(d)})"
+                                                for name, d in by.items())
+             + " -- chosen automatically, no self-test record needed (a record is needed only "
+             "to let a GPU backend run on a GPU)"]
+    lines.append("  not serving: cuda (needs a CUDA device); triton (on CPU tensors only under "
+                 "TRITON_INTERPRET=1 with FASTRES_BACKEND=triton, thousands of times slower: a "
+                 "check, not a backend); cudasim (FASTRES_BACKEND=cudasim only: the CUDA kernels' "
+                 "source run on the CPU, a check)")
+    lines.append("  python -m fastres.selftest here is optional: it checks this installation's "
+                 "kernels against fastres.reference (the cpu and reference backends, the CUDA "
+                 "kernels under cudasim, the Triton kernels under the interpreter; a minute or "
+                 "two) and exits 0 when all pass; it enables nothing and needs no GPU")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastres.info", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m fastres.info", description=(
+        "What fastres was built with, which backends are available here and why not, and what "
+        "the self-test recorded on this device."))
     ap.add_argument("--brief", action="store_true", help="one line per backend")
     args = ap.parse_args(argv)
     info = report()
@@ -89,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"self-test records for this {st['device']} device and software:")
             for name, path in st["records"].items():
                 print(f"  {name}: {st['verdicts'][name]} ({path})")
+        elif on_gpu:
+            print("self-test: no record for this GPU and software (run python -m fastres.selftest "
+                  "once: it verifies the GPU backends here)")
         else:
-            print(f"self-test: no record for this {st['device']} device and software (run "
-                  "python -m fastres.selftest once)")
+            print("self-test: no record for this CPU and software (none needed)")
         if st["error"]:
             print(f"self-test records unreadable: {st['error']}")
         if st["wins"]:
@@ -99,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, classes in sorted(st["wins"].items()):
                 print(f"  {name}: {len(classes)} class(es): {'; '.join(sorted(classes)[:12])}"
                       + (" ..." if len(classes) > 12 else ""))
+    if not on_gpu and not args.brief:
+        for line in cpu_guide(info):
+            print(line)
     if info["forced"]:
         print(f"FASTRES_BACKEND forces: {info['forced']}")
     return 0

@@ -6,7 +6,9 @@ CUDA, bf16, fp16; channels_last and contiguous; running statistics), judged by t
 tolerance rule (fastres.testing); then whole converted blocks, eval and training with gradients
 and running statistics (fastres.parity's harness). On a GPU the shapes are completed so that every
 kernel variant and tile configuration the dispatcher can launch at real sizes is launched once
-(fastres.variants); the coverage is printed.
+(fastres.variants); on a CPU's --quick run, those of the CUDA kernels under cudasim. The coverage
+is printed, and every variant not launched is named with the reason (the record's coverage,
+"not_reached").
 
 The result is recorded per device and software (fastres.verify): a backend that passed here
 becomes eligible for the dispatcher on this device; ``--bench`` also times each passing backend
@@ -96,6 +98,13 @@ def _tf32_applies(backend: str, device: torch.device) -> bool:
     return backend == "cudasim" or (device.type == "cuda" and backend != "reference")
 
 
+def _runs_on(case: OpCase, names: list[str], device: torch.device) -> list[str]:
+    """The backends of ``names`` that run ``case``: those it names (all when it names none),
+    less those for which a TF32 case would repeat the fp32 one."""
+    return [n for n in names if (not case.only or n in case.only)
+            and (case.precision != "tf32" or _tf32_applies(n, device))]
+
+
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     from fastres.parity import _first_line as fl  # noqa: PLC0415
 
@@ -113,7 +122,7 @@ def run_ops(cases: list[OpCase], names: list[str], device: torch.device,
             return False
         dtype = PRECISION_DTYPE[case.precision]
         tf32 = case.precision == "tf32"
-        run_on = [n for n in names if not tf32 or _tf32_applies(n, device)]
+        run_on = _runs_on(case, names, device)
         if not run_on:
             continue
         args = case.build(device)
@@ -224,10 +233,21 @@ def plan(device: torch.device, only: list[str] | None) -> tuple[list[str], dict[
     return names, skipped
 
 
+# The backends whose every reachable variant a --quick run still launches: their tiles follow
+# the CUDA launchers' rule (fastres.variants), 18 variants over 4 precisions, of which the quick
+# shapes miss 12 (TF32, fp16, the big tiles past 64 channels), each launched by a 1x1 shape of at
+# most 1x72x9x9 -> 72: 20 more calls, run by that backend alone. The Triton interpreter's 96
+# take --full: their shapes are larger and every call is interpreted.
+QUICK_COMPLETION = ("cuda", "cudasim")
+
+
 def build_cases(device: torch.device, quick: bool, precisions: list[str], layouts: list[str],
-                names: list[str], interpreted: bool, seed: int) -> tuple[list[OpCase], list]:
-    """The op cases; off --quick, plus the cheapest shape launching each reachable kernel
-    variant the base shapes miss (per backend with tile rules)."""
+                names: list[str], interpreted: bool, seed: int,
+                coverage_precisions: list[str] | None = None) -> tuple[list[OpCase], list]:
+    """The op cases, plus the cheapest shape launching each reachable kernel variant the base
+    shapes miss (per backend with tile rules): off --quick for cuda, cudasim and triton in the
+    run's precisions; on --quick for QUICK_COMPLETION only, in ``coverage_precisions`` (default:
+    the run's), run by that backend alone."""
     from fastres import variants  # noqa: PLC0415
 
     convs = {k: v for k, v in BASE_CONVS.items() if not quick or k in QUICK_CONVS}
@@ -243,31 +263,59 @@ def build_cases(device: torch.device, quick: bool, precisions: list[str], layout
                     cases += bn_cases(c, prec, layout, seed + i)
                     i += 1
     extra = []
-    if not quick:
-        for b in names:
-            if b not in ("cuda", "cudasim", "triton"):
-                continue
-            precs = [p for p in precisions if p != "tf32" or _tf32_applies(b, device)]
-            covered = set()
-            for c in cases:
-                if c.conv is not None and c.precision in precs:
-                    covered |= variants.conv_variants(b, c.precision, c.conv, c.families,
-                                                      interpreted)
-            for v, prec, cv in variants.completion(b, covered, precs, interpreted):
-                extra.append((b, v, prec, cv))
-        seen = set()
-        for b, v, prec, cv in extra:
-            fam = v.split(" ")[0]
-            if (prec, cv, fam) in seen:
-                continue
-            seen.add((prec, cv, fam))
-            # Only the calls that launch the variant's kernel family: each new Triton variant
-            # is a JIT compilation on a first run (about a second each).
-            cases += [c for c in conv_cases(f"coverage {v}", cv, prec, "channels_last", seed + i)
-                      if fam in c.families and (fam != "fwd" or "bare" not in c.label)
-                      and not (fam != "fwd" and "prologue" in c.label)]
-            i += 1
+    for b in names:
+        if b not in (QUICK_COMPLETION if quick else ("cuda", "cudasim", "triton")):
+            continue
+        wanted = (coverage_precisions or precisions) if quick else precisions
+        precs = [p for p in wanted if p != "tf32" or _tf32_applies(b, device)]
+        covered = set()
+        for c in cases:
+            if c.conv is not None and c.precision in precs and (not c.only or b in c.only):
+                covered |= variants.conv_variants(b, c.precision, c.conv, c.families, interpreted)
+        for v, prec, cv in variants.completion(b, covered, precs, interpreted):
+            extra.append((b, v, prec, cv))
+    seen = set()
+    for b, v, prec, cv in extra:
+        fam = v.split(" ")[0]
+        only = (b,) if quick else ()
+        if (prec, cv, fam, only) in seen:
+            continue
+        seen.add((prec, cv, fam, only))
+        # Only the calls that launch the variant's kernel family: each new Triton variant is a
+        # JIT compilation on a first run (about a second each).
+        for c in conv_cases(f"coverage {v}", cv, prec, "channels_last", seed + i):
+            if (fam in c.families and (fam != "fwd" or "bare" not in c.label)
+                    and not (fam != "fwd" and "prologue" in c.label)):
+                c.only = only
+                cases.append(c)
+        i += 1
     return cases, extra
+
+
+def not_reached(backend: str, missing: list[str], quick: bool, precisions: list[str],
+                complete: bool, interpreted: bool) -> dict[str, list[str]]:
+    """The kernel variants ``backend`` never launched in this run, grouped by why.
+    ``precisions``: those its cases ran in (for QUICK_COMPLETION on --quick, those of its
+    coverage cases)."""
+    out: dict[str, list[str]] = {}
+    for v in missing:
+        prec = v.split(" ")[1]
+        if not complete:
+            why = "the --time-limit stopped the run before the case that launches it"
+        elif prec not in precisions:
+            why = (f"{prec} is not among this run's precisions ({', '.join(precisions)}; "
+                   f"--precision {prec} runs it)")
+        elif quick and backend not in QUICK_COMPLETION:
+            why = ("--quick adds no shapes for kernel-variant coverage"
+                   + (": the Triton interpreter picks its tile from the shape (up to 256 rows, "
+                      "128 output and 128 input channels per program), and ResNet's 64-2048 "
+                      "channels give tiles that the 3 quick shapes (3-32 channels) do not; "
+                      "--full adds the cheapest shape for each (minutes under the interpreter)"
+                      if backend == "triton" and interpreted else "; --full adds them"))
+        else:
+            why = "no case of this run launches it (a gap in the self-test's shapes)"
+        out.setdefault(why, []).append(v)
+    return out
 
 
 def _interpreted() -> bool:
@@ -285,6 +333,7 @@ def run(device: str | None = None, backend: list[str] | None = None, quick: bool
     t0 = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = dev.type == "cpu" if quick is None else quick
+    asked = precisions
     precisions = precisions or (["fp32", "tf32", "bf16", "fp16"] if dev.type == "cuda" or
                                 not quick else ["fp32", "bf16"])
     layouts = layouts or (list(LAYOUTS) if not quick else ["channels_last"])
@@ -301,11 +350,12 @@ def run(device: str | None = None, backend: list[str] | None = None, quick: bool
     if not names:
         rec["summary"] = {"ok": False, "reason": "no backend to run"}
         return rec
-    cases, extra = build_cases(dev, quick, precisions, layouts, names, interpreted, seed)
+    cov_precisions = asked or list(variants.PRECISIONS)
+    cases, extra = build_cases(dev, quick, precisions, layouts, names, interpreted, seed,
+                               cov_precisions)
     n_blocks = (len(_blocks()) * len({p for p in precisions if p != "tf32"}) * 2 * len(layouts)
                 * len(names)) if blocks else 0
-    n_ops = sum(sum(1 for n in names if c.precision != "tf32" or _tf32_applies(n, dev))
-                for c in cases)
+    n_ops = sum(len(_runs_on(c, names, dev)) for c in cases)
     out(f"{len(cases)} op cases ({len(extra)} added for kernel-variant coverage), "
         f"{n_blocks // max(1, len(names))} block cases per backend; precisions "
         f"{', '.join(precisions)}; layouts {', '.join(layouts)}"
@@ -338,9 +388,13 @@ def run(device: str | None = None, backend: list[str] | None = None, quick: bool
         # Every precision, whatever this run was asked for: a bf16-only run verifies no fp32.
         precs = [p for p in variants.PRECISIONS if p != "tf32" or _tf32_applies(n, dev)]
         reach = variants.reachable(n, precs, interpreted)
+        missing = sorted(reach - r.launched)
         rec["coverage"][n] = {
-            "launched": sorted(r.launched), "reachable": len(reach),
-            "missing": sorted(reach - r.launched),
+            "launched": sorted(r.launched), "reachable": len(reach), "missing": missing,
+            "not_reached": not_reached(
+                n, missing, quick, sorted(set(precisions) | set(
+                    cov_precisions if quick and n in QUICK_COMPLETION else [])),
+                complete, interpreted),
             "rule": "Triton interpreter" if n == "triton" and interpreted else
             ("Triton" if n == "triton" else "CUDA (fastres.variants mirror)"),
         }
@@ -354,7 +408,8 @@ def run(device: str | None = None, backend: list[str] | None = None, quick: bool
             "more_failures": max(0, len(r.failures) - 50)}
     ok = all(r.ok for r in results.values())
     rec["summary"] = {"ok": ok, "duration_s": round(time.perf_counter() - t0, 1),
-                      "complete": complete, "quick": quick, "precisions": precisions, "layouts": layouts}
+                      "complete": complete, "quick": quick, "precisions": precisions,
+                      "layouts": layouts}
     from fastres.parity import git_commit  # noqa: PLC0415
 
     rec["commit"], rec["commit_dirty"] = git_commit()
@@ -379,9 +434,9 @@ def report(rec: dict, results: dict[str, BackendResult], out: Callable[[str], No
         "kernel variants launched")
     for n, r in results.items():
         cov = rec["coverage"].get(n)
-        cv = "-" if cov is None else (f"{len(cov['launched'])} ({cov['reachable'] - len(cov['missing'])}"
-                                      f" of {cov['reachable']} reachable at ResNet sizes, "
-                                      f"{cov['rule']})")
+        cv = "-" if cov is None else (
+            f"{len(cov['launched'])} ({cov['reachable'] - len(cov['missing'])} of "
+            f"{cov['reachable']} reachable at ResNet sizes, {cov['rule']})")
         c = r.counts
         out(f"{n:9s} {rec['backends'][n]['status']:8s} {c['pass']:6d} {c['fail']:5d} "
             f"{c['error']:6d} {c['skipped']:5d}  {cv}")
@@ -391,27 +446,54 @@ def report(rec: dict, results: dict[str, BackendResult], out: Callable[[str], No
         if len(r.failures) > 20:
             out(f"  ... {len(r.failures) - 20} more failures of {n} (in the record)")
         cov = rec["coverage"].get(n)
-        if cov and cov["missing"]:
-            out(f"  {n}: never launched: " + "; ".join(cov["missing"][:8])
-                + (" ..." if len(cov["missing"]) > 8 else ""))
+        for why, vs in (cov or {}).get("not_reached", {}).items():
+            out(f"  {n}: {len(vs)} variant(s) not launched: {why}: " + "; ".join(vs[:4])
+                + (" ..." if len(vs) > 4 else ""))
     s = rec["summary"]
     out(f"\nself-test {'PASSED' if s['ok'] else 'FAILED'} in {s['duration_s']:.1f} s")
 
 
+_DESCRIPTION = """\
+Are fastres's kernels correct on this device? Every op of the contract on every available
+backend, against fastres.reference, at scaled-down ResNet-18/50 shapes, then whole converted
+blocks (eval and training), judged by the suite's tolerance rule.
+
+On a GPU (the default there: --full) a backend that passes becomes eligible for the
+dispatcher on this device. On a CPU (the default there: --quick) nothing needs verifying: the
+cpu and reference backends serve without a record; the run checks the cpu and reference
+backends, the CUDA kernels' source under cudasim and the Triton kernels under the interpreter
+(TRITON_INTERPRET=1, set for you), in a minute or two."""
+
+_EPILOG = """\
+examples:
+  python -m fastres.selftest                  this device, every backend
+  python -m fastres.selftest --device cpu --backend cpu --backend reference
+  python -m fastres.selftest --bench          also the speedup report
+  python -m fastres.selftest --record-to bench/results/h200_<commit>_selftest.json
+
+exit status: 0 when every backend run passed, 1 on any failure, 2 when nothing could run."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m fastres.selftest", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m fastres.selftest", description=_DESCRIPTION,
+                                 epilog=_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     ap.add_argument("--backend", action="append", metavar="NAME",
-                    help="only this backend (repeatable; default every available one)")
+                    help="only this backend (repeatable; default every available one: cuda, "
+                         "triton, cpu, reference, cudasim)")
     q = ap.add_mutually_exclusive_group()
     q.add_argument("--quick", dest="quick", action="store_true", default=None,
-                   help="3 conv shapes, fp32 + bf16, channels_last, no coverage completion "
-                        "(the default on a CPU)")
+                   help="3 conv shapes, fp32 + bf16, channels_last; kernel-variant coverage "
+                        "shapes for cuda and cudasim only (the default on a CPU)")
     q.add_argument("--full", dest="quick", action="store_false",
-                   help="every shape, precision and layout (the default on a GPU)")
-    ap.add_argument("--precision", action="append", choices=tuple(PRECISION_DTYPE))
-    ap.add_argument("--layout", action="append", choices=LAYOUTS)
+                   help="every shape, precision and layout, and coverage shapes for every "
+                        "kernel variant (the default on a GPU; on a CPU many minutes)")
+    ap.add_argument("--precision", action="append", choices=tuple(PRECISION_DTYPE),
+                    help="only this precision (repeatable; tf32 is fp32 on TF32 tensor cores, "
+                         "run by the CUDA kernels and by Triton on a GPU)")
+    ap.add_argument("--layout", action="append", choices=LAYOUTS,
+                    help="only this memory layout (repeatable)")
     ap.add_argument("--no-blocks", dest="blocks", action="store_false",
                     help="ops only, no whole blocks")
     ap.add_argument("--bench", action="store_true",
@@ -423,8 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--time-limit", type=float, metavar="S",
                     help="stop starting cases after S seconds and still write the record (the "
                          "backends then count as partial, not verified)")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bar on stderr")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the random operands (default 0)")
     return ap
 
 

@@ -69,6 +69,7 @@ class OpCase:
     conv: Conv | None = None
     families: tuple[str, ...] = ()  # conv kernel families launched (fastres.variants)
     rows: tuple[int, int, int, int] | None = None  # (n, c, h, w) of a bandwidth op
+    only: tuple[str, ...] = ()  # the backends that run it (empty: every backend of the run)
 
 
 def conv_cases(name: str, cv: Conv, precision: str, layout: str, seed: int) -> list[OpCase]:

@@ -82,27 +82,38 @@ def round_tf32(t: Tensor) -> Tensor:
     return torch.where(torch.isnan(t), t, r)
 
 
-STATS_CHUNK = tl.constexpr(32)
-# The interpreter's tl.sum is numpy's, sequential down a column; a GPU's is a tree (a few rows per
-# thread, then shuffles, then one partial per warp).
+# The interpreter's tl.sum is numpy's; a GPU's is a tree (a few rows per thread, then shuffles,
+# then one partial per warp).
 _SEQUENTIAL_SUMS = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
 def colsum_f64(v, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Column sums of a (BLOCK_M, BLOCK_N) fp32 tile as float64, summed in fp32 with at most ~32
-    terms in sequence. Widening the whole tile (acc.to(float64)) cost 255 registers and 24 B of
-    stack at 128x128 on sm_90 (aot_check --shapes resnet50, bf16: every 128x128 statistics
-    forward). A GPU's tl.sum over BLOCK_M <= 128 rows is a tree (a few rows per thread, then
-    shuffles across lanes, then one partial per warp): one fp32 sum, no chunks. Chunks of 32 rows
-    as a (BLOCK_M // 32, 32, BLOCK_N) reshape cost triton 3.6 ~60 registers (164-174 at 128x64 and
-    64x128: 1 CTA/SM where 2 are intended; 102-124 without them). Under the interpreter the sums
-    are sequential, and a 256-row fp32 sum failed the tolerance rule on the fp32 sum of squares
-    (err 1.73e-5 vs bound 1.54e-5): there fp32 within 32-row chunks, fp64 across them."""
+    """Column sums of a (BLOCK_M, BLOCK_N) fp32 tile as float64: under the interpreter an fp64
+    sum of the fp32 values, as the contract's statistics are (fastres.reference, the CPU and CUDA
+    kernels: fp64 sums rounded once to fp32); on the GPU one fp32 tl.sum (a tree), widened.
+
+    Why fp64 under the interpreter: the tolerance rule holds a sum to about one ulp. A sum S in
+    [256, 512) has an ulp of 3.05e-5; the reference's error is its one final rounding (as low as
+    7.7e-6 when S lies near a float), so the bound 2 * err + 1e-5 can be 2.5e-5, under one ulp:
+    an fp32 accumulation error that moves S across a rounding midpoint fails it. fp32 within
+    32-row chunks and fp64 across them failed the self-test's fp32 statistics with the BN
+    prologue (3x3 s2, 2x7x9x11->13: sum of squares err 3.79e-5 vs bound 2.53e-5, of which 4.29e-5
+    was the chunked sum against the exact sum of the same fp32 outputs) and 13 of 240 statistics
+    outputs (bench/stats_sums.py: 6 shapes, with and without the prologue, 10 seeds) at
+    1.01-1.85x the bound; fp64 sums of the same outputs failed none (at most 0.46x).
+
+    On the GPU the tree stays fp32 for registers: a pairwise fp32 tree (a model of a GPU's
+    tl.sum, not measured on one) failed 5 of those 240 at up to 1.77x. Exact alternatives cost
+    too much on sm_90 (aot_check --shapes resnet50, triton 3.8, the 52 statistics forwards):
+    acc.to(float64) 255 registers and 24 B of stack at 128x128; TwoSum-compensated pairs through
+    one tl.reduce 255 and 8-32 B of stack at 128x128, 136-190 at 128x64 (2 CTAs/SM allow 128);
+    an error-free split (sigma = 2^k >= 2 * BLOCK_M * max|v|, hi = (sigma + v) - sigma summed
+    exactly in fp32, lo = v - hi) fit the 16-bit ones but not 5 of the 11 fp32 ones (143
+    registers at 128x64 TF32, 192 for the exact stem, 8-16 B of stack for the exact 3x3 with the
+    prologue)."""
     if _SEQUENTIAL_SUMS:
-        CH: tl.constexpr = STATS_CHUNK if BLOCK_M > STATS_CHUNK else BLOCK_M
-        part = tl.sum(tl.reshape(v, (BLOCK_M // CH, CH, BLOCK_N)), axis=1)
-        return tl.sum(part.to(tl.float64), axis=0)
+        return tl.sum(v.to(tl.float64), axis=0)
     else:
         return tl.sum(v, axis=0).to(tl.float64)
 

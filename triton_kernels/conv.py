@@ -163,7 +163,7 @@ def _conv_fwd_kernel(
         # channel, summed later in a fixed order: bitwise reproducible, no atomics. float64
         # because var = E[x^2] - E[x]^2 cancels: over 3.2M values (ResNet-50 stem) fp32 sums lose
         # ~1e-4 relative, which the cancellation then amplifies. Within a tile see
-        # colsum_f64: fp32 within the tile (a tree; 32-row chunks under the interpreter).
+        # colsum_f64: fp32 within the tile (a tree) on the GPU, fp64 under the interpreter.
         prow = pid_m.to(tl.int64) * K
         tl.store(psum_ptr + prow + offs_n, colsum_f64(acc, BLOCK_M, BLOCK_N), mask=n_ok)
         tl.store(psumsq_ptr + prow + offs_n, colsum_f64(acc * acc, BLOCK_M, BLOCK_N),
