@@ -157,7 +157,8 @@ def _extensions():
 
 setup(
     version=VERSION,
-    packages=["fastres", "fastres.experiments", "fastres.triton_kernels"],
+    packages=["fastres", "fastres.backends", "fastres.harness", "fastres.experiments",
+              "fastres.triton_kernels"],
     package_dir={"fastres": "fastres", "fastres.triton_kernels": "triton_kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

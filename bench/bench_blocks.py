@@ -10,7 +10,7 @@ import benchlib as B
 import pytest
 import torch
 
-from fastres.parity import BlockCase, build_torchvision_block
+from fastres.harness.cases import BlockCase, build_torchvision_block
 
 BLOCKS = B.block_cases()
 QUICK = {("Bottleneck", "layer1.0"), ("Bottleneck", "layer2.0"), ("Bottleneck", "layer3.1"),

@@ -7,7 +7,7 @@ every engine on the same thread count (peers.threads()).
     python -m bench.table peers.json                       # table with fastres vs the best peer
 
 Each provider's output is judged against float64 eager before it is timed, with the suite's
-tolerance rule (fastres.testing): max-abs in fp32, RMS in bf16 (bf16 engines round at different
+tolerance rule (fastres.harness.rule): max-abs in fp32, RMS in bf16 (bf16 engines round at different
 points, so one element's max error is a coin toss; a wrong engine is off by orders of
 magnitude in RMS). A provider that fails the check fails its case: a wrong engine cannot win.
 The peers are CUDA-free CPU engines: every case here skips on a CUDA machine.
@@ -23,8 +23,8 @@ import peers as P
 import pytest
 import torch
 
-from fastres.parity import BlockCase, build_torchvision_block
-from fastres.testing import verdict, verdict_rms
+from fastres.harness.cases import BlockCase, build_torchvision_block
+from fastres.harness.rule import verdict, verdict_rms
 
 DTYPES = ["fp32", "bf16"]
 RESNET_BATCHES = [1, 8]

@@ -95,7 +95,7 @@ def resnet50_conv_cases(image_size: int = 224) -> list[ConvCase]:
 def block_cases() -> list:
     """The 8 Bottleneck types of ResNet-50 and the 7 BasicBlock types of ResNet-18/34 (the same
     7 for both), as fastres.parity.BlockCase."""
-    from fastres.parity import distinct_blocks
+    from fastres.harness.cases import distinct_blocks
 
     out = distinct_blocks("resnet50")
     basic = distinct_blocks("resnet18")
@@ -127,7 +127,7 @@ class ConvBNAct(nn.Module):
 
 def randomised(module: nn.Module, seed: int) -> nn.Module:
     """BatchNorm affine parameters and running statistics made non-trivial (folding matters)."""
-    from fastres.parity import randomise_batchnorms
+    from fastres.harness.cases import randomise_batchnorms
 
     randomise_batchnorms(module, torch.Generator().manual_seed(seed))
     return module
@@ -188,7 +188,7 @@ def forced_backend(provider: str) -> Iterator[None]:
     if not provider.startswith("fastres-"):
         yield
         return
-    from fastres.parity import forced_backend as _fb
+    from fastres.harness.run import forced_backend as _fb
 
     with _fb(provider.split("-", 1)[1]):
         yield

@@ -150,7 +150,7 @@ class BenchContext:
     @property
     def env(self) -> dict:
         if self._env is None:
-            from fastres.parity import environment
+            from fastres.harness.environment import environment
 
             self._env = environment(self.device)
             self._env["pytest_benchmark"] = _plugin_active(self.config)

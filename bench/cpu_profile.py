@@ -36,9 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def build(provider: str, dtype: torch.dtype, batch: int):
-    import torchvision
-
     import benchlib as B
+    import torchvision
 
     torch.manual_seed(0)
     m = B.randomised(torchvision.models.resnet50(), seed=1).eval()
@@ -148,7 +147,6 @@ def onnxruntime_nodes(batch: int, threads: int, warmup: int, runs: int = 5) -> d
     ``runs`` runs the summed time per operator type; the median run's sums are returned with
     its total, to set beside oneDNN's per-convolution sums of the other providers."""
     import onnxruntime as ort
-
     import peers as P
 
     m, x = build("eager", torch.float32, batch)

@@ -49,9 +49,10 @@ export PYTHONSAFEPATH=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
 if [ -z "${FASTRES_COMMIT:-}" ]; then
-  FASTRES_COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "unknown (no .git here: pass FASTRES_COMMIT)")
+  FASTRES_COMMIT=$(bash "$REPO/scripts/commit.sh")
 fi
 export FASTRES_COMMIT
+export FASTRES_INSTAFAIL=1  # tests/conftest.py: failures printed as they happen
 
 note() { echo "$*" | tee -a "$LOG"; }
 
@@ -123,7 +124,7 @@ fi
 # (a broken CUDA kernel is named by its test id; failures print as they happen).
 if have pytest; then
   step gpu-tests 30 150 "$PY" -P -m pytest tests/test_ops_device.py -m gpu -q \
-    -p no:cacheprovider -p fastres._pytest_instafail -rfEs
+    -p no:cacheprovider -rfEs
 else
   note "pytest is not installed: GPU tests skipped"
   STEPS+=("$(printf '%-14s %-9s %5s s  %s' tests "no pytest" 0 "")")
@@ -151,9 +152,9 @@ if have pytest; then
       -k "reference_case and compile" --bench-compile=ref --bench-out "$OUT/bench.json" \
       --bench-append -rfE
     step triton-tests 60 40 "$PY" -P -m pytest tests/test_triton.py -m "not gpu" -q \
-      -p no:cacheprovider -p fastres._pytest_instafail -rfE
+      -p no:cacheprovider -rfE
     step gpu-integr 120 40 "$PY" -P -m pytest tests/test_integrations.py -m gpu_integration -q \
-      -p no:cacheprovider -p fastres._pytest_instafail -rfEs
+      -p no:cacheprovider -rfEs
   fi
 fi
 

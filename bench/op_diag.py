@@ -163,8 +163,10 @@ def diag(device: str, names: list[str], n: int, dtype: torch.dtype) -> int:
 def profile(device: str, names: list[str], n: int, dtype: torch.dtype) -> None:
     import os  # noqa: PLC0415
 
+    from torch.profiler import ProfilerActivity  # noqa: PLC0415
+    from torch.profiler import profile as tprofile
+
     import fastres  # noqa: PLC0415
-    from torch.profiler import ProfilerActivity, profile as tprofile  # noqa: PLC0415
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     for b in names:

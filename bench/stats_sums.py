@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/stats_sums.py [SEEDS]
 
-For the self-test's fp32 statistics cases (fastres.selftest_cases: its 6 conv shapes, with and
+For the self-test's fp32 statistics cases (fastres.harness.selftest_cases: its 6 conv shapes, with and
 without the BN prologue, SEEDS seeds each, default 10) it takes the Triton kernel's fp32 output
 (interpreted on the CPU) and sums each channel's values and squares per tile of the
 interpreter's BLOCK_M rows in three ways, then across tiles in float64 as the kernel does:
@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastres import backends  # noqa: E402
-from fastres.selftest_cases import BASE_CONVS, _clone, _f64, conv_cases  # noqa: E402
-from fastres.testing import allow_tf32, dtype_tols, max_abs_err  # noqa: E402
+from fastres.harness.rule import allow_tf32, dtype_tols, max_abs_err  # noqa: E402
+from fastres.harness.selftest_cases import BASE_CONVS, _clone, _f64, conv_cases  # noqa: E402
 
 
 def _seq(v: np.ndarray) -> np.ndarray:

@@ -15,14 +15,14 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
+import fastres.triton_kernels as tk  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-import fastres.triton_kernels as tk  # noqa: E402
 from fastres import reference  # noqa: E402
-from fastres.selftest_cases import tf32_round  # noqa: E402
-from fastres.testing import verdict  # noqa: E402
+from fastres.harness.rule import verdict  # noqa: E402
+from fastres.harness.selftest_cases import tf32_round  # noqa: E402
 
 OPS = tk.ops()
 from fastres.triton_kernels import _common, conv  # noqa: E402

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _models(providers: list[str], dtype: torch.dtype, batch: int):
+    import benchlib as B
     import torchvision
 
-    import benchlib as B
     import fastres
 
     torch.manual_seed(0)

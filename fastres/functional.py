@@ -29,7 +29,15 @@ import torch
 from torch import Tensor
 
 from fastres import backends
-from fastres.backends import Inputs
+from fastres._specs import (
+    BNSpec,
+    ConvSpec,
+    DtypeError,
+    Inputs,
+    ShapeError,
+    Stage,
+    static_size,
+)
 
 __all__ = [
     "ConvSpec",
@@ -51,45 +59,6 @@ __all__ = [
 
 def _pair(v: int | Sequence[int]) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """A bias-free 2-D convolution's hyper-parameters (as nn.Conv2d stores them)."""
-
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-
-    @staticmethod
-    def of(conv: torch.nn.Conv2d) -> ConvSpec:
-        if isinstance(conv.padding, str):
-            raise ValueError(f"fastres needs numeric padding, got padding={conv.padding!r}")
-        return ConvSpec(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
-
-    def args(self) -> tuple[list[int], list[int], list[int], int]:
-        return list(self.stride), list(self.padding), list(self.dilation), self.groups
-
-
-@dataclass(frozen=True)
-class BNSpec:
-    """A BatchNorm's hyper-parameters: eps, momentum (None: cumulative average)."""
-
-    eps: float = 1e-5
-    momentum: float | None = 0.1
-
-    @staticmethod
-    def of(bn: torch.nn.BatchNorm2d) -> BNSpec:
-        return BNSpec(float(bn.eps), None if bn.momentum is None else float(bn.momentum))
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One convolution followed by one BatchNorm (the unit of :func:`residual_unit`)."""
-
-    conv: ConvSpec
-    bn: BNSpec
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,17 +108,6 @@ def fold_dtypes(x: Tensor) -> tuple[torch.dtype, torch.dtype]:
 
 # --------------------------------------------------------------------------------------------
 # Input checks: a clear error that names the problem, before any kernel runs.
-
-
-class ShapeError(RuntimeError, ValueError):
-    """A rank or channel-count mistake in a fused module's input: a RuntimeError, as torch's
-    conv2d raises for it (code that catches RuntimeError around a model keeps working), and a
-    ValueError, as BatchNorm2d raises for a wrong rank."""
-
-
-class DtypeError(RuntimeError, TypeError):
-    """A dtype mistake (input, weight or BatchNorm tensors that cannot go together): a
-    RuntimeError, as torch's conv2d and batch_norm raise for it, and a TypeError."""
 
 
 def check_input(x: Tensor, weight: Tensor, where: str = "fastres") -> None:
@@ -225,9 +183,9 @@ def fingerprint(tensors: Sequence[Tensor | None]) -> int | None:
     if first is not None and first.device.type != "cpu":
         return None
     if not _FINGERPRINT:
-        from fastres import _ext  # noqa: PLC0415
+        from fastres.backends import extension  # noqa: PLC0415
 
-        ok = _ext.load()[0] is not None and hasattr(torch.ops.fastres_cpu, "fingerprint")
+        ok = extension.load()[0] is not None and hasattr(torch.ops.fastres_cpu, "fingerprint")
         _FINGERPRINT.append(torch.ops.fastres_cpu.fingerprint if ok else None)
     op = _FINGERPRINT[0]
     return None if op is None else op(list(tensors))
@@ -365,7 +323,7 @@ def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec, training: bool = False) -
         channels_last=x.is_contiguous(memory_format=torch.channels_last),
         training=training,
         channels=int(weight.shape[1]) * conv.groups,
-        batch=backends._static(x.shape[0]),
+        batch=static_size(x.shape[0]),
     )
 
 

@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from fastres import __version__, _ext, backends, verify
+from fastres import __version__, backends
+from fastres.backends import extension, records
 
 
 def report() -> dict:
@@ -20,7 +21,7 @@ def report() -> dict:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
-        "extension": _ext.build_info(),
+        "extension": extension.build_info(),
         "backends": backends.available(),
         "forced": None,
     }
@@ -31,7 +32,7 @@ def report() -> dict:
     except ImportError:
         info["triton"] = None
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    st = verify.state(dev)
+    st = records.state(dev)
     info["selftest"] = {"device": dev, "verdicts": st["verdicts"], "records": st["by"],
                         "ranking_record": st["ranking_by"], "wins": st["wins"],
                         "error": st.get("error")}

@@ -384,11 +384,11 @@ def _allow_prepacking(w: Tensor) -> None:
     rewritten in place, without a version bump, so such tensors are never prepacked)."""
     if w.device.type != "cpu":
         return
-    from fastres import _ext  # noqa: PLC0415
+    from fastres.backends import extension  # noqa: PLC0415
 
     # The first fold of a model runs before its first fused op: load the extension here, or
     # torch.ops.fastres_cpu does not exist yet and the weight would stay unregistered for good.
-    if _ext.load()[0] is None:
+    if extension.load()[0] is None:
         return  # not built: no CPU kernels, nothing to pack
     try:
         allow = torch.ops.fastres_cpu.weight_cache_allow

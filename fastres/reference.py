@@ -2,7 +2,7 @@
 
 This module is the oracle of the tests and the parity harness and the fallback of the dispatcher:
 every backend (C++ CPU, CUDA C++, Triton) must agree with these functions within the tolerance
-rule (see ``fastres.testing``). Nobody redefines them elsewhere.
+rule (see ``fastres.harness.rule``). Nobody redefines them elsewhere.
 
 The functions take and return exactly what the ops in ``csrc/ops.cpp`` take and return, with the
 same argument names. They compute in the activations' dtype where PyTorch would (the convolution)

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 . "${FASTRES_VENV:-.venv}/bin/activate"
-python -m fastres.parity "$@"
+FASTRES_COMMIT=${FASTRES_COMMIT:-$(bash scripts/commit.sh)} python -m fastres.parity "$@"

@@ -39,9 +39,8 @@ def _gemm_unaligned_b(a_ptr, b_ptr, c_ptr, K, stride_am, stride_bk, BM: tl.const
 
 
 def main() -> int:
-    from triton.backends.compiler import GPUTarget
-
     from fastres.triton_kernels import aot_check
+    from triton.backends.compiler import GPUTarget
 
     sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "K": "i32", "stride_am": "i32",
            "stride_bk": "i32", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"}

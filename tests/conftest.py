@@ -13,6 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("FASTRES_INSTAFAIL") == "1":
+    # Each failure's report printed the moment it fails (bench/device_check.sh sets it).
+    from _instafail import pytest_runtest_logreport  # noqa: F401
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible)")
 

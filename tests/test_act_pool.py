@@ -12,9 +12,10 @@ import textwrap
 import pytest
 import torch
 
-from fastres import _ext, reference
+from fastres import reference
+from fastres.backends import extension
 
-_mod, _why = _ext.load()
+_mod, _why = extension.load()
 if _mod is None:
     raise ImportError(_why)
 
@@ -120,8 +121,8 @@ def _run(code: str, env_value: str) -> subprocess.CompletedProcess:
     prelude = textwrap.dedent(
         """
         import torch
-        from fastres import _ext
-        _ext.load()
+        from fastres.backends import extension
+        extension.load()
         ops, pool = torch.ops.fastres, torch.ops.fastres_cpu
         def args(seed):
             g = torch.Generator().manual_seed(seed)

@@ -2,7 +2,7 @@
 parameter counts, bad depths.
 
 Runs on whatever backend the dispatcher picks (FASTRES_BACKEND unset) and with
-FASTRES_BACKEND=reference. Every comparison uses the tolerance rule (fastres.testing): the fused
+FASTRES_BACKEND=reference. Every comparison uses the tolerance rule (fastres.harness.rule): the fused
 result at dtype vs the eager twin in float64, with the eager twin at dtype as the yardstick.
 """
 
@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from fastres import functional as FF
-from fastres import models, parity
-from fastres.testing import assert_close_rule
+from fastres import models
+from fastres.harness.rule import assert_close_rule
+from fastres.harness.run import judge, output_relu_decisions
 
 KINDS = {
     # name: (inplanes, planes, stride, shortcut argument)
@@ -59,7 +60,7 @@ def _kept(block: nn.Module, x: torch.Tensor, g: torch.Tensor, backward: bool,
     grad, every parameter grad, the buffers. ``decide``: the output-ReLU decisions to take."""
     block = copy.deepcopy(block)
     x = x.detach().clone().requires_grad_(backward)  # clone keeps the memory format
-    ctx = parity.output_relu_decisions(block, decide) if decide is not None else nullcontext()
+    ctx = output_relu_decisions(block, decide) if decide is not None else nullcontext()
     with ctx:
         out = block(x)
     kept = {"out": out.detach()}
@@ -116,7 +117,7 @@ def test_block_parity(kind, dtype, train, fmt, monkeypatch):
     if not train:  # eval mode leaves the buffers alone
         assert all(torch.equal(got[k], ref_got[k].to(got[k].dtype)) for k in got
                    if k.startswith("buffer."))
-    bad = [str(v) for v in parity.judge(got, ref_got, yard, ref_yard, dtype) if not v.ok]
+    bad = [str(v) for v in judge(got, ref_got, yard, ref_yard, dtype) if not v.ok]
     assert not bad, "\n".join(bad)
 
 

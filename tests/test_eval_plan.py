@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import fastres
 from fastres import backends
 from fastres import eval_plan as EP
-from fastres.parity import randomise_batchnorms
+from fastres.harness.cases import randomise_batchnorms
 
 pytestmark = pytest.mark.skipif(
     backends.available()["cpu"] is not None, reason="needs the C++ CPU kernels"
@@ -346,12 +346,12 @@ def test_resnet_donates_its_own_intermediates_only():
     with torch.no_grad():
         m(x)
         m(x)
-        assert m._may_donate((m.layer1, m.layer2, m.layer3, m.layer4))
+        assert m._may_donate(x, (m.layer1, m.layer2, m.layer3, m.layer4))
         donated = m(x)
         seen = []
         h = m.layer1[1].register_forward_hook(lambda mod, inp, out: seen.append(
             (inp[0], inp[0].clone())))
-        assert not m._may_donate((m.layer1, m.layer2, m.layer3, m.layer4))
+        assert not m._may_donate(x, (m.layer1, m.layer2, m.layer3, m.layer4))
         hooked = m(x)
         h.remove()
     assert torch.equal(donated, hooked)

@@ -3,8 +3,10 @@ pytest's end-of-session summary (which a timed-out step never reaches)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_failure_printed_before_the_summary(tmp_path):
@@ -14,8 +16,9 @@ def test_failure_printed_before_the_summary(tmp_path):
     )
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-p", "fastres._pytest_instafail", str(tmp_path / "test_planted.py")],
+         "-p", "_instafail", str(tmp_path / "test_planted.py")],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
     )
     out = r.stdout
     assert r.returncode == 1, out

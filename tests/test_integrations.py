@@ -1,7 +1,7 @@
 """fastres in the rest of the ecosystem: checkpoints (unconvert), autocast, FrozenBatchNorm2d,
 torch.export / torch.compile, timm and DDP.
 
-Numerical comparisons follow the tolerance rule (fastres.testing): against a float64 run of the
+Numerical comparisons follow the tolerance rule (fastres.harness.rule): against a float64 run of the
 plain model with the same weights, err(fastres) <= 2 * err(plain PyTorch) + atol[dtype]. The
 backend is whatever FASTRES_BACKEND (or the dispatcher) picks, so the suite is run once per
 backend by the caller.
@@ -23,7 +23,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 import fastres
-from fastres.testing import assert_close_rule, rms_err, verdict, verdict_rms
+from fastres.harness.rule import assert_close_rule, rms_err, verdict, verdict_rms
 
 FUSED = (fastres.BasicBlock, fastres.BottleneckBlock, fastres.ConvBNReLU)
 
@@ -86,7 +86,7 @@ def check_rule(ours: dict, theirs: dict, ref: dict, dtype: torch.dtype,
                rms_grads: bool = False) -> None:
     """Every kept tensor by the tolerance rule (integer buffers exactly); same keys and dtypes as
     plain PyTorch. ``rms_grads``: parameter and input gradients of a whole network in low
-    precision by the rule on the RMS error (fastres.testing.verdict_rms says why)."""
+    precision by the rule on the RMS error (fastres.harness.rule.verdict_rms says why)."""
     assert ours.keys() == theirs.keys() == ref.keys()
     for name, r in ref.items():
         assert ours[name].dtype == theirs[name].dtype, (name, ours[name].dtype, theirs[name].dtype)

@@ -20,7 +20,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fastres
 from fastres import backends
-from fastres.testing import assert_close_rule, randomise_bn
+from fastres.harness.rule import assert_close_rule, randomise_bn
 
 CPU_BACKENDS = [
     b for b in ("cpu", "reference") if backends.BACKENDS[b].unavailable_reason() is None

@@ -31,7 +31,7 @@ from torchvision.models import resnet as tv_resnet  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres import backends  # noqa: E402
-from fastres.testing import randomise_bn  # noqa: E402
+from fastres.harness.rule import randomise_bn  # noqa: E402
 
 BACKENDS = ["reference", "cpu", "triton", "cudasim"]
 INF = float("inf")

@@ -2,7 +2,7 @@
 
 Every case compares torch.ops.fastres.<op> on CPU tensors with reference.<op> run twice: on
 float64 copies (the truth) and at the case's dtype (PyTorch's own error, the yardstick of
-fastres.testing.assert_close_rule). Dtypes and conv geometries come from the CPU backend's
+fastres.harness.rule.assert_close_rule). Dtypes and conv geometries come from the CPU backend's
 capabilities (fastres.backends). Also: opcheck on every op, BatchNorm's running statistics,
 bad-input messages, bitwise determinism, OpenMP parallelism, and the kernels of every
 instruction set this CPU can run.
@@ -16,10 +16,11 @@ import os
 import pytest
 import torch
 
-from fastres import _ext, backends, reference
-from fastres.testing import assert_close_rule
+from fastres import backends, reference
+from fastres.backends import extension
+from fastres.harness.rule import assert_close_rule
 
-_mod, _why = _ext.load()
+_mod, _why = extension.load()
 if _mod is None:  # a test module for compiled ops has nothing to say without them: fail loudly
     raise ImportError(_why)
 

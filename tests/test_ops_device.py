@@ -16,10 +16,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastres import _ext, backends, reference
-from fastres.testing import assert_close_rule
+from fastres import backends, reference
+from fastres.backends import extension
+from fastres.harness.rule import assert_close_rule
 
-_MOD, _WHY = _ext.load()
+_MOD, _WHY = extension.load()
 
 
 def _device_params():
@@ -246,7 +247,7 @@ def test_conv_bwd_split_reduction(device, precision):
 
 # (dtype, train, compare gradients): eval at every precision; a training step at fp32 with every
 # gradient by the max-abs rule, at bf16 every gradient by the rule on the RMS error
-# (tests/test_blocks.py and fastres.testing.verdict_rms explain why a whole deep network's
+# (tests/test_blocks.py and fastres.harness.rule.verdict_rms explain why a whole deep network's
 # low-precision gradients are a ReLU-flip lottery for the max-abs rule).
 MODEL_CASES = [
     pytest.param((torch.float32, False, False), id="fp32-eval"),
@@ -261,7 +262,7 @@ def _model_parity(arch: str, device: str, case, monkeypatch, n: int, size: int) 
     import torchvision
     from test_blocks import check_model_parity
 
-    from fastres.testing import randomise_bn
+    from fastres.harness.rule import randomise_bn
 
     dtype, train, grads = case
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32, as on the CPU

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from fastres import backends, parity
+from fastres.harness.cases import build_torchvision_block, distinct_blocks, in_format, quick_subset
+from fastres.harness.run import References, decisions, forced_backend, judge, kept
 
 FAST = ["--model", "tiny", "--no-progress", "--warmup", "0", "--repeats", "1", "--device", "cpu"]
 
@@ -46,7 +48,7 @@ def test_parity_report(tmp_path, backend):
     assert rep["meta"]["backends"] == [backend]
     assert rep["meta"]["dtypes"] == ["fp32"] and rep["meta"]["modes"] == ["eval", "train"]
     assert rep["summary"]["ok"] and rep["summary"]["pass"] == 4
-    blocks = parity.distinct_blocks("tiny")
+    blocks = distinct_blocks("tiny")
     assert {c["block"] for c in rep["cases"]} == {b.label for b in blocks}
     for case in rep["cases"]:
         assert case["status"] == "pass" and case["backend"] == backend
@@ -137,7 +139,7 @@ def test_cli_exit_code(tmp_path):
 
 
 def test_distinct_blocks_of_resnets():
-    r50 = parity.distinct_blocks("resnet50")
+    r50 = distinct_blocks("resnet50")
     assert len(r50) == 8 and all(c.kind == "Bottleneck" for c in r50)
     assert [(c.inplanes, c.planes, c.stride, c.downsample, c.height) for c in r50] == [
         (64, 64, 1, True, 56),
@@ -149,9 +151,9 @@ def test_distinct_blocks_of_resnets():
         (1024, 512, 2, True, 14),
         (2048, 512, 1, False, 7),
     ]
-    r18 = parity.distinct_blocks("resnet18")
+    r18 = distinct_blocks("resnet18")
     assert len(r18) == 7 and all(c.kind == "BasicBlock" for c in r18)
-    assert len(parity.quick_subset(r50)) == 4
+    assert len(quick_subset(r50)) == 4
 
 
 def test_inner_relu_flip_is_judged_with_the_runs_own_decisions():
@@ -164,24 +166,24 @@ def test_inner_relu_flip_is_judged_with_the_runs_own_decisions():
     import copy
 
     import fastres
-    from fastres.testing import compare_all
+    from fastres.harness.rule import compare_all
 
-    cases = parity.distinct_blocks("resnet50")
+    cases = distinct_blocks("resnet50")
     case = next(c for c in cases if c.name == "layer4.1")
     ci = cases.index(case)
-    tv = parity.build_torchvision_block(case, 1000 * ci).to(memory_format=torch.channels_last)
+    tv = build_torchvision_block(case, 1000 * ci).to(memory_format=torch.channels_last)
     ref = copy.deepcopy(tv).double()
     gen = torch.Generator().manual_seed(7 + 4 * ci + 3)  # (bf16|fp32) x (eval|train): fp32 train
-    x = parity._fmt_memory(torch.randn(2, case.inplanes, 7, 7, generator=gen), True)
-    g = parity._fmt_memory(torch.randn(2, case.inplanes, 7, 7, generator=gen), True)
-    refs = parity.References(ref, "train", x.double(), g.double())
-    theirs = parity.kept(copy.deepcopy(tv), "train", x, g)
-    with parity.forced_backend("reference"):
-        ours = parity.kept(fastres.convert(copy.deepcopy(tv)), "train", x, g)
-    inner, plain_inner = parity.decisions(ours)[:-1], refs.plain_decisions[:-1]
+    x = in_format(torch.randn(2, case.inplanes, 7, 7, generator=gen), True)
+    g = in_format(torch.randn(2, case.inplanes, 7, 7, generator=gen), True)
+    refs = References(ref, "train", x.double(), g.double())
+    theirs = kept(copy.deepcopy(tv), "train", x, g)
+    with forced_backend("reference"):
+        ours = kept(fastres.convert(copy.deepcopy(tv)), "train", x, g)
+    inner, plain_inner = decisions(ours)[:-1], refs.plain_decisions[:-1]
     pairs = list(zip(inner, plain_inner, strict=True))
     assert len(pairs) == 2 and all(m.shape == p.shape for m, p in pairs)
     assert sum(int((m != p).sum()) for m, p in pairs) >= 1
-    verdicts = parity.judge(ours, refs.for_run(ours), theirs, refs.for_run(theirs), torch.float32)
+    verdicts = judge(ours, refs.for_run(ours), theirs, refs.for_run(theirs), torch.float32)
     assert all(v.ok for v in verdicts), [v for v in verdicts if not v.ok]
     assert not all(v.ok for v in compare_all(ours, theirs, refs.plain, torch.float32))

@@ -1,5 +1,5 @@
-"""The self-test and the records the dispatcher reads (fastres.selftest, fastres.verify,
-fastres.variants, fastres.speed), on CPU tensors: the cpu and reference backends, cudasim (the
+"""The self-test and the records the dispatcher reads (fastres.selftest, fastres.backends.records,
+fastres.backends.variants, fastres.harness.speed), on CPU tensors: the cpu and reference backends, cudasim (the
 CUDA kernels on the CPU) and Triton under the interpreter (conftest sets TRITON_INTERPRET=1).
 
 The checker is tested by planting what it exists to catch: a backend with a wrong epilogue flag
@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastres import backends, selftest, speed, variants, verify
-from fastres.variants import Conv
+from fastres import backends, selftest
+from fastres.backends import dispatch, records, variants
+from fastres.backends.variants import Conv
+from fastres.harness import selftest as st
+from fastres.harness import speed
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -28,9 +31,9 @@ def _isolated_records(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("FASTRES_RESULTS_DIR", "")
     monkeypatch.delenv("FASTRES_BACKEND", raising=False)
-    verify.reset()
+    records.reset()
     yield
-    verify.reset()
+    records.reset()
 
 
 class Wrapped(backends.Backend):
@@ -59,8 +62,8 @@ class Wrapped(backends.Backend):
 def register(monkeypatch, b: backends.Backend) -> None:
     """Add ``b`` to the backends, first in the dispatcher's priority, for this test only."""
     monkeypatch.setitem(backends.BACKENDS, b.name, b)
-    monkeypatch.setattr(backends, "PRIORITY", (b.name, *backends.PRIORITY))
-    monkeypatch.setitem(backends._probed, b.name, None)
+    monkeypatch.setattr(dispatch, "PRIORITY", (b.name, *backends.PRIORITY))
+    monkeypatch.setitem(dispatch._probed, b.name, None)
 
 
 def _wrong_relu(fn):
@@ -80,9 +83,9 @@ def test_cpu_and_reference_pass_and_are_recorded():
     assert {n: b["status"] for n, b in rec["backends"].items()} == {"cpu": "pass",
                                                                      "reference": "pass"}
     assert rec["backends"]["cpu"]["pass"] > 50  # 46 op cases and 10 block cases
-    assert verify.verdict("cpu", "cpu") == "pass"
-    (path,) = (Path(verify.cache_dir()) / "selftest").glob("*.json")
-    assert json.loads(path.read_text())["key"] == verify.device_key("cpu")
+    assert records.verdict("cpu", "cpu") == "pass"
+    (path,) = (Path(records.cache_dir()) / "selftest").glob("*.json")
+    assert json.loads(path.read_text())["key"] == records.device_key("cpu")
 
 
 def test_planted_bug_fails_and_is_not_enabled(monkeypatch):
@@ -102,10 +105,10 @@ def test_planted_bug_fails_and_is_not_enabled(monkeypatch):
     assert any("FAIL buggy" in s for s in lines)  # the reasons are printed
     assert selftest.main(["--device", "cpu", "--backend", "buggy", "--no-blocks", "--precision",
                           "fp32", "--no-progress", "--no-record"]) == 1
-    assert verify.verdict("buggy", "cpu") == "fail"
-    assert verify.verdict("good", "cpu") == "pass"
+    assert records.verdict("buggy", "cpu") == "fail"
+    assert records.verdict("good", "cpu") == "pass"
     # good (first in priority, verified here) serves; buggy is never chosen.
-    monkeypatch.setattr(backends, "PRIORITY", ("buggy", "good", "cpu", "reference"))
+    monkeypatch.setattr(dispatch, "PRIORITY", ("buggy", "good", "cpu", "reference"))
     assert backends.select(_conv_inputs()).name == "good"
 
 
@@ -113,16 +116,16 @@ def test_stale_record_is_ignored(monkeypatch):
     register(monkeypatch, Wrapped("good", "cpu"))
     rec = selftest.run("cpu", ["good"], quick=True, precisions=["fp32"], blocks=False,
                        progress=False, out=lambda s: None)
-    assert verify.verdict("good", "cpu") == "pass"
+    assert records.verdict("good", "cpu") == "pass"
     assert backends.select(_conv_inputs()).name == "good"
-    (path,) = (Path(verify.cache_dir()) / "selftest").glob("*.json")
+    (path,) = (Path(records.cache_dir()) / "selftest").glob("*.json")
     for field, value in (("torch", "0.0.0"), ("kernels", {"_C": "0" * 64}), ("name", "other")):
         stale = json.loads(json.dumps(rec))
         stale["key"][field] = value
         path.write_text(json.dumps(stale))
-        verify.reset()
-        assert verify.stale_fields(stale, verify.device_key("cpu")) == [field]
-        assert verify.verdict("good", "cpu") == ""
+        records.reset()
+        assert records.stale_fields(stale, records.device_key("cpu")) == [field]
+        assert records.verdict("good", "cpu") == ""
         assert backends.select(_conv_inputs()).name == "cpu"
 
 
@@ -154,7 +157,7 @@ def test_slower_backend_is_not_preferred(monkeypatch):
     register(monkeypatch, Wrapped("slow", "cpu", slow_ops))
     register(monkeypatch, Wrapped("fast", "cpu", fast_ops))
     cv = Conv(1, 16, 16, 3, 1, 7, 7)
-    cls = verify.shape_class((3, 3), (1, 1), 16, torch.float32, True, 1)
+    cls = records.shape_class((3, 3), (1, 1), 16, torch.float32, True, 1)
     rec = selftest.run("cpu", ["slow", "fast"], quick=True, precisions=["fp32"], blocks=False,
                        record=False, progress=False, out=lambda s: None)
     assert rec["summary"]["ok"]
@@ -166,18 +169,18 @@ def test_slower_backend_is_not_preferred(monkeypatch):
     rec["bench"] = speed.bench(CPU, ["slow", "fast"], out=lambda s: None, repeats=5,
                                shape_classes=[(cls, cv, torch.float32, "channels_last")])
     backends.BACKENDS["reference"] = ref
-    verify.save(rec)
+    records.save(rec)
     entry = rec["bench"]["classes"][cls]["backends"]
     assert entry["slow"]["speedup"] < 1 < entry["fast"]["speedup"], entry
-    order = verify.preference("cpu", cls).split(",")
+    order = records.preference("cpu", cls).split(",")
     assert order == ["fast", "reference"], order
     # Both verified, slow first in priority: the measured ranking decides.
-    monkeypatch.setattr(backends, "PRIORITY", ("slow", "fast", "cpu", "reference"))
+    monkeypatch.setattr(dispatch, "PRIORITY", ("slow", "fast", "cpu", "reference"))
     assert backends.select(_conv_inputs()).name == "fast"
     # A class nobody measured keeps the priority order (wildcards: same kernel/stride/dtype).
     other = backends.Inputs(CPU, torch.float32, kernel_size=(1, 1), channels=16, batch=2)
     assert backends.select(other).name == "slow"
-    assert "fast" in verify.state("cpu")["wins"]
+    assert "fast" in records.state("cpu")["wins"]
 
 
 @pytest.mark.parametrize("name,precisions", [
@@ -199,7 +202,7 @@ def test_triton_interpreter_and_cudasim_pass(name, precisions):
 
 
 def test_cuda_tile_mirror_matches_the_cpp():
-    """fastres._C has no capability query for its tile choice, so fastres.variants mirrors it;
+    """fastres._C has no capability query for its tile choice, so fastres.backends.variants mirrors it;
     this pins the mirror to the C++ source."""
     igemm = (ROOT / "csrc/cuda/conv_igemm.cuh").read_text()
     m = re.search(r"if \(p\.OC <= (\d+)\) return launch_conv_flags<T, Math::kMma16, CfgTcSmall>"
@@ -225,7 +228,7 @@ def test_completion_covers_every_reachable_variant(backend):
     reach = variants.reachable(backend)
     assert len(reach) > (10 if backend == "cuda" else 40)
     base = set()
-    for cv in selftest.BASE_CONVS.values():
+    for cv in st.BASE_CONVS.values():
         for p in variants.PRECISIONS:
             base |= variants.conv_variants(backend, p, cv)
     extra = variants.completion(backend, base)
@@ -234,11 +237,11 @@ def test_completion_covers_every_reachable_variant(backend):
 
 
 def test_shape_classes_and_wildcards():
-    cls = verify.shape_class((3, 3), (2, 2), 128, torch.bfloat16, True, 32)
+    cls = records.shape_class((3, 3), (2, 2), 128, torch.bfloat16, True, 32)
     assert cls == "k3x3 s2 c<=256 bfloat16 cl n<=64"
     bench = {"classes": {cls: {"backends": {"cuda": {"speedup": 2.0},
                                             "triton": {"speedup": 0.5}}}}}
-    rk = verify.ranking(bench)
+    rk = records.ranking(bench)
     assert rk[cls] == ["cuda", "reference"]
     assert rk["k3x3 s2 c<=256 bfloat16 cl n*"] == ["cuda", "reference"]
     assert rk["k3x3 s2 c* bfloat16 cl n*"] == ["cuda", "reference"]
@@ -248,10 +251,10 @@ def test_every_op_of_the_contract_has_cases_and_the_module_is_callable():
     import fastres
 
     cases = []
-    for cv in selftest.BASE_CONVS.values():
-        cases += selftest.conv_cases("c", cv, "fp32", "channels_last", 0)
-    for c in selftest.BN_CHANNELS:
-        cases += selftest.bn_cases(c, "fp32", "channels_last", 0)
+    for cv in st.BASE_CONVS.values():
+        cases += st.conv_cases("c", cv, "fp32", "channels_last", 0)
+    for c in st.BN_CHANNELS:
+        cases += st.bn_cases(c, "fp32", "channels_last", 0)
     assert {c.op for c in cases} == set(backends.OP_NAMES)
     rec = fastres.selftest(device="cpu", backend=["reference"], precisions=["fp32"],
                            blocks=False, record=False, progress=False, out=lambda s: None)

@@ -14,9 +14,11 @@ import math
 import pytest
 import torch
 
-from fastres import backends, info, selftest, variants, verify
-from fastres.selftest_cases import BASE_CONVS, _clone, _f64, conv_cases, judge_op
-from fastres.testing import allow_tf32
+from fastres import backends, info, selftest
+from fastres.backends import records, variants
+from fastres.harness import selftest as st
+from fastres.harness.rule import allow_tf32
+from fastres.harness.selftest_cases import BASE_CONVS, _clone, _f64, conv_cases, judge_op
 
 CPU = torch.device("cpu")
 
@@ -27,9 +29,9 @@ def _isolated_records(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("FASTRES_RESULTS_DIR", "")
     monkeypatch.delenv("FASTRES_BACKEND", raising=False)
-    verify.reset()
+    records.reset()
     yield
-    verify.reset()
+    records.reset()
 
 
 def _skip_unless(name: str) -> None:
@@ -161,10 +163,10 @@ def test_variants_not_launched_are_named_with_the_reason():
         assert any(f"cudasim: {len(vs)} variant(s) not launched: {why}" in s for s in lines)
     # The Triton interpreter's variants at ResNet sizes are --full's: said so on --quick.
     reach = sorted(variants.reachable("triton", interpreted=True))
-    whys = selftest.not_reached("triton", reach, True, ["fp32", "bf16"], True, True)
+    whys = st.not_reached("triton", reach, True, ["fp32", "bf16"], True, True)
     assert sum(len(v) for v in whys.values()) == len(reach)
     assert any("--full adds the cheapest shape" in w for w in whys), whys
-    cut = selftest.not_reached("cudasim", reach[:2], False, ["fp32"], False, False)
+    cut = st.not_reached("cudasim", reach[:2], False, ["fp32"], False, False)
     assert list(cut) == ["the --time-limit stopped the run before the case that launches it"]
 
 

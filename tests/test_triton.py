@@ -5,7 +5,7 @@ is imported), thousands of times slower than eager: shapes are tiny and odd (odd
 and spatial sizes, stride 2, batch 1) and every fusion flag is covered. Tests marked ``gpu`` run
 the real ResNet-50 shapes, determinism and int64-offset checks on a CUDA device.
 
-The rule (fastres.testing): err(ours) <= 2 * err(reference at the same dtype) + atol[dtype], err
+The rule (fastres.harness.rule): err(ours) <= 2 * err(reference at the same dtype) + atol[dtype], err
 measured against fastres.reference on float64 copies of the same inputs.
 """
 
@@ -24,7 +24,7 @@ import inspect  # noqa: E402
 import pytest  # noqa: E402
 
 from fastres import backends, reference  # noqa: E402
-from fastres.testing import assert_close_rule  # noqa: E402
+from fastres.harness.rule import assert_close_rule  # noqa: E402
 
 tk = pytest.importorskip("fastres.triton_kernels")
 _WHY = tk.unavailable_reason()
@@ -81,9 +81,9 @@ def _clone(a):
 def _expected_formats(name, args, fallback):
     """Memory formats of the outputs as the fastres fakes (fastres/_meta.py) give them, the
     contract for every backend; the reference's own formats when fastres._C does not load."""
-    from fastres import _ext
+    from fastres.backends import extension
 
-    mod, _ = _ext.load()
+    mod, _ = extension.load()
     if mod is None:
         return [_fmt(t) for t in fallback]
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -393,7 +393,7 @@ def test_tf32_rounding_host_and_kernel():
 
 
 def _tf32_yardstick(a):
-    from fastres.selftest_cases import tf32_round
+    from fastres.harness.selftest_cases import tf32_round
 
     return tf32_round(_clone(a))
 
@@ -872,9 +872,9 @@ def test_ops_match_contract():
         theirs = torch._C.parse_schema(f"fastres::{name}{contract[name]}")
         assert str(ours).replace("fastres_triton::", "") == \
             str(theirs).replace("fastres::", ""), name
-    from fastres import _ext
+    from fastres.backends import extension
 
-    mod, _ = _ext.load()
+    mod, _ = extension.load()
     for name in backends.OP_NAMES:
         schema = getattr(torch.ops.fastres_triton, name).default._schema
         ref_args = list(inspect.signature(getattr(reference, name)).parameters)
@@ -1022,7 +1022,7 @@ def test_kernels_compile_and_trace_for_hopper_without_gpu():
     kernel for sm_90 (ptxas bundled with triton; no GPU needed) with the GPU configs, and trace
     every triton_op as torch.compile does, checking that torch's mutation analysis marks only the
     kernels' outputs as written (else torch.compile would clone every input of every call)."""
-    from fastres.testing import run_sm90_compiler
+    from fastres.harness.rule import run_sm90_compiler
 
     run = run_sm90_compiler(
         ["-m", "fastres.triton_kernels.aot_check", "--quick", "--dtypes", "bfloat16", "--trace"],

@@ -8,7 +8,7 @@ import pytest
 
 lint = pytest.importorskip("fastres.triton_kernels.lint")
 
-from fastres.testing import run_sm90_compiler  # noqa: E402
+from fastres.harness.rule import run_sm90_compiler  # noqa: E402
 
 WGMMA = "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1, %f2}, %rd5, %rd6, 1, 1, 1;"
 

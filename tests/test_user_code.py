@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import fastres
-from fastres.testing import randomise_bn
+from fastres.harness.rule import randomise_bn
 
 
 def _pair(num_classes: int = 10):

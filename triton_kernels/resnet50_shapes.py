@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastres.testing import allow_tf32
+from fastres.harness.rule import allow_tf32
 
 BATCHES = (32, 128, 256)
 # (width, out channels, stride of the first block, input side, blocks) of layer1..layer4

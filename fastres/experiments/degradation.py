@@ -19,7 +19,7 @@ learning rate are chaotic: a difference in the last bit grows to O(1) in tens of
 So the numerics are also checked with the same weights: at a few iterations (``--checks``), the
 eager twin's current weights and BN statistics are copied into a fused float32, an eager float32
 and an eager float64 model, which compute the training loss and gradients of that iteration's
-mini-batch. The loss is judged by the tolerance rule (fastres.testing); the gradients' largest
+mini-batch. The loss is judged by the tolerance rule (fastres.harness.rule); the gradients' largest
 error relative to the largest gradient is reported for both float32 runs (a ReLU decision within
 rounding of zero can flip in either run and move a gradient by its whole value).
 
@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 import fastres
 from fastres import backends, models
-from fastres.testing import verdict
+from fastres.harness.rule import verdict
 
 NETS = (  # (name, depth, plain)
     ("plain-20", 20, True),

@@ -2,7 +2,8 @@
 
 pytest prints failure details only at the end of a session; a device-check step that runs out of
 its time box is killed before that, and its log then holds a row of ``F`` and nothing else (the
-first H200 run lost every failure that way). Enabled with ``-p fastres._pytest_instafail``.
+first H200 run lost every failure that way). tests/conftest.py enables it when FASTRES_INSTAFAIL=1
+(bench/device_check.sh sets it); ``-p _instafail`` with tests/ on the path enables it elsewhere.
 """
 
 from __future__ import annotations

@@ -20,62 +20,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
-from torch import Tensor
 
-from fastres import _ext, gpu_record, reference, verify
+from fastres import reference
+from fastres._specs import Inputs
+from fastres.backends import extension, records
 
 log = logging.getLogger("fastres")
 
 OP_NAMES = reference.OP_NAMES
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What a backend needs to know about a call to decide whether it can serve it."""
-
-    device: torch.device
-    dtype: torch.dtype
-    kernel_size: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    channels_last: bool = False
-    #: A training call (batch statistics, gradients) rather than inference: the recorded GPU
-    #: speed of a backend differs between the two (fastres.gpu_record).
-    training: bool = False
-    #: Input channels and batch size, for the shape classes of the self-test's speed ranking
-    #: (fastres.verify); None when unknown (a dynamic batch under torch.compile).
-    channels: int | None = None
-    batch: int | None = None
-
-    @staticmethod
-    def of(x: Tensor, conv: torch.nn.Conv2d | None = None) -> Inputs:
-        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        if conv is None:
-            return Inputs(x.device, x.dtype, channels_last=cl)
-        return Inputs(
-            x.device,
-            x.dtype,
-            kernel_size=tuple(conv.kernel_size),
-            stride=tuple(conv.stride),
-            dilation=tuple(conv.dilation),
-            groups=conv.groups,
-            channels_last=cl,
-            channels=conv.in_channels,
-            batch=_static(x.shape[0]),
-        )
-
-
-def _static(n) -> int | None:
-    """A size as a plain int, or None when symbolic (a dynamic dimension under torch.compile:
-    using it would guard on it)."""
-    return n if isinstance(n, int) else None
 
 
 class Backend:
@@ -87,7 +43,7 @@ class Backend:
     def requires_verification(self, device_type: str) -> bool:
         """Whether the dispatcher may choose this backend on ``device_type`` only once it is
         verified: by the project (``verified_on_gpu``) or by a self-test record of this very
-        device and software (fastres.verify). CPU backends need neither."""
+        device and software (fastres.backends.records). CPU backends need neither."""
         return device_type == "cuda"
 
     def unavailable_reason(self) -> str | None:
@@ -108,11 +64,6 @@ class Backend:
         """One op of the set (a name in OP_NAMES), signature as in csrc/ops.cpp. Plain attribute
         look-ups only, so torch.compile traces through it."""
         raise NotImplementedError
-
-    @property
-    def ops(self) -> SimpleNamespace:
-        """The whole op set as attributes (convenience outside compiled code)."""
-        return SimpleNamespace(**{n: self.op(n) for n in OP_NAMES})
 
 
 class ReferenceBackend(Backend):
@@ -135,7 +86,7 @@ class _CompiledBackend(Backend):
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
 
     def _unavailable_reason(self) -> str | None:
-        mod, why = _ext.load()
+        mod, why = extension.load()
         return why
 
     def not_supported_reasons(self, inputs: Inputs) -> list[str]:
@@ -163,13 +114,13 @@ class CUDABackend(_CompiledBackend):
 
     name = "cuda"
     device_type = "cuda"
-    verified_on_gpu = gpu_record.verified("cuda")  # the project's recorded GPU run
+    verified_on_gpu = False  # until a GPU run passes: python -m fastres.selftest on the device
 
     def _unavailable_reason(self) -> str | None:
         why = super()._unavailable_reason()
         if why:
             return why
-        if not _ext.has_cuda():
+        if not extension.has_cuda():
             return "fastres._C was built without CUDA (rebuild with FASTRES_CUDA=1 on a CUDA torch)"
         if not torch.cuda.is_available():
             return "no CUDA device is available"
@@ -200,7 +151,7 @@ class CudasimBackend(CUDABackend):
     verified_on_gpu = False  # a CPU harness: not CUDA's GPU record
 
     def _unavailable_reason(self) -> str | None:
-        return _ext.load_cudasim()
+        return extension.load_cudasim()
 
     def op(self, name: str) -> Callable[..., object]:
         return getattr(torch.ops.fastres_cudasim, name)
@@ -211,7 +162,7 @@ class TritonBackend(Backend):
     and then only when forced: the interpreter is thousands of times slower than eager)."""
 
     name = "triton"
-    verified_on_gpu = gpu_record.verified("triton")  # the project's recorded GPU run
+    verified_on_gpu = False  # until a GPU run passes: python -m fastres.selftest on the device
 
     def _unavailable_reason(self) -> str | None:
         try:
@@ -297,7 +248,7 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
         if name == "triton" and inputs.device.type != "cuda":
             continue
         if b.requires_verification(inputs.device.type):
-            seen = verify.verdict(name, dev)
+            seen = records.verdict(name, dev)
             if seen == "fail" or (not b.verified_on_gpu and seen != "pass"):
                 if b.unavailable_reason() is None:
                     passed.append(
@@ -308,13 +259,6 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
                     )
                 continue
         reasons = b.not_supported_reasons(inputs)
-        if (not reasons and inputs.device.type == "cuda" and name != "reference"
-                and not verify.preference(dev, verify.class_of(inputs))):
-            # The project's recorded speed on this GPU, unless this device timed it itself.
-            slow = gpu_record.slower_reason(name, inputs.device, inputs.dtype, inputs.training)
-            if slow:
-                passed.append(f"{name}: {slow}")
-                continue
         if not reasons:
             if passed:
                 _say_once(f"fastres: {inputs} runs on the {name} backend: " + " | ".join(passed))
@@ -328,8 +272,8 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
 def _order(inputs: Inputs) -> list[str]:
     """PRIORITY, except where this device's self-test timed the shape class of ``inputs``
     (python -m fastres.selftest --bench): then the verified backends faster than the reference
-    path, fastest first, then reference, then the rest (fastres.verify.preference)."""
-    pref = verify.preference(str(inputs.device), verify.class_of(inputs))
+    path, fastest first, then reference, then the rest (fastres.backends.records.preference)."""
+    pref = records.preference(str(inputs.device), records.class_of(inputs))
     if not pref:
         return list(PRIORITY)
     first = [n for n in pref.split(",") if n in PRIORITY]

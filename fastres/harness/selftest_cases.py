@@ -1,6 +1,6 @@
 """The self-test's op cases (fastres.selftest): operands, the calls of every op of the contract at
 scaled-down ResNet shapes, and the judgement of one call by the suite's tolerance rule
-(fastres.testing)."""
+(fastres.harness.rule)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastres import testing
-from fastres.variants import Conv
+from fastres.backends.variants import Conv
+from fastres.harness import rule
 
 PRECISION_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
                    "fp16": torch.float16}
@@ -67,7 +67,7 @@ class OpCase:
     build: Callable[[torch.device], tuple]  # the arguments, built on a device
     mutated: tuple[int, ...] = ()
     conv: Conv | None = None
-    families: tuple[str, ...] = ()  # conv kernel families launched (fastres.variants)
+    families: tuple[str, ...] = ()  # conv kernel families launched (fastres.backends.variants)
     rows: tuple[int, int, int, int] | None = None  # (n, c, h, w) of a bandwidth op
     only: tuple[str, ...] = ()  # the backends that run it (empty: every backend of the run)
 
@@ -230,7 +230,7 @@ def judge_op(case: OpCase, ours, a_ours, theirs, a_theirs, truth, a_truth, dtype
         elif o.dim() == 4 and o.stride() != t.stride():
             bad.append(f"{label}: strides {o.stride()} != reference {t.stride()}")
         elif o.is_floating_point():
-            v = testing.verdict(label, o, t, r, dtype)
+            v = rule.verdict(label, o, t, r, dtype)
             if not v.ok:
                 bad.append(str(v))
         elif not torch.equal(o.cpu(), t.cpu()):

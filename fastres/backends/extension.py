@@ -25,9 +25,9 @@ def load() -> tuple[object | None, str | None]:
     except ImportError as exc:
         _reason = f"fastres._C is not built or does not load ({exc}); rebuild with: {REBUILD}"
         return None, _reason
-    from fastres import _meta  # noqa: PLC0415  (fake kernels for the compiled ops)
+    from fastres.backends import fakes  # noqa: PLC0415  (fake kernels for the compiled ops)
 
-    _meta.register_fakes("fastres")
+    fakes.register_fakes("fastres")
     _module, _info = _C, dict(_C.build_info())
     return _module, None
 
@@ -65,7 +65,7 @@ def load_cudasim() -> str | None:
             f"rebuild with: {REBUILD}"
         )
         return _sim_reason
-    from fastres import _meta  # noqa: PLC0415
+    from fastres.backends import fakes  # noqa: PLC0415
 
-    _meta.register_fakes("fastres_cudasim")
+    fakes.register_fakes("fastres_cudasim")
     return None

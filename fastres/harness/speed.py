@@ -1,12 +1,12 @@
 """``python -m fastres.selftest --bench``: each verified backend against the reference path
 (cuDNN + PyTorch: fastres.reference), per op and shape class, on this device.
 
-A shape class (fastres.verify.shape_class) is kernel size, stride, input-channel range, dtype,
-layout and batch range; each is timed at one representative ResNet-18/50 convolution: the three
-convolution ops of a fused block (conv_bias_act with bias + residual + ReLU, conv_stats with the
-BN-ReLU prologue, conv_bwd with both gradients). A class's time is the sum of its three ops' medians;
-the ranking the dispatcher reads (fastres.verify.ranking) puts the backends faster than the
-reference path first, fastest first, and never one slower than it.
+A shape class (fastres.backends.records.shape_class) is kernel size, stride, input-channel
+range, dtype, layout and batch range; each is timed at one representative ResNet-18/50
+convolution: the three convolution ops of a fused block (conv_bias_act with bias + residual +
+ReLU, conv_stats with the BN-ReLU prologue, conv_bwd with both gradients). A class's time is the
+sum of its three ops' medians; the ranking the dispatcher reads (records.ranking) puts the
+backends faster than the reference path first, fastest first, and never one slower than it.
 
 Timing: on a GPU, CUDA events around each call after warm-up (median of ``repeats``), with
 ``cudnn.benchmark`` on for the reference path as a user would run it; on a CPU,
@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from fastres import verify
-from fastres.variants import Conv, resnet_convs
+from fastres.backends import records
+from fastres.backends.variants import Conv, resnet_convs
 
 OPS = ("conv_bias_act", "conv_stats", "conv_bwd")
 
@@ -39,7 +39,7 @@ def classes(device: torch.device, quick: bool) -> list[tuple[str, Conv, torch.dt
         convs = resnet_convs(64)
     rep: dict[tuple, Conv] = {}
     for cv in convs:
-        k = (cv.r, cv.stride, verify._bucket(cv.c, verify._CH_EDGES, "c"))
+        k = (cv.r, cv.stride, records._bucket(cv.c, records._CH_EDGES, "c"))
         if k not in rep or cv.flops > rep[k].flops:
             rep[k] = cv
     if quick and device.type != "cuda":
@@ -50,7 +50,7 @@ def classes(device: torch.device, quick: bool) -> list[tuple[str, Conv, torch.dt
             for layout in layouts:
                 for cv in rep.values():
                     cvn = Conv(n, cv.c, cv.k, cv.r, cv.stride, cv.h, cv.w)
-                    key = verify.shape_class((cv.r, cv.r), (cv.stride, cv.stride), cv.c, dt,
+                    key = records.shape_class((cv.r, cv.r), (cv.stride, cv.stride), cv.c, dt,
                                              layout == "channels_last", n)
                     out.append((key, cvn, dt, layout))
     return out
@@ -91,7 +91,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> flo
     """Median milliseconds of ``fn``, timed as the parity harness times (fastres.parity.time_ms:
     triton.testing.do_bench with L2 flushed on a GPU, CUDA events without triton;
     time.perf_counter on a CPU), after 3 warm-up calls."""
-    from fastres.parity import time_ms as parity_time  # noqa: PLC0415
+    from fastres.harness.timer import time_ms as parity_time
 
     return parity_time(fn, device, 3, repeats)["p50"]
 
@@ -145,7 +145,7 @@ def bench(device: torch.device, names: list[str], out: Callable[[str], None] = p
 def table(result: dict, names: list[str]) -> str:
     """The speedup report: per shape class and op, milliseconds and speedup over the reference
     path; the last column is what the dispatcher will prefer for the class."""
-    rk = verify.ranking(result)
+    rk = records.ranking(result)
     head = f"{'shape class':38s} {'op':14s} {'reference':>10s}" + "".join(
         f" {n:>16s}" for n in names) + "  preferred"
     lines = [f"speed against the reference path ({result['timer']}), ms (speedup)", head]

@@ -6,15 +6,12 @@
 only for its exact key: another GPU, driver, CUDA, torch, triton or fastres version, or one byte
 changed in a compiled kernel (``fastres/_C*.so``) or a Triton source, and it is ignored.
 
-Records are read from
+Records live in the user's cache, ``~/.cache/fastres/selftest/*.json`` (``FASTRES_CACHE_DIR``
+replaces ``~/.cache/fastres``), where every run stores its record; nothing else is read (the
+project's own GPU runs are kept in ``bench/results/`` of the source tree for people, not for the
+dispatcher).
 
-* the user's cache, ``~/.cache/fastres/selftest/*.json`` (``FASTRES_CACHE_DIR`` replaces
-  ``~/.cache/fastres``), where every run stores its record;
-* the project's recorded GPU runs, ``bench/results/*_selftest.json`` of the source tree
-  (``FASTRES_RESULTS_DIR`` replaces that folder; empty: none), written by
-  ``python -m fastres.selftest --record-to`` in bench/device_check.sh.
-
-Among the records matching this device the newest wins. The dispatcher (fastres.backends)
+Among the records matching this device the newest wins. The dispatcher (fastres.backends.dispatch)
 asks two questions, each answered once per process and device, outside any torch.compile trace
 (:func:`verdict`, :func:`preference`, like ``backends._probe``): did this backend pass here, and
 which backends are fastest for this shape class, never one slower than the reference path.
@@ -36,7 +33,7 @@ from pathlib import Path
 import torch
 
 FORMAT = "fastres-selftest/1"
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parent.parent  # the fastres package: its _C*.so
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,16 +47,6 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
     return (Path(xdg) if xdg else Path.home() / ".cache") / "fastres"
-
-
-def project_results_dir() -> Path | None:
-    """The project's recorded runs: ``FASTRES_RESULTS_DIR`` (empty: none) or the source tree's
-    bench/results (absent from a wheel install)."""
-    env = os.environ.get("FASTRES_RESULTS_DIR")
-    if env is not None:
-        return Path(env).expanduser() if env.strip() else None
-    d = _PKG.parent / "bench" / "results"
-    return d if d.is_dir() else None
 
 
 def _sha256_file(path: Path) -> str:
@@ -107,10 +94,15 @@ def _driver_version() -> str | None:
     return f"{v // 1000}.{(v % 1000) // 10}"
 
 
-def _cpu_model() -> str:
-    from fastres.parity import cpu_model  # noqa: PLC0415
-
-    return cpu_model()
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=16)
@@ -126,7 +118,7 @@ def device_key(device: str) -> dict:
         key.update(name=torch.cuda.get_device_name(idx), capability=f"{cap[0]}.{cap[1]}",
                    driver=_driver_version(), cuda=torch.version.cuda)
     else:
-        key.update(name=_cpu_model(), capability=None, driver=None, cuda=None,
+        key.update(name=cpu_model(), capability=None, driver=None, cuda=None,
                    machine=platform.machine())
     key.update(torch=torch.__version__, triton=_dist_version("triton"),
                fastres=fastres.__version__, kernels=kernel_hashes())
@@ -174,11 +166,7 @@ def save(record: dict, path: str | os.PathLike | None = None) -> Path:
 
 
 def record_paths() -> list[Path]:
-    paths = sorted((cache_dir() / "selftest").glob("*.json"))
-    proj = project_results_dir()
-    if proj is not None:
-        paths += sorted(proj.glob("*_selftest.json"))
-    return paths
+    return sorted((cache_dir() / "selftest").glob("*.json"))
 
 
 def matching(device: str) -> list[tuple[Path, dict]]:
