@@ -28,8 +28,8 @@ SYNC_SPLIT = [3, 5]
 
 
 def randomise_norm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN affine parameters and running statistics (BatchNorm2d and FrozenBatchNorm2d),
-    so that folding is really exercised."""
+    """Random BN affine parameters and running statistics (BatchNorm2d and FrozenBatchNorm2d,
+    timm's BatchNormAct2d included), so that folding is really exercised."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -55,13 +55,16 @@ def flat(out) -> dict[str, torch.Tensor]:
     return {f"out.{k}": v for k, v in out.items()}
 
 
-def run_kept(model: nn.Module, x: torch.Tensor, train: bool, autocast=None):
+def run_kept(model: nn.Module, x: torch.Tensor, train: bool, autocast=None, seed=None):
     """Forward (under ``autocast``, a dtype for torch.autocast on x's device) and, for train, a
     backward of a fixed random projection outside autocast. Returns what a user keeps: outputs,
-    input grad, every parameter grad and every buffer."""
+    input grad, every parameter grad and every buffer. ``seed``: seed torch's generator first
+    (models with random layers, e.g. stochastic depth, draw the same masks in every run)."""
     model.train(train)
     x = x.detach().clone().requires_grad_(train)
     ctx = torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    if seed is not None:
+        torch.manual_seed(seed)
     with ctx:
         outs = flat(model(x))
     kept = {k: v.detach() for k, v in outs.items()}

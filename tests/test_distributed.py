@@ -87,7 +87,7 @@ def test_ddp_gloo_two_processes(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same reduction orders
     try:
-        k_single = _single_process_step(fastres.convert(tv), xs, projs)
+        k_single = _single_process_step(fastres.convert(copy.deepcopy(tv)), xs, projs)
     finally:
         torch.set_num_threads(threads)
     for rank in range(2):
@@ -171,7 +171,9 @@ def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path, split):
             torch.float64: _whole_batch_step(
                 fastres.convert(copy.deepcopy(tv)).double(), x, proj.double(), world, split
             ),
-            torch.float32: _whole_batch_step(fastres.convert(tv), x, proj, world, split),
+            torch.float32: _whole_batch_step(
+                fastres.convert(copy.deepcopy(tv)), x, proj, world, split
+            ),
         }
         k_plain32 = _whole_batch_step(copy.deepcopy(tv), x, proj, world, split)
     finally:
@@ -305,7 +307,7 @@ def test_sync_bn_convert_round_trip_and_single_process():
     x = torch.randn(4, 3, 64, 64)
     for train in (False, True):
         k_ours = run_kept(copy.deepcopy(synced), x, train)
-        k_fused = run_kept(fastres.convert(tv), x, train)
+        k_fused = run_kept(fastres.convert(copy.deepcopy(tv)), x, train)
         k_ref = run_kept(copy.deepcopy(tv).double(), x.double(), train)
         check_rule(k_ours, k_fused, k_ref, torch.float32)
     with pytest.raises(ValueError, match="process_group is used with sync_bn=True only"):

@@ -44,7 +44,7 @@ def test_resnet18_cpu_autocast_bf16(train):
     all within the tolerance rule of a float64 run without autocast."""
     tv = randomise_norm(torchvision.models.resnet18(num_classes=10))
     ref = copy.deepcopy(tv).double()
-    ours = fastres.convert(tv)
+    ours = fastres.convert(copy.deepcopy(tv))
     # 64x64 and N=4: layer4's BatchNorms see 16 values per channel (see test_blocks).
     x = torch.randn(4, 3, 64, 64)
     k_ref = run_kept(ref, x.double(), train)
@@ -69,7 +69,7 @@ def test_block_autocast_float32_input(train):
     ):
         tv = randomise_norm(tv)
         ref = copy.deepcopy(tv).double()
-        ours = fastres.convert(tv)
+        ours = fastres.convert(copy.deepcopy(tv))
         assert n_fused(ours) == 1
         x = torch.randn(4, 16, 8, 8)
         k_ref = run_kept(ref, x.double(), train)
@@ -97,10 +97,14 @@ def test_frozen_bn_detection_backbone_train():
     the conv weights through the fold; outputs, input grad and every trainable parameter's grad
     by the tolerance rule."""
     tv = randomise_norm(frozen_detection_backbone())
-    ours, rep = fastres.convert(tv, report=True)
-    assert len(rep.swapped) == 16, rep
-    # the FPN's Conv2dNormActivation have a conv bias and no norm layer: nothing to fuse
-    assert all(path.startswith("fpn.") for path, _ in rep.left), rep
+    ours, rep = fastres.convert(copy.deepcopy(tv), report=True)
+    # 16 blocks and the body (IntermediateLayerGetter: its stem conv1, bn1, relu)
+    assert len(rep.swapped) == 17 and ("body", "FusedLayerGetter") in rep.swapped, rep
+    # the FPN's Conv2dNormActivation have a conv bias and no norm layer: nothing to fuse there,
+    # which is no failure
+    assert not rep.left and rep.convs[0] == rep.norms[0] == rep.norms[1] == 53, rep
+    assert all(p.startswith("fpn.") and "without a norm layer" in s.why
+               for p, s in rep.layers.items() if not s.fused), rep
     assert type(ours.body.layer1[0].bn1) is FrozenBatchNorm2d
     ref = copy.deepcopy(tv).double()
     x = torch.randn(2, 3, 64, 64)
@@ -134,7 +138,7 @@ def test_frozen_bn_blocks_and_reasons():
     x = torch.randn(4, 8, 48, 48)
     for tv, modes in cases:
         tv = randomise_norm(tv)
-        ours = fastres.convert(tv)
+        ours = fastres.convert(copy.deepcopy(tv))
         assert n_fused(ours) == 1
         ref = copy.deepcopy(tv).double()
         for train, ac in modes:
@@ -212,7 +216,7 @@ def test_compile_max_autotune_small_resnet():
     max-autotune-compiled torchvision as PyTorch's yardstick (test_compile_resnet50_modes runs
     ResNet-50 in both modes with FASTRES_SLOW=1)."""
     tv = randomise_norm(small_resnet())
-    ours = fastres.convert(tv)
+    ours = fastres.convert(copy.deepcopy(tv))
     ref = copy.deepcopy(tv).double()
     torch._dynamo.reset()
     compiled = {
@@ -285,7 +289,7 @@ def test_compile_resnet50_modes(mode):
     takes the other branch in one of the runs, and that single decision dominates a gradient's
     max error (eager gradient parity: test_blocks; compiled: test_compile_fullgraph_bottleneck)."""
     tv = randomise_norm(torchvision.models.resnet50(num_classes=10))
-    ours = fastres.convert(tv)
+    ours = fastres.convert(copy.deepcopy(tv))
     ref = copy.deepcopy(tv).double()
     torch._dynamo.reset()
     compiled = {
@@ -439,7 +443,7 @@ def test_resnet18_cuda_autocast_bf16(backend, train, monkeypatch):
         monkeypatch.setenv("FASTRES_BACKEND", backend)
     tv = randomise_norm(torchvision.models.resnet18(num_classes=10)).cuda()
     ref = copy.deepcopy(tv).double()
-    ours = fastres.convert(tv)
+    ours = fastres.convert(copy.deepcopy(tv))
     x = torch.randn(4, 3, 64, 64, device="cuda")
     k_ref = run_kept(ref, x.double(), train)
     k_theirs = run_kept(tv, x, train, autocast=torch.bfloat16)
