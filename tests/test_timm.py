@@ -232,3 +232,22 @@ def test_timm_left_with_reasons():
     assert len(se) == 16 and not any(s.fused for s in se.values())
     assert all(s.why == "in an attention module (SEModule), which runs as it is"
                for s in se.values())
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_timm_twins_compile_without_graph_breaks(train):
+    """Dynamo traces converted timm models with the new twins (deep stem, avg-down branches, SE
+    and blur blocks; pre-activation blocks) as one graph, in eval and in training."""
+    models = [
+        timm_resnet.ResNet(
+            timm_resnet.Bottleneck, [1, 1, 1, 1], num_classes=10, stem_type="deep",
+            stem_width=16, avg_down=True, aa_layer=BlurPool2d,
+            block_args=dict(attn_layer=get_attn("se")),
+        ),
+        timm.create_model("resnetv2_18", pretrained=False, num_classes=10),
+    ]
+    for m in models:
+        ours = fastres.convert(m).train(train)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(ours)(torch.randn(2, 3, 32, 32))
+        assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
