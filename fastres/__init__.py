@@ -2,7 +2,8 @@
 
     import torchvision, fastres
     model = torchvision.models.ResNet(fastres.BottleneckBlock, [3, 4, 6, 3])
-    model = fastres.convert(torchvision.models.resnet50())
+    model = fastres.convert(torchvision.models.resnet50())   # same Parameters, fused modules
+    plain = fastres.revert(model)                              # torchvision's classes again
 
 The compiled extension fastres._C is loaded lazily by the backends; a missing or broken build is
 reported by ``python -m fastres.info`` and makes the dispatcher fall back to the reference
@@ -14,7 +15,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from fastres import backends, distributed, functional, models, reference  # noqa: E402
-from fastres.convert import ConversionReport, convert, unconvert  # noqa: E402
+from fastres.convert import ConversionReport, convert, revert, unconvert  # noqa: E402
 from fastres.distributed import SyncBatchNorm  # noqa: E402
 from fastres.modules import BasicBlock, BottleneckBlock, ConvBNReLU, ResNet  # noqa: E402
 
@@ -42,5 +43,6 @@ __all__ = [
     "functional",
     "models",
     "reference",
+    "revert",
     "unconvert",
 ]

@@ -265,7 +265,7 @@ def test_convert_reports_what_it_left():
 def test_fold_cache_tracks_parameter_changes(backend, monkeypatch):
     monkeypatch.setenv("FASTRES_BACKEND", backend)
     tv = randomise_bn(torchvision.models.resnet.BasicBlock(8, 8)).eval()
-    ours = fastres.convert(tv).eval()
+    ours = fastres.convert(copy.deepcopy(tv)).eval()  # its own parameters: changed one by one
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), tv(x))
@@ -330,7 +330,7 @@ def test_one_value_per_channel_in_training_raises_like_batchnorm():
 @pytest.mark.parametrize("train", [False, True])
 def test_empty_batch_falls_back_to_torchvision(train):
     tv = torchvision.models.resnet.BasicBlock(8, 8).train(train)
-    ours = fastres.convert(tv).train(train)
+    ours = fastres.convert(copy.deepcopy(tv)).train(train)  # its own running statistics
     x = torch.randn(0, 8, 6, 6)
     out = ours(x)
     assert out.shape == (0, 8, 6, 6)
@@ -366,7 +366,7 @@ def test_no_fused_backend_runs_torchvision_forward(train, monkeypatch):
         if isinstance(m, nn.BatchNorm2d):
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.running_var, 0.5, 1.5)
-    ours = fastres.convert(tv)
+    ours = fastres.convert(copy.deepcopy(tv))  # its own running statistics
     x = torch.randn(2, 16, 6, 6)
     assert torch.equal(ours(x), tv(x))
     assert calls == []
