@@ -1,4 +1,4 @@
-"""Where the time goes in one ResNet-50 eval call on the CPU (issue 15, docs/cpu_performance.md).
+"""Where the time goes in one ResNet-50 eval call on the CPU (issue 15, docs/performance.md).
 
     python bench/cpu_profile.py --provider fastres --dtype bf16 --batch 1
     python bench/cpu_profile.py --provider fastres+compile --dtype fp32 --batch 8 --json out.json

@@ -129,7 +129,7 @@ def build(provider: str, eager: nn.Module, x: Tensor, dtype: torch.dtype,
 
         eng = Engine(run, as_numpy, {"ov_inference_precision": got_prec,
                                      "ov_version": ov.get_version()})
-        eng.compiled_model = cm  # for exec-graph inspection (docs/cpu_performance.md)
+        eng.compiled_model = cm  # for exec-graph inspection (docs/performance.md)
         return eng
     if provider == "onnxruntime":
         import onnxruntime as ort
