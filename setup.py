@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -26,8 +27,10 @@ except ImportError:
         "then pip install --no-build-isolation ."
     )
 
-VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# One version: fastres/_version.py (read, not imported: the package needs torch to import).
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    open(os.path.join(ROOT, "fastres", "_version.py")).read()).group(1)
 
 
 def _find_cuda_home() -> str | None:
@@ -157,8 +160,8 @@ def _extensions():
 
 setup(
     version=VERSION,
-    packages=["fastres", "fastres.backends", "fastres.harness", "fastres.experiments",
-              "fastres.triton_kernels"],
+    packages=["fastres", "fastres.backends", "fastres.nn", "fastres.harness",
+              "fastres.experiments", "fastres.triton_kernels", "fastres.triton_kernels.lint"],
     package_dir={"fastres": "fastres", "fastres.triton_kernels": "triton_kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -40,7 +40,7 @@ def test_conv(bm, bctx, provider, case: B.ConvCase):
                               eager.bn.running_mean, eager.bn.running_var, eager.bn.eps, dt)
         # Prepacked across calls as a converted model's fold cache has it (the CPU backend packs
         # only parameters and weights their owner registers).
-        from fastres.modules import _allow_prepacking
+        from fastres.nn._fused import _allow_prepacking
 
         _allow_prepacking(w)
 

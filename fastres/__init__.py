@@ -12,12 +12,14 @@ backend, never an import error here.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from fastres import backends, distributed, functional, models, reference  # noqa: E402
-from fastres.convert import ConversionReport, convert, revert, unconvert  # noqa: E402
-from fastres.distributed import SyncBatchNorm  # noqa: E402
-from fastres.modules import BasicBlock, BottleneckBlock, ConvBNReLU, ResNet  # noqa: E402
+from fastres import backends, functional, models, reference
+from fastres._version import __version__
+from fastres.nn import distributed
+from fastres.nn.blocks import BasicBlock, BottleneckBlock
+from fastres.nn.conv import ConvBNReLU
+from fastres.nn.converter import ConversionReport, convert, revert, unconvert
+from fastres.nn.distributed import SyncBatchNorm
+from fastres.nn.resnet import ResNet
 
 
 def __getattr__(name: str):
@@ -31,6 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "__version__",
     "BasicBlock",
     "BottleneckBlock",
     "ConvBNReLU",

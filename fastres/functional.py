@@ -23,12 +23,19 @@ and running statistics are updated in their own dtype, as ``nn.BatchNorm2d`` und
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fastres import backends
+from fastres._autograd import (
+    _ConvBiasActFn,
+    _ResidualUnitFn,
+    _UnitSpec,
+    _world_size,
+    inner_relu_decisions,
+    memory_format_of,
+)
 from fastres._specs import (
     BNSpec,
     ConvSpec,
@@ -54,6 +61,8 @@ __all__ = [
     "fold_dtypes",
     "fingerprint",
     "fold_sources",
+    "inner_relu_decisions",
+    "memory_format_of",
 ]
 
 
@@ -145,14 +154,6 @@ def check_input(x: Tensor, weight: Tensor, where: str = "fastres") -> None:
         )
 
 
-def _check_batch_stats_count(x_shape: Sequence[int], count: int) -> None:
-    if count <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size "
-            f"{torch.Size(x_shape)}"
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # The values check of the eval path's caches.
 
@@ -224,45 +225,6 @@ def fold_bn(
     if conv_weight.is_contiguous(memory_format=torch.channels_last):
         w = w.contiguous(memory_format=torch.channels_last)
     return w, shift.to(bias_dtype or dtype)
-
-
-class _ConvBiasActFn(torch.autograd.Function):
-    """conv_bias_act with a backward made of fastres ops (relu_bias_bwd, conv_bwd)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, conv: ConvSpec, relu: bool, backend: str):
-        be = backend
-        out = backends.op(be, "conv_bias_act")(x, weight, bias, residual, *conv.args(), relu)
-        ctx.conv, ctx.relu, ctx.backend = conv, relu, backend
-        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, weight, out if relu else None)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, out = ctx.saved_tensors
-        be = ctx.backend
-        grad_z, grad_bias = backends.op(be, "relu_bias_bwd")(
-            grad_out.contiguous(memory_format=_fmt(x)), out
-        )
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = grad_w = None
-        if need_x or need_w:
-            gx, gw = backends.op(be, "conv_bwd")(
-                grad_z, x, weight, None, None, False, *ctx.conv.args(), [need_x, need_w]
-            )
-            grad_x = gx if need_x else None
-            grad_w = gw if need_w else None
-        grad_b = grad_bias.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        grad_r = grad_z if ctx.has_residual and ctx.needs_input_grad[3] else None
-        return grad_x, grad_w, grad_b, grad_r, None, None, None
-
-
-def _fmt(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _needs_grad(*ts: Tensor | None) -> bool:
@@ -352,310 +314,6 @@ def select_backend(
 
 # --------------------------------------------------------------------------------------------
 # Training: a residual unit with batch statistics.
-
-
-@dataclass(frozen=True)
-class _UnitSpec:
-    stages: tuple[Stage, ...]
-    downsample: Stage | None
-    shortcut: str  # "none" | "identity" | "downsample" | "option_a" | "tensor"
-    option_a_stride: int
-    relu: bool
-    backend: str
-    # SyncBatchNorm: the torch.distributed process group whose batch statistics every BatchNorm
-    # of the unit uses (all-reduced per step), or None for this process's batch alone.
-    group: object = None
-
-
-def _world_size(group) -> int:
-    import torch.distributed as dist  # noqa: PLC0415
-
-    return dist.get_world_size(group)
-
-
-def _all_reduce_sum(t: Tensor, group) -> Tensor:
-    """Sum ``t`` over the processes of ``group`` (in place; returns ``t``)."""
-    import torch.distributed as dist  # noqa: PLC0415
-
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
-
-
-def _finalize(be: str, group, parts) -> list[tuple]:
-    """bn_finalize of several BatchNorms; under SyncBatchNorm (``group``) over the global batch,
-    with ONE all-reduce for all of them.
-
-    ``parts`` are, per BatchNorm, (conv output, sum, sumsq, (gamma, beta, running_mean,
-    running_var, num_batches_tracked), BNSpec). Returns per BatchNorm (mean, invstd, scale, shift,
-    global count as a one-element tensor, or None without a group)."""
-    if group is None:
-        out = []
-        for y, s, q, bn_params, bn in parts:
-            count = y.numel() // y.shape[1]
-            _check_batch_stats_count(y.shape, count)
-            stats = backends.op(be, "bn_finalize")(s, q, *bn_params, count, bn.momentum, bn.eps)
-            out.append((*stats, None))
-        return out
-    packed = []
-    for y, s, q, _, _ in parts:
-        packed += [s, q, s.new_full((1,), float(y.numel() // y.shape[1]))]
-    total = _all_reduce_sum(torch.cat(packed), group)
-    out, k = [], 0
-    for _, s, _, bn_params, bn in parts:
-        c = s.shape[0]
-        gs, gq, gn = total[k : k + c], total[k + c : k + 2 * c], total[k + 2 * c : k + 2 * c + 1]
-        k += 2 * c + 1
-        stats = backends.op(be, "bn_finalize_count")(gs, gq, gn, *bn_params, bn.momentum, bn.eps)
-        out.append((*stats, gn))
-    return out
-
-
-def _bn_relu_backward(
-    be: str,
-    group,
-    count: Tensor | None,
-    grad_out: Tensor,
-    input: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    scale: Tensor,
-    shift: Tensor,
-    relu: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias) of a BatchNorm (+ ReLU recomputed from scale/shift):
-    the one-op ``bn_relu_bwd``, or under SyncBatchNorm (``group``, ``count`` the global count)
-    this process's sums, one all-reduce of them and the elementwise pass with the global means.
-    The parameter gradients are this process's sums either way."""
-    if group is None:
-        return backends.op(be, "bn_relu_bwd")(
-            grad_out, input, mean, invstd, weight, scale, shift, relu
-        )
-    sum_g, sum_g_xhat = backends.op(be, "bn_relu_bwd_reduce")(
-        grad_out, input, mean, invstd, scale, shift, relu
-    )
-    c = sum_g.shape[0]
-    means = _all_reduce_sum(torch.cat([sum_g, sum_g_xhat]), group) / count
-    grad_input = backends.op(be, "bn_relu_bwd_elemt")(
-        grad_out, input, mean, invstd, weight, scale, shift, relu, means[:c], means[c:]
-    )
-    return grad_input, sum_g_xhat, sum_g
-
-
-def _bn_tensors(params: Sequence[Tensor | None], i: int):
-    # Flat layout per stage: weight, gamma, beta, running_mean, running_var, num_batches_tracked.
-    return params[6 * i : 6 * i + 6]
-
-
-class _ResidualUnitFn(torch.autograd.Function):
-    """Training forward/backward of a residual unit, made of fastres ops.
-
-    Saved for backward: x, each stage's un-normalised conv output y_i, the downsample's y_d, the
-    block output (for the ReLU mask) and the per-channel statistics. The BN+ReLU activations
-    between convolutions are never stored: the next convolution recomputes them on load.
-    """
-
-    @staticmethod
-    def forward(ctx, spec: _UnitSpec, x: Tensor, shortcut_in: Tensor | None, *params):
-        be = spec.backend
-        n_stages = len(spec.stages)
-        ys, stats = [], []
-        inp, pre = x, (None, None, False)
-        counts = []  # SyncBatchNorm: each BatchNorm's global count (a tensor), for the backward
-
-        def part(i: int, st: Stage, y: Tensor, s: Tensor, q: Tensor):
-            return (y, s, q, _bn_tensors(params, i)[1:], st.bn)
-
-        for i, st in enumerate(spec.stages):
-            w = params[6 * i]
-            y, s, q = backends.op(be, "conv_stats")(inp, w, pre[0], pre[1], pre[2], *st.conv.args())
-            ys.append(y)
-            if i == n_stages - 1:
-                # finalized below, with the downsample's BN when there is one (under
-                # SyncBatchNorm: one all-reduce for both)
-                parts = [part(i, st, y, s, q)]
-                break
-            *st4, gn = _finalize(be, spec.group, [part(i, st, y, s, q)])[0]
-            stats.append(tuple(st4))
-            counts.append(gn)
-            inp, pre = y, (st4[2], st4[3], True)
-
-        res, res_scale, res_shift, offset = None, None, None, 0
-        yd, dstats = None, None
-        if spec.shortcut == "identity":
-            res = x
-        elif spec.shortcut == "tensor":
-            res = shortcut_in
-        elif spec.shortcut == "option_a":
-            s = spec.option_a_stride
-            res = x[:, :, ::s, ::s] if s > 1 else x
-            offset = (ys[-1].shape[1] - x.shape[1]) // 2
-        elif spec.shortcut == "downsample":
-            st = spec.downsample
-            yd, s, q = backends.op(be, "conv_stats")(
-                x, params[6 * n_stages], None, None, False, *st.conv.args()
-            )
-            parts.append(part(n_stages, st, yd, s, q))
-        finalized = _finalize(be, spec.group, parts)
-        stats.append(tuple(finalized[0][:4]))
-        counts += [f[4] for f in finalized]
-        if yd is not None:
-            dstats = tuple(finalized[1][:4])
-            res, res_scale, res_shift = yd, dstats[2], dstats[3]
-        mean, invstd, scale, shift = stats[-1]
-        out = backends.op(be, "bn_add_relu")(
-            ys[-1], scale, shift, res, res_scale, res_shift, offset, spec.relu
-        )
-
-        ctx.spec = spec
-        ctx.x_shape = x.shape
-        flat_stats = [t for st in stats for t in st]
-        dflat = list(dstats) if dstats is not None else []
-        weights = [params[6 * i] for i in range(n_stages)]
-        gammas = [params[6 * i + 1] for i in range(n_stages)]
-        extra = [params[6 * n_stages], params[6 * n_stages + 1]] if yd is not None else []
-        ctx.save_for_backward(
-            x, out if spec.relu else None, yd, *ys, *flat_stats, *dflat, *weights, *gammas, *extra
-        )
-        ctx.n_stages = n_stages
-        ctx.has_gamma = [g is not None for g in gammas]
-        ctx.counts = counts  # SyncBatchNorm: stages' global counts, then the downsample's
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        spec: _UnitSpec = ctx.spec
-        be = spec.backend
-        n = ctx.n_stages
-        saved = list(ctx.saved_tensors)
-        x, out, yd = saved[0], saved[1], saved[2]
-        ys = saved[3 : 3 + n]
-        k = 3 + n
-        stats = [tuple(saved[k + 4 * i : k + 4 * i + 4]) for i in range(n)]
-        k += 4 * n
-        dstats = None
-        if yd is not None:
-            dstats = tuple(saved[k : k + 4])
-            k += 4
-        weights = saved[k : k + n]
-        gammas = saved[k + n : k + 2 * n]
-        k += 2 * n
-        wd, gd = (saved[k], saved[k + 1]) if yd is not None else (None, None)
-
-        fmt = _fmt(ys[-1])
-        grad_out = grad_out.contiguous(memory_format=fmt)
-        mean, invstd, _, _ = stats[-1]
-        res_mean, res_invstd = (dstats[0], dstats[1]) if dstats else (None, None)
-        if spec.group is None:
-            (dy, dgamma, dbeta, dres, dgd, dbd) = backends.op(be, "bn_add_relu_bwd")(
-                grad_out, out, ys[-1], mean, invstd, gammas[-1], yd, res_mean, res_invstd, gd
-            )
-        else:
-            # SyncBatchNorm: this process's sums, all-reduced, then the elementwise pass with the
-            # global means. The parameter gradients are this process's sums (DDP averages them).
-            dbeta, dgamma, dgd = backends.op(be, "bn_add_relu_bwd_reduce")(
-                grad_out, out, ys[-1], mean, invstd, yd, res_mean, res_invstd
-            )
-            dbd = dbeta.clone() if yd is not None else None  # never one tensor for two grads
-            c = dbeta.shape[0]
-            g_means = (
-                _all_reduce_sum(torch.cat([dbeta, dgamma, dgd]), spec.group) / ctx.counts[n - 1]
-            )
-            dy, dres = backends.op(be, "bn_add_relu_bwd_elemt")(
-                grad_out,
-                out,
-                ys[-1],
-                mean,
-                invstd,
-                gammas[-1],
-                g_means[:c],
-                g_means[c : 2 * c],
-                yd,
-                res_mean,
-                res_invstd,
-                gd,
-                g_means[2 * c :] if yd is not None else None,
-            )
-        grads_params: list[Tensor | None] = [None] * (6 * n + (6 if yd is not None else 0))
-        grads_params[6 * (n - 1) + 1] = dgamma if ctx.has_gamma[-1] else None
-        grads_params[6 * (n - 1) + 2] = dbeta
-        for i in range(n - 1, 0, -1):
-            _, _, scale_p, shift_p = stats[i - 1]
-            da, dw = backends.op(be, "conv_bwd")(
-                dy,
-                ys[i - 1],
-                weights[i],
-                scale_p,
-                shift_p,
-                True,
-                *spec.stages[i].conv.args(),
-                [True, True],
-            )
-            grads_params[6 * i] = dw
-            mean_p, invstd_p, _, _ = stats[i - 1]
-            dy, dgamma, dbeta = _bn_relu_backward(
-                be,
-                spec.group,
-                ctx.counts[i - 1],
-                da,
-                ys[i - 1],
-                mean_p,
-                invstd_p,
-                gammas[i - 1],
-                scale_p,
-                shift_p,
-                True,
-            )
-            grads_params[6 * (i - 1) + 1] = dgamma if ctx.has_gamma[i - 1] else None
-            grads_params[6 * (i - 1) + 2] = dbeta
-        need_x = ctx.needs_input_grad[1]
-        dx, dw0 = backends.op(be, "conv_bwd")(
-            dy, x, weights[0], None, None, False, *spec.stages[0].conv.args(), [need_x, True]
-        )
-        grads_params[0] = dw0
-        grad_shortcut = None
-        if spec.shortcut == "downsample":
-            dxd, dwd = backends.op(be, "conv_bwd")(
-                dres, x, wd, None, None, False, *spec.downsample.conv.args(), [need_x, True]
-            )
-            grads_params[6 * n] = dwd
-            grads_params[6 * n + 1] = dgd if gd is not None else None
-            grads_params[6 * n + 2] = dbd
-            if need_x:
-                dx = dx.add_(dxd)  # dx is conv_bwd's fresh output: no new buffer
-        elif spec.shortcut == "identity":
-            if need_x:
-                dx = dx.add_(dres)
-        elif spec.shortcut == "option_a":
-            if need_x:
-                s = spec.option_a_stride
-                c0 = (ys[-1].shape[1] - x.shape[1]) // 2
-                dx = dx.clone() if dx._base is not None else dx
-                sub = dx[:, :, ::s, ::s] if s > 1 else dx
-                sub.add_(dres[:, c0 : c0 + x.shape[1]])
-        elif spec.shortcut == "tensor":
-            grad_shortcut = dres
-        return (None, dx if need_x else None, grad_shortcut, *grads_params)
-
-
-def inner_relu_decisions(out: Tensor) -> list[Tensor] | None:
-    """The decisions (``> 0`` masks) of the ReLUs between the convolutions of the training-mode
-    unit that produced ``out``, as the fused path takes them (``not dtype(y*scale + shift) <= 0``,
-    the prologue's and bn_relu_bwd's mask), recomputed from what its backward saved; None when
-    ``out`` did not come from :func:`residual_unit`. For the parity harness: judging a run
-    against float64 math that takes the run's own decisions (``fastres.parity``)."""
-    fn = out.grad_fn
-    if fn is None or type(fn).__name__ != "_ResidualUnitFnBackward":
-        return None
-    from fastres.reference import _prologue  # noqa: PLC0415
-
-    n = fn.n_stages
-    saved = fn.saved_tensors  # x, out, yd, *ys, then (mean, invstd, scale, shift) per stage
-    ys, stats = saved[3 : 3 + n], saved[3 + n : 3 + 5 * n]
-    return [
-        ~(_prologue(ys[i], stats[4 * i + 2], stats[4 * i + 3], relu=False).detach() <= 0)
-        for i in range(n - 1)
-    ]
 
 
 def residual_unit(

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
 from fastres import functional as FF
-from fastres.modules import BasicBlock, ConvBNReLU, fusable_reasons
+from fastres.nn.blocks import BasicBlock, fusable_reasons
+from fastres.nn.conv import ConvBNReLU
 from fastres.reference import option_a_shortcut
 
 __all__ = [
@@ -156,7 +157,7 @@ class CifarBasicBlock(BasicBlock):
             if kind == "option_a":
                 # Materialised: conv_bias_act's residual has the output's full shape.
                 res = option_a_shortcut(x, self.conv2.out_channels, self.stride)
-                res = res.contiguous(memory_format=FF._fmt(x))
+                res = res.contiguous(memory_format=FF.memory_format_of(x))
             return self._eval_conv(h, self.conv2, self.bn2, res, True)
         if not all(batch_stats):
             return _eager_forward(self, x)

@@ -39,7 +39,7 @@ def _gemm_unaligned_b(a_ptr, b_ptr, c_ptr, K, stride_am, stride_bk, BM: tl.const
 
 
 def main() -> int:
-    from fastres.triton_kernels import aot_check
+    from fastres.triton_kernels.lint import aot_check
     from triton.backends.compiler import GPUTarget
 
     sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "K": "i32", "stride_am": "i32",

@@ -1,5 +1,5 @@
 """Distributed training with fused models: DDP (gloo, 2 processes) and SyncBatchNorm in the fused
-path (fastres.distributed), against one process running the whole batch; the tolerance rule
+path (fastres.nn.distributed), against one process running the whole batch; the tolerance rule
 (fastres.harness.rule) against float64. The GPU variant is test_integrations.py's
 test_sync_bn_gpu_matches_nn_syncbatchnorm."""
 

@@ -1,4 +1,4 @@
-"""The eval fast path (fastres.eval_plan), the CPU ReLU post-op it proves safe, and the fused
+"""The eval fast path (fastres.nn.eval_plan), the CPU ReLU post-op it proves safe, and the fused
 ResNet stem (fastres.ResNet)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 import fastres
 from fastres import backends
-from fastres import eval_plan as EP
 from fastres.harness.cases import randomise_batchnorms
+from fastres.nn import eval_plan as EP
 
 pytestmark = pytest.mark.skipif(
     backends.available()["cpu"] is not None, reason="needs the C++ CPU kernels"
@@ -285,7 +285,7 @@ def test_compiled_inference_runs_fused_modules_opaque():
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)  # Inductor's pool/fc round
     assert torch.equal(out, out2)
     # training still traces the fused ops (no opaque node: it would hide the statistics update)
-    from fastres import opaque as OP  # noqa: PLC0415
+    from fastres.nn import compile as OP  # noqa: PLC0415
 
     assert not OP.compiled_inference(m, x)  # not tracing here
     m.train()

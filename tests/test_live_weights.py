@@ -145,7 +145,7 @@ def test_no_grad_and_grad_enabled_eval_agree_after_a_data_write():
 
 
 def test_compiled_inference_sees_data_writes():
-    """torch.compile runs a fused module as one opaque op in inference (fastres.opaque), the
+    """torch.compile runs a fused module as one opaque op in inference (fastres.nn.compile), the
     module's eager path with its caches: the values check runs there too."""
     tv, ours = _pair(torchvision.models.resnet.BasicBlock(8, 8))
     compiled = torch.compile(ours, backend="eager", fullgraph=True)

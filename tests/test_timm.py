@@ -142,7 +142,7 @@ def test_timm_resnet(name):
     keys kept (strict loads both ways, revert back to timm's classes), and by the tolerance rule:
     eval output; for resnet18 a training step too (outputs, grads, running stats; ResNet-50's
     training path is the same code as resnet18's and test_timm_bottleneck_train's)."""
-    from fastres.integrations import TimmBasicBlock, TimmBottleneck
+    from fastres.nn.timm import TimmBasicBlock, TimmBottleneck
 
     tm = randomise_norm(timm.create_model(name, pretrained=False, num_classes=10))
     ours, rep = fastres.convert(copy.deepcopy(tm), report=True)

@@ -1025,7 +1025,7 @@ def test_kernels_compile_and_trace_for_hopper_without_gpu():
     from fastres.harness.rule import run_sm90_compiler
 
     run = run_sm90_compiler(
-        ["-m", "fastres.triton_kernels.aot_check", "--quick", "--dtypes", "bfloat16", "--trace"],
+        ["-m", "fastres.triton_kernels.lint.aot_check", "--quick", "--dtypes", "bfloat16", "--trace"],
         timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert " 0 failures" in run.stdout and "trace: 0 problems" in run.stdout

@@ -1,4 +1,4 @@
-"""The sm_90 lint of compiled Triton kernels (fastres/triton_kernels/lint.py) fails on the bugs it
+"""The sm_90 lint of compiled Triton kernels (fastres/triton_kernels/lint/__init__.py) fails on the bugs it
 exists to catch: planted in hand-written PTX (loops, waits, synchronous operand loads, spills,
 occupancy) and in a real kernel compiled for sm_90 without a GPU (tests/_lint_planted.py)."""
 
@@ -133,10 +133,10 @@ def test_resnet50_variants_pass_the_sm90_lint():
     exact): 296 with triton 3.8, compiled for sm_90 and linted (aot_check.KNOWN holds no waiver
     since 7ef3ba8). 200-234 s on the shared 2-CPU EPYC (nice 19, beside a CI run) with an empty
     triton cache (bf16 alone was 91 s, fp32 171 s), a few tens of seconds with a warm one
-    (~/.triton/cache). Same command as `python -m fastres.triton_kernels.aot_check --shapes
+    (~/.triton/cache). Same command as `python -m fastres.triton_kernels.lint.aot_check --shapes
     resnet50`, recorded in bench/results."""
     run = run_sm90_compiler(
-        ["-m", "fastres.triton_kernels.aot_check", "--shapes", "resnet50", "--dtypes",
+        ["-m", "fastres.triton_kernels.lint.aot_check", "--shapes", "resnet50", "--dtypes",
          "bfloat16,float16,float32"], timeout=1800)
     last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
     assert run.returncode == 0 and last.endswith(" 0 failures"), (

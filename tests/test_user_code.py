@@ -88,6 +88,21 @@ def test_blocks_run_fused_again_once_the_hooks_are_gone(monkeypatch):
         assert calls == []
 
 
+def test_convert_reports_modules_that_run_unfused_while_hooked():
+    tv = torchvision.models.resnet18(num_classes=10)
+    tv.layer2[0].conv1.register_forward_hook(lambda *a: None)
+    tv.bn1.register_forward_pre_hook(lambda *a: None)
+    _, rep = fastres.convert(tv, report=True)
+    assert rep.hooked == [("", ["bn1"]), ("layer2.0", ["conv1"])]
+    assert "runs unfused while hooks exist on conv1: layer2.0" in str(rep)
+    h = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        _, rep = fastres.convert(torchvision.models.resnet18(), report=True)
+    finally:
+        h.remove()
+    assert rep.global_hook and "global module hook" in str(rep)
+
+
 def test_global_module_hooks_see_every_module_call():
     tv, ours = _pair()
     x = torch.randn(1, 3, 32, 32)

@@ -108,7 +108,7 @@ def cpu_model() -> str:
 @functools.lru_cache(maxsize=16)
 def device_key(device: str) -> dict:
     """The key a record must match exactly to count on ``device`` ("cpu", "cuda", "cuda:1")."""
-    import fastres  # noqa: PLC0415
+    from fastres._version import __version__  # noqa: PLC0415
 
     dev = torch.device(device)
     key = {"device": dev.type}
@@ -121,7 +121,7 @@ def device_key(device: str) -> dict:
         key.update(name=cpu_model(), capability=None, driver=None, cuda=None,
                    machine=platform.machine())
     key.update(torch=torch.__version__, triton=_dist_version("triton"),
-               fastres=fastres.__version__, kernels=kernel_hashes())
+               fastres=__version__, kernels=kernel_hashes())
     return key
 
 

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 import fastres
 from fastres import backends, models
+from fastres.harness.environment import commit
 from fastres.harness.rule import verdict
 
 NETS = (  # (name, depth, plain)
@@ -253,11 +254,8 @@ def machine() -> dict:
         info["cpus"] = fields.get("CPU(s)", "?").strip()
     except (OSError, subprocess.CalledProcessError) as exc:
         info["cpu"] = f"lscpu failed: {exc}"
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                        capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        info["commit"] = None
+    sha, dirty = commit()  # FASTRES_COMMIT, set by the project's scripts
+    info["commit"] = None if sha == "unknown" else sha[:12] + ("+dirty" if dirty else "")
     return info
 
 

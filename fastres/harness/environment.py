@@ -9,6 +9,7 @@ import platform
 
 import torch
 
+from fastres._version import __version__
 from fastres.backends.records import cpu_model
 
 
@@ -24,11 +25,10 @@ def commit() -> tuple[str, bool | None]:
 
 
 def environment(device: torch.device) -> dict:
-    import fastres  # noqa: PLC0415
 
     sha, dirty = commit()
     env = {
-        "fastres": fastres.__version__,
+        "fastres": __version__,
         "commit": sha,
         "commit_dirty": dirty,
         "python": platform.python_version(),

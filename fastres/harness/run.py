@@ -24,6 +24,7 @@ from fastres.harness.cases import (
 from fastres.harness.progress import progress_bar
 from fastres.harness.report import row_line
 from fastres.harness.timer import time_ms
+from fastres.nn import convert
 
 # --------------------------------------------------------------------------------------------
 # Running one block: what a user keeps.
@@ -91,7 +92,7 @@ def relu_calls(block: nn.Module) -> Iterator[list[Tensor]]:
     """Inside, the decisions (``out > 0``) of every call of ``block.relu`` in call order. Not
     for a fused block: a hook inside it would make it run its plain forward (its decisions come
     from what its backward saved, :func:`fastres_inner_decisions`)."""
-    from fastres.modules import _FusedMixin  # noqa: PLC0415
+    from fastres.nn._fused import _FusedMixin
 
     calls: list[Tensor] = []
     relu = getattr(block, "relu", None)
@@ -282,7 +283,6 @@ def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str
               checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Run every (block, dtype, mode, backend) case; one result dict per case.
     ``checkpoint(results so far)`` is called after each (block, dtype, mode)."""
-    import fastres
     from fastres import backends
     from fastres.harness.rule import compare_all
 
@@ -339,7 +339,7 @@ def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str
                 bar.update(1)
                 continue
             try:
-                ours_m = fastres.convert(copy.deepcopy(tv))
+                ours_m = convert(copy.deepcopy(tv))
                 with forced_backend(bname):
                     ours = kept(ours_m, mode, x, g)
                 # The verdict: each run against the float64 reference with its own ReLU
@@ -359,7 +359,7 @@ def run_cases(cases: list[BlockCase], dtypes: list[torch.dtype], modes: list[str
                 row["status"] = "pass" if all(v.ok for v in verdicts) else "fail"
                 if timing:
                     with forced_backend(bname):
-                        t_f = time_ms(_timed(fastres.convert(copy.deepcopy(tv)), mode, x, g),
+                        t_f = time_ms(_timed(convert(copy.deepcopy(tv)), mode, x, g),
                                       device, warmup, repeats)
                     row["time_fused"] = t_f
                     row["time_fused_ms"] = t_f["p50"]

@@ -236,8 +236,8 @@ def plan(device: torch.device, only: list[str] | None) -> tuple[list[str], dict[
 # The backends whose every reachable variant a --quick run still launches: their tiles follow
 # the CUDA launchers' rule (fastres.backends.variants), 18 variants over 4 precisions, of which
 # the quick shapes miss 12 (TF32, fp16, the big tiles past 64 channels), each launched by a 1x1
-# shape of at most 1x72x9x9 -> 72: 20 more calls, run by that backend alone. The Triton interpreter's 96
-# take --full: their shapes are larger and every call is interpreted.
+# shape of at most 1x72x9x9 -> 72: 20 more calls, run by that backend alone. The Triton
+# interpreter's 96 take --full: their shapes are larger and every call is interpreted.
 QUICK_COMPLETION = ("cuda", "cudasim")
 
 

@@ -8,9 +8,9 @@ ReLU, conv_stats with the BN-ReLU prologue, conv_bwd with both gradients). A cla
 sum of its three ops' medians; the ranking the dispatcher reads (records.ranking) puts the
 backends faster than the reference path first, fastest first, and never one slower than it.
 
-Timing: on a GPU, CUDA events around each call after warm-up (median of ``repeats``), with
-``cudnn.benchmark`` on for the reference path as a user would run it; on a CPU,
-time.perf_counter medians (fastres.parity.time_ms). Inputs are random, never zeros.
+Timing: the project's one timer (fastres.harness.timer.time_ms; the record names what it measured),
+with ``cudnn.benchmark`` on for the reference path as a user would run it. Inputs are random,
+never zeros.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from fastres.backends import records
 from fastres.backends.variants import Conv, resnet_convs
+from fastres.harness.timer import time_ms
 
 OPS = ("conv_bias_act", "conv_stats", "conv_bwd")
 
@@ -87,15 +88,6 @@ def _calls(ops, a: dict) -> dict[str, Callable[[], object]]:
     }
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median milliseconds of ``fn``, timed as the parity harness times (fastres.parity.time_ms:
-    triton.testing.do_bench with L2 flushed on a GPU, CUDA events without triton;
-    time.perf_counter on a CPU), after 3 warm-up calls."""
-    from fastres.harness.timer import time_ms as parity_time
-
-    return parity_time(fn, device, 3, repeats)["p50"]
-
-
 def bench(device: torch.device, names: list[str], out: Callable[[str], None] = print,
           quick: bool = True, repeats: int | None = None,
           shape_classes: list | None = None) -> dict:
@@ -104,9 +96,7 @@ def bench(device: torch.device, names: list[str], out: Callable[[str], None] = p
 
     repeats = repeats or (20 if device.type == "cuda" else 5)
     todo = shape_classes if shape_classes is not None else classes(device, quick)
-    result: dict = {"timer": "CUDA events, median of %d after 3 warm-up" % repeats
-                    if device.type == "cuda" else "time.perf_counter, median of %d" % repeats,
-                    "classes": {}}
+    result: dict = {"timer": None, "classes": {}}
     prev = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
@@ -122,7 +112,10 @@ def bench(device: torch.device, names: list[str], out: Callable[[str], None] = p
                 if reasons:
                     continue
                 try:
-                    ts = {op: time_ms(fn, device, repeats) for op, fn in _calls(b, a).items()}
+                    timed = {op: time_ms(fn, device, 3, repeats)
+                             for op, fn in _calls(b, a).items()}
+                    ts = {op: t["p50"] for op, t in timed.items()}
+                    result["timer"] = next(iter(timed.values()))["timer"]
                 except Exception as exc:  # noqa: BLE001 - a backend that raises is not ranked
                     entry["backends"][name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
                     continue

@@ -21,9 +21,12 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import misc as tv_misc
 
-from fastres import distributed as D
-from fastres import modules as M
-from fastres.integrations_tv import FusedLayerGetter, FusedSequential
+from fastres.nn import _fused as M
+from fastres.nn import distributed as D
+from fastres.nn.blocks import BasicBlock, BottleneckBlock, _ResidualBlockMixin, fusable_reasons
+from fastres.nn.conv import ConvBNReLU
+from fastres.nn.detection import FusedLayerGetter, FusedSequential
+from fastres.nn.resnet import ResNet
 
 __all__ = ["ConversionReport", "LayerStatus", "convert", "revert", "unconvert"]
 
@@ -48,7 +51,10 @@ class ConversionReport:
     * ``left``: (path, why) of modules that have a fastres twin but were left as they are (a
       norm other than BatchNorm, an activation other than ReLU, a conv with bias, ...);
     * ``layers``: every conv and every norm layer of the model, by path: fused or why not;
-    * ``blocks``: (fused, total) residual blocks (torchvision's and timm's block classes).
+    * ``blocks``: (fused, total) residual blocks (torchvision's and timm's block classes);
+    * ``hooked``: (path, inner modules) of fused modules that run their plain forward for now,
+      because those inner modules carry hooks (every fused module does while a global module
+      hook exists: ``global_hook``); they run fused again once the hooks are removed.
 
     Parameters and buffers are the input model's own objects (see :func:`convert`).
     """
@@ -57,6 +63,8 @@ class ConversionReport:
     left: list[tuple[str, str]] = field(default_factory=list)
     layers: dict[str, LayerStatus] = field(default_factory=dict)
     blocks: tuple[int, int] = (0, 0)
+    hooked: list[tuple[str, list[str]]] = field(default_factory=list)
+    global_hook: bool = False
 
     def _count(self, kind: str) -> tuple[int, int]:
         mine = [s for s in self.layers.values() if s.kind == kind]
@@ -91,6 +99,11 @@ class ConversionReport:
             "  parameters and buffers: the input model's own objects (shared, not copied)",
         ]
         lines += [f"  left {path or '<model>'}: {why}" for path, why in self.left]
+        lines += [f"  runs unfused while hooks exist on {', '.join(inner)}: {path or '<model>'}"
+                  for path, inner in self.hooked]
+        if self.global_hook:
+            lines.append("  a global module hook exists: every fused module runs unfused until "
+                         "it is removed")
         for why, paths in self.not_fused().items():
             more = f", ... ({len(paths)} in all)" if len(paths) > 4 else ""
             shown = ", ".join(paths[:4]) + more
@@ -130,10 +143,10 @@ class _Twin:
 
 
 _TORCHVISION = (
-    _Twin(tv_resnet.Bottleneck, M.BottleneckBlock, M.fusable_reasons),
-    _Twin(tv_resnet.BasicBlock, M.BasicBlock, M.fusable_reasons),
-    _Twin(tv_misc.Conv2dNormActivation, M.ConvBNReLU, _conv_norm_act_reasons),
-    _Twin(tv_resnet.ResNet, M.ResNet, M.ResNet._fusable_reasons),
+    _Twin(tv_resnet.Bottleneck, BottleneckBlock, fusable_reasons),
+    _Twin(tv_resnet.BasicBlock, BasicBlock, fusable_reasons),
+    _Twin(tv_misc.Conv2dNormActivation, ConvBNReLU, _conv_norm_act_reasons),
+    _Twin(tv_resnet.ResNet, ResNet, ResNet._fusable_reasons),
     _Twin(nn.Sequential, FusedSequential, FusedSequential._twin_reasons),
     _Twin(IntermediateLayerGetter, FusedLayerGetter, FusedLayerGetter._twin_reasons),
 )
@@ -148,7 +161,8 @@ def _timm_loaded() -> bool:
 def _twins() -> tuple[_Twin, ...]:
     if not _timm_loaded():
         return _TORCHVISION
-    from fastres import integrations, integrations_timm  # noqa: PLC0415
+    from fastres.nn import timm as integrations  # noqa: PLC0415
+    from fastres.nn import timm_families as integrations_timm  # noqa: PLC0415
 
     timm = [_Twin(p, f, f._twin_reasons) for p, f in integrations.PAIRS + integrations_timm.PAIRS]
     return _TORCHVISION + tuple(timm)
@@ -157,13 +171,14 @@ def _twins() -> tuple[_Twin, ...]:
 def _block_types() -> tuple[type, ...]:
     blocks = (tv_resnet.BasicBlock, tv_resnet.Bottleneck)
     if _timm_loaded():
-        from fastres import integrations, integrations_timm  # noqa: PLC0415
+        from fastres.nn import timm as integrations  # noqa: PLC0415
+        from fastres.nn import timm_families as integrations_timm  # noqa: PLC0415
 
         blocks += integrations.BLOCKS + integrations_timm.BLOCKS
     return blocks
 
 
-#: Attributes a fused module holds that its plain class does not (fastres.modules._FusedMixin).
+#: Attributes a fused module holds that its plain class does not (fastres.nn._fused._FusedMixin).
 _FUSED_STATE = ("_fold_cache", "_eval_plan", "_fr_handle", "_stem_bound")
 
 
@@ -179,16 +194,16 @@ def _fused_layers(mod: nn.Module) -> list[nn.Module]:
     own = getattr(mod, "_fastres_layers", None)
     if own is not None:
         return own()
-    if isinstance(mod, M._ResidualBlockMixin):
+    if isinstance(mod, _ResidualBlockMixin):
         if mod._fusable_reasons():
             return []
         layers = [getattr(mod, n) for pair in mod._pairs for n in pair]
         ds = M._downsample_pair(getattr(mod, "downsample", None), getattr(mod, mod._pairs[0][1]))
         return layers + (list(ds) if ds is not None else [])
-    if isinstance(mod, M.ConvBNReLU):
+    if isinstance(mod, ConvBNReLU):
         parts = mod._fusable()
         return list(parts[:2]) if parts is not None else []
-    if isinstance(mod, M.ResNet):
+    if isinstance(mod, ResNet):
         return [] if mod._fusable_reasons() else [mod.conv1, mod.bn1]
     return []
 
@@ -198,7 +213,7 @@ def _notes(mod: nn.Module) -> dict[nn.Module, str]:
     if type(mod) is tv_misc.Conv2dNormActivation and _conv_norm_act_reasons(mod) is None:
         return {mod[0]: "not a conv + BatchNorm pair: Conv2dNormActivation without a norm layer"}
     if _timm_loaded():
-        from fastres import integrations_timm  # noqa: PLC0415
+        from fastres.nn import timm_families as integrations_timm  # noqa: PLC0415
 
         return integrations_timm.notes(mod)
     return {}
@@ -262,7 +277,7 @@ def _clone(model: nn.Module) -> nn.Module:
     def clone(mod: nn.Module) -> nn.Module:
         if id(mod) in memo:
             return memo[id(mod)]
-        new = copy.copy(mod)  # a fused module re-registers itself (fastres.modules._FusedMixin)
+        new = copy.copy(mod)  # a fused module re-registers itself (fastres.nn._fused._FusedMixin)
         memo[id(mod)] = new
         d = new.__dict__
         for k, v in d.items():
@@ -311,7 +326,7 @@ def convert(
       DropBlock and stochastic depth (the extras run as they are), stems plain and deep,
       pre-activation (``resnetv2``), selective-kernel and ResNeSt blocks, ``ConvNormAct``.
 
-    Every ``nn.SyncBatchNorm`` becomes a :class:`fastres.distributed.SyncBatchNorm` (same
+    Every ``nn.SyncBatchNorm`` becomes a :class:`fastres.nn.distributed.SyncBatchNorm` (same
     ``state_dict``; it also syncs CPU tensors over gloo), and blocks whose BatchNorms are
     SyncBatchNorms keep cross-process batch statistics in the fused path.
 
@@ -368,7 +383,7 @@ def convert(
                 mod._init_fused()
                 rep.swapped.append((path, twin.fused.__name__))
                 covered.update(id(m) for m in _fused_layers(mod))
-        elif isinstance(mod, subclassed) and not isinstance(mod, M._ResidualBlockMixin):
+        elif isinstance(mod, subclassed) and not isinstance(mod, _ResidualBlockMixin):
             name = type(mod).__name__
             why = f"{name} subclasses a torchvision block and may override its forward"
             rep.left.append((path, why))
@@ -378,6 +393,11 @@ def convert(
     visit(model, "")
     if report or verbose:
         _account(model, rep, why_left)
+        rep.global_hook = M.global_hooks()
+        for path, mod in model.named_modules():
+            inner = M.hooked_inner_modules(mod) if "_fr_handle" in mod.__dict__ else []
+            if inner:
+                rep.hooked.append((path, inner))
     if verbose:
         print(rep)
     return (model, rep) if report else model

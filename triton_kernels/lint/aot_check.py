@@ -1,6 +1,7 @@
 """Compile the Triton kernels for Hopper (sm_90) ahead of time, without a GPU.
 
-    python -m fastres.triton_kernels.aot_check [--quick] [--dtypes bfloat16,float32] [--arch 90]
+    python -m fastres.triton_kernels.lint.aot_check [--quick] [--dtypes bfloat16,float32]
+        [--arch 90]
 
 The interpreter (TRITON_INTERPRET=1) runs kernels as numpy and accepts code the compiler rejects
 (tl.dot tiles under 16, non-power-of-2 aranges, dtype mismatches in loop-carried values, ...).
@@ -71,11 +72,11 @@ def _signature(kernel, args, meta):
 
 def _capture(quick: bool, dtype_names: list[str], shapes: str = "test"):
     """Run the op bodies on CPU tensors with every launch recorded, not executed."""
-    from . import _common, bn, conv, reduce  # noqa: PLC0415
+    from .. import _common, bn, conv, reduce  # noqa: PLC0415
 
     if _common.INTERPRETED:
         raise SystemExit("aot_check: unset TRITON_INTERPRET (the kernels are interpreted)")
-    ops = importlib.import_module(__package__ + "._ops")
+    ops = importlib.import_module(__package__.rsplit(".", 1)[0] + "._ops")
     captured, label = [], [""]
 
     def record(kernel, grid, *args, **meta):
@@ -185,7 +186,7 @@ def _trace(arch: int) -> int:
 
     triton.runtime.driver.set_active(_TargetOnly())
     ops = torch.ops.fastres_triton
-    importlib.import_module(__package__ + "._ops")
+    importlib.import_module(__package__.rsplit(".", 1)[0] + "._ops")
     mode = FakeTensorMode()
     bf, cl = torch.bfloat16, torch.channels_last
     with mode:
@@ -275,7 +276,7 @@ def cuobjdump_path() -> str:
 
 def _res_usage(cubin: bytes, cuobjdump: str) -> dict[str, int]:
     """cuobjdump -res-usage of a cubin: REG, STACK, SHARED, LOCAL, ..."""
-    from .lint import parse_res_usage  # noqa: PLC0415
+    from . import parse_res_usage  # noqa: PLC0415
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -312,8 +313,8 @@ def _known(name: str, consts: dict, problem: str) -> bool:
 
 def lint_compiled(name: str, consts: dict, opts: dict, compiled, cuobjdump: str):
     """(summary, problems) of one compiled variant: lint.py's checks on its PTX and resources."""
-    from . import lint  # noqa: PLC0415
-    from ._common import intended_ctas_per_sm  # noqa: PLC0415
+    from .. import lint  # noqa: PLC0415
+    from .._common import intended_ctas_per_sm  # noqa: PLC0415
 
     ru = _res_usage(compiled.asm["cubin"], cuobjdump)
     warps = opts.get("num_warps", 4)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fastres import _autograd as AG
 from fastres import backends, reference
 from fastres import functional as FF
 from fastres.backends import Inputs
@@ -54,7 +55,7 @@ class _SyncBNFn(torch.autograd.Function):
         xs = x.to(reference.acc_dtype(x.dtype))
         s, q = reference._channel_sum(xs), reference._channel_sum(xs * xs)
         part = (x, s, q, (weight, bias, running_mean, running_var, nbt), bn)
-        mean, invstd, scale, shift, count = FF._finalize(be, group, [part])[0]
+        mean, invstd, scale, shift, count = AG._finalize(be, group, [part])[0]
         out = backends.op(be, "bn_add_relu")(x, scale, shift, None, None, None, 0, False)
         ctx.save_for_backward(x, weight, mean, invstd, scale, shift, count)
         ctx.group, ctx.backend = group, be
@@ -64,8 +65,8 @@ class _SyncBNFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, mean, invstd, scale, shift, count = ctx.saved_tensors
         be = ctx.backend
-        g = grad_out.contiguous(memory_format=FF._fmt(x))
-        grad_x, sum_g_xhat, sum_g = FF._bn_relu_backward(
+        g = grad_out.contiguous(memory_format=FF.memory_format_of(x))
+        grad_x, sum_g_xhat, sum_g = AG._bn_relu_backward(
             be, ctx.group, count, g, x, mean, invstd, weight, scale, shift, False
         )
         grad_w = sum_g_xhat.to(weight.dtype) if weight is not None else None

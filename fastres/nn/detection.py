@@ -8,7 +8,7 @@
   ``fasterrcnn_resnet50_fpn``, ...), whose stem conv1, bn1, relu it holds as separate children.
 
 Both keep their children, attributes and ``state_dict`` keys and run every other child as it is
-(:mod:`fastres.integrations_chain`).
+(:mod:`fastres.nn.chain`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import OrderedDict
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from fastres import integrations_chain as C
+from fastres.nn import chain as C
 
 __all__ = ["FusedLayerGetter", "FusedSequential", "PAIRS"]
 

@@ -14,7 +14,8 @@ module it is:
   BN + ReLU applied as the next conv's prologue, the last BN, the residual add and the ReLU in
   one pass.
 
-A pair whose modules carry forward hooks is not fused (the fused path would skip the hooks).
+A pair whose modules carry hooks is not fused (the fused path would skip the hooks); nor is any
+chain while torch.fx, torch.jit.trace or ONNX export trace it, or a global module hook exists.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from fastres import functional as FF
-from fastres import modules as M
-from fastres.distributed import sync_group
+from fastres.nn import _fused as M
+from fastres.nn.distributed import sync_group
 
 __all__ = [
     "ADD",
@@ -50,7 +51,7 @@ __all__ = [
 
 #: timm-style norm + activation layers: ``nn.BatchNorm2d`` subclasses whose forward normalises and
 #: then applies ``.drop`` and ``.act`` (timm's ``BatchNormAct2d``). Registered by
-#: :mod:`fastres.integrations_timm` when timm is imported.
+#: :mod:`fastres.nn.timm_families` when timm is imported.
 NORM_ACT_TYPES: set[type] = set()
 
 # A norm layer with nothing to say about it: _conv_bn_reasons then reports the conv's reasons only.
@@ -68,7 +69,8 @@ ADD = _Add()
 
 
 def has_hooks(mod: nn.Module | None) -> bool:
-    return mod is not None and bool(mod._forward_hooks or mod._forward_pre_hooks)
+    """A hook on ``mod`` or inside it: the fused path would skip its call (fastres.nn._fused)."""
+    return mod is not None and M._hooked((mod,))
 
 
 def is_relu(mod: nn.Module | None) -> bool:
@@ -268,6 +270,8 @@ class ChainMixin(M._FusedMixin):
         links = chain.links
         first = links[0]
         where = type(self).__name__
+        if M.plain_call(x) or M.global_hooks():
+            return None  # traced, exported or hooked: the modules as they are
         if M._empty(x) and sync_group(first.bn) is None:
             return None
         if M._only_reference(x, first.conv, self.training):
@@ -281,7 +285,7 @@ class ChainMixin(M._FusedMixin):
             for lk in links[:-1]:
                 h = self._eval_conv(h, lk.conv, lk.bn, None, True)
             if shortcut is not None:
-                shortcut = shortcut.contiguous(memory_format=FF._fmt(h))
+                shortcut = shortcut.contiguous(memory_format=FF.memory_format_of(h))
             return self._eval_conv(h, links[-1].conv, links[-1].bn, shortcut, chain.relu, True)
         if not all(batch):
             return None
@@ -299,10 +303,11 @@ class ChainMixin(M._FusedMixin):
     def _conv_add(self, x: Tensor, conv: nn.Conv2d, shortcut: Tensor) -> Tensor:
         """``conv(x) + shortcut`` as one fused op (the add in the conv's epilogue), for a conv
         that no BatchNorm follows (a pre-activation block's last conv)."""
-        if M._empty(x) or M._only_reference(x, conv, self.training):
+        if (M.plain_call(x) or M.global_hooks() or M._empty(x)
+                or M._only_reference(x, conv, self.training)):
             return conv(x) + shortcut
         FF.check_input(x, conv.weight, type(self).__name__)
-        res = shortcut.contiguous(memory_format=FF._fmt(x))
+        res = shortcut.contiguous(memory_format=FF.memory_format_of(x))
         return FF.conv_bias_act(
             x, conv.weight, None, res, conv.stride, conv.padding, conv.dilation, conv.groups,
             relu=False,

@@ -5,14 +5,14 @@ and ``ResNet`` (its stem, plain or deep).
 and :class:`TimmResNet`: subclasses of timm's classes (same attributes, ``state_dict`` keys and
 constructor). timm is optional: this module imports it, and ``convert`` imports it only when
 timm is already imported (a model holding timm blocks implies it). The other timm families
-(resnetv2, SK, ResNeSt, ``ConvNormAct``) are in :mod:`fastres.integrations_timm`; the generic
-chain machinery in :mod:`fastres.integrations_chain`.
+(resnetv2, SK, ResNeSt, ``ConvNormAct``) are in :mod:`fastres.nn.timm_families`; the generic
+chain machinery in :mod:`fastres.nn.chain`.
 
 A block runs fused when its conv + BN pairs are the fusable pattern (``nn.Conv2d`` without bias,
 BatchNorm2d / SyncBatchNorm / FrozenBatchNorm2d) and its activations are ``nn.ReLU``
 (:func:`timm_fusable_reasons`); otherwise it is left as it is, with the reason in the report.
 
-A plain block runs the fused path of :mod:`fastres.modules` (eval plans included). A block with
+A plain block runs the fused path of :mod:`fastres.nn.blocks` (eval plans included). A block with
 timm's extras runs its conv + BN pairs fused and the extras as the modules they are:
 
 * ``se`` (``attn_layer``: SE, ECA, CBAM, ...): acts between the last BN and the add, so the last
@@ -30,9 +30,10 @@ from timm.models import resnet as timm_resnet
 from timm.models._manipulate import checkpoint_seq
 from torch import Tensor, nn
 
-from fastres import integrations_chain as C
-from fastres import modules as M
-from fastres.modules import _ResidualBlockMixin, pair_reasons
+from fastres.nn import _fused as M
+from fastres.nn import chain as C
+from fastres.nn._fused import pair_reasons
+from fastres.nn.blocks import _ResidualBlockMixin
 
 __all__ = [
     "PAIRS",
@@ -96,7 +97,7 @@ class _TimmBlockMixin(C.ChainMixin, _ResidualBlockMixin):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._extras_active() or self._fusable_reasons():
-            # no extras: the fused block of fastres.modules (or timm's forward when not fusable)
+            # no extras: the fused block of fastres.nn.blocks (or timm's forward when not fusable)
             return super().forward(x)
         return self._run_items(x, self._items(), lambda: self._shortcut(x))
 
@@ -182,7 +183,7 @@ def stem_reasons(model: nn.Module) -> list[str]:
 
 
 def _fused_sequential() -> type:
-    from fastres.integrations_tv import FusedSequential  # noqa: PLC0415
+    from fastres.nn.detection import FusedSequential  # noqa: PLC0415
 
     return FusedSequential
 
@@ -217,6 +218,10 @@ class TimmResNet(C.ChainMixin, timm_resnet.ResNet):
 
     def _fastres_layers(self) -> list[nn.Module]:
         return C.chain_layers(self._stem_items()) if not stem_reasons(self) else []
+
+    def _hook_scope(self) -> list[tuple[str, nn.Module]]:
+        """The stem's modules (the layers are blocks of their own; see fastres.nn._fused)."""
+        return [(n, getattr(self, n)) for n in ("conv1", "bn1", "act1")]
 
     def forward_features(self, x: Tensor) -> Tensor:
         # timm's ResNet.forward_features with the stem fused

@@ -1,66 +1,21 @@
-"""Fused modules around one convolution: ``fastres.ConvBNReLU`` (torchvision's
-``Conv2dNormActivation``) and ``fastres.ResNet`` (torchvision's ``ResNet`` with its stem fused).
-The residual blocks and the machinery they share are in :mod:`fastres.modules`."""
+"""``fastres.ResNet``: torchvision's ``ResNet`` with its stem (conv1, bn1, relu) fused, and its
+body (stem, max-pool, the four layers) as one opaque op under ``torch.compile`` inference."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
-from torchvision.ops import misc as tv_misc
 
 from fastres import backends
-from fastres import eval_plan as EP
 from fastres import functional as FF
-from fastres import opaque as OP
 from fastres.functional import ConvSpec
-from fastres.modules import (
-    _conv_bn_reasons,
-    _FusedMixin,
-    _hooked,
-    _ResidualBlockMixin,
-    global_hooks,
-    inner_hooks,
-    pair_reasons,
-    plain_call,
-)
+from fastres.nn import compile as OP
+from fastres.nn import eval_plan as EP
+from fastres.nn._fused import _FusedMixin, _hooked, global_hooks, pair_reasons, plain_call
+from fastres.nn.blocks import _ResidualBlockMixin
 
-__all__ = ["ConvBNReLU", "ResNet"]
-
-
-class ConvBNReLU(_FusedMixin, tv_misc.Conv2dNormActivation):
-    """torchvision's ``Conv2dNormActivation`` (conv, BatchNorm, ReLU) as one fused op.
-
-    Same signature: ``ConvBNReLU(in_channels, out_channels, kernel_size=3, stride=1,
-    padding=None, groups=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU, dilation=1,
-    inplace=True, bias=None)`` and ``state_dict`` keys (``0.weight``, ``1.running_mean``, ...).
-    Fused when it is conv + BatchNorm2d/FrozenBatchNorm2d + ReLU (or no activation); otherwise
-    it runs as the ``nn.Sequential`` it is.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_fused()
-
-    def _fusable(self) -> tuple[nn.Conv2d, nn.BatchNorm2d, bool] | None:
-        mods = list(self)
-        if len(mods) not in (2, 3) or _conv_bn_reasons(mods[0], mods[1], "ConvBNReLU"):
-            return None
-        if len(mods) == 3 and type(mods[2]) is not nn.ReLU:
-            return None
-        return mods[0], mods[1], len(mods) == 3
-
-    def forward(self, x: Tensor) -> Tensor:
-        if plain_call(x) or inner_hooks(self):
-            return super().forward(x)
-        if OP.compiled_inference(self, x):
-            return OP.opaque_forward(self, x)
-        parts = self._fusable()
-        if parts is None:
-            return super().forward(x)
-        conv, bn, relu = parts
-        out = self._conv_bn_act(x, conv, bn, relu, ("0", "1"), "ConvBNReLU")
-        return super().forward(x) if out is None else out
+__all__ = ["ResNet"]
 
 
 class ResNet(_FusedMixin, tv_resnet.ResNet):
@@ -82,6 +37,10 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         if type(getattr(self, "relu", None)) is not nn.ReLU:
             reasons.append("relu is not nn.ReLU")
         return reasons
+
+    def _hook_scope(self) -> list[tuple[str, nn.Module]]:
+        """The modules the fused stem skips; a hook on one runs the stem as torchvision's."""
+        return [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu)]
 
     def _stem(self, x: Tensor) -> Tensor:
         if plain_call(x) or global_hooks() or _hooked((self.conv1, self.bn1, self.relu)):
@@ -118,7 +77,7 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
 
     def _stem_finite(self, x: Tensor) -> Tensor | None:
         """The CPU stem with oneDNN's ReLU post-op when max |x| bounds the pre-activation (the
-        eval plan's proof, fastres.eval_plan), once a full call has folded the BatchNorm; else
+        eval plan's proof, fastres.nn.eval_plan), once a full call has folded the BatchNorm; else
         None. The ReLU pass over the stem's output is the largest of the network's (64 x 112 x
         112 per image at 224 x 224)."""
         conv, bn = self.conv1, self.bn1
@@ -154,7 +113,7 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         # torchvision's ResNet._forward_impl, with the stem fused; under torch.compile in
-        # inference the body is one opaque op (fastres.opaque.opaque_body).
+        # inference the body is one opaque op (fastres.nn.compile.opaque_body).
         if OP.compiled_inference(self, x) and OP.body_traceable(self):
             x = OP.opaque_body(self, x)
         else:
@@ -170,7 +129,7 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
         if self._may_donate(x, layers):
             # The activations between blocks are this forward's own (no hook can see them): a
-            # planned block may write its residual add into its input (fastres.eval_plan).
+            # planned block may write its residual add into its input (fastres.nn.eval_plan).
             for layer in layers:
                 for blk in layer:
                     plan = blk.__dict__.get("_eval_plan")

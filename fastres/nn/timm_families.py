@@ -2,7 +2,7 @@
 Selective-Kernel ResNets (``skresnet``), ResNeSt, and timm's ``ConvNormAct`` layer.
 
 Each twin subclasses timm's class (same attributes, constructor and ``state_dict`` keys), runs
-its conv + BN (+ ReLU) pairs as fused chains (:mod:`fastres.integrations_chain`) and every other
+its conv + BN (+ ReLU) pairs as fused chains (:mod:`fastres.nn.chain`) and every other
 module as timm does. timm's ``BatchNormAct2d`` (BatchNorm, then its ``act``) counts as a
 BatchNorm with or without a ReLU.
 
@@ -24,8 +24,8 @@ from timm.models import resnetv2 as timm_v2
 from timm.models import sknet as timm_sk
 from torch import Tensor, nn
 
-from fastres import integrations_chain as C
-from fastres import modules as M
+from fastres.nn import _fused as M
+from fastres.nn import chain as C
 
 __all__ = [
     "PAIRS",

@@ -52,6 +52,8 @@ import os
 import torch
 from torch import Tensor, nn
 
+from fastres.functional import fingerprint, fold_sources
+
 #: The largest bound a pre-activation may have for the post-op ReLU: far below float32's and
 #: bfloat16's 3.4e38, so rounding (2^-8 relative per stored bf16 value, accumulation order)
 #: cannot carry a bounded sum to Inf; float16 uses a quarter of its 65504.
@@ -177,8 +179,6 @@ class EvalPlan:
 
 def _fingerprint(convs, bns) -> int | None:
     """fastres.functional.fingerprint of every conv weight and BN tensor of a plan."""
-    from fastres.functional import fingerprint, fold_sources  # noqa: PLC0415
-
     return fingerprint([t for c, b in zip(convs, bns, strict=True) for t in fold_sources(c, b)])
 
 

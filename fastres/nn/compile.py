@@ -128,16 +128,15 @@ def _pool_out(h, w, pool: nn.MaxPool2d):
 
 def body_traceable(resnet: nn.Module) -> bool:
     """A fastres.ResNet whose body (stem, max-pool, layer1-4) has a shape this module can
-    compute without running it: a Conv2d stem, an nn.MaxPool2d, Sequentials of fused blocks."""
-    from fastres.modules import _ResidualBlockMixin  # noqa: PLC0415
-
+    compute without running it: a Conv2d stem, an nn.MaxPool2d, Sequentials of fused residual
+    blocks (fused: registered here; residual: their (conv, bn) ``_pairs`` give the shape)."""
     if not isinstance(resnet.conv1, nn.Conv2d) or type(resnet.maxpool) is not nn.MaxPool2d:
         return False
     layers = (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
     return all(
         type(layer) is nn.Sequential
         and len(layer) > 0
-        and all(isinstance(b, _ResidualBlockMixin) for b in layer)
+        and all("_fr_handle" in b.__dict__ and hasattr(b, "_pairs") for b in layer)
         for layer in layers
     )
 

@@ -1,0 +1,231 @@
+"""Drop-in ResNet blocks that run as fused ops.
+
+``fastres.BasicBlock`` and ``fastres.BottleneckBlock`` subclass torchvision's ``BasicBlock`` and
+``Bottleneck``: same constructor signature, attribute names, ``expansion`` and ``state_dict``
+keys, and ``isinstance`` checks in torchvision (``zero_init_residual``) keep working. So
+``torchvision.models.ResNet(fastres.BottleneckBlock, [3, 4, 6, 3])`` builds a fused ResNet-50 and
+loads torchvision checkpoints strictly. ``fastres.ConvBNReLU`` likewise subclasses
+``torchvision.ops.Conv2dNormActivation``.
+
+Eval mode folds each BatchNorm into its convolution (cached; recomputed when any parameter or
+buffer changes) and runs one fused op per convolution. Train mode uses batch statistics through
+:func:`fastres.functional.residual_unit`.
+
+``torchvision.ops.FrozenBatchNorm2d`` (detection backbones) is fused too: its statistics are
+fixed, so a block whose norm layers are all FrozenBatchNorm2d folds them in training as well as in
+eval and always runs the inference path, with gradients flowing to the conv weights through the
+fold.
+
+SyncBatchNorm (``nn.SyncBatchNorm`` or ``fastres.SyncBatchNorm``, all of a block's norm layers
+over one process group) is fused too: in training with ``torch.distributed`` initialized the
+block's BatchNorms use the statistics of the whole global batch (fastres.nn.distributed).
+
+Fallbacks (documented, never silent about correctness): a block whose pieces are not the plain
+``Conv2d`` + ``BatchNorm2d`` pattern (another norm layer, a conv with bias, string padding) and an
+empty batch (except under SyncBatchNorm, where it takes part in the all-reduces) run
+torchvision's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from fastres import backends
+from fastres import functional as FF
+from fastres.functional import ConvSpec
+from fastres.nn import compile as OP
+from fastres.nn import eval_plan as EP
+from fastres.nn._fused import (
+    _downsample_pair,
+    _empty,
+    _FusedMixin,
+    _only_reference,
+    check_pair_tensors,
+    inner_hooks,
+    pair_reasons,
+    plain_call,
+)
+from fastres.nn.distributed import sync_group
+
+__all__ = ["BasicBlock", "BottleneckBlock", "fusable_reasons"]
+
+
+def fusable_reasons(block: nn.Module) -> list[str]:
+    """Why ``block`` (a torchvision BasicBlock/Bottleneck or a fastres block) cannot run fused;
+    empty when it can. The downsample branch may be any module (it then runs unfused)."""
+    if isinstance(block, tv_resnet.Bottleneck):
+        pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+    elif isinstance(block, tv_resnet.BasicBlock):
+        pairs = [("conv1", "bn1"), ("conv2", "bn2")]
+    else:
+        return [f"{type(block).__name__} is not a torchvision BasicBlock or Bottleneck"]
+    reasons = pair_reasons(block, pairs)
+    if not isinstance(getattr(block, "relu", None), nn.ReLU):
+        reasons.append("relu is not nn.ReLU")
+    return reasons
+
+
+class _ResidualBlockMixin(_FusedMixin):
+    _pairs: tuple[tuple[str, str], ...]
+
+    def _fusable_reasons(self) -> list[str]:
+        # Adapters of other libraries' blocks (fastres.nn.timm) override this.
+        return fusable_reasons(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if plain_call(x) or inner_hooks(self):
+            return super().forward(x)
+        if OP.compiled_inference(self, x):
+            return OP.opaque_forward(self, x)
+        plan = self.__dict__.get("_eval_plan")
+        if (
+            plan is not None
+            and EP.enabled()
+            and type(x) is Tensor
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):
+            out = plan.run(self, x)
+            if out is not None:
+                return out
+            del self.__dict__["_eval_plan"]  # stale: the full path below makes a new one
+        if self._fusable_reasons():
+            return super().forward(x)
+        pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._pairs]
+        if _only_reference(x, pairs[0][0], self.training):
+            return super().forward(x)
+        if _empty(x) and sync_group(pairs[0][1]) is None:
+            # An empty batch runs as torchvision's block; under SyncBatchNorm it runs fused, so
+            # that this process takes part in the same all-reduces as the others.
+            return super().forward(x)
+        ds = self.downsample
+        ds_pair = _downsample_pair(ds, pairs[0][1])
+        FF.check_input(x, pairs[0][0].weight, type(self).__name__)
+        named = list(self._pairs)
+        if ds_pair is not None:
+            named.append(("downsample.0", "downsample.1"))
+            pairs_ds = [*pairs, ds_pair]
+        else:
+            pairs_ds = pairs
+        for (conv, bn), names in zip(pairs_ds, named, strict=True):
+            check_pair_tensors(x, conv, bn, names, type(self).__name__)
+        batch_stats = [self._use_batch_stats(bn) for _, bn in pairs]
+        if ds_pair is not None:
+            batch_stats.append(self._use_batch_stats(ds_pair[1]))
+        if not any(batch_stats):
+            return self._forward_eval(x, pairs, ds, ds_pair)
+        if all(batch_stats):
+            return self._forward_train(x, pairs, ds, ds_pair)
+        # A mix of train- and eval-mode BatchNorms inside one block (rare): stay exact.
+        return super().forward(x)
+
+    def _forward_eval(self, x, pairs, ds, ds_pair) -> Tensor:
+        h = x
+        inputs = []
+        for conv, bn in pairs[:-1]:
+            inputs.append(h)
+            h = self._eval_conv(h, conv, bn, None, True)
+        if ds_pair is not None:
+            identity = self._eval_conv(x, ds_pair[0], ds_pair[1], None, False, True)
+        elif ds is not None:
+            identity = ds(x)
+        else:
+            identity = x
+        conv, bn = pairs[-1]
+        fmt = FF.memory_format_of(x)
+        identity = identity.contiguous(memory_format=fmt)
+        inputs.append(h)
+        out = self._eval_conv(h, conv, bn, identity, True, True)
+        self._make_eval_plan(x, pairs, inputs, ds, ds_pair, fmt)
+        return out
+
+    def _make_eval_plan(self, x, pairs, inputs, ds, ds_pair, fmt) -> None:
+        """Record this eval call as a plan (fastres.nn.eval_plan) when a later one may repeat it."""
+        if (
+            not EP.enabled()
+            or self.training  # a frozen-BN block in training runs this path; plans need eval
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or FF.autocast_dtype(x.device.type) is not None
+        ):
+            return
+        wdt, bdt = FF.fold_dtypes(x)
+        all_pairs = list(pairs) + ([ds_pair] if ds_pair is not None else [])
+        for conv, bn in all_pairs:
+            f = self._fold_hit(conv, bn, wdt, bdt)
+            if f is None or not f[2]:
+                return  # an inexact fold runs unfolded: the full path handles it
+            if type(bn) is FrozenBatchNorm2d and torch.promote_types(wdt, bn.weight.dtype) != wdt:
+                return
+
+        chosen = []
+
+        def op(inp, conv):
+            spec = ConvSpec.of(conv)
+            b = backends.select(FF._inputs(inp, conv.weight, spec, False))
+            chosen.append(b.name)
+            return b.op("conv_bias_act")
+
+        steps = [(c, b, op(i, c)) for (c, b), i in zip(pairs, inputs, strict=True)]
+        if ds_pair is not None:
+            shortcut = ("pair", ds_pair[0], ds_pair[1], op(x, ds_pair[0]))
+        elif ds is not None:
+            shortcut = ("module", ds)
+        else:
+            shortcut = None
+        folds = [self._fold_hit(c, b, wdt, bdt) for c, b in all_pairs]
+        all_cpu = x.device.type == "cpu" and set(chosen) == {"cpu"}
+        self.__dict__["_eval_plan"] = EP.EvalPlan(
+            self, x, steps, shortcut, wdt, bdt, fmt, folds, all_cpu
+        )
+
+    def _forward_train(self, x, pairs, ds, ds_pair) -> Tensor:
+        staged = [self._stage(c, b) for c, b in pairs]
+        stages = [s for s, _ in staged]
+        params = [p for _, p in staged]
+        group = sync_group(pairs[0][1])  # SyncBatchNorm: all the block's BNs share it
+        if ds_pair is not None:
+            return FF.residual_unit(
+                x,
+                stages,
+                params,
+                "downsample",
+                downsample=self._stage(*ds_pair),
+                process_group=group,
+            )
+        if ds is not None:
+            return FF.residual_unit(
+                x, stages, params, "tensor", shortcut_tensor=ds(x), process_group=group
+            )
+        return FF.residual_unit(x, stages, params, "identity", process_group=group)
+
+
+class BasicBlock(_ResidualBlockMixin, tv_resnet.BasicBlock):
+    """torchvision's ``BasicBlock`` (ResNet-18/34) running as fused ops.
+
+    Same signature: ``BasicBlock(inplanes, planes, stride=1, downsample=None, groups=1,
+    base_width=64, dilation=1, norm_layer=None)``; ``expansion = 1``.
+    """
+
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"))
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_fused()
+
+
+class BottleneckBlock(_ResidualBlockMixin, tv_resnet.Bottleneck):
+    """torchvision's ``Bottleneck`` (ResNet-50/101/152, ResNeXt, Wide ResNet) as fused ops.
+
+    Same signature: ``BottleneckBlock(inplanes, planes, stride=1, downsample=None, groups=1,
+    base_width=64, dilation=1, norm_layer=None)``; ``expansion = 4``.
+    """
+
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_fused()
