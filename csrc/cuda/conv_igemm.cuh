@@ -10,6 +10,9 @@
 //   shared --ldmatrix.x4--> registers --mma.sync--> fp32 accumulators (or SIMT FMA for exact fp32);
 //   accumulators --> fp32 tile in shared (reusing the pipeline buffers) --> bias/residual/ReLU,
 //   rounded to T, 16-byte stores; the stats read the rounded values back from the same tile.
+// The kernel (conv_igemm_kernel, after its stages) runs these stages, each a __forceinline__
+// function: conv_mainloop (the gather and the pipeline; conv_mma_stage multiplies one stage),
+// conv_acc_to_smem and conv_epilogue (the output), conv_tile_stats (the statistics).
 //
 // Each thread issues cp.async for fixed 16-byte chunks (column tid % 4 of each of its rows), so
 // after cp.async.wait_group it may read and rewrite its own chunks without a barrier: that is
@@ -62,10 +65,93 @@ using CfgTcSmall = ConvCfg<128, 64, 2, 2, 4>;
 // Exact fp32: 64 x 64, 256 threads with 4 x 4 outputs each.
 using CfgSimt = ConvCfg<64, 64, 4, 2, 3>;
 
-template <typename T, Math MATH, class Cfg, bool DGRAD, bool PROLOGUE, bool STATS, bool BIAS,
-          bool RESIDUAL, bool RELU>
-__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
-    conv_igemm_kernel(const ConvParams p) {
+// One thread's accumulators: tensor-core fragments acc[MI][NI] (its warp's WM x WN tile in m16n8
+// tiles) or, for SIMT, sacc (rows ty + 16 i, cols tx + 16 j). The path not taken is dead code.
+template <Math MATH, class Cfg>
+struct ConvAcc {
+  static constexpr int MI = (MATH == Math::kSimt) ? 1 : Cfg::WM / 16;
+  static constexpr int NI = (MATH == Math::kSimt) ? 2 : Cfg::WN / 8;
+  static_assert(MATH == Math::kSimt || (Cfg::WM % 16 == 0 && Cfg::WN % 16 == 0), "warp tile");
+  static_assert(MATH != Math::kSimt || (Cfg::BM == 64 && Cfg::BN == 64 && Cfg::THREADS == 256),
+                "SIMT tile");
+  float acc[MI][NI][4];
+  float sacc[4][4];
+};
+
+// ---- main loop, math: the A and B slices of one pipeline stage into the accumulators ----
+// tid: the thread (SIMT path); lane, and the warp's tile row wm and column wn (tensor cores).
+template <typename T, Math MATH, class Cfg>
+__device__ __forceinline__ void conv_mma_stage(ConvAcc<MATH, Cfg>& c, const unsigned char* a_s,
+                                               const unsigned char* b_s, int tid, int lane, int wm,
+                                               int wn) {
+  constexpr int MI = ConvAcc<MATH, Cfg>::MI;
+  constexpr int NI = ConvAcc<MATH, Cfg>::NI;
+  if constexpr (MATH == Math::kSimt) {
+    const int tx = tid & 15;
+    const int ty = tid >> 4;
+#pragma unroll
+    for (int ch = 0; ch < 4; ++ch) {
+      float4 av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        av[i] = *reinterpret_cast<const float4*>(a_s + swz64(ty + 16 * i, ch));
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        bv[j] = *reinterpret_cast<const float4*>(b_s + swz64(tx + 16 * j, ch));
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          c.sacc[i][j] = fmaf(av[i].x, bv[j].x, c.sacc[i][j]);
+          c.sacc[i][j] = fmaf(av[i].y, bv[j].y, c.sacc[i][j]);
+          c.sacc[i][j] = fmaf(av[i].z, bv[j].z, c.sacc[i][j]);
+          c.sacc[i][j] = fmaf(av[i].w, bv[j].w, c.sacc[i][j]);
+        }
+    }
+  } else {
+    // One 64-byte slice = two k-steps of 32 bytes (k16 for 16-bit, k8 for TF32).
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t af[MI][4];
+      uint32_t bfr[NI][2];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        // matrices: rows 0-7 / 8-15 of chunk 2kk, then of chunk 2kk+1 -> a0..a3
+        const int row = wm * Cfg::WM + mi * 16 + (FR_PLANT == 3 ? lane & 7 : lane & 15);
+        ldsm_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3], a_s + swz64(row, kk * 2 + (lane >> 4)));
+      }
+#pragma unroll
+      for (int nj = 0; nj < NI / 2; ++nj) {
+        // matrices: (n 0-7, chunk 2kk), (n 0-7, 2kk+1), (n 8-15, 2kk), (n 8-15, 2kk+1)
+        const int row = wn * Cfg::WN + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
+        ldsm_x4(bfr[2 * nj][0], bfr[2 * nj][1], bfr[2 * nj + 1][0], bfr[2 * nj + 1][1],
+                b_s + swz64(row, kk * 2 + ((lane >> 3) & 1)));
+      }
+      if constexpr (MATH == Math::kTf32) {
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) af[mi][e] = to_tf32(af[mi][e]);
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) bfr[ni][e] = to_tf32(bfr[ni][e]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) mma_tile<T>(c.acc[mi][ni], af[mi], bfr[ni]);
+    }
+  }
+}
+
+// ---- main loop: the STAGES-deep cp.async pipeline over the reduction (r, s, channel block) ----
+// Each thread loads the 16-byte chunk column `chunk` of rows row0 + i * ROW_STEP of the A
+// (activation) and B (weight) tiles; the gather state of those rows is computed once. Returns
+// with this thread's copies all landed; the caller's barrier then frees the pipeline buffers.
+template <typename T, Math MATH, class Cfg, bool DGRAD, bool PROLOGUE>
+__device__ __forceinline__ void conv_mainloop(const ConvParams& p, unsigned char* smem, int m0,
+                                              int n0, int tid, ConvAcc<MATH, Cfg>& c) {
   constexpr int BM = Cfg::BM;
   constexpr int BN = Cfg::BN;
   constexpr int THREADS = Cfg::THREADS;
@@ -76,21 +162,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
   constexpr int A_ITERS = BM / ROW_STEP;
   constexpr int B_ITERS = BN / ROW_STEP;
   static_assert(BM % ROW_STEP == 0 && BN % ROW_STEP == 0, "tile rows must split over threads");
-  static_assert(MATH != Math::kSimt || std::is_same<T, float>::value, "SIMT path is fp32 only");
-  static_assert(MATH != Math::kTf32 || std::is_same<T, float>::value, "TF32 path is fp32 only");
-  static_assert(MATH != Math::kMma16 || sizeof(T) == 2, "mma m16n8k16 path is 16-bit only");
 
-  FR_DYNAMIC_SMEM(smem);
   unsigned char* sA = smem;
   unsigned char* sB = smem + STAGES * Cfg::A_STAGE;
-
-  const int tid = threadIdx.x;
-  // n-tile fastest: the CTAs sharing one activation tile run together and hit it in L2.
-  const int tile_n = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.n_tiles));
-  const int tile_m = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.n_tiles));
-  const int m0 = tile_m * BM;
-  const int n0 = tile_n * BN;
-
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ wt = static_cast<const T*>(p.w);
 
@@ -195,81 +269,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
     }
   };
 
-  // ---- accumulators ----
+  // This thread's lane and its warp's place in the tile (tensor-core paths).
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  constexpr int MI = (MATH == Math::kSimt) ? 1 : Cfg::WM / 16;
-  constexpr int NI = (MATH == Math::kSimt) ? 2 : Cfg::WN / 8;
-  static_assert(MATH == Math::kSimt || (Cfg::WM % 16 == 0 && Cfg::WN % 16 == 0), "warp tile");
-  static_assert(MATH != Math::kSimt || (BM == 64 && BN == 64 && THREADS == 256), "SIMT tile");
   const int wm = warp % Cfg::WARPS_M;
   const int wn = warp / Cfg::WARPS_M;
-  float acc[MI][NI][4];  // tensor-core fragments
-  float sacc[4][4];      // SIMT: rows ty + 16 i, cols tx + 16 j
-  zero_acc(acc, sacc);
-
-  auto compute_stage = [&](int stage) {
-    const unsigned char* a_s = sA + stage * Cfg::A_STAGE;
-    const unsigned char* b_s = sB + stage * Cfg::B_STAGE;
-    if constexpr (MATH == Math::kSimt) {
-      const int tx = tid & 15;
-      const int ty = tid >> 4;
-#pragma unroll
-      for (int ch = 0; ch < 4; ++ch) {
-        float4 av[4], bv[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          av[i] = *reinterpret_cast<const float4*>(a_s + swz64(ty + 16 * i, ch));
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          bv[j] = *reinterpret_cast<const float4*>(b_s + swz64(tx + 16 * j, ch));
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            sacc[i][j] = fmaf(av[i].x, bv[j].x, sacc[i][j]);
-            sacc[i][j] = fmaf(av[i].y, bv[j].y, sacc[i][j]);
-            sacc[i][j] = fmaf(av[i].z, bv[j].z, sacc[i][j]);
-            sacc[i][j] = fmaf(av[i].w, bv[j].w, sacc[i][j]);
-          }
-      }
-    } else {
-      // One 64-byte slice = two k-steps of 32 bytes (k16 for 16-bit, k8 for TF32).
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        uint32_t af[MI][4];
-        uint32_t bfr[NI][2];
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
-          // matrices: rows 0-7 / 8-15 of chunk 2kk, then of chunk 2kk+1 -> a0..a3
-          const int row = wm * Cfg::WM + mi * 16 + (FR_PLANT == 3 ? lane & 7 : lane & 15);
-          ldsm_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3],
-                  a_s + swz64(row, kk * 2 + (lane >> 4)));
-        }
-#pragma unroll
-        for (int nj = 0; nj < NI / 2; ++nj) {
-          // matrices: (n 0-7, chunk 2kk), (n 0-7, 2kk+1), (n 8-15, 2kk), (n 8-15, 2kk+1)
-          const int row = wn * Cfg::WN + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
-          ldsm_x4(bfr[2 * nj][0], bfr[2 * nj][1], bfr[2 * nj + 1][0], bfr[2 * nj + 1][1],
-                  b_s + swz64(row, kk * 2 + ((lane >> 3) & 1)));
-        }
-        if constexpr (MATH == Math::kTf32) {
-#pragma unroll
-          for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) af[mi][e] = to_tf32(af[mi][e]);
-#pragma unroll
-          for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) bfr[ni][e] = to_tf32(bfr[ni][e]);
-        }
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < NI; ++ni) mma_tile<T>(acc[mi][ni], af[mi], bfr[ni]);
-      }
-    }
-  };
+  zero_acc(c.acc, c.sacc);
 
   // ---- the pipeline ----
   int ld_r = 0, ld_s = 0, ld_cb = 0;  // next step to load
@@ -305,13 +310,14 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
       advance(ld_r, ld_s, ld_cb);
     }
     cp_async_commit();
-    compute_stage(stage);
+    conv_mma_stage<T>(c, sA + stage * Cfg::A_STAGE, sB + stage * Cfg::B_STAGE, tid, lane, wm, wn);
   }
   cp_async_wait<0>();
-  __syncthreads();  // the pipeline buffers become the fp32 epilogue tile
+}
 
-  // ---- epilogue ----
-  float* cs = reinterpret_cast<float*>(smem);
+// ---- epilogue: the accumulators into the fp32 tile cs (BM x BN, row pitch CS_LD) ----
+template <Math MATH, class Cfg>
+__device__ __forceinline__ void conv_acc_to_smem(const ConvAcc<MATH, Cfg>& c, float* cs, int tid) {
   constexpr int LD = Cfg::CS_LD;
   if constexpr (MATH == Math::kSimt) {
     const int tx = tid & 15;
@@ -319,27 +325,39 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) cs[(ty + 16 * i) * LD + tx + 16 * j] = sacc[i][j];
+      for (int j = 0; j < 4; ++j) cs[(ty + 16 * i) * LD + tx + 16 * j] = c.sacc[i][j];
   } else {
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int wm = warp % Cfg::WARPS_M;
+    const int wn = warp / Cfg::WARPS_M;
 #pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
+    for (int mi = 0; mi < ConvAcc<MATH, Cfg>::MI; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
+      for (int ni = 0; ni < ConvAcc<MATH, Cfg>::NI; ++ni) {
         const int row = wm * Cfg::WM + mi * 16 + (lane >> 2);
         const int col = wn * Cfg::WN + ni * 8 + 2 * (lane & 3);
         *reinterpret_cast<float2*>(cs + row * LD + col) =
-            make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+            make_float2(c.acc[mi][ni][0], c.acc[mi][ni][1]);
         *reinterpret_cast<float2*>(cs + (row + 8) * LD + col) =
-            make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+            make_float2(c.acc[mi][ni][2], c.acc[mi][ni][3]);
       }
   }
-  __syncthreads();
+}
 
-  constexpr int GROUPS = BN / EPC;  // 16-byte output groups per tile row
+// ---- epilogue: the tile + bias, + residual, ReLU, rounded to T, 16-byte stores to out ----
+// With STATS the tile keeps the stored (rounded) values, zero outside the output, for the stats.
+template <typename T, class Cfg, bool STATS, bool BIAS, bool RESIDUAL, bool RELU>
+__device__ __forceinline__ void conv_epilogue(const ConvParams& p, float* cs, int m0, int n0,
+                                              int tid) {
+  constexpr int BM = Cfg::BM;
+  constexpr int LD = Cfg::CS_LD;
+  constexpr int EPC = 16 / sizeof(T);    // elements per 16-byte chunk
+  constexpr int GROUPS = Cfg::BN / EPC;  // 16-byte output groups per tile row
   T* __restrict__ out = static_cast<T*>(p.out);
   const T* __restrict__ res = static_cast<const T*>(p.residual);
   const bool vec_ok = (p.OC % EPC) == 0;  // 16-byte aligned rows (base pointers are aligned)
-  for (int idx = tid; idx < BM * GROUPS; idx += THREADS) {
+  for (int idx = tid; idx < BM * GROUPS; idx += Cfg::THREADS) {
     const int row = idx / GROUPS;
     const int cg = idx - row * GROUPS;
     const int m = m0 + row;
@@ -389,41 +407,79 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
       for (int e = 0; e < EPC; ++e) crow[e] = 0.f;
     }
   }
+}
 
-  if constexpr (STATS) {
-    // Column sums of the rounded tile in a fixed order: PARTS threads per column each sum a
-    // contiguous run of rows, then thread `col` adds the PARTS results in order. No atomics.
-    // Accumulated in double, as the reference and the CPU kernels do: in fp32, sum of squares
-    // E[x^2] - E[x]^2 loses the variance when |mean| >> std (the conv_stats device test missed
-    // the tolerance at 16-32 channels). Hopper's FP64 rate is half its FP32 rate and this loop
-    // is RPP (<= 64) adds per thread per tile, noise next to the tile's MMAs.
-    __syncthreads();
-    constexpr int PARTS = THREADS / BN;
-    constexpr int RPP = BM / PARTS;
-    static_assert(THREADS % BN == 0 && BM % PARTS == 0, "stats layout");
-    const int col = tid % BN;
-    const int part = tid / BN;
-    double s = 0.0, q = 0.0;
+// ---- statistics: this CTA's per-channel sum and sum of squares of the stored tile ----
+// Column sums of the rounded tile in a fixed order: PARTS threads per column each sum a
+// contiguous run of rows, then thread `col` adds the PARTS results in order. No atomics.
+// Accumulated in double, as the reference and the CPU kernels do: in fp32, sum of squares
+// E[x^2] - E[x]^2 loses the variance when |mean| >> std (the conv_stats device test missed
+// the tolerance at 16-32 channels). Hopper's FP64 rate is half its FP32 rate and this loop
+// is RPP (<= 64) adds per thread per tile, noise next to the tile's MMAs.
+//
+// p by value, like the kernel's own parameter: the compiler may then read p.OC before it knows
+// that tid < BN (one predicate instead of a branch), the code this stage compiled to in the kernel.
+template <class Cfg>
+__device__ __forceinline__ void conv_tile_stats(const ConvParams p, float* cs, int tile_m, int n0,
+                                                int tid) {
+  constexpr int BM = Cfg::BM;
+  constexpr int BN = Cfg::BN;
+  constexpr int THREADS = Cfg::THREADS;
+  constexpr int LD = Cfg::CS_LD;
+  constexpr int PARTS = THREADS / BN;
+  constexpr int RPP = BM / PARTS;
+  static_assert(THREADS % BN == 0 && BM % PARTS == 0, "stats layout");
+  const int col = tid % BN;
+  const int part = tid / BN;
+  double s = 0.0, q = 0.0;
 #pragma unroll 4
-    for (int r = 0; r < RPP; ++r) {
-      const double v = cs[(part * RPP + r) * LD + col];
-      s += v;
-      q = fma(v, v, q);
-    }
-    double* red = reinterpret_cast<double*>(cs + BM * LD);  // BM * LD * 4 is a multiple of 8
-    red[tid] = s;
-    red[THREADS + tid] = q;
-    __syncthreads();
-    if (tid < BN && n0 + tid < p.OC) {
-      double S = 0.0, Q = 0.0;
+  for (int r = 0; r < RPP; ++r) {
+    const double v = cs[(part * RPP + r) * LD + col];
+    s += v;
+    q = fma(v, v, q);
+  }
+  double* red = reinterpret_cast<double*>(cs + BM * LD);  // BM * LD * 4 is a multiple of 8
+  red[tid] = s;
+  red[THREADS + tid] = q;
+  __syncthreads();
+  if (tid < BN && n0 + tid < p.OC) {
+    double S = 0.0, Q = 0.0;
 #pragma unroll
-      for (int pp = 0; pp < PARTS; ++pp) {
-        S += red[pp * BN + tid];
-        Q += red[THREADS + pp * BN + tid];
-      }
-      p.stats_partial[static_cast<int64_t>(tile_m) * p.OC + n0 + tid] = S;
-      p.stats_partial[(static_cast<int64_t>(p.m_tiles) + tile_m) * p.OC + n0 + tid] = Q;
+    for (int pp = 0; pp < PARTS; ++pp) {
+      S += red[pp * BN + tid];
+      Q += red[THREADS + pp * BN + tid];
     }
+    p.stats_partial[static_cast<int64_t>(tile_m) * p.OC + n0 + tid] = S;
+    p.stats_partial[(static_cast<int64_t>(p.m_tiles) + tile_m) * p.OC + n0 + tid] = Q;
+  }
+}
+
+// The kernel: main loop, then the epilogue through the fp32 tile in the pipeline's shared memory.
+template <typename T, Math MATH, class Cfg, bool DGRAD, bool PROLOGUE, bool STATS, bool BIAS,
+          bool RESIDUAL, bool RELU>
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
+    conv_igemm_kernel(const ConvParams p) {
+  static_assert(MATH != Math::kSimt || std::is_same<T, float>::value, "SIMT path is fp32 only");
+  static_assert(MATH != Math::kTf32 || std::is_same<T, float>::value, "TF32 path is fp32 only");
+  static_assert(MATH != Math::kMma16 || sizeof(T) == 2, "mma m16n8k16 path is 16-bit only");
+  FR_DYNAMIC_SMEM(smem);
+  const int tid = threadIdx.x;
+  // n-tile fastest: the CTAs sharing one activation tile run together and hit it in L2.
+  const int tile_n = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.n_tiles));
+  const int tile_m = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.n_tiles));
+  const int m0 = tile_m * Cfg::BM;
+  const int n0 = tile_n * Cfg::BN;
+
+  ConvAcc<MATH, Cfg> c;
+  conv_mainloop<T, MATH, Cfg, DGRAD, PROLOGUE>(p, smem, m0, n0, tid, c);
+  __syncthreads();  // the pipeline buffers become the fp32 epilogue tile
+  float* cs = reinterpret_cast<float*>(smem);
+  conv_acc_to_smem(c, cs, tid);
+  __syncthreads();
+  conv_epilogue<T, Cfg, STATS, BIAS, RESIDUAL, RELU>(p, cs, m0, n0, tid);
+  if constexpr (STATS) {
+    __syncthreads();  // the rounded tile complete
+    conv_tile_stats<Cfg>(p, cs, tile_m, n0, tid);
   }
 }
 

@@ -1,7 +1,8 @@
-// The interface between the ATen launchers (ops_cuda.cu) and the kernel files (conv_*.cu, bn.cu):
-// plain parameter structs and launch functions, no ATen. The launchers validate every input and
-// fill these structs; the launch functions pick the template instantiation (FR_BOOL_SWITCH), launch
-// on the given stream and return the launch status, which the launcher checks with C10_CUDA_CHECK.
+// The interface between the ATen launchers (ops_conv.cu, ops_bn.cu) and the kernel files
+// (conv_*.cu, bn.cu): plain parameter structs and launch functions, no ATen. The launchers
+// validate every input and fill these structs; the launch functions pick the template
+// instantiation (FR_BOOL_SWITCH), launch on the given stream and return the launch status, which
+// the launcher checks with C10_CUDA_CHECK.
 //
 // Layouts: activations are NHWC (channels_last) and dense; weights are KRSC (channels_last);
 // per-channel vectors are float32. Element offsets that can pass 2^31 are int64_t.
