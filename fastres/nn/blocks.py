@@ -28,14 +28,10 @@ torchvision's own forward.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fastres import backends
 from fastres import functional as FF
-from fastres.functional import ConvSpec
 from fastres.nn import compile as OP
 from fastres.nn import eval_plan as EP
 from fastres.nn._fused import (
@@ -80,18 +76,10 @@ class _ResidualBlockMixin(_FusedMixin):
             return super().forward(x)
         if OP.compiled_inference(self, x):
             return OP.opaque_forward(self, x)
-        plan = self.__dict__.get("_eval_plan")
-        if (
-            plan is not None
-            and EP.enabled()
-            and type(x) is Tensor
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-        ):
-            out = plan.run(self, x)
+        if EP.applies(self, x):
+            out = self._run_plan(x)
             if out is not None:
                 return out
-            del self.__dict__["_eval_plan"]  # stale: the full path below makes a new one
         if self._fusable_reasons():
             return super().forward(x)
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._pairs]
@@ -122,11 +110,23 @@ class _ResidualBlockMixin(_FusedMixin):
         # A mix of train- and eval-mode BatchNorms inside one block (rare): stay exact.
         return super().forward(x)
 
+    def _run_plan(self, x: Tensor, donate: bool = False) -> Tensor | None:
+        """The eval call as this block's plan for ``x`` runs it (fastres.nn.eval_plan), made
+        first when there is none or it no longer applies; None where a plan cannot serve (the
+        full path below then runs). ``donate``: see EvalPlan.run."""
+        plan = self.__dict__.get("_eval_plan")
+        out = plan.run(self, x, donate) if plan is not None else None
+        if out is None:
+            plan = EP.EvalPlan.build(self, x)
+            self.__dict__["_eval_plan"] = plan
+            out = plan.run(self, x, donate) if plan is not None else None
+        return out
+
     def _forward_eval(self, x, pairs, ds, ds_pair) -> Tensor:
+        """Eval where no plan serves (autograd through the folds, autocast, a trace, a fold that
+        would move NaN/Inf, FrozenBatchNorm2d in training): each conv through _eval_conv."""
         h = x
-        inputs = []
         for conv, bn in pairs[:-1]:
-            inputs.append(h)
             h = self._eval_conv(h, conv, bn, None, True)
         if ds_pair is not None:
             identity = self._eval_conv(x, ds_pair[0], ds_pair[1], None, False, True)
@@ -135,52 +135,8 @@ class _ResidualBlockMixin(_FusedMixin):
         else:
             identity = x
         conv, bn = pairs[-1]
-        fmt = FF.memory_format_of(x)
-        identity = identity.contiguous(memory_format=fmt)
-        inputs.append(h)
-        out = self._eval_conv(h, conv, bn, identity, True, True)
-        self._make_eval_plan(x, pairs, inputs, ds, ds_pair, fmt)
-        return out
-
-    def _make_eval_plan(self, x, pairs, inputs, ds, ds_pair, fmt) -> None:
-        """Record this eval call as a plan (fastres.nn.eval_plan) when a later one may repeat it."""
-        if (
-            not EP.enabled()
-            or self.training  # a frozen-BN block in training runs this path; plans need eval
-            or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-            or FF.autocast_dtype(x.device.type) is not None
-        ):
-            return
-        wdt, bdt = FF.fold_dtypes(x)
-        all_pairs = list(pairs) + ([ds_pair] if ds_pair is not None else [])
-        for conv, bn in all_pairs:
-            f = self._fold_hit(conv, bn, wdt, bdt)
-            if f is None or not f[2]:
-                return  # an inexact fold runs unfolded: the full path handles it
-            if type(bn) is FrozenBatchNorm2d and torch.promote_types(wdt, bn.weight.dtype) != wdt:
-                return
-
-        chosen = []
-
-        def op(inp, conv):
-            spec = ConvSpec.of(conv)
-            b = backends.select(FF._inputs(inp, conv.weight, spec, False))
-            chosen.append(b.name)
-            return b.op("conv_bias_act")
-
-        steps = [(c, b, op(i, c)) for (c, b), i in zip(pairs, inputs, strict=True)]
-        if ds_pair is not None:
-            shortcut = ("pair", ds_pair[0], ds_pair[1], op(x, ds_pair[0]))
-        elif ds is not None:
-            shortcut = ("module", ds)
-        else:
-            shortcut = None
-        folds = [self._fold_hit(c, b, wdt, bdt) for c, b in all_pairs]
-        all_cpu = x.device.type == "cpu" and set(chosen) == {"cpu"}
-        self.__dict__["_eval_plan"] = EP.EvalPlan(
-            self, x, steps, shortcut, wdt, bdt, fmt, folds, all_cpu
-        )
+        identity = identity.contiguous(memory_format=FF.memory_format_of(x))
+        return self._eval_conv(h, conv, bn, identity, True, True)
 
     def _forward_train(self, x, pairs, ds, ds_pair) -> Tensor:
         staged = [self._stage(c, b) for c, b in pairs]

@@ -1,17 +1,17 @@
-"""The eval fast path of the fused blocks: a plan made once, checked in microseconds per call.
+"""How a fused residual block's eval calls run: as its plan.
 
-A fused block's first eval call goes through every check (fusability, the backend the
-dispatcher picks, the input and each conv/BN tensor's dtype and device, the BN folds and whether
-they keep NaN/Inf where the unfolded layers put them). That Python cost is paid per call by
-default, and it was most of fastres' time at small inputs: measured on the 2-CPU AMD EPYC,
-idle, torchvision ResNet-50 converted, bf16, channels_last, N=1, 2 threads, at 32x32 input
-(kernels ~2 ms): 18.7 ms per call against eager's 20.8 and OpenVINO's 2.8; the ops themselves
-summed to 8.9 ms (torch.profiler), so ~10 ms was Python around 52 fused ops. With the plan:
-9.9 ms at 32x32, and 32.3 -> 27.3 ms (p50, plan off/on alternating in one process) at 224x224.
+An eval call without autograd (no autocast, not traced by ``torch.compile``) runs the block's
+:class:`EvalPlan` for that input signature. :meth:`EvalPlan.build` makes it, the first time and
+whenever the plan no longer applies, after every check of the block (fusability, the input and
+each conv/BN tensor's dtype and device, BatchNorm modes, one dispatcher choice for the whole
+block, the BN folds and whether they keep NaN/Inf where the unfolded layers put them); a call
+then costs the plan's check and the ops. Why a plan: measured on the 2-CPU AMD EPYC, idle,
+torchvision ResNet-50 converted, bf16, channels_last, N=1, 2 threads, at 32x32 input (kernels
+~2 ms), re-checking everything per call cost ~10 ms of Python around 52 fused ops (18.7 ms per
+call against eager's 20.8); with the plan 9.9 ms, and 32.3 -> 27.3 ms (p50, alternating in one
+process) at 224x224.
 
-So the first call that runs fused in eval, without autograd and without autocast, records a
-:class:`EvalPlan`: which submodules, which ops, the folded tensors' cache keys, and what the input
-looked like. A later call runs the plan when everything it depends on is unchanged:
+A plan applies while everything it depends on is unchanged:
 
 * the block is in eval mode and so is every BatchNorm of it; grad mode is off; autocast is off
   for the input's device; ``torch.compile`` is not tracing;
@@ -24,10 +24,12 @@ looked like. A later call runs the plan when everything it depends on is unchang
   ``load_state_dict``, ``.to()``, and writes through ``.data`` or ``.numpy()`` that leave the
   version counters alone) equals the plan's, and every BN's ``eps`` is the plan's.
 
-Anything else (or a miss) runs the full path, which makes a new plan. Not re-checked per call:
-a conv's stride, padding, dilation and groups (plain attributes nobody changes after
-construction; assign a new ``nn.Conv2d`` instead, which re-plans). ``FASTRES_EVAL_PLAN=0``
-turns the fast path off.
+Otherwise a new plan is built. Where none can serve (a fold that would move NaN/Inf, a
+FrozenBatchNorm2d that promotes the output dtype, only the reference path for the input), and
+for grad-enabled eval, autocast and traces, the block's full path runs each convolution through
+``_eval_conv``. Not re-checked per call: a conv's stride, padding, dilation and groups (plain
+attributes nobody changes after construction; assign a new ``nn.Conv2d`` instead, which
+re-plans). ``FASTRES_EVAL_PLAN=0`` turns plans off.
 
 **The ReLU on the CPU.** oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps it, so the
 CPU backend's conv_bias_act runs the ReLU as a separate read and write of each output
@@ -51,8 +53,17 @@ import os
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fastres.functional import fingerprint, fold_sources
+from fastres._specs import ConvSpec
+from fastres.functional import (
+    check_input,
+    fingerprint,
+    fold_dtypes,
+    fold_sources,
+    memory_format_of,
+    select_backend,
+)
 
 #: The largest bound a pre-activation may have for the post-op ReLU: far below float32's and
 #: bfloat16's 3.4e38, so rounding (2^-8 relative per stored bf16 value, accumulation order)
@@ -61,12 +72,25 @@ _LIMIT = 1e30
 #: Relative slack per stage for rounding the stored activations up.
 _SLACK = 1.01
 
-__all__ = ["EvalPlan", "enabled"]
+__all__ = ["EvalPlan", "applies", "enabled"]
 
 
 def enabled() -> bool:
     """Whether fused blocks may run eval plans (``FASTRES_EVAL_PLAN``, default on)."""
     return os.environ.get("FASTRES_EVAL_PLAN", "1").strip() != "0"
+
+
+def applies(block: nn.Module, x) -> bool:
+    """Whether ``block``'s call on ``x`` is one that plans serve: eval, no autograd, no autocast,
+    not traced by torch.compile, a plain tensor, plans on."""
+    return (
+        type(x) is Tensor
+        and not block.training
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x.device.type)
+        and enabled()
+    )
 
 
 class EvalPlan:
@@ -107,6 +131,59 @@ class EvalPlan:
                 self.m_max = _max_input(folds, len(self.steps), shortcut, x.dtype)
                 self.finite_op, self.absmax = ns.conv_bias_act_finite, ns.absmax
                 self.into_op = getattr(ns, "conv_bias_act_finite_into", None)
+
+    @staticmethod
+    def build(block: nn.Module, x: Tensor) -> EvalPlan | None:
+        """The plan of ``block``'s eval calls on inputs like ``x``, after every check the full
+        path makes (a bad input raises here, as there); None where a plan cannot serve: the
+        block is not the fusable pattern, only the reference path serves ``x``, an empty batch,
+        BatchNorms with batch statistics, a fold that would move NaN/Inf (run unfolded), or a
+        FrozenBatchNorm2d whose dtype promotes the output. The dispatcher is asked once, for the
+        whole block (one backend serves all its convolutions, as in training)."""
+        from fastres.nn._fused import (  # noqa: PLC0415  (the nn layer: _fused imports us)
+            _downsample_pair,
+            _empty,
+            _only_reference,
+            check_pair_tensors,
+        )
+
+        if block._fusable_reasons():
+            return None
+        named = list(block._pairs)
+        pairs = [(getattr(block, c), getattr(block, b)) for c, b in named]
+        if _only_reference(x, pairs[0][0], False) or _empty(x):
+            return None
+        ds = block.downsample
+        ds_pair = _downsample_pair(ds, pairs[0][1])
+        if ds_pair is not None:
+            named.append(("downsample.0", "downsample.1"))
+        all_pairs = pairs + ([ds_pair] if ds_pair is not None else [])
+        where = type(block).__name__
+        check_input(x, pairs[0][0].weight, where)
+        for (conv, bn), names in zip(all_pairs, named, strict=True):
+            check_pair_tensors(x, conv, bn, names, where)
+            if block._use_batch_stats(bn):
+                return None
+        wdt, bdt = fold_dtypes(x)
+        for _, bn in all_pairs:
+            if type(bn) is FrozenBatchNorm2d and torch.promote_types(wdt, bn.weight.dtype) != wdt:
+                return None
+        backend = select_backend(x, [c.weight for c, _ in all_pairs],
+                                 [ConvSpec.of(c) for c, _ in all_pairs], training=False)
+        op = backend.op("conv_bias_act")
+        folds = [block._folded(c, b, wdt, bdt) for c, b in all_pairs]
+        if not all(f[2] for f in folds):
+            return None
+        steps = [(c, b, op) for c, b in pairs]
+        if ds_pair is not None:
+            shortcut = ("pair", ds_pair[0], ds_pair[1], op)
+        elif ds is not None:
+            shortcut = ("module", ds)
+        else:
+            shortcut = None
+        all_cpu = x.device.type == "cpu" and backend.name == "cpu"
+        return EvalPlan(block, x, steps, shortcut, wdt, bdt, memory_format_of(x), folds,
+                        all_cpu)
 
     def _valid(self, block: nn.Module, x: Tensor) -> bool:
         if (

@@ -132,8 +132,7 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
             # planned block may write its residual add into its input (fastres.nn.eval_plan).
             for layer in layers:
                 for blk in layer:
-                    plan = blk.__dict__.get("_eval_plan")
-                    out = None if plan is None else plan.run(blk, x, donate=True)
+                    out = blk._run_plan(x, donate=True) if EP.applies(blk, x) else None
                     x = blk(x) if out is None else out
         else:
             for layer in layers:
