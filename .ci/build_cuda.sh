@@ -40,16 +40,16 @@ import sys
 
 import torch
 
+from fastres import _opset
+
 so = sys.argv[1]
+_opset.define("fastres")  # the schemas; the extension registers kernels for them
 spec = importlib.util.spec_from_file_location("fastres._C", so)
 mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)  # registers torch.ops.fastres.* (no GPU needed)
+spec.loader.exec_module(mod)  # registers torch.ops.fastres.* kernels (no GPU needed)
 info = mod.build_info()
 assert info["cuda"], f"built without CUDA: {info}"
-ops = ["conv_bias_act", "relu_bias_bwd", "conv_stats", "bn_finalize", "bn_add_relu",
-       "bn_add_relu_bwd", "bn_relu_bwd", "conv_bwd", "bn_finalize_count",
-       "bn_add_relu_bwd_reduce", "bn_add_relu_bwd_elemt", "bn_relu_bwd_reduce",
-       "bn_relu_bwd_elemt"]
+ops = _opset.OP_NAMES
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key("fastres::" + op, "CUDA")]
 assert not missing, f"ops without a CUDA kernel: {missing}"

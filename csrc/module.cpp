@@ -1,5 +1,5 @@
 // The Python extension module fastres._C: build information and capability queries.
-// The ops themselves are registered with the dispatcher (csrc/ops.cpp, csrc/cpu, csrc/cuda);
+// The ops themselves are registered with the dispatcher (fastres/_opset.py, csrc/cpu, csrc/cuda);
 // importing this module is what loads them.
 #include <Python.h>
 #include <pybind11/pybind11.h>

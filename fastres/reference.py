@@ -4,13 +4,13 @@ This module is the oracle of the tests and the parity harness and the fallback o
 every backend (C++ CPU, CUDA C++, Triton) must agree with these functions within the tolerance
 rule (see ``fastres.harness.rule``). Nobody redefines them elsewhere.
 
-The functions take and return exactly what the ops in ``csrc/ops.cpp`` take and return, with the
+The functions take and return exactly what the ops in ``fastres/_opset.py`` take and return, with the
 same argument names. They compute in the activations' dtype where PyTorch would (the convolution)
 and in the accumulation dtype (float32, or float64 for float64 activations) for the per-channel
 statistics, as ``nn.BatchNorm2d`` does; the per-channel sums are accumulated in float64 and then
 rounded to it (see ``_channel_sum``).
 
-Non-finite values (the rule of csrc/ops.cpp): every function propagates NaN and Inf as the
+Non-finite values (the rule of fastres/_opset.py): every function propagates NaN and Inf as the
 PyTorch composition it replaces does. ReLU is ``torch.relu`` (NaN stays NaN), the ReLU masks of
 the backwards are ``threshold_backward``'s (the gradient passes where the output is NaN), and the
 batch statistics of a channel holding NaN or Inf are nn.BatchNorm2d's: mean NaN or +-Inf, var
@@ -23,23 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: The op set of csrc/ops.cpp, in its order: every backend implements each of these names.
-OP_NAMES = (
-    "conv_bias_act",
-    "relu_bias_bwd",
-    "conv_stats",
-    "bn_finalize",
-    "bn_add_relu",
-    "bn_add_relu_bwd",
-    "bn_relu_bwd",
-    "conv_bwd",
-    # SyncBatchNorm's split
-    "bn_finalize_count",
-    "bn_add_relu_bwd_reduce",
-    "bn_add_relu_bwd_elemt",
-    "bn_relu_bwd_reduce",
-    "bn_relu_bwd_elemt",
-)
+from fastres import _opset
+
+#: The op set (fastres._opset), in its order: every backend implements each of these names.
+OP_NAMES = _opset.OP_NAMES
 
 __all__ = ["OP_NAMES", "acc_dtype", *OP_NAMES, "option_a_shortcut"]
 
@@ -314,7 +301,7 @@ def bn_add_relu_bwd(
     res_invstd: Tensor | None,
     res_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward of bn_add_relu with batch statistics (see csrc/ops.cpp)."""
+    """Backward of bn_add_relu with batch statistics (see fastres/_opset.py)."""
     g = _relu_grad(grad_out, out)
     grad_input, grad_weight, grad_bias = _bn_backward(g, input, mean, invstd, weight)
     if res_input is None:

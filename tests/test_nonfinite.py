@@ -1,6 +1,6 @@
 """Non-finite values: every backend propagates NaN and Inf as the PyTorch ops it replaces.
 
-The rule is in csrc/ops.cpp: relu(NaN) = NaN, ReLU masks as threshold_backward (the gradient
+The rule is in fastres/_opset.py: relu(NaN) = NaN, ReLU masks as threshold_backward (the gradient
 passes where the output is NaN), batch statistics and running statistics as nn.BatchNorm2d, and
 the folded-BN inference path gives the unfolded blocks' pattern. Checked here against torchvision's
 own blocks: NaN, +Inf and -Inf at one input value and at one whole pixel, eval (with and without

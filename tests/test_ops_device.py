@@ -1,4 +1,4 @@
-"""Every op of the contract (csrc/ops.cpp) through each compiled backend, against fastres.reference:
+"""Every op of the contract (fastres/_opset.py) through each compiled backend, against fastres.reference:
 the C++ CPU kernels (``cpu``), the CUDA kernels on a GPU (``cuda``) and the same CUDA launchers and
 kernels executed on CPU tensors by cudasim (``cudasim``, csrc/cuda/cudasim: CI runs the CUDA code).
 

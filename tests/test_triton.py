@@ -842,34 +842,17 @@ def test_relu_bias_bwd(dtype, has_out, channels_last):
 # ------------------------------------------------------------------------------------------
 
 
-def _contract_schemas() -> dict[str, str]:
-    """{name: "(args) -> returns"} from csrc/ops.cpp's m.def("...") string literals, or {}."""
-    import re
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "csrc", "ops.cpp")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        text = f.read()
-    out = {}
-    for body in re.findall(r"m\.def\((.*?)\);", text, flags=re.S):
-        schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
-        name, _, rest = schema.partition("(")
-        out[name.strip()] = "(" + rest
-    return out
-
-
 def test_ops_match_contract():
-    """Every op of the contract (backends.OP_NAMES), registered under fastres_triton with
-    csrc/ops.cpp's schemas (compared with the m.def texts of csrc/ops.cpp when the source tree is
-    here, and with the compiled fastres ops when fastres._C loads) and reference.py's argument
-    names."""
+    """Every op of the contract (fastres._opset), registered under fastres_triton with its
+    schema, under fastres (the compiled kernels) with the same one when fastres._C loads, and
+    with reference.py's argument names."""
+    from fastres import _opset
+
     ns = OPS.__dict__
-    assert sorted(ns) == sorted(backends.OP_NAMES)
-    contract = _contract_schemas()
-    for name in backends.OP_NAMES if contract else ():
+    assert sorted(ns) == sorted(backends.OP_NAMES) == sorted(_opset.OP_NAMES)
+    for name in _opset.OP_NAMES:
         ours = getattr(torch.ops.fastres_triton, name).default._schema
-        theirs = torch._C.parse_schema(f"fastres::{name}{contract[name]}")
+        theirs = torch._C.parse_schema(f"fastres::{name}{_opset.SCHEMAS[name]}")
         assert str(ours).replace("fastres_triton::", "") == \
             str(theirs).replace("fastres::", ""), name
     from fastres.backends import extension

@@ -1,6 +1,6 @@
 """The fastres op set on Triton kernels, registered as ``torch.ops.fastres_triton.<op>``.
 
-Same schemas as ``csrc/ops.cpp`` (namespace ``fastres_triton``) and the same semantics as
+Same schemas as ``fastres/_opset.py`` (namespace ``fastres_triton``) and the same semantics as
 ``fastres/reference.py``. On a GPU each op is a ``torch.library.triton_op`` whose kernels are
 launched through ``wrap_triton``, so ``torch.compile(fullgraph=True)`` traces through to the
 kernels. Under ``TRITON_INTERPRET=1`` the kernels are interpreted Python that torch cannot trace,
@@ -15,52 +15,16 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from fastres import _opset
+
 from . import bn as _bn
 from . import conv as _conv
 from ._common import INTERPRETED
 
 NAMESPACE = "fastres_triton"
 
-# Copied from csrc/ops.cpp, the contract: same names, same argument names, same mutations.
-SCHEMAS = {
-    "conv_bias_act": "(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
-    "int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor",
-    "relu_bias_bwd": "(Tensor grad_out, Tensor? out) -> (Tensor grad_z, Tensor grad_bias)",
-    "conv_stats": "(Tensor input, Tensor weight, Tensor? pre_scale, Tensor? pre_shift, "
-    "bool pre_relu, int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor out, "
-    "Tensor sum, Tensor sumsq)",
-    "bn_finalize": "(Tensor sum, Tensor sumsq, Tensor? weight, Tensor? bias, Tensor(a!)? "
-    "running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int count, "
-    "float? momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)",
-    "bn_add_relu": "(Tensor input, Tensor scale, Tensor shift, Tensor? residual, "
-    "Tensor? res_scale, Tensor? res_shift, int res_channel_offset, bool relu) -> Tensor",
-    "bn_add_relu_bwd": "(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, Tensor invstd, "
-    "Tensor? weight, Tensor? res_input, Tensor? res_mean, Tensor? res_invstd, Tensor? res_weight) "
-    "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_res, "
-    "Tensor grad_res_weight, Tensor grad_res_bias)",
-    "bn_relu_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
-    "Tensor scale, Tensor shift, bool relu) -> (Tensor grad_input, Tensor grad_weight, "
-    "Tensor grad_bias)",
-    "conv_bwd": "(Tensor grad_out, Tensor input, Tensor weight, Tensor? pre_scale, "
-    "Tensor? pre_shift, bool pre_relu, int[2] stride, int[2] padding, int[2] dilation, "
-    "int groups, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight)",
-    # SyncBatchNorm's split of bn_finalize and the two BN backwards.
-    "bn_finalize_count": "(Tensor sum, Tensor sumsq, Tensor count, Tensor? weight, Tensor? bias, "
-    "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
-    "float? momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)",
-    "bn_add_relu_bwd_reduce": "(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, "
-    "Tensor invstd, Tensor? res_input, Tensor? res_mean, Tensor? res_invstd) -> (Tensor sum_g, "
-    "Tensor sum_g_xhat, Tensor res_sum_g_xhat)",
-    "bn_add_relu_bwd_elemt": "(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, "
-    "Tensor invstd, Tensor? weight, Tensor mean_g, Tensor mean_g_xhat, Tensor? res_input, "
-    "Tensor? res_mean, Tensor? res_invstd, Tensor? res_weight, Tensor? res_mean_g_xhat) -> "
-    "(Tensor grad_input, Tensor grad_res)",
-    "bn_relu_bwd_reduce": "(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
-    "Tensor scale, Tensor shift, bool relu) -> (Tensor sum_g, Tensor sum_g_xhat)",
-    "bn_relu_bwd_elemt": "(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
-    "Tensor? weight, Tensor scale, Tensor shift, bool relu, Tensor mean_g, Tensor mean_g_xhat) "
-    "-> Tensor",
-}
+# The contract's schemas (fastres._opset): same names, same argument names, same mutations.
+SCHEMAS = _opset.SCHEMAS
 _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 MUTATES = {"bn_finalize": _RUNNING, "bn_finalize_count": _RUNNING}
 

@@ -1,4 +1,4 @@
-// The CPU implementation of the fastres op set (csrc/ops.cpp), registered for the CPU dispatch key:
+// The CPU implementation of the fastres op set (fastres/_opset.py), registered for the CPU dispatch key:
 // the kernel table in use (kernels.h) and the registrations. The ops live in ops_infer.cpp
 // (oneDNN fused convolutions), ops_train.cpp (statistics, BatchNorm, backward) and
 // ops_common.cpp (checks, layout helpers, the epilogue pass).
@@ -64,7 +64,7 @@ const Kernels& kernels() {
 
 }  // namespace fastres::cpu
 
-// Introspection for the tests and fastres.info; not part of the op contract (csrc/ops.cpp).
+// Introspection for the tests and fastres.info; not part of the op contract (fastres/_opset.py).
 TORCH_LIBRARY(fastres_cpu, m) {
   // The instruction set of the kernels in use: "avx512", "avx2" or "base".
   m.def("kernel_isa() -> str", [] { return std::string(fastres::cpu::kernels().isa); });

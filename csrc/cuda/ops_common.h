@@ -1,7 +1,7 @@
 // What the ATen launchers of the fastres ops share: ops_conv.cu (the convolutions) and ops_bn.cu
 // (BatchNorm and the per-channel reductions) each launch their kernels and register their ops with
 // the helpers here: the device they serve, the input checks and the layout helpers. Schemas:
-// csrc/ops.cpp; semantics: fastres/reference.py; output shapes, dtypes and memory formats:
+// fastres/_opset.py; semantics: fastres/reference.py; output shapes, dtypes and memory formats:
 // fastres/_meta.py.
 //
 // Each launcher checks every input (device, dtype, rank, shape), brings activations to dense

@@ -1,6 +1,6 @@
 """Choosing a backend for an op call.
 
-Four backends implement the op set of ``csrc/ops.cpp``:
+Four backends implement the op set of ``fastres/_opset.py``:
 
 * ``cuda``      the CUDA C++ kernels of fastres._C (``torch.ops.fastres.*`` on CUDA tensors);
 * ``triton``    the Triton kernels of fastres.triton_kernels (``torch.ops.fastres_triton.*``);
@@ -61,7 +61,7 @@ class Backend:
         return [why] if why else []
 
     def op(self, name: str) -> Callable[..., object]:
-        """One op of the set (a name in OP_NAMES), signature as in csrc/ops.cpp. Plain attribute
+        """One op of the set (a name in OP_NAMES), signature as in fastres/_opset.py. Plain attribute
         look-ups only, so torch.compile traces through it."""
         raise NotImplementedError
 

@@ -6,6 +6,8 @@ that code traced by torch.compile (the dispatcher) never calls into the pybind11
 
 from __future__ import annotations
 
+from fastres import _opset as opset
+
 REBUILD = "pip install --no-build-isolation ."
 
 _loaded = False
@@ -20,6 +22,7 @@ def load() -> tuple[object | None, str | None]:
     if _loaded:
         return _module, _reason
     _loaded = True
+    opset.define("fastres")  # the schemas; fastres._C registers its kernels for them
     try:
         from fastres import _C  # noqa: PLC0415  (loading it registers torch.ops.fastres.*)
     except ImportError as exc:
@@ -56,6 +59,7 @@ def load_cudasim() -> str | None:
     if _sim_loaded:
         return _sim_reason
     _sim_loaded = True
+    opset.define("fastres_cudasim")
     try:
         from fastres import _C_cudasim  # noqa: F401,PLC0415
     except ImportError as exc:

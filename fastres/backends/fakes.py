@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastres._opset import OP_NAMES
 from fastres.reference import acc_dtype
 
 #: op name -> its fake. register_fakes(namespace) registers them for the ops of one namespace
@@ -26,6 +27,8 @@ def _fake(name: str):
 
 def register_fakes(namespace: str) -> None:
     """Register every fake above for ``namespace::<op>`` too (its schemas must be loaded)."""
+    missing = set(OP_NAMES) ^ set(FAKES)
+    assert not missing, f"fakes and the op set differ: {sorted(missing)}"
     for name, fn in FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}")(fn)
 

@@ -1,6 +1,6 @@
 """``python -m fastres.selftest``: are fastres's kernels correct on this device, and faster here?
 
-Every op of the contract (csrc/ops.cpp) on every available backend against fastres.reference, at
+Every op of the contract (fastres/_opset.py) on every available backend against fastres.reference, at
 ResNet-18/50 shapes scaled down (the stem, 1x1 and 3x3, stride 2, odd channels; fp32, TF32 on
 CUDA, bf16, fp16; channels_last and contiguous; running statistics), judged by the suite's
 tolerance rule (fastres.harness.rule); then whole converted blocks, eval and training with gradients

@@ -3,7 +3,7 @@
 A fused block whose BatchNorms are ``nn.SyncBatchNorm`` (all of them, one process group) computes
 each BatchNorm's statistics over the whole global batch: the forward all-reduces the per-channel
 (sum, sum of squares, count) between ``conv_stats`` and ``bn_finalize_count``, the backward the two
-per-channel gradient sums between ``bn_*_bwd_reduce`` and ``bn_*_bwd_elemt`` (csrc/ops.cpp). The
+per-channel gradient sums between ``bn_*_bwd_reduce`` and ``bn_*_bwd_elemt`` (fastres/_opset.py). The
 BN weight and bias gradients are each process's own sums, as ``nn.SyncBatchNorm`` returns them
 (DDP averages them).
 
