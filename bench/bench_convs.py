@@ -8,6 +8,8 @@ import benchlib as B
 import pytest
 import torch
 
+from fastres.harness.rule import randomise_bn  # noqa: E402
+
 CASES = B.resnet50_conv_cases()
 assert len(CASES) == 23, f"ResNet-50 has 23 distinct conv shapes at 224x224, found {len(CASES)}"
 # --bench-quick: the stem, one 3x3 of each stride, a residual epilogue and a stride-2 downsample.
@@ -21,7 +23,7 @@ def test_conv(bm, bctx, provider, case: B.ConvCase):
         pytest.skip("not in --bench-quick")
     bctx.skip_provider(provider, compile_ok=bctx.compile_scope == "all")
     dev, dt, cl, n = bctx.device, bctx.dtype, bctx.channels_last, bctx.batch
-    eager = B.place(B.randomised(B.ConvBNAct(case), seed=1), dev, dt, cl).eval()
+    eager = B.place(randomise_bn(B.ConvBNAct(case), 1), dev, dt, cl).eval()
     p = (case.h + 2 * case.pad - case.k) // case.stride + 1
     q = (case.w + 2 * case.pad - case.k) // case.stride + 1
     x_bytes = n * case.cin * case.h * case.w * torch.tensor([], dtype=dt).element_size()

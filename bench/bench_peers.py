@@ -24,7 +24,11 @@ import pytest
 import torch
 
 from fastres.harness.cases import BlockCase, build_torchvision_block
-from fastres.harness.rule import verdict, verdict_rms
+from fastres.harness.rule import (
+    randomise_bn,  # noqa: E402
+    verdict,
+    verdict_rms,
+)
 
 DTYPES = ["fp32", "bf16"]
 RESNET_BATCHES = [1, 8]
@@ -118,7 +122,7 @@ def test_peers_resnet50(bm, bctx, provider: str, dtype_name: str, batch: int):
     import torchvision
 
     torch.manual_seed(0)
-    eager32 = B.randomised(torchvision.models.resnet50(), seed=1)
+    eager32 = randomise_bn(torchvision.models.resnet50(), 1)
     run_case(bm, bctx, provider, "resnet50", eager32, (batch, 3, 224, 224), dtype_name,
              f"peers-resnet50-{dtype_name}", f"ResNet-50 eval N={batch} {dtype_name}")
 

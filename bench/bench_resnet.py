@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastres.harness.rule import randomise_bn  # noqa: E402
+
 SIZES = [
     ("eval", "cpu", B.MODEL_CPU_BATCH),
     ("train", "cpu", B.MODEL_CPU_BATCH),
@@ -31,7 +33,7 @@ def test_resnet50(bm, bctx, provider, mode: str, size: str, batch: int):
     bctx.skip_provider(provider, compile_ok=bctx.compile_scope == "all")
     dt, cl, train = bctx.dtype, bctx.channels_last, mode == "train"
     torch.manual_seed(0)
-    eager = B.place(B.randomised(torchvision.models.resnet50(), seed=1), dev, dt, cl)
+    eager = B.place(randomise_bn(torchvision.models.resnet50(), 1), dev, dt, cl)
     eager.train(train)
     elt = torch.tensor([], dtype=dt).element_size()
     x_bytes = batch * 3 * 224 * 224 * elt

@@ -125,14 +125,6 @@ class ConvBNAct(nn.Module):
         return torch.relu(y) if self.relu else y
 
 
-def randomised(module: nn.Module, seed: int) -> nn.Module:
-    """BatchNorm affine parameters and running statistics made non-trivial (folding matters)."""
-    from fastres.harness.cases import randomise_batchnorms
-
-    randomise_batchnorms(module, torch.Generator().manual_seed(seed))
-    return module
-
-
 def place(module: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool
           ) -> nn.Module:
     module = module.to(device=device, dtype=dtype)

@@ -39,8 +39,10 @@ def build(provider: str, dtype: torch.dtype, batch: int):
     import benchlib as B
     import torchvision
 
+    from fastres.harness.rule import randomise_bn
+
     torch.manual_seed(0)
-    m = B.randomised(torchvision.models.resnet50(), seed=1).eval()
+    m = randomise_bn(torchvision.models.resnet50(), 1).eval()
     m = B.place(m, torch.device("cpu"), dtype, True)
     x = B.randn((batch, 3, 224, 224), torch.device("cpu"), dtype, True, seed=10)
     if provider == "eager":

@@ -38,9 +38,10 @@ def _models(providers: list[str], dtype: torch.dtype, batch: int):
     import torchvision
 
     import fastres
+    from fastres.harness.rule import randomise_bn
 
     torch.manual_seed(0)
-    base = B.place(B.randomised(torchvision.models.resnet50(), seed=1), torch.device("cpu"),
+    base = B.place(randomise_bn(torchvision.models.resnet50(), 1), torch.device("cpu"),
                    dtype, True).train()
     x = B.randn((batch, 3, 224, 224), torch.device("cpu"), dtype, True, seed=10)
     y = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(3))

@@ -16,32 +16,18 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models import resnet as tv_resnet
-from torchvision.ops import FrozenBatchNorm2d
 
 import fastres
-from fastres.harness.rule import assert_close_rule, verdict_rms
+from fastres.harness.rule import (
+    assert_close_rule,
+    randomise_bn,  # noqa: F401  (re-exported to the tests)
+    verdict_rms,
+)
 
 FUSED = (fastres.BasicBlock, fastres.BottleneckBlock, fastres.ConvBNReLU)
 
 #: Per-rank batch sizes of the SyncBatchNorm tests: uneven, as the last batch of an epoch can be.
 SYNC_SPLIT = [3, 5]
-
-
-def randomise_norm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN affine parameters and running statistics (BatchNorm2d and FrozenBatchNorm2d,
-    timm's BatchNormAct2d included), so that folding is really exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-                c = m.running_mean.numel()
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                if isinstance(m, nn.BatchNorm2d):
-                    m.num_batches_tracked.fill_(3)
-    return model
 
 
 def n_fused(model: nn.Module) -> int:

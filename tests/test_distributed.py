@@ -16,7 +16,7 @@ from integration_helpers import (
     check_rule,
     init_dist,
     n_fused,
-    randomise_norm,
+    randomise_bn,
     run_kept,
     small_resnet,
     spawn,
@@ -77,7 +77,7 @@ def test_ddp_gloo_two_processes(tmp_path):
     DDP must reproduce), by the tolerance rule against float64 torchvision. The yardstick is the
     fused model, not torchvision: the fused-vs-torchvision numerics are the other tests' business,
     and a ReLU decision flipped by rounding would make the comparison a coin toss here."""
-    tv = randomise_norm(small_resnet())
+    tv = randomise_bn(small_resnet())
     state = tv.state_dict()
     # N=4 at 64x64 per rank: layer4's BatchNorms see 16 values per channel (see test_blocks)
     xs = [torch.randn(4, 3, 64, 64) for _ in range(2)]
@@ -157,7 +157,7 @@ def test_sync_bn_ddp_gloo_matches_whole_batch(tmp_path, split):
     test_ddp_gloo_two_processes). Without the all-reduces every BatchNorm would see only its
     process's images and this fails."""
     world = 2
-    tv = randomise_norm(small_resnet())
+    tv = randomise_bn(small_resnet())
     state = tv.state_dict()
     # 64x64 images: layer4's BatchNorms see 4 values per channel per image
     n = sum(split)
@@ -279,7 +279,7 @@ def test_sync_bn_compiled_fullgraph(tmp_path):
     all-reduces of the forward and of the autograd.Function's backward into traceable
     collectives) and a compiled training step (AOTAutograd, forward and backward graphs) computes
     what the eager one does, on every rank."""
-    state = randomise_norm(small_resnet()).state_dict()
+    state = randomise_bn(small_resnet()).state_dict()
     x = torch.randn(sum(SYNC_SPLIT), 3, 32, 32)
     spawn(_sync_compile_worker, 2, state, x, str(tmp_path))
     for rank in range(2):
@@ -293,7 +293,7 @@ def test_sync_bn_convert_round_trip_and_single_process():
     """convert(sync_bn=True): the same state_dict keys; unconvert gives nn.SyncBatchNorm; without
     an initialized process group it trains and evaluates as the plain fused model, on the CPU,
     where nn.SyncBatchNorm would be needed on a GPU only."""
-    tv = randomise_norm(small_resnet())
+    tv = randomise_bn(small_resnet())
     synced, rep = fastres.convert(tv, sync_bn=True, report=True)
     assert n_fused(synced) == 4
     assert sum(why == "SyncBatchNorm" for _, why in rep.swapped) == 12

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import fastres
 from fastres import backends
-from fastres.harness.cases import randomise_batchnorms
+from fastres.harness.rule import randomise_bn
 from fastres.nn import eval_plan as EP
 
 pytestmark = pytest.mark.skipif(
@@ -25,7 +25,7 @@ CL = torch.channels_last
 
 def _model(dtype=torch.float32, seed=0) -> nn.Module:
     m = torchvision.models.resnet18(num_classes=10)
-    randomise_batchnorms(m, torch.Generator().manual_seed(seed))
+    randomise_bn(m, seed)
     return m.eval().to(dtype).to(memory_format=CL)
 
 

@@ -23,7 +23,7 @@ from integration_helpers import (
     check_rule,
     init_dist,
     n_fused,
-    randomise_norm,
+    randomise_bn,
     run_kept,
     small_resnet,
     spawn,
@@ -42,7 +42,7 @@ def test_resnet18_cpu_autocast_bf16(train):
     """A converted resnet18 under torch.autocast("cpu", bfloat16) against torchvision's under the
     same autocast: same output dtype (bfloat16), float32 parameter grads and running statistics,
     all within the tolerance rule of a float64 run without autocast."""
-    tv = randomise_norm(torchvision.models.resnet18(num_classes=10))
+    tv = randomise_bn(torchvision.models.resnet18(num_classes=10))
     ref = copy.deepcopy(tv).double()
     ours = fastres.convert(copy.deepcopy(tv))
     # 64x64 and N=4: layer4's BatchNorms see 16 values per channel (see test_blocks).
@@ -67,7 +67,7 @@ def test_block_autocast_float32_input(train):
         tv_resnet.BasicBlock(16, 16),
         Conv2dNormActivation(16, 8, 3),
     ):
-        tv = randomise_norm(tv)
+        tv = randomise_bn(tv)
         ref = copy.deepcopy(tv).double()
         ours = fastres.convert(copy.deepcopy(tv))
         assert n_fused(ours) == 1
@@ -96,7 +96,7 @@ def test_frozen_bn_detection_backbone_train():
     """Train mode: FrozenBatchNorm2d is folded (its statistics never change), gradients reach
     the conv weights through the fold; outputs, input grad and every trainable parameter's grad
     by the tolerance rule."""
-    tv = randomise_norm(frozen_detection_backbone())
+    tv = randomise_bn(frozen_detection_backbone())
     ours, rep = fastres.convert(copy.deepcopy(tv), report=True)
     # 16 blocks and the body (IntermediateLayerGetter: its stem conv1, bn1, relu)
     assert len(rep.swapped) == 17 and ("body", "FusedLayerGetter") in rep.swapped, rep
@@ -137,7 +137,7 @@ def test_frozen_bn_blocks_and_reasons():
     # 48x48: enough ReLU-mask flips for bf16 gradient errors to be an average, not a coin toss
     x = torch.randn(4, 8, 48, 48)
     for tv, modes in cases:
-        tv = randomise_norm(tv)
+        tv = randomise_bn(tv)
         ours = fastres.convert(copy.deepcopy(tv))
         assert n_fused(ours) == 1
         ref = copy.deepcopy(tv).double()
@@ -166,7 +166,7 @@ def test_export_eval_resnet18():
     """torch.export of a converted model in eval mode: the folds and fused ops are traced (the
     compiled backends' ops through their fake kernels) and the exported program computes what
     torchvision does."""
-    tv = randomise_norm(torchvision.models.resnet18(num_classes=10)).eval()
+    tv = randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
     ours = fastres.convert(tv).eval()
     x = torch.randn(2, 3, 32, 32)
     ep = torch.export.export(ours, (x,))
@@ -198,7 +198,7 @@ def test_compile_channels_last_eval_block():
     where the CPU backend prepacks weights. Inductor computes the folds in the graph and reuses
     conv1's folded-weight buffer for conv2's (written without a version bump); a cache keyed on
     the tensor then ran conv2 with conv1's weight (max error 2.09 before the fix)."""
-    tv = randomise_norm(tv_resnet.BasicBlock(16, 16)).eval().to(memory_format=torch.channels_last)
+    tv = randomise_bn(tv_resnet.BasicBlock(16, 16)).eval().to(memory_format=torch.channels_last)
     ours = fastres.convert(tv)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     torch._dynamo.reset()
@@ -215,7 +215,7 @@ def test_compile_max_autotune_small_resnet():
     statistics by the tolerance rule against float64 torchvision, with the worse of eager and
     max-autotune-compiled torchvision as PyTorch's yardstick (test_compile_resnet50_modes runs
     ResNet-50 in both modes with FASTRES_SLOW=1)."""
-    tv = randomise_norm(small_resnet())
+    tv = randomise_bn(small_resnet())
     ours = fastres.convert(copy.deepcopy(tv))
     ref = copy.deepcopy(tv).double()
     torch._dynamo.reset()
@@ -288,7 +288,7 @@ def test_compile_resnet50_modes(mode):
     and be finite here: through ~50 ReLUs at this size one activation within rounding of zero
     takes the other branch in one of the runs, and that single decision dominates a gradient's
     max error (eager gradient parity: test_blocks; compiled: test_compile_fullgraph_bottleneck)."""
-    tv = randomise_norm(torchvision.models.resnet50(num_classes=10))
+    tv = randomise_bn(torchvision.models.resnet50(num_classes=10))
     ours = fastres.convert(copy.deepcopy(tv))
     ref = copy.deepcopy(tv).double()
     torch._dynamo.reset()
@@ -359,7 +359,7 @@ def test_sync_bn_gpu_matches_nn_syncbatchnorm(backend, tmp_path):
     one) matches torchvision with nn.SyncBatchNorm under the same DDP step: outputs, gradients,
     running statistics, by the tolerance rule against the float64 nn.SyncBatchNorm run."""
     world = 2
-    state = randomise_norm(small_resnet()).state_dict()
+    state = randomise_bn(small_resnet()).state_dict()
     x, proj = torch.randn(sum(SYNC_SPLIT), 3, 64, 64), torch.randn(sum(SYNC_SPLIT), 10)
     spawn(_gpu_sync_worker, world, backend, state, x, proj, str(tmp_path))
     for rank in range(world):
@@ -377,7 +377,7 @@ def test_cuda_graph_capture_forward_and_training_step(backend, monkeypatch):
     if backend != "auto":
         monkeypatch.setenv("FASTRES_BACKEND", backend)
     dev = torch.device("cuda")
-    base = fastres.convert(randomise_norm(small_resnet())).to(dev)
+    base = fastres.convert(randomise_bn(small_resnet())).to(dev)
     base = base.to(memory_format=torch.channels_last)
     x0 = torch.randn(8, 3, 64, 64, device=dev).contiguous(memory_format=torch.channels_last)
     proj = torch.randn(8, 10, device=dev)
@@ -441,7 +441,7 @@ def test_resnet18_cuda_autocast_bf16(backend, train, monkeypatch):
     """test_resnet18_cpu_autocast_bf16 on CUDA (torch.autocast("cuda", bfloat16)), per backend."""
     if backend != "auto":
         monkeypatch.setenv("FASTRES_BACKEND", backend)
-    tv = randomise_norm(torchvision.models.resnet18(num_classes=10)).cuda()
+    tv = randomise_bn(torchvision.models.resnet18(num_classes=10)).cuda()
     ref = copy.deepcopy(tv).double()
     ours = fastres.convert(copy.deepcopy(tv))
     x = torch.randn(4, 3, 64, 64, device="cuda")

@@ -14,7 +14,7 @@ from functools import partial
 
 import pytest
 import torch
-from integration_helpers import check_rule, randomise_norm, run_kept
+from integration_helpers import check_rule, randomise_bn, run_kept
 from torch import nn
 
 import fastres
@@ -102,7 +102,7 @@ def test_timm_block_fused(name):
     eval and in a training step; float32 by the tolerance rule, float64 to float64's bar. Layers
     with random masks (stochastic depth, DropBlock) draw the same masks in every run (seeded)."""
     make, cls, cin, random = BLOCKS[name]
-    tm = randomise_norm(make())
+    tm = randomise_bn(make())
     ours, rep = fastres.convert(copy.deepcopy(tm), report=True)
     assert type(ours).__name__ == cls and ("", cls) in rep.swapped and not rep.left, rep
     for path, s in rep.layers.items():
@@ -126,7 +126,7 @@ def test_timm_block_autocast(name, train):
     """Under torch.autocast("cpu", bfloat16) a fused twin returns what timm's block returns
     under the same autocast (dtypes included), by the rule against float64 without autocast."""
     make, _, cin, _ = BLOCKS[name]
-    tm = randomise_norm(make())
+    tm = randomise_bn(make())
     ours = fastres.convert(copy.deepcopy(tm))
     # 16x16, N=4: enough ReLU-mask flips for bf16 gradient errors to be an average
     x = torch.randn(4, cin, 16, 16)
@@ -144,7 +144,7 @@ def test_timm_resnet(name):
     training path is the same code as resnet18's and test_timm_bottleneck_train's)."""
     from fastres.nn.timm import TimmBasicBlock, TimmBottleneck
 
-    tm = randomise_norm(timm.create_model(name, pretrained=False, num_classes=10))
+    tm = randomise_bn(timm.create_model(name, pretrained=False, num_classes=10))
     ours, rep = fastres.convert(copy.deepcopy(tm), report=True)
     cls = TimmBasicBlock if name == "resnet18" else TimmBottleneck
     n_blocks = 8 if name == "resnet18" else 16
@@ -173,7 +173,7 @@ def test_timm_resnet(name):
 
 def test_timm_bottleneck_train():
     """A timm Bottleneck with a stride-2 conv + BN downsample, training step and eval."""
-    tm = randomise_norm(timm_resnet.Bottleneck(24, 8, stride=2, downsample=_ds(24, 32, 2)))
+    tm = randomise_bn(timm_resnet.Bottleneck(24, 8, stride=2, downsample=_ds(24, 32, 2)))
     ours = fastres.convert(copy.deepcopy(tm))
     assert type(ours).__name__ == "TimmBottleneck"
     ref = copy.deepcopy(tm).double()
@@ -192,7 +192,7 @@ def test_timm_stems_fused(stem):
     too. A small ResNet (one block per stage), eval and a training step, float32 by the rule and
     float64 to float64's bar."""
     kw = dict(stem_type=stem, stem_width=16, avg_down=bool(stem)) if stem else {}
-    tm = randomise_norm(
+    tm = randomise_bn(
         timm_resnet.ResNet(timm_resnet.BasicBlock, [1, 1, 1, 1], num_classes=10, **kw)
     )
     ours, rep = fastres.convert(copy.deepcopy(tm), report=True)
@@ -214,7 +214,7 @@ def test_timm_left_with_reasons():
     """Another activation than ReLU: the blocks and the stem are left with the reason (their
     conv + BN downsample branches, run as modules, are fused), and the model computes what
     timm's does. Layers inside attention modules are reported as such."""
-    tm = randomise_norm(timm.create_model("resnet18", pretrained=False, act_layer=nn.SiLU))
+    tm = randomise_bn(timm.create_model("resnet18", pretrained=False, act_layer=nn.SiLU))
     ours, rep = fastres.convert(copy.deepcopy(tm).eval(), report=True)
     assert rep.swapped == [(f"layer{i}.0.downsample", "FusedSequential") for i in (2, 3, 4)]
     assert rep.blocks == (0, 8) and rep.convs == (3, 20), rep

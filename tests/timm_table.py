@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from integration_helpers import randomise_norm, run_kept  # noqa: E402
+from integration_helpers import randomise_bn, run_kept  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres.harness.rule import verdict  # noqa: E402
@@ -91,7 +91,7 @@ def _short(why: str, n: int) -> str:
 def build(name: str):
     import timm
 
-    return randomise_norm(timm.create_model(name, pretrained=False, num_classes=10))
+    return randomise_bn(timm.create_model(name, pretrained=False, num_classes=10))
 
 
 def row(family: str, name: str) -> Row:

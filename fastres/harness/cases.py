@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from fastres.harness.rule import randomise_bn
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -108,21 +110,8 @@ def build_torchvision_block(case: BlockCase, seed: int) -> nn.Module:
         ds = nn.Sequential(tv_resnet.conv1x1(case.inplanes, out_ch, case.stride),
                            nn.BatchNorm2d(out_ch))
     block = cls(case.inplanes, case.planes, case.stride, ds)
-    randomise_batchnorms(block, gen)
+    randomise_bn(block, gen)
     return block
-
-
-def randomise_batchnorms(module: nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial affine parameters and running statistics, so that folding them matters."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)  # [0.5, 1.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)  # [0.5, 2)
-                m.num_batches_tracked.fill_(int(torch.randint(0, 1000, (1,), generator=gen)))
 
 
 def in_format(x: Tensor, channels_last: bool) -> Tensor:

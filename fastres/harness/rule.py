@@ -141,18 +141,25 @@ def verdict_own_refs(name: str, ours: torch.Tensor, ref_ours: torch.Tensor,
                    2 * torch_err + dtype_tols(dtype))
 
 
-def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random BN affine parameters and running statistics, so folding is really exercised."""
-    g = torch.Generator().manual_seed(seed)
+def randomise_bn(model: torch.nn.Module, seed: int | torch.Generator = 0) -> torch.nn.Module:
+    """The project's one BatchNorm randomiser: non-trivial affine parameters and running
+    statistics in every BatchNorm2d (SyncBatchNorm and timm's BatchNormAct2d are subclasses) and
+    FrozenBatchNorm2d of ``model``, so that folding them really matters: weight U[0.5, 1.5),
+    bias and running_mean N(0, 0.2^2), running_var U[0.5, 2), num_batches_tracked U{0..999}.
+    ``seed``: an int, or a generator to draw from. Returns ``model``."""
+    from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: PLC0415
+
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
+            if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
+                c = m.running_mean.numel()
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=g) * 0.2)
                 m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                m.num_batches_tracked.fill_(3)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                if getattr(m, "num_batches_tracked", None) is not None:
+                    m.num_batches_tracked.fill_(int(torch.randint(0, 1000, (1,), generator=g)))
     return model
 
 
