@@ -45,37 +45,55 @@ def _check_batch_stats_count(x_shape: Sequence[int], count: int) -> None:
 
 
 class _ConvBiasActFn(torch.autograd.Function):
-    """conv_bias_act with a backward made of fastres ops (relu_bias_bwd, conv_bwd)."""
+    """conv_bias_act with a backward made of fastres ops (relu_bias_bwd, conv_bwd).
+
+    With ``scale`` (out = act(conv(x, W) * s + b + r), a BatchNorm not folded into W), one
+    conv_bwd with the weight W * s gives both gradients: the data gradient is linear in the
+    weight (dgrad(g, W * s) = dgrad(g * s, W)), and the weight gradient G = wgrad(g, x) does not
+    depend on it; then dW = s * G and ds[k] = sum(W[k] * G[k]) (conv(x, W) is linear in W, so
+    sum over the output of g * conv(x, W) = <G, W>): no extra convolution, nothing saved but x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, conv: ConvSpec, relu: bool, backend: str):
-        be = backend
-        out = backends.op(be, "conv_bias_act")(x, weight, bias, residual, *conv.args(), relu)
+    def forward(ctx, x, weight, bias, residual, conv: ConvSpec, relu: bool, backend: str,
+                scale=None):
+        op = backends.op(backend, "conv_bias_act")
+        args = (x, weight, bias, residual, *conv.args(), relu)
+        out = op(*args) if scale is None else op(*args, scale)
         ctx.conv, ctx.relu, ctx.backend = conv, relu, backend
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, weight, out if relu else None)
+        ctx.save_for_backward(x, weight, out if relu else None, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, out = ctx.saved_tensors
+        x, weight, out, scale = ctx.saved_tensors
         be = ctx.backend
         grad_z, grad_bias = backends.op(be, "relu_bias_bwd")(
             grad_out.contiguous(memory_format=memory_format_of(x)), out
         )
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = grad_w = None
-        if need_x or need_w:
+        need_s = scale is not None and ctx.needs_input_grad[7]
+        grad_x = grad_w = grad_s = None
+        if need_x or need_w or need_s:
+            w = weight
+            if scale is not None:
+                s4 = scale.reshape(-1, 1, 1, 1)
+                w = (weight.to(scale.dtype) * s4).to(weight.dtype).contiguous(
+                    memory_format=memory_format_of(weight))
             gx, gw = backends.op(be, "conv_bwd")(
-                grad_z, x, weight, None, None, False, *ctx.conv.args(), [need_x, need_w]
+                grad_z, x, w, None, None, False, *ctx.conv.args(), [need_x, need_w or need_s]
             )
             grad_x = gx if need_x else None
-            grad_w = gw if need_w else None
+            if scale is None:
+                grad_w = gw if need_w else None
+            else:
+                g = gw.to(scale.dtype)
+                grad_w = (g * s4).to(weight.dtype) if need_w else None
+                grad_s = (g * weight.to(scale.dtype)).sum(dim=(1, 2, 3)) if need_s else None
         grad_b = grad_bias.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_r = grad_z if ctx.has_residual and ctx.needs_input_grad[3] else None
-        return grad_x, grad_w, grad_b, grad_r, None, None, None
-
+        return grad_x, grad_w, grad_b, grad_r, None, None, None, grad_s
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,12 @@ __all__ = ["DOCS", "OP_NAMES", "SCHEMAS", "define"]
 _OPS: dict[str, tuple[str, str]] = {
     "conv_bias_act": (
         "(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] "
-        "padding, int[2] dilation, int groups, bool relu) -> Tensor",
-        "Inference: out = act(conv2d(input, weight) + bias[k] + residual), one output write. "
-        "bias is the folded BatchNorm shift, residual has the output's shape.",
+        "padding, int[2] dilation, int groups, bool relu, Tensor? scale=None) -> Tensor",
+        "Inference: out = act(conv2d(input, weight) * scale[k] + bias[k] + residual), one output "
+        "write. bias is the BatchNorm shift (of a fold, or beta - mean * scale), residual has the "
+        "output's shape. scale (the accumulation dtype, given only with bias) is the BatchNorm "
+        "scale gamma / sqrt(var + eps) applied in the epilogue, so that the weight is the live "
+        "parameter and nothing folded needs keeping; without it the weight is a folded one.",
     ),
     "relu_bias_bwd": (
         "(Tensor grad_out, Tensor? out) -> (Tensor grad_z, Tensor grad_bias)",

@@ -61,6 +61,7 @@ __all__ = [
     "fold_dtypes",
     "fingerprint",
     "fold_sources",
+    "bn_scale_shift",
     "inner_relu_decisions",
     "memory_format_of",
 ]
@@ -242,15 +243,20 @@ def conv_bias_act(
     groups: int = 1,
     relu: bool = True,
     backend: str | None = None,
+    scale: Tensor | None = None,
 ) -> Tensor:
-    """``relu?(conv2d(x, weight) + bias + residual)`` as one fused op (one output write).
+    """``relu?(conv2d(x, weight) * scale + bias + residual)`` as one fused op (one output write).
 
     Args:
         x: ``(N, C, H, W)`` input, any memory format.
         weight: ``(K, C / groups, R, S)``, same dtype and device as ``x``.
-        bias: ``(K,)`` or None (a folded BatchNorm's shift).
+        bias: ``(K,)`` or None (a BatchNorm's shift).
         residual: the output's shape ``(N, K, P, Q)`` or None.
         backend: force a backend by name (default: FASTRES_BACKEND or the dispatcher's choice).
+        scale: ``(K,)`` in the accumulation dtype, given only with ``bias``: a BatchNorm's scale
+            applied to the convolution in the epilogue (:func:`bn_scale_shift`), so that
+            ``weight`` is the live parameter and nothing folded is kept. Without it, ``weight``
+            may be a folded one (:func:`fold_bn`).
 
     Returns the ``(N, K, P, Q)`` output in ``x``'s dtype and memory format (under autocast, in
     the autocast dtype, see the module docstring). Differentiable.
@@ -262,16 +268,40 @@ def conv_bias_act(
         x, weight, residual = (_autocast(t, ac) for t in (x, weight, residual))
         with torch.autocast(x.device.type, enabled=False):
             return conv_bias_act(
-                x, weight, bias, residual, stride, padding, dilation, groups, relu, backend
+                x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, scale
             )
     check_input(x, weight, "fastres.conv_bias_act")
+    if scale is not None and bias is None:
+        raise ValueError("fastres.conv_bias_act: scale is given only with bias")
     conv = ConvSpec(tuple(_pair(stride)), tuple(_pair(padding)), tuple(_pair(dilation)), groups)
-    needs_grad = _needs_grad(x, weight, bias, residual)
+    needs_grad = _needs_grad(x, weight, bias, residual, scale)
     b = backends.select(_inputs(x, weight, conv, training=needs_grad), backend)
     if b.name != "reference" and needs_grad:
-        return _ConvBiasActFn.apply(x, weight, bias, residual, conv, relu, b.name)
+        return _ConvBiasActFn.apply(x, weight, bias, residual, conv, relu, b.name, scale)
     # The reference op is plain PyTorch, differentiable as it is.
-    return b.op("conv_bias_act")(x, weight, bias, residual, *conv.args(), relu)
+    args = (x, weight, bias, residual, *conv.args(), relu)
+    return b.op("conv_bias_act")(*args) if scale is None else b.op("conv_bias_act")(*args, scale)
+
+
+def bn_scale_shift(
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of an eval-mode BatchNorm, ``scale = gamma / sqrt(var + eps)`` and
+    ``shift = beta - mean * scale``, in ``dtype`` (the accumulation dtype), from the live
+    tensors: a few per-channel ops on the tensors' device, no host sync, differentiable. For
+    :func:`conv_bias_act`'s ``scale`` and ``bias``."""
+    scale = torch.rsqrt(running_var.to(dtype) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(dtype)
+    shift = -running_mean.to(dtype) * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(dtype)
+    return scale, shift
 
 
 def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec, training: bool = False) -> Inputs:

@@ -83,10 +83,16 @@ def conv_bias_act(
     dilation: list[int],
     groups: int,
     relu: bool,
+    scale: Tensor | None = None,
 ) -> Tensor:
-    """out = relu?(conv2d(input, weight) + bias[k] + residual), in input's dtype and format."""
+    """out = relu?(conv2d(input, weight) * scale[k] + bias[k] + residual), in input's dtype and
+    format; the products and sums in the accumulation dtype, rounded once."""
+    if scale is not None and bias is None:
+        raise ValueError("conv_bias_act: scale is given only with bias")
     y = F.conv2d(input, weight, None, stride, padding, dilation, groups)
     z = y.to(acc_dtype(y.dtype))
+    if scale is not None:
+        z = z * _per_channel(scale.to(z.dtype))
     if bias is not None:
         z = z + _per_channel(bias.to(z.dtype))
     if residual is not None:

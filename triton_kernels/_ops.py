@@ -97,12 +97,15 @@ def _vec(v: Tensor | None) -> Tensor | None:
 def conv_bias_act(
     input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+    scale: Tensor | None = None,
 ) -> Tensor:
     _check_conv("conv_bias_act", input, weight, groups, dilation)
     _check_conv_out("conv_bias_act", input, weight, stride, padding, dilation)
     _check_act("conv_bias_act", input, residual)
+    if scale is not None and bias is None:
+        raise ValueError("fastres_triton.conv_bias_act: scale is given only with bias")
     out, _, _ = _conv.conv_forward(input, weight, bias, residual, relu, None, None, False, False,
-                                   stride, padding, dilation)
+                                   stride, padding, dilation, _vec(scale))
     return out
 
 

@@ -97,6 +97,7 @@ def _conv_fwd_kernel(
     x_ptr,  # (N, C, H, W), any strides (channels_last: C contiguous)
     w_ptr,  # (K, C, R, S), any strides; with DOT_PRECISION "tf32": rounded to TF32 (round_tf32)
     bias_ptr,  # (K,)
+    scale_ptr,  # (K,) float32: a BatchNorm scale applied before the bias (HAS_SCALE)
     res_ptr,  # (N, K, P, Q), any strides
     out_ptr,  # (N, K, P, Q), any strides
     pre_scale_ptr,  # (C,) float32
@@ -110,7 +111,8 @@ def _conv_fwd_kernel(
     stride_on, stride_ok, stride_op, stride_oq,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
     PROLOGUE_BN: tl.constexpr, PRE_RELU: tl.constexpr, STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -170,6 +172,8 @@ def _conv_fwd_kernel(
                  mask=n_ok)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_SCALE:  # the BatchNorm scale, not folded into the weight
+            acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         acc += bias[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RESIDUAL:
@@ -402,6 +406,7 @@ def conv_forward(
     stride,
     padding,
     dilation,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
@@ -432,14 +437,16 @@ def conv_forward(
     grid = (num_pid_m * triton.cdiv(k, cfg.BLOCK_N),)
     launch(
         _conv_fwd_kernel, grid,
-        x, weight, bias if bias is not None else x, res, out, sc, sh, psum, psumsq,
+        x, weight, bias if bias is not None else x, scale if scale is not None else x, res,
+        out, sc, sh, psum, psumsq,
         m, c, h, w, k, p, q,
         *strides4(x), *strides4(weight),
         *(strides4(residual) if residual is not None else (0, 0, 0, 0)),
         *strides4(out),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         R=r, S=s,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
         PROLOGUE_BN=prologue, PRE_RELU=bool(pre_relu), STATS=bool(stats),
         DOT_PRECISION=precision, UPCAST=UPCAST_DOT,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,

@@ -290,7 +290,7 @@ class PackedWeights {
 Tensor conv_bias_act_impl(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
                           const optional<Tensor>& residual, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                          bool relu, bool finite) {
+                          bool relu, bool finite, const optional<Tensor>& scale = std::nullopt) {
   constexpr const char* op = "conv_bias_act";
   const auto out_sizes = check_conv(op, input, weight, stride, padding, dilation, groups);
   const auto dtype = input.scalar_type();
@@ -309,6 +309,21 @@ Tensor conv_bias_act_impl(const Tensor& input, const Tensor& weight, const optio
     check_same_dtype(op, "residual", *residual, "input", input);
   }
   const auto fmt = format_of(input);
+  if (has(scale)) {
+    // The BatchNorm scale in the epilogue (the weight is the live, unfolded parameter): the
+    // convolution alone, then relu?(y * scale + bias + residual) in one pass over its output.
+    TORCH_CHECK(has(bias), "fastres::", op, ": scale is given only with bias");
+    check_vec(op, "scale", *scale, k, "one per output channel of weight");
+    TORCH_CHECK(scale->scalar_type() == acc_dtype(dtype), "fastres::", op, ": scale has dtype ",
+                scale->scalar_type(), "; expected ", acc_dtype(dtype));
+    Tensor out = in_format(
+        onednn_supports(dtype)
+            ? pointwise_conv(input, weight, std::nullopt, stride, padding, dilation, groups, false)
+            : conv_nobias(input, weight, stride, padding, dilation, groups),
+        fmt);
+    run_epilogue(out, out, fmt, scale, bias, residual, std::nullopt, std::nullopt, 0, relu);
+    return out;
+  }
 
   if (onednn_supports(dtype)) {
     // Measured on a 2-core Xeon (AVX-512), fp32 channels_last, torchvision Bottleneck(256, 64),
@@ -369,9 +384,9 @@ Tensor conv_bias_act_impl(const Tensor& input, const Tensor& weight, const optio
 Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
                          const optional<Tensor>& residual, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         bool relu) {
+                         bool relu, const optional<Tensor>& scale) {
   return conv_bias_act_impl(input, weight, bias, residual, stride, padding, dilation, groups, relu,
-                            false);
+                            false, scale);
 }
 
 Tensor conv_bias_act_finite_cpu(const Tensor& input, const Tensor& weight,

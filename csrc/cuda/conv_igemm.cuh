@@ -345,7 +345,7 @@ __device__ __forceinline__ void conv_acc_to_smem(const ConvAcc<MATH, Cfg>& c, fl
   }
 }
 
-// ---- epilogue: the tile + bias, + residual, ReLU, rounded to T, 16-byte stores to out ----
+// ---- epilogue: the tile (* scale) + bias, + residual, ReLU, rounded to T, 16-byte stores ----
 // With STATS the tile keeps the stored (rounded) values, zero outside the output, for the stats.
 template <typename T, class Cfg, bool STATS, bool BIAS, bool RESIDUAL, bool RELU>
 __device__ __forceinline__ void conv_epilogue(const ConvParams& p, float* cs, int m0, int n0,
@@ -369,9 +369,16 @@ __device__ __forceinline__ void conv_epilogue(const ConvParams& p, float* cs, in
       for (int e = 0; e < EPC; ++e) v[e] = crow[e];
       const int64_t off = static_cast<int64_t>(m) * p.OC + k0;
       if constexpr (BIAS) {
+        if (p.scale != nullptr) {  // a BatchNorm's scale, not folded into the weight
 #pragma unroll
-        for (int e = 0; e < EPC; ++e)
-          if (k0 + e < p.OC) v[e] += __ldg(p.bias + k0 + e);
+          for (int e = 0; e < EPC; ++e)
+            if (k0 + e < p.OC)  // two roundings, as the reference's multiply then add
+              v[e] = __fadd_rn(__fmul_rn(v[e], __ldg(p.scale + k0 + e)), __ldg(p.bias + k0 + e));
+        } else {
+#pragma unroll
+          for (int e = 0; e < EPC; ++e)
+            if (k0 + e < p.OC) v[e] += __ldg(p.bias + k0 + e);
+        }
       }
       if constexpr (RESIDUAL) {
         if (vec_ok) {

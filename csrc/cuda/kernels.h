@@ -41,6 +41,7 @@ struct ConvParams {
   const void* w;           // (OC, R, S, XC)
   void* out;               // (N, OH, OW, OC) = (M, OC)
   const float* bias;       // (OC) or null
+  const float* scale;      // (OC) or null (only with bias): out = acc * scale + bias
   const void* residual;    // (M, OC) like out, or null
   const float* pre_scale;  // (XC) or null: prologue a = relu?(x * pre_scale + pre_shift)
   const float* pre_shift;  // (XC) or null

@@ -181,11 +181,15 @@ FwdOperands fwd_operands(const Tensor& input, const Tensor& weight, const ConvGe
 Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTensor& bias,
                           const OptTensor& residual, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                          bool relu) {
+                          bool relu, const OptTensor& scale) {
   const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_bias_act");
   c10::cuda::CUDAGuard guard(input.device());
   const DType dt = to_dtype(input, "conv_bias_act");
   const Tensor b = opt_chan_vec(bias, g.K, "bias", input);
+  // The BatchNorm scale in the epilogue (the weight is the live parameter, nothing folded).
+  TORCH_CHECK(!scale.has_value() || b.defined(), "fastres::conv_bias_act: scale is given only "
+              "with bias");
+  const Tensor sc = opt_chan_vec(scale, g.K, "scale", input);
   Tensor res;
   if (residual.has_value()) {
     const Tensor& r = *residual;
@@ -203,6 +207,7 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
   ConvParams p{};
   fill_conv_io(p, o.x, o.w, out.buf, g);
   p.bias = fptr(b);
+  p.scale = fptr(sc);
   p.residual = res.defined() ? res.data_ptr() : nullptr;
   p.has_bias = b.defined();
   p.has_residual = res.defined();

@@ -55,7 +55,7 @@ def _vec(ref: Tensor, c: int) -> Tensor:
 
 
 @_fake("conv_bias_act")
-def _(input, weight, bias, residual, stride, padding, dilation, groups, relu):
+def _(input, weight, bias, residual, stride, padding, dilation, groups, relu, scale=None):
     return _like_format(_conv_out_shape(input, weight, stride, padding, dilation), input)
 
 

@@ -292,6 +292,8 @@ class _FusedMixin:
         # Under autocast, fold straight into the autocast dtype (cached) rather than casting the
         # float32 fold on every call; the bias stays float32 then (see FF.fold_dtypes).
         wdt, bdt = FF.fold_dtypes(x)
+        if not self._fold_cacheable(conv, bn):
+            return self._eval_conv_live(x, conv, bn, residual, relu, block_output, wdt)
         w, b, exact = self._folded(conv, bn, wdt, bdt)
         if not exact:
             # The fold would change where NaN/Inf appear (see _fold_is_exact): run the unfolded
@@ -314,6 +316,41 @@ class _FusedMixin:
                     z = z + residual
                 return torch.relu(z) if relu else z
         return FF.conv_bias_act(x, w, b, residual, *args, relu)
+
+    @staticmethod
+    def _fold_cacheable(conv: nn.Module, bn: nn.Module) -> bool:
+        """Whether eval folds this pair into a cached weight: CPU tensors (whose values the
+        cache checks with one read), no autograd through it, not traced. Otherwise the
+        BatchNorm's scale and shift go to the convolution's epilogue from the live tensors
+        (_eval_conv_live): no fold, no cache, no host sync."""
+        if conv.weight.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not any(t is not None and t.requires_grad for t in FF.fold_sources(conv, bn))
+
+    def _eval_conv_live(self, x, conv, bn, residual, relu, block_output, wdt) -> Tensor:
+        """relu?(conv(x) * scale + shift + residual) with the BatchNorm's scale and shift in the
+        convolution's epilogue, computed from the live tensors on every call (a few per-channel
+        ops): the weight is the parameter itself, so nothing can go stale, no sync asks whether
+        a fold kept NaN/Inf in place (the epilogue is the BatchNorm's own arithmetic), and a
+        replayed CUDA graph or a compiled program reads the tensors as they are. Autograd flows
+        to the conv weight and the BatchNorm's affine parameters through it."""
+        from fastres.reference import acc_dtype  # noqa: PLC0415
+
+        args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        scale, shift = FF.bn_scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                         bn.eps, acc_dtype(wdt))
+        if block_output and type(bn) is FrozenBatchNorm2d:
+            out_dt = torch.promote_types(wdt, bn.weight.dtype)
+            if out_dt != wdt:  # as in _eval_conv: the affine part in the buffers' dtype
+                y = FF.conv_bias_act(x, conv.weight, None, None, *args, relu=False)
+                z = (y.to(out_dt) * scale.to(out_dt).reshape(1, -1, 1, 1)
+                     + shift.to(out_dt).reshape(1, -1, 1, 1))
+                if residual is not None:
+                    z = z + residual
+                return torch.relu(z) if relu else z
+        return FF.conv_bias_act(x, conv.weight, shift, residual, *args, relu, scale=scale)
 
     @staticmethod
     def _stage(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Stage, tuple]:

@@ -57,6 +57,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fastres._specs import ConvSpec
 from fastres.functional import (
+    bn_scale_shift,
     check_input,
     fingerprint,
     fold_dtypes,
@@ -64,6 +65,7 @@ from fastres.functional import (
     memory_format_of,
     select_backend,
 )
+from fastres.reference import acc_dtype
 
 #: The largest bound a pre-activation may have for the post-op ReLU: far below float32's and
 #: bfloat16's 3.4e38, so rounding (2^-8 relative per stored bf16 value, accumulation order)
@@ -120,10 +122,11 @@ class EvalPlan:
         self.convs = tuple(c for c, _ in pairs)
         self.bns = tuple(b for _, b in pairs)
         self.wdt, self.bdt, self.fmt = wdt, bdt, fmt
-        self.folds = tuple(folds)
-        # The values every fold was computed from (fastres_cpu::fingerprint), checked per call.
+        # None: live, the BatchNorms' scale and shift computed per call for the epilogue.
+        self.folds = None if folds is None else tuple(folds)
         self.eps = tuple(float(bn.eps) for bn in self.bns)
-        self.sources = _fingerprint(self.convs, self.bns)
+        # The values every fold was computed from (fastres_cpu::fingerprint), checked per call.
+        self.sources = None if folds is None else _fingerprint(self.convs, self.bns)
         self.m_max, self.finite_op, self.absmax, self.into_op = math.nan, None, None, None
         if all_cpu and shortcut_bound_known(shortcut):
             ns = getattr(torch.ops, "fastres_cpu", None)
@@ -171,9 +174,11 @@ class EvalPlan:
         backend = select_backend(x, [c.weight for c, _ in all_pairs],
                                  [ConvSpec.of(c) for c, _ in all_pairs], training=False)
         op = backend.op("conv_bias_act")
-        folds = [block._folded(c, b, wdt, bdt) for c, b in all_pairs]
-        if not all(f[2] for f in folds):
-            return None
+        folds = None  # live: the BatchNorms in the epilogues (no cache off the CPU)
+        if block._fold_cacheable(*all_pairs[0]):
+            folds = [block._folded(c, b, wdt, bdt) for c, b in all_pairs]
+            if not all(f[2] for f in folds):
+                return None
         steps = [(c, b, op) for c, b in pairs]
         if ds_pair is not None:
             shortcut = ("pair", ds_pair[0], ds_pair[1], op)
@@ -181,7 +186,7 @@ class EvalPlan:
             shortcut = ("module", ds)
         else:
             shortcut = None
-        all_cpu = x.device.type == "cpu" and backend.name == "cpu"
+        all_cpu = folds is not None and backend.name == "cpu"
         return EvalPlan(block, x, steps, shortcut, wdt, bdt, memory_format_of(x), folds,
                         all_cpu)
 
@@ -216,42 +221,52 @@ class EvalPlan:
         downsample's output is the plan's own and is always written into."""
         if not self._valid(block, x):
             return None
-        # One read of the block's conv weights and BN tensors: the folds are current only if
-        # their values are (writes through .data leave the version counters alone).
-        if self.sources is None or _fingerprint(self.convs, self.bns) != self.sources:
-            return None
-        folds = self.folds
+        if self.folds is None:  # live: each BatchNorm's scale and shift from its tensors now
+            acc = acc_dtype(self.wdt)
+            folds = []
+            for conv, bn in zip(self.convs, self.bns, strict=True):
+                scale, shift = bn_scale_shift(bn.weight, bn.bias, bn.running_mean,
+                                              bn.running_var, bn.eps, acc)
+                folds.append((conv.weight, shift, scale))
+        else:
+            # One read of the block's conv weights and BN tensors: the folds are current only
+            # if their values are (writes through .data leave the version counters alone).
+            if self.sources is None or _fingerprint(self.convs, self.bns) != self.sources:
+                return None
+            folds = [(w, b, None) for w, b, _ in self.folds]
         relu_op = None
         if self.finite_op is not None and self.absmax(x) <= self.m_max:  # NaN: False
             relu_op = self.finite_op
         h = x
         last = len(self.steps) - 1
         for i, (conv, _, op) in enumerate(self.steps[:-1]):
-            w, b, _ = folds[i]
-            h = (relu_op or op)(h, w, b, None, conv.stride, conv.padding, conv.dilation,
-                                conv.groups, True)
+            h = _conv(relu_op or op, h, folds[i], None, conv, True)
         sc = self.shortcut
         if sc is None:
             identity = x
         elif sc[0] == "pair":
-            conv, op = sc[1], sc[3]
-            w, b, _ = folds[-1]
-            identity = op(x, w, b, None, conv.stride, conv.padding, conv.dilation, conv.groups,
-                          False)
+            identity = _conv(sc[3], x, folds[-1], None, sc[1], False)
         else:
             identity = sc[1](x)
         identity = identity.contiguous(memory_format=self.fmt)
         conv, _, op = self.steps[last]
-        w, b, _ = folds[last]
         owned = (sc is not None and sc[0] == "pair") or (
             sc is None and (donate or identity is not x)  # not x: .contiguous() copied it
         )
         if relu_op is not None and self.into_op is not None and owned:
             # The residual buffer is ours: the convolution accumulates into it in place.
+            w, b, _ = folds[last]
             return self.into_op(identity, h, w, b, conv.stride, conv.padding, conv.dilation,
                                 conv.groups, True)
-        return (relu_op or op)(h, w, b, identity, conv.stride, conv.padding, conv.dilation,
-                               conv.groups, True)
+        return _conv(relu_op or op, h, folds[last], identity, conv, True)
+
+
+def _conv(op, x: Tensor, fold, residual, conv: nn.Conv2d, relu: bool) -> Tensor:
+    """``op`` (conv_bias_act or the CPU's finite variant) with a fold (weight, bias, None) or the
+    live weight with a BatchNorm's (shift, scale) for the epilogue."""
+    w, b, scale = fold
+    args = (x, w, b, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu)
+    return op(*args) if scale is None else op(*args, scale)
 
 
 def _fingerprint(convs, bns) -> int | None:

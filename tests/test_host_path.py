@@ -1,0 +1,148 @@
+"""The host path off the CPU cache: BatchNorm in the convolution's epilogue, no host-device sync.
+
+On a GPU (and with autograd, or under a trace, anywhere) eval never folds a BatchNorm into a kept
+weight: each convolution gets the BatchNorm's scale and shift, computed from the live tensors on
+every call, in its epilogue (``conv_bias_act(..., scale=)``). So nothing can go stale, no sync
+asks whether a fold moved NaN/Inf, and a replayed CUDA graph reads the tensors as they are. The
+GPU is not here: these tests force that path on the CPU (``_fold_cacheable`` false) and run it on
+the cpu, reference and cudasim backends (cudasim: the CUDA kernels' own source).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastres
+from fastres import backends, reference
+from fastres.harness.rule import assert_close_rule, randomise_bn
+from fastres.nn._fused import _FusedMixin
+
+BACKENDS = [b for b in ("cpu", "reference", "cudasim")
+            if backends.BACKENDS[b].unavailable_reason() is None]
+
+#: Ops that make the host wait for the device (on a GPU): a tensor read back as a Python value.
+SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "equal", "allclose",
+            "masked_select", "unique", "_unique2", "tolist"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops of a call that read a tensor's value back to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in SYNC_OPS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def live(monkeypatch):
+    """Eval as on a GPU: no fold cache, the BatchNorm in the epilogue."""
+    monkeypatch.setattr(_FusedMixin, "_fold_cacheable", staticmethod(lambda conv, bn: False))
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_conv_bias_act_scale_in_the_epilogue(backend, dtype):
+    b = backends.BACKENDS[backend]
+    if b.unavailable_reason():
+        pytest.skip(b.unavailable_reason())
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(2, 16, 9, 7, generator=g).to(dtype).contiguous(memory_format=cl)
+    w = (torch.randn(24, 16, 3, 3, generator=g) / 12).to(dtype).contiguous(memory_format=cl)
+    bias = torch.randn(24, generator=g)
+    scale = torch.rand(24, generator=g) + 0.5
+    res = torch.randn(2, 24, 5, 4, generator=g).to(dtype).contiguous(memory_format=cl)
+    args = (x, w, bias, res, [2, 2], [1, 1], [1, 1], 1, True, scale)
+    with fastres.harness.rule.allow_tf32(False):
+        ours = b.op("conv_bias_act")(*args)
+    theirs = reference.conv_bias_act(*args)
+    truth = reference.conv_bias_act(*(a.double() if isinstance(a, torch.Tensor) else a
+                                      for a in args))
+    assert_close_rule(f"{backend} conv_bias_act with scale", ours, theirs, truth, dtype)
+    with pytest.raises((RuntimeError, ValueError), match="scale"):
+        b.op("conv_bias_act")(x, w, None, res, [2, 2], [1, 1], [1, 1], 1, True, scale)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_scale_gradients(backend):
+    """Gradients through the epilogue's scale (the data one from one conv_bwd on W * s, the
+    weight's s * G, the scale's <W, G>), float64 gradcheck."""
+    if backends.BACKENDS[backend].unavailable_reason():
+        pytest.skip(backends.BACKENDS[backend].unavailable_reason())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    r = torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda x, w, b, s, r: fastres.functional.conv_bias_act(
+            x, w, b, r, padding=1, relu=True, backend=backend, scale=s),
+        (x, w, b, s, r), fast_mode=True)
+
+
+def _pair():
+    tv = randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    return tv, fastres.convert(copy.deepcopy(tv)).eval()
+
+
+def _check(tv, ours, x, name):
+    # fp32 exact: cudasim runs the CUDA kernels, which take TF32 when cuDNN's switch allows it.
+    with torch.no_grad(), fastres.harness.rule.allow_tf32(False):
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_close_rule(name, ours(x), tv(x), ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_live_eval_matches_torchvision_and_reads_the_tensors_now(backend, live, monkeypatch):
+    monkeypatch.setenv("FASTRES_BACKEND", backend)
+    tv, ours = _pair()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    _check(tv, ours, x, "live eval")
+    plans = {id(m): m.__dict__.get("_eval_plan") for m in ours.modules()}
+    assert any(p is not None and p.folds is None for p in plans.values())  # live plans
+    for m in (tv, ours):
+        m.layer2[0].conv1.weight.data.mul_(1.5)
+        m.layer3[1].bn2.running_var.data.mul_(2.0)
+        m.bn1.weight.data.mul_(0.5)
+    _check(tv, ours, x, "live eval after .data writes")
+    # The same plans ran: nothing was rebuilt, they read the tensors on each call.
+    assert {id(m): m.__dict__.get("_eval_plan") for m in ours.modules()} == plans
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["eval", "eval-grad", "train"])
+@pytest.mark.parametrize("cached", [False, True], ids=["live", "cpu-cache"])
+def test_no_host_device_sync(backend, mode, cached, monkeypatch):
+    """After the first calls, no call reads a tensor back to the host: eval (live and, on the
+    CPU, the cached fold), grad-enabled eval, training forward and backward."""
+    if not cached:
+        monkeypatch.setattr(_FusedMixin, "_fold_cacheable",
+                            staticmethod(lambda conv, bn: False))
+    monkeypatch.setenv("FASTRES_BACKEND", backend)
+    _, ours = _pair()
+    ours.train(mode == "train")
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    def call():
+        with torch.set_grad_enabled(mode != "eval"):
+            out = ours(x)
+            if mode != "eval":
+                out.sum().backward()
+
+    call()
+    call()  # plans, folds and packings are made; from here on, steady state
+    with SyncCounter() as counter:
+        call()
+    assert counter.seen == [], counter.seen
