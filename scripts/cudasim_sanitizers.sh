@@ -43,7 +43,7 @@ set -e
 echo "sanitized device tests: exit $rc, $(( $(date +%s) - start )) s" | tee -a "$OUT/run.log"
 # The standalone harness (the conv kernel and the simulator's own checks) under both sanitizers.
 $CXX -std=c++17 -O1 -g -ffp-contract=off -Wno-unknown-pragmas $SAN -Icsrc/cuda/cudasim/include \
-  csrc/cuda/cudasim/harness.cpp csrc/cuda/cudasim/runtime.cpp -o "$OUT/harness"
+  csrc/cuda/cudasim/harness.cpp csrc/cuda/cudasim/runtime_*.cpp -o "$OUT/harness"
 "$OUT/harness" | tee -a "$OUT/run.log"
 if grep -q "ERROR: AddressSanitizer\|runtime error:" "$OUT/run.log"; then
   echo "sanitizer reports found" | tee -a "$OUT/run.log"

@@ -71,12 +71,14 @@ def _harness(plant: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     exe = out / f"harness_plant{plant}"
     if not exe.exists():
-        rt = out / "runtime.o"
-        if not rt.exists():
-            subprocess.run([cxx, *_FLAGS, "-c", str(_SIM / "runtime.cpp"), "-o", f"{rt}.tmp"],
-                           check=True)
-            os.replace(f"{rt}.tmp", rt)
-        subprocess.run([cxx, *_FLAGS, f"-DFR_PLANT={plant}", str(_SIM / "harness.cpp"), str(rt),
+        rts = []
+        for src in sorted(_SIM.glob("runtime_*.cpp")):
+            rt = out / f"{src.stem}.o"
+            if not rt.exists():
+                subprocess.run([cxx, *_FLAGS, "-c", str(src), "-o", f"{rt}.tmp"], check=True)
+                os.replace(f"{rt}.tmp", rt)
+            rts.append(str(rt))
+        subprocess.run([cxx, *_FLAGS, f"-DFR_PLANT={plant}", str(_SIM / "harness.cpp"), *rts,
                         "-o", f"{exe}.tmp"], check=True)
         os.replace(f"{exe}.tmp", exe)
     return exe

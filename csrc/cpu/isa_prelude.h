@@ -2,7 +2,8 @@
 // every header at::vec pulls in that is not itself ISA-specific. Their inline functions are thus
 // compiled for the baseline ISA here as everywhere else, and an out-of-line copy the linker may
 // pick for the whole library never carries AVX-512 instructions. Only at::vec itself (namespaced
-// per ISA through CPU_CAPABILITY) and kernels_impl.h (internal linkage) see the wider target.
+// per ISA through CPU_CAPABILITY) and kernels_impl.h with its parts (internal linkage) see the
+// wider target.
 #pragma once
 
 #include <ATen/NumericUtils.h>

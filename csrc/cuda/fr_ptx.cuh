@@ -91,7 +91,7 @@ __device__ __forceinline__ uint32_t to_tf32(uint32_t x) {
   return r;
 }
 
-#else  // FASTRES_CUDASIM: the CPU twins (semantics in csrc/cuda/cudasim/runtime.cpp)
+#else  // FASTRES_CUDASIM: the CPU twins (semantics in csrc/cuda/cudasim/runtime_*.cpp)
 
 #define FR_SITE const char *fr_file = __builtin_FILE(), int fr_line = __builtin_LINE()
 

@@ -113,7 +113,7 @@ constexpr int kCCMajor = 9;
 constexpr int kDefaultSmem = 48 * 1024;
 constexpr int kMaxSmemOptin = 227 * 1024;
 
-struct ThreadState;  // runtime.cpp
+struct ThreadState;  // runtime_internal.h
 extern thread_local ThreadState* g_cur;
 // The builtins of the running fiber and block.
 struct Builtins {
