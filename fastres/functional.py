@@ -295,13 +295,16 @@ def bn_scale_shift(
     ``shift = beta - mean * scale``, in ``dtype`` (the accumulation dtype), from the live
     tensors: a few per-channel ops on the tensors' device, no host sync, differentiable. For
     :func:`conv_bias_act`'s ``scale`` and ``bias``."""
-    scale = torch.rsqrt(running_var.to(dtype) + eps)
+    def as_dtype(t: Tensor) -> Tensor:
+        return t if t.dtype == dtype else t.to(dtype)  # a no-op .to still costs a dispatch
+
+    scale = torch.rsqrt(as_dtype(running_var) + eps)
     if bn_weight is not None:
-        scale = scale * bn_weight.to(dtype)
-    shift = -running_mean.to(dtype) * scale
-    if bn_bias is not None:
-        shift = shift + bn_bias.to(dtype)
-    return scale, shift
+        scale = scale * as_dtype(bn_weight)
+    mean = as_dtype(running_mean)
+    if bn_bias is None:
+        return scale, -mean * scale
+    return scale, torch.addcmul(as_dtype(bn_bias), mean, scale, value=-1.0)
 
 
 def _inputs(x: Tensor, weight: Tensor, conv: ConvSpec, training: bool = False) -> Inputs:

@@ -130,6 +130,11 @@ cudaError_t set_max_dyn_smem(const void* fn, int bytes);
 cudaError_t device_attribute(int* v, cudaDeviceAttr a, int dev);
 // cudaFuncSetAttribute calls so far (tests: the launchers cache it per kernel and device).
 long func_set_attribute_calls();
+// Launches so far, and the dry-run switch: while on, a launch is checked and counted but its
+// kernel does not run (the host path's own cost, measured with the kernels made free:
+// bench/host_overhead.py). Returns the previous setting.
+long launch_count();
+bool set_dry_run(bool on);
 
 // The PTX instructions the kernels use (CPU twins in csrc/cuda/fr_ptx.cuh call these). file:line
 // is the call site in the kernel source, for the reports.

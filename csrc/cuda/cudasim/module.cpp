@@ -9,9 +9,19 @@ namespace {
 PyObject* func_set_attribute_calls(PyObject*, PyObject*) {
   return PyLong_FromLong(cudasim::func_set_attribute_calls());
 }
+PyObject* launch_count(PyObject*, PyObject*) { return PyLong_FromLong(cudasim::launch_count()); }
+PyObject* set_dry_run(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  return PyBool_FromLong(cudasim::set_dry_run(on != 0));
+}
 PyMethodDef kMethods[] = {
     {"func_set_attribute_calls", func_set_attribute_calls, METH_NOARGS,
      "cudaFuncSetAttribute calls so far (the launchers should cache them per kernel)."},
+    {"launch_count", launch_count, METH_NOARGS, "Kernel launches so far."},
+    {"set_dry_run", set_dry_run, METH_O,
+     "set_dry_run(on) -> previous: launches are checked and counted but kernels do not run "
+     "(the host path's cost with the kernels made free)."},
     {nullptr, nullptr, 0, nullptr}};
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C_cudasim",
                        "fastres CUDA kernels on the CPU (cudasim): torch.ops.fastres_cudasim", -1,

@@ -4,6 +4,7 @@
 // (runtime_fibers.cpp).
 #include "runtime_internal.h"
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -84,6 +85,14 @@ cudaError_t set_max_dyn_smem(const void* fn, int bytes) {
 
 long func_set_attribute_calls() { return g_set_attr_calls; }
 
+namespace {
+std::atomic<long> g_launches{0};
+std::atomic<bool> g_dry{false};
+}  // namespace
+
+long launch_count() { return g_launches.load(); }
+bool set_dry_run(bool on) { return g_dry.exchange(on); }
+
 cudaError_t device_attribute(int* v, cudaDeviceAttr a, int dev) {
   (void)dev;
   switch (a) {
@@ -120,6 +129,10 @@ cudaError_t launch(const void* fn, dim3 grid, dim3 block, size_t smem, const cha
                     std::to_string(smem) + " bytes of dynamic shared memory, the kernel allows " +
                         std::to_string(allowed) +
                         " (over 48 KB needs cudaFuncSetAttribute(MaxDynamicSharedMemorySize))");
+  }
+  ++g_launches;
+  if (g_dry.load(std::memory_order_relaxed)) {
+    return cudaSuccess;  // checked and counted, not run (set_dry_run)
   }
   static thread_local BlockRun blk;
   blk.th.resize(kMaxThreads);

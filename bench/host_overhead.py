@@ -1,0 +1,181 @@
+"""The host path's cost per block call, with the kernels made free: what a GPU would wait on the
+CPU for, measured without a GPU.
+
+    python bench/host_overhead.py [--dtype bf16 fp32] [--calls 200] [--json out.json]
+
+Providers, per ResNet-50 block (Bottleneck 256->64 identity and 256->128 stride-2 downsample, N=32,
+channels_last) and mode (eval without autograd, eval with autograd, a training step: forward and
+backward):
+
+* ``torchvision``: its block on ``meta`` tensors: every op dispatched as on a GPU, no kernel runs
+  (its host time is an upper bound: meta shape functions run in Python, slower than a CUDA
+  launch; its launches are exact);
+* ``fastres-cuda``: the fused block on the ``cudasim`` backend in dry-run mode: the CUDA backend's
+  real Python path, dispatcher and C++ launchers (their checks, copies, allocations), every kernel
+  launch checked and counted but not run.
+
+Per call: host µs (median of ``--calls``, with min-max), kernel launches (the ops that launch a
+kernel on a GPU, views excluded, plus cudasim's count of the launches inside fastres' ops),
+allocations (the profiler's memory events) and host-device syncs (ops reading a tensor back).
+A training step's host time here includes the CPU filling the buffers a launcher zeroes (on a GPU
+an asynchronous fill kernel): read it as an upper bound. The budgets, per block call:
+host <= 25 µs eval and <= 120 µs for a training step, no sync; the exit status is the number of
+fastres rows that miss one. Triton's launch path is not measured here (its kernels run under the
+interpreter on the CPU: nothing to make free without a driver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fastres  # noqa: E402
+from fastres.backends import extension  # noqa: E402
+from fastres.harness.environment import environment, hardware_line  # noqa: E402
+from fastres.harness.rule import randomise_bn  # noqa: E402
+from fastres.nn._fused import _FusedMixin  # noqa: E402
+
+BUDGET_US = {"eval": 25.0, "eval-grad": 25.0, "train": 120.0}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "equal", "allclose",
+            "masked_select", "unique", "_unique2", "tolist"}
+#: Ops that launch no kernel on a GPU (metadata only).
+VIEW_OPS = {"view", "_unsafe_view", "as_strided", "expand", "permute", "t", "transpose",
+            "reshape", "alias", "detach", "slice", "select", "unsqueeze", "squeeze",
+            "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "resize_",
+            "_to_copy_meta", "lift_fresh", "size", "stride", "is_contiguous"}
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops, self.syncs = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        self.syncs += name in SYNC_OPS
+        # fastres' own ops: their launches are cudasim's count
+        self.ops += name not in VIEW_OPS and not func.namespace.startswith("fastres")
+        return func(*args, **(kwargs or {}))
+
+
+def _blocks():
+    down = torchvision.models.resnet.Bottleneck(
+        256, 128, stride=2, downsample=torch.nn.Sequential(
+            torch.nn.Conv2d(256, 512, 1, stride=2, bias=False), torch.nn.BatchNorm2d(512)))
+    return {"identity 256->64 56x56": (torchvision.models.resnet.Bottleneck(256, 64), 56),
+            "downsample 256->128 s2 56x56": (down, 56)}
+
+
+def _call(block, x, mode):
+    if mode == "eval":
+        with torch.no_grad():
+            return block(x)
+    out = block(x)
+    if mode == "train":
+        out.backward(torch.ones_like(out))
+        for p in block.parameters():
+            p.grad = None
+    return out
+
+
+def _measure(block, x, mode, calls, launches=None) -> dict:
+    block.train(mode == "train")
+    for _ in range(3):
+        _call(block, x, mode)
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        _call(block, x, mode)
+        ts.append((time.perf_counter() - t0) * 1e6)
+    n0 = launches() if launches else 0
+    with OpCounter() as c:
+        _call(block, x, mode)
+    # On a GPU every dispatched op that is not a view launches a kernel; a fastres op launches
+    # what cudasim counted for it.
+    n_launch = c.ops + (launches() - n0 if launches else 0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        _call(block, x, mode)
+    allocs = sum(1 for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0)
+    return {"host_us": statistics.median(ts), "min_us": min(ts), "max_us": max(ts),
+            "launches": n_launch, "allocations": allocs, "syncs": c.syncs}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=tuple(DTYPES))
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    why = extension.load_cudasim()
+    if why:
+        print(f"cudasim is not built: {why}")
+        return 2
+    from fastres import _C_cudasim as sim
+
+    print(hardware_line(environment(torch.device("cpu"))))
+    print(f"per block call, N={args.batch}, channels_last, kernels made free (see the docstring); "
+          f"host: median (min-max) of {args.calls} calls")
+    head = (f"{'block':30s} {'dtype':5s} {'mode':9s} {'provider':13s} {'host us':>22s} "
+            f"{'launches':>8s} {'allocs':>6s} {'syncs':>5s}  budget")
+    print(head)
+    rows, missed = [], 0
+    import os
+
+    os.environ["FASTRES_BACKEND"] = "cudasim"
+    # The CUDA path off the CPU cache: BatchNorm in the epilogues, as on a GPU.
+    _FusedMixin._fold_cacheable = staticmethod(lambda conv, bn: False)
+    for name, (tv, h) in _blocks().items():
+        randomise_bn(tv)
+        for dname in args.dtype:
+            dt = DTYPES[dname]
+            for mode in ("eval", "eval-grad", "train"):
+                xm = torch.empty(args.batch, tv.conv1.in_channels, h, h, device="meta",
+                                 dtype=dt).contiguous(memory_format=torch.channels_last)
+                meta = copy.deepcopy(tv).to(device="meta", dtype=dt,
+                                            memory_format=torch.channels_last)
+                results = {"torchvision": _measure(meta, xm, mode, args.calls)}
+                ours = fastres.convert(copy.deepcopy(tv)).to(dtype=dt,
+                                                             memory_format=torch.channels_last)
+                x = torch.randn(args.batch, tv.conv1.in_channels, h, h, dtype=dt).contiguous(
+                    memory_format=torch.channels_last)
+                prev = sim.set_dry_run(True)
+                try:
+                    results["fastres-cuda"] = _measure(ours, x, mode, args.calls,
+                                                       sim.launch_count)
+                finally:
+                    sim.set_dry_run(prev)
+                for prov, r in results.items():
+                    budget = ""
+                    if prov != "torchvision":
+                        ok = r["host_us"] <= BUDGET_US[mode] and r["syncs"] == 0
+                        missed += not ok
+                        budget = f"{'met' if ok else 'MISSED'} (<= {BUDGET_US[mode]:.0f} us)"
+                    host = f"{r['host_us']:.0f} ({r['min_us']:.0f}-{r['max_us']:.0f})"
+                    print(f"{name:30s} {dname:5s} {mode:9s} {prov:13s} {host:>22s} "
+                          f"{r['launches']:8d} {r['allocations']:6d} {r['syncs']:5d}  {budget}")
+                    rows.append({"block": name, "dtype": dname, "mode": mode, "provider": prov,
+                                 **r})
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"env": environment(torch.device("cpu")), "budget_us": BUDGET_US, "rows": rows},
+            indent=1, default=str))
+    print(f"{missed} fastres row(s) miss a budget")
+    return missed
+
+
+if __name__ == "__main__":
+    sys.exit(main())
