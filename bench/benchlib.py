@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fastres.harness.timer import quantile  # the project's one timer's quantiles
+
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -224,15 +226,6 @@ def rotation_count(input_bytes: int, device: torch.device) -> int:
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
     k = math.ceil(3 * l2 / input_bytes)
     return int(max(1, min(k, 8, (2 << 30) // input_bytes)))
-
-
-def quantile(sorted_vals: list[float], q: float) -> float:
-    if len(sorted_vals) == 1:
-        return sorted_vals[0]
-    pos = q * (len(sorted_vals) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
 def warmup_calls(provider: str, device: torch.device) -> int:

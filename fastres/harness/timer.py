@@ -59,11 +59,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats
             ts.append((time.perf_counter() - t0) * 1e3)
         ts.sort()
         timer = f"time.perf_counter around each of {repeats} runs after {warmup} warm-up"
-    return {"p20": _quantile(ts, 0.2), "p50": statistics.median(ts), "p80": _quantile(ts, 0.8),
+    return {"p20": quantile(ts, 0.2), "p50": statistics.median(ts), "p80": quantile(ts, 0.8),
             "timer": timer}
 
 
-def _quantile(sorted_ts: list[float], q: float) -> float:
+def quantile(sorted_ts: list[float], q: float) -> float:
+    """The q-quantile of sorted values, interpolated linearly (numpy's default)."""
     if len(sorted_ts) == 1:
         return sorted_ts[0]
     pos = q * (len(sorted_ts) - 1)
