@@ -38,12 +38,18 @@ __all__ = ["DOCS", "OP_NAMES", "SCHEMAS", "define"]
 _OPS: dict[str, tuple[str, str]] = {
     "conv_bias_act": (
         "(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] "
-        "padding, int[2] dilation, int groups, bool relu, Tensor? scale=None) -> Tensor",
+        "padding, int[2] dilation, int groups, bool relu, Tensor? scale=None, Tensor? "
+        "bn_mean=None, Tensor? bn_var=None, float bn_eps=0.0) -> Tensor",
         "Inference: out = act(conv2d(input, weight) * scale[k] + bias[k] + residual), one output "
         "write. bias is the BatchNorm shift (of a fold, or beta - mean * scale), residual has the "
         "output's shape. scale (the accumulation dtype, given only with bias) is the BatchNorm "
         "scale gamma / sqrt(var + eps) applied in the epilogue, so that the weight is the live "
-        "parameter and nothing folded needs keeping; without it the weight is a folded one.",
+        "parameter and nothing folded needs keeping; without it the weight is a folded one. "
+        "With bn_mean and bn_var (given together) the BatchNorm itself runs in the epilogue, "
+        "from its live tensors: s[k] = scale[k] / sqrt(bn_var[k] + bn_eps) and t[k] = bias[k] - "
+        "bn_mean[k] * s[k] in the accumulation dtype, out = act(conv2d(input, weight) * s + t + "
+        "residual); scale and bias are then the BatchNorm's weight and bias (either may be "
+        "absent: 1 and 0), all four vectors of any floating dtype.",
     ),
     "relu_bias_bwd": (
         "(Tensor grad_out, Tensor? out) -> (Tensor grad_z, Tensor grad_bias)",

@@ -244,6 +244,9 @@ def conv_bias_act(
     relu: bool = True,
     backend: str | None = None,
     scale: Tensor | None = None,
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    bn_eps: float = 0.0,
 ) -> Tensor:
     """``relu?(conv2d(x, weight) * scale + bias + residual)`` as one fused op (one output write).
 
@@ -257,6 +260,11 @@ def conv_bias_act(
             applied to the convolution in the epilogue (:func:`bn_scale_shift`), so that
             ``weight`` is the live parameter and nothing folded is kept. Without it, ``weight``
             may be a folded one (:func:`fold_bn`).
+        bn_mean, bn_var, bn_eps: an eval BatchNorm's running statistics and eps, given
+            together: the BatchNorm runs in the epilogue from its live tensors, ``scale`` and
+            ``bias`` being its weight and bias (either may be None); see :func:`bn_scale_shift`.
+            Without autograd this is one kernel on every backend; with it, the scale and shift
+            are computed first (differentiable) and passed as ``scale`` and ``bias``.
 
     Returns the ``(N, K, P, Q)`` output in ``x``'s dtype and memory format (under autocast, in
     the autocast dtype, see the module docstring). Differentiable.
@@ -268,18 +276,28 @@ def conv_bias_act(
         x, weight, residual = (_autocast(t, ac) for t in (x, weight, residual))
         with torch.autocast(x.device.type, enabled=False):
             return conv_bias_act(
-                x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, scale
+                x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, scale,
+                bn_mean, bn_var, bn_eps,
             )
     check_input(x, weight, "fastres.conv_bias_act")
-    if scale is not None and bias is None:
+    if (bn_mean is None) != (bn_var is None):
+        raise ValueError("fastres.conv_bias_act: bn_mean and bn_var are given together")
+    if scale is not None and bias is None and bn_var is None:
         raise ValueError("fastres.conv_bias_act: scale is given only with bias")
     conv = ConvSpec(tuple(_pair(stride)), tuple(_pair(padding)), tuple(_pair(dilation)), groups)
-    needs_grad = _needs_grad(x, weight, bias, residual, scale)
+    needs_grad = _needs_grad(x, weight, bias, residual, scale, bn_mean, bn_var)
+    if bn_var is not None and needs_grad:
+        from fastres.reference import acc_dtype  # noqa: PLC0415
+
+        scale, bias = bn_scale_shift(scale, bias, bn_mean, bn_var, bn_eps, acc_dtype(x.dtype))
+        bn_mean = bn_var = None
     b = backends.select(_inputs(x, weight, conv, training=needs_grad), backend)
     if b.name != "reference" and needs_grad:
         return _ConvBiasActFn.apply(x, weight, bias, residual, conv, relu, b.name, scale)
     # The reference op is plain PyTorch, differentiable as it is.
     args = (x, weight, bias, residual, *conv.args(), relu)
+    if bn_var is not None:
+        return b.op("conv_bias_act")(*args, scale, bn_mean, bn_var, float(bn_eps))
     return b.op("conv_bias_act")(*args) if scale is None else b.op("conv_bias_act")(*args, scale)
 
 

@@ -28,7 +28,7 @@ from fastres import _opset
 #: The op set (fastres._opset), in its order: every backend implements each of these names.
 OP_NAMES = _opset.OP_NAMES
 
-__all__ = ["OP_NAMES", "acc_dtype", *OP_NAMES, "option_a_shortcut"]
+__all__ = ["OP_NAMES", "acc_dtype", "bn_epilogue_vectors", *OP_NAMES, "option_a_shortcut"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,9 +84,19 @@ def conv_bias_act(
     groups: int,
     relu: bool,
     scale: Tensor | None = None,
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    bn_eps: float = 0.0,
 ) -> Tensor:
     """out = relu?(conv2d(input, weight) * scale[k] + bias[k] + residual), in input's dtype and
-    format; the products and sums in the accumulation dtype, rounded once."""
+    format; the products and sums in the accumulation dtype, rounded once. With bn_mean and
+    bn_var, scale and bias are a BatchNorm's weight and bias (or None), and the epilogue applies
+    s = scale / sqrt(bn_var + bn_eps), t = bias - bn_mean * s."""
+    if (bn_mean is None) != (bn_var is None):
+        raise ValueError("conv_bias_act: bn_mean and bn_var are given together")
+    if bn_var is not None:
+        scale, bias = bn_epilogue_vectors(scale, bias, bn_mean, bn_var, bn_eps,
+                                          acc_dtype(input.dtype))
     if scale is not None and bias is None:
         raise ValueError("conv_bias_act: scale is given only with bias")
     y = F.conv2d(input, weight, None, stride, padding, dilation, groups)
@@ -100,6 +110,19 @@ def conv_bias_act(
     if relu:
         z = torch.relu(z)
     return z.to(input.dtype).contiguous(memory_format=_memory_format(input))
+
+
+def bn_epilogue_vectors(weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                        eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(s, t) of an eval BatchNorm in ``dtype``: s = weight / sqrt(var + eps) (weight None: 1),
+    t = bias - mean * s (bias None: 0), one rounding per operation as the kernels do it."""
+    s = 1.0 / torch.sqrt(var.to(dtype) + eps)
+    if weight is not None:
+        s = s * weight.to(dtype)
+    t = -(mean.to(dtype) * s)
+    if bias is not None:
+        t = bias.to(dtype) + t
+    return s, t
 
 
 def relu_bias_bwd(grad_out: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:

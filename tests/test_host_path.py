@@ -74,6 +74,48 @@ def test_conv_bias_act_scale_in_the_epilogue(backend, dtype):
         b.op("conv_bias_act")(x, w, None, res, [2, 2], [1, 1], [1, 1], 1, True, scale)
 
 
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
+@pytest.mark.parametrize("affine", ["gamma+beta", "none", "bf16 params"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_conv_bias_act_batchnorm_in_the_epilogue(backend, dtype, affine):
+    """conv_bias_act(..., scale=gamma, bn_mean, bn_var, bn_eps): the eval BatchNorm computed in
+    the epilogue from its live tensors (bias = beta), against float64."""
+    b = backends.BACKENDS[backend]
+    if b.unavailable_reason():
+        pytest.skip(b.unavailable_reason())
+    g = torch.Generator().manual_seed(1)
+    cl = torch.channels_last
+    x = torch.randn(2, 16, 9, 7, generator=g).to(dtype).contiguous(memory_format=cl)
+    w = (torch.randn(24, 16, 3, 3, generator=g) / 12).to(dtype).contiguous(memory_format=cl)
+    gamma, beta = torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g)
+    mean, var = torch.randn(24, generator=g), torch.rand(24, generator=g) * 3 + 0.01
+    if affine == "none":
+        gamma = beta = None
+    elif affine == "bf16 params":
+        gamma, beta, mean, var = (t.to(torch.bfloat16) for t in (gamma, beta, mean, var))
+    res = torch.randn(2, 24, 5, 4, generator=g).to(dtype).contiguous(memory_format=cl)
+    args = (x, w, beta, res, [2, 2], [1, 1], [1, 1], 1, True, gamma, mean, var, 1e-3)
+    with fastres.harness.rule.allow_tf32(False):
+        ours = b.op("conv_bias_act")(*args)
+    theirs = reference.conv_bias_act(*args)
+    truth = reference.conv_bias_act(*(a.double() if isinstance(a, torch.Tensor) else a
+                                      for a in args))
+    assert_close_rule(f"{backend} conv_bias_act with the BatchNorm", ours, theirs, truth, dtype)
+    # The same as the scale and shift computed first (torch.nn.BatchNorm2d's eval arithmetic).
+    bn = torch.nn.BatchNorm2d(24, eps=1e-3, affine=affine != "none").eval().double()
+    bn.running_mean.copy_(mean.double())
+    bn.running_var.copy_(var.double())
+    if affine != "none":
+        bn.weight.data.copy_(gamma.double())
+        bn.bias.data.copy_(beta.double())
+    conv = torch.nn.functional.conv2d(x.double(), w.double(), None, 2, 1)
+    with torch.no_grad():
+        assert_close_rule(f"{backend} conv_bias_act with the BatchNorm vs BatchNorm2d", ours,
+                          theirs, torch.relu(bn(conv) + res.double()), dtype)
+    with pytest.raises((RuntimeError, ValueError), match="together"):
+        b.op("conv_bias_act")(*args[:10], mean, None, 1e-3)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_scale_gradients(backend):
     """Gradients through the epilogue's scale (the data one from one conv_bwd on W * s, the

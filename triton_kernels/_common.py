@@ -127,10 +127,17 @@ def split_rows(offs_m, H, W):
 
 
 @triton.jit
+def tile_offsets(n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w):
+    """Element offsets of the (rows, channels) tile of a 4-D tensor with any strides: rows
+    (n, h, w) from split_rows, channels offs_c."""
+    return (n * stride_n + h * stride_h + w * stride_w)[:, None] + offs_c[None, :] * stride_c
+
+
+@triton.jit
 def tile_ptrs(ptr, n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w):
     """Pointers to the (rows, channels) tile of a 4-D tensor with any strides: rows (n, h, w)
     from split_rows, channels offs_c."""
-    return ptr + (n * stride_n + h * stride_h + w * stride_w)[:, None] + offs_c[None, :] * stride_c
+    return ptr + tile_offsets(n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w)
 
 
 def _is_fake(t: object) -> bool:

@@ -98,14 +98,20 @@ def conv_bias_act(
     input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
     scale: Tensor | None = None,
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    bn_eps: float = 0.0,
 ) -> Tensor:
     _check_conv("conv_bias_act", input, weight, groups, dilation)
     _check_conv_out("conv_bias_act", input, weight, stride, padding, dilation)
     _check_act("conv_bias_act", input, residual)
-    if scale is not None and bias is None:
+    if (bn_mean is None) != (bn_var is None):
+        raise ValueError("fastres_triton.conv_bias_act: bn_mean and bn_var are given together")
+    if scale is not None and bias is None and bn_var is None:
         raise ValueError("fastres_triton.conv_bias_act: scale is given only with bias")
     out, _, _ = _conv.conv_forward(input, weight, bias, residual, relu, None, None, False, False,
-                                   stride, padding, dilation, _vec(scale))
+                                   stride, padding, dilation, _vec(scale), _vec(bn_mean),
+                                   _vec(bn_var), bn_eps)
     return out
 
 

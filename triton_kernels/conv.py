@@ -29,6 +29,7 @@ from ._common import (
     split_rows,
     strides4,
     tf32_operand,
+    tile_offsets,
     tile_ptrs,
     tl,
     to_nhwc,
@@ -98,6 +99,8 @@ def _conv_fwd_kernel(
     w_ptr,  # (K, C, R, S), any strides; with DOT_PRECISION "tf32": rounded to TF32 (round_tf32)
     bias_ptr,  # (K,)
     scale_ptr,  # (K,) float32: a BatchNorm scale applied before the bias (HAS_SCALE)
+    bn_mean_ptr,  # (K,) float32 (BN_EPILOGUE)
+    bn_var_ptr,  # (K,) float32 (BN_EPILOGUE)
     res_ptr,  # (N, K, P, Q), any strides
     out_ptr,  # (N, K, P, Q), any strides
     pre_scale_ptr,  # (C,) float32
@@ -109,10 +112,11 @@ def _conv_fwd_kernel(
     stride_wk, stride_wc, stride_wr, stride_ws,
     stride_rn, stride_rk, stride_rp, stride_rq,
     stride_on, stride_ok, stride_op, stride_oq,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, bn_eps,
     R: tl.constexpr, S: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    APPLY_RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BN_EPILOGUE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RES_LIKE_OUT: tl.constexpr, APPLY_RELU: tl.constexpr,
     PROLOGUE_BN: tl.constexpr, PRE_RELU: tl.constexpr, STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -170,18 +174,37 @@ def _conv_fwd_kernel(
         tl.store(psum_ptr + prow + offs_n, colsum_f64(acc, BLOCK_M, BLOCK_N), mask=n_ok)
         tl.store(psumsq_ptr + prow + offs_n, colsum_f64(acc * acc, BLOCK_M, BLOCK_N),
                  mask=n_ok)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if BN_EPILOGUE:
+        # The BatchNorm itself, from its live tensors (scale and bias: its weight and bias):
+        # s = gamma / sqrt(var + eps), t = beta - mean * s, per column of the tile.
+        var = tl.load(bn_var_ptr + offs_n, mask=n_ok, other=1.0)
+        s = 1.0 / tl.sqrt_rn(var + bn_eps)
+        if HAS_SCALE:
+            s = s * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+        t = -(tl.load(bn_mean_ptr + offs_n, mask=n_ok, other=0.0) * s)
+        if HAS_BIAS:
+            t = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) + t
+        acc = acc * s[None, :] + t[None, :]
+    else:
         if HAS_SCALE:  # the BatchNorm scale, not folded into the weight
             acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        acc += bias[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
+    o_off = tile_offsets(n_img, p, q, offs_n, stride_on, stride_ok, stride_op, stride_oq)
+    o_ptrs = out_ptr + o_off
     if HAS_RESIDUAL:
-        r_ptrs = tile_ptrs(res_ptr, n_img, p, q, offs_n, stride_rn, stride_rk, stride_rp, stride_rq)
+        if RES_LIKE_OUT:
+            # One offset tile for both: a second tile of 64-bit addresses cost the fp32 TF32
+            # 128x64 1x1 eval forward (scale, bias, residual, ReLU) 147 registers where 2
+            # CTAs/SM allow 128; shared, 128 (sm_90 AOT, triton 3.8).
+            r_ptrs = res_ptr + o_off
+        else:
+            r_ptrs = tile_ptrs(res_ptr, n_img, p, q, offs_n,
+                               stride_rn, stride_rk, stride_rp, stride_rq)
         acc += tl.load(r_ptrs, mask=o_mask, other=0.0).to(tl.float32)
     if APPLY_RELU:
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN
-    o_ptrs = tile_ptrs(out_ptr, n_img, p, q, offs_n, stride_on, stride_ok, stride_op, stride_oq)
     tl.store(o_ptrs, cast_to(acc, out_ptr.dtype.element_ty), mask=o_mask)
 
 
@@ -407,7 +430,12 @@ def conv_forward(
     padding,
     dilation,
     scale: Tensor | None = None,
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    bn_eps: float = 0.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """With bn_mean and bn_var (float32), the eval BatchNorm runs in the epilogue: scale and
+    bias are then its weight and bias, either may be None."""
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
     p, q = out_hw(h, w, r, s, stride, padding, dilation)
@@ -437,17 +465,19 @@ def conv_forward(
     grid = (num_pid_m * triton.cdiv(k, cfg.BLOCK_N),)
     launch(
         _conv_fwd_kernel, grid,
-        x, weight, bias if bias is not None else x, scale if scale is not None else x, res,
+        x, weight, bias if bias is not None else x, scale if scale is not None else x,
+        bn_mean if bn_mean is not None else x, bn_var if bn_var is not None else x, res,
         out, sc, sh, psum, psumsq,
         m, c, h, w, k, p, q,
         *strides4(x), *strides4(weight),
         *(strides4(residual) if residual is not None else (0, 0, 0, 0)),
         *strides4(out),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(bn_eps),
         R=r, S=s,
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
-        PROLOGUE_BN=prologue, PRE_RELU=bool(pre_relu), STATS=bool(stats),
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BN_EPILOGUE=bn_var is not None,
+        HAS_RESIDUAL=residual is not None,
+        RES_LIKE_OUT=residual is not None and residual.stride() == out.stride(),
+        APPLY_RELU=bool(relu), PROLOGUE_BN=prologue, PRE_RELU=bool(pre_relu), STATS=bool(stats),
         DOT_PRECISION=precision, UPCAST=UPCAST_DOT,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

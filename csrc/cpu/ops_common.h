@@ -65,7 +65,9 @@ Tensor opmath_vec(const Tensor& t, at::ScalarType act);
 Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
                          const optional<Tensor>& residual, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         bool relu, const optional<Tensor>& scale);
+                         bool relu, const optional<Tensor>& scale,
+                         const optional<Tensor>& bn_mean, const optional<Tensor>& bn_var,
+                         double bn_eps);
 Tensor conv_bias_act_finite_cpu(const Tensor& input, const Tensor& weight,
                                 const optional<Tensor>& bias, const optional<Tensor>& residual,
                                 at::IntArrayRef stride, at::IntArrayRef padding,

@@ -384,9 +384,54 @@ Tensor conv_bias_act_impl(const Tensor& input, const Tensor& weight, const optio
 Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
                          const optional<Tensor>& residual, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         bool relu, const optional<Tensor>& scale) {
-  return conv_bias_act_impl(input, weight, bias, residual, stride, padding, dilation, groups, relu,
-                            false, scale);
+                         bool relu, const optional<Tensor>& scale,
+                         const optional<Tensor>& bn_mean, const optional<Tensor>& bn_var,
+                         double bn_eps) {
+  constexpr const char* op = "conv_bias_act";
+  TORCH_CHECK(has(bn_mean) == has(bn_var), "fastres::", op,
+              ": bn_mean and bn_var are given together");
+  if (!has(bn_var)) {
+    return conv_bias_act_impl(input, weight, bias, residual, stride, padding, dilation, groups,
+                              relu, false, scale);
+  }
+  // The BatchNorm from its live tensors: s = gamma / sqrt(var + eps), t = beta - mean * s in the
+  // accumulation dtype (a few per-channel ops; the CPU's eval plans fold and cache instead).
+  check_cpu(op, "input", input);
+  const int64_t k = weight.dim() > 0 ? weight.size(0) : 0;
+  for (const auto& [name, t] : {std::pair<const char*, const optional<Tensor>*>{"scale", &scale},
+                                {"bias", &bias}, {"bn_mean", &bn_mean}, {"bn_var", &bn_var}})
+    check_opt_vec(op, name, *t, k, "one per output channel of weight");
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor s = at::empty({k}, input.options().dtype(acc));
+  Tensor t = at::empty({k}, input.options().dtype(acc));
+  const auto vec = [&](const optional<Tensor>& v) {
+    return has(v) ? v->to(acc).contiguous() : Tensor();
+  };
+  const Tensor g = vec(scale), b = vec(bias), m = vec(bn_mean), v = vec(bn_var);
+  const auto fill = [&](auto zero) {
+    using A = decltype(zero);
+    const A* gp = g.defined() ? g.data_ptr<A>() : nullptr;
+    const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
+    const A* mp = m.data_ptr<A>();
+    const A* vp = v.data_ptr<A>();
+    A* sp = s.data_ptr<A>();
+    A* tp = t.data_ptr<A>();
+    const A eps = static_cast<A>(bn_eps);
+    for (int64_t i = 0; i < k; ++i) {  // one rounding per operation, as the reference
+      A si = A(1) / std::sqrt(vp[i] + eps);
+      if (gp) si = si * gp[i];
+      const A ms = mp[i] * si;
+      sp[i] = si;
+      tp[i] = bp ? bp[i] - ms : -ms;
+    }
+  };
+  if (acc == at::kDouble) {
+    fill(0.0);
+  } else {
+    fill(0.0f);
+  }
+  return conv_bias_act_impl(input, weight, t, residual, stride, padding, dilation, groups, relu,
+                            false, s);
 }
 
 Tensor conv_bias_act_finite_cpu(const Tensor& input, const Tensor& weight,

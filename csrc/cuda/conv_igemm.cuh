@@ -369,7 +369,19 @@ __device__ __forceinline__ void conv_epilogue(const ConvParams& p, float* cs, in
       for (int e = 0; e < EPC; ++e) v[e] = crow[e];
       const int64_t off = static_cast<int64_t>(m) * p.OC + k0;
       if constexpr (BIAS) {
-        if (p.scale != nullptr) {  // a BatchNorm's scale, not folded into the weight
+        if (p.bn_var != nullptr) {  // the BatchNorm itself, from its live tensors
+#pragma unroll
+          for (int e = 0; e < EPC; ++e) {
+            const int k = k0 + e;
+            if (k < p.OC) {  // one rounding per operation, as the reference's s and t
+              float s = 1.0f / sqrtf(__fadd_rn(__ldg(p.bn_var + k), p.bn_eps));
+              if (p.scale != nullptr) s = __fmul_rn(s, __ldg(p.scale + k));
+              const float ms = __fmul_rn(__ldg(p.bn_mean + k), s);
+              const float t = p.bias != nullptr ? __fsub_rn(__ldg(p.bias + k), ms) : -ms;
+              v[e] = __fadd_rn(__fmul_rn(v[e], s), t);
+            }
+          }
+        } else if (p.scale != nullptr) {  // a BatchNorm's scale, not folded into the weight
 #pragma unroll
           for (int e = 0; e < EPC; ++e)
             if (k0 + e < p.OC)  // two roundings, as the reference's multiply then add

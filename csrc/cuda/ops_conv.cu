@@ -181,15 +181,22 @@ FwdOperands fwd_operands(const Tensor& input, const Tensor& weight, const ConvGe
 Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTensor& bias,
                           const OptTensor& residual, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                          bool relu, const OptTensor& scale) {
+                          bool relu, const OptTensor& scale, const OptTensor& bn_mean,
+                          const OptTensor& bn_var, double bn_eps) {
   const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_bias_act");
   c10::cuda::CUDAGuard guard(input.device());
   const DType dt = to_dtype(input, "conv_bias_act");
   const Tensor b = opt_chan_vec(bias, g.K, "bias", input);
-  // The BatchNorm scale in the epilogue (the weight is the live parameter, nothing folded).
-  TORCH_CHECK(!scale.has_value() || b.defined(), "fastres::conv_bias_act: scale is given only "
-              "with bias");
+  // The BatchNorm scale in the epilogue (the weight is the live parameter, nothing folded), or
+  // with bn_mean and bn_var the BatchNorm itself (its scale and shift computed there).
+  TORCH_CHECK(bn_mean.has_value() == bn_var.has_value(), "fastres::conv_bias_act: bn_mean and "
+              "bn_var are given together");
+  const bool bn = bn_var.has_value();
+  TORCH_CHECK(bn || !scale.has_value() || b.defined(), "fastres::conv_bias_act: scale is given "
+              "only with bias");
   const Tensor sc = opt_chan_vec(scale, g.K, "scale", input);
+  const Tensor bm = opt_chan_vec(bn_mean, g.K, "bn_mean", input);
+  const Tensor bv = opt_chan_vec(bn_var, g.K, "bn_var", input);
   Tensor res;
   if (residual.has_value()) {
     const Tensor& r = *residual;
@@ -208,8 +215,11 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
   fill_conv_io(p, o.x, o.w, out.buf, g);
   p.bias = fptr(b);
   p.scale = fptr(sc);
+  p.bn_mean = fptr(bm);
+  p.bn_var = fptr(bv);
+  p.bn_eps = static_cast<float>(bn_eps);
   p.residual = res.defined() ? res.data_ptr() : nullptr;
-  p.has_bias = b.defined();
+  p.has_bias = b.defined() || bn;
   p.has_residual = res.defined();
   p.relu = relu;
   C10_CUDA_CHECK(launch_conv(p, dt, conv_math(dt), stream()));

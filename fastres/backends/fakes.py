@@ -55,7 +55,8 @@ def _vec(ref: Tensor, c: int) -> Tensor:
 
 
 @_fake("conv_bias_act")
-def _(input, weight, bias, residual, stride, padding, dilation, groups, relu, scale=None):
+def _(input, weight, bias, residual, stride, padding, dilation, groups, relu, scale=None,
+      bn_mean=None, bn_var=None, bn_eps=0.0):
     return _like_format(_conv_out_shape(input, weight, stride, padding, dilation), input)
 
 

@@ -331,26 +331,29 @@ class _FusedMixin:
 
     def _eval_conv_live(self, x, conv, bn, residual, relu, block_output, wdt) -> Tensor:
         """relu?(conv(x) * scale + shift + residual) with the BatchNorm's scale and shift in the
-        convolution's epilogue, computed from the live tensors on every call (a few per-channel
-        ops): the weight is the parameter itself, so nothing can go stale, no sync asks whether
-        a fold kept NaN/Inf in place (the epilogue is the BatchNorm's own arithmetic), and a
+        convolution's epilogue, computed there from the live tensors on every call: the weight
+        is the parameter itself, so nothing can go stale, no sync asks whether a fold kept
+        NaN/Inf in place (the epilogue is the BatchNorm's own arithmetic), and a
         replayed CUDA graph or a compiled program reads the tensors as they are. Autograd flows
         to the conv weight and the BatchNorm's affine parameters through it."""
         from fastres.reference import acc_dtype  # noqa: PLC0415
 
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-        scale, shift = FF.bn_scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                         bn.eps, acc_dtype(wdt))
         if block_output and type(bn) is FrozenBatchNorm2d:
             out_dt = torch.promote_types(wdt, bn.weight.dtype)
             if out_dt != wdt:  # as in _eval_conv: the affine part in the buffers' dtype
+                scale, shift = FF.bn_scale_shift(bn.weight, bn.bias, bn.running_mean,
+                                                 bn.running_var, bn.eps, acc_dtype(wdt))
                 y = FF.conv_bias_act(x, conv.weight, None, None, *args, relu=False)
                 z = (y.to(out_dt) * scale.to(out_dt).reshape(1, -1, 1, 1)
                      + shift.to(out_dt).reshape(1, -1, 1, 1))
                 if residual is not None:
                     z = z + residual
                 return torch.relu(z) if relu else z
-        return FF.conv_bias_act(x, conv.weight, shift, residual, *args, relu, scale=scale)
+        # The BatchNorm in the epilogue: one kernel, its scale and shift computed there from the
+        # live tensors (with autograd, computed first by differentiable ops, then the same op).
+        return FF.conv_bias_act(x, conv.weight, bn.bias, residual, *args, relu, scale=bn.weight,
+                                bn_mean=bn.running_mean, bn_var=bn.running_var, bn_eps=bn.eps)
 
     @staticmethod
     def _stage(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Stage, tuple]:

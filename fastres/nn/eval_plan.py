@@ -57,7 +57,6 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fastres._specs import ConvSpec
 from fastres.functional import (
-    bn_scale_shift,
     check_input,
     fingerprint,
     fold_dtypes,
@@ -65,7 +64,6 @@ from fastres.functional import (
     memory_format_of,
     select_backend,
 )
-from fastres.reference import acc_dtype
 
 #: The largest bound a pre-activation may have for the post-op ReLU: far below float32's and
 #: bfloat16's 3.4e38, so rounding (2^-8 relative per stored bf16 value, accumulation order)
@@ -221,13 +219,9 @@ class EvalPlan:
         downsample's output is the plan's own and is always written into."""
         if not self._valid(block, x):
             return None
-        if self.folds is None:  # live: each BatchNorm's scale and shift from its tensors now
-            acc = acc_dtype(self.wdt)
-            folds = []
-            for conv, bn in zip(self.convs, self.bns, strict=True):
-                scale, shift = bn_scale_shift(bn.weight, bn.bias, bn.running_mean,
-                                              bn.running_var, bn.eps, acc)
-                folds.append((conv.weight, shift, scale))
+        if self.folds is None:  # live: each BatchNorm in its convolution's epilogue, as it is now
+            folds = [(conv.weight, bn.bias, (bn.weight, bn.running_mean, bn.running_var, bn.eps))
+                     for conv, bn in zip(self.convs, self.bns, strict=True)]
         else:
             # One read of the block's conv weights and BN tensors: the folds are current only
             # if their values are (writes through .data leave the version counters alone).
@@ -263,10 +257,11 @@ class EvalPlan:
 
 def _conv(op, x: Tensor, fold, residual, conv: nn.Conv2d, relu: bool) -> Tensor:
     """``op`` (conv_bias_act or the CPU's finite variant) with a fold (weight, bias, None) or the
-    live weight with a BatchNorm's (shift, scale) for the epilogue."""
-    w, b, scale = fold
+    live weight, the BatchNorm's bias and (weight, running_mean, running_var, eps) for the
+    epilogue."""
+    w, b, bn = fold
     args = (x, w, b, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu)
-    return op(*args) if scale is None else op(*args, scale)
+    return op(*args) if bn is None else op(*args, *bn)
 
 
 def _fingerprint(convs, bns) -> int | None:

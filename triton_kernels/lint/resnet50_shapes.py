@@ -1,8 +1,9 @@
 """ResNet-50's convolutions and BatchNorms as the dispatcher launches them (fastres/functional.py's
 residual unit: conv_stats with the previous BN+ReLU as prologue, bn_finalize, bn_add_relu with
 the identity or the downsample's BN as residual; backward bn_add_relu_bwd, conv_bwd with the
-prologue, bn_relu_bwd; eval: conv_bias_act with the BatchNorm's scale and shift, residual and ReLU), at batch 32, 128
-and 256, for aot_check's capture. Tensors are torch.empty: only shapes, strides, dtypes and the
+prologue, bn_relu_bwd; eval: conv_bias_act with the BatchNorm in its epilogue, residual and ReLU;
+eval with autograd: the same with the BatchNorm's scale and shift), at batch 32, 128 and 256, for
+aot_check's capture. Tensors are torch.empty: only shapes, strides, dtypes and the
 16-byte alignment of the pointers decide the compiled variant; untouched pages cost no memory.
 """
 
@@ -73,10 +74,13 @@ def run_resnet50(ops, dtype_names, set_label) -> None:
                         ops.conv_stats(x, w, sc, sh, pro, *geo)
                         set_label(f"{label} n={n} {name} {wf} eval")
                         res = t(n, k, p, p, dt=dt) if name.endswith("conv3") else None
-                        # On a GPU the BatchNorm is never folded: its scale and shift go to the
-                        # epilogue (float32 vectors), the weight is the live parameter.
-                        ops.conv_bias_act(x, w, v(k), res, *geo, not name.endswith("down"),
-                                          v(k))
+                        # On a GPU the BatchNorm is never folded: it runs in the epilogue from
+                        # its live tensors (no_grad), or its scale and shift, computed first, go
+                        # there (autograd); the weight is the live parameter.
+                        relu = not name.endswith("down")
+                        ops.conv_bias_act(x, w, v(k), res, *geo, relu, v(k), v(k), v(k), 1e-5)
+                        set_label(f"{label} n={n} {name} {wf} eval-grad")
+                        ops.conv_bias_act(x, w, v(k), res, *geo, relu, v(k))
                         set_label(f"{label} n={n} {name} {wf} bwd")
                         ops.conv_bwd(go, x, w, sc, sh, pro, *geo, [need_x, True])
                     set_label(f"{label} n={n} {name} bn")
