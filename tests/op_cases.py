@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from op_check import Maker, device_of, emulated
 
 from fastres import backends
-from op_check import Maker, device_of, emulated
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 DTYPE_ID = {F32: "fp32", F16: "fp16", BF16: "bf16", F64: "fp64"}

@@ -131,7 +131,8 @@ def check(backend: str, op_name: str, args, dtype: torch.dtype, mutated=(), tf32
         ours = _as_tuple(op(*a_ours))
     theirs, truth = _as_tuple(fn(*a_theirs)), _as_tuple(fn(*a_truth))
     assert len(ours) == len(theirs), f"{op_name}: {len(ours)} outputs, reference {len(theirs)}"
-    judged = [(f"{op_name}[{i}]", o, t, r) for i, (o, t, r) in enumerate(zip(ours, theirs, truth))]
+    judged = [(f"{op_name}[{i}]", o, t, r)
+              for i, (o, t, r) in enumerate(zip(ours, theirs, truth, strict=True))]
     judged += [(f"{op_name} arg {i}", a_ours[i], a_theirs[i], a_truth[i])
                for i in mutated if args[i] is not None]
     for label, o, t, r in judged:

@@ -14,10 +14,11 @@ backend, op, geometry, dtype and layout, so that a broken kernel is named by the
 from __future__ import annotations
 
 import pytest
-
-from fastres import backends
+import torch
 from op_cases import CASES, reasons
 from op_check import BACKEND_NAMES, Maker, check, unavailable
+
+from fastres import backends
 
 
 def _params():
@@ -31,6 +32,18 @@ def _params():
                 marks.append(pytest.mark.skip(reason=f"{backend}: {'; '.join(why)}"))
             out.append(pytest.param(backend, case, id=f"{backend}-{case.id}", marks=marks))
     return out
+
+
+_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One thread: the shapes are small, and OpenMP fork/join on a busy 2-core machine costs
+    milliseconds per oneDNN call (tests/test_ops_cpu.py checks the threaded paths)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(_THREADS)
 
 
 @pytest.mark.parametrize(("backend", "case"), _params())
