@@ -124,7 +124,9 @@ def check(backend: str, op_name: str, args, dtype: torch.dtype, mutated=(), tf32
     multiplies; a CPU reference cannot run TF32 itself). Returns our outputs as a tuple."""
     op = backends.BACKENDS[backend].op(op_name)
     fn = getattr(reference, op_name)
-    a_ours = [_clone(a) for a in args]
+    # ours on the arguments themselves (a cache keyed by the weight sees the weight), copies
+    # of the mutated ones; the reference's copies are taken first
+    a_ours = [_clone(a) if i in mutated else a for i, a in enumerate(args)]
     a_theirs = [tf32_round(_clone(a)) if tf32 else _clone(a) for a in args]
     a_truth = [_f64(a) for a in args]
     with allow_tf32(tf32):
