@@ -417,7 +417,7 @@ def _device_bn_cases():
 RUNNING = ("none", "momentum", "cumulative", "nbt-only")
 
 
-def _finalize_args(m: Maker, affine: bool, running: str, c=37, count=50):
+def finalize_args(m: Maker, affine: bool, running: str, c=37, count=50):
     """(sum, sumsq, weight, bias, running_mean, running_var, num_batches_tracked, count,
     momentum) of a BatchNorm over ``count`` values per channel."""
     x = torch.randn(count, c, dtype=torch.float64) * 2 + 1
@@ -439,14 +439,14 @@ def _flag_bn_cases():
     def finalize(m):
         calls = []
         for affine, running in itertools.product((False, True), RUNNING):
-            s, ss, wt, b, rm, rv, nbt, count, mom = _finalize_args(m, affine, running)
+            s, ss, wt, b, rm, rv, nbt, count, mom = finalize_args(m, affine, running)
             calls.append(((s, ss, wt, b, rm, rv, nbt, count, mom, 1e-5), (4, 5, 6)))
         return calls
 
     def finalize_count(m):
         calls = []
         for affine, running in itertools.product((False, True), RUNNING):
-            s, ss, wt, b, rm, rv, nbt, count, mom = _finalize_args(m, affine, running)
+            s, ss, wt, b, rm, rv, nbt, count, mom = finalize_args(m, affine, running)
             cnt = torch.tensor([float(count)], dtype=m.acc, device=m.device)
             calls.append(((s, ss, cnt, wt, b, rm, rv, nbt, mom, 1e-5), (5, 6, 7)))
         return calls
@@ -691,8 +691,8 @@ def _all_cases() -> list[OpCase]:
                            {"conv_bias_act": _geom_variants()["conv_bias_act"]})
              + _conv_cases("geom", GEOM_GEOMS, [("bf16", BF16, False)], ["channels_last"],
                            {"conv_stats": _geom_variants()["conv_stats"]})
-             + _conv_cases("geom", GEOM_GEOMS, [("fp32", F32, False)], ["channels_last"],
-                           {"conv_bwd": _split_bwd})
+             + _conv_cases("geom", GEOM_GEOMS, [("fp32", F32, False), ("bf16", BF16, False)],
+                           ["channels_last"], {"conv_bwd": _split_bwd})
              + _sweep_conv_cases() + _sweep_bn_cases())
     ids = [c.id for c in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
