@@ -17,7 +17,8 @@ import inspect
 
 import pytest
 import torch
-from op_cases import CASES, RUNNING, finalize_args
+from op_cases import CASES
+from op_cases_bn import RUNNING, finalize_args
 from op_check import Maker, check, device_of
 
 from fastres import backends, reference
