@@ -123,7 +123,8 @@ fi
 # 4. The op tests on the GPU: every op of the contract per dtype and layout at small shapes
 # (a broken CUDA kernel is named by its test id; failures print as they happen).
 if have pytest; then
-  step gpu-tests 30 150 "$PY" -P -m pytest tests/test_ops_device.py -m gpu -q \
+  step gpu-tests 30 150 "$PY" -P -m pytest tests/test_ops.py tests/test_resnet_backends.py \
+    -m gpu -q \
     -p no:cacheprovider -rfEs
 else
   note "pytest is not installed: GPU tests skipped"
@@ -151,7 +152,8 @@ if have pytest; then
     step bench-compile 60 50 "$PY" -P -m pytest bench/bench_blocks.py -q -p no:cacheprovider \
       -k "reference_case and compile" --bench-compile=ref --bench-out "$OUT/bench.json" \
       --bench-append -rfE
-    step triton-tests 60 40 "$PY" -P -m pytest tests/test_triton.py -m "not gpu" -q \
+    step triton-tests 60 40 "$PY" -P -m pytest tests/test_ops.py tests/test_triton.py \
+      tests/test_triton_tf32.py -k triton -m "not gpu" -q \
       -p no:cacheprovider -rfE
     step gpu-integr 120 40 "$PY" -P -m pytest tests/test_integrations.py -m gpu_integration -q \
       -p no:cacheprovider -rfEs

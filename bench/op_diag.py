@@ -2,7 +2,7 @@
 
     python -P bench/op_diag.py [--device cuda] [--backends cuda triton] [--batch 32] [--profile]
 
-The unit tests (tests/test_ops_device.py) run the ops at tiny shapes, where every kernel uses one
+The unit tests (tests/test_ops.py) run the ops at tiny shapes, where every kernel uses one
 split, one chunk and one tile. The first H200 run failed only at real sizes (bf16 training of
 every Bottleneck on the cuda backend, while the tiny-shape tests passed), so this runs each op
 at the sizes of a ResNet-50 block at batch 32 and prints, per output, the largest error relative

@@ -1,5 +1,5 @@
 """fp32 convolutions through the Triton TF32 path under the interpreter, judged by the tolerance
-rule against the TF32 yardstick (the reference on TF32-rounded operands, as tests/test_ops_device.py
+rule against the TF32 yardstick (the reference on TF32-rounded operands, as tests/op_check.py
 judges the CUDA kernels' TF32): operands rounded to nearest (what the kernels do) and, for
 comparison, truncated (what wgmma does to unrounded fp32).
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # cudasim under AddressSanitizer + UndefinedBehaviorSanitizer: builds fastres._C_cudasim (the CUDA
 # launchers and kernels on the CPU, csrc/cuda/cudasim) with -fsanitize=address,undefined into a
-# temporary package overlay, then runs the cudasim device tests (tests/test_ops_device.py -k
-# cudasim, ResNet-50 left out: tens of minutes under ASan) and the harness self-test with the
+# temporary package overlay, then runs the cudasim op and model tests (tests/test_ops.py and
+# tests/test_resnet_backends.py -k cudasim, ResNet-50 left out: tens of minutes under ASan) and the harness self-test with the
 # sanitizer runtimes preloaded into Python. Any report fails the run (halt_on_error).
 # Run from an environment where fastres is built (scripts/setup_env.sh).
 #   bash scripts/cudasim_sanitizers.sh [extra pytest args]
@@ -36,7 +36,8 @@ export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:detect_stack_use_after_return
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 start=$(date +%s)
 set +e
-PYTHONPATH="$OUT/pkg" LD_PRELOAD="$PRELOAD" "$PY" -m pytest tests/test_ops_device.py -k "cudasim and not resnet50" \
+PYTHONPATH="$OUT/pkg" LD_PRELOAD="$PRELOAD" "$PY" -m pytest tests/test_ops.py tests/test_resnet_backends.py \
+  -k "cudasim and not resnet50" \
   -p no:cacheprovider -q "$@" 2>&1 | tee "$OUT/run.log"
 rc=${PIPESTATUS[0]}
 set -e

@@ -13,7 +13,7 @@ this rule against torchvision contiguous on 8 of 269 tensors (worst 10x; resnet5
 float32, measured 2026-11-29). Whole-model training is therefore compared in full (every gradient)
 in float64, where no flip happens, and at float32/bfloat16 on what is continuous: the output, the
 running statistics and num_batches_tracked. Gradient accuracy at low precision is held to the rule
-per block (test_block_grads_low_precision) and per op (tests/test_ops_cpu.py).
+per block (test_block_grads_low_precision) and per op (tests/test_ops.py).
 """
 
 from __future__ import annotations

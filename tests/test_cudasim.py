@@ -1,5 +1,5 @@
 """cudasim itself (csrc/cuda/cudasim): what the CUDA launchers do on it beyond the op results
-(tests/test_ops_device.py runs those), and the planted bugs it must catch."""
+(tests/test_ops.py runs those), and the planted bugs it must catch."""
 
 from __future__ import annotations
 

@@ -186,7 +186,7 @@ def test_slower_backend_is_not_preferred(monkeypatch):
 
 @pytest.mark.parametrize("name,precisions", [
     # The interpreter runs ~0.4 s per op case: bf16 only (its upcast path; fp32 and the rest
-    # are tests/test_triton.py's). cudasim: ~0.08 s per case.
+    # are tests/test_ops.py's). cudasim: ~0.08 s per case.
     ("triton", ["bf16"]),
     ("cudasim", ["fp32", "bf16"]),
 ])

@@ -35,7 +35,7 @@ def forced_backend(name: str | None) -> Iterator[None]:
     """FASTRES_BACKEND=name for the duration (None: leave the dispatcher alone). cudasim runs the
     CUDA launchers, which follow cuDNN's TF32 switch as on a GPU; its fp32 cases are judged
     against PyTorch on the CPU, which never uses TF32, so TF32 is off for them (as in
-    tests/test_ops_device.py)."""
+    tests/op_check.py)."""
     old = os.environ.get("FASTRES_BACKEND")
     old_tf32 = torch.backends.cudnn.allow_tf32
     if name is not None:
