@@ -124,6 +124,7 @@ fi
 # (a broken CUDA kernel is named by its test id; failures print as they happen).
 if have pytest; then
   step gpu-tests 30 150 "$PY" -P -m pytest tests/test_ops.py tests/test_resnet_backends.py \
+    tests/test_triton_gpu.py tests/test_cuda_graphs.py \
     -m gpu -q \
     -p no:cacheprovider -rfEs
 else
