@@ -109,9 +109,11 @@ def conv_bias_act(
         raise ValueError("fastres_triton.conv_bias_act: bn_mean and bn_var are given together")
     if scale is not None and bias is None and bn_var is None:
         raise ValueError("fastres_triton.conv_bias_act: scale is given only with bias")
+    if bn_var is not None:  # the BatchNorm's scale and shift first: one small launch
+        scale, bias = _bn.bn_eval_vectors(_vec(scale), _vec(bias), _vec(bn_mean), _vec(bn_var),
+                                          bn_eps)
     out, _, _ = _conv.conv_forward(input, weight, bias, residual, relu, None, None, False, False,
-                                   stride, padding, dilation, _vec(scale), _vec(bn_mean),
-                                   _vec(bn_var), bn_eps)
+                                   stride, padding, dilation, _vec(scale))
     return out
 
 

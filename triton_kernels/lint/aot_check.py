@@ -118,6 +118,7 @@ def _run_ops(ops, quick: bool, dtype_names: list[str]) -> None:
         mean, invstd = torch.zeros(64), torch.ones(64)
         ops.conv_bias_act(x, w, torch.randn(64).to(dt), act(8, 64, 56, 56, dt), [1, 1], [1, 1],
                           [1, 1], 1, True)
+        ops.conv_bias_act(x, w, sh, None, [1, 1], [1, 1], [1, 1], 1, True, sc, sh, sc, 1e-5)
         ops.conv_stats(x, w, sc, sh, True, [1, 1], [1, 1], [1, 1], 1)
         ops.conv_bwd(act(8, 64, 28, 28, dt), x, w, sc, sh, True, [2, 2], [1, 1], [1, 1], 1,
                      [True, True])
@@ -165,6 +166,7 @@ WRITES = {
     "_sum_rows_kernel": {"out_ptr"},
     "_bn_finalize_kernel": {"rm_ptr", "rv_ptr", "nbt_ptr", "mean_ptr", "invstd_ptr", "scale_ptr",
                             "shift_ptr"},
+    "_bn_eval_vectors_kernel": {"scale_ptr", "shift_ptr"},
     "_bn_add_relu_kernel": {"out_ptr"},
     "_bn_bwd_reduce_kernel": {"g_ptr", "part_ptr"},
     "_bn_bwd_apply_kernel": {"gi_ptr", "gr_ptr"},
