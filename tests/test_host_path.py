@@ -75,7 +75,8 @@ def test_conv_bias_act_scale_in_the_epilogue(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
-@pytest.mark.parametrize("affine", ["gamma+beta", "none", "bf16 params"])
+@pytest.mark.parametrize("affine", ["gamma+beta", "none", "bf16 params", "fp16 params",
+                                    "mixed params"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_conv_bias_act_batchnorm_in_the_epilogue(backend, dtype, affine):
     """conv_bias_act(..., scale=gamma, bn_mean, bn_var, bn_eps): the eval BatchNorm computed in
@@ -91,8 +92,11 @@ def test_conv_bias_act_batchnorm_in_the_epilogue(backend, dtype, affine):
     mean, var = torch.randn(24, generator=g), torch.rand(24, generator=g) * 3 + 0.01
     if affine == "none":
         gamma = beta = None
-    elif affine == "bf16 params":
-        gamma, beta, mean, var = (t.to(torch.bfloat16) for t in (gamma, beta, mean, var))
+    elif affine in ("bf16 params", "fp16 params"):  # a model.to(dtype)'s BatchNorm
+        pdt = torch.bfloat16 if affine == "bf16 params" else torch.float16
+        gamma, beta, mean, var = (t.to(pdt) for t in (gamma, beta, mean, var))
+    elif affine == "mixed params":  # read as float32 then
+        mean = mean.to(torch.bfloat16)
     res = torch.randn(2, 24, 5, 4, generator=g).to(dtype).contiguous(memory_format=cl)
     args = (x, w, beta, res, [2, 2], [1, 1], [1, 1], 1, True, gamma, mean, var, 1e-3)
     with fastres.harness.rule.allow_tf32(False):

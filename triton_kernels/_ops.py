@@ -110,8 +110,8 @@ def conv_bias_act(
     if scale is not None and bias is None and bn_var is None:
         raise ValueError("fastres_triton.conv_bias_act: scale is given only with bias")
     if bn_var is not None:  # the BatchNorm's scale and shift first: one small launch
-        scale, bias = _bn.bn_eval_vectors(_vec(scale), _vec(bias), _vec(bn_mean), _vec(bn_var),
-                                          bn_eps)
+        scale, bias = _bn.bn_eval_vectors(*(None if t is None else t.contiguous()
+                                            for t in (scale, bias, bn_mean, bn_var)), bn_eps)
     out, _, _ = _conv.conv_forward(input, weight, bias, residual, relu, None, None, False, False,
                                    stride, padding, dilation, _vec(scale))
     return out

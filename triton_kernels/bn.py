@@ -87,7 +87,7 @@ def _bn_finalize_kernel(
 
 @triton.jit
 def _bn_eval_vectors_kernel(
-    weight_ptr, bias_ptr, mean_ptr, var_ptr,  # (C,) float32; weight, bias unused when absent
+    weight_ptr, bias_ptr, mean_ptr, var_ptr,  # (C,) any float dtype; weight, bias may be absent
     scale_ptr, shift_ptr,  # (C,) float32 out
     C, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -98,12 +98,13 @@ def _bn_eval_vectors_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
         ok = offs < C
-        scale = 1.0 / tl.sqrt_rn(tl.load(var_ptr + offs, mask=ok, other=1.0) + eps)
+        var = tl.load(var_ptr + offs, mask=ok, other=1.0).to(tl.float32)
+        scale = 1.0 / tl.sqrt_rn(var + eps)
         if HAS_WEIGHT:
-            scale = scale * tl.load(weight_ptr + offs, mask=ok, other=0.0)
-        shift = -(tl.load(mean_ptr + offs, mask=ok, other=0.0) * scale)
+            scale = scale * tl.load(weight_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        shift = -(tl.load(mean_ptr + offs, mask=ok, other=0.0).to(tl.float32) * scale)
         if HAS_BIAS:
-            shift = tl.load(bias_ptr + offs, mask=ok, other=0.0) + shift
+            shift = tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32) + shift
         tl.store(scale_ptr + offs, scale, mask=ok)
         tl.store(shift_ptr + offs, shift, mask=ok)
 
@@ -377,8 +378,8 @@ def bn_finalize(sum, sumsq, weight, bias, running_mean, running_var, num_batches
 
 
 def bn_eval_vectors(weight, bias, mean, var, eps: float):
-    """(scale, shift) of an eval BatchNorm from its float32 vectors (weight, bias may be None),
-    in one launch."""
+    """(scale, shift), float32, of an eval BatchNorm from its contiguous vectors of any float
+    dtype (weight, bias may be None), in one launch (no conversion of a 16-bit model's)."""
     c = var.shape[0]
     scale = torch.empty(c, device=var.device, dtype=torch.float32)
     shift = torch.empty_like(scale)

@@ -345,6 +345,18 @@ __device__ __forceinline__ void conv_acc_to_smem(const ConvAcc<MATH, Cfg>& c, fl
   }
 }
 
+// Element k of a per-channel vector of dtype dt, as float.
+__device__ __forceinline__ float ld_as_f(const void* v, DType dt, int k) {
+  switch (dt) {
+    case DType::kFloat16:
+      return to_f(static_cast<const __half*>(v)[k]);
+    case DType::kBFloat16:
+      return to_f(static_cast<const __nv_bfloat16*>(v)[k]);
+    default:
+      return __ldg(static_cast<const float*>(v) + k);
+  }
+}
+
 // ---- epilogue: the tile (* scale) + bias, + residual, ReLU, rounded to T, 16-byte stores ----
 // With STATS the tile keeps the stored (rounded) values, zero outside the output, for the stats.
 template <typename T, class Cfg, bool STATS, bool BIAS, bool RESIDUAL, bool RELU>
@@ -374,10 +386,11 @@ __device__ __forceinline__ void conv_epilogue(const ConvParams& p, float* cs, in
           for (int e = 0; e < EPC; ++e) {
             const int k = k0 + e;
             if (k < p.OC) {  // one rounding per operation, as the reference's s and t
-              float s = 1.0f / sqrtf(__fadd_rn(__ldg(p.bn_var + k), p.bn_eps));
-              if (p.scale != nullptr) s = __fmul_rn(s, __ldg(p.scale + k));
-              const float ms = __fmul_rn(__ldg(p.bn_mean + k), s);
-              const float t = p.bias != nullptr ? __fsub_rn(__ldg(p.bias + k), ms) : -ms;
+              float s = 1.0f / sqrtf(__fadd_rn(ld_as_f(p.bn_var, p.bn_dtype, k), p.bn_eps));
+              if (p.bn_weight != nullptr) s = __fmul_rn(s, ld_as_f(p.bn_weight, p.bn_dtype, k));
+              const float ms = __fmul_rn(ld_as_f(p.bn_mean, p.bn_dtype, k), s);
+              const float t =
+                  p.bn_bias != nullptr ? __fsub_rn(ld_as_f(p.bn_bias, p.bn_dtype, k), ms) : -ms;
               v[e] = __fadd_rn(__fmul_rn(v[e], s), t);
             }
           }

@@ -42,12 +42,15 @@ struct ConvParams {
   void* out;               // (N, OH, OW, OC) = (M, OC)
   const float* bias;       // (OC) or null
   const float* scale;      // (OC) or null (only with bias): out = acc * scale + bias
-  // (OC) or null: an eval BatchNorm in the epilogue, from its live tensors. scale and bias are
-  // then its weight and bias (each may be null: 1, 0): s = scale / sqrt(bn_var + bn_eps),
-  // out = acc * s + (bias - bn_mean * s). has_bias is set with them.
-  const float* bn_mean;
-  const float* bn_var;
+  // An eval BatchNorm in the epilogue, from its live tensors, in their own dtype (bn_dtype, all
+  // four alike): s = bn_weight / sqrt(bn_var + bn_eps), out = acc * s + (bn_bias - bn_mean * s);
+  // bn_weight, bn_bias may be null (1, 0). bn_var null: no BatchNorm. has_bias is set with it.
+  const void* bn_weight;
+  const void* bn_bias;
+  const void* bn_mean;
+  const void* bn_var;
   float bn_eps;
+  DType bn_dtype;
   const void* residual;    // (M, OC) like out, or null
   const float* pre_scale;  // (XC) or null: prologue a = relu?(x * pre_scale + pre_shift)
   const float* pre_shift;  // (XC) or null

@@ -118,6 +118,47 @@ inline Tensor opt_chan_vec(const OptTensor& v, int64_t n, const char* name, cons
   return v.has_value() ? chan_vec(*v, n, name, ref) : Tensor();
 }
 
+// An eval BatchNorm's (weight, bias, running_mean, running_var) for the conv epilogue, each
+// undefined when absent: contiguous, in their own dtype when all four share one of float32,
+// float16, bfloat16 (the common case: no copy), else all converted to float32.
+struct BnVecs {
+  Tensor v[4];
+  DType dtype = DType::kFloat32;
+};
+inline BnVecs bn_vecs(std::initializer_list<OptTensor> vs, int64_t n, const Tensor& ref) {
+  static const char* names[4] = {"BatchNorm weight", "BatchNorm bias", "bn_mean", "bn_var"};
+  BnVecs r;
+  int i = 0;
+  c10::optional<at::ScalarType> common;
+  bool same = true;
+  for (const OptTensor& o : vs) {
+    if (o.has_value()) {
+      const Tensor& v = *o;
+      TORCH_CHECK(v.device() == ref.device(), "fastres CUDA: ", names[i], " is on ", v.device(),
+                  " but the activations are on ", ref.device());
+      TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "fastres CUDA: ", names[i],
+                  " must be a vector of ", n, " elements (one per channel), got shape ",
+                  v.sizes());
+      const auto st = v.scalar_type();
+      TORCH_CHECK(at::isFloatingType(st), "fastres CUDA: ", names[i],
+                  " must be floating point, got ", st);
+      same = same && (!common || *common == st);
+      common = st;
+      r.v[i] = v.is_contiguous() ? v : v.contiguous();
+    }
+    ++i;
+  }
+  const auto st = common.value_or(at::kFloat);
+  if (same && (st == at::kFloat || st == at::kHalf || st == at::kBFloat16)) {
+    r.dtype = st == at::kFloat ? DType::kFloat32
+              : st == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+    return r;
+  }
+  for (Tensor& v : r.v)
+    if (v.defined()) v = v.to(at::kFloat).contiguous();
+  return r;
+}
+
 // Output in `fmt` (what the fake returns) plus the NHWC buffer the kernel writes.
 struct NhwcOut {
   Tensor ret;

@@ -186,17 +186,18 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
   const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_bias_act");
   c10::cuda::CUDAGuard guard(input.device());
   const DType dt = to_dtype(input, "conv_bias_act");
-  const Tensor b = opt_chan_vec(bias, g.K, "bias", input);
   // The BatchNorm scale in the epilogue (the weight is the live parameter, nothing folded), or
   // with bn_mean and bn_var the BatchNorm itself (its scale and shift computed there).
   TORCH_CHECK(bn_mean.has_value() == bn_var.has_value(), "fastres::conv_bias_act: bn_mean and "
               "bn_var are given together");
   const bool bn = bn_var.has_value();
-  TORCH_CHECK(bn || !scale.has_value() || b.defined(), "fastres::conv_bias_act: scale is given "
-              "only with bias");
-  const Tensor sc = opt_chan_vec(scale, g.K, "scale", input);
-  const Tensor bm = opt_chan_vec(bn_mean, g.K, "bn_mean", input);
-  const Tensor bv = opt_chan_vec(bn_var, g.K, "bn_var", input);
+  TORCH_CHECK(bn || !scale.has_value() || bias.has_value(), "fastres::conv_bias_act: scale is "
+              "given only with bias");
+  // With the BatchNorm, scale and bias are its weight and bias: read in their dtype with its
+  // running statistics (no per-call conversion of a bf16 model's BatchNorm).
+  const BnVecs bnv = bn ? bn_vecs({scale, bias, bn_mean, bn_var}, g.K, input) : BnVecs{};
+  const Tensor b = bn ? Tensor() : opt_chan_vec(bias, g.K, "bias", input);
+  const Tensor sc = bn ? Tensor() : opt_chan_vec(scale, g.K, "scale", input);
   Tensor res;
   if (residual.has_value()) {
     const Tensor& r = *residual;
@@ -215,8 +216,14 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
   fill_conv_io(p, o.x, o.w, out.buf, g);
   p.bias = fptr(b);
   p.scale = fptr(sc);
-  p.bn_mean = fptr(bm);
-  p.bn_var = fptr(bv);
+  const auto vptr = [](const Tensor& t) -> const void* {
+    return t.defined() ? t.data_ptr() : nullptr;
+  };
+  p.bn_weight = vptr(bnv.v[0]);
+  p.bn_bias = vptr(bnv.v[1]);
+  p.bn_mean = vptr(bnv.v[2]);
+  p.bn_var = vptr(bnv.v[3]);
+  p.bn_dtype = bnv.dtype;
   p.bn_eps = static_cast<float>(bn_eps);
   p.residual = res.defined() ? res.data_ptr() : nullptr;
   p.has_bias = b.defined() || bn;
