@@ -165,6 +165,13 @@ def test_live_eval_matches_torchvision_and_reads_the_tensors_now(backend, live, 
     _check(tv, ours, x, "live eval after .data writes")
     # The same plans ran: nothing was rebuilt, they read the tensors on each call.
     assert {id(m): m.__dict__.get("_eval_plan") for m in ours.modules()} == plans
+    # New tensor objects assigned to the modules (weight surgery): read from the modules too.
+    for m in (tv, ours):
+        conv, bn = m.layer2[0].conv2, m.layer2[0].bn2
+        conv.weight = torch.nn.Parameter(conv.weight.detach() * -0.5)
+        bn.bias = torch.nn.Parameter(bn.bias.detach() + 1.0)
+        bn.running_mean = bn.running_mean * 0.25
+    _check(tv, ours, x, "live eval after assigning new tensors")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

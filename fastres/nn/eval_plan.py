@@ -102,7 +102,7 @@ class EvalPlan:
 
     __slots__ = ("mods", "dtype", "device", "shape", "channels_last", "backend_env", "bns",
                  "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "eps", "sources",
-                 "m_max", "finite_op", "absmax", "into_op")
+                 "live", "m_max", "finite_op", "absmax", "into_op")
 
     def __init__(self, block: nn.Module, x: Tensor, steps, shortcut, wdt, bdt, fmt,
                  folds, all_cpu: bool) -> None:
@@ -123,6 +123,11 @@ class EvalPlan:
         # None: live, the BatchNorms' scale and shift computed per call for the epilogue.
         self.folds = None if folds is None else tuple(folds)
         self.eps = tuple(float(bn.eps) for bn in self.bns)
+        # Live: where each call reads the tensors from (the modules' own parameter and buffer
+        # dicts, which assignments and load_state_dict update; a dict read per tensor instead of
+        # nn.Module.__getattr__'s fallback chain).
+        self.live = tuple((c._parameters, b._parameters, b._buffers, e)
+                          for c, b, e in zip(self.convs, self.bns, self.eps, strict=True))
         # The values every fold was computed from (fastres_cpu::fingerprint), checked per call.
         self.sources = None if folds is None else _fingerprint(self.convs, self.bns)
         self.m_max, self.finite_op, self.absmax, self.into_op = math.nan, None, None, None
@@ -220,8 +225,9 @@ class EvalPlan:
         if not self._valid(block, x):
             return None
         if self.folds is None:  # live: each BatchNorm in its convolution's epilogue, as it is now
-            folds = [(conv.weight, bn.bias, (bn.weight, bn.running_mean, bn.running_var, bn.eps))
-                     for conv, bn in zip(self.convs, self.bns, strict=True)]
+            folds = [(cp["weight"], bp.get("bias"),
+                      (bp.get("weight"), bb["running_mean"], bb["running_var"], eps))
+                     for cp, bp, bb, eps in self.live]
         else:
             # One read of the block's conv weights and BN tensors: the folds are current only
             # if their values are (writes through .data leave the version counters alone).
