@@ -175,6 +175,31 @@ def test_live_eval_matches_torchvision_and_reads_the_tensors_now(backend, live, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_live_eval_frozen_batchnorm(backend, live, monkeypatch):
+    """FrozenBatchNorm2d (detection backbones) keeps its weight and bias as buffers: the live
+    plan reads them, and their in-place changes, as torchvision does."""
+    from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: PLC0415
+
+    monkeypatch.setenv("FASTRES_BACKEND", backend)
+    tv = torchvision.models.resnet18(num_classes=10, norm_layer=FrozenBatchNorm2d).eval()
+    g = torch.Generator().manual_seed(3)
+    for m in tv.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            for t in (m.weight, m.bias, m.running_mean):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1.0 if t is m.weight else 0.0))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    ours = fastres.convert(copy.deepcopy(tv)).eval()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    _check(tv, ours, x, "live eval, FrozenBatchNorm2d")
+    assert any(p is not None and p.folds is None
+               for p in (m.__dict__.get("_eval_plan") for m in ours.modules()))
+    for m in (tv, ours):
+        m.layer1[0].bn1.weight.mul_(-2.0)
+        m.layer2[0].bn2.bias.add_(1.0)
+    _check(tv, ours, x, "live eval, FrozenBatchNorm2d changed in place")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["eval", "eval-grad", "train"])
 @pytest.mark.parametrize("cached", [False, True], ids=["live", "cpu-cache"])
 def test_no_host_device_sync(backend, mode, cached, monkeypatch):

@@ -123,11 +123,15 @@ class EvalPlan:
         # None: live, the BatchNorms' scale and shift computed per call for the epilogue.
         self.folds = None if folds is None else tuple(folds)
         self.eps = tuple(float(bn.eps) for bn in self.bns)
-        # Live: where each call reads the tensors from (the modules' own parameter and buffer
-        # dicts, which assignments and load_state_dict update; a dict read per tensor instead of
-        # nn.Module.__getattr__'s fallback chain).
-        self.live = tuple((c._parameters, b._parameters, b._buffers, e)
-                          for c, b, e in zip(self.convs, self.bns, self.eps, strict=True))
+        # Live: where each call reads the tensors from, (dict, name) per tensor: the modules'
+        # own parameter or buffer dicts (FrozenBatchNorm2d keeps its weight and bias as
+        # buffers), which assignments and load_state_dict update; a dict read instead of
+        # nn.Module.__getattr__'s fallback chain.
+        self.live = tuple(
+            (_slot(c, "weight"), _slot(b, "bias"), _slot(b, "weight"), _slot(b, "running_mean"),
+             _slot(b, "running_var"), e)
+            for c, b, e in zip(self.convs, self.bns, self.eps, strict=True)
+        )
         # The values every fold was computed from (fastres_cpu::fingerprint), checked per call.
         self.sources = None if folds is None else _fingerprint(self.convs, self.bns)
         self.m_max, self.finite_op, self.absmax, self.into_op = math.nan, None, None, None
@@ -225,9 +229,8 @@ class EvalPlan:
         if not self._valid(block, x):
             return None
         if self.folds is None:  # live: each BatchNorm in its convolution's epilogue, as it is now
-            folds = [(cp["weight"], bp.get("bias"),
-                      (bp.get("weight"), bb["running_mean"], bb["running_var"], eps))
-                     for cp, bp, bb, eps in self.live]
+            folds = [(_read(w), _read(b), (_read(g), _read(m), _read(v), eps))
+                     for w, b, g, m, v, eps in self.live]
         else:
             # One read of the block's conv weights and BN tensors: the folds are current only
             # if their values are (writes through .data leave the version counters alone).
@@ -259,6 +262,18 @@ class EvalPlan:
             return self.into_op(identity, h, w, b, conv.stride, conv.padding, conv.dilation,
                                 conv.groups, True)
         return _conv(relu_op or op, h, folds[last], identity, conv, True)
+
+
+def _slot(module: nn.Module, name: str) -> tuple[dict, str, nn.Module]:
+    """Where ``module``'s tensor ``name`` lives: its parameter or its buffer dict (for _read)."""
+    return (module._parameters if name in module._parameters else module._buffers), name, module
+
+
+def _read(slot) -> Tensor | None:
+    """``getattr(module, name)`` of a _slot by one dict read; the attribute itself when the dict
+    holds no tensor (an absent affine part, or a tensor moved between parameters and buffers)."""
+    t = slot[0].get(slot[1])
+    return t if t is not None else getattr(slot[2], slot[1], None)
 
 
 def _conv(op, x: Tensor, fold, residual, conv: nn.Conv2d, relu: bool) -> Tensor:
