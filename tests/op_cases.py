@@ -250,11 +250,26 @@ def _flag_cases():
         x, w = _x_w(m, g)
         return [((x, w, m.vec(g.k).float(), _y(m, g), *g.conv, True), ())]
 
+    def bn_epilogue(m, g=ACC_BIAS):
+        # The eval BatchNorm in the epilogue: its scale computed first (scale=), or the
+        # BatchNorm itself from (gamma, beta, mean, var): float32 vectors, no affine part, and
+        # a model.to(dtype)'s vectors in the activations' dtype.
+        x, w = _x_w(m, g)
+        y = _y(m, g)
+        gam, bet, mean, var = m.pos(g.k), m.vec(g.k), m.vec(g.k), m.vec(g.k, 0.01, 3.0)
+        low = [t.to(m.dtype) for t in (gam, bet, mean, var)]
+        return [((x, w, bet, y, *g.conv, True, gam), ()),
+                ((x, w, bet, y, *g.conv, True, gam, mean, var, 1e-5), ()),
+                ((x, w, None, None, *g.conv, False, None, mean, var, 1e-3), ()),
+                ((x, w, low[1], y, *g.conv, True, low[0], low[2], low[3], 1e-5), ())]
+
     for dtype in (F32, BF16, F16):
         out += [OpCase("conv_bias_act", "flags", dtype, "channels_last", cba, FLAG_CBA),
                 OpCase("conv_stats", "flags", dtype, "channels_last", stats, FLAG_STATS),
                 OpCase("conv_bwd", "flags", dtype, "channels_last", bwd, FLAG_BWD),
-                OpCase("conv_bias_act", "flags", dtype, "channels_last", acc_bias, ACC_BIAS)]
+                OpCase("conv_bias_act", "flags", dtype, "channels_last", acc_bias, ACC_BIAS),
+                OpCase("conv_bias_act", "flags", dtype, "channels_last", bn_epilogue, ACC_BIAS,
+                       tag="bn-epilogue")]
     for layout in LAYOUTS:
         out.append(OpCase("conv_bwd", "flags", F32, layout, masks, FLAG_MASK))
     out.append(OpCase("conv_bwd", "flags", F32, "channels_last", phases, FLAG_PHASES))
