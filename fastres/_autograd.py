@@ -51,49 +51,79 @@ class _ConvBiasActFn(torch.autograd.Function):
     conv_bwd with the weight W * s gives both gradients: the data gradient is linear in the
     weight (dgrad(g, W * s) = dgrad(g * s, W)), and the weight gradient G = wgrad(g, x) does not
     depend on it; then dW = s * G and ds[k] = sum(W[k] * G[k]) (conv(x, W) is linear in W, so
-    sum over the output of g * conv(x, W) = <G, W>): no extra convolution, nothing saved but x."""
+    sum over the output of g * conv(x, W) = <G, W>): no extra convolution, nothing saved but x.
+
+    With ``bn`` = (mean, var, eps) the BatchNorm itself is in the forward's epilogue (one launch):
+    ``scale`` and ``bias`` are its gamma and beta, s = gamma / sqrt(var + eps) and t = beta -
+    mean * s. The backward recomputes s from the saved tensors and chains ds and dt = db to
+    dgamma = (ds - mean * dt) / sqrt(var + eps), dbeta = dt (and to mean and var, should they
+    require gradients)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, conv: ConvSpec, relu: bool, backend: str,
-                scale=None):
+                scale=None, bn_mean=None, bn_var=None, bn_eps: float = 0.0):
         op = backends.op(backend, "conv_bias_act")
         args = (x, weight, bias, residual, *conv.args(), relu)
-        out = op(*args) if scale is None else op(*args, scale)
-        ctx.conv, ctx.relu, ctx.backend = conv, relu, backend
+        if bn_var is not None:
+            out = op(*args, scale, bn_mean, bn_var, float(bn_eps))
+        else:
+            out = op(*args) if scale is None else op(*args, scale)
+        ctx.conv, ctx.relu, ctx.backend, ctx.bn_eps = conv, relu, backend, bn_eps
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, weight, out if relu else None, scale)
+        ctx.save_for_backward(x, weight, out if relu else None, scale, bn_mean, bn_var)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, out, scale = ctx.saved_tensors
+        x, weight, out, scale, bn_mean, bn_var = ctx.saved_tensors
         be = ctx.backend
         grad_z, grad_bias = backends.op(be, "relu_bias_bwd")(
             grad_out.contiguous(memory_format=memory_format_of(x)), out
         )
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_s = scale is not None and ctx.needs_input_grad[7]
+        bn = bn_var is not None
+        nig = ctx.needs_input_grad
+        need_x, need_w = nig[0], nig[1]
+        # ds is needed for the scale, or (BatchNorm) for gamma, mean or var
+        need_s = (scale is not None and nig[7]) or (bn and (nig[8] or nig[9]))
+        acc = grad_bias.dtype
+        s = scale
+        if bn:
+            inv = torch.rsqrt(bn_var.to(acc) + ctx.bn_eps)
+            s = inv * scale.to(acc) if scale is not None else inv
         grad_x = grad_w = grad_s = None
         if need_x or need_w or need_s:
             w = weight
-            if scale is not None:
-                s4 = scale.reshape(-1, 1, 1, 1)
-                w = (weight.to(scale.dtype) * s4).to(weight.dtype).contiguous(
+            if s is not None:
+                s4 = s.reshape(-1, 1, 1, 1)
+                w = (weight.to(s.dtype) * s4).to(weight.dtype).contiguous(
                     memory_format=memory_format_of(weight))
             gx, gw = backends.op(be, "conv_bwd")(
                 grad_z, x, w, None, None, False, *ctx.conv.args(), [need_x, need_w or need_s]
             )
             grad_x = gx if need_x else None
-            if scale is None:
+            if s is None:
                 grad_w = gw if need_w else None
             else:
-                g = gw.to(scale.dtype)
+                g = gw.to(s.dtype)
                 grad_w = (g * s4).to(weight.dtype) if need_w else None
-                grad_s = (g * weight.to(scale.dtype)).sum(dim=(1, 2, 3)) if need_s else None
-        grad_b = grad_bias.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        grad_r = grad_z if ctx.has_residual and ctx.needs_input_grad[3] else None
-        return grad_x, grad_w, grad_b, grad_r, None, None, None, grad_s
+                grad_s = (g * weight.to(s.dtype)).sum(dim=(1, 2, 3)) if need_s else None
+        grad_b = grad_bias.to(ctx.bias_dtype) if ctx.has_bias and nig[2] else None
+        grad_r = grad_z if ctx.has_residual and nig[3] else None
+        grad_scale = grad_mean = grad_var = None
+        if not bn:
+            grad_scale = grad_s
+        elif grad_s is not None:
+            mean = bn_mean.to(acc)
+            ds = grad_s - mean * grad_bias  # t = beta - mean * s also depends on s
+            if scale is not None and nig[7]:
+                grad_scale = (ds * inv).to(scale.dtype)
+            if nig[8]:
+                grad_mean = (-s * grad_bias).to(bn_mean.dtype)
+            if nig[9]:  # ds/dvar = -s / (2 (var + eps))
+                grad_var = (ds * s * inv * inv * -0.5).to(bn_var.dtype)
+        return (grad_x, grad_w, grad_b, grad_r, None, None, None, grad_scale, grad_mean, grad_var,
+                None)
 
 
 @dataclass(frozen=True)

@@ -263,8 +263,7 @@ def conv_bias_act(
         bn_mean, bn_var, bn_eps: an eval BatchNorm's running statistics and eps, given
             together: the BatchNorm runs in the epilogue from its live tensors, ``scale`` and
             ``bias`` being its weight and bias (either may be None); see :func:`bn_scale_shift`.
-            Without autograd this is one kernel on every backend; with it, the scale and shift
-            are computed first (differentiable) and passed as ``scale`` and ``bias``.
+            Differentiable (gamma, beta, and mean and var should they require gradients).
 
     Returns the ``(N, K, P, Q)`` output in ``x``'s dtype and memory format (under autocast, in
     the autocast dtype, see the module docstring). Differentiable.
@@ -286,13 +285,11 @@ def conv_bias_act(
         raise ValueError("fastres.conv_bias_act: scale is given only with bias")
     conv = ConvSpec(tuple(_pair(stride)), tuple(_pair(padding)), tuple(_pair(dilation)), groups)
     needs_grad = _needs_grad(x, weight, bias, residual, scale, bn_mean, bn_var)
-    if bn_var is not None and needs_grad:
-        from fastres.reference import acc_dtype  # noqa: PLC0415
-
-        scale, bias = bn_scale_shift(scale, bias, bn_mean, bn_var, bn_eps, acc_dtype(x.dtype))
-        bn_mean = bn_var = None
     b = backends.select(_inputs(x, weight, conv, training=needs_grad), backend)
     if b.name != "reference" and needs_grad:
+        if bn_var is not None:
+            return _ConvBiasActFn.apply(x, weight, bias, residual, conv, relu, b.name, scale,
+                                        bn_mean, bn_var, float(bn_eps))
         return _ConvBiasActFn.apply(x, weight, bias, residual, conv, relu, b.name, scale)
     # The reference op is plain PyTorch, differentiable as it is.
     args = (x, weight, bias, residual, *conv.args(), relu)

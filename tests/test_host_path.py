@@ -138,6 +138,36 @@ def test_scale_gradients(backend):
         (x, w, b, s, r), fast_mode=True)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_epilogue_gradients(backend, affine):
+    """Gradients through the BatchNorm in the epilogue: gamma and beta (and mean and var, should
+    they require them) chained from ds and dt, float64 gradcheck."""
+    if backends.BACKENDS[backend].unavailable_reason():
+        pytest.skip(backends.BACKENDS[backend].unavailable_reason())
+    g = torch.Generator().manual_seed(2)
+    f64 = dict(generator=g, dtype=torch.float64)
+    x = torch.randn(2, 3, 5, 5, **f64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, **f64, requires_grad=True)
+    gam = (torch.rand(4, **f64) + 0.5).requires_grad_(True)
+    bet = torch.randn(4, **f64, requires_grad=True)
+    mean = torch.randn(4, **f64, requires_grad=True)
+    var = (torch.rand(4, **f64) + 0.5).requires_grad_(True)
+    r = torch.randn(2, 4, 5, 5, **f64, requires_grad=True)
+    if affine:
+        torch.autograd.gradcheck(
+            lambda x, w, gam, bet, mean, var, r: fastres.functional.conv_bias_act(
+                x, w, bet, r, padding=1, relu=True, backend=backend, scale=gam, bn_mean=mean,
+                bn_var=var, bn_eps=1e-3),
+            (x, w, gam, bet, mean, var, r), fast_mode=True)
+    else:
+        torch.autograd.gradcheck(
+            lambda x, w, mean, var: fastres.functional.conv_bias_act(
+                x, w, None, None, padding=1, relu=False, backend=backend, bn_mean=mean,
+                bn_var=var, bn_eps=1e-3),
+            (x, w, mean, var), fast_mode=True)
+
+
 def _pair():
     tv = randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
     return tv, fastres.convert(copy.deepcopy(tv)).eval()
@@ -172,6 +202,32 @@ def test_live_eval_matches_torchvision_and_reads_the_tensors_now(backend, live, 
         bn.bias = torch.nn.Parameter(bn.bias.detach() + 1.0)
         bn.running_mean = bn.running_mean * 0.25
     _check(tv, ours, x, "live eval after assigning new tensors")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_enabled_eval_plans_give_torchvision_gradients(backend, monkeypatch):
+    """Eval with autograd runs the blocks' plans (live, each convolution through its autograd
+    Function, the BatchNorm in its epilogue): the input's, the conv weights' and the BatchNorm
+    affine parameters' gradients are torchvision's (Grad-CAM, fine-tuning with BN in eval)."""
+    monkeypatch.setenv("FASTRES_BACKEND", backend)
+    tv, ours = _pair()
+    ref = copy.deepcopy(tv).double()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    proj = torch.randn(2, 10)
+    grads = {}
+    with fastres.harness.rule.allow_tf32(False):
+        for name, m, xi in (("ours", ours, x), ("tv", tv, x), ("ref", ref, x.double())):
+            for _ in range(2):  # the second call runs the plans the first one made
+                xg = xi.clone().requires_grad_(True)
+                m.zero_grad(set_to_none=True)
+                (m(xg) * proj.to(xg.dtype)).sum().backward()
+            grads[name] = {"input": xg.grad, **{n: p.grad for n, p in m.named_parameters()}}
+    plans = [m.__dict__.get("_eval_plan") for m in ours.modules()]
+    assert any(p is not None and p.grad for p in plans), "no plan made with autograd on"
+    for n in ("input", "conv1.weight", "layer2.0.conv1.weight", "layer3.1.bn2.weight",
+              "layer4.0.downsample.1.bias", "fc.weight"):
+        assert_close_rule(f"grad-enabled eval: d/d {n}", grads["ours"][n], grads["tv"][n],
+                          grads["ref"][n], torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

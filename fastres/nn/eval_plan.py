@@ -1,7 +1,7 @@
 """How a fused residual block's eval calls run: as its plan.
 
-An eval call without autograd (no autocast, not traced by ``torch.compile``) runs the block's
-:class:`EvalPlan` for that input signature. :meth:`EvalPlan.build` makes it, the first time and
+An eval call (no autocast, not traced by ``torch.compile``) runs the block's :class:`EvalPlan`
+for that input signature and grad mode. :meth:`EvalPlan.build` makes it, the first time and
 whenever the plan no longer applies, after every check of the block (fusability, the input and
 each conv/BN tensor's dtype and device, BatchNorm modes, one dispatcher choice for the whole
 block, the BN folds and whether they keep NaN/Inf where the unfolded layers put them); a call
@@ -13,23 +13,26 @@ process) at 224x224.
 
 A plan applies while everything it depends on is unchanged:
 
-* the block is in eval mode and so is every BatchNorm of it; grad mode is off; autocast is off
-  for the input's device; ``torch.compile`` is not tracing;
+* the block is in eval mode and so is every BatchNorm of it; grad mode is the plan's; autocast is
+  off for the input's device; ``torch.compile`` is not tracing;
 * the input has the plan's dtype, device, shape and memory format, and ``FASTRES_BACKEND`` is
   what it was;
 * the block's submodules are the same objects (a replaced conv/BN/downsample re-plans), each
   conv still has no bias;
-* every fold is current: one fingerprint of the values of every conv weight and BN tensor of
-  the block (``fastres_cpu::fingerprint``, one read pass; it sees an optimizer step,
-  ``load_state_dict``, ``.to()``, and writes through ``.data`` or ``.numpy()`` that leave the
-  version counters alone) equals the plan's, and every BN's ``eps`` is the plan's.
+* (a plan with folds: on the CPU, without autograd) every fold is current: one fingerprint of
+  the values of every conv weight and BN tensor of the block (``fastres_cpu::fingerprint``, one
+  read pass; it sees an optimizer step, ``load_state_dict``, ``.to()``, and writes through
+  ``.data`` or ``.numpy()`` that leave the version counters alone) equals the plan's, and every
+  BN's ``eps`` is the plan's.
 
 Otherwise a new plan is built. Where none can serve (a fold that would move NaN/Inf, a
 FrozenBatchNorm2d that promotes the output dtype, only the reference path for the input), and
-for grad-enabled eval, autocast and traces, the block's full path runs each convolution through
-``_eval_conv``. Not re-checked per call: a conv's stride, padding, dilation and groups (plain
-attributes nobody changes after construction; assign a new ``nn.Conv2d`` instead, which
-re-plans). ``FASTRES_EVAL_PLAN=0`` turns plans off.
+for autocast and traces, the block's full path runs each convolution through ``_eval_conv``.
+A plan made with autograd on is live (no folds): each convolution through its autograd
+Function with the BatchNorm in its epilogue, so gradients reach the input, the weights and the
+BatchNorm's affine parameters. Not re-checked per call: a conv's stride, padding, dilation and
+groups (plain attributes nobody changes after construction; assign a new ``nn.Conv2d`` instead,
+which re-plans). ``FASTRES_EVAL_PLAN=0`` turns plans off.
 
 **The ReLU on the CPU.** oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps it, so the
 CPU backend's conv_bias_act runs the ReLU as a separate read and write of each output
@@ -55,6 +58,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from fastres._autograd import _ConvBiasActFn
 from fastres._specs import ConvSpec
 from fastres.functional import (
     check_input,
@@ -81,12 +85,11 @@ def enabled() -> bool:
 
 
 def applies(block: nn.Module, x) -> bool:
-    """Whether ``block``'s call on ``x`` is one that plans serve: eval, no autograd, no autocast,
-    not traced by torch.compile, a plain tensor, plans on."""
+    """Whether ``block``'s call on ``x`` is one that plans serve: eval (with autograd or not), no
+    autocast, not traced by torch.compile, a plain tensor, plans on."""
     return (
         type(x) is Tensor
         and not block.training
-        and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(x.device.type)
         and enabled()
@@ -102,7 +105,7 @@ class EvalPlan:
 
     __slots__ = ("mods", "dtype", "device", "shape", "channels_last", "backend_env", "bns",
                  "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "eps", "sources",
-                 "live", "m_max", "finite_op", "absmax", "into_op")
+                 "live", "grad", "m_max", "finite_op", "absmax", "into_op")
 
     def __init__(self, block: nn.Module, x: Tensor, steps, shortcut, wdt, bdt, fmt,
                  folds, all_cpu: bool) -> None:
@@ -123,6 +126,8 @@ class EvalPlan:
         # None: live, the BatchNorms' scale and shift computed per call for the epilogue.
         self.folds = None if folds is None else tuple(folds)
         self.eps = tuple(float(bn.eps) for bn in self.bns)
+        # Made with autograd on: live, each convolution through its autograd Function.
+        self.grad = torch.is_grad_enabled()
         # Live: where each call reads the tensors from, (dict, name) per tensor: the modules'
         # own parameter or buffer dicts (FrozenBatchNorm2d keeps its weight and bias as
         # buffers), which assignments and load_state_dict update; a dict read instead of
@@ -178,11 +183,12 @@ class EvalPlan:
         for _, bn in all_pairs:
             if type(bn) is FrozenBatchNorm2d and torch.promote_types(wdt, bn.weight.dtype) != wdt:
                 return None
+        grad = torch.is_grad_enabled()
         backend = select_backend(x, [c.weight for c, _ in all_pairs],
-                                 [ConvSpec.of(c) for c, _ in all_pairs], training=False)
-        op = backend.op("conv_bias_act")
+                                 [ConvSpec.of(c) for c, _ in all_pairs], training=grad)
+        op = _autograd_op(backend) if grad else backend.op("conv_bias_act")
         folds = None  # live: the BatchNorms in the epilogues (no cache off the CPU)
-        if block._fold_cacheable(*all_pairs[0]):
+        if not grad and block._fold_cacheable(*all_pairs[0]):
             folds = [block._folded(c, b, wdt, bdt) for c, b in all_pairs]
             if not all(f[2] for f in folds):
                 return None
@@ -205,6 +211,7 @@ class EvalPlan:
             or x.shape != self.shape
             or x.is_contiguous(memory_format=torch.channels_last) != self.channels_last
             or torch.is_autocast_enabled(self.device.type)
+            or torch.is_grad_enabled() != self.grad
             or os.environ.get("FASTRES_BACKEND") != self.backend_env
             or tuple(block._modules.values()) != self.mods
         ):
@@ -262,6 +269,20 @@ class EvalPlan:
             return self.into_op(identity, h, w, b, conv.stride, conv.padding, conv.dilation,
                                 conv.groups, True)
         return _conv(relu_op or op, h, folds[last], identity, conv, True)
+
+
+def _autograd_op(backend):
+    """conv_bias_act with gradients, called as the op is: the reference op is plain PyTorch,
+    the others go through their autograd Function (fastres._autograd)."""
+    if backend.name == "reference":
+        return backend.op("conv_bias_act")
+    name = backend.name
+
+    def op(x, w, b, residual, stride, padding, dilation, groups, relu, *bn):
+        spec = ConvSpec(tuple(stride), tuple(padding), tuple(dilation), groups)
+        return _ConvBiasActFn.apply(x, w, b, residual, spec, relu, name, *bn)
+
+    return op
 
 
 def _slot(module: nn.Module, name: str) -> tuple[dict, str, nn.Module]:
