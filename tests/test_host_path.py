@@ -231,6 +231,31 @@ def test_grad_enabled_eval_plans_give_torchvision_gradients(backend, monkeypatch
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_mode_plans_follow_requires_grad(backend, monkeypatch):
+    """Grad mode on but nothing requiring gradients (inference without torch.no_grad on a
+    frozen model) runs the plain eval plan; an input or a parameter that starts requiring
+    gradients gets them on the next call."""
+    monkeypatch.setenv("FASTRES_BACKEND", backend)
+    _, ours = _pair()
+    ours.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    ours(x)
+    ours(x)
+    blk = ours.layer2[0]
+    assert blk.__dict__["_eval_plan"].grad is False
+    blk.bn2.weight.requires_grad_(True)
+    ours(x).sum().backward()
+    assert blk.bn2.weight.grad is not None and blk.bn2.weight.grad.abs().sum() > 0
+    assert blk.__dict__["_eval_plan"].grad is True
+    blk.bn2.weight.requires_grad_(False)
+    ours(x)
+    assert blk.__dict__["_eval_plan"].grad is False
+    xg = x.clone().requires_grad_(True)
+    ours(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_live_eval_frozen_batchnorm(backend, live, monkeypatch):
     """FrozenBatchNorm2d (detection backbones) keeps its weight and bias as buffers: the live
     plan reads them, and their in-place changes, as torchvision does."""

@@ -126,8 +126,10 @@ class EvalPlan:
         # None: live, the BatchNorms' scale and shift computed per call for the epilogue.
         self.folds = None if folds is None else tuple(folds)
         self.eps = tuple(float(bn.eps) for bn in self.bns)
-        # Made with autograd on: live, each convolution through its autograd Function.
-        self.grad = torch.is_grad_enabled()
+        # Made for a call that needs autograd: live, each convolution through its autograd
+        # Function (grad mode on and the input or a conv/BN tensor requiring gradients).
+        self.grad = _needs_autograd(x, [t for c, b in zip(self.convs, self.bns, strict=True)
+                                        for t in fold_sources(c, b)])
         # Live: where each call reads the tensors from, (dict, name) per tensor: the modules'
         # own parameter or buffer dicts (FrozenBatchNorm2d keeps its weight and bias as
         # buffers), which assignments and load_state_dict update; a dict read instead of
@@ -183,7 +185,7 @@ class EvalPlan:
         for _, bn in all_pairs:
             if type(bn) is FrozenBatchNorm2d and torch.promote_types(wdt, bn.weight.dtype) != wdt:
                 return None
-        grad = torch.is_grad_enabled()
+        grad = _needs_autograd(x, [t for c, b in all_pairs for t in fold_sources(c, b)])
         backend = select_backend(x, [c.weight for c, _ in all_pairs],
                                  [ConvSpec.of(c) for c, _ in all_pairs], training=grad)
         op = _autograd_op(backend) if grad else backend.op("conv_bias_act")
@@ -211,7 +213,7 @@ class EvalPlan:
             or x.shape != self.shape
             or x.is_contiguous(memory_format=torch.channels_last) != self.channels_last
             or torch.is_autocast_enabled(self.device.type)
-            or torch.is_grad_enabled() != self.grad
+            or (self._needs_autograd(x) if torch.is_grad_enabled() else False) != self.grad
             or os.environ.get("FASTRES_BACKEND") != self.backend_env
             or tuple(block._modules.values()) != self.mods
         ):
@@ -227,6 +229,13 @@ class EvalPlan:
             if conv._parameters.get("bias") is not None:
                 return False
         return True
+
+    def _needs_autograd(self, x: Tensor) -> bool:
+        """Grad mode being on: whether this call needs autograd (the input or a live tensor
+        requires gradients; a Parameter assigned since the plan was made is read as it is)."""
+        return x.requires_grad or any(
+            t is not None and t.requires_grad
+            for *slots, _ in self.live for t in map(_read, slots))
 
     def run(self, block, x: Tensor, donate: bool = False) -> Tensor | None:
         """The block's output, or None when the plan does not apply (run the full path).
@@ -269,6 +278,11 @@ class EvalPlan:
             return self.into_op(identity, h, w, b, conv.stride, conv.padding, conv.dilation,
                                 conv.groups, True)
         return _conv(relu_op or op, h, folds[last], identity, conv, True)
+
+
+def _needs_autograd(x: Tensor, tensors) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
 
 
 def _autograd_op(backend):
