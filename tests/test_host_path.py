@@ -280,6 +280,56 @@ def test_live_eval_frozen_batchnorm(backend, live, monkeypatch):
     _check(tv, ours, x, "live eval, FrozenBatchNorm2d changed in place")
 
 
+class OpLog(TorchDispatchMode):
+    """The ops a call dispatches, by qualified name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(f"{func.namespace}::{func.__name__.split('.')[0]}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_reason()),
+                    reason="cudasim is not built")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("kind", ["identity", "downsample"])
+def test_eval_is_one_launch_per_convolution(kind, grad, live, monkeypatch):
+    """Eval of a Bottleneck on the CUDA path (cudasim, its launches counted, not run), with and
+    without autograd, in steady state: one conv_bias_act per convolution, one kernel each, no
+    other op but autograd's detach (no BatchNorm scale/shift ops, no copies, no casts)."""
+    from fastres import _C_cudasim as sim  # noqa: PLC0415
+
+    monkeypatch.setenv("FASTRES_BACKEND", "cudasim")
+    tvb = torchvision.models.resnet
+    if kind == "identity":
+        block, convs = tvb.Bottleneck(64, 16), 3
+    else:
+        block = tvb.Bottleneck(64, 32, stride=2, downsample=torch.nn.Sequential(
+            torch.nn.Conv2d(64, 128, 1, stride=2, bias=False), torch.nn.BatchNorm2d(128)))
+        convs = 4
+    ours = fastres.convert(randomise_bn(block)).eval().to(torch.bfloat16,
+                                                          memory_format=torch.channels_last)
+    x = torch.randn(2, 64, 8, 8, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    prev = sim.set_dry_run(True)
+    try:
+        with torch.set_grad_enabled(grad):
+            ours(x)
+            ours(x)
+            n0 = sim.launch_count()
+            with OpLog() as log:
+                ours(x)
+            launches = sim.launch_count() - n0
+    finally:
+        sim.set_dry_run(prev)
+    assert launches == convs
+    assert [op for op in log.seen if op != "aten::detach"] == \
+        ["fastres_cudasim::conv_bias_act"] * convs, log.seen
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["eval", "eval-grad", "train"])
 @pytest.mark.parametrize("cached", [False, True], ids=["live", "cpu-cache"])
