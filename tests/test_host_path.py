@@ -50,19 +50,26 @@ def live(monkeypatch):
     monkeypatch.setattr(_FusedMixin, "_fold_cacheable", staticmethod(lambda conv, bn: False))
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_conv_bias_act_scale_in_the_epilogue(backend, dtype):
+def _epilogue_operands(backend: str, dtype: torch.dtype, seed: int):
+    """The backend (skipping when it cannot run here), a generator, and a 3x3 stride-2 conv's
+    channels_last input, weight and residual: 16 -> 24 channels, 9x7 -> 5x4."""
     b = backends.BACKENDS[backend]
     if b.unavailable_reason():
         pytest.skip(b.unavailable_reason())
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     cl = torch.channels_last
     x = torch.randn(2, 16, 9, 7, generator=g).to(dtype).contiguous(memory_format=cl)
     w = (torch.randn(24, 16, 3, 3, generator=g) / 12).to(dtype).contiguous(memory_format=cl)
+    res = torch.randn(2, 24, 5, 4, generator=g).to(dtype).contiguous(memory_format=cl)
+    return b, g, x, w, res
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_conv_bias_act_scale_in_the_epilogue(backend, dtype):
+    b, g, x, w, res = _epilogue_operands(backend, dtype, 0)
     bias = torch.randn(24, generator=g)
     scale = torch.rand(24, generator=g) + 0.5
-    res = torch.randn(2, 24, 5, 4, generator=g).to(dtype).contiguous(memory_format=cl)
     args = (x, w, bias, res, [2, 2], [1, 1], [1, 1], 1, True, scale)
     with fastres.harness.rule.allow_tf32(False):
         ours = b.op("conv_bias_act")(*args)
@@ -81,13 +88,7 @@ def test_conv_bias_act_scale_in_the_epilogue(backend, dtype):
 def test_conv_bias_act_batchnorm_in_the_epilogue(backend, dtype, affine):
     """conv_bias_act(..., scale=gamma, bn_mean, bn_var, bn_eps): the eval BatchNorm computed in
     the epilogue from its live tensors (bias = beta), against float64."""
-    b = backends.BACKENDS[backend]
-    if b.unavailable_reason():
-        pytest.skip(b.unavailable_reason())
-    g = torch.Generator().manual_seed(1)
-    cl = torch.channels_last
-    x = torch.randn(2, 16, 9, 7, generator=g).to(dtype).contiguous(memory_format=cl)
-    w = (torch.randn(24, 16, 3, 3, generator=g) / 12).to(dtype).contiguous(memory_format=cl)
+    b, g, x, w, res = _epilogue_operands(backend, dtype, 1)
     gamma, beta = torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g)
     mean, var = torch.randn(24, generator=g), torch.rand(24, generator=g) * 3 + 0.01
     if affine == "none":
@@ -97,7 +98,6 @@ def test_conv_bias_act_batchnorm_in_the_epilogue(backend, dtype, affine):
         gamma, beta, mean, var = (t.to(pdt) for t in (gamma, beta, mean, var))
     elif affine == "mixed params":  # read as float32 then
         mean = mean.to(torch.bfloat16)
-    res = torch.randn(2, 24, 5, 4, generator=g).to(dtype).contiguous(memory_format=cl)
     args = (x, w, beta, res, [2, 2], [1, 1], [1, 1], 1, True, gamma, mean, var, 1e-3)
     with fastres.harness.rule.allow_tf32(False):
         ours = b.op("conv_bias_act")(*args)
@@ -118,6 +118,9 @@ def test_conv_bias_act_batchnorm_in_the_epilogue(backend, dtype, affine):
                           theirs, torch.relu(bn(conv) + res.double()), dtype)
     with pytest.raises((RuntimeError, ValueError), match="together"):
         b.op("conv_bias_act")(*args[:10], mean, None, 1e-3)
+    if backend != "reference":  # the oracle does not validate
+        with pytest.raises((RuntimeError, ValueError), match="bn_var"):
+            b.op("conv_bias_act")(*args[:11], var[:20], 1e-3)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

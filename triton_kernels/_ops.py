@@ -89,6 +89,20 @@ def _check_conv(name: str, input: Tensor, weight: Tensor, groups: int, dilation)
         raise NotImplementedError(f"fastres_triton.{name}: kernel {tuple(weight.shape[2:])} > 7x7")
 
 
+def _check_vecs(name: str, ref: Tensor, k: int, **vecs: Tensor | None) -> None:
+    """Per-channel vectors: 1-D with ``k`` elements, floating, on ``ref``'s device (a short one
+    would be read past its end: the kernels mask by the channel count, not the vector's)."""
+    for label, v in vecs.items():
+        if v is None:
+            continue
+        if v.dim() != 1 or v.shape[0] != k:
+            raise ValueError(f"fastres_triton.{name}: {label} must be 1-D with {k} elements (one "
+                             f"per output channel of weight), got size {tuple(v.shape)}")
+        if not v.is_floating_point() or v.device != ref.device:
+            raise TypeError(f"fastres_triton.{name}: {label} must be a floating tensor on "
+                            f"{ref.device}, got {v.dtype} on {v.device}")
+
+
 def _vec(v: Tensor | None) -> Tensor | None:
     """Per-channel vectors go to the kernels as contiguous float32 (the accumulation dtype)."""
     return None if v is None else v.to(torch.float32).contiguous()
@@ -109,6 +123,8 @@ def conv_bias_act(
         raise ValueError("fastres_triton.conv_bias_act: bn_mean and bn_var are given together")
     if scale is not None and bias is None and bn_var is None:
         raise ValueError("fastres_triton.conv_bias_act: scale is given only with bias")
+    _check_vecs("conv_bias_act", input, weight.shape[0], bias=bias, scale=scale, bn_mean=bn_mean,
+                bn_var=bn_var)
     if bn_var is not None:  # the BatchNorm's scale and shift first: one small launch
         scale, bias = _bn.bn_eval_vectors(*(None if t is None else t.contiguous()
                                             for t in (scale, bias, bn_mean, bn_var)), bn_eps)
