@@ -161,9 +161,17 @@ def _edit_bn(tv: nn.Module, case: str) -> None:
             tv.bn1.running_var[0] = 0
 
 
+@pytest.mark.parametrize("path", ["cached", "live"])
 @pytest.mark.parametrize("value", ["finite", *VALUES])
 @pytest.mark.parametrize("case", ["zero gamma", "non-finite stats", "underflow", "fp16 overflow"])
-def test_fold_keeps_the_pattern(backend, case, value):
+def test_fold_keeps_the_pattern(backend, case, value, path, monkeypatch):
+    """``cached``: the CPU's folds (or the unfolded path where a fold would move NaN/Inf);
+    ``live``: the path off the CPU cache (a GPU's), each BatchNorm in its convolution's epilogue
+    from its live tensors."""
+    if path == "live":
+        from fastres.nn._fused import _FusedMixin  # noqa: PLC0415
+
+        monkeypatch.setattr(_FusedMixin, "_fold_cacheable", staticmethod(lambda conv, bn: False))
     tv, fr = _blocks("basic")
     _edit_bn(tv, case)
     fr.load_state_dict(tv.state_dict())
