@@ -6,6 +6,10 @@
 
 #include <string>
 
+#ifdef FASTRES_WITH_CUDA
+#include "cuda/block_py.h"
+#endif
+
 #ifndef FASTRES_VERSION
 #define FASTRES_VERSION "unknown"
 #endif
@@ -48,6 +52,10 @@ py::dict build_info() {
   return info;
 }
 
+#ifdef FASTRES_WITH_CUDA
+PyMethodDef kBlockMethods[] = {FASTRES_BLOCK_METHODS, {nullptr, nullptr, 0, nullptr}};
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -61,4 +69,8 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+#ifdef FASTRES_WITH_CUDA
+  // block_spec / block_eval (csrc/cuda/block_py.h): plain C-API functions, no pybind11 casts.
+  if (PyModule_AddFunctions(m.ptr(), kBlockMethods) != 0) throw py::error_already_set();
+#endif
 }

@@ -2,8 +2,11 @@
 // (+ the column sums of its per-CTA statistics) and conv_bwd (dgrad and wgrad). The kernels are
 // conv_igemm.cuh (instantiated per dtype in conv_fwd_*.cu) and conv_wgrad.cu; the checks and
 // layout helpers shared with ops_bn.cu are in ops_common.h.
+#include <ATen/record_function.h>
+
 #include <vector>
 
+#include "block.h"
 #include "ops_common.h"
 
 namespace fastres {
@@ -382,6 +385,31 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
 }
 
 }  // namespace
+
+Tensor block_eval(const BlockSpec& spec, const Tensor& x, const std::vector<OptTensor>& t) {
+  RECORD_FUNCTION("fastres::block_eval", std::vector<c10::IValue>({x}));
+  const size_t n = spec.convs.size();
+  TORCH_CHECK(spec.n_main >= 1 && n == static_cast<size_t>(spec.n_main) + spec.has_ds,
+              "fastres block_eval: a spec of ", n, " convolutions for ", spec.n_main,
+              " main ones", spec.has_ds ? " and a downsample" : "");
+  TORCH_CHECK(t.size() == 5 * n, "fastres block_eval: ", t.size(), " tensors for ", n,
+              " convolutions (5 each: weight, BN bias, BN weight, running mean, running var)");
+  for (size_t i = 0; i < n; ++i)
+    TORCH_CHECK(t[5 * i].has_value() && t[5 * i + 3].has_value() && t[5 * i + 4].has_value(),
+                "fastres block_eval: convolution ", i, " needs its weight and running statistics");
+  const auto conv = [&](size_t i, const Tensor& in, const OptTensor& res, bool relu) {
+    const BlockConv& c = spec.convs[i];
+    const OptTensor* v = &t[5 * i];
+    return conv_bias_act_cuda(in, *v[0], v[1], res, c.stride, c.padding, c.dilation, c.groups,
+                              relu, v[2], v[3], v[4], c.eps);
+  };
+  Tensor h = x;
+  const size_t last = static_cast<size_t>(spec.n_main) - 1;
+  for (size_t i = 0; i < last; ++i) h = conv(i, h, std::nullopt, true);
+  const Tensor identity = spec.has_ds ? conv(last + 1, x, std::nullopt, false) : x;
+  return conv(last, h, identity, true);
+}
+
 }  // namespace cuda
 }  // namespace fastres
 

@@ -65,6 +65,12 @@ class Backend:
         look-ups only, so torch.compile traces through it."""
         raise NotImplementedError
 
+    def eager_block(self):
+        """(block_spec, block_eval) of a compiled module that runs a whole residual block's eval
+        convolutions from C++ in one call (csrc/cuda/block_py.h), or None. For eager calls that
+        need no autograd only: it bypasses the dispatcher."""
+        return None
+
 
 class ReferenceBackend(Backend):
     name = "reference"
@@ -138,6 +144,14 @@ class CUDABackend(_CompiledBackend):
             reasons.append(f"cuda kernels support 1x1, 3x3 and 7x7, got {inputs.kernel_size}")
         return reasons
 
+    def eager_block(self):
+        return _block_entry(extension.load()[0])
+
+
+def _block_entry(module):
+    spec, run = getattr(module, "block_spec", None), getattr(module, "block_eval", None)
+    return None if spec is None or run is None else (spec, run)
+
 
 class CudasimBackend(CUDABackend):
     """The CUDA backend's own launchers and kernels (csrc/cuda) executed on CPU tensors by cudasim
@@ -155,6 +169,13 @@ class CudasimBackend(CUDABackend):
 
     def op(self, name: str) -> Callable[..., object]:
         return getattr(torch.ops.fastres_cudasim, name)
+
+    def eager_block(self):
+        if extension.load_cudasim() is not None:
+            return None
+        from fastres import _C_cudasim  # noqa: PLC0415  (loaded: load_cudasim imported it)
+
+        return _block_entry(_C_cudasim)
 
 
 class TritonBackend(Backend):

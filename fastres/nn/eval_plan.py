@@ -68,6 +68,7 @@ from fastres.functional import (
     memory_format_of,
     select_backend,
 )
+from fastres.nn._fused import _hooked_here, global_hooks, plain_call
 
 #: The largest bound a pre-activation may have for the post-op ReLU: far below float32's and
 #: bfloat16's 3.4e38, so rounding (2^-8 relative per stored bf16 value, accumulation order)
@@ -105,11 +106,15 @@ class EvalPlan:
 
     __slots__ = ("mods", "dtype", "device", "shape", "channels_last", "backend_env", "bns",
                  "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "eps", "sources",
-                 "live", "grad", "m_max", "finite_op", "absmax", "into_op")
+                 "live", "grad", "m_max", "finite_op", "absmax", "into_op", "direct",
+                 "subtree")
 
     def __init__(self, block: nn.Module, x: Tensor, steps, shortcut, wdt, bdt, fmt,
                  folds, all_cpu: bool) -> None:
         self.mods = tuple(block._modules.values())
+        # Every module under the block: a hook on any of them sends the call to the plain forward
+        # (fastres.nn._fused.inner_hooks); one flat pass instead of a walk per call.
+        self.subtree = tuple(m for m in block.modules() if m is not block)
         self.dtype = x.dtype
         self.device = x.device
         self.shape = x.shape
@@ -142,6 +147,7 @@ class EvalPlan:
         # The values every fold was computed from (fastres_cpu::fingerprint), checked per call.
         self.sources = None if folds is None else _fingerprint(self.convs, self.bns)
         self.m_max, self.finite_op, self.absmax, self.into_op = math.nan, None, None, None
+        self.direct = None
         if all_cpu and shortcut_bound_known(shortcut):
             ns = getattr(torch.ops, "fastres_cpu", None)
             if ns is not None and hasattr(ns, "conv_bias_act_finite"):
@@ -202,8 +208,27 @@ class EvalPlan:
         else:
             shortcut = None
         all_cpu = folds is not None and backend.name == "cpu"
-        return EvalPlan(block, x, steps, shortcut, wdt, bdt, memory_format_of(x), folds,
-                        all_cpu)
+        plan = EvalPlan(block, x, steps, shortcut, wdt, bdt, memory_format_of(x), folds, all_cpu)
+        entry = backend.eager_block()
+        if entry is not None and folds is None and not grad and shortcut_bound_known(shortcut):
+            # The whole block in one call into the extension (csrc/cuda/block_py.h): each
+            # convolution's launcher called from C++, the BatchNorms in their epilogues.
+            make_spec, run = entry
+            spec = make_spec(len(steps), shortcut is not None, tuple(
+                (*c.stride, *c.padding, *c.dilation, c.groups, eps)
+                for c, eps in zip(plan.convs, plan.eps, strict=True)))
+            plan.direct = (run, spec, tuple(s for live in plan.live for s in live[:5]))
+        return plan
+
+    def call(self, block: nn.Module, x, donate: bool = False) -> Tensor | None:
+        """The block's output when this plan serves the call, else None (the block's forward
+        then decides): the forward's checks before a plan runs (not traced, exported or
+        compiled, no hook inside the block, eval without autocast) and the plan's own, in one
+        pass. A submodule replaced since the plan was made fails the plan's check."""
+        if (plain_call(x) or global_hooks() or not applies(block, x)
+                or any(_hooked_here(m) for m in self.subtree)):
+            return None
+        return self.run(block, x, donate)
 
     def _valid(self, block: nn.Module, x: Tensor) -> bool:
         if (
@@ -244,6 +269,11 @@ class EvalPlan:
         downsample's output is the plan's own and is always written into."""
         if not self._valid(block, x):
             return None
+        if self.direct is not None and not torch._C._len_torch_dispatch_stack():
+            # No dispatch mode to see each op (a TorchDispatchMode, FakeTensorMode): the block's
+            # convolutions from C++, with the tensors as they are now.
+            run, spec, slots = self.direct
+            return run(spec, x, tuple([_read(s) for s in slots]))
         if self.folds is None:  # live: each BatchNorm in its convolution's epilogue, as it is now
             folds = [(_read(w), _read(b), (_read(g), _read(m), _read(v), eps))
                      for w, b, g, m, v, eps in self.live]

@@ -1,0 +1,130 @@
+"""Eager eval of a whole block in one call into the CUDA extension (csrc/cuda/block_py.h).
+
+An eval plan made without autograd on the CUDA path runs its block as one ``block_eval`` call:
+each convolution's launcher called from C++ with the BatchNorm in its epilogue, the tensors read
+from the modules on every call. These tests run it on cudasim (the CUDA launchers and kernels on
+the CPU): same numbers as the per-convolution ops, torchvision's numbers within the rule, weight
+writes seen, hooks and dispatch modes sent to the paths that honour them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastres
+from fastres import backends
+from fastres.harness.rule import allow_tf32, assert_close_rule, randomise_bn
+from fastres.nn._fused import _FusedMixin
+
+pytestmark = pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_reason()),
+                                reason="cudasim is not built")
+
+tvr = torchvision.models.resnet
+
+
+def _blocks():
+    down = tvr.Bottleneck(32, 16, stride=2, downsample=torch.nn.Sequential(
+        torch.nn.Conv2d(32, 64, 1, stride=2, bias=False), torch.nn.BatchNorm2d(64)))
+    basic = tvr.BasicBlock(24, 24)
+    return {"bottleneck": tvr.Bottleneck(64, 16), "downsample": down, "basic": basic}
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(f"{func.namespace}::{func.__name__.split('.')[0]}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def cudasim_live(monkeypatch):
+    monkeypatch.setenv("FASTRES_BACKEND", "cudasim")
+    monkeypatch.setattr(_FusedMixin, "_fold_cacheable", staticmethod(lambda conv, bn: False))
+
+
+def _pair(kind: str, dtype: torch.dtype):
+    tv = randomise_bn(_blocks()[kind]).eval()
+    ours = fastres.convert(copy.deepcopy(tv)).eval().to(dtype, memory_format=torch.channels_last)
+    cin = tv.conv1.in_channels
+    x = torch.randn(2, cin, 9, 9).to(dtype).contiguous(memory_format=torch.channels_last)
+    return tv.to(dtype, memory_format=torch.channels_last), ours, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["bottleneck", "downsample", "basic"])
+def test_block_eval_is_the_per_convolution_path(kind, dtype, cudasim_live):
+    """The one call gives the per-convolution ops' output bit for bit (the same launchers and
+    kernels), and torchvision's within the rule; its launches are one per convolution."""
+    from fastres import _C_cudasim as sim  # noqa: PLC0415
+
+    tv, ours, x = _pair(kind, dtype)
+    with torch.no_grad(), allow_tf32(False):
+        ours(x)
+        plan = ours.__dict__["_eval_plan"]
+        assert plan.direct is not None, "no block_eval for a live no-grad cudasim plan"
+        n0 = sim.launch_count()
+        direct = ours(x)
+        launches = sim.launch_count() - n0
+        with OpLog() as log:  # a dispatch mode sees every op: the per-convolution path
+            per_op = ours(x)
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_close_rule(f"block_eval {kind}", direct, tv(x), ref, dtype)
+    convs = len(plan.convs)
+    assert launches == convs
+    assert log.seen.count("fastres_cudasim::conv_bias_act") == convs
+    assert torch.equal(direct, per_op)
+    assert direct.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_block_eval_reads_the_tensors_now(cudasim_live):
+    """.data writes, in-place changes of the running statistics and newly assigned Parameters
+    reach the next call (nothing is kept but where the tensors live)."""
+    tv, ours, x = _pair("downsample", torch.float32)
+    with torch.no_grad(), allow_tf32(False):
+        ours(x)
+        plan = ours.__dict__["_eval_plan"]
+        for m in (tv, ours):
+            m.conv2.weight.data.mul_(-1.5)
+            m.bn3.running_var.data.mul_(3.0)
+            m.downsample[1].bias.data.add_(0.5)
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_close_rule("block_eval after .data writes", ours(x), tv(x), ref, torch.float32)
+        for m in (tv, ours):
+            m.conv1.weight = torch.nn.Parameter(m.conv1.weight.detach() * 0.25)
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_close_rule("block_eval after a new Parameter", ours(x), tv(x), ref, torch.float32)
+    assert ours.__dict__["_eval_plan"] is plan  # the same plan: it read the tensors
+
+
+def test_block_eval_leaves_hooked_blocks_to_their_modules(cudasim_live):
+    """A hook registered after the plan was made fires: the block runs its plain forward."""
+    _, ours, x = _pair("bottleneck", torch.float32)
+    seen = []
+    with torch.no_grad():
+        ours(x)
+        assert ours.__dict__["_eval_plan"].direct is not None
+        h = ours.bn2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        ours(x)
+        h.remove()
+        ours(x)
+    assert seen == [torch.Size([2, 16, 9, 9])]
+
+
+def test_block_eval_not_used_with_autograd(cudasim_live):
+    """A call that needs autograd never takes block_eval (it bypasses the dispatcher): its plan
+    runs each convolution through its autograd Function, and the gradients arrive."""
+    _, ours, x = _pair("bottleneck", torch.float32)
+    xg = x.clone().requires_grad_(True)
+    ours(xg)
+    plan = ours.__dict__["_eval_plan"]
+    assert plan.grad and plan.direct is None
+    ours(xg).sum().backward()
+    assert xg.grad is not None and ours.conv2.weight.grad is not None
