@@ -77,53 +77,67 @@ class _ConvBiasActFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, out, scale, bn_mean, bn_var = ctx.saved_tensors
-        be = ctx.backend
-        grad_z, grad_bias = backends.op(be, "relu_bias_bwd")(
-            grad_out.contiguous(memory_format=memory_format_of(x)), out
-        )
-        bn = bn_var is not None
         nig = ctx.needs_input_grad
-        need_x, need_w = nig[0], nig[1]
-        # ds is needed for the scale, or (BatchNorm) for gamma, mean or var
-        need_s = (scale is not None and nig[7]) or (bn and (nig[8] or nig[9]))
-        acc = grad_bias.dtype
-        s = scale
-        if bn:
-            inv = torch.rsqrt(bn_var.to(acc) + ctx.bn_eps)
-            s = inv * scale.to(acc) if scale is not None else inv
-        grad_x = grad_w = grad_s = None
-        if need_x or need_w or need_s:
-            w = weight
-            if s is not None:
-                s4 = s.reshape(-1, 1, 1, 1)
-                w = (weight.to(s.dtype) * s4).to(weight.dtype).contiguous(
-                    memory_format=memory_format_of(weight))
-            gx, gw = backends.op(be, "conv_bwd")(
-                grad_z, x, w, None, None, False, *ctx.conv.args(), [need_x, need_w or need_s]
-            )
-            grad_x = gx if need_x else None
-            if s is None:
-                grad_w = gw if need_w else None
-            else:
-                g = gw.to(s.dtype)
-                grad_w = (g * s4).to(weight.dtype) if need_w else None
-                grad_s = (g * weight.to(s.dtype)).sum(dim=(1, 2, 3)) if need_s else None
-        grad_b = grad_bias.to(ctx.bias_dtype) if ctx.has_bias and nig[2] else None
-        grad_r = grad_z if ctx.has_residual and nig[3] else None
-        grad_scale = grad_mean = grad_var = None
-        if not bn:
-            grad_scale = grad_s
-        elif grad_s is not None:
-            mean = bn_mean.to(acc)
-            ds = grad_s - mean * grad_bias  # t = beta - mean * s also depends on s
-            if scale is not None and nig[7]:
-                grad_scale = (ds * inv).to(scale.dtype)
-            if nig[8]:
-                grad_mean = (-s * grad_bias).to(bn_mean.dtype)
-            if nig[9]:  # ds/dvar = -s / (2 (var + eps))
-                grad_var = (ds * s * inv * inv * -0.5).to(bn_var.dtype)
-        return (grad_x, grad_w, grad_b, grad_r, None, None, None, grad_scale, grad_mean, grad_var,
-                None)
+        grads = conv_bias_act_grads(
+            ctx.backend, ctx.conv, ctx.bn_eps, grad_out, x, weight, out, scale, bn_mean, bn_var,
+            (nig[0], nig[1], ctx.has_bias and nig[2], ctx.has_residual and nig[3], nig[7],
+             nig[8], nig[9]), ctx.bias_dtype)
+        gx, gw, gb, gr, gs, gm, gv = grads
+        return gx, gw, gb, gr, None, None, None, gs, gm, gv, None
+
+
+def conv_bias_act_grads(be: str, conv: ConvSpec, bn_eps: float, grad_out: Tensor, x: Tensor,
+                        weight: Tensor, out: Tensor | None, scale: Tensor | None,
+                        bn_mean: Tensor | None, bn_var: Tensor | None, needs,
+                        bias_dtype: torch.dtype | None) -> tuple:
+    """The gradients of ``out = act(conv(x, weight) * s + t + residual)`` (see _ConvBiasActFn):
+    ``needs`` says which of (x, weight, bias, residual, scale, bn_mean, bn_var) are wanted;
+    ``out``: the output when a ReLU was applied (its mask), else None. Returns those seven, None
+    where not wanted."""
+    need_x, need_w, need_b, need_r, need_scale, need_mean, need_var = needs
+    grad_z, grad_bias = backends.op(be, "relu_bias_bwd")(
+        grad_out.contiguous(memory_format=memory_format_of(x)), out
+    )
+    bn = bn_var is not None
+    # ds is needed for the scale, or (BatchNorm) for gamma, mean or var
+    need_s = (scale is not None and need_scale) or (bn and (need_mean or need_var))
+    acc = grad_bias.dtype
+    s = scale
+    if bn:
+        inv = torch.rsqrt(bn_var.to(acc) + bn_eps)
+        s = inv * scale.to(acc) if scale is not None else inv
+    grad_x = grad_w = grad_s = None
+    if need_x or need_w or need_s:
+        w = weight
+        if s is not None:
+            s4 = s.reshape(-1, 1, 1, 1)
+            w = (weight.to(s.dtype) * s4).to(weight.dtype).contiguous(
+                memory_format=memory_format_of(weight))
+        gx, gw = backends.op(be, "conv_bwd")(
+            grad_z, x, w, None, None, False, *conv.args(), [need_x, need_w or need_s]
+        )
+        grad_x = gx if need_x else None
+        if s is None:
+            grad_w = gw if need_w else None
+        else:
+            g = gw.to(s.dtype)
+            grad_w = (g * s4).to(weight.dtype) if need_w else None
+            grad_s = (g * weight.to(s.dtype)).sum(dim=(1, 2, 3)) if need_s else None
+    grad_b = grad_bias.to(bias_dtype) if need_b and bias_dtype is not None else None
+    grad_r = grad_z if need_r else None
+    grad_scale = grad_mean = grad_var = None
+    if not bn:
+        grad_scale = grad_s
+    elif grad_s is not None:
+        mean = bn_mean.to(acc)
+        ds = grad_s - mean * grad_bias  # t = beta - mean * s also depends on s
+        if scale is not None and need_scale:
+            grad_scale = (ds * inv).to(scale.dtype)
+        if need_mean:
+            grad_mean = (-s * grad_bias).to(bn_mean.dtype)
+        if need_var:  # ds/dvar = -s / (2 (var + eps))
+            grad_var = (ds * s * inv * inv * -0.5).to(bn_var.dtype)
+    return grad_x, grad_w, grad_b, grad_r, grad_scale, grad_mean, grad_var
 
 
 @dataclass(frozen=True)

@@ -118,13 +118,43 @@ def test_block_eval_leaves_hooked_blocks_to_their_modules(cudasim_live):
     assert seen == [torch.Size([2, 16, 9, 9])]
 
 
-def test_block_eval_not_used_with_autograd(cudasim_live):
-    """A call that needs autograd never takes block_eval (it bypasses the dispatcher): its plan
-    runs each convolution through its autograd Function, and the gradients arrive."""
-    _, ours, x = _pair("bottleneck", torch.float32)
-    xg = x.clone().requires_grad_(True)
-    ours(xg)
-    plan = ours.__dict__["_eval_plan"]
-    assert plan.grad and plan.direct is None
-    ours(xg).sum().backward()
-    assert xg.grad is not None and ours.conv2.weight.grad is not None
+def _grads(m, x, proj, frozen, need_x):
+    for n, p in m.named_parameters():
+        p.requires_grad_(n not in frozen)
+    m.zero_grad(set_to_none=True)
+    xg = x.detach().clone().requires_grad_(need_x)
+    (m(xg) * proj.to(xg.dtype)).sum().backward()
+    out = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    if xg.requires_grad:
+        out["input"] = xg.grad
+    return out
+
+
+@pytest.mark.parametrize("frozen", ["none", "all but bn2.weight"])
+@pytest.mark.parametrize("kind", ["bottleneck", "downsample", "basic"])
+def test_block_eval_with_autograd(kind, frozen, cudasim_live):
+    """A call that needs autograd runs the block as one autograd Function over block_eval
+    (fastres._autograd_block): the gradients of the input and of every parameter that requires
+    one are torchvision's within the rule, and the per-convolution Functions' (a dispatch mode
+    sends the call there)."""
+    tv, ours, x = _pair(kind, torch.float32)
+    need_x = frozen == "none"
+    frozen_names = () if need_x else tuple(
+        n for n, _ in ours.named_parameters() if n != "bn2.weight")
+    proj = torch.randn(ours(x).shape)
+    with allow_tf32(False):
+        _grads(ours, x, proj, frozen_names, need_x)  # makes the plan
+        plan = ours.__dict__["_eval_plan"]
+        assert plan.grad and plan.direct is not None and plan.direct[1] is None
+        got = _grads(ours, x, proj, frozen_names, need_x)
+        with OpLog() as log:
+            per_conv = _grads(ours, x, proj, frozen_names, need_x)
+        want = _grads(tv, x, proj, frozen_names, need_x)
+        ref = _grads(copy.deepcopy(tv).double(), x.double(), proj, frozen_names, need_x)
+    assert "fastres_cudasim::conv_bias_act" in log.seen
+    assert set(got) == set(want) == set(per_conv)
+    assert set(got) == ({"input", *(n for n, _ in ours.named_parameters())}
+                        if frozen == "none" else {"bn2.weight"})
+    for n in got:
+        assert_close_rule(f"block_eval grad {n}", got[n], want[n], ref[n], torch.float32)
+        torch.testing.assert_close(got[n], per_conv[n], rtol=1e-5, atol=1e-6)

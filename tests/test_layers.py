@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                "fastres.reference")),
     ("kernels", ("fastres._C", "fastres._C_cudasim", "fastres.triton_kernels")),
     ("backends", ("fastres.backends",)),
-    ("functional", ("fastres.functional", "fastres._autograd")),
+    ("functional", ("fastres.functional", "fastres._autograd", "fastres._autograd_block")),
     ("modules", ("fastres.nn", "fastres.models")),
     ("harness", ("fastres.harness",)),
     ("command lines", ("fastres.parity", "fastres.selftest", "fastres.info",

@@ -31,8 +31,11 @@ struct BlockSpec {
 // relu(conv_n(... relu(conv_1(x)) ...) + shortcut(x)), each convolution with its BatchNorm
 // (eval: running statistics) in the epilogue. `t`: five tensors per convolution, in spec order:
 // conv weight, BN bias, BN weight, running mean, running var (BN weight/bias may be absent).
-at::Tensor block_eval(const BlockSpec& spec, const at::Tensor& x,
-                      const std::vector<std::optional<at::Tensor>>& t);
+// keep: also every convolution's output before the last (main path in order, then the
+// downsample's), what a backward needs: {h_1, ..., (downsample), out}; else {out}.
+std::vector<at::Tensor> block_eval(const BlockSpec& spec, const at::Tensor& x,
+                                   const std::vector<std::optional<at::Tensor>>& t,
+                                   bool keep = false);
 
 }  // namespace cuda
 }  // namespace fastres

@@ -5,9 +5,11 @@
 //
 //   spec = block_spec(n_main, has_ds, ((sh, sw, ph, pw, dh, dw, groups, eps), ...))
 //   y = block_eval(spec, x, (w, bn_bias, bn_weight, running_mean, running_var, ...))
+//   (h_1, ..., y) = block_eval(spec, x, tensors, True)   # and the outputs a backward needs
 //
-// block_eval bypasses the dispatcher: the caller (fastres/nn/eval_plan.py) uses it only for calls
-// that need no autograd, under no dispatch mode, on plain tensors.
+// block_eval bypasses the dispatcher: its callers (fastres/nn/eval_plan.py, and the autograd
+// Function of fastres/_autograd.py that records the block for a backward) use it only under no
+// dispatch mode, on plain tensors.
 #pragma once
 
 #include <Python.h>
@@ -69,7 +71,8 @@ inline PyObject* block_spec(PyObject*, PyObject* args) {
 
 inline PyObject* block_eval_py(PyObject*, PyObject* args) {
   PyObject *cap = nullptr, *x = nullptr, *ts = nullptr;
-  if (!PyArg_ParseTuple(args, "OOO!", &cap, &x, &PyTuple_Type, &ts)) return nullptr;
+  int keep = 0;
+  if (!PyArg_ParseTuple(args, "OOO!|p", &cap, &x, &PyTuple_Type, &ts, &keep)) return nullptr;
   auto* spec = static_cast<BlockSpec*>(PyCapsule_GetPointer(cap, kSpecName));
   if (spec == nullptr) return nullptr;
   if (!THPVariable_Check(x)) {
@@ -90,19 +93,24 @@ inline PyObject* block_eval_py(PyObject*, PyObject* args) {
     }
   }
   try {
-    at::Tensor out;
+    std::vector<at::Tensor> out;
     {
       // The launchers run without the GIL: another Python thread may go on meanwhile.
       PyThreadState* save = PyEval_SaveThread();
       try {
-        out = block_eval(*spec, THPVariable_Unpack(x), t);
+        out = block_eval(*spec, THPVariable_Unpack(x), t, keep != 0);
       } catch (...) {
         PyEval_RestoreThread(save);
         throw;
       }
       PyEval_RestoreThread(save);
     }
-    return THPVariable_Wrap(std::move(out));
+    if (!keep) return THPVariable_Wrap(std::move(out.back()));
+    PyObject* tup = PyTuple_New(static_cast<Py_ssize_t>(out.size()));
+    if (tup == nullptr) return nullptr;
+    for (size_t i = 0; i < out.size(); ++i)
+      PyTuple_SET_ITEM(tup, static_cast<Py_ssize_t>(i), THPVariable_Wrap(std::move(out[i])));
+    return tup;
   } catch (const c10::TypeError& e) {
     PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
   } catch (const c10::ValueError& e) {
@@ -121,7 +129,8 @@ inline PyObject* block_eval_py(PyObject*, PyObject* args) {
    "block_spec(n_main, has_ds, convs) -> spec for block_eval (see csrc/cuda/block_py.h)"}, \
   {                                                                                        \
     "block_eval", fastres::cuda::py_block::block_eval_py, METH_VARARGS,                    \
-        "block_eval(spec, x, tensors) -> the block's eval output (no autograd)"            \
+        "block_eval(spec, x, tensors, keep=False) -> the block's eval output (no autograd); "  \
+        "keep: (h_1, ..., output)"            \
   }
 
 }  // namespace py_block

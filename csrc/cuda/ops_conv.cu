@@ -386,7 +386,8 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
 
 }  // namespace
 
-Tensor block_eval(const BlockSpec& spec, const Tensor& x, const std::vector<OptTensor>& t) {
+std::vector<Tensor> block_eval(const BlockSpec& spec, const Tensor& x,
+                               const std::vector<OptTensor>& t, bool keep) {
   RECORD_FUNCTION("fastres::block_eval", std::vector<c10::IValue>({x}));
   const size_t n = spec.convs.size();
   TORCH_CHECK(spec.n_main >= 1 && n == static_cast<size_t>(spec.n_main) + spec.has_ds,
@@ -403,11 +404,17 @@ Tensor block_eval(const BlockSpec& spec, const Tensor& x, const std::vector<OptT
     return conv_bias_act_cuda(in, *v[0], v[1], res, c.stride, c.padding, c.dilation, c.groups,
                               relu, v[2], v[3], v[4], c.eps);
   };
+  std::vector<Tensor> kept;
   Tensor h = x;
   const size_t last = static_cast<size_t>(spec.n_main) - 1;
-  for (size_t i = 0; i < last; ++i) h = conv(i, h, std::nullopt, true);
+  for (size_t i = 0; i < last; ++i) {
+    h = conv(i, h, std::nullopt, true);
+    if (keep) kept.push_back(h);
+  }
   const Tensor identity = spec.has_ds ? conv(last + 1, x, std::nullopt, false) : x;
-  return conv(last, h, identity, true);
+  if (keep && spec.has_ds) kept.push_back(identity);
+  kept.push_back(conv(last, h, identity, true));
+  return kept;
 }
 
 }  // namespace cuda

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fastres._autograd import _ConvBiasActFn
+from fastres._autograd_block import BlockEvalFn
 from fastres._specs import ConvSpec
 from fastres.functional import (
     check_input,
@@ -210,14 +211,21 @@ class EvalPlan:
         all_cpu = folds is not None and backend.name == "cpu"
         plan = EvalPlan(block, x, steps, shortcut, wdt, bdt, memory_format_of(x), folds, all_cpu)
         entry = backend.eager_block()
-        if entry is not None and folds is None and not grad and shortcut_bound_known(shortcut):
+        if entry is not None and folds is None and shortcut_bound_known(shortcut):
             # The whole block in one call into the extension (csrc/cuda/block_py.h): each
-            # convolution's launcher called from C++, the BatchNorms in their epilogues.
+            # convolution's launcher called from C++, the BatchNorms in their epilogues; with
+            # autograd, inside one autograd Function (fastres._autograd_block).
             make_spec, run = entry
             spec = make_spec(len(steps), shortcut is not None, tuple(
                 (*c.stride, *c.padding, *c.dilation, c.groups, eps)
                 for c, eps in zip(plan.convs, plan.eps, strict=True)))
-            plan.direct = (run, spec, tuple(s for live in plan.live for s in live[:5]))
+            slots = tuple(s for live in plan.live for s in live[:5])
+            if grad:
+                convs = tuple(ConvSpec.of(c) for c in plan.convs)
+                plan.direct = (_block_fn(run, spec, convs, plan.eps, len(steps), backend.name),
+                               None, slots)
+            else:
+                plan.direct = (run, spec, slots)
         return plan
 
     def call(self, block: nn.Module, x, donate: bool = False) -> Tensor | None:
@@ -273,6 +281,8 @@ class EvalPlan:
             # No dispatch mode to see each op (a TorchDispatchMode, FakeTensorMode): the block's
             # convolutions from C++, with the tensors as they are now.
             run, spec, slots = self.direct
+            if spec is None:  # with autograd: one Function for the block
+                return run(x, *[_read(s) for s in slots])
             return run(spec, x, tuple([_read(s) for s in slots]))
         if self.folds is None:  # live: each BatchNorm in its convolution's epilogue, as it is now
             folds = [(_read(w), _read(b), (_read(g), _read(m), _read(v), eps))
@@ -313,6 +323,16 @@ class EvalPlan:
 def _needs_autograd(x: Tensor, tensors) -> bool:
     return torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
+
+
+def _block_fn(run, spec, convs, eps, n_main: int, backend: str):
+    """The block's eval call with autograd: BlockEvalFn over ``run`` (block_eval)."""
+    apply = BlockEvalFn.apply
+
+    def call(x, *ts):
+        return apply(run, spec, convs, eps, n_main, backend, x, *ts)
+
+    return call
 
 
 def _autograd_op(backend):
