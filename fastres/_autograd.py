@@ -77,7 +77,7 @@ class _ConvBiasActFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, out, scale, bn_mean, bn_var = ctx.saved_tensors
-        nig = ctx.needs_input_grad
+        nig = (*ctx.needs_input_grad, *(False,) * 11)  # a call without the bn arguments
         grads = conv_bias_act_grads(
             ctx.backend, ctx.conv, ctx.bn_eps, grad_out, x, weight, out, scale, bn_mean, bn_var,
             (nig[0], nig[1], ctx.has_bias and nig[2], ctx.has_residual and nig[3], nig[7],
@@ -474,6 +474,9 @@ class _ResidualUnitFn(torch.autograd.Function):
         elif spec.shortcut == "tensor":
             grad_shortcut = dres
         flat = [g for stage in grads for g in (*stage, None, None, None)]
+        # None for an input that needs none (a BatchNorm without affine parameters has no bias
+        # to give dbeta to; a frozen parameter)
+        flat = [g if need else None for g, need in zip(flat, ctx.needs_input_grad[3:])]
         return (None, dx if need_x else None, grad_shortcut, *flat)
 
 
@@ -484,7 +487,8 @@ def inner_relu_decisions(out: Tensor) -> list[Tensor] | None:
     ``out`` did not come from :func:`residual_unit`. For the parity harness: judging a run
     against float64 math that takes the run's own decisions (``fastres.parity``)."""
     fn = out.grad_fn
-    if fn is None or type(fn) is not _ResidualUnitFn._backward_cls:
+    # _ResidualUnitFn's node, or fastres._autograd_unit.UnitDirectFn's (the same saved layout)
+    if fn is None or type(fn).__name__ not in ("_ResidualUnitFnBackward", "UnitDirectFnBackward"):
         return None
     sv = _Saved.unflat(fn.saved_tensors, fn.n_stages)
     return [

@@ -36,6 +36,7 @@ from fastres._autograd import (
     inner_relu_decisions,
     memory_format_of,
 )
+from fastres._autograd_unit import SHORTCUTS, UnitDirectFn
 from fastres._specs import (
     BNSpec,
     ConvSpec,
@@ -364,6 +365,24 @@ def select_backend(
 # Training: a residual unit with batch statistics.
 
 
+def unit_spec(x: Tensor, stages, params, shortcut: str, downsample, option_a_stride: int = 2,
+              relu: bool = True, backend: str | None = None, process_group: object = None):
+    """(the unit's _UnitSpec, the backend that runs it) of a residual_unit call, after checking
+    the input against the first weight (fastres.nn.train_plan keeps both)."""
+    weights = [p[0] for p in params]
+    convs = [s.conv for s in stages]
+    check_input(x, weights[0], "fastres.residual_unit")
+    if downsample is not None:
+        weights.append(downsample[1][0])
+        convs.append(downsample[0].conv)
+    b = select_backend(x, weights, convs, backend)
+    if process_group is not None and _world_size(process_group) < 2:
+        process_group = None  # nothing to sync with (as nn.SyncBatchNorm)
+    spec = _UnitSpec(tuple(stages), downsample[0] if downsample else None, shortcut,
+                     option_a_stride, relu, b.name, process_group)
+    return spec, b
+
+
 def residual_unit(
     x: Tensor,
     stages: Sequence[Stage],
@@ -432,25 +451,14 @@ def residual_unit(
         raise ValueError("shortcut='downsample' and the downsample argument go together")
     if (shortcut == "tensor") != (shortcut_tensor is not None):
         raise ValueError("shortcut='tensor' and shortcut_tensor go together")
-    weights = [p[0] for p in params]
-    convs = [s.conv for s in stages]
-    check_input(x, weights[0], "fastres.residual_unit")
-    if downsample is not None:
-        weights.append(downsample[1][0])
-        convs.append(downsample[0].conv)
-    b = select_backend(x, weights, convs, backend)
-    if process_group is not None and _world_size(process_group) < 2:
-        process_group = None  # nothing to sync with (as nn.SyncBatchNorm)
+    spec, b = unit_spec(x, stages, params, shortcut, downsample, option_a_stride, relu, backend,
+                        process_group)
     flat: list[Tensor | None] = [t for p in params for t in p]
     if downsample is not None:
         flat.extend(downsample[1])
-    spec = _UnitSpec(
-        tuple(stages),
-        downsample[0] if downsample else None,
-        shortcut,
-        option_a_stride,
-        relu,
-        b.name,
-        process_group,
-    )
+    if (spec.group is None and shortcut in SHORTCUTS and not torch._C._len_torch_dispatch_stack()
+            and not torch.compiler.is_compiling()):
+        entry = b.eager_unit()
+        if entry is not None:  # the unit's ops launched from C++ (fastres._autograd_unit)
+            return UnitDirectFn.apply(entry, spec, x, *flat)
     return _ResidualUnitFn.apply(spec, x, shortcut_tensor, *flat)

@@ -464,3 +464,27 @@ def test_compile_fullgraph_bottleneck():
     torch.testing.assert_close(out, tv(xr.detach()).detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(xt.grad, xr.grad, rtol=1e-4, atol=1e-4)
     assert int(block.bn1.num_batches_tracked) == steps + 1  # the compiled training step counted
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference", "cudasim")
+                                     if backends.BACKENDS[b].unavailable_reason() is None])
+def test_training_without_affine_batchnorm(backend, monkeypatch):
+    """BatchNorms without affine parameters (``affine=False``) train fused: the backward gives
+    no gradient to the absent weight and bias, and the input's and the convolutions' are
+    torchvision's."""
+    monkeypatch.setenv("FASTRES_BACKEND", backend)
+    norm = lambda c: nn.BatchNorm2d(c, affine=False)  # noqa: E731
+    tv = torchvision.models.resnet.BasicBlock(8, 8, norm_layer=norm).train()
+    ours = fastres.convert(copy.deepcopy(tv)).train()
+    ref = copy.deepcopy(tv).double()
+    x = torch.randn(2, 8, 6, 6)
+    grads = {}
+    with fastres.harness.rule.allow_tf32(False):
+        for name, m, xi in (("ours", ours, x), ("tv", tv, x), ("ref", ref, x.double())):
+            xg = xi.clone().requires_grad_(True)
+            m(xg).square().sum().backward()
+            grads[name] = {"input": xg.grad, **{n: p.grad for n, p in m.named_parameters()}}
+    assert set(grads["ours"]) == {"input", "conv1.weight", "conv2.weight"}
+    for n in grads["ours"]:
+        assert_close_rule(f"affine=False: d/d {n}", grads["ours"][n], grads["tv"][n],
+                          grads["ref"][n], torch.float32)

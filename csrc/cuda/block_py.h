@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "block.h"
+#include "unit.h"
 
 namespace fastres {
 namespace cuda {
@@ -69,6 +70,57 @@ inline PyObject* block_spec(PyObject*, PyObject* args) {
   return cap;
 }
 
+// A tuple of tensors and Nones as the launchers take it; false (a Python error set) otherwise.
+inline bool read_tensors(PyObject* ts, std::vector<std::optional<at::Tensor>>& t) {
+  t.reserve(PyTuple_GET_SIZE(ts));
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ts); ++i) {
+    PyObject* v = PyTuple_GET_ITEM(ts, i);
+    if (v == Py_None) {
+      t.emplace_back(std::nullopt);
+    } else if (THPVariable_Check(v)) {
+      t.emplace_back(THPVariable_Unpack(v));
+    } else {
+      PyErr_SetString(PyExc_TypeError, "fastres: expected a tuple of tensors or None");
+      return false;
+    }
+  }
+  return true;
+}
+
+// A tuple of the results (an undefined tensor is None).
+inline PyObject* wrap_tensors(std::vector<at::Tensor>&& out) {
+  PyObject* tup = PyTuple_New(static_cast<Py_ssize_t>(out.size()));
+  if (tup == nullptr) return nullptr;
+  for (size_t i = 0; i < out.size(); ++i)
+    PyTuple_SET_ITEM(tup, static_cast<Py_ssize_t>(i), THPVariable_Wrap(std::move(out[i])));
+  return tup;
+}
+
+// fn() without the GIL (the launchers do not touch Python), its C++ errors as Python's.
+template <typename Fn>
+inline bool run_released(Fn&& fn) {
+  try {
+    PyThreadState* save = PyEval_SaveThread();
+    try {
+      fn();
+    } catch (...) {
+      PyEval_RestoreThread(save);
+      throw;
+    }
+    PyEval_RestoreThread(save);
+    return true;
+  } catch (const c10::TypeError& e) {
+    PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return false;
+}
+
 inline PyObject* block_eval_py(PyObject*, PyObject* args) {
   PyObject *cap = nullptr, *x = nullptr, *ts = nullptr;
   int keep = 0;
@@ -80,47 +132,96 @@ inline PyObject* block_eval_py(PyObject*, PyObject* args) {
     return nullptr;
   }
   std::vector<std::optional<at::Tensor>> t;
-  t.reserve(PyTuple_GET_SIZE(ts));
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ts); ++i) {
-    PyObject* v = PyTuple_GET_ITEM(ts, i);
-    if (v == Py_None) {
-      t.emplace_back(std::nullopt);
-    } else if (THPVariable_Check(v)) {
-      t.emplace_back(THPVariable_Unpack(v));
-    } else {
-      PyErr_SetString(PyExc_TypeError, "block_eval: the block's tensors must be tensors or None");
+  if (!read_tensors(ts, t)) return nullptr;
+  const at::Tensor xt = THPVariable_Unpack(x);
+  std::vector<at::Tensor> out;
+  if (!run_released([&] { out = block_eval(*spec, xt, t, keep != 0); })) return nullptr;
+  if (!keep) return THPVariable_Wrap(std::move(out.back()));
+  return wrap_tensors(std::move(out));
+}
+
+// ---- the training unit (unit.h) ----
+inline const char* kUnitSpecName = "fastres.UnitSpec";
+
+inline void free_unit_spec(PyObject* capsule) {
+  delete static_cast<UnitSpec*>(PyCapsule_GetPointer(capsule, kUnitSpecName));
+}
+
+//   spec = unit_spec(n, shortcut, relu, ((sh, sw, ph, pw, dh, dw, groups, eps, momentum), ...))
+// shortcut: 0 none, 1 identity, 2 downsample (its stage last); momentum None: cumulative.
+inline PyObject* unit_spec(PyObject*, PyObject* args) {
+  long long n = 0;
+  int shortcut = 0, relu = 1;
+  PyObject* stages = nullptr;
+  if (!PyArg_ParseTuple(args, "LipO!", &n, &shortcut, &relu, &PyTuple_Type, &stages))
+    return nullptr;
+  auto spec = std::make_unique<UnitSpec>();
+  spec->n = n;
+  spec->shortcut = shortcut;
+  spec->relu = relu != 0;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(stages); ++i) {
+    PyObject* c = PyTuple_GET_ITEM(stages, i);
+    if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 9) {
+      PyErr_SetString(PyExc_TypeError, "unit_spec: each stage is (sh, sw, ph, pw, dh, dw, "
+                                       "groups, eps, momentum)");
       return nullptr;
     }
-  }
-  try {
-    std::vector<at::Tensor> out;
-    {
-      // The launchers run without the GIL: another Python thread may go on meanwhile.
-      PyThreadState* save = PyEval_SaveThread();
-      try {
-        out = block_eval(*spec, THPVariable_Unpack(x), t, keep != 0);
-      } catch (...) {
-        PyEval_RestoreThread(save);
-        throw;
-      }
-      PyEval_RestoreThread(save);
+    UnitStage st{};
+    int64_t v[7];
+    for (Py_ssize_t k = 0; k < 7; ++k)
+      if (!read_ints(c, k, &v[k])) return nullptr;
+    st.stride = {v[0], v[1]};
+    st.padding = {v[2], v[3]};
+    st.dilation = {v[4], v[5]};
+    st.groups = v[6];
+    st.eps = PyFloat_AsDouble(PyTuple_GET_ITEM(c, 7));
+    if (st.eps == -1.0 && PyErr_Occurred()) return nullptr;
+    PyObject* m = PyTuple_GET_ITEM(c, 8);
+    if (m != Py_None) {
+      const double mom = PyFloat_AsDouble(m);
+      if (mom == -1.0 && PyErr_Occurred()) return nullptr;
+      st.momentum = mom;
     }
-    if (!keep) return THPVariable_Wrap(std::move(out.back()));
-    PyObject* tup = PyTuple_New(static_cast<Py_ssize_t>(out.size()));
-    if (tup == nullptr) return nullptr;
-    for (size_t i = 0; i < out.size(); ++i)
-      PyTuple_SET_ITEM(tup, static_cast<Py_ssize_t>(i), THPVariable_Wrap(std::move(out[i])));
-    return tup;
-  } catch (const c10::TypeError& e) {
-    PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
-  } catch (const c10::ValueError& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
+    spec->stages.push_back(st);
   }
-  return nullptr;
+  PyObject* cap = PyCapsule_New(spec.get(), kUnitSpecName, free_unit_spec);
+  if (cap != nullptr) spec.release();
+  return cap;
+}
+
+inline PyObject* unit_forward_py(PyObject*, PyObject* args) {
+  PyObject *cap = nullptr, *x = nullptr, *ps = nullptr;
+  if (!PyArg_ParseTuple(args, "OOO!", &cap, &x, &PyTuple_Type, &ps)) return nullptr;
+  auto* spec = static_cast<UnitSpec*>(PyCapsule_GetPointer(cap, kUnitSpecName));
+  if (spec == nullptr) return nullptr;
+  if (!THPVariable_Check(x)) {
+    PyErr_SetString(PyExc_TypeError, "unit_forward: x must be a tensor");
+    return nullptr;
+  }
+  std::vector<std::optional<at::Tensor>> p;
+  if (!read_tensors(ps, p)) return nullptr;
+  const at::Tensor xt = THPVariable_Unpack(x);
+  std::vector<at::Tensor> out;
+  if (!run_released([&] { out = unit_forward(*spec, xt, p); })) return nullptr;
+  return wrap_tensors(std::move(out));
+}
+
+inline PyObject* unit_backward_py(PyObject*, PyObject* args) {
+  PyObject *cap = nullptr, *g = nullptr, *ss = nullptr;
+  int need_x = 0;
+  if (!PyArg_ParseTuple(args, "OOO!p", &cap, &g, &PyTuple_Type, &ss, &need_x)) return nullptr;
+  auto* spec = static_cast<UnitSpec*>(PyCapsule_GetPointer(cap, kUnitSpecName));
+  if (spec == nullptr) return nullptr;
+  if (!THPVariable_Check(g)) {
+    PyErr_SetString(PyExc_TypeError, "unit_backward: grad_out must be a tensor");
+    return nullptr;
+  }
+  std::vector<std::optional<at::Tensor>> saved;
+  if (!read_tensors(ss, saved)) return nullptr;
+  const at::Tensor gt = THPVariable_Unpack(g);
+  std::vector<at::Tensor> out;
+  if (!run_released([&] { out = unit_backward(*spec, gt, saved, need_x != 0); })) return nullptr;
+  return wrap_tensors(std::move(out));
 }
 
 // The two entries, for a module's PyMethodDef table.
@@ -130,7 +231,14 @@ inline PyObject* block_eval_py(PyObject*, PyObject* args) {
   {                                                                                        \
     "block_eval", fastres::cuda::py_block::block_eval_py, METH_VARARGS,                    \
         "block_eval(spec, x, tensors, keep=False) -> the block's eval output (no autograd); "  \
-        "keep: (h_1, ..., output)"            \
+        "keep: (h_1, ..., output)"},                                                   \
+  {"unit_spec", fastres::cuda::py_block::unit_spec, METH_VARARGS,                          \
+   "unit_spec(n, shortcut, relu, stages) -> spec for unit_forward/unit_backward"},         \
+  {"unit_forward", fastres::cuda::py_block::unit_forward_py, METH_VARARGS,                 \
+   "unit_forward(spec, x, params) -> (out, yd, *ys, *stats, *dstats) (csrc/cuda/unit.h)"}, \
+  {                                                                                        \
+    "unit_backward", fastres::cuda::py_block::unit_backward_py, METH_VARARGS,              \
+        "unit_backward(spec, grad_out, saved, need_x) -> (dx, per stage dw, dgamma, dbeta)" \
   }
 
 }  // namespace py_block

@@ -2,6 +2,7 @@
 // relu_bias_bwd and the BatchNorm backward family (fused, or split into *_reduce and *_elemt for
 // SyncBatchNorm), bn_finalize(_count) and bn_add_relu. The kernels are in bn.cu; the checks and
 // layout helpers shared with ops_conv.cu are in ops_common.h.
+#include "ops_api.h"
 #include "ops_common.h"
 
 namespace fastres {
@@ -517,6 +518,36 @@ Tensor bn_add_relu_cuda(const Tensor& input, const Tensor& scale, const Tensor& 
 }
 
 }  // namespace
+
+namespace api {
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(
+    const Tensor& sum, const Tensor& sumsq, const OptT& weight, const OptT& bias,
+    const OptT& running_mean, const OptT& running_var, const OptT& num_batches_tracked,
+    int64_t count, std::optional<double> momentum, double eps) {
+  return bn_finalize_cuda(sum, sumsq, weight, bias, running_mean, running_var,
+                          num_batches_tracked, count, momentum, eps);
+}
+Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift,
+                   const OptT& residual, const OptT& res_scale, const OptT& res_shift,
+                   int64_t res_channel_offset, bool relu) {
+  return bn_add_relu_cuda(input, scale, shift, residual, res_scale, res_shift, res_channel_offset,
+                          relu);
+}
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd(
+    const Tensor& grad_out, const OptT& out, const Tensor& input, const Tensor& mean,
+    const Tensor& invstd, const OptT& weight, const OptT& res_input, const OptT& res_mean,
+    const OptT& res_invstd, const OptT& res_weight) {
+  return bn_add_relu_bwd_cuda(grad_out, out, input, mean, invstd, weight, res_input, res_mean,
+                              res_invstd, res_weight);
+}
+std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd(const Tensor& grad_out, const Tensor& input,
+                                               const Tensor& mean, const Tensor& invstd,
+                                               const OptT& weight, const Tensor& scale,
+                                               const Tensor& shift, bool relu) {
+  return bn_relu_bwd_cuda(grad_out, input, mean, invstd, weight, scale, shift, relu);
+}
+}  // namespace api
+
 }  // namespace cuda
 }  // namespace fastres
 

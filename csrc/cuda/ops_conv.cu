@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "block.h"
+#include "ops_api.h"
 #include "ops_common.h"
 
 namespace fastres {
@@ -416,6 +417,25 @@ std::vector<Tensor> block_eval(const BlockSpec& spec, const Tensor& x,
   kept.push_back(conv(last, h, identity, true));
   return kept;
 }
+
+namespace api {
+std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& input, const Tensor& weight,
+                                              const OptT& pre_scale, const OptT& pre_shift,
+                                              bool pre_relu, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation,
+                                              int64_t groups) {
+  return conv_stats_cuda(input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation,
+                         groups);
+}
+std::tuple<Tensor, Tensor> conv_bwd(const Tensor& grad_out, const Tensor& input,
+                                    const Tensor& weight, const OptT& pre_scale,
+                                    const OptT& pre_shift, bool pre_relu, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    int64_t groups, std::array<bool, 2> output_mask) {
+  return conv_bwd_cuda(grad_out, input, weight, pre_scale, pre_shift, pre_relu, stride, padding,
+                       dilation, groups, output_mask);
+}
+}  // namespace api
 
 }  // namespace cuda
 }  // namespace fastres

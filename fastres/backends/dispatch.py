@@ -71,6 +71,12 @@ class Backend:
         need no autograd only: it bypasses the dispatcher."""
         return None
 
+    def eager_unit(self):
+        """(unit_spec, unit_forward, unit_backward) of a compiled module that runs a training
+        unit's forward and backward from C++ (csrc/cuda/unit.h), or None. For eager calls under
+        no dispatch mode: it bypasses the dispatcher."""
+        return None
+
 
 class ReferenceBackend(Backend):
     name = "reference"
@@ -145,12 +151,15 @@ class CUDABackend(_CompiledBackend):
         return reasons
 
     def eager_block(self):
-        return _block_entry(extension.load()[0])
+        return _entry(extension.load()[0], "block_spec", "block_eval")
+
+    def eager_unit(self):
+        return _entry(extension.load()[0], "unit_spec", "unit_forward", "unit_backward")
 
 
-def _block_entry(module):
-    spec, run = getattr(module, "block_spec", None), getattr(module, "block_eval", None)
-    return None if spec is None or run is None else (spec, run)
+def _entry(module, *names):
+    fns = tuple(getattr(module, n, None) for n in names)
+    return None if any(f is None for f in fns) else fns
 
 
 class CudasimBackend(CUDABackend):
@@ -175,7 +184,14 @@ class CudasimBackend(CUDABackend):
             return None
         from fastres import _C_cudasim  # noqa: PLC0415  (loaded: load_cudasim imported it)
 
-        return _block_entry(_C_cudasim)
+        return _entry(_C_cudasim, "block_spec", "block_eval")
+
+    def eager_unit(self):
+        if extension.load_cudasim() is not None:
+            return None
+        from fastres import _C_cudasim  # noqa: PLC0415
+
+        return _entry(_C_cudasim, "unit_spec", "unit_forward", "unit_backward")
 
 
 class TritonBackend(Backend):

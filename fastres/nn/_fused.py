@@ -422,9 +422,10 @@ class _FusedMixin:
         )
 
     def __getstate__(self):
-        # The eval plan holds op handles and is cheap to remake: never pickled or deep-copied.
+        # The plans hold op handles and are cheap to remake: never pickled or deep-copied.
         state = self.__dict__.copy()
         state.pop("_eval_plan", None)
+        state.pop("_train_plan", None)
         state.pop("_fr_handle", None)  # a copy is another module: it gets its own
         return state
 

@@ -28,12 +28,14 @@ torchvision's own forward.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
 from fastres import functional as FF
 from fastres.nn import compile as OP
 from fastres.nn import eval_plan as EP
+from fastres.nn import train_plan as TP
 from fastres.nn._fused import (
     _downsample_pair,
     _empty,
@@ -72,6 +74,12 @@ class _ResidualBlockMixin(_FusedMixin):
         return fusable_reasons(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            plan = self.__dict__.get("_train_plan")
+            if plan is not None:  # the steady state of training on the CUDA path
+                out = plan.call(self, x)
+                if out is not None:
+                    return out
         plan = self.__dict__.get("_eval_plan")
         if plan is not None:  # the steady state of eval: one pass of checks, then the plan
             out = plan.call(self, x)
@@ -148,6 +156,19 @@ class _ResidualBlockMixin(_FusedMixin):
         stages = [s for s, _ in staged]
         params = [p for _, p in staged]
         group = sync_group(pairs[0][1])  # SyncBatchNorm: all the block's BNs share it
+        if group is None and (ds is None or ds_pair is not None) and type(x) is Tensor \
+                and not torch.is_autocast_enabled(x.device.type) \
+                and not torch.compiler.is_compiling():
+            # The next calls like this one: a plan over the C++ unit (fastres.nn.train_plan).
+            down = self._stage(*ds_pair) if ds_pair is not None else None
+            spec, backend = FF.unit_spec(x, stages, params,
+                                         "downsample" if down is not None else "identity", down)
+            plan = TP.TrainPlan.build(self, x, pairs, ds_pair,
+                                      [*stages, *([down[0]] if down else [])], spec, backend)
+            self.__dict__["_train_plan"] = plan
+            out = plan.call(self, x) if plan is not None else None
+            if out is not None:
+                return out
         if ds_pair is not None:
             return FF.residual_unit(
                 x,

@@ -1,0 +1,178 @@
+"""A training unit's forward and backward from C++ (csrc/cuda/unit.h, fastres._autograd_unit).
+
+On the CUDA path (here cudasim: the CUDA launchers and kernels on the CPU) a fused block's
+training step runs its ops from two C++ calls instead of one torch.ops call each. These tests
+check it against the per-op path it replaces (a dispatch mode sends the call there): the same
+output, running statistics, counters and gradients bit for bit (the same kernels in the same
+order), torchvision's within the rule, and the errors and BatchNorm variants of that path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastres
+from fastres import backends
+from fastres._autograd import inner_relu_decisions
+from fastres.harness.rule import allow_tf32, assert_close_rule, randomise_bn
+
+pytestmark = pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_reason()),
+                                reason="cudasim is not built")
+
+tvr = torchvision.models.resnet
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(f"{func.namespace}::{func.__name__.split('.')[0]}")
+        return func(*args, **(kwargs or {}))
+
+
+def _block(kind: str, norm=None):
+    kw = {} if norm is None else {"norm_layer": norm}
+    if kind == "downsample":
+        nl = norm or torch.nn.BatchNorm2d
+        return tvr.Bottleneck(32, 16, stride=2, downsample=torch.nn.Sequential(
+            torch.nn.Conv2d(32, 64, 1, stride=2, bias=False), nl(64)), **kw)
+    if kind == "basic":
+        return tvr.BasicBlock(24, 24, **kw)
+    return tvr.Bottleneck(64, 16, **kw)
+
+
+def _step(m, x, proj):
+    """One training step's results: output, input and parameter gradients, BN buffers."""
+    m.zero_grad(set_to_none=True)
+    xg = x.detach().clone().requires_grad_(True)
+    out = m(xg)
+    (out * proj.to(out.dtype)).sum().backward()
+    res = {"output": out.detach(), "input": xg.grad}
+    res.update({f"grad {n}": p.grad for n, p in m.named_parameters()})
+    res.update({n: b.clone() for n, b in m.named_buffers()})
+    return res, out
+
+
+@pytest.fixture
+def cudasim(monkeypatch):
+    monkeypatch.setenv("FASTRES_BACKEND", "cudasim")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["bottleneck", "downsample", "basic"])
+def test_unit_from_cpp_is_the_per_op_path(kind, dtype, cudasim):
+    tv = randomise_bn(_block(kind)).train()
+    ours = fastres.convert(copy.deepcopy(tv)).train().to(dtype, memory_format=torch.channels_last)
+    twin = copy.deepcopy(ours)  # the per-op path, from the same state
+    x = torch.randn(2, tv.conv1.in_channels, 9, 9).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    with allow_tf32(False):
+        proj = torch.randn(ours(x).shape)
+        twin(x)  # the same number of steps: the running statistics stay in step
+        for _ in range(2):
+            got, out = _step(ours, x, proj)
+            with OpLog() as log:
+                want, _ = _step(twin, x, proj)
+    assert type(out.grad_fn).__name__ == "UnitDirectFnBackward"
+    assert "fastres_cudasim::conv_stats" in log.seen  # the twin ran the per-op path
+    assert set(got) == set(want)
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
+    assert inner_relu_decisions(ours(x)) is not None  # the parity harness reads the unit too
+
+
+@pytest.mark.parametrize("variant", ["momentum None", "affine False", "downsample"])
+def test_unit_from_cpp_matches_torchvision(variant, cudasim):
+    """Against torchvision's block (float64 reference): cumulative-average running statistics,
+    BatchNorms without affine parameters, a downsample's statistics."""
+    if variant == "momentum None":
+        block = _block("bottleneck", lambda c: torch.nn.BatchNorm2d(c, momentum=None))
+    elif variant == "affine False":
+        block = _block("basic", lambda c: torch.nn.BatchNorm2d(c, affine=False))
+    else:
+        block = _block("downsample")
+    if variant == "affine False":
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+        tv = block.train()
+    else:
+        tv = randomise_bn(block).train()
+    ours = fastres.convert(copy.deepcopy(tv)).train()
+    ref = copy.deepcopy(tv).double()
+    x = torch.randn(2, tv.conv1.in_channels, 9, 9)
+    with allow_tf32(False):
+        proj = torch.randn(ours(x).shape)
+        tv(x), ref(x.double())
+        for _ in range(2):
+            got, out = _step(ours, x, proj)
+            want, _ = _step(tv, x, proj)
+            exact, _ = _step(ref, x.double(), proj)
+    assert type(out.grad_fn).__name__ == "UnitDirectFnBackward"
+    for k in got:
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(got[k], want[k]), k
+        elif got[k] is None:
+            assert want[k] is None, k
+        else:
+            assert_close_rule(f"unit {variant}: {k}", got[k], want[k], exact[k], torch.float32)
+
+
+def test_unit_from_cpp_one_value_per_channel(cudasim):
+    """A batch with one value per channel raises torch's error, as nn.BatchNorm2d does."""
+    ours = fastres.convert(_block("basic")).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        ours(torch.randn(1, 24, 1, 1))
+
+
+def test_train_plan_follows_the_block(cudasim):
+    """The block's training plan (fastres.nn.train_plan) serves repeated calls and steps aside
+    for what it did not decide: a new momentum, a hook, another input shape, eval mode, a dtype
+    change; every call still matches torchvision's (float64 reference) training block."""
+    tv = randomise_bn(_block("downsample")).train()
+    ours = fastres.convert(copy.deepcopy(tv)).train()
+    ref = copy.deepcopy(tv).double()
+    x = torch.randn(2, 32, 9, 9)
+
+    def check(name, xi=x):
+        with allow_tf32(False):
+            got, want, exact = ours(xi), tv(xi), ref(xi.double())
+        assert_close_rule(name, got, want, exact, torch.float32)
+        for (n, b), b_tv, b_ref in zip(ours.named_buffers(), tv.buffers(), ref.buffers(),
+                                       strict=True):
+            if n.endswith("num_batches_tracked"):
+                assert torch.equal(b, b_tv), n
+            else:
+                assert_close_rule(f"{name}: {n}", b, b_tv, b_ref, torch.float32)
+        return got
+
+    check("first call")
+    plan = ours.__dict__["_train_plan"]
+    assert plan is not None
+    out = check("planned call")
+    assert ours.__dict__["_train_plan"] is plan
+    assert type(out.grad_fn).__name__ == "UnitDirectFnBackward"
+    for m in (tv, ours, ref):
+        m.bn2.momentum = 0.5
+    check("new momentum")
+    seen = []
+    h = ours.bn1.register_forward_hook(lambda m, i, o: seen.append(1))
+    check("hooked")
+    h.remove()
+    assert seen == [1]
+    check("another shape", torch.randn(3, 32, 7, 7))
+    for m in (tv, ours, ref):
+        m.eval()
+    check("eval")
+    for m in (tv, ours, ref):
+        m.train()
+    check("train again")
+    assert ours.__dict__["_train_plan"] is not plan  # remade for the other shape
