@@ -456,8 +456,8 @@ def residual_unit(
     flat: list[Tensor | None] = [t for p in params for t in p]
     if downsample is not None:
         flat.extend(downsample[1])
-    if (spec.group is None and shortcut in SHORTCUTS and not torch._C._len_torch_dispatch_stack()
-            and not torch.compiler.is_compiling()):
+    if (spec.group is None and shortcut in SHORTCUTS and not torch.compiler.is_compiling()
+            and not torch._C._len_torch_dispatch_stack()):
         entry = b.eager_unit()
         if entry is not None:  # the unit's ops launched from C++ (fastres._autograd_unit)
             return UnitDirectFn.apply(entry, spec, x, *flat)

@@ -126,3 +126,33 @@ def test_compile_reduce_overhead_eval_follows_weights(backend, monkeypatch):
         y2 = compiled(x).clone()
     assert (y - eager).abs().max() > 1e-3, "the in-place change did not change the output"
     torch.testing.assert_close(y2, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["eval", "eval-grad", "train"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_host_device_sync_on_the_gpu(backend, mode, monkeypatch):
+    """No call reads a tensor back to the host, the C++ paths that bypass the dispatcher
+    (block_eval, the training unit) included: CUDA's sync debug mode raises on any sync."""
+    monkeypatch.setenv("FASTRES_BACKEND", backend)
+    model = _model("small")
+    model.train(mode == "train")
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=CL)
+
+    def call():
+        if mode == "eval":
+            with torch.no_grad():
+                return model(x)
+        out = model(x.requires_grad_(mode == "eval-grad"))
+        out.square().mean().backward()
+        return out
+
+    call()
+    call()  # the plans made, the kernels compiled
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    torch.cuda.synchronize()

@@ -221,7 +221,26 @@ class TritonBackend(Backend):
 
     def op(self, name: str) -> Callable[..., object]:
         # Importing fastres.triton_kernels registers torch.ops.fastres_triton.* (select() did).
+        # In eager, under no dispatch mode, the op's body itself: the torch.ops dispatch of a
+        # triton_op costs 10-15 µs per call in eager; traced calls keep the registered op.
+        if not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack():
+            eager = _triton_eager()
+            if eager is not None:
+                return getattr(eager, name)
         return getattr(torch.ops.fastres_triton, name)
+
+
+_TRITON_EAGER: list = []
+
+
+def _triton_eager():
+    """fastres.triton_kernels.eager_ops(), made once (None where that build has none)."""
+    if not _TRITON_EAGER:
+        from fastres import triton_kernels  # noqa: PLC0415
+
+        make = getattr(triton_kernels, "eager_ops", None)
+        _TRITON_EAGER.append(make() if make is not None else None)
+    return _TRITON_EAGER[0]
 
 
 BACKENDS: dict[str, Backend] = {

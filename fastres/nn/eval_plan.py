@@ -108,7 +108,7 @@ class EvalPlan:
     __slots__ = ("mods", "dtype", "device", "shape", "channels_last", "backend_env", "bns",
                  "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "eps", "sources",
                  "live", "grad", "m_max", "finite_op", "absmax", "into_op", "direct",
-                 "subtree")
+                 "subtree", "eager")
 
     def __init__(self, block: nn.Module, x: Tensor, steps, shortcut, wdt, bdt, fmt,
                  folds, all_cpu: bool) -> None:
@@ -149,6 +149,7 @@ class EvalPlan:
         self.sources = None if folds is None else _fingerprint(self.convs, self.bns)
         self.m_max, self.finite_op, self.absmax, self.into_op = math.nan, None, None, None
         self.direct = None
+        self.eager = False
         if all_cpu and shortcut_bound_known(shortcut):
             ns = getattr(torch.ops, "fastres_cpu", None)
             if ns is not None and hasattr(ns, "conv_bias_act_finite"):
@@ -210,6 +211,9 @@ class EvalPlan:
             shortcut = None
         all_cpu = folds is not None and backend.name == "cpu"
         plan = EvalPlan(block, x, steps, shortcut, wdt, bdt, memory_format_of(x), folds, all_cpu)
+        # Ops that bypass the dispatcher (Triton's eager bodies): a dispatch mode must not meet
+        # them (run() steps aside then).
+        plan.eager = not isinstance(op, torch._ops.OpOverloadPacket) and backend.name == "triton"
         entry = backend.eager_block()
         if entry is not None and folds is None and shortcut_bound_known(shortcut):
             # The whole block in one call into the extension (csrc/cuda/block_py.h): each
@@ -277,7 +281,10 @@ class EvalPlan:
         downsample's output is the plan's own and is always written into."""
         if not self._valid(block, x):
             return None
-        if self.direct is not None and not torch._C._len_torch_dispatch_stack():
+        if torch._C._len_torch_dispatch_stack():
+            if self.eager:
+                return None  # its ops skip the dispatcher: a plan of registered ops instead
+        elif self.direct is not None:
             # No dispatch mode to see each op (a TorchDispatchMode, FakeTensorMode): the block's
             # convolutions from C++, with the tensors as they are now.
             run, spec, slots = self.direct
