@@ -25,6 +25,17 @@ path, it is not an exact figure. The budgets, per block call:
 host <= 25 µs eval and <= 120 µs for a training step, no sync; the exit status is the number of
 fastres rows that miss one.
 
+Training rows run at N=1 (``--train-batch``): a training step's host path does not depend on
+the batch (no value-dependent host work, memory from the kept heap), but in dry-run mode the
+launchers' fills and copies still run on the CPU (zeroed statistics buffers, each weight's
+transpose for the data gradient: tens of ms per step at N=32), and subtracting so much data work
+leaves noise, not a host time.
+
+One intra-op thread (``torch.set_num_threads(1)``): a launch path uses none, and the proxy's
+real CPU fills and copies, parallelised over two threads, wait milliseconds for a descheduled
+thread whenever anything else runs on the machine (measured: a 36K-element weight transpose
+took 36 µs or 30 ms).
+
 Allocations: a GPU's caching allocator hands a freed block back in ~1 µs; the CPU proxy's glibc
 maps and unmaps every block over 32 MiB (a 56x56 activation at N=32), ~20-40 µs per block call
 that a GPU never pays. The script runs with glibc's heap for every size and no trimming
@@ -165,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=tuple(DTYPES))
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--train-batch", type=int, default=1,
+                    help="the training rows' batch (see the docstring: training)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     why = extension.load_cudasim()
@@ -174,13 +187,15 @@ def main(argv=None) -> int:
     from fastres import _C_cudasim as sim
 
     print(hardware_line(environment(torch.device("cpu"))))
-    print(f"per block call, N={args.batch}, channels_last, kernels made free (see the docstring); "
+    print(f"per block call, N={args.batch} (training rows N={args.train_batch}), channels_last, "
+          "kernels made free (see the docstring); "
           f"host: median (min-max) of {args.calls} calls; allocator: "
           f"{'glibc default' if args.system_malloc else 'heap kept (MALLOC_MMAP_MAX_=0)'}")
     head = (f"{'block':30s} {'dtype':5s} {'mode':9s} {'provider':13s} {'host us':>22s} "
             f"{'data us':>8s} {'launches':>8s} {'allocs':>6s} {'syncs':>5s}  budget")
     print(head)
     rows, missed = [], 0
+    torch.set_num_threads(1)  # see the docstring
     os.environ["FASTRES_BACKEND"] = "cudasim"
     # The CUDA path off the CPU cache: BatchNorm in the epilogues, as on a GPU.
     _FusedMixin._fold_cacheable = staticmethod(lambda conv, bn: False)
@@ -192,14 +207,15 @@ def main(argv=None) -> int:
                 if name in UNITS and mode not in MODEL_MODES:
                     continue
                 calls = args.calls if name not in UNITS else max(5, args.calls // 10)
-                xm = torch.empty(args.batch, tv.conv1.in_channels, h, h, device="meta",
+                n = args.train_batch if mode == "train" else args.batch
+                xm = torch.empty(n, tv.conv1.in_channels, h, h, device="meta",
                                  dtype=dt).contiguous(memory_format=torch.channels_last)
                 meta = copy.deepcopy(tv).to(device="meta", dtype=dt,
                                             memory_format=torch.channels_last)
                 results = {"torchvision": _measure(meta, xm, mode, calls)}
                 ours = fastres.convert(copy.deepcopy(tv)).to(dtype=dt,
                                                              memory_format=torch.channels_last)
-                x = torch.randn(args.batch, tv.conv1.in_channels, h, h, dtype=dt).contiguous(
+                x = torch.randn(n, tv.conv1.in_channels, h, h, dtype=dt).contiguous(
                     memory_format=torch.channels_last)
                 prev = sim.set_dry_run(True)
                 try:
