@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from fastres._autograd import conv_bias_act_grads
-from fastres._specs import ConvSpec
 
 __all__ = ["BlockEvalFn", "TENSORS_PER_CONV"]
 
@@ -33,25 +32,26 @@ class BlockEvalFn(torch.autograd.Function):
     BatchNorm is)."""
 
     @staticmethod
-    def forward(ctx, run, spec, convs: tuple[ConvSpec, ...], eps: tuple[float, ...],
-                n_main: int, backend: str, x: Tensor, *ts):
+    def forward(ctx, meta: tuple, x: Tensor, *ts):
+        """``meta``: (block_eval, its spec, the ConvSpecs, the BatchNorms' eps, the number of
+        main convolutions, the backend's name), fixed by the block's plan."""
+        run, spec = meta[0], meta[1]
         outs = run(spec, x, ts, True)
-        ctx.convs, ctx.eps, ctx.n_main, ctx.backend = convs, eps, n_main, backend
-        ctx.bias_dtypes = tuple(None if ts[i + 1] is None else ts[i + 1].dtype
-                                for i in range(0, len(ts), TENSORS_PER_CONV))
+        ctx.meta = meta
         ctx.save_for_backward(x, *outs, *ts)
         return outs[-1]
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
-        n_convs, n_main = len(ctx.convs), ctx.n_main
+        _, _, convs, eps, n_main, backend = ctx.meta
+        n_convs = len(convs)
         has_ds = n_convs > n_main
         x = saved[0]
         outs = saved[1 : 1 + n_convs]  # h_1 .. h_{n_main-1}, (downsample), output
         ts = saved[1 + n_convs :]
         hs = (x, *outs[: n_main - 1])  # each main convolution's input
-        nig = ctx.needs_input_grad[6:]  # x, then the tensors
+        nig = ctx.needs_input_grad[1:]  # x, then the tensors
         grads: list[Tensor | None] = [None] * len(ts)
 
         def tensor_needs(i):
@@ -66,8 +66,8 @@ class BlockEvalFn(torch.autograd.Function):
             w, b, gamma, mean, var = ts[TENSORS_PER_CONV * i : TENSORS_PER_CONV * (i + 1)]
             nw, nb, ng, nm, nv = tensor_needs(i)
             gx, gw, gb, gr, gs, gm, gv = conv_bias_act_grads(
-                ctx.backend, ctx.convs[i], ctx.eps[i], g, inp, w, out, gamma, mean, var,
-                (need_in, nw, nb, residual, ng, nm, nv), ctx.bias_dtypes[i])
+                backend, convs[i], eps[i], g, inp, w, out, gamma, mean, var,
+                (need_in, nw, nb, residual, ng, nm, nv), None if b is None else b.dtype)
             grads[TENSORS_PER_CONV * i : TENSORS_PER_CONV * (i + 1)] = [gw, gb, gs, gm, gv]
             return gx, gr
 
@@ -84,4 +84,4 @@ class BlockEvalFn(torch.autograd.Function):
                 g_res, _ = conv_grads(n_main, g_res, x, None, nig[0], False)
             if nig[0] and g_res is not None:
                 gx = g_res if gx is None else gx + g_res
-        return (None, None, None, None, None, None, gx if nig[0] else None, *grads)
+        return (None, gx if nig[0] else None, *grads)

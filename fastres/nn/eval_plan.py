@@ -335,9 +335,10 @@ def _needs_autograd(x: Tensor, tensors) -> bool:
 def _block_fn(run, spec, convs, eps, n_main: int, backend: str):
     """The block's eval call with autograd: BlockEvalFn over ``run`` (block_eval)."""
     apply = BlockEvalFn.apply
+    meta = (run, spec, convs, eps, n_main, backend)
 
     def call(x, *ts):
-        return apply(run, spec, convs, eps, n_main, backend, x, *ts)
+        return apply(meta, x, *ts)
 
     return call
 
