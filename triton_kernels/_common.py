@@ -6,6 +6,7 @@ Imported only once triton is known to be importable (see ``__init__.py``).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+
+from . import _direct
 
 
 @triton.jit
@@ -140,6 +143,13 @@ def tile_ptrs(ptr, n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w):
     return ptr + tile_offsets(n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w)
 
 
+#: Eager launches go straight to the compiled kernel (``_direct``); FASTRES_TRITON_DIRECT=0 sends
+#: them through wrap_triton as traced ones (read once: a per-process fact).
+DIRECT: bool = not INTERPRETED and os.environ.get("FASTRES_TRITON_DIRECT", "1") != "0"
+_PLAIN = (Tensor, torch.nn.Parameter)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
 def _is_fake(t: object) -> bool:
     from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415
 
@@ -147,13 +157,23 @@ def _is_fake(t: object) -> bool:
 
 
 def launch(kernel, grid, *args, **meta) -> None:
-    """Launch ``kernel`` on ``grid`` through wrap_triton (traceable by torch.compile).
+    """Launch ``kernel`` on ``grid``: in eager straight to the compiled kernel (``_direct``), where
+    torch.compile or torch.export trace through ``wrap_triton`` (which records the launch in the
+    graph).
 
-    Interpreted kernels cannot be traced; under the interpreter the ops are plain custom ops whose
-    fake implementation is the same Python body, so a launch on fake tensors is skipped here.
+    Eager: not compiling, no TorchDispatchMode active (fake, functional and proxy tracing modes
+    are, and so is a user's op counter), the first argument a plain tensor (not a fake or
+    functional subclass). Interpreted kernels cannot be traced; under the interpreter the ops are
+    plain custom ops whose fake implementation is the same Python body, so a launch on fake
+    tensors is skipped here.
     """
+    if (DIRECT and type(args[0]) in _PLAIN and not _dispatch_modes()
+            and not torch.compiler.is_compiling()):
+        if 0 not in grid:  # an empty batch: nothing to compute (reductions over it still launch)
+            _direct.launch(kernel, grid, args, meta)
+        return
     if any(isinstance(g, int) and g == 0 for g in grid):
-        return  # an empty batch: nothing to compute (reductions over it still launch, and sum 0)
+        return
     if INTERPRETED:
         if any(_is_fake(a) for a in args) or any(_is_fake(v) for v in meta.values()):
             return
