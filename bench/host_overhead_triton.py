@@ -170,6 +170,28 @@ def install() -> FakeDriver:
 MODES = ("eval", "eval-grad", "train")
 
 
+def _op_counter():
+    """host_overhead's OpCounter, also counting the aten ops inside the fastres_triton op bodies
+    (a mode sees an op, not what its body dispatches: the body runs under the mode again)."""
+    import host_overhead as ho  # noqa: PLC0415
+
+    from fastres.triton_kernels import _ops  # noqa: PLC0415
+
+    class TritonOpCounter(ho.OpCounter):
+        # the launches inside a body under this mode go through wrap_triton's op, passed on
+        supports_higher_order_operators = True
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if isinstance(func, torch._ops.HigherOrderOperator):
+                return func(*args, **(kwargs or {}))
+            if getattr(func, "namespace", None) == _ops.NAMESPACE:
+                with self:
+                    return _ops._IMPLS[func.__name__.split(".")[0]](*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    return TritonOpCounter
+
+
 def measure_rows(dtypes=("bf16", "fp32"), calls: int = 200, batch: int = 32) -> list[dict]:
     """Rows with ``bench/host_overhead.py``'s keys for the two ResNet-50 blocks (identity and
     stride-2 downsample), ``dtypes`` (names of host_overhead.DTYPES), eval, eval-grad and train,
@@ -196,7 +218,11 @@ def measure_rows(dtypes=("bf16", "fp32"), calls: int = 200, batch: int = 32) -> 
             x = torch.randn(batch, tv.conv1.in_channels, h, h, dtype=dt).contiguous(
                 memory_format=torch.channels_last)
             for mode in MODES:
-                r = ho._measure(ours, x, mode, calls, lambda: drv.launches)
+                plain, ho.OpCounter = ho.OpCounter, _op_counter()
+                try:
+                    r = ho._measure(ours, x, mode, calls, lambda: drv.launches)
+                finally:
+                    ho.OpCounter = plain
                 rows.append({"block": name, "dtype": dname, "mode": mode,
                              "provider": "fastres-triton", **r})
     return rows

@@ -76,13 +76,32 @@ def tf32_operand(x, DOT_PRECISION: tl.constexpr):
     return x
 
 
+@triton.jit
+def _round_tf32_kernel(
+    x_ptr,  # (n,) float32: a dense tensor's storage
+    out_ptr,  # (n,) float32
+    n,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(out_ptr + offs, tf32_operand(tl.load(x_ptr + offs, mask=ok), "tf32"), mask=ok)
+
+
 def round_tf32(t: Tensor) -> Tensor:
-    """A float32 tensor rounded to TF32 as tf32_operand rounds (a new tensor, same strides): for
-    the operands a kernel takes from shared memory as they are (the weights), rounded once per
-    call instead of once per tile load and program."""
-    b = t.view(torch.int32)
-    r = ((b + 0x1000) & -0x2000).view(torch.float32)  # -0x2000 == ~0x1FFF: keep 19 high bits
-    return torch.where(torch.isnan(t), t, r)
+    """A float32 tensor rounded to TF32 as tf32_operand rounds (a new tensor, same strides when
+    dense): for the operands a kernel takes from shared memory as they are (the weights and
+    grad_out), rounded once per call instead of once per tile load and program. One launch over
+    the storage (the same bit operations as torch ops were four launches: add, and, isnan,
+    where)."""
+    if not (t.is_contiguous()
+            or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
+        t = t.contiguous()
+    out = torch.empty_like(t)
+    n = t.numel()
+    block = clamp_pow2(n, 16, 1 << 16) if INTERPRETED else 1024
+    launch(_round_tf32_kernel, (triton.cdiv(n, block),), t, out, n, BLOCK=block, num_warps=4)
+    return out
 
 
 # The interpreter's tl.sum is numpy's; a GPU's is a tree (a few rows per thread, then shuffles,
