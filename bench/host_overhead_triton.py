@@ -39,11 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 class _FakeUtils:
-    """The driver utilities Triton's runtime calls: loading a cubin, device properties."""
+    """The driver utilities Triton's runtime calls: loading a cubin (each load gets its own
+    function handle, so a launch names the compiled kernel it went to), device properties."""
+
+    def __init__(self):
+        self.loaded = 0
 
     def load_binary(self, name, kernel, shared, device):
+        self.loaded += 1
         # (module, function, n_regs, n_spills, n_max_threads)
-        return 0, 0, 0, 0, 1024
+        return self.loaded, self.loaded, 0, 0, 1024
 
     def unload_module(self, module):
         pass
