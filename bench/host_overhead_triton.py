@@ -20,8 +20,10 @@ reasons. Nothing else is patched.
 
 Rows as ``bench/host_overhead.py``'s (same keys, its ``_measure``): host µs per block call
 (median of ``calls`` with min-max, the CPU time of fills and copies subtracted), launches (the
-fake launcher's count plus every dispatched aten op that launches a kernel on a GPU), allocations
-and host-device syncs.
+fake launcher's count plus every dispatched aten op that launches a kernel on a GPU, those inside
+the op bodies included), allocations and host-device syncs. ``main`` runs with glibc's large
+allocations kept on the heap (``MALLOC_MMAP_MAX_=0``, see there); a caller of ``measure_rows``
+sets that in its own environment.
 """
 
 from __future__ import annotations
@@ -260,6 +262,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
+    if argv is None and os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        # glibc maps each large allocation (an activation: tens of MB) anew and unmaps it on
+        # free: 90 µs per torch.empty in a training step here, where a GPU's caching allocator
+        # reuses its blocks in ~1-2 µs. From the heap, kept (no trim), they are reused too.
+        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**40))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     why = cannot_install()
     if why:
         print(f"the fake Triton driver cannot be installed: {why}")
