@@ -22,7 +22,7 @@ from ._common import (
     tl,
     triton,
 )
-from .reduce import sum_rows
+from .reduce import sum_planes
 
 
 @triton.jit
@@ -443,9 +443,11 @@ def bn_bwd_reduce(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean,
         WRITE_G=g_out is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
     )
-    gsum = sum_rows(part[0])
-    gxsum = sum_rows(part[1]) if has_xhat else None
-    grsum = sum_rows(part[2]) if res_x is not None else None
+    # planes 0 (g), 1 (g*xhat), 2 (g*xhat_res): the residual's only with xhat
+    sums = sum_planes(part, 3 if res_x is not None else 2 if has_xhat else 1)
+    gsum = sums[0]
+    gxsum = sums[1] if has_xhat else None
+    grsum = sums[2] if res_x is not None else None
     return gsum, gxsum, grsum
 
 

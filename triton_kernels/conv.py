@@ -36,7 +36,7 @@ from ._common import (
     triton,
     wgrad_config,
 )
-from .reduce import sum_rows
+from .reduce import sum_planes, sum_rows
 
 
 @triton.jit
@@ -442,9 +442,9 @@ def conv_forward(
     cfg = gemm_config(m, k, c, input.dtype, exact=precision == "ieee", prologue=prologue)
     num_pid_m = triton.cdiv(m, cfg.BLOCK_M)
     psum = psumsq = x
-    if stats:
-        psum = torch.empty((num_pid_m, k), device=x.device, dtype=torch.float64)
-        psumsq = torch.empty((num_pid_m, k), device=x.device, dtype=torch.float64)
+    if stats:  # both partials in one buffer: one reduction launch sums both
+        part = torch.empty((2, num_pid_m, k), device=x.device, dtype=torch.float64)
+        psum, psumsq = part[0], part[1]
     res = residual if residual is not None else x
     grid = (num_pid_m * triton.cdiv(k, cfg.BLOCK_N),)
     launch(
@@ -467,7 +467,8 @@ def conv_forward(
     )
     if not stats:
         return out, None, None
-    return out, sum_rows(psum), sum_rows(psumsq)
+    s, ss = sum_planes(part, 2)
+    return out, s, ss
 
 
 def grad_out_nhwc(grad_out: Tensor) -> Tensor:
