@@ -5,8 +5,8 @@ fake driver, whose launcher records each launch. That needs Triton without the i
 tests/conftest.py turns on for this process, so the checks run in a child process without
 TRITON_INTERPRET. Checked there:
 
-* a second launch with the same specialisation hits the cache; a different dtype, pointer
-  alignment, int divisible by 16 or int equal to 1 misses;
+* a second launch with the same specialisation hits the cache (also with another pointer of the
+  same alignment); a different dtype, pointer alignment or int misses;
 * every direct launch reaches the launcher exactly as JITFunction.run's launch of the same call
   does: grid, stream, compiled function (each compiled kernel gets its own handle from the fake
   load_binary), packed metadata and every argument in order;
@@ -73,12 +73,13 @@ def checks(plant):
         plan.bind = lambda *a, **k: (lambda kp: (kp[0][:1] + kp[0][2:], kp[1]))(bind(*a, **k))
     # (view, expect a hit?) in order: each miss adds a key the later views may hit
     cases = [("same n=17", base[:17], True),
-             ("n=33 (not 1, not a multiple of 16)", base[:33], True),
              ("n=1", base[:1], False),
-             ("n=32 (multiple of 16)", base[:32], False),
-             ("n=48", base[:48], True),
+             ("n=1 again", base[:1], True),
+             ("n=32 (a multiple of 16)", base[:32], False),
+             ("n=33", base[:33], False),
              ("x misaligned (offset 4 bytes), n=17", base[1:18], False),
-             ("x misaligned again, n=33", base[1:34], True),
+             ("x misaligned again (offset 12 bytes), n=17", base[3:20], True),
+             ("x aligned again (offset 64 bytes), n=17", base[16:33], True),
              ("float64 x", base[:17].double(), False)]
     for label, x, hit in cases:
         h0, m0 = _direct.stats["hits"], _direct.stats["misses"]
