@@ -19,8 +19,8 @@ triton is imported.
 
 from __future__ import annotations
 
-import importlib.metadata
 import functools
+import importlib.metadata
 import importlib.util
 from types import SimpleNamespace
 

@@ -100,7 +100,7 @@ def round_tf32(t: Tensor) -> Tensor:
     out = torch.empty_like(t)
     n = t.numel()
     block = clamp_pow2(n, 16, 1 << 16) if INTERPRETED else 1024
-    launch(_round_tf32_kernel, (triton.cdiv(n, block),), t, out, n, BLOCK=block, num_warps=4)
+    launch(_round_tf32_kernel, (cdiv(n, block),), t, out, n, BLOCK=block, num_warps=4)
     return out
 
 
@@ -210,6 +210,12 @@ def hint(v) -> int:
     return int(v)
 
 
+def cdiv(a, b):
+    """ceil(a / b) for host-side sizes (ints or SymInts). triton.cdiv is a ConstexprFunction in
+    triton 3.8: ~3 µs per host call through its wrapper, several per launch."""
+    return (a + b - 1) // b
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -308,7 +314,7 @@ def _gemm_config(m: int, n: int, k_chunk: int, dtype: torch.dtype, interpreted: 
     block_k = clamp_pow2(k_chunk, 16, 64 if wide else 16)
     block_n = 64 if n <= 64 or not wide else 128
     block_m = 128
-    if triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < NUM_SMS:
+    if cdiv(m, block_m) * cdiv(n, block_n) < NUM_SMS:
         # fill the 132 SMs before growing tiles. Exact fp32 always: its FMA dot holds operand
         # slices per thread, and the 128x64 forward with the BN prologue spilled (8 B of stack,
         # 6 local loads/stores at 128 registers, 8 warps).
@@ -367,9 +373,9 @@ def _wgrad_config(k: int, c: int, taps: int, m: int, dtype: torch.dtype,
     # Exact fp32 (FMA): 16 rows per step and 8 warps. At 32 rows and 4 warps every exact wgrad
     # spilled (255 registers and 888 B of stack; 2.8-2.9 KB with the BN prologue, sm_90 lint).
     bm = 64 if wide else 16 if exact else 32
-    tiles = triton.cdiv(k, bk) * triton.cdiv(c, bc) * taps
+    tiles = cdiv(k, bk) * cdiv(c, bc) * taps
     # Two waves of programs, each reducing at least 8 blocks of BLOCK_M rows.
-    split = max(1, min(triton.cdiv(2 * NUM_SMS, tiles), triton.cdiv(m, 8 * bm)))
+    split = max(1, min(cdiv(2 * NUM_SMS, tiles), cdiv(m, 8 * bm)))
     warps = 8 if exact or bk * bc >= 128 * 128 else 4
     return WgradConfig(bk, bc, bm, split, warps, 3)
 
@@ -403,9 +409,9 @@ def _rows_config(m: int, c: int, interpreted: bool, live_tiles: int = 3) -> Rows
     # per SM instead of 2; at 16x64 it takes 78-80 (bf16, fp16, fp32; sm_90 AOT, triton 3.8).
     # Half the bytes per iteration of 32x64, but 2 CTAs per SM instead of 1 (not timed on a GPU).
     bm = max(16, (4096 if live_tiles <= 3 else 1024) // bc)
-    grid_c = triton.cdiv(c, bc)
+    grid_c = cdiv(c, bc)
     # ~4 programs per SM for the reductions, each looping over its share of row blocks.
-    grid_m = max(1, min(triton.cdiv(m, bm), triton.cdiv(4 * NUM_SMS, grid_c)))
+    grid_m = max(1, min(cdiv(m, bm), cdiv(4 * NUM_SMS, grid_c)))
     # 8 warps: 16 elements per thread per tensor. With 4, the fp32 BN-backward reduction with a
     # BN'd residual (4 tiles live, plus their fp64 row sums) needs 240 registers (sm_90 AOT).
     return RowsConfig(bm, bc, grid_m, 8)

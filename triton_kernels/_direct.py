@@ -115,7 +115,7 @@ def _plan(kernel, args: tuple, meta: dict) -> _Plan:
         _kernels.append(kernel)
     plan = plans.get(len(args))
     if plan is None:
-        values = dict(zip([p.name for p in kernel.params], args))
+        values = dict(zip([p.name for p in kernel.params], args, strict=False))
         values.update(meta)
         plan = plans[len(args)] = _Plan(kernel, len(args), values)
     return plan
@@ -165,7 +165,7 @@ def _first_launch(plan: _Plan, kernel, grid, args, meta, device) -> None:
         hash(key)
     except (TypeError, AttributeError):
         return  # arguments of other kinds than the plan's, or an unhashable constexpr
-    values = dict(zip(plan.names, params))
+    values = dict(zip(plan.names, params, strict=True))
     if any(_kind(p, values[p.name]) != plan.kinds[p.name] for p in kernel.params):
         return  # this call does not fit the plan's key: it stays on JITFunction.run
     compiled.run  # noqa: B018 - loads the binary (done by the launch above already)

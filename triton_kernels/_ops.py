@@ -376,7 +376,7 @@ def _bumping(fn, mutated: tuple[str, ...]):
 
     def call(*args, **kwargs):
         out = fn(*args, **kwargs)
-        for i, m in zip(where, mutated):
+        for i, m in zip(where, mutated, strict=True):
             t = args[i] if i < len(args) else kwargs.get(m)
             if t is not None:
                 bump(t)

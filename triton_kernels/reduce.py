@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import INTERPRETED, cast_to, clamp_pow2, hint, launch, tl, triton
+from ._common import INTERPRETED, cast_to, cdiv, clamp_pow2, hint, launch, tl, triton
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def _launch(partials: Tensor, outs: tuple[Tensor, ...]) -> None:
     q, p, length = partials.shape
     block_p, block_l = sum_rows_blocks(hint(p), hint(length))
     launch(
-        _sum_rows_kernel, (triton.cdiv(length, block_l), q),
+        _sum_rows_kernel, (cdiv(length, block_l), q),
         partials, outs[0], outs[min(1, q - 1)], outs[q - 1], p, length, partials.stride(1),
         partials.stride(0),
         BLOCK_P=block_p, BLOCK_L=block_l, num_warps=4,
