@@ -189,7 +189,8 @@ def test_block_eval_launches_directly(child):
 
 def test_eager_ops_match_the_dispatched_ops():
     """eager_ops(): the same names as ops(), the same results without the dispatcher, and the
-    running statistics' version counters bumped where the op writes them (interpreted here)."""
+    running statistics' version counters bumped where the op writes them (interpreted on a
+    machine without a GPU)."""
     import torch
 
     from fastres import triton_kernels
@@ -198,13 +199,16 @@ def test_eager_ops_match_the_dispatched_ops():
         pytest.skip(triton_kernels.unavailable_reason())
     eager, ops = triton_kernels.eager_ops(), triton_kernels.ops()
     assert set(vars(eager)) == set(vars(ops))
-    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(8, 16, 3, 3)
-    b, m, v = torch.randn(8), torch.randn(8), torch.rand(8) + 0.5
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 16, 5, 5, device=dev).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 16, 3, 3, device=dev)
+    b, m, v = (torch.randn(8, device=dev), torch.randn(8, device=dev),
+               torch.rand(8, device=dev) + 0.5)
     args = (x, w, b, None, [1, 1], [1, 1], [1, 1], 1, True, None, m, v, 1e-5)
     assert torch.equal(eager.conv_bias_act(*args), ops.conv_bias_act(*args))
-    s, ss = torch.randn(8), torch.rand(8) * 10 + 5
-    rm, rv, nbt = torch.zeros(8), torch.ones(8), torch.tensor(0)
+    s, ss = torch.randn(8, device=dev), torch.rand(8, device=dev) * 10 + 5
+    rm, rv = torch.zeros(8, device=dev), torch.ones(8, device=dev)
+    nbt = torch.tensor(0, device=dev)
     before = (rm._version, rv._version, nbt._version)
     eager.bn_finalize(s, ss, None, None, rm, rv, nbt, 4, 0.1, 1e-5)
     assert all(a > b for a, b in zip((rm._version, rv._version, nbt._version), before,
