@@ -142,9 +142,11 @@ def launch(kernel, grid, args: tuple, meta: dict) -> None:
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     rt = knobs.runtime
-    enter = rt.launch_enter_hook
-    metadata = compiled.launch_metadata(grid, stream, *params) if _hooked(enter) else None
-    run(grid[0], g1, g2, stream, function, packed, metadata, enter, rt.launch_exit_hook, *params)
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    # the metadata only a registered hook reads (a profiler's); JITFunction.run builds it always
+    metadata = (compiled.launch_metadata(grid, stream, *params)
+                if _hooked(enter) or _hooked(leave) else None)
+    run(grid[0], g1, g2, stream, function, packed, metadata, enter, leave, *params)
 
 
 def _hooked(hook) -> bool:
