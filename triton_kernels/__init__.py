@@ -7,6 +7,9 @@ The dispatcher (fastres/backends.py) calls three functions of this package:
 * ``ops()``: the ops of the contract (fastres.backends.OP_NAMES), signatures as in
   fastres/reference.py.
 
+Eager callers that do not trace (``torch.compiler.is_compiling()`` false) may take
+``eager_ops()`` instead: the same functions without the dispatcher.
+
 Importing this package imports neither triton nor the kernels and never touches CUDA: triton is
 imported and the ops are registered (``torch.ops.fastres_triton.*``, which the dispatcher looks
 up by attribute) by the first call of any of the three functions. On a machine without a GPU the
@@ -16,8 +19,8 @@ triton is imported.
 
 from __future__ import annotations
 
-import importlib.metadata
 import functools
+import importlib.metadata
 import importlib.util
 from types import SimpleNamespace
 
@@ -72,9 +75,11 @@ def unavailable_reason() -> str | None:
 _import_error: Exception | None = None
 
 
+@functools.lru_cache(maxsize=1)
 def _interpreted() -> bool | None:
     """Whether the kernels are interpreted (decided by TRITON_INTERPRET when triton was first
-    imported); None when they do not import. Registers the ops on first success."""
+    imported); None when they do not import. Registers the ops on first success. Read once: a
+    failed import is not retried either."""
     global _import_error
     try:
         from . import _common, _ops  # noqa: F401, PLC0415
@@ -89,26 +94,33 @@ def not_supported_reasons(inputs) -> list[str]:
     why = unavailable_reason()
     if why:
         return [why]
+    return list(_reasons(inputs.device.type, str(inputs.device), inputs.dtype, inputs.groups,
+                         tuple(inputs.kernel_size)))
+
+
+@functools.lru_cache(maxsize=256)
+def _reasons(dev: str, device: str, dtype, groups: int, kernel_size: tuple) -> tuple[str, ...]:
+    """not_supported_reasons per class of inputs: they depend on nothing else, and the
+    dispatcher asks per call."""
     import torch  # noqa: PLC0415
 
     reasons = []
     interpreted = _interpreted()
-    dev = inputs.device.type
     if dev == "cpu":
         if not interpreted:
             reasons.append("triton runs on cpu tensors only under TRITON_INTERPRET=1")
     elif dev != "cuda":
-        reasons.append(f"triton runs on cuda tensors, got {inputs.device}")
+        reasons.append(f"triton runs on cuda tensors, got {device}")
     elif interpreted:
         reasons.append("the Triton interpreter (TRITON_INTERPRET=1) runs on cpu tensors only")
-    if inputs.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"triton does not support dtype {inputs.dtype} (float32, float16, bfloat16)")
-    if inputs.groups != 1:
-        reasons.append(f"triton kernels support groups=1 only, got groups={inputs.groups}")
-    kh, kw = inputs.kernel_size
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"triton does not support dtype {dtype} (float32, float16, bfloat16)")
+    if groups != 1:
+        reasons.append(f"triton kernels support groups=1 only, got groups={groups}")
+    kh, kw = kernel_size
     if max(kh, kw) > 7:
-        reasons.append(f"triton kernels support kernels up to 7x7, got {inputs.kernel_size}")
-    return reasons
+        reasons.append(f"triton kernels support kernels up to 7x7, got {kernel_size}")
+    return tuple(reasons)
 
 
 def ops() -> SimpleNamespace:
@@ -118,4 +130,17 @@ def ops() -> SimpleNamespace:
     return op_namespace()
 
 
-__all__ = ["unavailable_reason", "not_supported_reasons", "ops"]
+@functools.lru_cache(maxsize=1)
+def eager_ops() -> SimpleNamespace:
+    """The ops' Python bodies, the same names and signatures as ``ops()`` (``conv_bias_act``,
+    ``conv_stats``, ``bn_finalize``, ...), called without the torch.ops dispatch (10-15 µs per
+    call in eager). For eager callers only: they are not traceable by ``torch.compile`` or
+    ``torch.export`` (use ``ops()`` there) and have no autograd formula (as ``ops()``: autograd
+    is fastres/_autograd.py's). The ops that write running statistics in place bump those
+    tensors' version counters, as the dispatcher does. Registers the ops on first use."""
+    from ._ops import eager_namespace  # noqa: PLC0415
+
+    return eager_namespace()
+
+
+__all__ = ["unavailable_reason", "not_supported_reasons", "ops", "eager_ops"]

@@ -6,6 +6,7 @@ Imported only once triton is known to be importable (see ``__init__.py``).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+
+from . import _direct
 
 
 @triton.jit
@@ -73,13 +76,32 @@ def tf32_operand(x, DOT_PRECISION: tl.constexpr):
     return x
 
 
+@triton.jit
+def _round_tf32_kernel(
+    x_ptr,  # (n,) float32: a dense tensor's storage
+    out_ptr,  # (n,) float32
+    n,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(out_ptr + offs, tf32_operand(tl.load(x_ptr + offs, mask=ok), "tf32"), mask=ok)
+
+
 def round_tf32(t: Tensor) -> Tensor:
-    """A float32 tensor rounded to TF32 as tf32_operand rounds (a new tensor, same strides): for
-    the operands a kernel takes from shared memory as they are (the weights), rounded once per
-    call instead of once per tile load and program."""
-    b = t.view(torch.int32)
-    r = ((b + 0x1000) & -0x2000).view(torch.float32)  # -0x2000 == ~0x1FFF: keep 19 high bits
-    return torch.where(torch.isnan(t), t, r)
+    """A float32 tensor rounded to TF32 as tf32_operand rounds (a new tensor, same strides when
+    dense): for the operands a kernel takes from shared memory as they are (the weights and
+    grad_out), rounded once per call instead of once per tile load and program. One launch over
+    the storage (the same bit operations as torch ops were four launches: add, and, isnan,
+    where)."""
+    if not (t.is_contiguous()
+            or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
+        t = t.contiguous()
+    out = torch.empty_like(t)
+    n = t.numel()
+    block = clamp_pow2(n, 16, 1 << 16) if INTERPRETED else 1024
+    launch(_round_tf32_kernel, (cdiv(n, block),), t, out, n, BLOCK=block, num_warps=4)
+    return out
 
 
 # The interpreter's tl.sum is numpy's; a GPU's is a tree (a few rows per thread, then shuffles,
@@ -140,6 +162,13 @@ def tile_ptrs(ptr, n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w):
     return ptr + tile_offsets(n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w)
 
 
+#: Eager launches go straight to the compiled kernel (``_direct``); FASTRES_TRITON_DIRECT=0 sends
+#: them through wrap_triton as traced ones (read once: a per-process fact).
+DIRECT: bool = not INTERPRETED and os.environ.get("FASTRES_TRITON_DIRECT", "1") != "0"
+_PLAIN = (Tensor, torch.nn.Parameter)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
 def _is_fake(t: object) -> bool:
     from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415
 
@@ -147,13 +176,23 @@ def _is_fake(t: object) -> bool:
 
 
 def launch(kernel, grid, *args, **meta) -> None:
-    """Launch ``kernel`` on ``grid`` through wrap_triton (traceable by torch.compile).
+    """Launch ``kernel`` on ``grid``: in eager straight to the compiled kernel (``_direct``), where
+    torch.compile or torch.export trace through ``wrap_triton`` (which records the launch in the
+    graph).
 
-    Interpreted kernels cannot be traced; under the interpreter the ops are plain custom ops whose
-    fake implementation is the same Python body, so a launch on fake tensors is skipped here.
+    Eager: not compiling, no TorchDispatchMode active (fake, functional and proxy tracing modes
+    are, and so is a user's op counter), the first argument a plain tensor (not a fake or
+    functional subclass). Interpreted kernels cannot be traced; under the interpreter the ops are
+    plain custom ops whose fake implementation is the same Python body, so a launch on fake
+    tensors is skipped here.
     """
+    if (DIRECT and type(args[0]) in _PLAIN and not _dispatch_modes()
+            and not torch.compiler.is_compiling()):
+        if 0 not in grid:  # an empty batch: nothing to compute (reductions over it still launch)
+            _direct.launch(kernel, grid, args, meta)
+        return
     if any(isinstance(g, int) and g == 0 for g in grid):
-        return  # an empty batch: nothing to compute (reductions over it still launch, and sum 0)
+        return
     if INTERPRETED:
         if any(_is_fake(a) for a in args) or any(_is_fake(v) for v in meta.values()):
             return
@@ -169,6 +208,12 @@ def hint(v) -> int:
         h = v.node.hint
         return int(h) if h is not None else 1 << 16
     return int(v)
+
+
+def cdiv(a, b):
+    """ceil(a / b) for host-side sizes (ints or SymInts). triton.cdiv is a ConstexprFunction in
+    triton 3.8: ~3 µs per host call through its wrapper, several per launch."""
+    return (a + b - 1) // b
 
 
 def next_pow2(n: int) -> int:
@@ -269,7 +314,7 @@ def _gemm_config(m: int, n: int, k_chunk: int, dtype: torch.dtype, interpreted: 
     block_k = clamp_pow2(k_chunk, 16, 64 if wide else 16)
     block_n = 64 if n <= 64 or not wide else 128
     block_m = 128
-    if triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < NUM_SMS:
+    if cdiv(m, block_m) * cdiv(n, block_n) < NUM_SMS:
         # fill the 132 SMs before growing tiles. Exact fp32 always: its FMA dot holds operand
         # slices per thread, and the 128x64 forward with the BN prologue spilled (8 B of stack,
         # 6 local loads/stores at 128 registers, 8 warps).
@@ -328,9 +373,9 @@ def _wgrad_config(k: int, c: int, taps: int, m: int, dtype: torch.dtype,
     # Exact fp32 (FMA): 16 rows per step and 8 warps. At 32 rows and 4 warps every exact wgrad
     # spilled (255 registers and 888 B of stack; 2.8-2.9 KB with the BN prologue, sm_90 lint).
     bm = 64 if wide else 16 if exact else 32
-    tiles = triton.cdiv(k, bk) * triton.cdiv(c, bc) * taps
+    tiles = cdiv(k, bk) * cdiv(c, bc) * taps
     # Two waves of programs, each reducing at least 8 blocks of BLOCK_M rows.
-    split = max(1, min(triton.cdiv(2 * NUM_SMS, tiles), triton.cdiv(m, 8 * bm)))
+    split = max(1, min(cdiv(2 * NUM_SMS, tiles), cdiv(m, 8 * bm)))
     warps = 8 if exact or bk * bc >= 128 * 128 else 4
     return WgradConfig(bk, bc, bm, split, warps, 3)
 
@@ -364,9 +409,9 @@ def _rows_config(m: int, c: int, interpreted: bool, live_tiles: int = 3) -> Rows
     # per SM instead of 2; at 16x64 it takes 78-80 (bf16, fp16, fp32; sm_90 AOT, triton 3.8).
     # Half the bytes per iteration of 32x64, but 2 CTAs per SM instead of 1 (not timed on a GPU).
     bm = max(16, (4096 if live_tiles <= 3 else 1024) // bc)
-    grid_c = triton.cdiv(c, bc)
+    grid_c = cdiv(c, bc)
     # ~4 programs per SM for the reductions, each looping over its share of row blocks.
-    grid_m = max(1, min(triton.cdiv(m, bm), triton.cdiv(4 * NUM_SMS, grid_c)))
+    grid_m = max(1, min(cdiv(m, bm), cdiv(4 * NUM_SMS, grid_c)))
     # 8 warps: 16 elements per thread per tensor. With 4, the fp32 BN-backward reduction with a
     # BN'd residual (4 tiles live, plus their fp64 row sums) needs 240 registers (sm_90 AOT).
     return RowsConfig(bm, bc, grid_m, 8)

@@ -104,8 +104,11 @@ def _check_vecs(name: str, ref: Tensor, k: int, **vecs: Tensor | None) -> None:
 
 
 def _vec(v: Tensor | None) -> Tensor | None:
-    """Per-channel vectors go to the kernels as contiguous float32 (the accumulation dtype)."""
-    return None if v is None else v.to(torch.float32).contiguous()
+    """Per-channel vectors go to the kernels as contiguous float32 (the accumulation dtype): the
+    vectors the ops make (statistics, scale, shift) already are, and pass through untouched."""
+    if v is None or (v.dtype is torch.float32 and v.is_contiguous()):
+        return v
+    return v.to(torch.float32).contiguous()
 
 
 def conv_bias_act(
@@ -229,9 +232,8 @@ def bn_add_relu_bwd(
     gi, gr = _bn.bn_bwd_apply(grad_out, out, input, None, None, mean, invstd, _vec(weight),
                               gsum, gxsum, res_input, res_mean, res_invstd, _vec(res_weight),
                               grsum, mask)
-    if res_input is None:
-        empty = mean.new_empty(0)
-        return gi, gxsum, gsum, g, empty, empty.clone()
+    if res_input is None:  # two empty outputs (outputs may not alias each other)
+        return gi, gxsum, gsum, g, mean.new_empty(0), mean.new_empty(0)
     # grad_res_bias is sum(g) again: a copy, as outputs may not alias each other.
     return gi, gxsum, gsum, gr, grsum, gsum.clone()
 
@@ -360,6 +362,35 @@ def _register() -> None:
 
 
 _register()
+
+
+def _bumping(fn, mutated: tuple[str, ...]):
+    """fn, then the version counters of the tensors it wrote in place bumped, as the dispatcher
+    does for an op that declares the mutation (autograd's saved-tensor checks and anything keyed
+    on ``_version`` see the write)."""
+    import inspect  # noqa: PLC0415
+
+    names = list(inspect.signature(fn).parameters)
+    where = [names.index(m) for m in mutated]
+    bump = torch.autograd.graph.increment_version
+
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        for i, m in zip(where, mutated, strict=True):
+            t = args[i] if i < len(args) else kwargs.get(m)
+            if t is not None:
+                bump(t)
+        return out
+
+    call.__name__ = call.__qualname__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
+
+
+def eager_namespace() -> SimpleNamespace:
+    """The op bodies as plain functions (see triton_kernels.eager_ops)."""
+    return SimpleNamespace(**{name: (_bumping(fn, MUTATES[name]) if name in MUTATES else fn)
+                              for name, fn in _IMPLS.items()})
 
 
 def op_namespace() -> SimpleNamespace:

@@ -13,8 +13,10 @@ from torch import Tensor
 
 from ._common import (
     cast_to,
+    cdiv,
     empty_like_format,
     launch,
+    next_pow2,
     rows_config,
     split_rows,
     strides4,
@@ -22,7 +24,7 @@ from ._common import (
     tl,
     triton,
 )
-from .reduce import sum_rows
+from .reduce import sum_planes
 
 
 @triton.jit
@@ -388,7 +390,7 @@ def bn_eval_vectors(weight, bias, mean, var, eps: float):
         weight if weight is not None else var, bias if bias is not None else var, mean, var,
         scale, shift, c, float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_C=min(1024, triton.next_power_of_2(max(c, 16))),
+        BLOCK_C=min(1024, next_pow2(max(c, 16))),
     )
     return scale, shift
 
@@ -402,7 +404,7 @@ def bn_add_relu(input, scale, shift, residual, res_scale, res_shift, res_channel
     res = residual if residual is not None else input
     cr = residual.shape[1] if residual is not None else 0
     launch(
-        _bn_add_relu_kernel, (triton.cdiv(m, cfg.BLOCK_M), triton.cdiv(c, cfg.BLOCK_C)),
+        _bn_add_relu_kernel, (cdiv(m, cfg.BLOCK_M), cdiv(c, cfg.BLOCK_C)),
         input, scale, shift, res,
         res_scale if res_scale is not None else scale,
         res_shift if res_shift is not None else shift,
@@ -421,7 +423,7 @@ def bn_bwd_reduce(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean,
     n, c, h, w = grad_out.shape
     m = n * h * w
     cfg = rows_config(m, c, 4 if res_x is not None else 3)
-    grid = (cfg.GRID_M, triton.cdiv(c, cfg.BLOCK_C))
+    grid = (cfg.GRID_M, cdiv(c, cfg.BLOCK_C))
     part = torch.empty((3, cfg.GRID_M, c), device=grad_out.device, dtype=torch.float64)
     dummy = grad_out
     xx = x if x is not None else dummy
@@ -443,9 +445,11 @@ def bn_bwd_reduce(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean,
         WRITE_G=g_out is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
     )
-    gsum = sum_rows(part[0])
-    gxsum = sum_rows(part[1]) if has_xhat else None
-    grsum = sum_rows(part[2]) if res_x is not None else None
+    # planes 0 (g), 1 (g*xhat), 2 (g*xhat_res): the residual's only with xhat
+    sums = sum_planes(part, 3 if res_x is not None else 2 if has_xhat else 1)
+    gsum = sums[0]
+    gxsum = sums[1] if has_xhat else None
+    grsum = sums[2] if res_x is not None else None
     return gsum, gxsum, grsum
 
 
@@ -468,7 +472,7 @@ def bn_bwd_apply(grad_out, out, x, scale, shift, mean, invstd, weight, gsum, gxs
     rx = res_x if res_x is not None else dummy
     o = out if out is not None else dummy
     launch(
-        _bn_bwd_apply_kernel, (triton.cdiv(m, cfg.BLOCK_M), triton.cdiv(c, cfg.BLOCK_C)),
+        _bn_bwd_apply_kernel, (cdiv(m, cfg.BLOCK_M), cdiv(c, cfg.BLOCK_C)),
         grad_out, o, x,
         scale if scale is not None else f32, shift if shift is not None else f32,
         mean, invstd, weight if weight is not None else f32,

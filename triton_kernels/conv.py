@@ -17,6 +17,7 @@ from torch import Tensor
 from ._common import (
     UPCAST_DOT,
     cast_to,
+    cdiv,
     clamp_pow2,
     colsum_f64,
     dot_precision,
@@ -36,7 +37,7 @@ from ._common import (
     triton,
     wgrad_config,
 )
-from .reduce import sum_rows
+from .reduce import sum_planes, sum_rows
 
 
 @triton.jit
@@ -440,13 +441,13 @@ def conv_forward(
     m = n * p * q
     prologue, sc, sh = _prologue_vectors(x, pre_scale, pre_shift)
     cfg = gemm_config(m, k, c, input.dtype, exact=precision == "ieee", prologue=prologue)
-    num_pid_m = triton.cdiv(m, cfg.BLOCK_M)
+    num_pid_m = cdiv(m, cfg.BLOCK_M)
     psum = psumsq = x
-    if stats:
-        psum = torch.empty((num_pid_m, k), device=x.device, dtype=torch.float64)
-        psumsq = torch.empty((num_pid_m, k), device=x.device, dtype=torch.float64)
+    if stats:  # both partials in one buffer: one reduction launch sums both
+        part = torch.empty((2, num_pid_m, k), device=x.device, dtype=torch.float64)
+        psum, psumsq = part[0], part[1]
     res = residual if residual is not None else x
-    grid = (num_pid_m * triton.cdiv(k, cfg.BLOCK_N),)
+    grid = (num_pid_m * cdiv(k, cfg.BLOCK_N),)
     launch(
         _conv_fwd_kernel, grid,
         x, weight, bias if bias is not None else x, scale if scale is not None else x, res,
@@ -467,7 +468,8 @@ def conv_forward(
     )
     if not stats:
         return out, None, None
-    return out, sum_rows(psum), sum_rows(psumsq)
+    s, ss = sum_planes(part, 2)
+    return out, s, ss
 
 
 def grad_out_nhwc(grad_out: Tensor) -> Tensor:
@@ -495,12 +497,12 @@ def conv_dgrad(grad_out: Tensor, input: Tensor, weight: Tensor, stride, padding,
     precision = dot_precision(input.dtype)
     if precision == "tf32" and weight.dtype == torch.float32:
         weight = round_tf32(weight)
-    hq = triton.cdiv(h, stride[0])
-    wq = triton.cdiv(w, stride[1])
+    hq = cdiv(h, stride[0])
+    wq = cdiv(w, stride[1])
     mq = n * hq * wq
     cfg = gemm_config(mq, c, k, input.dtype, exact=precision == "ieee",
                       strided_dgrad=stride[0] * stride[1] > 1)
-    grid = (triton.cdiv(mq, cfg.BLOCK_M) * triton.cdiv(c, cfg.BLOCK_N), stride[0] * stride[1])
+    grid = (cdiv(mq, cfg.BLOCK_M) * cdiv(c, cfg.BLOCK_N), stride[0] * stride[1])
     import math  # noqa: PLC0415
 
     step_r = stride[0] // math.gcd(stride[0], dilation[0])
@@ -557,8 +559,8 @@ def conv_wgrad(
     # The split count comes from the size hint (no guard on a dynamic size); the row blocks per
     # split from the real M, so the splits cover it whatever it is (trailing ones may be empty
     # and then contribute zeros).
-    split = max(1, min(cfg.SPLIT, triton.cdiv(hint(m), cfg.BLOCK_M)))
-    iters = triton.cdiv(triton.cdiv(m, cfg.BLOCK_M), split)
+    split = max(1, min(cfg.SPLIT, cdiv(hint(m), cfg.BLOCK_M)))
+    iters = cdiv(cdiv(m, cfg.BLOCK_M), split)
     numel = gw.numel()
     if split == 1:
         target, split_stride = gw, 0
@@ -567,7 +569,7 @@ def conv_wgrad(
         # storage linearly, whatever its memory format.
         target = torch.empty((split, numel), device=x.device, dtype=torch.float32)
         split_stride = numel
-    grid = (triton.cdiv(k, cfg.BLOCK_K) * triton.cdiv(c, cfg.BLOCK_C), r * s, split)
+    grid = (cdiv(k, cfg.BLOCK_K) * cdiv(c, cfg.BLOCK_C), r * s, split)
     launch(
         _conv_wgrad_kernel, grid,
         go, x, sc, sh, target,

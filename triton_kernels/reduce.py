@@ -11,30 +11,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import INTERPRETED, cast_to, clamp_pow2, hint, launch, tl, triton
+from ._common import INTERPRETED, cast_to, cdiv, clamp_pow2, hint, launch, tl, triton
 
 
 @triton.jit
 def _sum_rows_kernel(
-    p_ptr,  # (P, L) float32 or float64 partials, row stride stride_p, columns contiguous
-    out_ptr,  # (L,) storage written linearly, any dtype (cast on store)
-    P, L, stride_p,
+    p_ptr,  # (Q, P, L) float32 or float64 partials: Q planes (stride_q), rows of stride_p,
+    #         columns contiguous
+    out_ptr, out1_ptr, out2_ptr,  # (L,) per plane 0, 1, 2: storage written linearly, any dtype
+    P, L, stride_p, stride_q,
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Floor on H200 (analysis): reads the partials once; e.g. ResNet-50 stem statistics at batch
-    # 256: 25088 x 64 fp64 partials = 12.8 MB / 4.3 TB/s = 3 us (vs 411 MB for the conv output).
     pid = tl.program_id(0)
+    plane = tl.program_id(1)
     offs_l = pid.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
     l_ok = offs_l < L
-    # float64 accumulation: P can be 25k rows (stem statistics) and each lane adds P/BLOCK_P of
-    # them in sequence; fp64 adds cost nothing at this size.
+    base = p_ptr + plane.to(tl.int64) * stride_q
     acc = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
         rows = p0 + tl.arange(0, BLOCK_P)
-        ptrs = p_ptr + rows.to(tl.int64)[:, None] * stride_p + offs_l[None, :]
+        ptrs = base + rows.to(tl.int64)[:, None] * stride_p + offs_l[None, :]
         acc += tl.load(ptrs, mask=(rows < P)[:, None] & l_ok[None, :], other=0.0).to(tl.float64)
     total = tl.sum(acc, axis=0).to(tl.float32)
-    tl.store(out_ptr + offs_l, cast_to(total, out_ptr.dtype.element_ty), mask=l_ok)
+    if plane == 0:
+        tl.store(out_ptr + offs_l, cast_to(total, out_ptr.dtype.element_ty), mask=l_ok)
+    elif plane == 1:
+        tl.store(out1_ptr + offs_l, cast_to(total, out1_ptr.dtype.element_ty), mask=l_ok)
+    else:
+        tl.store(out2_ptr + offs_l, cast_to(total, out2_ptr.dtype.element_ty), mask=l_ok)
 
 
 def sum_rows_blocks(p: int, length: int) -> tuple[int, int]:
@@ -53,10 +57,28 @@ def sum_rows(partials: Tensor, out: Tensor | None = None) -> Tensor:
     p, length = partials.shape
     if out is None:
         out = torch.empty(length, device=partials.device, dtype=torch.float32)
+    _launch(partials.unsqueeze(0), (out,))
+    return out
+
+
+def sum_planes(partials: Tensor, planes: int) -> tuple[Tensor, ...]:
+    """Column sums of the first ``planes`` (at most 3) planes of a (Q, P, L) partials tensor
+    (each plane's columns contiguous), as ``planes`` float32 (L,) tensors, in one launch: the
+    same fixed order, so the same bits, as sum_rows of each plane (one launch instead of
+    ``planes``: the statistics' sum and sum of squares, the BN backward's two or three sums)."""
+    length = partials.shape[2]
+    outs = tuple(torch.empty(length, device=partials.device, dtype=torch.float32)
+                 for _ in range(planes))
+    _launch(partials[:planes], outs)
+    return outs
+
+
+def _launch(partials: Tensor, outs: tuple[Tensor, ...]) -> None:
+    q, p, length = partials.shape
     block_p, block_l = sum_rows_blocks(hint(p), hint(length))
     launch(
-        _sum_rows_kernel, (triton.cdiv(length, block_l),),
-        partials, out, p, length, partials.stride(0),
+        _sum_rows_kernel, (cdiv(length, block_l), q),
+        partials, outs[0], outs[min(1, q - 1)], outs[q - 1], p, length, partials.stride(1),
+        partials.stride(0),
         BLOCK_P=block_p, BLOCK_L=block_l, num_warps=4,
     )
-    return out
