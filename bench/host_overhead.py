@@ -23,7 +23,8 @@ GPU asynchronous kernels, counted among the launches) is subtracted from the hos
 profiler measures it (median of 5 calls, the ``data us`` column): the rest estimates the host
 path, it is not an exact figure. The budgets, per block call:
 host <= 25 µs eval and <= 120 µs for a training step, no sync; the exit status is the number of
-fastres rows that miss one.
+fastres rows that miss one. The Triton backend's rows come from ``bench/host_overhead_triton.py``
+(Triton's real eager launch path over a fake sm_90 driver, run as a process of its own).
 
 Training rows run at N=1 (``--train-batch``): a training step's host path does not depend on
 the batch (no value-dependent host work, memory from the kept heap), but in dry-run mode the
@@ -161,6 +162,24 @@ def _measure(block, x, mode, calls, launches=None) -> dict:
             "data_us": data_us, "launches": n_launch, "allocations": allocs, "syncs": c.syncs}
 
 
+def _triton_rows(args) -> tuple[list[dict], str | None]:
+    """The Triton backend's rows, from bench/host_overhead_triton.py (its fake sm_90 driver, in
+    a process of its own: the driver and the Triton backend's patches stay there)."""
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "triton.json"
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve().parent / "host_overhead_triton.py"),
+             "--calls", str(args.calls), "--batch", str(args.batch), "--dtype", *args.dtype,
+             "--json", str(out)], capture_output=True, text=True)
+        if not out.exists():
+            tail = (proc.stdout + proc.stderr).strip().splitlines()
+            return [], tail[-1] if tail else f"exit status {proc.returncode}"
+        return json.loads(out.read_text())["rows"], None
+
+
 #: glibc settings that keep freed memory in the heap (see the docstring: allocations).
 HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
@@ -179,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-batch", type=int, default=1,
                     help="the training rows' batch (see the docstring: training)")
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--no-triton", action="store_true",
+                    help="skip the Triton rows (bench/host_overhead_triton.py, a fake driver)")
     args = ap.parse_args(argv)
     why = extension.load_cudasim()
     if why:
@@ -239,6 +260,19 @@ def main(argv=None) -> int:
                           f"{r['syncs']:5d}  {budget}")
                     rows.append({"block": name, "dtype": dname, "mode": mode, "provider": prov,
                                  **r})
+    if not args.no_triton:
+        trows, why = _triton_rows(args)
+        if why:
+            print(f"fastres-triton: not measured ({why})")
+        for r in trows:
+            limit = BUDGET_US[r["mode"]]
+            r["missed"] = not (r["host_us"] <= limit and r["syncs"] == 0)
+            missed += r["missed"]
+            host = f"{r['host_us']:.0f} ({r['min_us']:.0f}-{r['max_us']:.0f})"
+            print(f"{r['block']:30s} {r['dtype']:5s} {r['mode']:9s} {r['provider']:13s} "
+                  f"{host:>22s} {r['data_us']:8.0f} {r['launches']:8d} {r['allocations']:6d} "
+                  f"{r['syncs']:5d}  {'MISSED' if r['missed'] else 'met'} (<= {limit:.0f} us)")
+        rows += trows
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"env": environment(torch.device("cpu")), "budget_us": BUDGET_US, "rows": rows},
