@@ -2,10 +2,10 @@
 torch.compile, in one process, providers alternating round by round (A B A B ...), so both see
 the machine alike; each figure is the median over rounds with the min and max.
 
-    python bench/own_primitives.py [--cases peak tiny block resnet50] [--rounds 7] [--threads 2]
+    python bench/own_primitives.py [--cases peak threads tiny block resnet50] [--rounds 7]
 
 peak: this CPU's torch.mm fp32/bf16 GFLOP/s and copy GB/s (bench/cpu_profile.py), the floors'
-rates. tiny: per-call us of a 1x1 conv + bias + ReLU on 1x64x4x4 channels_last (the work is
+rates. threads: OpenMP runtimes mapped and threads alive, own path on and off. tiny: per-call us of a 1x1 conv + bias + ReLU on 1x64x4x4 channels_last (the work is
 nothing: the per-call overhead). block: converted torchvision Bottleneck(256, 64) eval on
 8x256x56x56 channels_last (no_grad), fp32 and bf16, with its compute floor at torch.mm's rate.
 resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. The own path is switched with
@@ -130,10 +130,30 @@ def case_resnet50(args, peak) -> None:
             _report(f"ResNet-50 eval N={n} {dn}", res, floor=floor)
 
 
+def case_threads(args, peak) -> None:
+    """OpenMP runtimes mapped and threads alive (/proc/self/task) after ResNet-50 eval calls,
+    own path on and off: one pool means the same count either way."""
+    with open("/proc/self/maps") as f:
+        libs = sorted({ln.split()[-1] for ln in f if "gomp" in ln or "iomp" in ln})
+    print(f"OpenMP runtimes mapped: {libs}")
+    m = fastres.convert(torchvision.models.resnet50()).eval().to(memory_format=CL)
+    x = torch.randn(1, 3, 224, 224).contiguous(memory_format=CL)
+    for own in (True, False, True):
+        torch.ops.fastres_cpu.set_own_primitives(own)
+        with torch.no_grad():
+            for _ in range(3):
+                m(x)
+        n = len(os.listdir("/proc/self/task"))
+        print(f"  own path {'on ' if own else 'off'}: {n} threads in /proc/self/task after 3 "
+              f"ResNet-50 calls (torch.get_num_threads() = {torch.get_num_threads()})")
+    torch.ops.fastres_cpu.set_own_primitives(True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=["peak", "tiny", "block", "resnet50"])
+    ap.add_argument("--cases", nargs="+",
+                    default=["peak", "threads", "tiny", "block", "resnet50"])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -146,7 +166,7 @@ def main(argv=None) -> None:
           f"{torch.__version__}, {built}, {args.threads} threads, load average at start "
           f"{os.getloadavg()}")
     peak = case_peak(args) if "peak" in args.cases else None
-    for name in ("tiny", "block", "resnet50"):
+    for name in ("threads", "tiny", "block", "resnet50"):
         if name in args.cases:
             globals()[f"case_{name}"](args, peak)
     print(f"load average at end {os.getloadavg()}")
