@@ -2,16 +2,18 @@
 torch.compile, in one process, providers alternating round by round (A B A B ...), so both see
 the machine alike; each figure is the median over rounds with the min and max.
 
-    python bench/own_primitives.py [--cases peak threads tiny block resnet50] [--rounds 7]
+    python bench/own_primitives.py [--cases peak threads tiny residual block resnet50]
 
 peak: this CPU's torch.mm fp32/bf16 GFLOP/s and copy GB/s (bench/cpu_profile.py), the floors'
-rates. threads: OpenMP runtimes mapped and threads alive, own path on and off. tiny: per-call us of a 1x1 conv + bias + ReLU on 1x64x4x4 channels_last (the work is
-nothing: the per-call overhead). block: converted torchvision Bottleneck(256, 64) eval on
-8x256x56x56 channels_last (no_grad), fp32 and bf16, with its compute floor at torch.mm's rate.
-resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. The own path is switched with
-fastres_cpu::set_own_primitives; "aten" is the same fastres with it off.
+rates. threads: OpenMP runtimes mapped and threads alive, own path on and off. tiny: per-call us
+of a 1x1 conv + bias + ReLU on 1x64x4x4 channels_last (the work is nothing: the per-call
+overhead). residual: the ways of adding a residual. block: converted torchvision
+Bottleneck(256, 64) eval on 8x256x56x56 channels_last (no_grad), fp32 and bf16, with its compute
+floor at torch.mm's rate. resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. The own path
+is switched with fastres_cpu::set_own_primitives; "aten" is the same fastres with it off.
 """
 
+# ruff: noqa: B023  (every closure here is timed inside the loop iteration that made it)
 from __future__ import annotations
 
 import argparse
@@ -42,7 +44,7 @@ def _timed_ms(f, calls: int) -> float:
 def _alternate(providers: dict, calls: int, rounds: int, warm: int = 3) -> dict:
     """{name: [ms per call of each round]}: every provider warmed, then rounds of A B C ..."""
     ops = torch.ops.fastres_cpu
-    for name, (own, f) in providers.items():
+    for own, f in providers.values():
         ops.set_own_primitives(own)
         for _ in range(warm):
             f()
@@ -111,9 +113,30 @@ def case_block(args, peak) -> None:
                               "fastres aten": (False, lambda: fr(x)),
                               "torch.compile": (True, lambda: comp(x)),
                               "eager": (True, lambda: tv(x))}, 5, args.rounds)
-        floor = flops / (peak.get(f"mm_{dn}_gflops", float("nan")) * 1e9) * 1e3 if peak else None
+        floor = flops / (peak[f"mm_{dn}_gflops"] * 1e9) * 1e3 if peak else None
         _report(f"Bottleneck(256, 64) eval 8x256x56x56 {dn} ({flops / 1e9:.2f} GFLOP)", res,
                 floor=floor)
+
+
+def case_residual(args, peak) -> None:
+    """Bottleneck(256, 64)'s conv3 with its residual (8x64x56x56 -> 256, 1x1), own primitives:
+    out of place (fp32: a binary add post-op; bf16: the residual copied into the output, then
+    the sum post-op), a copy then the sum into it, and the sum into the residual itself."""
+    ops = torch.ops.fastres_cpu
+    for dn, dt in DTYPES.items():
+        x = torch.randn(8, 64, 56, 56, dtype=dt).contiguous(memory_format=CL)
+        w = torch.randn(256, 64, 1, 1, dtype=dt) / 8
+        b = torch.randn(256, dtype=dt)
+        r = torch.randn(8, 256, 56, 56, dtype=dt).contiguous(memory_format=CL)
+        ops.weight_cache_allow(w)
+        conv = ([1, 1], [0, 0], [1, 1], 1, True)
+        res = _alternate({
+            "out of place": (True, lambda: ops.conv_bias_act_finite(x, w, b, r, *conv)),
+            "copy + sum": (True, lambda: ops.conv_bias_act_finite_into(r.clone(), x, w, b,
+                                                                       *conv)),
+            "sum into": (True, lambda: ops.conv_bias_act_finite_into(r, x, w, b, *conv)),
+        }, 5, args.rounds)
+        _report(f"conv3 + residual {dn}", res)
 
 
 def case_resnet50(args, peak) -> None:
@@ -153,7 +176,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+",
-                    default=["peak", "threads", "tiny", "block", "resnet50"])
+                    default=["peak", "threads", "tiny", "residual", "block", "resnet50"])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -166,7 +189,7 @@ def main(argv=None) -> None:
           f"{torch.__version__}, {built}, {args.threads} threads, load average at start "
           f"{os.getloadavg()}")
     peak = case_peak(args) if "peak" in args.cases else None
-    for name in ("threads", "tiny", "block", "resnet50"):
+    for name in ("threads", "tiny", "residual", "block", "resnet50"):
         if name in args.cases:
             globals()[f"case_{name}"](args, peak)
     print(f"load average at end {os.getloadavg()}")

@@ -128,7 +128,8 @@ std::shared_ptr<Primitive> make_primitive(const at::Tensor& input, const at::Ten
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // torch's allocator, thread-safe
   try {
     if (bias.has_value()) {
-      const memory::desc b({weight.size(0)}, dnnl_dtype(bias->scalar_type()), memory::format_tag::x);
+      const memory::desc b({weight.size(0)}, dnnl_dtype(bias->scalar_type()),
+                           memory::format_tag::x);
       dnnl::convolution_forward::desc cd(dnnl::prop_kind::forward_inference,
                                          dnnl::algorithm::convolution_direct, src, wei, b, dst, st,
                                          dil, pad, pad);

@@ -170,8 +170,9 @@ Tensor own_conv(const Tensor& input, const Tensor& weight, const optional<Tensor
     return Tensor();
   }
   Tensor out = empty_act(out_sizes, input.options(), cl);
-  if (has(residual) && dtype == at::kFloat && dnnl_conv(input, weight, bias, out, false, relu, stride, padding,
-                                 dilation, groups, &*residual)) {
+  if (has(residual) && dtype == at::kFloat &&
+      dnnl_conv(input, weight, bias, out, false, relu, stride, padding, dilation, groups,
+                &*residual)) {
     return out;
   }
   if (has(residual)) {

@@ -133,9 +133,8 @@ std::optional<at::Tensor> WeightCache::lookup(
   k.used = ++impl_->clock;
   // Packings of an older state of this same weight (before an in-place update) can never match
   // again; packings of its current values under other keys (another batch size) stay.
-  entries.erase(std::remove_if(entries.begin(), entries.end(),
-                               [&](const Entry& e) { return e.impl == k.impl && !e.same_values(k); }),
-                entries.end());
+  const auto stale = [&](const Entry& e) { return e.impl == k.impl && !e.same_values(k); };
+  entries.erase(std::remove_if(entries.begin(), entries.end(), stale), entries.end());
   if (entries.size() >= kMaxPacked) {
     auto lru = std::min_element(entries.begin(), entries.end(),
                                 [](const Entry& a, const Entry& b) { return a.used < b.used; });
