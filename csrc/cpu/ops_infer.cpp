@@ -1,5 +1,6 @@
-// The CPU inference ops: conv_bias_act through oneDNN fused convolutions with prepacked weights,
-// and the backward of its bias/ReLU epilogue.
+// The CPU inference ops: conv_bias_act through oneDNN fused convolutions with prepacked weights
+// (fastres' own primitives, dnnl_conv.cpp, where built and covered; else ATen's
+// mkldnn::_convolution_pointwise), and the backward of its bias/ReLU epilogue.
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
