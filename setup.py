@@ -86,10 +86,21 @@ def _want_dnnl() -> tuple[bool, str]:
         sys.exit(f"FASTRES_DNNL must be auto, 0 or 1, got {mode!r}")
     if mode == "0":
         return False, "FASTRES_DNNL=0"
+    why = None
     if not os.path.exists(DNNL_HEADER):
+        why = f"no {DNNL_HEADER} (apt-get install libdnnl-dev)"
+    else:
+        # csrc/cpu/dnnl_conv.cpp is written against oneDNN 2.x's API (operation descriptors),
+        # which 3.x removed.
+        ver = os.path.join(os.path.dirname(DNNL_HEADER), "dnnl_version.h")
+        m = re.search(r"#define DNNL_VERSION_MAJOR (\d+)", open(ver).read()) \
+            if os.path.exists(ver) else None
+        if m is None or m.group(1) != "2":
+            why = f"oneDNN {m.group(1) if m else '?'}.x headers; fastres' own primitives need 2.x"
+    if why:
         if mode == "1":
-            sys.exit(f"FASTRES_DNNL=1 but {DNNL_HEADER} is missing (apt-get install libdnnl-dev)")
-        return False, f"no {DNNL_HEADER} (apt-get install libdnnl-dev)"
+            sys.exit(f"FASTRES_DNNL=1 but the own oneDNN primitives cannot be built: {why}")
+        return False, why
     return True, DNNL_HEADER
 
 
