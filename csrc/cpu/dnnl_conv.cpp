@@ -142,11 +142,16 @@ std::shared_ptr<Primitive> make_primitive(const at::Tensor& input, const at::Ten
     }
     p->prim = dnnl::convolution_forward(p->pd);
   } catch (const dnnl::error&) {
-    return p;  // unimplemented here (e.g. bf16 on a CPU oneDNN 2.6 does not serve): ATen's path
+    return p;  // no implementation for this case: ATen's path
+  }
+  p->impl = p->pd.impl_info_str();
+  if (p->impl.rfind("ref", 0) == 0) {
+    // oneDNN's reference loops (bf16 on a CPU without AVX-512, for one): orders of magnitude
+    // slower than ATen's path, which then serves.
+    return p;
   }
   p->weights_md = p->pd.weights_desc();
   p->scratch_bytes = p->pd.scratchpad_desc().get_size();
-  p->impl = p->pd.impl_info_str();
   p->ok = true;
   ++g_created;
   return p;
