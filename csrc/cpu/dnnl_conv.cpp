@@ -107,8 +107,7 @@ memory::dims dims_of(at::IntArrayRef a) { return memory::dims(a.begin(), a.end()
 
 std::shared_ptr<Primitive> make_primitive(const at::Tensor& input, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& bias,
-                                          const at::Tensor& out, bool accumulate, bool add,
-                                          bool relu,
+                                          const at::Tensor& out, bool accumulate, bool relu,
                                           at::IntArrayRef stride, at::IntArrayRef padding,
                                           at::IntArrayRef dilation) {
   auto p = std::make_shared<Primitive>();
@@ -121,7 +120,6 @@ std::shared_ptr<Primitive> make_primitive(const at::Tensor& input, const at::Ten
   const memory::dims st = dims_of(stride), pad = dims_of(padding);
   dnnl::post_ops po;
   if (accumulate) po.append_sum(1.f);
-  if (add) po.append_binary(dnnl::algorithm::binary_add, dst);  // post-op 0: kAddendArg
   if (relu) po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   dnnl::primitive_attr attr;
   attr.set_post_ops(po);
@@ -194,14 +192,8 @@ bool dnnl_enabled() { return own_switch().load(); }
 bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
                const std::optional<at::Tensor>& bias, const at::Tensor& out, bool accumulate,
                bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-               at::IntArrayRef dilation, int64_t groups, const at::Tensor* addend) {
+               at::IntArrayRef dilation, int64_t groups) {
   const auto dtype = input.scalar_type();
-  if (addend != nullptr &&
-      (accumulate || addend->scalar_type() != dtype || addend->sizes() != out.sizes() ||
-       !has_dense_strides(*addend, at::MemoryFormat::ChannelsLast) ||
-       addend->storage_offset() != 0 || addend->is_alias_of(out))) {
-    return false;
-  }
   const auto cl = at::MemoryFormat::ChannelsLast;
   if (!dnnl_enabled() || groups != 1 || (dtype != at::kFloat && dtype != at::kBFloat16) ||
       weight.scalar_type() != dtype || out.scalar_type() != dtype || input.dim() != 4 ||
@@ -226,7 +218,6 @@ bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
   key.push_back(static_cast<int64_t>(dtype));
   key.push_back(b.has_value() ? static_cast<int64_t>(b->scalar_type()) : -1);
   key.push_back(accumulate);
-  key.push_back(addend != nullptr);
   key.push_back(relu);
   key.push_back(at::get_num_threads());
   std::shared_ptr<Primitive> p;
@@ -241,8 +232,7 @@ bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
       if (c.prims.size() >= kMaxPrimitives) {
         c.prims.clear();  // a shape-changing workload: start over (calls in flight hold theirs)
       }
-      p = make_primitive(input, weight, b, out, accumulate, addend != nullptr, relu, stride,
-                         padding, dilation);
+      p = make_primitive(input, weight, b, out, accumulate, relu, stride, padding, dilation);
       c.prims.emplace(key, p);
     }
   }
@@ -266,10 +256,6 @@ bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
       {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, dst}};
   if (b.has_value()) {
     args.emplace(DNNL_ARG_BIAS, memory(pd.bias_desc(), engine(), b->data_ptr()));
-  }
-  if (addend != nullptr) {
-    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
-                 memory(pd.dst_desc(), engine(), addend->data_ptr()));
   }
   at::Tensor scratch;
   if (p->scratch_bytes > 0) {

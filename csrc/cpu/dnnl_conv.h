@@ -17,15 +17,13 @@ namespace fastres::cpu {
 bool dnnl_enabled();
 
 // out = conv(input, weight) + bias (+ out's previous values when accumulate: oneDNN's sum
-// post-op, the residual add) (+ addend when given: a binary add post-op reads it in the
-// convolution's epilogue, where accumulating would first copy it into out) (ReLU post-op when
-// relu: NaN becomes 0, see dnnl_conv.cpp), by a primitive made once per shape and kept. Covers
-// float32 and bfloat16, input, out and addend dense channels_last, groups 1, a bias of float32
-// or the input's dtype. Returns false (nothing written) for anything else, or where oneDNN has
-// no implementation.
+// post-op, the residual add) (ReLU post-op when relu: NaN becomes 0, see dnnl_conv.cpp), by a
+// primitive made once per shape and kept. Covers float32 and bfloat16, input and out dense
+// channels_last, groups 1, a bias of float32 or the input's dtype. Returns false (nothing
+// written) for anything else, or where oneDNN has no optimized implementation.
 bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
                const std::optional<at::Tensor>& bias, const at::Tensor& out, bool accumulate,
                bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-               at::IntArrayRef dilation, int64_t groups, const at::Tensor* addend = nullptr);
+               at::IntArrayRef dilation, int64_t groups);
 
 }  // namespace fastres::cpu

@@ -154,12 +154,13 @@ optional<Tensor> aten_packed(const Tensor& weight, const Tensor& input, at::IntA
 // conv(input, weight) + bias (+ residual), ReLU post-op when relu, in a new channels_last output
 // by fastres' own oneDNN primitive; undefined when that path does not cover the call (not built,
 // switched off, not channels_last, groups, dtype: the caller takes ATen's path). The residual is
-// copied into the output first and accumulated into by oneDNN's sum post-op, except a float32
-// dense channels_last residual, which a binary add post-op reads in the convolution's epilogue.
-// oneDNN 2.6 then picks jit_1x1 instead of brgconv_1x1: measured, Bottleneck(256, 64)'s conv3
-// (8x64x56x56 -> 256, 1x1), 1 thread, load average ~10 from other jobs, medians of 7 rounds:
-// fp32 binary 80 ms, copy + sum 105, sum without the copy 63; bf16 binary 61, copy + sum 44,
-// sum without the copy 27.
+// copied into the output first and accumulated into by oneDNN's sum post-op: the kernel and the
+// summation order of conv_bias_act_finite_into, so an eval plan's in-place residual add gives
+// bitwise the full path's output (tests/test_eval_plan.py). A binary add post-op reading the
+// residual would save the copy, but oneDNN 2.6 then picks jit_1x1 over brgconv_1x1, other
+// roundings: measured, Bottleneck(256, 64)'s conv3 (8x64x56x56 -> 256, 1x1), 1 thread, load
+// average ~10 from other jobs, medians of 7 rounds: fp32 binary 80 ms, copy + sum 105, sum
+// without the copy 63; bf16 binary 61, copy + sum 44, sum without the copy 27.
 Tensor own_conv(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
                 const optional<Tensor>& residual, at::IntArrayRef out_sizes,
                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -171,11 +172,6 @@ Tensor own_conv(const Tensor& input, const Tensor& weight, const optional<Tensor
     return Tensor();
   }
   Tensor out = empty_act(out_sizes, input.options(), cl);
-  if (has(residual) && dtype == at::kFloat &&
-      dnnl_conv(input, weight, bias, out, false, relu, stride, padding, dilation, groups,
-                &*residual)) {
-    return out;
-  }
   if (has(residual)) {
     out.copy_(*residual);
   }
