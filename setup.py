@@ -73,9 +73,57 @@ def _want_cuda() -> tuple[bool, str]:
     return True, cuda_home
 
 
+DNNL_HEADER = "/usr/include/oneapi/dnnl/dnnl.hpp"
+
+
+def _want_dnnl() -> tuple[bool, str]:
+    """fastres' own oneDNN primitives for the CPU convolutions (csrc/cpu/dnnl_conv.cpp): built
+    against the system's oneDNN (Debian's libdnnl-dev, which scripts/setup_env.sh installs) when
+    its header is found; without it the CPU ops reach oneDNN through ATen's ops.
+    FASTRES_DNNL=auto|0|1 (1 fails loudly when the header is missing)."""
+    mode = os.environ.get("FASTRES_DNNL", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"FASTRES_DNNL must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False, "FASTRES_DNNL=0"
+    why = None
+    if not os.path.exists(DNNL_HEADER):
+        why = f"no {DNNL_HEADER} (apt-get install libdnnl-dev)"
+    else:
+        # csrc/cpu/dnnl_conv.cpp is written against oneDNN 2.x's API (operation descriptors),
+        # which 3.x removed.
+        ver = os.path.join(os.path.dirname(DNNL_HEADER), "dnnl_version.h")
+        m = re.search(r"#define DNNL_VERSION_MAJOR (\d+)", open(ver).read()) \
+            if os.path.exists(ver) else None
+        if m is None or m.group(1) != "2":
+            why = f"oneDNN {m.group(1) if m else '?'}.x headers; fastres' own primitives need 2.x"
+    if why:
+        if mode == "1":
+            sys.exit(f"FASTRES_DNNL=1 but the own oneDNN primitives cannot be built: {why}")
+        return False, why
+    return True, DNNL_HEADER
+
+
+def _dnnl_include_dir() -> str:
+    """A directory whose oneapi/ is the system's: searched before torch's include directories,
+    which carry torch's own (newer, incompatible) oneDNN headers under the same names. (-I
+    /usr/include itself would be ignored: gcc keeps system directories last.)"""
+    inc = os.path.join(ROOT, "build", "dnnl_include")
+    link = os.path.join(inc, "oneapi")
+    target = os.path.dirname(os.path.dirname(DNNL_HEADER))
+    os.makedirs(inc, exist_ok=True)
+    if os.path.realpath(link) != os.path.realpath(target):
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(target, link)
+    return inc
+
+
 def _extension():
     with_cuda, why = _want_cuda()
     print(f"fastres: building {'CPU + CUDA' if with_cuda else 'CPU only'} ({why})")
+    with_dnnl, why_dnnl = _want_dnnl()
+    print(f"fastres: own oneDNN primitives {'yes' if with_dnnl else 'no'} ({why_dnnl})")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define_macros = [
@@ -84,6 +132,11 @@ def _extension():
     ]
     cxx_flags = ["-O3", "-fopenmp"]
     extra_link = ["-fopenmp"]
+    include_dirs = []
+    if with_dnnl:
+        define_macros.append(("FASTRES_HAVE_DNNL", None))
+        extra_link.append("-ldnnl")
+        include_dirs.append(_dnnl_include_dir())
     if with_cuda:
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0+PTX"
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
@@ -98,6 +151,7 @@ def _extension():
             "fastres._C",
             sources,
             define_macros=define_macros,
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=extra_link,
         )
@@ -105,6 +159,7 @@ def _extension():
         "fastres._C",
         sources,
         define_macros=define_macros,
+        include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=extra_link,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -42,7 +43,29 @@ def report() -> dict:
         info["forced"] = f"invalid: {exc}"
     if dev == "cpu":
         info["cpu_serves"] = _cpu_serves()
+    info["own_primitives"] = own_primitives()
     return info
+
+
+def own_primitives() -> str:
+    """Whether the CPU convolutions run on fastres' own oneDNN primitives
+    (csrc/cpu/dnnl_conv.cpp), and why not."""
+    if not info_built():
+        return "no (fastres._C not built)"
+    try:
+        built = torch.ops.fastres_cpu.own_primitives_built()
+    except (AttributeError, RuntimeError):
+        return "no (an older build without them)"
+    if not built:
+        return ("no: built without oneDNN's headers (apt-get install libdnnl-dev, or "
+                "scripts/setup_env.sh as root, then rebuild); ATen's oneDNN ops serve")
+    if os.environ.get("FASTRES_CPU_OWN_PRIMITIVES", "1").strip() == "0":
+        return f"built ({built}), off (FASTRES_CPU_OWN_PRIMITIVES=0)"
+    return f"yes ({built}): fp32/bf16 channels_last eval convolutions"
+
+
+def info_built() -> bool:
+    return extension.load()[0] is not None
 
 
 def _cpu_serves() -> dict[str, str]:
@@ -145,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu and not args.brief:
         for line in cpu_guide(info):
             print(line)
+    print(f"CPU own oneDNN primitives: {info['own_primitives']}")
     if info["forced"]:
         print(f"FASTRES_BACKEND forces: {info['forced']}")
     return 0

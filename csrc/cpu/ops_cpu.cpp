@@ -1,6 +1,7 @@
 // The CPU implementation of the fastres op set (fastres/_opset.py), registered for the CPU dispatch key:
 // the kernel table in use (kernels.h) and the registrations. The ops live in ops_infer.cpp
-// (oneDNN fused convolutions), ops_train.cpp (statistics, BatchNorm, backward) and
+// (oneDNN fused convolutions; fastres' own primitives in dnnl_conv.cpp, packed weights in
+// weight_cache.cpp), ops_train.cpp (statistics, BatchNorm, backward) and
 // ops_common.cpp (checks, layout helpers, the epilogue pass).
 //
 // Memory formats follow the fakes (fastres/_meta.py): an output takes its reference tensor's

@@ -1,5 +1,6 @@
-// The CPU inference ops: conv_bias_act through oneDNN fused convolutions with prepacked weights,
-// and the backward of its bias/ReLU epilogue.
+// The CPU inference ops: conv_bias_act through oneDNN fused convolutions with prepacked weights
+// (fastres' own primitives, dnnl_conv.cpp, where built and covered; else ATen's
+// mkldnn::_convolution_pointwise), and the backward of its bias/ReLU epilogue.
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -24,7 +25,9 @@
 #include <string>
 #include <vector>
 
+#include "dnnl_conv.h"
 #include "ops_common.h"
+#include "weight_cache.h"
 
 namespace fastres::cpu {
 
@@ -114,175 +117,70 @@ bool onednn_supports(at::ScalarType dtype) {
   return s.load() == 1;
 }
 
-// Prepacked oneDNN weights (mkldnn::_reorder_convolution_weight) for channels_last inference.
+// Prepacked oneDNN weights (mkldnn::_reorder_convolution_weight) for channels_last inference,
+// kept in the packed-weight cache (weight_cache.h: which weights, and why nothing goes stale).
 // Without them every call copies the weight to channels_last and reorders it into oneDNN's
 // blocked layout: two more parallel regions per convolution. Measured, Bottleneck(256, 64) N=8
 // 56x56 fp32 CL, 2 threads, interleaved calls on the 2-core box under load average ~9 from other
 // jobs: 134 ms (min) / 199 ms (p50) with plain weights vs 102 / 142 ms prepacked (one thread,
 // same load: 112 vs 115 ms, no difference; the saving is the synchronisation).
-//
-// An entry is valid while the weight's TensorImpl is alive (held weakly, so the cache never keeps
-// a model alive and a dead impl's address cannot be reused while the entry exists), its version
-// counter, data pointer, sizes, strides and dtype are unchanged, and the convolution and input
-// sizes are the same. FASTRES_CPU_WEIGHT_CACHE=0 turns the cache off. Inference tensors
-// have no version counter and are never cached. At most kMaxPacked entries (least recently used
-// evicted); memory cost: one blocked copy of each cached weight.
-//
-// Only tensors registered with allow() are cached: fastres' modules register the BN-folded
-// weights of their fold cache, which nobody else can reach and which are replaced, never
-// written, when the fold changes (the modules check the conv and BN values on every call,
-// fastres_cpu::fingerprint). Any other tensor may be written without a version bump: a
-// parameter through `.data` (`p.data.mul_(2)`, an EMA's `p.data.copy_(...)`: `.data` has a
-// version counter of its own), or a buffer that torch.compile's Inductor reuses for the next
-// convolution's weight (the same TensorImpl, data pointer, version and sizes with other values;
-// measured: a converted BasicBlock(64, 64) under torch.compile ran conv2 with conv1's packed
-// weight, max error 2.09 against eager, Inductor's `buf3 = buf0; del buf0  # reuse`).
-class PackedWeights {
- public:
-  static PackedWeights& get() {
-    static PackedWeights* cache = new PackedWeights();  // leaked: used until exit
-    return *cache;
+optional<Tensor> aten_packed(const Tensor& weight, const Tensor& input, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  static const optional<c10::OperatorHandle> reorder =
+      at::hasMKLDNN() ? c10::Dispatcher::singleton().findSchema(
+                            {"mkldnn::_reorder_convolution_weight", ""})
+                      : std::nullopt;
+  if (!reorder.has_value()) {
+    return std::nullopt;
   }
-
-  optional<Tensor> lookup(const Tensor& weight, const Tensor& input, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-    if (!enabled_ || weight.is_inference() || !weight.is_non_overlapping_and_dense() ||
-        !reorder_.has_value()) {
-      return std::nullopt;
-    }
-    Entry key = make_entry(weight, input, stride, padding, dilation, groups);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!is_allowed_locked(weight)) {
-        return std::nullopt;
-      }
-      for (size_t i = 0; i < entries_.size();) {
-        Entry& e = entries_[i];
-        if (e.owner.expired()) {
-          entries_.erase(entries_.begin() + static_cast<std::ptrdiff_t>(i));
-          continue;
-        }
-        if (e.same_as(key)) {
-          e.used = ++clock_;
-          return e.packed;
-        }
-        ++i;
-      }
-    }
+  std::vector<int64_t> key = {0};  // 0: ATen's packing
+  for (auto list : {input.sizes(), stride, padding, dilation}) {
+    key.insert(key.end(), list.begin(), list.end());
+    key.push_back(-1);
+  }
+  key.push_back(groups);
+  return WeightCache::get().lookup(weight, std::move(key), [&]() -> optional<Tensor> {
     torch::jit::Stack stack = {weight,         padding.vec(), stride.vec(),
                                dilation.vec(), groups,        input.sizes().vec()};
     try {
-      reorder_->callBoxed(stack);
+      reorder->callBoxed(stack);
     } catch (const c10::Error&) {
       return std::nullopt;  // this weight stays unpacked: oneDNN reorders it per call
     }
-    key.packed = stack.at(0).toTensor();
-    std::lock_guard<std::mutex> lock(mu_);
-    key.used = ++clock_;
-    // An older packing of this same weight (before an in-place update) can never match again.
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
-                                  [&](const Entry& e) { return e.impl == key.impl; }),
-                   entries_.end());
-    if (entries_.size() >= kMaxPacked) {
-      auto lru = std::min_element(entries_.begin(), entries_.end(),
-                                  [](const Entry& a, const Entry& b) { return a.used < b.used; });
-      entries_.erase(lru);
-    }
-    entries_.push_back(std::move(key));
-    return entries_.back().packed;
+    return stack.at(0).toTensor();
+  });
+}
+
+// conv(input, weight) + bias (+ residual), ReLU post-op when relu, in a new channels_last output
+// by fastres' own oneDNN primitive; undefined when that path does not cover the call (not built,
+// switched off, not channels_last, groups, dtype: the caller takes ATen's path). The residual is
+// copied into the output first and accumulated into by oneDNN's sum post-op: the kernel and the
+// summation order of conv_bias_act_finite_into, so an eval plan's in-place residual add gives
+// bitwise the full path's output (tests/test_eval_plan.py). A binary add post-op reading the
+// residual would save the copy, but oneDNN 2.6 then picks jit_1x1 over brgconv_1x1, other
+// roundings: measured, Bottleneck(256, 64)'s conv3 (8x64x56x56 -> 256, 1x1), 1 thread, load
+// average ~10 from other jobs, medians of 7 rounds: fp32 binary 80 ms, copy + sum 105, sum
+// without the copy 63; bf16 binary 61, copy + sum 44, sum without the copy 27.
+Tensor own_conv(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
+                const optional<Tensor>& residual, at::IntArrayRef out_sizes,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                int64_t groups, bool relu) {
+  const auto dtype = input.scalar_type();
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  if (!dnnl_enabled() || groups != 1 || (dtype != at::kFloat && dtype != at::kBFloat16) ||
+      format_of(input) != cl) {
+    return Tensor();
   }
-
-  int64_t size() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return static_cast<int64_t>(entries_.size());
+  Tensor out = empty_act(out_sizes, input.options(), cl);
+  if (has(residual)) {
+    out.copy_(*residual);
   }
-
-  void clear() {
-    std::lock_guard<std::mutex> lock(mu_);
-    entries_.clear();
-    allowed_.clear();
+  if (!dnnl_conv(input, weight, bias, out, has(residual), relu, stride, padding, dilation,
+                 groups)) {
+    return Tensor();
   }
-
-  // Let lookup() cache ``weight``: its owner promises that nobody writes it without bumping its
-  // version counter. Held weakly (a dead tensor drops out).
-  void allow(const Tensor& weight) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (is_allowed_locked(weight)) {
-      return;
-    }
-    allowed_.push_back(
-        {c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()),
-         weight.unsafeGetTensorImpl()});
-  }
-
- private:
-  static constexpr size_t kMaxPacked = 256;
-
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::TensorImpl> owner{c10::intrusive_ptr<c10::TensorImpl>()};
-    const c10::TensorImpl* impl = nullptr;
-    const void* data = nullptr;
-    int64_t version = 0;
-    at::ScalarType dtype = at::kFloat;
-    std::vector<int64_t> shape;  // sizes, strides, input sizes, stride, padding, dilation, groups
-    Tensor packed;
-    uint64_t used = 0;
-
-    bool same_as(const Entry& k) const {
-      return impl == k.impl && data == k.data && version == k.version && dtype == k.dtype &&
-             shape == k.shape;
-    }
-  };
-
-  PackedWeights() {
-    const char* env = std::getenv("FASTRES_CPU_WEIGHT_CACHE");
-    enabled_ = env == nullptr || std::string(env) != "0";
-    if (at::hasMKLDNN()) {
-      reorder_ =
-          c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_convolution_weight", ""});
-    }
-  }
-
-  static Entry make_entry(const Tensor& weight, const Tensor& input, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-    Entry e;
-    e.owner = c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr());
-    e.impl = weight.unsafeGetTensorImpl();
-    e.data = weight.data_ptr();
-    e.version =
-        static_cast<int64_t>(weight.unsafeGetTensorImpl()->version_counter().current_version());
-    e.dtype = weight.scalar_type();
-    for (auto list : {weight.sizes(), weight.strides(), input.sizes(), stride, padding, dilation}) {
-      e.shape.insert(e.shape.end(), list.begin(), list.end());
-      e.shape.push_back(-1);
-    }
-    e.shape.push_back(groups);
-    return e;
-  }
-
-  // Drops dead entries of allowed_ on the way (a dead impl's address may be reused).
-  bool is_allowed_locked(const Tensor& weight) {
-    const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
-    bool found = false;
-    for (size_t i = 0; i < allowed_.size();) {
-      if (allowed_[i].first.expired()) {
-        allowed_.erase(allowed_.begin() + static_cast<std::ptrdiff_t>(i));
-        continue;
-      }
-      found = found || allowed_[i].second == impl;
-      ++i;
-    }
-    return found;
-  }
-
-  bool enabled_ = true;
-  optional<c10::OperatorHandle> reorder_;
-  std::mutex mu_;
-  std::vector<Entry> entries_;
-  std::vector<std::pair<c10::weak_intrusive_ptr<c10::TensorImpl>, const c10::TensorImpl*>>
-      allowed_;
-  uint64_t clock_ = 0;
-};
+  return out;
+}
 
 // conv_bias_act; finite: the caller has shown that the pre-activation conv(input) + bias
 // (+ residual) is finite at every output (conv_bias_act_finite below), so oneDNN's ReLU post-op
@@ -316,15 +214,33 @@ Tensor conv_bias_act_impl(const Tensor& input, const Tensor& weight, const optio
     check_vec(op, "scale", *scale, k, "one per output channel of weight");
     TORCH_CHECK(scale->scalar_type() == acc_dtype(dtype), "fastres::", op, ": scale has dtype ",
                 scale->scalar_type(), "; expected ", acc_dtype(dtype));
-    Tensor out = in_format(
-        onednn_supports(dtype)
-            ? pointwise_conv(input, weight, std::nullopt, stride, padding, dilation, groups, false)
-            : conv_nobias(input, weight, stride, padding, dilation, groups),
-        fmt);
+    Tensor out = own_conv(input, weight, std::nullopt, std::nullopt, out_sizes, stride, padding,
+                          dilation, groups, false);
+    if (!out.defined()) {
+      out = in_format(onednn_supports(dtype) ? pointwise_conv(input, weight, std::nullopt, stride,
+                                                              padding, dilation, groups, false)
+                                             : conv_nobias(input, weight, stride, padding,
+                                                           dilation, groups),
+                      fmt);
+    }
     run_epilogue(out, out, fmt, scale, bias, residual, std::nullopt, std::nullopt, 0, relu);
     return out;
   }
 
+  {
+    // fastres' own primitive (dnnl_conv.cpp): the ReLU post-op only where finite (oneDNN's
+    // ReLU maps NaN to 0), else the ReLU pass in place.
+    const bool post_relu = relu && finite;
+    Tensor out = own_conv(input, weight, bias, residual, out_sizes, stride, padding, dilation,
+                          groups, post_relu);
+    if (out.defined()) {
+      if (relu && !post_relu) {
+        run_epilogue(out, out, fmt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                     std::nullopt, 0, true);
+      }
+      return out;
+    }
+  }
   if (onednn_supports(dtype)) {
     // Measured on a 2-core Xeon (AVX-512), fp32 channels_last, torchvision Bottleneck(256, 64),
     // N=8, 56x56, eval with BN folded: 3 fused oneDNN convolutions take 13.4 ms; eager PyTorch
@@ -340,7 +256,7 @@ Tensor conv_bias_act_impl(const Tensor& input, const Tensor& weight, const optio
     // A prepacked weight makes oneDNN compute in channels_last: only for channels_last input.
     optional<Tensor> packed;
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      packed = PackedWeights::get().lookup(weight, input, stride, padding, dilation, groups);
+      packed = aten_packed(weight, input, stride, padding, dilation, groups);
     }
     const Tensor& w = packed.has_value() ? *packed : weight;
     // oneDNN's ReLU post-op returns 0 for NaN (measured, torch 2.14.1 on AVX-512: relu, and
@@ -468,9 +384,12 @@ Tensor& conv_bias_act_finite_into_cpu(Tensor& residual, const Tensor& input, con
                        groups == 1 && format_of(input) == cl && has_dense_strides(residual, cl) &&
                        (!has(bias) || bias->scalar_type() == dtype) &&
                        !residual.is_alias_of(input) && !residual.is_alias_of(weight);
+  if (format_of(input) == cl && !residual.is_alias_of(input) && !residual.is_alias_of(weight) &&
+      dnnl_conv(input, weight, bias, residual, true, relu, stride, padding, dilation, groups)) {
+    return residual;  // fastres' own primitive, accumulating into the residual in place
+  }
   if (inplace) {
-    optional<Tensor> packed =
-        PackedWeights::get().lookup(weight, input, stride, padding, dilation, groups);
+    optional<Tensor> packed = aten_packed(weight, input, stride, padding, dilation, groups);
     const Tensor& w = packed.has_value() ? *packed : weight;
     const optional<c10::string_view> unary =
         relu ? optional<c10::string_view>("relu") : std::nullopt;
@@ -528,14 +447,7 @@ std::tuple<Tensor, Tensor> relu_bias_bwd_cpu(const Tensor& grad_out, const optio
 
 }  // namespace fastres::cpu
 
-// Introspection of the prepacked-weight cache (tests, fastres.info); not part of the op contract.
 TORCH_LIBRARY_FRAGMENT(fastres_cpu, m) {
-  // Entries of the prepacked-weight cache of conv_bias_act, and a way to empty it.
-  m.def("weight_cache_size() -> int", [] { return fastres::cpu::PackedWeights::get().size(); });
-  m.def("weight_cache_clear() -> ()", [] { fastres::cpu::PackedWeights::get().clear(); });
-  // Mark a weight as safe to prepack: only its owner writes it, never in place (see PackedWeights).
-  m.def("weight_cache_allow(Tensor weight) -> ()",
-        [](const at::Tensor& w) { fastres::cpu::PackedWeights::get().allow(w); });
   // max |x|, NaN when x holds a NaN, +Inf when it holds +-Inf: one read pass (fastres.eval_plan
   // bounds a block's pre-activations with it).
   m.def("absmax(Tensor x) -> float", &fastres::cpu::absmax_cpu);

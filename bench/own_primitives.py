@@ -1,0 +1,199 @@
+"""fastres' own oneDNN primitives (csrc/cpu/dnnl_conv.cpp) against ATen's path, eager and
+torch.compile, in one process, providers alternating round by round (A B A B ...), so both see
+the machine alike; each figure is the median over rounds with the min and max.
+
+    python bench/own_primitives.py [--cases peak threads tiny residual block resnet50]
+
+peak: this CPU's torch.mm fp32/bf16 GFLOP/s and copy GB/s (bench/cpu_profile.py), the floors'
+rates. threads: OpenMP runtimes mapped and threads alive, own path on and off. tiny: per-call us
+of a 1x1 conv + bias + ReLU on 1x64x4x4 channels_last (the work is nothing: the per-call
+overhead). residual: the ways of adding a residual. block: converted torchvision
+Bottleneck(256, 64) eval on 8x256x56x56 channels_last (no_grad), fp32 and bf16, with its compute
+floor at torch.mm's rate. resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. The own path
+is switched with fastres_cpu::set_own_primitives; "aten" is the same fastres with it off.
+"""
+
+# ruff: noqa: B023  (every closure here is timed inside the loop iteration that made it)
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+
+import fastres
+from fastres.backends import extension
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+CL = torch.channels_last
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _timed_ms(f, calls: int) -> float:
+    t = time.perf_counter()
+    for _ in range(calls):
+        f()
+    return (time.perf_counter() - t) / calls * 1e3
+
+
+def _alternate(providers: dict, calls: int, rounds: int, warm: int = 3) -> dict:
+    """{name: [ms per call of each round]}: every provider warmed, then rounds of A B C ..."""
+    ops = torch.ops.fastres_cpu
+    for own, f in providers.values():
+        ops.set_own_primitives(own)
+        for _ in range(warm):
+            f()
+    out = {name: [] for name in providers}
+    for _ in range(rounds):
+        for name, (own, f) in providers.items():
+            ops.set_own_primitives(own)
+            out[name].append(_timed_ms(f, calls))
+    ops.set_own_primitives(True)
+    return out
+
+
+def _report(title: str, res: dict, unit: str = "ms", scale: float = 1.0, floor=None) -> None:
+    base = statistics.median(res.get("fastres own", res.get("own", [float("nan")])))
+    print(title + (f"  (floor {floor:.2f} {unit})" if floor else ""))
+    for name, v in res.items():
+        v = sorted(x * scale for x in v)
+        med = statistics.median(v)
+        print(f"  {name:18s} median {med:9.2f} {unit}  (min {v[0]:.2f}, max {v[-1]:.2f}, "
+              f"{len(v)} rounds)  own path {med / (base * scale):.2f}x faster")
+
+
+def case_peak(args) -> dict:
+    from cpu_profile import peak_rates  # noqa: PLC0415
+
+    r = peak_rates(args.threads)
+    print(f"peak ({args.threads} threads): {r}")
+    return r
+
+
+def case_tiny(args, peak) -> None:
+    for threads in sorted({1, args.threads}):
+        torch.set_num_threads(threads)
+        for dn, dt in DTYPES.items():
+            x = torch.randn(1, 64, 4, 4, dtype=dt).contiguous(memory_format=CL)
+            w = torch.randn(64, 64, 1, 1, dtype=dt) / 8
+            b = torch.randn(64, dtype=dt)
+            torch.ops.fastres_cpu.weight_cache_allow(w)  # as the eval plans' folded weights
+
+            def fused():
+                return torch.ops.fastres_cpu.conv_bias_act_finite(x, w, b, None, [1, 1], [0, 0],
+                                                                  [1, 1], 1, True)
+
+            def eager():
+                return torch.conv2d(x, w, b).relu_()
+
+            res = _alternate({"own": (True, fused), "aten": (False, fused),
+                              "eager conv+relu_": (True, eager)}, 500, args.rounds)
+            _report(f"tiny 1x1 conv+bias+ReLU 1x64x4x4 {dn}, {threads} thread(s), us per call",
+                    res, "us", 1e3)
+    torch.set_num_threads(args.threads)
+
+
+def case_block(args, peak) -> None:
+    flops = 0
+    for cin, cout, k in ((256, 64, 1), (64, 64, 3), (64, 256, 1)):
+        flops += 2 * 8 * 56 * 56 * cin * cout * k * k
+    for dn, dt in DTYPES.items():
+        tv = torchvision.models.resnet.Bottleneck(256, 64).eval().to(dtype=dt, memory_format=CL)
+        fr = fastres.convert(tv)
+        x = torch.randn(8, 256, 56, 56, dtype=dt).contiguous(memory_format=CL)
+        with torch.no_grad():
+            comp = torch.compile(tv)
+            comp(x)
+            res = _alternate({"fastres own": (True, lambda: fr(x)),
+                              "fastres aten": (False, lambda: fr(x)),
+                              "torch.compile": (True, lambda: comp(x)),
+                              "eager": (True, lambda: tv(x))}, 5, args.rounds)
+        floor = flops / (peak[f"mm_{dn}_gflops"] * 1e9) * 1e3 if peak else None
+        _report(f"Bottleneck(256, 64) eval 8x256x56x56 {dn} ({flops / 1e9:.2f} GFLOP)", res,
+                floor=floor)
+
+
+def case_residual(args, peak) -> None:
+    """Bottleneck(256, 64)'s conv3 with its residual (8x64x56x56 -> 256, 1x1), own primitives:
+    out of place (fp32: a binary add post-op; bf16: the residual copied into the output, then
+    the sum post-op), a copy then the sum into it, and the sum into the residual itself."""
+    ops = torch.ops.fastres_cpu
+    for dn, dt in DTYPES.items():
+        x = torch.randn(8, 64, 56, 56, dtype=dt).contiguous(memory_format=CL)
+        w = torch.randn(256, 64, 1, 1, dtype=dt) / 8
+        b = torch.randn(256, dtype=dt)
+        r = torch.randn(8, 256, 56, 56, dtype=dt).contiguous(memory_format=CL)
+        ops.weight_cache_allow(w)
+        conv = ([1, 1], [0, 0], [1, 1], 1, True)
+        res = _alternate({
+            "out of place": (True, lambda: ops.conv_bias_act_finite(x, w, b, r, *conv)),
+            "copy + sum": (True, lambda: ops.conv_bias_act_finite_into(r.clone(), x, w, b,
+                                                                       *conv)),
+            "sum into": (True, lambda: ops.conv_bias_act_finite_into(r, x, w, b, *conv)),
+        }, 5, args.rounds)
+        _report(f"conv3 + residual {dn}", res)
+
+
+def case_resnet50(args, peak) -> None:
+    for n in (1, 8):
+        for dn, dt in DTYPES.items():
+            m = fastres.convert(torchvision.models.resnet50()).eval().to(dtype=dt,
+                                                                       memory_format=CL)
+            x = torch.randn(n, 3, 224, 224, dtype=dt).contiguous(memory_format=CL)
+            with torch.no_grad():
+                res = _alternate({"fastres own": (True, lambda: m(x)),
+                                  "fastres aten": (False, lambda: m(x))},
+                                 3 if n == 1 else 1, args.rounds)
+            floor = (8.18e9 * n / (peak[f"mm_{dn}_gflops"] * 1e9) * 1e3) if peak else None
+            _report(f"ResNet-50 eval N={n} {dn}", res, floor=floor)
+
+
+def case_threads(args, peak) -> None:
+    """OpenMP runtimes mapped and threads alive (/proc/self/task) after ResNet-50 eval calls,
+    own path on and off: one pool means the same count either way."""
+    with open("/proc/self/maps") as f:
+        libs = sorted({ln.split()[-1] for ln in f if "gomp" in ln or "iomp" in ln})
+    print(f"OpenMP runtimes mapped: {libs}")
+    m = fastres.convert(torchvision.models.resnet50()).eval().to(memory_format=CL)
+    x = torch.randn(1, 3, 224, 224).contiguous(memory_format=CL)
+    for own in (True, False, True):
+        torch.ops.fastres_cpu.set_own_primitives(own)
+        with torch.no_grad():
+            for _ in range(3):
+                m(x)
+        n = len(os.listdir("/proc/self/task"))
+        print(f"  own path {'on ' if own else 'off'}: {n} threads in /proc/self/task after 3 "
+              f"ResNet-50 calls (torch.get_num_threads() = {torch.get_num_threads()})")
+    torch.ops.fastres_cpu.set_own_primitives(True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+",
+                    default=["peak", "threads", "tiny", "residual", "block", "resnet50"])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    extension.load()
+    built = torch.ops.fastres_cpu.own_primitives_built()
+    if not built:
+        sys.exit("fastres was built without oneDNN's headers: no own-primitive path to time")
+    print(f"fastres {fastres.__version__} ({os.path.dirname(fastres.__file__)}), torch "
+          f"{torch.__version__}, {built}, {args.threads} threads, load average at start "
+          f"{os.getloadavg()}")
+    peak = case_peak(args) if "peak" in args.cases else None
+    for name in ("threads", "tiny", "residual", "block", "resnet50"):
+        if name in args.cases:
+            globals()[f"case_{name}"](args, peak)
+    print(f"load average at end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+// fastres' own oneDNN convolution primitives (dnnl_conv.h).
+//
+// Why: ATen's mkldnn::_convolution_pointwise builds a oneDNN primitive descriptor on every call
+// (measured, torch 2.14.1, 2 threads on the 2-core EPYC: 21 us per call of a 1x1 conv + ReLU on
+// 1x64x4x4 with a prepacked weight, where eager conv2d + relu_ take 5 us; ~2 ms per ResNet-50
+// N=1 call). Here a primitive is made once per (shapes, strides, padding, dtypes, post-op chain,
+// thread count) and executed from then on; its weight is reordered once into the layout the
+// primitive asks for and kept in the packed-weight cache (weight_cache.h), so it is reordered
+// again only when the weight changes (a weight the cache may not keep is reordered per call by a
+// kept reorder primitive).
+//
+// The library is the system's oneDNN (Debian's libdnnl-dev 2.6.3, OpenMP runtime): libtorch
+// carries its own oneDNN but exports none of its symbols. Both ask for libgomp.so.1, and the
+// dynamic loader maps one library per soname: torch's bundled libgomp.so.1, loaded first with
+// torch, serves libdnnl too, so there is one OpenMP thread pool (checked by
+// tests/test_dnnl_conv.py through /proc/self/maps). oneDNN sizes its work split for
+// omp_get_max_threads() when a primitive is made, so the thread count is part of the key.
+//
+// NaN: every ReLU-like post-op of oneDNN 2.6 maps NaN to 0 where torch.relu keeps it. Measured
+// here (bench/dnnl_nan_probe.cpp, a 1x1 convolution whose pre-activations are NaN, fp32 and bf16,
+// brgconv_1x1 on avx512_core / avx512_core_bf16): eltwise relu (alpha 0 and -0.0), clip(0, inf),
+// clip_v2(0, inf), binary max with 0, and -min(-x, 0) all give 0; without a post-op the NaN
+// stays. So the callers use the ReLU post-op only where the pre-activations are shown finite
+// (conv_bias_act_finite) and otherwise run the ReLU as their own pass.
+
+#include "dnnl_conv.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
+#include "ops_common.h"
+#include "weight_cache.h"
+
+#ifdef FASTRES_HAVE_DNNL
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#endif
+
+namespace fastres::cpu {
+
+namespace {
+
+std::atomic<bool>& own_switch() {
+  static std::atomic<bool> on = [] {
+    const char* env = std::getenv("FASTRES_CPU_OWN_PRIMITIVES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
+
+// Counters for the tests and benchmarks: primitives made, calls served by a kept one, weight
+// reorders (into the cache or per call).
+std::atomic<int64_t> g_created{0}, g_reused{0}, g_reorders{0};
+
+}  // namespace
+
+#ifdef FASTRES_HAVE_DNNL
+
+namespace {
+
+using dnnl::memory;
+using dt = memory::data_type;
+
+const dnnl::engine& engine() {
+  static const dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+struct Primitive {
+  bool ok = false;  // false: oneDNN has no implementation (remembered, not asked again)
+  dnnl::convolution_forward::primitive_desc pd;
+  dnnl::convolution_forward prim;
+  memory::desc weights_md;
+  size_t scratch_bytes = 0;
+  std::string impl;
+  std::mutex mu;  // guards reorders
+  // user weight strides -> the reorder into weights_md
+  std::map<std::vector<int64_t>, dnnl::reorder> reorders;
+};
+
+// Kept primitives at most: ResNet-50 at one batch size and dtype needs 25 (measured: 24 after
+// the first call, one more after the second), plus a few per post-op chain.
+constexpr size_t kMaxPrimitives = 1024;
+
+struct Cache {
+  std::mutex mu;
+  std::map<std::vector<int64_t>, std::shared_ptr<Primitive>> prims;
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // leaked: used until exit
+  return *c;
+}
+
+dt dnnl_dtype(at::ScalarType t) { return t == at::kBFloat16 ? dt::bf16 : dt::f32; }
+
+memory::dims dims_of(at::IntArrayRef a) { return memory::dims(a.begin(), a.end()); }
+
+std::shared_ptr<Primitive> make_primitive(const at::Tensor& input, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias,
+                                          const at::Tensor& out, bool accumulate, bool relu,
+                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef dilation) {
+  auto p = std::make_shared<Primitive>();
+  const dt d = dnnl_dtype(input.scalar_type());
+  const memory::desc src(dims_of(input.sizes()), d, memory::format_tag::nhwc);
+  const memory::desc dst(dims_of(out.sizes()), d, memory::format_tag::nhwc);
+  const memory::desc wei(dims_of(weight.sizes()), d, memory::format_tag::any);
+  memory::dims dil;
+  for (int64_t v : dilation) dil.push_back(v - 1);  // oneDNN counts the gaps
+  const memory::dims st = dims_of(stride), pad = dims_of(padding);
+  dnnl::post_ops po;
+  if (accumulate) po.append_sum(1.f);
+  if (relu) po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(po);
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // torch's allocator, thread-safe
+  try {
+    if (bias.has_value()) {
+      const memory::desc b({weight.size(0)}, dnnl_dtype(bias->scalar_type()),
+                           memory::format_tag::x);
+      dnnl::convolution_forward::desc cd(dnnl::prop_kind::forward_inference,
+                                         dnnl::algorithm::convolution_direct, src, wei, b, dst, st,
+                                         dil, pad, pad);
+      p->pd = dnnl::convolution_forward::primitive_desc(cd, attr, engine());
+    } else {
+      dnnl::convolution_forward::desc cd(dnnl::prop_kind::forward_inference,
+                                         dnnl::algorithm::convolution_direct, src, wei, dst, st,
+                                         dil, pad, pad);
+      p->pd = dnnl::convolution_forward::primitive_desc(cd, attr, engine());
+    }
+    p->prim = dnnl::convolution_forward(p->pd);
+  } catch (const dnnl::error&) {
+    return p;  // no implementation for this case: ATen's path
+  }
+  p->impl = p->pd.impl_info_str();
+  if (p->impl.rfind("ref", 0) == 0) {
+    // oneDNN's reference loops (bf16 on a CPU without AVX-512, for one): orders of magnitude
+    // slower than ATen's path, which then serves.
+    return p;
+  }
+  p->weights_md = p->pd.weights_desc();
+  p->scratch_bytes = p->pd.scratchpad_desc().get_size();
+  p->ok = true;
+  ++g_created;
+  return p;
+}
+
+// weight (any strides) reordered into p's layout, into a new byte tensor.
+at::Tensor reorder_weight(Primitive& p, const at::Tensor& weight) {
+  const std::vector<int64_t> strides(weight.strides().begin(), weight.strides().end());
+  dnnl::reorder r;
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    auto it = p.reorders.find(strides);
+    if (it == p.reorders.end()) {
+      const memory::desc user(dims_of(weight.sizes()), dnnl_dtype(weight.scalar_type()),
+                              dims_of(weight.strides()));
+      it = p.reorders
+               .emplace(strides, dnnl::reorder(dnnl::reorder::primitive_desc(
+                                     engine(), user, engine(), p.weights_md)))
+               .first;
+    }
+    r = it->second;
+  }
+  at::Tensor packed = at::empty({static_cast<int64_t>(p.weights_md.get_size())},
+                                weight.options().dtype(at::kByte));
+  const memory::desc user(dims_of(weight.sizes()), dnnl_dtype(weight.scalar_type()),
+                          dims_of(weight.strides()));
+  memory src(user, engine(), weight.data_ptr());
+  memory dst(p.weights_md, engine(), packed.data_ptr());
+  dnnl::stream s(engine());
+  r.execute(s, src, dst);
+  s.wait();
+  ++g_reorders;
+  return packed;
+}
+
+}  // namespace
+
+bool dnnl_enabled() { return own_switch().load(); }
+
+bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
+               const std::optional<at::Tensor>& bias, const at::Tensor& out, bool accumulate,
+               bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+               at::IntArrayRef dilation, int64_t groups) {
+  const auto dtype = input.scalar_type();
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  if (!dnnl_enabled() || groups != 1 || (dtype != at::kFloat && dtype != at::kBFloat16) ||
+      weight.scalar_type() != dtype || out.scalar_type() != dtype || input.dim() != 4 ||
+      weight.dim() != 4 || input.numel() == 0 || out.numel() == 0 ||
+      !has_dense_strides(input, cl) || !has_dense_strides(out, cl) ||
+      input.storage_offset() != 0 || out.storage_offset() != 0 || input.is_alias_of(out) ||
+      weight.is_alias_of(out)) {
+    return false;
+  }
+  std::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) {
+    if (bias->scalar_type() != dtype && bias->scalar_type() != at::kFloat) {
+      return false;
+    }
+    b = bias->contiguous();
+  }
+  std::vector<int64_t> key;
+  key.reserve(32);
+  for (auto list : {input.sizes(), weight.sizes(), stride, padding, dilation}) {
+    key.insert(key.end(), list.begin(), list.end());
+  }
+  key.push_back(static_cast<int64_t>(dtype));
+  key.push_back(b.has_value() ? static_cast<int64_t>(b->scalar_type()) : -1);
+  key.push_back(accumulate);
+  key.push_back(relu);
+  key.push_back(at::get_num_threads());
+  std::shared_ptr<Primitive> p;
+  {
+    Cache& c = cache();
+    std::lock_guard<std::mutex> lock(c.mu);
+    auto it = c.prims.find(key);
+    if (it != c.prims.end()) {
+      p = it->second;
+      ++g_reused;
+    } else {
+      if (c.prims.size() >= kMaxPrimitives) {
+        c.prims.clear();  // a shape-changing workload: start over (calls in flight hold theirs)
+      }
+      p = make_primitive(input, weight, b, out, accumulate, relu, stride, padding, dilation);
+      c.prims.emplace(key, p);
+    }
+  }
+  if (!p->ok) {
+    return false;
+  }
+  // The weight in the primitive's layout: kept while the weight is unchanged (weight_cache.h),
+  // else reordered for this call.
+  std::vector<int64_t> wkey = {1};  // 1: this file's packing, for the primitive with this key
+  wkey.insert(wkey.end(), key.begin(), key.end());
+  std::optional<at::Tensor> packed =
+      WeightCache::get().lookup(weight, std::move(wkey), [&]() -> std::optional<at::Tensor> {
+        return reorder_weight(*p, weight);
+      });
+  const at::Tensor w = packed.has_value() ? *packed : reorder_weight(*p, weight);
+  const auto& pd = p->pd;
+  memory src(pd.src_desc(), engine(), input.data_ptr());
+  memory wm(p->weights_md, engine(), w.data_ptr());
+  memory dst(pd.dst_desc(), engine(), out.data_ptr());
+  std::unordered_map<int, memory> args = {
+      {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, dst}};
+  if (b.has_value()) {
+    args.emplace(DNNL_ARG_BIAS, memory(pd.bias_desc(), engine(), b->data_ptr()));
+  }
+  at::Tensor scratch;
+  if (p->scratch_bytes > 0) {
+    scratch = at::empty({static_cast<int64_t>(p->scratch_bytes)}, input.options().dtype(at::kByte));
+    args.emplace(DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), engine(), scratch.data_ptr()));
+  }
+  thread_local dnnl::stream s(engine());
+  p->prim.execute(s, args);
+  s.wait();
+  return true;
+}
+
+std::string dnnl_version_str() {
+  const dnnl_version_t* v = dnnl_version();
+  return "oneDNN " + std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
+         std::to_string(v->patch) + " (system library, " +
+         (v->cpu_runtime == DNNL_RUNTIME_OMP ? "OpenMP" : "other runtime") + ")";
+}
+
+std::string dnnl_impl_of(const std::vector<int64_t>& key_prefix) {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  for (const auto& [k, p] : c.prims) {
+    if (p->ok && k.size() >= key_prefix.size() &&
+        std::equal(key_prefix.begin(), key_prefix.end(), k.begin())) {
+      return p->impl;
+    }
+  }
+  return "";
+}
+
+int64_t dnnl_cache_size() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return static_cast<int64_t>(c.prims.size());
+}
+
+void dnnl_cache_clear() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.prims.clear();
+}
+
+#else  // no oneDNN headers at build time: the ATen path serves every call
+
+bool dnnl_enabled() { return false; }
+
+bool dnnl_conv(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+               const at::Tensor&, bool, bool, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+               int64_t) {
+  return false;
+}
+
+std::string dnnl_version_str() { return ""; }
+std::string dnnl_impl_of(const std::vector<int64_t>&) { return ""; }
+int64_t dnnl_cache_size() { return 0; }
+void dnnl_cache_clear() {}
+
+#endif
+
+}  // namespace fastres::cpu
+
+// Introspection and switches of the own-primitive path (tests, benchmarks, fastres.info).
+TORCH_LIBRARY_FRAGMENT(fastres_cpu, m) {
+  // "" when fastres was built without oneDNN's headers, else the library's version and runtime.
+  m.def("own_primitives_built() -> str", [] { return fastres::cpu::dnnl_version_str(); });
+  // Turn the own-primitive path on or off (returns the previous setting; off: ATen's path).
+  m.def("set_own_primitives(bool on) -> bool", [](bool on) {
+    return fastres::cpu::own_switch().exchange(on && !fastres::cpu::dnnl_version_str().empty());
+  });
+  // (primitives made, calls served by a kept primitive, weight reorders) since the process began.
+  m.def("own_primitives_stats() -> int[]", [] {
+    return std::vector<int64_t>{fastres::cpu::g_created.load(), fastres::cpu::g_reused.load(),
+                                fastres::cpu::g_reorders.load()};
+  });
+  m.def("own_primitives_cache_size() -> int", [] { return fastres::cpu::dnnl_cache_size(); });
+  m.def("own_primitives_cache_clear() -> ()", [] { fastres::cpu::dnnl_cache_clear(); });
+  // The oneDNN implementation of the first kept primitive whose key starts with these input
+  // sizes (then weight sizes, stride, padding, dilation): "brgconv:avx512_core", ...
+  m.def("own_primitives_impl(int[] key_prefix) -> str",
+        [](std::vector<int64_t> k) { return fastres::cpu::dnnl_impl_of(k); });
+}

@@ -1,0 +1,29 @@
+// fastres' own oneDNN convolution primitives (dnnl_conv.cpp): built when setup.py finds oneDNN's
+// headers (FASTRES_HAVE_DNNL, Debian's libdnnl-dev); otherwise every call answers "not covered"
+// and the ATen path (mkldnn::_convolution_pointwise) serves.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace fastres::cpu {
+
+// Whether this build has the own-primitive path and it is switched on (FASTRES_CPU_OWN_PRIMITIVES,
+// default 1; fastres_cpu::set_own_primitives for A/B runs in one process).
+bool dnnl_enabled();
+
+// out = conv(input, weight) + bias (+ out's previous values when accumulate: oneDNN's sum
+// post-op, the residual add) (ReLU post-op when relu: NaN becomes 0, see dnnl_conv.cpp), by a
+// primitive made once per shape and kept. Covers float32 and bfloat16, input and out dense
+// channels_last, groups 1, a bias of float32 or the input's dtype. Returns false (nothing
+// written) for anything else, or where oneDNN has no optimized implementation.
+bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
+               const std::optional<at::Tensor>& bias, const at::Tensor& out, bool accumulate,
+               bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+               at::IntArrayRef dilation, int64_t groups);
+
+}  // namespace fastres::cpu
