@@ -40,9 +40,11 @@ from pathlib import Path
 
 import torch
 
+from fastres.backends.records import RANKABLE_KINDS
+
 KINDS = ("device", "host", "eager", "graph")
-#: The kinds a ranking of kernels may rest on (fastres.backends.records.RANKABLE_KINDS).
-KERNEL_KINDS = ("device", "graph")
+#: The kinds a ranking of kernels may rest on.
+KERNEL_KINDS = RANKABLE_KINDS
 
 _CALL = "fastres.timer.call"
 _FLUSH = "fastres.timer.flush"
