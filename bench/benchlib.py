@@ -69,7 +69,7 @@ def resnet50_conv_cases(image_size: int = 224) -> list[ConvCase]:
     import torchvision
 
     with torch.device("meta"):
-        net = torchvision.models.resnet50()
+        net = torchvision.models.resnet50().eval()  # eval: a 1x1 layer4 at small sizes
     seen: dict[tuple, ConvCase] = {}
 
     def hook(name: str):
