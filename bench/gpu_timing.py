@@ -233,10 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=10 if gpu else 3)
     ap.add_argument("--warmup", type=int, default=3 if gpu else 1)
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop starting cases after this many seconds (the rest: skipped rows)")
+                    help="start a case only while one as long as the longest so far fits in "
+                         "this many seconds (the rest: skipped rows)")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--markdown")
+    ap.add_argument("--from-json", metavar="PATH",
+                    help="run nothing: print (and --markdown) the table of an earlier --json")
     a = ap.parse_args(argv)
+    if a.from_json:
+        text = render(json.loads(Path(a.from_json).read_text()))
+        if a.markdown:
+            Path(a.markdown).write_text(text)
+        print(text)
+        return 0
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -269,18 +278,21 @@ def main(argv: list[str] | None = None) -> int:
             tmp.replace(a.json_out)
 
     dt = DTYPES[a.dtype]
-    failed = 0
-    for n in a.batch:
-        for case in cases:
+    failed, longest = 0, 0.0
+    for case in cases:  # block by block, each at every batch: a cut-short run has both N
+        for n in a.batch:
             for mode in a.modes:
-                if a.budget_s is not None and time.perf_counter() - t0 > a.budget_s:
+                # A case starts only if one as long as the longest so far still fits.
+                if a.budget_s is not None and time.perf_counter() - t0 + longest > a.budget_s:
                     for p in provs:
                         emit({"block": case.label, "batch": n, "mode": mode, "provider": p.name,
                               "kinds": list(p.kinds), "status": "skipped", "times": {},
                               "reason": f"out of the time budget ({a.budget_s:.0f} s)",
                               "check": None, "errors": {}})
                     continue
+                tc = time.perf_counter()
                 rows = run_case(case, n, mode, dt, device, provs, a.repeats, a.warmup, emit)
+                longest = max(longest, time.perf_counter() - tc)
                 failed += sum(r["status"] in ("FAIL", "error") for r in rows)
     text = render(doc)
     if a.markdown:
