@@ -212,9 +212,12 @@ else
   skip profile "no CUDA device: bench/op_diag.py --profile profiles the GPU backends"
 fi
 
-# 9. Extra steps (a longer lease): the op tests on the GPU at small shapes.
+# 9. Extra steps (a longer lease): the op tests on the GPU at small shapes, then the GPU
+# integration tests (fused SyncBatchNorm under DDP, CUDA graph capture, CUDA autocast).
 if [ "$EXTRA" = 1 ] && [ "$HAS_GPU" = 1 ] && have pytest; then
-  step op-tests 90 0 "$PY" -P -m pytest tests/test_ops.py tests/test_resnet_backends.py -m gpu -q \
+  step op-tests 90 60 "$PY" -P -m pytest tests/test_ops.py tests/test_resnet_backends.py -m gpu -q \
+    -p no:cacheprovider -rfEs
+  step gpu-integr 120 0 "$PY" -P -m pytest tests/test_integrations.py -m gpu_integration -q \
     -p no:cacheprovider -rfEs
 fi
 
