@@ -282,6 +282,13 @@ def test_selftest_bench_names_a_kernel_kind():
     assert rec["classes"], rec
 
 
+def test_selftest_bench_starts_no_class_past_its_deadline():
+    todo = speed.classes(CPU, True)[:2]
+    rec = speed.bench(CPU, ["cpu"], out=lambda s: None, repeats=2, shape_classes=todo,
+                      deadline=0.0)
+    assert rec["classes"] == {} and rec["not_timed"] == 2
+
+
 def test_every_op_of_the_contract_has_cases_and_the_module_is_callable():
     import fastres
 

@@ -18,6 +18,8 @@ user would run it. Inputs are random, never zeros.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -93,8 +95,10 @@ def _calls(ops, a: dict) -> dict[str, Callable[[], object]]:
 
 def bench(device: torch.device, names: list[str], out: Callable[[str], None] = print,
           quick: bool = True, repeats: int | None = None,
-          shape_classes: list | None = None) -> dict:
-    """Time ``names`` (backends that passed) and the reference path; the record's "bench"."""
+          shape_classes: list | None = None, deadline: float = math.inf) -> dict:
+    """Time ``names`` (backends that passed) and the reference path; the record's "bench".
+    No shape class starts after ``deadline`` (time.monotonic); those left are counted in
+    ``"not_timed"``."""
     from fastres import backends  # noqa: PLC0415
 
     repeats = repeats or (20 if device.type == "cuda" else 5)
@@ -105,6 +109,9 @@ def bench(device: torch.device, names: list[str], out: Callable[[str], None] = p
     torch.backends.cudnn.benchmark = True
     try:
         for key, cv, dt, layout in todo:
+            if time.monotonic() > deadline:
+                result["not_timed"] = result.get("not_timed", 0) + 1
+                continue
             a = _operands(cv, dt, layout, device)
             entry = {"shape": cv.label(), "ops": {}, "backends": {}}
             totals = {}
