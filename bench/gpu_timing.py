@@ -41,8 +41,13 @@ from pathlib import Path
 import torch
 
 from fastres.harness import rule, timer
-from fastres.harness.cases import (DTYPES, BlockCase, build_torchvision_block, distinct_blocks,
-                                   quick_subset)
+from fastres.harness.cases import (
+    DTYPES,
+    BlockCase,
+    build_torchvision_block,
+    distinct_blocks,
+    quick_subset,
+)
 from fastres.harness.run import forced_backend
 
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import time
@@ -203,50 +204,62 @@ def floors(m: torch.nn.Module, mode: str, n: int, size: int, dtype: torch.dtype)
 # Bare convolutions.
 
 
+def _bare_conv(cc, n: int, dtype: torch.dtype, device: torch.device, backends_: list[str],
+               repeats: int, g: torch.Generator) -> dict:
+    """One ResNet-50 conv shape: device ms of F.conv2d and of each backend's kernel."""
+    from fastres import backends  # noqa: PLC0415
+    from fastres.harness.run import forced_backend  # noqa: PLC0415
+
+    p = (cc.h + 2 * cc.pad - cc.k) // cc.stride + 1
+    q = (cc.w + 2 * cc.pad - cc.k) // cc.stride + 1
+    row = {"conv": cc.id, "k": cc.k, "flops": 2 * n * cc.cout * cc.cin * cc.k * cc.k * p * q,
+           "ms": {}, "errors": {}}
+    x = torch.randn(n, cc.cin, cc.h, cc.w, generator=g).to(device, dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cc.cout, cc.cin, cc.k, cc.k, generator=g) / (cc.cin * cc.k ** 2) ** 0.5
+    w = w.to(device, dtype).contiguous(memory_format=torch.channels_last)
+    cv = ([cc.stride] * 2, [cc.pad] * 2, [1, 1], 1)
+    theirs = F.conv2d(x, w, None, cc.stride, cc.pad)
+    want = F.conv2d(x.double(), w.double(), None, cc.stride, cc.pad)
+
+    def check(o):
+        return rule.verdict(cc.id, o, theirs, want, dtype)
+
+    calls = {"torch": lambda: F.conv2d(x, w, None, cc.stride, cc.pad)}
+    for b in backends_:
+        op = backends.BACKENDS[b].op("conv_bias_act")
+        calls[b] = functools.partial(op, x, w, None, None, *cv, False)
+    for name, fn in calls.items():
+        try:
+            with forced_backend(None if name == "torch" else name):
+                r = timer.measure(fn, device, kinds=("device",), repeats=repeats, warmup=2,
+                                  check=check)
+            row["ms"][name] = r["device"]["p50"] if "device" in r else None
+            if "device" in r["errors"]:
+                row["errors"][name] = r["errors"]["device"]
+        except Exception as exc:  # noqa: BLE001 - one kernel's failure is its cell
+            row["errors"][name] = f"{type(exc).__name__}: {exc}"[:160]
+    return row
+
+
 def conv_table(device: torch.device, dtype: torch.dtype, n: int, size: int, repeats: int,
                backends_: list[str], deadline: float, limit: int | None = None) -> list[dict]:
     """Every ResNet-50 conv shape, one bare convolution each (no bias, no residual, no ReLU):
     torch's F.conv2d (cuDNN on a GPU, oneDNN on a CPU) against each fastres backend's
-    conv_bias_act kernel, device time per call."""
+    conv_bias_act kernel, device time per call. A shape starts only if one as long as the longest
+    so far fits before ``deadline`` (time.perf_counter)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchlib import resnet50_conv_cases  # noqa: PLC0415
-
-    from fastres import backends  # noqa: PLC0415
-    from fastres.harness.run import forced_backend  # noqa: PLC0415
 
     rows, longest = [], 0.0
     g = torch.Generator().manual_seed(3)
     for cc in resnet50_conv_cases(size)[:limit]:
         tc = time.perf_counter()
-        row = {"conv": cc.id, "k": cc.k, "flops": 2 * n * cc.cout * cc.cin * cc.k * cc.k
-               * ((cc.h + 2 * cc.pad - cc.k) // cc.stride + 1)
-               * ((cc.w + 2 * cc.pad - cc.k) // cc.stride + 1), "ms": {}, "errors": {}}
-        if time.perf_counter() + longest > deadline:
-            row["errors"]["all"] = "out of the time budget"
-            rows.append(row)
+        if tc + longest > deadline:
+            rows.append({"conv": cc.id, "k": cc.k, "ms": {},
+                         "errors": {"all": "out of the time budget"}})
             continue
-        x = torch.randn(n, cc.cin, cc.h, cc.w, generator=g).to(device, dtype)
-        x = x.contiguous(memory_format=torch.channels_last)
-        w = (torch.randn(cc.cout, cc.cin, cc.k, cc.k, generator=g) / (cc.cin * cc.k ** 2) ** 0.5)
-        w = w.to(device, dtype).contiguous(memory_format=torch.channels_last)
-        cv = ([cc.stride] * 2, [cc.pad] * 2, [1, 1], 1)
-        theirs = F.conv2d(x, w, None, cc.stride, cc.pad)
-        want = F.conv2d(x.double(), w.double(), None, cc.stride, cc.pad)
-        calls = {"torch": lambda: F.conv2d(x, w, None, cc.stride, cc.pad)}
-        for b in backends_:
-            calls[b] = (lambda op: lambda: op(x, w, None, None, *cv, False))(
-                backends.BACKENDS[b].op("conv_bias_act"))
-        for name, fn in calls.items():
-            try:
-                with forced_backend(None if name == "torch" else name):
-                    r = timer.measure(fn, device, kinds=("device",), repeats=repeats, warmup=2,
-                                      check=lambda o: rule.verdict(cc.id, o, theirs, want, dtype))
-                row["ms"][name] = r["device"]["p50"] if "device" in r else None
-                if "device" in r["errors"]:
-                    row["errors"][name] = r["errors"]["device"]
-            except Exception as exc:  # noqa: BLE001 - one kernel's failure is its cell
-                row["errors"][name] = f"{type(exc).__name__}: {exc}"[:160]
-        rows.append(row)
+        rows.append(_bare_conv(cc, n, dtype, device, backends_, repeats, g))
         longest = max(longest, time.perf_counter() - tc)
     return rows
 
@@ -353,9 +366,9 @@ def render(doc: dict) -> str:
                 fl = r["floors"]["conv_flops"] / (tf * 1e12) * 1e3
             elif bw and cls in BYTE_CLASSES:
                 fl = r["floors"]["act_bytes"] / (bw * 1e12) * 1e3
+            fl_s, frac = (f"{fl:.3f}", f"{fl / (us / 1e3):.2f}") if fl else ("-", "-")
             lines.append(f"| {r['provider']} | {r['mode']} | {r['dtype']} | {r['batch']} | {cls} "
-                         f"| {us / 1e3:.3f} | {us / tot:.0%} | "
-                         f"{f'{fl:.3f}' if fl else '-'} | {f'{fl / (us / 1e3):.2f}' if fl else '-'} |")
+                         f"| {us / 1e3:.3f} | {us / tot:.0%} | {fl_s} | {frac} |")
     if doc.get("convs"):
         names = sorted({k for r in doc["convs"] for k in r["ms"]}, key=lambda s: s != "torch")
         lines += ["", f"Bare convolutions, N={doc['meta']['conv_batch']}, "

@@ -71,7 +71,8 @@ def test_a_wrong_provider_fails_its_check_and_is_not_timed(G, monkeypatch):
 
     monkeypatch.setattr(G, "build", wrong)
     case = G.distinct_blocks("resnet50", 64)[0]
-    provs = [p for p in G.providers(torch.device("cpu")) if p.name in ("torchvision", "fastres-cpu")]
+    provs = [p for p in G.providers(torch.device("cpu"))
+             if p.name in ("torchvision", "fastres-cpu")]
     rows = G.run_case(case, 1, "eval", torch.float32, torch.device("cpu"), provs, 2, 1,
                       lambda r: None)
     assert [r["status"] for r in rows] == ["ok", "FAIL"], rows
