@@ -311,8 +311,10 @@ def largest_batch(provider: str, mode: str, dtype: torch.dtype, start: int, size
             torch.cuda.synchronize()
             best = n
             n *= 2
-        except torch.OutOfMemoryError:
-            break
+        except RuntimeError as exc:  # torch.OutOfMemoryError, or cuDNN's own allocation error
+            if isinstance(exc, torch.OutOfMemoryError) or "memory" in str(exc).lower():
+                break
+            raise
         finally:
             torch.cuda.empty_cache()
     return best
