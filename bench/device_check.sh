@@ -147,7 +147,7 @@ else
 fi
 
 # 2. What was built and which backends are available.
-step info 15 190 "$PY" -P -m fastres.info
+step info 25 190 "$PY" -P -m fastres.info
 
 # 3. Parity per backend (what decides "verified"): ResNet-50's 4 covering Bottleneck types, bf16
 # and fp32, eval and train, no timing (the tables below time). The JSON is rewritten after every
