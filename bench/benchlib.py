@@ -438,3 +438,39 @@ def check_and_measure(bm, provider: str, m: nn.Module, ref_m: nn.Module, x0: Ten
             if device.type == "cuda":
                 call(0)
     return want, diff, info, saved, pm
+
+
+# --------------------------------------------------------------------------------------------
+# Table scripts (gpu_timing.py, resnet50_throughput.py): their output options.
+
+
+def add_output_args(ap) -> None:
+    """--json, --markdown and --from-json on an argparse parser."""
+    ap.add_argument("--json", dest="json_out", help="write every row here (rewritten after each)")
+    ap.add_argument("--markdown", help="write the table here")
+    ap.add_argument("--from-json", metavar="PATH",
+                    help="run nothing: print (and --markdown) the table of an earlier --json")
+
+
+def write_json(path: str | None, doc: dict) -> None:
+    """``doc`` to ``path`` through a temporary file: a reader never sees half of it."""
+    if not path:
+        return
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def emit_table(args, render: Callable[[dict], str], doc: dict | None = None) -> str:
+    """The table of ``doc`` (or of ``args.from_json``): printed, and written to --markdown."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    text = render(doc if doc is not None else json.loads(Path(args.from_json).read_text()))
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    print(text)
+    return text

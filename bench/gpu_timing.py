@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +39,10 @@ from pathlib import Path
 
 import torch
 
-from fastres.harness import rule, timer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, also under python -P
+import benchlib as B  # noqa: E402
+
+from fastres.harness import rule, timer  # noqa: E402
 from fastres.harness.cases import (
     DTYPES,
     BlockCase,
@@ -48,7 +50,7 @@ from fastres.harness.cases import (
     distinct_blocks,
     quick_subset,
 )
-from fastres.harness.run import forced_backend
+from fastres.harness.run import forced_backend  # noqa: E402
 
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 GPU_ONLY_MODES = {
@@ -240,16 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start a case only while one as long as the longest so far fits in "
                          "this many seconds (the rest: skipped rows)")
-    ap.add_argument("--json", dest="json_out")
-    ap.add_argument("--markdown")
-    ap.add_argument("--from-json", metavar="PATH",
-                    help="run nothing: print (and --markdown) the table of an earlier --json")
+    B.add_output_args(ap)
     a = ap.parse_args(argv)
     if a.from_json:
-        text = render(json.loads(Path(a.from_json).read_text()))
-        if a.markdown:
-            Path(a.markdown).write_text(text)
-        print(text)
+        B.emit_table(a, render)
         return 0
     device = torch.device(a.device)
     if device.type == "cuda":
@@ -277,10 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                      if k in row["times"])
         print(f"{row['block']} N={row['batch']} {row['mode']} {row['provider']}: "
               f"{row['status']} {t or row['reason'] or ''}", flush=True)
-        if a.json_out:
-            tmp = Path(a.json_out + ".tmp")
-            tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-            tmp.replace(a.json_out)
+        B.write_json(a.json_out, doc)
 
     dt = DTYPES[a.dtype]
     failed, longest = 0, 0.0
@@ -299,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows = run_case(case, n, mode, dt, device, provs, a.repeats, a.warmup, emit)
                 longest = max(longest, time.perf_counter() - tc)
                 failed += sum(r["status"] in ("FAIL", "error") for r in rows)
-    text = render(doc)
-    if a.markdown:
-        Path(a.markdown).write_text(text)
-    print(text)
+    B.emit_table(a, render, doc)
     return 1 if failed else 0
 
 

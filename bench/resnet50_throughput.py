@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastres.harness import rule, timer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, also under python -P
+import benchlib as B  # noqa: E402
+
+from fastres.harness import rule, timer  # noqa: E402
 
 # MLPerf ResNet-50 per GPU: Training v4.0 (MXNet, fp16, fused NormConv kernels, CUDA graphs) and
 # Inference (TensorRT INT8, offline). Roofline: dense bf16 datasheet peak and what an 8192^3 bf16
@@ -248,12 +250,9 @@ def conv_table(device: torch.device, dtype: torch.dtype, n: int, size: int, repe
     torch's F.conv2d (cuDNN on a GPU, oneDNN on a CPU) against each fastres backend's
     conv_bias_act kernel, device time per call. A shape starts only if one as long as the longest
     so far fits before ``deadline`` (time.perf_counter)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from benchlib import resnet50_conv_cases  # noqa: PLC0415
-
     rows, longest = [], 0.0
     g = torch.Generator().manual_seed(3)
-    for cc in resnet50_conv_cases(size)[:limit]:
+    for cc in B.resnet50_conv_cases(size)[:limit]:
         tc = time.perf_counter()
         if tc + longest > deadline:
             rows.append({"conv": cc.id, "k": cc.k, "ms": {},
@@ -411,16 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=10 if gpu else 2)
     ap.add_argument("--warmup", type=int, default=3 if gpu else 1)
     ap.add_argument("--budget-s", type=float, default=None)
-    ap.add_argument("--json", dest="json_out")
-    ap.add_argument("--markdown")
-    ap.add_argument("--from-json", metavar="PATH",
-                    help="run nothing: print (and --markdown) the table of an earlier --json")
+    B.add_output_args(ap)
     a = ap.parse_args(argv)
     if a.from_json:
-        text = render(json.loads(Path(a.from_json).read_text()))
-        if a.markdown:
-            Path(a.markdown).write_text(text)
-        print(text)
+        B.emit_table(a, render)
         return 0
     device = torch.device(a.device)
     t0 = time.perf_counter()
@@ -438,10 +431,7 @@ def main(argv: list[str] | None = None) -> int:
            "rows": [], "convs": []}
 
     def flush():
-        if a.json_out:
-            tmp = Path(a.json_out + ".tmp")
-            tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-            tmp.replace(a.json_out)
+        B.write_json(a.json_out, doc)
 
     dts = {"bf16": torch.bfloat16, "fp32": torch.float32}
     failed, longest = 0, 0.0
@@ -491,10 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["convs"] = conv_table(device, cdt, cn, a.image_size, a.repeats, names, deadline,
                                    a.conv_shapes)
         flush()
-    text = render(doc)
-    if a.markdown:
-        Path(a.markdown).write_text(text)
-    print(text)
+    B.emit_table(a, render, doc)
     return 1 if failed else 0
 
 
