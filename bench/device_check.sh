@@ -81,7 +81,8 @@ row() { STEPS+=("$(printf '%-10s %-10s %5s s  %s' "$1" "$2" "$3" "$4")"); }
 
 # step NAME CAP RESERVE CMD...: run CMD under `timeout` for at most CAP seconds and never into
 # the RESERVE seconds kept for the steps after it. "@B@" in CMD becomes the seconds the step got
-# minus 15 (for scripts with their own --budget-s, so they write their table before the kill).
+# minus 15 (for scripts with their own --budget-s, so they write their table before the kill),
+# "@T@" two thirds of that (the self-test's --time-limit, whose timing gets half of it again).
 # pytest's exit status 5 (nothing collected) counts as "none", not a failure.
 step() {
   local name=$1 cap=$2 reserve=$3
@@ -97,7 +98,10 @@ step() {
     SKIPPED=$((SKIPPED + 1))
     return 0
   fi
-  for a in "$@"; do args+=("${a//@B@/$((budget - 15))}"); done
+  for a in "$@"; do
+    a=${a//@B@/$((budget - 15))}
+    args+=("${a//@T@/$(((budget - 15) * 2 / 3))}")
+  done
   note "== $name (at most ${budget} s): ${args[*]}"
   t0=$(date +%s)
   timeout --signal=TERM --kill-after=10 "$budget" "${args[@]}" 2>&1 | tee -a "$LOG"
@@ -173,10 +177,10 @@ else
 fi
 
 # 5. The self-test a user runs, with its ranking timed in kernel time (the record names the
-# kind); --time-limit 28: the checks stop starting cases after 28 s and the timing after 14 s
-# more; the verdicts are written before the timing starts.
+# kind); --time-limit T (two thirds of the step's time less a margin): the checks stop starting
+# cases after T seconds and the timing after T/2 more; the verdicts are written before the timing.
 STEP_NOTE="${PREFIX}_selftest.json"
-SELFTEST_ARGS=(--bench --no-progress --time-limit 28 --record-to "$OUT/${PREFIX}_selftest.json")
+SELFTEST_ARGS=(--bench --no-progress --time-limit @T@ --record-to "$OUT/${PREFIX}_selftest.json")
 [ "$HAS_GPU" = 1 ] || SELFTEST_ARGS+=(--quick --backend cpu)  # CPU sizes: the C++ backend only
 step selftest 45 100 "$PY" -P -m fastres.selftest "${SELFTEST_ARGS[@]}"
 
