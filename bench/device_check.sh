@@ -204,7 +204,7 @@ if [ "$HAS_GPU" = 1 ]; then
   step resnet50 60 10 "$PY" -P bench/resnet50_throughput.py --batch 256 --repeats 5 \
     "${LARGEST[@]}" --convs --budget-s @B@ --json "$OUT/${PREFIX}_resnet50.json"
 else
-  step resnet50 60 10 "$PY" -P bench/resnet50_throughput.py --dtypes fp32 --batch 2 \
+  step resnet50 90 10 "$PY" -P bench/resnet50_throughput.py --dtypes fp32 --batch 2 \
     --image-size 32 --providers fastres --repeats 1 --convs --conv-shapes 3 --budget-s @B@ \
     --json "$OUT/${PREFIX}_resnet50.json"
 fi
