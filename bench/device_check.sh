@@ -63,6 +63,11 @@ if [ -z "${FASTRES_COMMIT:-}" ]; then
 fi
 export FASTRES_COMMIT
 export FASTRES_INSTAFAIL=1  # tests/conftest.py: failures printed as they happen
+# The self-test's record goes to a cache of this run's own, which the later steps' dispatcher
+# reads; nothing is left in the user's ~/.cache/fastres (other processes' dispatchers read it).
+FASTRES_CACHE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/fastres-device-check.XXXXXX")
+export FASTRES_CACHE_DIR
+trap 'rm -rf "$FASTRES_CACHE_DIR"' EXIT
 
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 case "$GPU_NAME" in
@@ -205,7 +210,7 @@ if [ "$HAS_GPU" = 1 ]; then
     "${LARGEST[@]}" --convs --budget-s @B@ --json "$OUT/${PREFIX}_resnet50.json"
 else
   step resnet50 90 10 "$PY" -P bench/resnet50_throughput.py --dtypes fp32 --batch 2 \
-    --image-size 32 --providers fastres --repeats 1 --convs --conv-shapes 3 --budget-s @B@ \
+    --image-size 32 --providers fastres-cpu --repeats 1 --convs --conv-shapes 3 --budget-s @B@ \
     --json "$OUT/${PREFIX}_resnet50.json"
 fi
 

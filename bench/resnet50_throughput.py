@@ -3,7 +3,8 @@ time goes per kernel class against its roofline floor, and every ResNet-50 convo
 (cuDNN against the fastres kernels).
 
     python -P bench/resnet50_throughput.py [--modes infer train] [--dtypes bf16 fp32]
-        [--batch 256] [--largest] [--providers torchvision fastres] [--convs] [--budget-s 150]
+        [--batch 256] [--largest] [--providers torchvision fastres-cuda ...] [--convs]
+        [--budget-s 150]
         [--json OUT.json] [--markdown OUT.md]
 
 Throughput: channels_last, random inputs and labels (never zeros); inference is the eval forward,
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, also under
 import benchlib as B  # noqa: E402
 
 from fastres.harness import rule, timer  # noqa: E402
+from fastres.harness.run import forced_backend  # noqa: E402
 
 # MLPerf ResNet-50 per GPU: Training v4.0 (MXNet, fp16, fused NormConv kernels, CUDA graphs) and
 # Inference (TensorRT INT8, offline). Roofline: dense bf16 datasheet peak and what an 8192^3 bf16
@@ -91,7 +93,7 @@ def build(provider: str, dtype: torch.dtype, device: torch.device) -> torch.nn.M
 
     torch.manual_seed(0)
     m = randomise_bn(torchvision.models.resnet50(), 1)
-    if provider == "fastres":
+    if provider.startswith("fastres"):
         import fastres  # noqa: PLC0415
 
         m = fastres.convert(m)
@@ -210,7 +212,6 @@ def _bare_conv(cc, n: int, dtype: torch.dtype, device: torch.device, backends_: 
                repeats: int, g: torch.Generator) -> dict:
     """One ResNet-50 conv shape: device ms of F.conv2d and of each backend's kernel."""
     from fastres import backends  # noqa: PLC0415
-    from fastres.harness.run import forced_backend  # noqa: PLC0415
 
     p = (cc.h + 2 * cc.pad - cc.k) // cc.stride + 1
     q = (cc.w + 2 * cc.pad - cc.k) // cc.stride + 1
@@ -272,6 +273,14 @@ def run_config(provider: str, mode: str, dtype: torch.dtype, n: int, size: int,
     row = {"provider": provider, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
            "batch": n, "status": "ok", "reason": None, "times": {}, "classes": {}}
     m = build(provider, dtype, device)
+    backend = provider.split("-", 1)[1] if provider.startswith("fastres-") else None
+    with forced_backend(backend):
+        return _run_config(row, m, mode, dtype, n, size, device, repeats, warmup, check)
+
+
+def _run_config(row: dict, m: torch.nn.Module, mode: str, dtype: torch.dtype, n: int,
+                size: int, device: torch.device, repeats: int, warmup: int,
+                check: LogitsCheck) -> dict:
     v = check(m)
     row["check"] = str(v)
     if not v.ok:
@@ -401,8 +410,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="also the largest batch that fits (GPU; doubling up to --max-batch)")
     ap.add_argument("--max-batch", type=int, default=2048)
     ap.add_argument("--image-size", type=int, default=224 if gpu else 64)
-    ap.add_argument("--providers", nargs="+", default=["torchvision", "fastres"],
-                    choices=["torchvision", "fastres"])
+    ap.add_argument("--providers", nargs="+", choices=["torchvision", "fastres",
+                                                       "fastres-cuda", "fastres-triton",
+                                                       "fastres-cpu"],
+                    default=["torchvision", *(("fastres-cuda", "fastres-triton") if gpu
+                                             else ("fastres-cpu",))],
+                    help="fastres: the dispatcher's choice (a GPU backend only once the "
+                         "self-test passed here); fastres-<backend>: that backend forced")
     ap.add_argument("--convs", action="store_true", help="also the bare-conv table")
     ap.add_argument("--conv-batch", type=int, default=None)
     ap.add_argument("--conv-shapes", type=int, default=None,
@@ -442,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
             for prov in a.providers:
                 batches = [a.batch]
                 if a.largest and time.perf_counter() < deadline:
-                    big = largest_batch(prov, mode, dts[dname], a.batch, a.image_size, device,
-                                        a.max_batch)
+                    with forced_backend(prov.split("-", 1)[1] if "-" in prov else None):
+                        big = largest_batch(prov, mode, dts[dname], a.batch, a.image_size,
+                                            device, a.max_batch)
                     if big and big != a.batch:
                         batches.append(big)
                 for n in batches:

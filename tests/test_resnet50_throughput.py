@@ -77,15 +77,15 @@ def test_the_table_stands_beside_mlperf(R):
 
 def test_runs_on_the_cpu_at_a_tiny_size(R, tmp_path):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
-    # fastres only: the torchvision provider differs by its build alone, and each whole-model
-    # configuration costs seconds on a CPU.
+    # fastres-cpu only: the torchvision provider differs by its build alone, and each
+    # whole-model configuration costs seconds on a CPU.
     rc = R.main(["--device", "cpu", "--dtypes", "fp32", "--batch", "2", "--image-size", "32",
-                 "--providers", "fastres", "--repeats", "1", "--warmup", "1", "--convs",
+                 "--providers", "fastres-cpu", "--repeats", "1", "--warmup", "1", "--convs",
                  "--conv-shapes", "2", "--json", str(out), "--markdown", str(md)])
     assert rc == 0
     doc = json.loads(out.read_text())
     assert [(r["provider"], r["mode"], r["status"]) for r in doc["rows"]] == [
-        ("fastres", "infer", "ok"), ("fastres", "train", "ok")]
+        ("fastres-cpu", "infer", "ok"), ("fastres-cpu", "train", "ok")]
     for r in doc["rows"]:
         assert set(r["times"]) == {"device", "eager", "graph"} and "[ok]" in r["check"]
         assert r["classes"] and r["floors"]["conv_flops"] > 0
