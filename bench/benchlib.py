@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fastres.harness.timer import quantile  # the project's one timer's quantiles
+from fastres.harness import timer as T  # the project's one timer
+from fastres.harness.timer import quantile
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -69,7 +70,7 @@ def resnet50_conv_cases(image_size: int = 224) -> list[ConvCase]:
     import torchvision
 
     with torch.device("meta"):
-        net = torchvision.models.resnet50()
+        net = torchvision.models.resnet50().eval()  # eval: a 1x1 layer4 at small sizes
     seen: dict[tuple, ConvCase] = {}
 
     def hook(name: str):
@@ -238,12 +239,15 @@ def warmup_calls(provider: str, device: torch.device) -> int:
 
 def measure(benchmark, call: Callable[[int], object], device: torch.device, warmup: int = 2,
             group: str | None = None) -> dict:
-    """Time ``call(i)`` (i: which rotated input to use) through pytest-benchmark's pedantic mode.
+    """Time ``call(i)`` (i: which rotated input to use) through pytest-benchmark's pedantic mode,
+    with the project's one timer's kinds and L2 flush (fastres.harness.timer).
 
-    Warm-up calls run first and are excluded. On CUDA every timed call is bracketed by CUDA
-    events and ends with a synchronize (so pytest-benchmark's own wall-clock stats are honest
-    too); the p20/p50/p80 reported come from the events. On the CPU they come from
-    time.perf_counter around each call."""
+    Warm-up calls run first and are excluded. Before every timed call the L2 is flushed
+    (pedantic's untimed setup: a write of twice the L2, synchronised). Each timed call gives its
+    host time (until it returns) and its eager wall time (after a synchronisation, so
+    pytest-benchmark's own wall-clock stats are honest too); p20/p50/p80 are the eager wall
+    times (``kind``: "eager"). On CUDA the same call is also timed in the device kind (the
+    profiler's kernel time per call: ``device_p50_ms``), the kind to rank kernels on."""
     if group is not None:
         benchmark.group = group  # pytest-benchmark reads it when pedantic() starts
     counter = itertools.count()
@@ -261,35 +265,36 @@ def measure(benchmark, call: Callable[[int], object], device: torch.device, warm
     else:
         budget, lo, hi = CPU_BUDGET_S, CPU_MIN_ROUNDS, CPU_MAX_ROUNDS
     rounds = int(max(lo, min(hi, budget / max(t_one, 1e-6))))
-    samples: list = []
-    if device.type == "cuda":
-        def target():
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            i = next(counter)
-            a.record()
-            call(i)
-            b.record()
-            torch.cuda.synchronize(device)
-            samples.append((a, b))
-    else:
-        def target():
-            i = next(counter)
-            s = time.perf_counter()
-            call(i)
-            samples.append((time.perf_counter() - s) * 1e3)
-    benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=0)
-    if device.type == "cuda":
-        ms = sorted(a.elapsed_time(b) for a, b in samples)
-        timer = "cuda events (each call synchronised)"
-    else:
-        ms = sorted(samples)
-        timer = "time.perf_counter"
-    if not ms:  # --benchmark-disable runs the target once at most
-        return {"timer": timer, "rounds": 0}
-    return {"p20_ms": quantile(ms, 0.2), "p50_ms": statistics.median(ms),
+    flush = T.Flusher(device)
+    host: list = []
+    wall: list = []
+
+    def target():
+        i = next(counter)
+        s = time.perf_counter()
+        call(i)
+        h = time.perf_counter()
+        _sync(device)
+        host.append((h - s) * 1e3)
+        wall.append((time.perf_counter() - s) * 1e3)
+
+    benchmark.pedantic(target, setup=flush, rounds=rounds, iterations=1, warmup_rounds=0)
+    timer = T.kind_label("eager", device)
+    if not wall:  # --benchmark-disable runs the target once at most
+        return {"timer": timer, "kind": "eager", "rounds": 0}
+    ms, hs = sorted(wall), sorted(host)
+    info = {"p20_ms": quantile(ms, 0.2), "p50_ms": statistics.median(ms),
             "p80_ms": quantile(ms, 0.8), "min_ms": ms[0], "rounds": len(ms), "timer": timer,
-            "warmup_calls": warmup + 1, "warmup_s": warm_s}
+            "kind": "eager", "host_p50_ms": statistics.median(hs),
+            "flush_bytes": flush.nbytes, "warmup_calls": warmup + 1, "warmup_s": warm_s}
+    if device.type == "cuda":
+        r = T.measure(lambda: call(next(counter)), device, kinds=("device",), warmup=1,
+                      repeats=min(rounds, 10))
+        if "device" in r:
+            info.update(device_p50_ms=r["device"]["p50"], device_timer=r["device"]["what"])
+        else:
+            info["device_error"] = r["errors"].get("device")
+    return info
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,3 +438,39 @@ def check_and_measure(bm, provider: str, m: nn.Module, ref_m: nn.Module, x0: Ten
             if device.type == "cuda":
                 call(0)
     return want, diff, info, saved, pm
+
+
+# --------------------------------------------------------------------------------------------
+# Table scripts (gpu_timing.py, resnet50_throughput.py): their output options.
+
+
+def add_output_args(ap) -> None:
+    """--json, --markdown and --from-json on an argparse parser."""
+    ap.add_argument("--json", dest="json_out", help="write every row here (rewritten after each)")
+    ap.add_argument("--markdown", help="write the table here")
+    ap.add_argument("--from-json", metavar="PATH",
+                    help="run nothing: print (and --markdown) the table of an earlier --json")
+
+
+def write_json(path: str | None, doc: dict) -> None:
+    """``doc`` to ``path`` through a temporary file: a reader never sees half of it."""
+    if not path:
+        return
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def emit_table(args, render: Callable[[dict], str], doc: dict | None = None) -> str:
+    """The table of ``doc`` (or of ``args.from_json``): printed, and written to --markdown."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    text = render(doc if doc is not None else json.loads(Path(args.from_json).read_text()))
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    print(text)
+    return text

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write the record here (bench/results/<gpu>_<commit>_selftest.json)")
     ap.add_argument("--time-limit", type=float, metavar="S",
                     help="stop starting cases after S seconds and still write the record (the "
-                         "backends then count as partial, not verified)")
+                         "backends then count as partial, not verified); --bench then starts "
+                         "no shape class after S/2 more seconds")
     ap.add_argument("--no-progress", dest="progress", action="store_false",
                     help="no progress bar on stderr")
     ap.add_argument("--seed", type=int, default=0,

@@ -302,8 +302,8 @@ def test_compile_resnet50_modes(mode):
 
 
 # ------------------------------------------------------------------------------- GPU variants
-# Run by bench/device_check.sh on a CUDA machine (its last step, in the time the parity run and the
-# benchmarks leave: marker gpu_integration); skipped elsewhere.
+# Run by bench/device_check.sh on a CUDA machine (its last extra step, with DEVICE_CHECK_EXTRA=1 or a
+# budget of 600 s or more: marker gpu_integration); skipped elsewhere.
 
 
 def _gpu_backends() -> list:

@@ -142,14 +142,14 @@ def _costs(n):
     return wrap
 
 
-def _fake_time_ms(fn, device, warmup, repeats):
+def _fake_time_ms(fn, device, warmup, repeats, kind="eager"):
     """A clock that counts work units: timings on a shared CI machine are noise (measured here:
     the same 1x16x7x7 convolution at 0.5 ms and at 30 ms minutes apart), and what is under test
     is the ranking and the dispatcher, not the timer (fastres.harness.timer)."""
     _WORK[0] = 0
     fn()
     t = float(_WORK[0])
-    return {"p20": t, "p50": t, "p80": t, "timer": "work units"}
+    return {"p20": t, "p50": t, "p80": t, "timer": "work units", "kind": kind}
 
 
 def test_slower_backend_is_not_preferred(monkeypatch):
@@ -240,12 +240,53 @@ def test_completion_covers_every_reachable_variant(backend):
 def test_shape_classes_and_wildcards():
     cls = records.shape_class((3, 3), (2, 2), 128, torch.bfloat16, True, 32)
     assert cls == "k3x3 s2 c<=256 bfloat16 cl n<=64"
-    bench = {"classes": {cls: {"backends": {"cuda": {"speedup": 2.0},
-                                            "triton": {"speedup": 0.5}}}}}
+    bench = {"kind": "device", "classes": {cls: {"backends": {"cuda": {"speedup": 2.0},
+                                                              "triton": {"speedup": 0.5}}}}}
     rk = records.ranking(bench)
     assert rk[cls] == ["cuda", "reference"]
     assert rk["k3x3 s2 c<=256 bfloat16 cl n*"] == ["cuda", "reference"]
     assert rk["k3x3 s2 c* bfloat16 cl n*"] == ["cuda", "reference"]
+
+
+def _fake_gpu_record(kind, speedups: dict) -> tuple[dict, str]:
+    """A record of this device (the key of "cpu") whose bench was timed in ``kind``."""
+    cls = records.shape_class((3, 3), (1, 1), 16, torch.float32, True, 1)
+    rec = records.new_record("cpu")
+    rec["backends"] = {n: {"status": "pass"} for n in speedups}
+    rec["bench"] = {"kind": kind, "timer": f"fake {kind}", "classes": {
+        cls: {"backends": {n: {"speedup": s} for n, s in speedups.items()}}}}
+    return rec, cls
+
+
+@pytest.mark.parametrize("kind,ranked", [("device", True), ("graph", True), ("eager", False),
+                                         ("host", False), (None, False)])
+def test_the_dispatcher_ranks_only_on_kernel_or_graph_time(kind, ranked):
+    rec, cls = _fake_gpu_record(kind, {"cpu": 3.0})
+    records.save(rec)
+    want = "cpu,reference" if ranked else ""
+    assert records.preference("cpu", cls) == want
+    assert bool(records.state("cpu")["ranking_by"]) == ranked
+
+
+def test_a_record_names_gpu_driver_torch_triton_and_commit(monkeypatch):
+    monkeypatch.setenv("FASTRES_COMMIT", "0123456789abcdef")
+    rec = records.new_record("cpu")
+    assert rec["commit"] == "0123456789abcdef"
+    assert {"name", "driver", "torch", "triton", "capability", "kernels"} <= set(rec["key"])
+
+
+def test_selftest_bench_names_a_kernel_kind():
+    rec = speed.bench(CPU, ["cpu"], out=lambda s: None, repeats=2,
+                      shape_classes=speed.classes(CPU, True)[:1])
+    assert rec["kind"] == "device" and "CPU op time" in rec["timer"], rec["timer"]
+    assert rec["classes"], rec
+
+
+def test_selftest_bench_starts_no_class_past_its_deadline():
+    todo = speed.classes(CPU, True)[:2]
+    rec = speed.bench(CPU, ["cpu"], out=lambda s: None, repeats=2, shape_classes=todo,
+                      deadline=0.0)
+    assert rec["classes"] == {} and rec["not_timed"] == 2
 
 
 def test_every_op_of_the_contract_has_cases_and_the_module_is_callable():

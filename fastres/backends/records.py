@@ -2,7 +2,13 @@
 
 ``python -m fastres.selftest`` writes one record per run: the device and the software it ran on
 (:func:`device_key`), each backend's verdict, the kernel variants it launched and, with
-``--bench``, each backend's time against the reference path per shape class. A record counts
+``--bench``, each backend's time against the reference path per shape class, in a named timing
+kind (``bench["kind"]``, fastres.harness.timer): the dispatcher ranks only on kernel time
+(``device``: the profiler's kernel time per call) or CUDA-graph replay time (``graph``), never on a
+host-bound wall time (:data:`RANKABLE_KINDS`); a bench in another kind, or naming none, is kept
+for people and ranks nothing. A record also names the commit it was measured at
+(``FASTRES_COMMIT``, set by the project's scripts) beside its key's GPU, driver, torch and triton.
+A record counts
 only for its exact key: another GPU, driver, CUDA, torch, triton or fastres version, or one byte
 changed in a compiled kernel (``fastres/_C*.so``) or a Triton source, and it is ignored.
 
@@ -33,6 +39,8 @@ from pathlib import Path
 import torch
 
 FORMAT = "fastres-selftest/1"
+#: The timing kinds a ranking may rest on: kernel time and graph-replay time.
+RANKABLE_KINDS = ("device", "graph")
 _PKG = Path(__file__).resolve().parent.parent  # the fastres package: its _C*.so
 
 
@@ -189,6 +197,7 @@ def new_record(device: str) -> dict:
         "format": FORMAT,
         "key": device_key(device),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": os.environ.get("FASTRES_COMMIT", "").strip() or "unknown",
         "backends": {},
         "coverage": {},
         "bench": {},
@@ -233,7 +242,10 @@ def _wild(cls: str, which: tuple[str, ...]) -> str:
 def ranking(bench: dict) -> dict[str, list[str]]:
     """Per shape class (and the same class with batch, then also channels, any), the backends
     faster than the reference path, fastest first, then ``reference``. Wildcard classes rank by
-    the geometric mean of the measured classes' speedups."""
+    the geometric mean of the measured classes' speedups. A bench not timed in one of
+    :data:`RANKABLE_KINDS` ranks nothing (empty)."""
+    if bench.get("kind") not in RANKABLE_KINDS:
+        return {}
     classes = bench.get("classes", {})
     speed: dict[str, dict[str, list[float]]] = {}
     for cls, entry in classes.items():
@@ -289,7 +301,8 @@ def state(device: str) -> dict:
             if name not in st["verdicts"] and b.get("status") in ("pass", "fail"):
                 st["verdicts"][name] = b["status"]
                 st["by"][name] = str(path)
-        if st["ranking_by"] is None and rec.get("bench", {}).get("classes"):
+        if (st["ranking_by"] is None and rec.get("bench", {}).get("classes")
+                and rec["bench"].get("kind") in RANKABLE_KINDS):
             st["ranking"] = ranking(rec["bench"])
             st["ranking_by"] = str(path)
     # Only verified backends may be preferred.

@@ -8,20 +8,25 @@ ReLU, conv_stats with the BN-ReLU prologue, conv_bwd with both gradients). A cla
 sum of its three ops' medians; the ranking the dispatcher reads (records.ranking) puts the
 backends faster than the reference path first, fastest first, and never one slower than it.
 
-Timing: the project's one timer (fastres.harness.timer.time_ms; the record names what it measured),
-with ``cudnn.benchmark`` on for the reference path as a user would run it. Inputs are random,
-never zeros.
+Timing: the project's one timer (fastres.harness.timer) in a kernel kind, never a host-bound wall
+time: ``device`` (the profiler's kernel time per call on a GPU, its CPU op time on a CPU) where the
+profiler reads the device, else ``graph`` (CUDA-graph replay). The record names the kind
+(``bench["kind"]``) and the dispatcher ranks only on these kinds
+(fastres.backends.records.RANKABLE_KINDS). ``cudnn.benchmark`` is on for the reference path as a
+user would run it. Inputs are random, never zeros.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 
 import torch
 
 from fastres.backends import records
 from fastres.backends.variants import Conv, resnet_convs
-from fastres.harness.timer import time_ms
+from fastres.harness.timer import ranking_kind, time_ms
 
 OPS = ("conv_bias_act", "conv_stats", "conv_bwd")
 
@@ -90,17 +95,23 @@ def _calls(ops, a: dict) -> dict[str, Callable[[], object]]:
 
 def bench(device: torch.device, names: list[str], out: Callable[[str], None] = print,
           quick: bool = True, repeats: int | None = None,
-          shape_classes: list | None = None) -> dict:
-    """Time ``names`` (backends that passed) and the reference path; the record's "bench"."""
+          shape_classes: list | None = None, deadline: float = math.inf) -> dict:
+    """Time ``names`` (backends that passed) and the reference path; the record's "bench".
+    No shape class starts after ``deadline`` (time.monotonic); those left are counted in
+    ``"not_timed"``."""
     from fastres import backends  # noqa: PLC0415
 
     repeats = repeats or (20 if device.type == "cuda" else 5)
     todo = shape_classes if shape_classes is not None else classes(device, quick)
-    result: dict = {"timer": None, "classes": {}}
+    kind = ranking_kind(device)
+    result: dict = {"timer": None, "kind": kind, "classes": {}}
     prev = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
         for key, cv, dt, layout in todo:
+            if time.monotonic() > deadline:
+                result["not_timed"] = result.get("not_timed", 0) + 1
+                continue
             a = _operands(cv, dt, layout, device)
             entry = {"shape": cv.label(), "ops": {}, "backends": {}}
             totals = {}
@@ -112,7 +123,7 @@ def bench(device: torch.device, names: list[str], out: Callable[[str], None] = p
                 if reasons:
                     continue
                 try:
-                    timed = {op: time_ms(fn, device, 3, repeats)
+                    timed = {op: time_ms(fn, device, 3, repeats, kind=kind)
                              for op, fn in _calls(b, a).items()}
                     ts = {op: t["p50"] for op, t in timed.items()}
                     result["timer"] = next(iter(timed.values()))["timer"]
