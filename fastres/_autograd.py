@@ -476,7 +476,8 @@ class _ResidualUnitFn(torch.autograd.Function):
         flat = [g for stage in grads for g in (*stage, None, None, None)]
         # None for an input that needs none (a BatchNorm without affine parameters has no bias
         # to give dbeta to; a frozen parameter)
-        flat = [g if need else None for g, need in zip(flat, ctx.needs_input_grad[3:])]
+        flat = [g if need else None
+                for g, need in zip(flat, ctx.needs_input_grad[3:], strict=True)]
         return (None, dx if need_x else None, grad_shortcut, *flat)
 
 

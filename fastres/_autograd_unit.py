@@ -69,7 +69,8 @@ class UnitDirectFn(torch.autograd.Function):
         flat = []
         for i in range(ctx.n_stages + ctx.has_ds):
             flat += [*g[1 + 3 * i : 4 + 3 * i], None, None, None]
-        flat = [g if need else None for g, need in zip(flat, ctx.needs_input_grad[3:])]
+        flat = [g if need else None
+                for g, need in zip(flat, ctx.needs_input_grad[3:], strict=True)]
         return (None, None, g[0] if need_x else None, *flat)
 
 
