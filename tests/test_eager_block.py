@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch_log import OpLog
 
 import fastres
 from fastres import backends
@@ -33,15 +33,6 @@ def _blocks():
     basic = tvr.BasicBlock(24, 24)
     return {"bottleneck": tvr.Bottleneck(64, 16), "downsample": down, "basic": basic}
 
-
-class OpLog(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(f"{func.namespace}::{func.__name__.split('.')[0]}")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch_log import OpLog
 
 import fastres
 from fastres import backends
@@ -26,15 +26,6 @@ pytestmark = pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_re
 
 tvr = torchvision.models.resnet
 
-
-class OpLog(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(f"{func.namespace}::{func.__name__.split('.')[0]}")
-        return func(*args, **(kwargs or {}))
 
 
 def _block(kind: str, norm=None):

@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from dispatch_log import OpLog
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
@@ -282,17 +283,6 @@ def test_live_eval_frozen_batchnorm(backend, live, monkeypatch):
         m.layer2[0].bn2.bias.add_(1.0)
     _check(tv, ours, x, "live eval, FrozenBatchNorm2d changed in place")
 
-
-class OpLog(TorchDispatchMode):
-    """The ops a call dispatches, by qualified name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(f"{func.namespace}::{func.__name__.split('.')[0]}")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_reason()),

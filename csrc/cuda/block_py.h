@@ -38,6 +38,25 @@ inline bool read_ints(PyObject* tup, Py_ssize_t i, int64_t* out) {
   return !(*out == -1 && PyErr_Occurred());
 }
 
+// One convolution's (sh, sw, ph, pw, dh, dw, groups, eps, ...) tuple of `size` entries into a
+// BlockConv or UnitStage (the same geometry fields); false (a Python error set) otherwise.
+template <typename Conv>
+inline bool read_geometry(PyObject* c, Py_ssize_t size, const char* layout, Conv& out) {
+  if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != size) {
+    PyErr_Format(PyExc_TypeError, "fastres: each convolution is %s", layout);
+    return false;
+  }
+  int64_t v[7];
+  for (Py_ssize_t k = 0; k < 7; ++k)
+    if (!read_ints(c, k, &v[k])) return false;
+  out.stride = {v[0], v[1]};
+  out.padding = {v[2], v[3]};
+  out.dilation = {v[4], v[5]};
+  out.groups = v[6];
+  out.eps = PyFloat_AsDouble(PyTuple_GET_ITEM(c, 7));
+  return !(out.eps == -1.0 && PyErr_Occurred());
+}
+
 inline PyObject* block_spec(PyObject*, PyObject* args) {
   long long n_main = 0;
   int has_ds = 0;
@@ -47,22 +66,10 @@ inline PyObject* block_spec(PyObject*, PyObject* args) {
   spec->n_main = n_main;
   spec->has_ds = has_ds != 0;
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(convs); ++i) {
-    PyObject* c = PyTuple_GET_ITEM(convs, i);
-    if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 8) {
-      PyErr_SetString(PyExc_TypeError,
-                      "block_spec: each convolution is (sh, sw, ph, pw, dh, dw, groups, eps)");
-      return nullptr;
-    }
     BlockConv b{};
-    int64_t v[7];
-    for (Py_ssize_t k = 0; k < 7; ++k)
-      if (!read_ints(c, k, &v[k])) return nullptr;
-    b.stride = {v[0], v[1]};
-    b.padding = {v[2], v[3]};
-    b.dilation = {v[4], v[5]};
-    b.groups = v[6];
-    b.eps = PyFloat_AsDouble(PyTuple_GET_ITEM(c, 7));
-    if (b.eps == -1.0 && PyErr_Occurred()) return nullptr;
+    if (!read_geometry(PyTuple_GET_ITEM(convs, i), 8, "(sh, sw, ph, pw, dh, dw, groups, eps)",
+                       b))
+      return nullptr;
     spec->convs.push_back(b);
   }
   PyObject* cap = PyCapsule_New(spec.get(), kSpecName, free_spec);
@@ -121,19 +128,30 @@ inline bool run_released(Fn&& fn) {
   return false;
 }
 
+// The operands every entry takes: a spec capsule of `spec_name`, one tensor (`what`) and a tuple
+// of tensors or Nones; false (a Python error set) when one is not what it should be.
+template <typename Spec>
+inline bool read_call(PyObject* cap, const char* spec_name, PyObject* tensor, const char* what,
+                      PyObject* tup, Spec*& spec, at::Tensor& t,
+                      std::vector<std::optional<at::Tensor>>& ts) {
+  spec = static_cast<Spec*>(PyCapsule_GetPointer(cap, spec_name));
+  if (spec == nullptr) return false;
+  if (!THPVariable_Check(tensor)) {
+    PyErr_Format(PyExc_TypeError, "fastres: %s must be a tensor", what);
+    return false;
+  }
+  t = THPVariable_Unpack(tensor);
+  return read_tensors(tup, ts);
+}
+
 inline PyObject* block_eval_py(PyObject*, PyObject* args) {
   PyObject *cap = nullptr, *x = nullptr, *ts = nullptr;
   int keep = 0;
   if (!PyArg_ParseTuple(args, "OOO!|p", &cap, &x, &PyTuple_Type, &ts, &keep)) return nullptr;
-  auto* spec = static_cast<BlockSpec*>(PyCapsule_GetPointer(cap, kSpecName));
-  if (spec == nullptr) return nullptr;
-  if (!THPVariable_Check(x)) {
-    PyErr_SetString(PyExc_TypeError, "block_eval: x must be a tensor");
-    return nullptr;
-  }
+  BlockSpec* spec = nullptr;
+  at::Tensor xt;
   std::vector<std::optional<at::Tensor>> t;
-  if (!read_tensors(ts, t)) return nullptr;
-  const at::Tensor xt = THPVariable_Unpack(x);
+  if (!read_call(cap, kSpecName, x, "block_eval's x", ts, spec, xt, t)) return nullptr;
   std::vector<at::Tensor> out;
   if (!run_released([&] { out = block_eval(*spec, xt, t, keep != 0); })) return nullptr;
   if (!keep) return THPVariable_Wrap(std::move(out.back()));
@@ -161,21 +179,9 @@ inline PyObject* unit_spec(PyObject*, PyObject* args) {
   spec->relu = relu != 0;
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(stages); ++i) {
     PyObject* c = PyTuple_GET_ITEM(stages, i);
-    if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 9) {
-      PyErr_SetString(PyExc_TypeError, "unit_spec: each stage is (sh, sw, ph, pw, dh, dw, "
-                                       "groups, eps, momentum)");
-      return nullptr;
-    }
     UnitStage st{};
-    int64_t v[7];
-    for (Py_ssize_t k = 0; k < 7; ++k)
-      if (!read_ints(c, k, &v[k])) return nullptr;
-    st.stride = {v[0], v[1]};
-    st.padding = {v[2], v[3]};
-    st.dilation = {v[4], v[5]};
-    st.groups = v[6];
-    st.eps = PyFloat_AsDouble(PyTuple_GET_ITEM(c, 7));
-    if (st.eps == -1.0 && PyErr_Occurred()) return nullptr;
+    if (!read_geometry(c, 9, "(sh, sw, ph, pw, dh, dw, groups, eps, momentum)", st))
+      return nullptr;
     PyObject* m = PyTuple_GET_ITEM(c, 8);
     if (m != Py_None) {
       const double mom = PyFloat_AsDouble(m);
@@ -192,15 +198,10 @@ inline PyObject* unit_spec(PyObject*, PyObject* args) {
 inline PyObject* unit_forward_py(PyObject*, PyObject* args) {
   PyObject *cap = nullptr, *x = nullptr, *ps = nullptr;
   if (!PyArg_ParseTuple(args, "OOO!", &cap, &x, &PyTuple_Type, &ps)) return nullptr;
-  auto* spec = static_cast<UnitSpec*>(PyCapsule_GetPointer(cap, kUnitSpecName));
-  if (spec == nullptr) return nullptr;
-  if (!THPVariable_Check(x)) {
-    PyErr_SetString(PyExc_TypeError, "unit_forward: x must be a tensor");
-    return nullptr;
-  }
+  UnitSpec* spec = nullptr;
+  at::Tensor xt;
   std::vector<std::optional<at::Tensor>> p;
-  if (!read_tensors(ps, p)) return nullptr;
-  const at::Tensor xt = THPVariable_Unpack(x);
+  if (!read_call(cap, kUnitSpecName, x, "unit_forward's x", ps, spec, xt, p)) return nullptr;
   std::vector<at::Tensor> out;
   if (!run_released([&] { out = unit_forward(*spec, xt, p); })) return nullptr;
   return wrap_tensors(std::move(out));
@@ -210,21 +211,17 @@ inline PyObject* unit_backward_py(PyObject*, PyObject* args) {
   PyObject *cap = nullptr, *g = nullptr, *ss = nullptr;
   int need_x = 0;
   if (!PyArg_ParseTuple(args, "OOO!p", &cap, &g, &PyTuple_Type, &ss, &need_x)) return nullptr;
-  auto* spec = static_cast<UnitSpec*>(PyCapsule_GetPointer(cap, kUnitSpecName));
-  if (spec == nullptr) return nullptr;
-  if (!THPVariable_Check(g)) {
-    PyErr_SetString(PyExc_TypeError, "unit_backward: grad_out must be a tensor");
-    return nullptr;
-  }
+  UnitSpec* spec = nullptr;
+  at::Tensor gt;
   std::vector<std::optional<at::Tensor>> saved;
-  if (!read_tensors(ss, saved)) return nullptr;
-  const at::Tensor gt = THPVariable_Unpack(g);
+  if (!read_call(cap, kUnitSpecName, g, "unit_backward's grad_out", ss, spec, gt, saved))
+    return nullptr;
   std::vector<at::Tensor> out;
   if (!run_released([&] { out = unit_backward(*spec, gt, saved, need_x != 0); })) return nullptr;
   return wrap_tensors(std::move(out));
 }
 
-// The two entries, for a module's PyMethodDef table.
+// The entries, for a module's PyMethodDef table.
 #define FASTRES_BLOCK_METHODS                                                              \
   {"block_spec", fastres::cuda::py_block::block_spec, METH_VARARGS,                        \
    "block_spec(n_main, has_ds, convs) -> spec for block_eval (see csrc/cuda/block_py.h)"}, \
