@@ -15,12 +15,35 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from fastres.harness import timer as T  # the project's one timer
 from fastres.harness.timer import quantile
+
+def stamp_commit() -> str:
+    """The commit a benchmark measures, for its results' headers and file names: FASTRES_COMMIT
+    when the caller set it, else scripts/commit.sh's answer for this checkout (the benchmarks
+    live in the repository; the package reads no repository itself), exported so that child
+    processes name the same commit."""
+    sha = os.environ.get("FASTRES_COMMIT", "").strip()
+    if not sha:
+        import subprocess  # noqa: PLC0415
+
+        script = Path(__file__).resolve().parent.parent / "scripts" / "commit.sh"
+        try:
+            sha = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                                 timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            sha = ""
+        sha = sha or "unknown"
+        os.environ["FASTRES_COMMIT"] = sha
+    return sha
+
+
+stamp_commit()
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

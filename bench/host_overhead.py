@@ -17,7 +17,9 @@ syncs; its host time includes the CPU computing the model's pooling and fc, see 
 
 Per call: host µs (median of ``--calls``, with min-max), kernel launches (the ops that launch a
 kernel on a GPU, views excluded, plus cudasim's count of the launches inside fastres' ops),
-allocations (the profiler's memory events) and host-device syncs (ops reading a tensor back).
+allocations (the profiler's ``aten::empty``/``empty_strided`` events of one byte or more; for
+torchvision on meta tensors the dispatched ops' new outputs) and host-device syncs (ops reading a
+tensor back).
 The CPU time of fills and copies (``DATA_OPS``: a launcher zeroing a buffer, a layout copy; on a
 GPU asynchronous kernels, counted among the launches) is subtracted from the host time, as the
 profiler measures it (median of 5 calls, the ``data us`` column): the rest estimates the host
@@ -63,6 +65,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fastres  # noqa: E402
+from benchlib import stamp_commit  # noqa: E402
 from fastres.backends import extension  # noqa: E402
 from fastres.harness.environment import environment, hardware_line  # noqa: E402
 from fastres.harness.rule import randomise_bn  # noqa: E402
@@ -82,14 +85,21 @@ VIEW_OPS = {"view", "_unsafe_view", "as_strided", "expand", "permute", "t", "tra
 class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.ops, self.syncs = 0, 0
+        self.ops, self.syncs, self.allocs = 0, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
         self.syncs += name in SYNC_OPS
         # fastres' own ops: their launches are cudasim's count
-        self.ops += name not in VIEW_OPS and not func.namespace.startswith("fastres")
-        return func(*args, **(kwargs or {}))
+        launches = name not in VIEW_OPS and not func.namespace.startswith("fastres")
+        self.ops += launches
+        out = func(*args, **(kwargs or {}))
+        if launches:  # the op's new outputs: what it allocates on a GPU
+            ins = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            self.allocs += sum(1 for t in outs if isinstance(t, torch.Tensor) and t.numel() > 0
+                               and not t._is_view() and not any(t is a for a in ins))
+        return out
 
 
 def _blocks():
@@ -114,6 +124,24 @@ MODEL_MODES = ("eval", "eval-grad")
 #: subtracted from the host time (the profiler's self time per call), not the host path.
 DATA_OPS = {"aten::fill_", "aten::zero_", "aten::copy_"}
 _GRADS: dict = {}
+
+
+#: The ops every tensor allocation reaches (``empty_like``, ``zeros``, ``clone``, ``_to_copy``
+#: call one of them), from Python and from C++ alike; on meta tensors they count what a GPU
+#: would allocate.
+ALLOC_OPS = ("aten::empty", "aten::empty_strided")
+
+
+def count_allocations(events) -> int:
+    """Allocations of one or more bytes among profiler ``events`` (recorded with shapes: an
+    allocation's size is its first concrete input). Not the profiler's memory events: with
+    torch 2.14 on the CPU they showed the frees of a call's tensors but not their allocations."""
+    n = 0
+    for e in events:
+        if e.name in ALLOC_OPS:
+            size = (getattr(e, "concrete_inputs", None) or [None])[0]
+            n += not isinstance(size, list) or math.prod(size) > 0
+    return n
 
 
 def _call(block, x, mode):
@@ -147,9 +175,12 @@ def _measure(block, x, mode, calls, launches=None) -> dict:
     # what cudasim counted for it.
     n_launch = c.ops + (launches() - n0 if launches else 0)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+                                record_shapes=True) as prof:
         _call(block, x, mode)
-    allocs = sum(1 for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0)
+    # fastres' C++ paths allocate below the dispatcher: the profiler's allocation events count
+    # them. On meta tensors those events count the meta kernels' Python decompositions (a
+    # BatchNorm's ~10 intermediates, one buffer on a GPU): there the dispatched ops' outputs.
+    allocs = c.allocs if x.device.type == "meta" else count_allocations(prof.events())
     data = []
     for _ in range(5):  # the data ops' CPU time per call: median of 5 profiled calls
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -186,6 +217,7 @@ HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    stamp_commit()  # before the re-execution: its header names the commit measured
     if "--system-malloc" not in argv and any(os.environ.get(k) != v for k, v in HEAP_ENV.items()):
         os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv],
                   {**os.environ, **HEAP_ENV})
