@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +70,7 @@ from fastres.functional import (
     memory_format_of,
     select_backend,
 )
-from fastres.nn._fused import _hooked_here, global_hooks, plain_call
+from fastres.nn._fused import _onnx_exporting, global_hooks
 
 #: The largest bound a pre-activation may have for the post-op ReLU: far below float32's and
 #: bfloat16's 3.4e38, so rounding (2^-8 relative per stored bf16 value, accumulation order)
@@ -237,9 +238,16 @@ class EvalPlan:
         then decides): the forward's checks before a plan runs (not traced, exported or
         compiled, no hook inside the block, eval without autocast) and the plan's own, in one
         pass. A submodule replaced since the plan was made fails the plan's check."""
-        if (plain_call(x) or global_hooks() or not applies(block, x)
-                or any(_hooked_here(m) for m in self.subtree)):
+        # plain_call's and applies' tests in one expression (autocast: _valid); ~0.2 µs per
+        # call and module saved against calling them, which a 25 µs budget per block notices.
+        if (type(x) is not Tensor or block.training or torch.compiler.is_compiling()
+                or torch._C._is_tracing() or ("torch.onnx" in sys.modules and _onnx_exporting())
+                or global_hooks() or not enabled()):
             return None
+        for m in self.subtree:  # _hooked_here, inline
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or (
+                    m._backward_pre_hooks):
+                return None
         return self.run(block, x, donate)
 
     def _valid(self, block: nn.Module, x: Tensor) -> bool:
@@ -250,7 +258,7 @@ class EvalPlan:
             or x.shape != self.shape
             or x.is_contiguous(memory_format=torch.channels_last) != self.channels_last
             or torch.is_autocast_enabled(self.device.type)
-            or (self._needs_autograd(x) if torch.is_grad_enabled() else False) != self.grad
+            or (self.grad and not torch.is_grad_enabled())
             or os.environ.get("FASTRES_BACKEND") != self.backend_env
             or tuple(block._modules.values()) != self.mods
         ):
@@ -281,16 +289,23 @@ class EvalPlan:
         downsample's output is the plan's own and is always written into."""
         if not self._valid(block, x):
             return None
-        if torch._C._len_torch_dispatch_stack():
-            if self.eager:
-                return None  # its ops skip the dispatcher: a plan of registered ops instead
-        elif self.direct is not None:
+        dispatch_mode = torch._C._len_torch_dispatch_stack()
+        if self.direct is not None and not dispatch_mode:
             # No dispatch mode to see each op (a TorchDispatchMode, FakeTensorMode): the block's
-            # convolutions from C++, with the tensors as they are now.
+            # convolutions from C++, with the tensors as they are now (read once: the autograd
+            # check below and the call use the same reads).
             run, spec, slots = self.direct
+            ts = [_read(s) for s in slots]
+            if torch.is_grad_enabled() and (x.requires_grad or any(
+                    t is not None and t.requires_grad for t in ts)) != self.grad:
+                return None
             if spec is None:  # with autograd: one Function for the block
-                return run(x, *[_read(s) for s in slots])
-            return run(spec, x, tuple([_read(s) for s in slots]))
+                return run(x, *ts)
+            return run(spec, x, tuple(ts))
+        if torch.is_grad_enabled() and self._needs_autograd(x) != self.grad:
+            return None
+        if dispatch_mode and self.eager:
+            return None  # its ops skip the dispatcher: a plan of registered ops instead
         if self.folds is None:  # live: each BatchNorm in its convolution's epilogue, as it is now
             folds = [(_read(w), _read(b), (_read(g), _read(m), _read(v), eps))
                      for w, b, g, m, v, eps in self.live]
