@@ -34,6 +34,11 @@ launchers' fills and copies still run on the CPU (zeroed statistics buffers, eac
 transpose for the data gradient: tens of ms per step at N=32), and subtracting so much data work
 leaves noise, not a host time.
 
+Host time is the calling thread's CPU time (``time.thread_time_ns``), not wall time: the host
+path is that thread's work, and time spent descheduled while other processes run is not. It
+still grows when another process shares the core's caches and execution units (this 2-CPU
+machine's slow mode: up to ~2x); compare rows measured in one run.
+
 One intra-op thread (``torch.set_num_threads(1)``): a launch path uses none, and the proxy's
 real CPU fills and copies, parallelised over two threads, wait milliseconds for a descheduled
 thread whenever anything else runs on the machine (measured: a 36K-element weight transpose
@@ -165,9 +170,9 @@ def _measure(block, x, mode, calls, launches=None) -> dict:
         _call(block, x, mode)
     ts = []
     for _ in range(calls):
-        t0 = time.perf_counter()
+        t0 = time.thread_time_ns()
         _call(block, x, mode)
-        ts.append((time.perf_counter() - t0) * 1e6)
+        ts.append((time.thread_time_ns() - t0) / 1e3)
     n0 = launches() if launches else 0
     with OpCounter() as c:
         _call(block, x, mode)
@@ -242,7 +247,7 @@ def main(argv=None) -> int:
     print(hardware_line(environment(torch.device("cpu"))))
     print(f"per block call, N={args.batch} (training rows N={args.train_batch}), channels_last, "
           "kernels made free (see the docstring); "
-          f"host: median (min-max) of {args.calls} calls; allocator: "
+          f"host: thread CPU time, median (min-max) of {args.calls} calls; allocator: "
           f"{'glibc default' if args.system_malloc else 'heap kept (MALLOC_MMAP_MAX_=0)'}")
     head = (f"{'block':30s} {'dtype':5s} {'mode':9s} {'provider':13s} {'host us':>22s} "
             f"{'data us':>8s} {'launches':>8s} {'allocs':>6s} {'syncs':>5s}  budget")
