@@ -124,8 +124,8 @@ def _grads(m, x, proj, frozen, need_x):
 @pytest.mark.parametrize("frozen", ["none", "all but bn2.weight"])
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample", "basic"])
 def test_block_eval_with_autograd(kind, frozen, cudasim_live):
-    """A call that needs autograd runs the block as one autograd Function over block_eval
-    (fastres._autograd_block): the gradients of the input and of every parameter that requires
+    """A call that needs autograd runs the block as block_eval recorded as one autograd node
+    (fastres._autograd_block, csrc/cuda/grad_node.h): the gradients of the input and of every parameter that requires
     one are torchvision's within the rule, and the per-convolution Functions' (a dispatch mode
     sends the call there)."""
     tv, ours, x = _pair(kind, torch.float32)
@@ -149,3 +149,44 @@ def test_block_eval_with_autograd(kind, frozen, cudasim_live):
     for n in got:
         assert_close_rule(f"block_eval grad {n}", got[n], want[n], ref[n], torch.float32)
         torch.testing.assert_close(got[n], per_conv[n], rtol=1e-5, atol=1e-6)
+
+
+def test_block_eval_node_behaves_as_autograd_does(cudasim_live):
+    """The block's autograd node (csrc/cuda/grad_node.h) keeps autograd's guarantees: a second
+    backward without retain_graph fails as autograd's does, retain_graph allows it, an in-place
+    change of a saved tensor fails the backward instead of giving a wrong gradient,
+    saved-tensor hooks see the saved tensors, and forward-mode AD is refused (not silently
+    ignored)."""
+    _, ours, x = _pair("downsample", torch.float32)
+    xg = x.detach().clone().requires_grad_()
+    ours(xg)  # makes the plan
+    assert ours.__dict__["_eval_plan"].direct[1] is None
+    y = ours(xg)
+    assert y.grad_fn.name() == "BlockEvalBackward"
+    y.sum().backward(retain_graph=True)
+    first = xg.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(xg.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+    y = ours(xg)
+    with torch.no_grad():
+        ours.conv2.weight.mul_(1.0)  # bumps the version a saved tensor was saved at
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ours(xg)
+    assert len(packed) >= len(list(ours.parameters()))
+    y.sum().backward()
+    import torch.autograd.forward_ad as fwAD  # noqa: PLC0415
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            ours(dual)

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "block.h"
+#include "grad_node.h"
 #include "unit.h"
 
 namespace fastres {
@@ -153,7 +154,12 @@ inline PyObject* block_eval_py(PyObject*, PyObject* args) {
   std::vector<std::optional<at::Tensor>> t;
   if (!read_call(cap, kSpecName, x, "block_eval's x", ts, spec, xt, t)) return nullptr;
   std::vector<at::Tensor> out;
-  if (!run_released([&] { out = block_eval(*spec, xt, t, keep != 0); })) return nullptr;
+  if (!run_released([&] {
+        // what a backward needs is recorded by grad_node, not by the launchers' own ops
+        c10::AutoGradMode no_grad(false);
+        out = block_eval(*spec, xt, t, keep != 0);
+      }))
+    return nullptr;
   if (!keep) return THPVariable_Wrap(std::move(out.back()));
   return wrap_tensors(std::move(out));
 }
@@ -236,7 +242,8 @@ inline PyObject* unit_backward_py(PyObject*, PyObject* args) {
   {                                                                                        \
     "unit_backward", fastres::cuda::py_block::unit_backward_py, METH_VARARGS,              \
         "unit_backward(spec, grad_out, saved, need_x) -> (dx, per stage dw, dgamma, dbeta)" \
-  }
+  }                                                                                        \
+  , FASTRES_GRAD_METHODS
 
 }  // namespace py_block
 }  // namespace cuda

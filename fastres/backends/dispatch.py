@@ -66,9 +66,10 @@ class Backend:
         raise NotImplementedError
 
     def eager_block(self):
-        """(block_spec, block_eval) of a compiled module that runs a whole residual block's eval
-        convolutions from C++ in one call (csrc/cuda/block_py.h), or None. For eager calls that
-        need no autograd only: it bypasses the dispatcher."""
+        """(block_spec, block_eval, grad_node) of a compiled module that runs a whole residual
+        block's eval convolutions from C++ in one call (csrc/cuda/block_py.h) and records such a
+        call in the autograd graph (csrc/cuda/grad_node.h), or None. For eager calls under no
+        dispatch mode: it bypasses the dispatcher."""
         return None
 
     def eager_unit(self):
@@ -151,7 +152,7 @@ class CUDABackend(_CompiledBackend):
         return reasons
 
     def eager_block(self):
-        return _entry(extension.load()[0], "block_spec", "block_eval")
+        return _entry(extension.load()[0], "block_spec", "block_eval", "grad_node")
 
     def eager_unit(self):
         return _entry(extension.load()[0], "unit_spec", "unit_forward", "unit_backward")
@@ -184,7 +185,7 @@ class CudasimBackend(CUDABackend):
             return None
         from fastres import _C_cudasim  # noqa: PLC0415  (loaded: load_cudasim imported it)
 
-        return _entry(_C_cudasim, "block_spec", "block_eval")
+        return _entry(_C_cudasim, "block_spec", "block_eval", "grad_node")
 
     def eager_unit(self):
         if extension.load_cudasim() is not None:

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fastres._autograd import _ConvBiasActFn
-from fastres._autograd_block import BlockEvalFn
+from fastres._autograd_block import block_call
 from fastres._specs import ConvSpec
 from fastres.functional import (
     check_input,
@@ -219,16 +219,16 @@ class EvalPlan:
         if entry is not None and folds is None and shortcut_bound_known(shortcut):
             # The whole block in one call into the extension (csrc/cuda/block_py.h): each
             # convolution's launcher called from C++, the BatchNorms in their epilogues; with
-            # autograd, inside one autograd Function (fastres._autograd_block).
-            make_spec, run = entry
+            # autograd, recorded as one node of the autograd graph (fastres._autograd_block).
+            make_spec, run, node = entry
             spec = make_spec(len(steps), shortcut is not None, tuple(
                 (*c.stride, *c.padding, *c.dilation, c.groups, eps)
                 for c, eps in zip(plan.convs, plan.eps, strict=True)))
             slots = tuple(s for live in plan.live for s in live[:5])
             if grad:
                 convs = tuple(ConvSpec.of(c) for c in plan.convs)
-                plan.direct = (_block_fn(run, spec, convs, plan.eps, len(steps), backend.name),
-                               None, slots)
+                plan.direct = (block_call(run, node, spec, convs, plan.eps, len(steps),
+                                          backend.name), None, slots)
             else:
                 plan.direct = (run, spec, slots)
         return plan
@@ -299,7 +299,7 @@ class EvalPlan:
             if torch.is_grad_enabled() and (x.requires_grad or any(
                     t is not None and t.requires_grad for t in ts)) != self.grad:
                 return None
-            if spec is None:  # with autograd: one Function for the block
+            if spec is None:  # with autograd: one node of the autograd graph for the block
                 return run(x, *ts)
             return run(spec, x, tuple(ts))
         if torch.is_grad_enabled() and self._needs_autograd(x) != self.grad:
@@ -345,17 +345,6 @@ class EvalPlan:
 def _needs_autograd(x: Tensor, tensors) -> bool:
     return torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
-
-
-def _block_fn(run, spec, convs, eps, n_main: int, backend: str):
-    """The block's eval call with autograd: BlockEvalFn over ``run`` (block_eval)."""
-    apply = BlockEvalFn.apply
-    meta = (run, spec, convs, eps, n_main, backend)
-
-    def call(x, *ts):
-        return apply(meta, x, *ts)
-
-    return call
 
 
 def _autograd_op(backend):

@@ -1,6 +1,6 @@
 // The Python module fastres._C_cudasim: importing it registers torch.ops.fastres_cudasim.* (the
-// CUDA backend's launchers and kernels on CPU tensors, csrc/cuda/cudasim). Plain Python C API:
-// no pybind11 or torch/extension.h to compile (block_py.h adds torch's THPVariable helpers).
+// CUDA backend's launchers and kernels on CPU tensors, csrc/cuda/cudasim). Plain Python C API
+// (block_py.h adds torch's THPVariable helpers and autograd node, grad_node.h).
 #include <Python.h>
 
 #include "../block_py.h"
