@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "grad_node.h"
+
 #ifdef FASTRES_WITH_CUDA
 #include "cuda/block_py.h"
 #endif
@@ -52,6 +54,8 @@ py::dict build_info() {
   return info;
 }
 
+PyMethodDef kGradMethods[] = {FASTRES_GRAD_METHODS, {nullptr, nullptr, 0, nullptr}};
+
 #ifdef FASTRES_WITH_CUDA
 PyMethodDef kBlockMethods[] = {FASTRES_BLOCK_METHODS, {nullptr, nullptr, 0, nullptr}};
 #endif
@@ -69,6 +73,8 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  // grad_node (csrc/grad_node.h): a fused call recorded in the autograd graph, any backend.
+  if (PyModule_AddFunctions(m.ptr(), kGradMethods) != 0) throw py::error_already_set();
 #ifdef FASTRES_WITH_CUDA
   // block_spec / block_eval (csrc/cuda/block_py.h): plain C-API functions, no pybind11 casts.
   if (PyModule_AddFunctions(m.ptr(), kBlockMethods) != 0) throw py::error_already_set();

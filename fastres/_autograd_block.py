@@ -4,7 +4,7 @@ autograd graph (:func:`block_call`).
 The forward is one call into the CUDA extension (``block_eval(..., keep=True)``, see
 csrc/cuda/block_py.h): each convolution's launcher from C++, its BatchNorm (running statistics)
 in the epilogue, the block's inner outputs kept for the backward. A second C++ call,
-``grad_node`` (csrc/cuda/grad_node.h), records the block as one node of the autograd graph whose
+``grad_node`` (csrc/grad_node.h), records the block as one node of the autograd graph whose
 backward is :func:`backward`: it chains each convolution's gradients
 (fastres._autograd.conv_bias_act_grads, made of fastres ops) from the last convolution to the
 first, the shortcut's into the input's. The node keeps its tensors as saved variables, so an

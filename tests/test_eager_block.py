@@ -125,7 +125,7 @@ def _grads(m, x, proj, frozen, need_x):
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample", "basic"])
 def test_block_eval_with_autograd(kind, frozen, cudasim_live):
     """A call that needs autograd runs the block as block_eval recorded as one autograd node
-    (fastres._autograd_block, csrc/cuda/grad_node.h): the gradients of the input and of every parameter that requires
+    (fastres._autograd_block, csrc/grad_node.h): the gradients of the input and of every parameter that requires
     one are torchvision's within the rule, and the per-convolution Functions' (a dispatch mode
     sends the call there)."""
     tv, ours, x = _pair(kind, torch.float32)
@@ -152,7 +152,7 @@ def test_block_eval_with_autograd(kind, frozen, cudasim_live):
 
 
 def test_block_eval_node_behaves_as_autograd_does(cudasim_live):
-    """The block's autograd node (csrc/cuda/grad_node.h) keeps autograd's guarantees: a second
+    """The block's autograd node (csrc/grad_node.h) keeps autograd's guarantees: a second
     backward without retain_graph fails as autograd's does, retain_graph allows it, an in-place
     change of a saved tensor fails the backward instead of giving a wrong gradient,
     saved-tensor hooks see the saved tensors, and forward-mode AD is refused (not silently

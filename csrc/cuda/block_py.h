@@ -20,7 +20,6 @@
 #include <vector>
 
 #include "block.h"
-#include "grad_node.h"
 #include "unit.h"
 
 namespace fastres {
@@ -242,8 +241,7 @@ inline PyObject* unit_backward_py(PyObject*, PyObject* args) {
   {                                                                                        \
     "unit_backward", fastres::cuda::py_block::unit_backward_py, METH_VARARGS,              \
         "unit_backward(spec, grad_out, saved, need_x) -> (dx, per stage dw, dgamma, dbeta)" \
-  }                                                                                        \
-  , FASTRES_GRAD_METHODS
+  }
 
 }  // namespace py_block
 }  // namespace cuda

@@ -68,7 +68,7 @@ class Backend:
     def eager_block(self):
         """(block_spec, block_eval, grad_node) of a compiled module that runs a whole residual
         block's eval convolutions from C++ in one call (csrc/cuda/block_py.h) and records such a
-        call in the autograd graph (csrc/cuda/grad_node.h), or None. For eager calls under no
+        call in the autograd graph (csrc/grad_node.h), or None. For eager calls under no
         dispatch mode: it bypasses the dispatcher."""
         return None
 

@@ -1,8 +1,9 @@
 // The Python module fastres._C_cudasim: importing it registers torch.ops.fastres_cudasim.* (the
 // CUDA backend's launchers and kernels on CPU tensors, csrc/cuda/cudasim). Plain Python C API
-// (block_py.h adds torch's THPVariable helpers and autograd node, grad_node.h).
+// (block_py.h adds torch's THPVariable helpers and grad_node.h the autograd node).
 #include <Python.h>
 
+#include "../../grad_node.h"
 #include "../block_py.h"
 #include "cudasim.h"
 
@@ -24,6 +25,7 @@ PyMethodDef kMethods[] = {
      "set_dry_run(on) -> previous: launches are checked and counted but kernels do not run "
      "(the host path's cost with the kernels made free)."},
     FASTRES_BLOCK_METHODS,
+    FASTRES_GRAD_METHODS,
     {nullptr, nullptr, 0, nullptr}};
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C_cudasim",
                        "fastres CUDA kernels on the CPU (cudasim): torch.ops.fastres_cudasim", -1,

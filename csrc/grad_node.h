@@ -13,7 +13,8 @@
 // time per call, its save_for_backward and the graph's teardown ~4 µs more (measured on the
 // 2-CPU AMD EPYC through cudasim, fastres/_autograd_block.py); grad-enabled eval has a budget of
 // 25 µs per block in all. No forward-mode AD: an input with a forward gradient is refused.
-// Include in exactly one translation unit per module (with block_py.h).
+// Backend-agnostic (any tensors): in fastres._C always and in fastres._C_cudasim. Include in
+// exactly one translation unit per module.
 #pragma once
 
 #include <Python.h>
@@ -30,7 +31,6 @@
 #include <vector>
 
 namespace fastres {
-namespace cuda {
 namespace py_grad {
 
 using torch::autograd::Edge;
@@ -216,11 +216,10 @@ inline PyObject* grad_node_py(PyObject*, PyObject* args) {
 
 #define FASTRES_GRAD_METHODS                                                              \
   {                                                                                       \
-    "grad_node", fastres::cuda::py_grad::grad_node_py, METH_VARARGS,                      \
+    "grad_node", fastres::py_grad::grad_node_py, METH_VARARGS,                      \
         "grad_node(backward, ctx, name, outputs, inputs, saved): record a fused call in "  \
-        "the autograd graph (csrc/cuda/grad_node.h)"                                      \
+        "the autograd graph (csrc/grad_node.h)"                                      \
   }
 
 }  // namespace py_grad
-}  // namespace cuda
 }  // namespace fastres
