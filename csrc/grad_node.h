@@ -22,6 +22,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/autograd/python_cpp_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
@@ -214,11 +215,35 @@ inline PyObject* grad_node_py(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// grad_node_state(grad_fn) -> (name, ctx, saved) of a node grad_node made in this module, else
+// None: what a harness reads from a recorded call (fastres._autograd.inner_relu_decisions).
+inline PyObject* grad_node_state_py(PyObject*, PyObject* obj) {
+  if (!torch::autograd::THPCppFunction_Check(obj)) Py_RETURN_NONE;
+  auto* node = dynamic_cast<PyBackwardNode*>(reinterpret_cast<torch::autograd::THPCppFunction*>(obj)->cdata.get());
+  if (node == nullptr || node->ctx == nullptr) Py_RETURN_NONE;
+  PyObject* sv = PyTuple_New(static_cast<Py_ssize_t>(node->saved.size()));
+  if (sv == nullptr) return nullptr;
+  try {
+    for (size_t i = 0; i < node->saved.size(); ++i)
+      PyTuple_SET_ITEM(sv, static_cast<Py_ssize_t>(i),
+                       THPVariable_Wrap(node->saved[i].unpack(node->getptr())));
+  } catch (const c10::Error& e) {
+    Py_DECREF(sv);
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+  return Py_BuildValue("(sON)", node->label.c_str(), node->ctx, sv);
+}
+
 #define FASTRES_GRAD_METHODS                                                              \
   {                                                                                       \
     "grad_node", fastres::py_grad::grad_node_py, METH_VARARGS,                      \
         "grad_node(backward, ctx, name, outputs, inputs, saved): record a fused call in "  \
         "the autograd graph (csrc/grad_node.h)"                                      \
+  }                                                                                       \
+  , {                                                                                     \
+    "grad_node_state", fastres::py_grad::grad_node_state_py, METH_O,                      \
+        "grad_node_state(grad_fn) -> (name, ctx, saved) of a grad_node node, else None"   \
   }
 
 }  // namespace py_grad

@@ -488,13 +488,32 @@ def inner_relu_decisions(out: Tensor) -> list[Tensor] | None:
     ``out`` did not come from :func:`residual_unit`. For the parity harness: judging a run
     against float64 math that takes the run's own decisions (``fastres.parity``)."""
     fn = out.grad_fn
-    # _ResidualUnitFn's node, or fastres._autograd_unit.UnitDirectFn's (the same saved layout)
-    if fn is None or type(fn).__name__ not in ("_ResidualUnitFnBackward", "UnitDirectFnBackward"):
+    if fn is None:
         return None
-    sv = _Saved.unflat(fn.saved_tensors, fn.n_stages)
+    if type(fn).__name__ == "_ResidualUnitFnBackward":
+        saved, n = fn.saved_tensors, fn.n_stages
+    else:  # fastres._autograd_unit.unit_call's node (the same saved layout)
+        state = _grad_node_state(fn)
+        if state is None or state[0] != "ResidualUnitBackward":
+            return None
+        saved, n = state[2], state[1][3]
+    sv = _Saved.unflat(saved, n)
     return [
         ~(_prologue(sv.ys[i], sv.stats[i][2], sv.stats[i][3], relu=False).detach() <= 0)
-        for i in range(fn.n_stages - 1)
+        for i in range(n - 1)
     ]
+
+
+def _grad_node_state(fn):
+    """(name, ctx, saved) of a node recorded by an extension's grad_node (csrc/grad_node.h),
+    asked of each loaded extension (a node answers to the module that made it), else None."""
+    import sys  # noqa: PLC0415
+
+    for name in ("fastres._C", "fastres._C_cudasim"):
+        mod = sys.modules.get(name)
+        state = getattr(mod, "grad_node_state", lambda fn: None)(fn) if mod else None
+        if state is not None:
+            return state
+    return None
 
 

@@ -1,6 +1,8 @@
-"""A residual unit's training step from C++ (:class:`UnitDirectFn`): the same ops, order and
-saved tensors as fastres._autograd._ResidualUnitFn, launched by one C++ call for the forward and
-one for the backward (csrc/cuda/unit.h) instead of one torch.ops call per op.
+"""A residual unit's training step from C++ (:func:`unit_call`): the same ops, order and saved
+tensors as fastres._autograd._ResidualUnitFn, launched by one C++ call for the forward and one
+for the backward (csrc/cuda/unit.h) instead of one torch.ops call per op, the unit recorded in
+the autograd graph by one more (grad_node, csrc/grad_node.h) instead of a
+``torch.autograd.Function`` (its ``apply`` over 19-25 tensors and ``save_for_backward``).
 
 For the CUDA backend (and cudasim, its kernels on the CPU), one process's batch statistics (no
 SyncBatchNorm), the identity, downsample or no shortcut, eager calls under no dispatch mode
@@ -14,7 +16,7 @@ from torch import Tensor
 
 from fastres._autograd import PER_STAGE, StageParams, _Saved, _UnitSpec
 
-__all__ = ["SHORTCUTS", "UnitDirectFn", "c_spec"]
+__all__ = ["SHORTCUTS", "backward", "c_spec", "unit_call"]
 
 #: The shortcuts the C++ unit runs, by its code.
 SHORTCUTS = {"none": 0, "identity": 1, "downsample": 2}
@@ -34,44 +36,47 @@ def c_spec(spec: _UnitSpec, make):
     return cs
 
 
-class UnitDirectFn(torch.autograd.Function):
-    """_ResidualUnitFn's forward and backward, each one C++ call (``entry`` = the extension's
-    (unit_spec, unit_forward, unit_backward))."""
-
-    @staticmethod
-    def forward(ctx, entry, spec: _UnitSpec, x: Tensor, *params):
-        make, forward, _ = entry
-        cs = c_spec(spec, make)
-        n = len(spec.stages)
-        res = forward(cs, x, params)
-        out, yd = res[0], res[1]
-        ys = list(res[2 : 2 + n])
-        flat_stats = res[2 + n : 2 + 5 * n]
-        stats = [tuple(flat_stats[4 * i : 4 * i + 4]) for i in range(n)]
-        dstats = tuple(res[2 + 5 * n :]) if yd is not None else None
-        sp = [StageParams.of(params, i) for i in range(n)]
-        ds = StageParams.of(params, n) if yd is not None else None
-        saved = _Saved(x, out if spec.relu else None, yd, ys, stats, dstats,
-                       [p.weight for p in sp], [p.gamma for p in sp],
-                       ds.weight if ds is not None else None,
-                       ds.gamma if ds is not None else None)
-        ctx.save_for_backward(*saved.flat())
-        ctx.entry, ctx.cs, ctx.n_stages = entry, cs, n
-        ctx.has_ds = yd is not None
-        ctx.has_gamma = [p.gamma is not None for p in sp]
+def unit_call(entry, node, spec: _UnitSpec, x: Tensor, params) -> Tensor:
+    """_ResidualUnitFn's forward as one C++ call (``entry`` = the extension's (unit_spec,
+    unit_forward, unit_backward)), recorded in the autograd graph by ``node`` (grad_node,
+    csrc/grad_node.h) when a gradient can flow: its inputs are ``x`` and ``params`` (six per
+    stage, the running statistics among them, which get no gradient), its backward one C++ call
+    (:func:`backward`)."""
+    make, forward, backward_c = entry
+    cs = c_spec(spec, make)
+    n = len(spec.stages)
+    res = forward(cs, x, params)
+    out, yd = res[0], res[1]
+    if not torch.is_grad_enabled():  # BatchNorm recalibration under no_grad: nothing to keep
         return out
+    ys = list(res[2 : 2 + n])
+    flat_stats = res[2 + n : 2 + 5 * n]
+    stats = [tuple(flat_stats[4 * i : 4 * i + 4]) for i in range(n)]
+    dstats = tuple(res[2 + 5 * n :]) if yd is not None else None
+    sp = [StageParams.of(params, i) for i in range(n)]
+    ds = StageParams.of(params, n) if yd is not None else None
+    saved = _Saved(x, out if spec.relu else None, yd, ys, stats, dstats,
+                   [p.weight for p in sp], [p.gamma for p in sp],
+                   ds.weight if ds is not None else None,
+                   ds.gamma if ds is not None else None)
+    node(backward, (backward_c, cs, n + (yd is not None), n), "ResidualUnitBackward", (out,),
+         (x, *params), tuple(saved.flat()))
+    return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        need_x = ctx.needs_input_grad[2]
-        g = ctx.entry[2](ctx.cs, grad_out, tuple(ctx.saved_tensors), need_x)
-        # g: dx, then per stage (dw, dgamma, dbeta); the running statistics get none.
-        flat = []
-        for i in range(ctx.n_stages + ctx.has_ds):
-            flat += [*g[1 + 3 * i : 4 + 3 * i], None, None, None]
-        flat = [g if need else None
-                for g, need in zip(flat, ctx.needs_input_grad[3:], strict=True)]
-        return (None, None, g[0] if need_x else None, *flat)
+
+def backward(meta: tuple, grads: tuple, saved: tuple, needs: tuple) -> list:
+    """The gradients of (x, *params) from the unit output's: one C++ call (unit_backward)."""
+    backward_c, cs, n_convs, _ = meta
+    grad_out = grads[0]
+    if grad_out is None:
+        return [None] * len(needs)
+    need_x = needs[0]
+    g = backward_c(cs, grad_out, saved, need_x)
+    # g: dx, then per stage (dw, dgamma, dbeta); the running statistics get none.
+    flat = [g[0] if need_x else None]
+    for i in range(n_convs):
+        flat += [*g[1 + 3 * i : 4 + 3 * i], None, None, None]
+    return flat
 
 
 assert PER_STAGE == 6  # (weight, gamma, beta, running_mean, running_var, num_batches_tracked)

@@ -36,7 +36,7 @@ from fastres._autograd import (
     inner_relu_decisions,
     memory_format_of,
 )
-from fastres._autograd_unit import SHORTCUTS, UnitDirectFn
+from fastres._autograd_unit import SHORTCUTS, unit_call
 from fastres._specs import (
     BNSpec,
     ConvSpec,
@@ -460,5 +460,5 @@ def residual_unit(
             and not torch._C._len_torch_dispatch_stack()):
         entry = b.eager_unit()
         if entry is not None:  # the unit's ops launched from C++ (fastres._autograd_unit)
-            return UnitDirectFn.apply(entry, spec, x, *flat)
+            return unit_call(entry[:3], entry[3], spec, x, tuple(flat))
     return _ResidualUnitFn.apply(spec, x, shortcut_tensor, *flat)

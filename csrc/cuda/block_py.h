@@ -208,7 +208,11 @@ inline PyObject* unit_forward_py(PyObject*, PyObject* args) {
   std::vector<std::optional<at::Tensor>> p;
   if (!read_call(cap, kUnitSpecName, x, "unit_forward's x", ps, spec, xt, p)) return nullptr;
   std::vector<at::Tensor> out;
-  if (!run_released([&] { out = unit_forward(*spec, xt, p); })) return nullptr;
+  if (!run_released([&] {
+        c10::AutoGradMode no_grad(false);  // grad_node records the unit (fastres/_autograd_unit.py)
+        out = unit_forward(*spec, xt, p);
+      }))
+    return nullptr;
   return wrap_tensors(std::move(out));
 }
 
@@ -222,7 +226,11 @@ inline PyObject* unit_backward_py(PyObject*, PyObject* args) {
   if (!read_call(cap, kUnitSpecName, g, "unit_backward's grad_out", ss, spec, gt, saved))
     return nullptr;
   std::vector<at::Tensor> out;
-  if (!run_released([&] { out = unit_backward(*spec, gt, saved, need_x != 0); })) return nullptr;
+  if (!run_released([&] {
+        c10::AutoGradMode no_grad(false);  // its gradients are not differentiable
+        out = unit_backward(*spec, gt, saved, need_x != 0);
+      }))
+    return nullptr;
   return wrap_tensors(std::move(out));
 }
 

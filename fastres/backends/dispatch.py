@@ -73,8 +73,9 @@ class Backend:
         return None
 
     def eager_unit(self):
-        """(unit_spec, unit_forward, unit_backward) of a compiled module that runs a training
-        unit's forward and backward from C++ (csrc/cuda/unit.h), or None. For eager calls under
+        """(unit_spec, unit_forward, unit_backward, grad_node) of a compiled module that runs a
+        training unit's forward and backward from C++ (csrc/cuda/unit.h) and records the unit in
+        the autograd graph (csrc/grad_node.h), or None. For eager calls under
         no dispatch mode: it bypasses the dispatcher."""
         return None
 
@@ -155,7 +156,8 @@ class CUDABackend(_CompiledBackend):
         return _entry(extension.load()[0], "block_spec", "block_eval", "grad_node")
 
     def eager_unit(self):
-        return _entry(extension.load()[0], "unit_spec", "unit_forward", "unit_backward")
+        return _entry(extension.load()[0], "unit_spec", "unit_forward", "unit_backward",
+                      "grad_node")
 
 
 def _entry(module, *names):
@@ -192,7 +194,7 @@ class CudasimBackend(CUDABackend):
             return None
         from fastres import _C_cudasim  # noqa: PLC0415
 
-        return _entry(_C_cudasim, "unit_spec", "unit_forward", "unit_backward")
+        return _entry(_C_cudasim, "unit_spec", "unit_forward", "unit_backward", "grad_node")
 
 
 class TritonBackend(Backend):

@@ -5,7 +5,7 @@ BatchNorm modes, the dispatcher's choice) and describes its stages before the un
 of Python per block on the 2-CPU proxy (bench/host_overhead.py), against a GPU step of 40-110 µs
 for a ResNet-50 block. :class:`TrainPlan` makes those decisions once per block and input
 signature; a call then checks that they still hold and runs the unit's forward and backward from
-C++ (fastres._autograd_unit.UnitDirectFn, csrc/cuda/unit.h).
+C++ (fastres._autograd_unit.unit_call, csrc/cuda/unit.h).
 
 A plan is made only where that unit serves: the backend's ``eager_unit`` exists (cuda, cudasim),
 every norm layer is a plain ``nn.BatchNorm2d`` in training mode with running statistics, the
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres._autograd import _UnitSpec
-from fastres._autograd_unit import UnitDirectFn
+from fastres._autograd_unit import unit_call
 from fastres.nn._fused import _hooked_here, global_hooks, plain_call
 from fastres.nn.eval_plan import _read, _slot
 
@@ -41,7 +41,8 @@ class TrainPlan:
     """One block's training call on the C++ unit, for inputs like the one it was made for."""
 
     __slots__ = ("mods", "subtree", "dtype", "device", "shape", "channels_last", "backend_env",
-                 "bns", "convs", "bn_hyper", "slots", "tensor_sig", "spec", "entry", "ds_mods")
+                 "bns", "convs", "bn_hyper", "slots", "tensor_sig", "spec", "entry", "node",
+                 "ds_mods")
 
     def __init__(self, block, x, pairs, ds_pair, stages, spec, entry) -> None:
         self.mods = tuple(block._modules.values())
@@ -60,7 +61,7 @@ class TrainPlan:
                       _slot(b, "running_mean"), _slot(b, "running_var"),
                       _slot(b, "num_batches_tracked")))
         self.tensor_sig = self._sig(self._tensors())
-        self.spec, self.entry = spec, entry
+        self.spec, self.entry, self.node = spec, entry[:3], entry[3]
 
     @staticmethod
     def build(block, x: Tensor, pairs, ds_pair, stages, spec: _UnitSpec, backend):
@@ -80,8 +81,8 @@ class TrainPlan:
             return None
         return TrainPlan(block, x, pairs, ds_pair, stages, spec, entry)
 
-    def _tensors(self) -> list:
-        return [_read(s) for s in self.slots]
+    def _tensors(self) -> tuple:
+        return tuple([_read(s) for s in self.slots])
 
     @staticmethod
     def _sig(ts) -> tuple:
@@ -112,4 +113,4 @@ class TrainPlan:
         ts = self._tensors()
         if self._sig(ts) != self.tensor_sig:
             return None
-        return UnitDirectFn.apply(self.entry, self.spec, x, *ts)
+        return unit_call(self.entry, self.node, self.spec, x, ts)
