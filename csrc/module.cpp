@@ -7,6 +7,7 @@
 #include <string>
 
 #include "grad_node.h"
+#include "host_path.h"
 
 #ifdef FASTRES_WITH_CUDA
 #include "cuda/block_py.h"
@@ -54,7 +55,8 @@ py::dict build_info() {
   return info;
 }
 
-PyMethodDef kGradMethods[] = {FASTRES_GRAD_METHODS, {nullptr, nullptr, 0, nullptr}};
+PyMethodDef kGradMethods[] = {FASTRES_GRAD_METHODS, FASTRES_HOST_PATH_METHODS,
+                              {nullptr, nullptr, 0, nullptr}};
 
 #ifdef FASTRES_WITH_CUDA
 PyMethodDef kBlockMethods[] = {FASTRES_BLOCK_METHODS, {nullptr, nullptr, 0, nullptr}};
@@ -73,7 +75,8 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
-  // grad_node (csrc/grad_node.h): a fused call recorded in the autograd graph, any backend.
+  // grad_node (csrc/grad_node.h): a fused call recorded in the autograd graph, any backend;
+  // tensor_sig (csrc/host_path.h).
   if (PyModule_AddFunctions(m.ptr(), kGradMethods) != 0) throw py::error_already_set();
 #ifdef FASTRES_WITH_CUDA
   // block_spec / block_eval (csrc/cuda/block_py.h): plain C-API functions, no pybind11 casts.

@@ -167,3 +167,17 @@ def test_train_plan_follows_the_block(cudasim):
         m.train()
     check("train again")
     assert ours.__dict__["_train_plan"] is not plan  # remade for the other shape
+
+
+def test_training_plan_sees_a_tensor_change_its_dtype(cudasim):
+    """A training plan holds while its tensors keep their dtypes and devices (fastres._C's
+    tensor_sig): a BatchNorm moved to float32 in a bfloat16 block is not run on the plan made
+    for bfloat16 tensors."""
+    ours = fastres.convert(_block("bottleneck")).train().to(
+        torch.bfloat16, memory_format=torch.channels_last)
+    x = torch.randn(2, 64, 9, 9).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    ours(x)
+    plan = ours.__dict__["_train_plan"]
+    assert plan.call(ours, x) is not None
+    ours.bn2.float()
+    assert plan.call(ours, x) is None

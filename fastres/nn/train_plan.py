@@ -31,10 +31,22 @@ from torch import Tensor, nn
 
 from fastres._autograd import _UnitSpec
 from fastres._autograd_unit import unit_call
-from fastres.nn._fused import _hooked_here, global_hooks, plain_call
+from fastres.backends import extension
+from fastres.nn._fused import global_hooks, plain_call
 from fastres.nn.eval_plan import _read, _slot
 
 __all__ = ["TrainPlan"]
+
+_SIG: list = []
+
+
+def _tensor_sig():
+    """fastres._C.tensor_sig (csrc/host_path.h), or the same in Python without the extension."""
+    if not _SIG:
+        fn = getattr(extension.load()[0], "tensor_sig", None)
+        _SIG.append(fn or (lambda ts: tuple(None if t is None else (t.dtype, t.device)
+                                            for t in ts)))
+    return _SIG[0]
 
 
 class TrainPlan:
@@ -85,8 +97,10 @@ class TrainPlan:
         return tuple([_read(s) for s in self.slots])
 
     @staticmethod
-    def _sig(ts) -> tuple:
-        return tuple(None if t is None else (t.dtype, t.device) for t in ts)
+    def _sig(ts):
+        """Each tensor's dtype and device: one C call (fastres._C.tensor_sig) where the
+        extension has it."""
+        return _tensor_sig()(ts)
 
     def call(self, block: nn.Module, x) -> Tensor | None:
         """The block's training output, or None when the plan does not apply."""
@@ -97,9 +111,12 @@ class TrainPlan:
                 or x.is_contiguous(memory_format=torch.channels_last) != self.channels_last
                 or torch.is_autocast_enabled(self.device.type)
                 or os.environ.get("FASTRES_BACKEND") != self.backend_env
-                or tuple(block._modules.values()) != self.mods
-                or any(_hooked_here(m) for m in self.subtree)):
+                or tuple(block._modules.values()) != self.mods):
             return None
+        for m in self.subtree:  # _hooked_here, inline
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or (
+                    m._backward_pre_hooks):
+                return None
         if self.ds_mods is not None:
             ds = block._modules.get("downsample")
             if ds is None or tuple(ds._modules.values()) != self.ds_mods:
