@@ -2,7 +2,8 @@
 torch.compile, in one process, providers alternating round by round (A B A B ...), so both see
 the machine alike; each figure is the median over rounds with the min and max.
 
-    python bench/own_primitives.py [--cases peak threads tiny residual block resnet50 compile]
+    python bench/own_primitives.py [--cases peak threads tiny residual block resnet50 compile
+                                    resnet50_ab]
 
 peak: this CPU's torch.mm fp32/bf16 GFLOP/s and copy GB/s (bench/cpu_profile.py), the floors'
 rates. threads: OpenMP runtimes mapped and threads alive, own path on and off. tiny: per-call us
@@ -11,7 +12,8 @@ overhead). residual: the ways of adding a residual. block: converted torchvision
 Bottleneck(256, 64) eval on 8x256x56x56 channels_last (no_grad), fp32 and bf16, with its compute
 floor at torch.mm's rate. resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. compile: a
 converted ResNet-50 (N=1) and Bottleneck eager against torch.compile of them (default, and with
-Inductor's freezing), and the weight reorders per call. The own path
+Inductor's freezing), and the weight reorders per call. resnet50_ab: ResNet-50 eval, N=1 and 8:
+fastres, fastres + torch.compile, torchvision compiled with Inductor's freezing, eager. The own path
 is switched with fastres_cpu::set_own_primitives; "aten" is the same fastres with it off.
 """
 
@@ -19,6 +21,7 @@ is switched with fastres_cpu::set_own_primitives; "aten" is the same fastres wit
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -197,6 +200,45 @@ def case_compile(args, peak) -> None:
     torch._dynamo.reset()
 
 
+def case_resnet50_ab(args, peak) -> None:
+    """ResNet-50 eval (randomised BatchNorms), N=1 and 8, fp32 and bf16, 224x224: fastres,
+    fastres + torch.compile, torchvision under torch.compile with Inductor's freezing, and eager
+    torchvision, alternating. Each output judged against float64 by the suite's rule first
+    (max-abs in fp32, RMS in bf16, as bench/bench_peers.py), with the floor at torch.mm's rate."""
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
+
+    from fastres.harness.rule import randomise_bn, verdict, verdict_rms  # noqa: PLC0415
+
+    tv32 = randomise_bn(torchvision.models.resnet50()).eval()
+    for n in (1, 8):
+        x32 = torch.randn(n, 3, 224, 224)
+        with torch.no_grad():
+            ref = copy.deepcopy(tv32).double()(x32.double())
+        for dn, dt in DTYPES.items():
+            tv = copy.deepcopy(tv32).to(dtype=dt, memory_format=CL)
+            fr = fastres.convert(copy.deepcopy(tv))
+            x = x32.to(dt).contiguous(memory_format=CL)
+            torch._dynamo.reset()
+            with torch.no_grad():
+                comp = torch.compile(fr)
+                comp(x)
+                with inductor_config.patch(freezing=True):
+                    frozen = torch.compile(tv)
+                    frozen(x)
+                providers = {"fastres": (True, lambda: fr(x)),
+                             "fastres + compile": (True, lambda: comp(x)),
+                             "tv compile freezing": (True, lambda: frozen(x)),
+                             "tv eager": (True, lambda: tv(x))}
+                want = tv(x).double()
+                rule = verdict_rms if dt == torch.bfloat16 else verdict
+                for name, (_, f) in providers.items():
+                    print(f"  {rule(name, f().double(), want, ref, dt)}")
+                res = _alternate(providers, 3 if n == 1 else 1, args.rounds)
+            floor = (8.18e9 * n / (peak[f"mm_{dn}_gflops"] * 1e9) * 1e3) if peak else None
+            _report(f"ResNet-50 eval N={n} {dn}", res, floor=floor)
+    torch._dynamo.reset()
+
+
 def case_threads(args, peak) -> None:
     """OpenMP runtimes mapped and threads alive (/proc/self/task) after ResNet-50 eval calls,
     own path on and off: one pool means the same count either way."""
@@ -233,7 +275,7 @@ def main(argv=None) -> None:
           f"{torch.__version__}, {built}, {args.threads} threads, load average at start "
           f"{os.getloadavg()}")
     peak = case_peak(args) if "peak" in args.cases else None
-    for name in ("threads", "tiny", "residual", "block", "resnet50", "compile"):
+    for name in ("threads", "tiny", "residual", "block", "resnet50", "compile", "resnet50_ab"):
         if name in args.cases:
             globals()[f"case_{name}"](args, peak)
     print(f"load average at end {os.getloadavg()}")
