@@ -6,6 +6,7 @@ headers (no libdnnl-dev) has no own path: every test here is skipped with that r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -238,19 +239,24 @@ def test_block_eval_sees_a_data_write():
     judge("after bn3.running_var.data.mul_(4)")
 
 
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
 def test_calls_reuse_packed_weights_eager_and_compiled(mode):
     """A converted ResNet's eval calls, eager and under torch.compile (its body one opaque op),
     reorder no weight once warm: the packings of the BN-folded weights are kept, under
-    torch.no_grad() and torch.inference_mode() alike (a fold made as an inference tensor has no
-    version counter and could never be kept). A .data write to a conv weight is seen: the next
-    call reorders again and matches torchvision's output by the tolerance rule."""
+    torch.no_grad(), torch.inference_mode() (a fold made as an inference tensor has no version
+    counter and could never be kept) and with grad mode on but every parameter frozen. A .data
+    write to a conv weight is seen: the next call reorders again and matches torchvision's
+    output by the tolerance rule. Frozen parameters unfrozen: the compiled model re-traces and
+    its output carries gradients."""
     tv = torchvision.models.resnet18(num_classes=10)
     randomise_bn(tv, 0)
     tv = tv.eval().to(memory_format=torch.channels_last)
     fr = fastres.convert(copy.deepcopy(tv))
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "frozen": contextlib.nullcontext}[mode]
+    if mode == "frozen":
+        fr.requires_grad_(False)
     torch._dynamo.reset()
     compiled = torch.compile(fr, fullgraph=True, dynamic=False)
 
@@ -283,6 +289,12 @@ def test_calls_reuse_packed_weights_eager_and_compiled(mode):
     judge("compiled, after layer2[1].conv1.weight.data.mul_(-1)", out)
     got, _ = reorders_per_call(lambda: compiled(x))
     assert got == 0
+    if mode == "frozen":
+        fr.requires_grad_(True)
+        out = compiled(x)
+        assert out.requires_grad
+        out.sum().backward()
+        assert fr.conv1.weight.grad is not None
     torch._dynamo.reset()
 
 

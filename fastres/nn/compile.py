@@ -56,13 +56,19 @@ def _exporting() -> bool:
 
 def compiled_inference(module: nn.Module, x, bns=None) -> bool:
     """torch.compile is tracing an inference call of ``module`` that the opaque op may run:
-    grad mode off, ``module`` and its BatchNorms (``bns``, default: all its submodules) in eval
-    mode, no autocast, not exporting."""
-    if not torch.compiler.is_compiling() or torch.is_grad_enabled() or _exporting():
+    no gradient to compute (grad mode off, or neither ``x`` nor any parameter of ``module``
+    requires one: a model with frozen parameters called without ``torch.no_grad()``, whose eager
+    call keeps its folds and packed weights too; Dynamo guards on ``requires_grad``, so a
+    parameter unfrozen later re-traces), ``module`` and its BatchNorms (``bns``, default: all its
+    submodules) in eval mode, no autocast, not exporting."""
+    if not torch.compiler.is_compiling() or _exporting():
         return False
     if not isinstance(x, Tensor) or x.dim() != 4 or torch.is_autocast_enabled(x.device.type):
         return False
     if "_fr_handle" not in module.__dict__:
+        return False
+    if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in module.parameters())):
         return False
     mods = module.modules() if bns is None else bns
     return not any(m.training for m in mods)
