@@ -7,13 +7,14 @@ reuse a buffer for another weight without a version bump). Measured on the 2-CPU
 ResNet-50 fp32 N=1 (bench_peers): ``torch.compile(fastres.convert(m))`` 64.2 ms against 46.2 ms
 for ``fastres.convert(m)`` itself.
 
-So when torch.compile traces an inference call (grad mode off, the module and its BatchNorms in
-eval mode, no autocast, not torch.export), a fused module becomes one call of the custom op
+So when torch.compile traces an inference call (no gradient needed: grad mode off, or neither
+the input nor a parameter requiring one; the module and its BatchNorms in eval mode, no
+autocast, not torch.export), a fused module becomes one call of the custom op
 ``fastres::_module_forward``: at run time the op runs the module's own eager forward (cached
 fold, prepacked weights, eval plan), and at trace time its fake computes the output's shape from
 the convolutions. No graph break, so ``fullgraph=True`` still compiles; Inductor compiles what
-lies between the fused modules (max-pool, avg-pool, fc). Training traces the fused ops as
-before. The op finds its module through a handle registered when the module becomes fused
+lies between the fused modules (max-pool, avg-pool, fc). Training, and eval calls that need
+gradients, trace the fused ops. The op finds its module through a handle registered when the module becomes fused
 (``register``); the op is not serialisable (a graph holding it needs the live model).
 """
 
