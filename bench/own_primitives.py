@@ -2,14 +2,18 @@
 torch.compile, in one process, providers alternating round by round (A B A B ...), so both see
 the machine alike; each figure is the median over rounds with the min and max.
 
-    python bench/own_primitives.py [--cases peak threads tiny residual block resnet50]
+    python bench/own_primitives.py [--cases peak threads tiny residual block resnet50 compile
+                                    resnet50_ab]
 
 peak: this CPU's torch.mm fp32/bf16 GFLOP/s and copy GB/s (bench/cpu_profile.py), the floors'
 rates. threads: OpenMP runtimes mapped and threads alive, own path on and off. tiny: per-call us
 of a 1x1 conv + bias + ReLU on 1x64x4x4 channels_last (the work is nothing: the per-call
 overhead). residual: the ways of adding a residual. block: converted torchvision
 Bottleneck(256, 64) eval on 8x256x56x56 channels_last (no_grad), fp32 and bf16, with its compute
-floor at torch.mm's rate. resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. The own path
+floor at torch.mm's rate. resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. compile: a
+converted ResNet-50 (N=1) and Bottleneck eager against torch.compile of them (default, and with
+Inductor's freezing), and the weight reorders per call. resnet50_ab: ResNet-50 eval, N=1 and 8:
+fastres, fastres + torch.compile, torchvision compiled with Inductor's freezing, eager. The own path
 is switched with fastres_cpu::set_own_primitives; "aten" is the same fastres with it off.
 """
 
@@ -17,6 +21,7 @@ is switched with fastres_cpu::set_own_primitives; "aten" is the same fastres wit
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -58,13 +63,13 @@ def _alternate(providers: dict, calls: int, rounds: int, warm: int = 3) -> dict:
 
 
 def _report(title: str, res: dict, unit: str = "ms", scale: float = 1.0, floor=None) -> None:
-    base = statistics.median(res.get("fastres own", res.get("own", [float("nan")])))
+    base = statistics.median(res.get("fastres own", res.get("own", next(iter(res.values())))))
     print(title + (f"  (floor {floor:.2f} {unit})" if floor else ""))
     for name, v in res.items():
         v = sorted(x * scale for x in v)
         med = statistics.median(v)
         print(f"  {name:18s} median {med:9.2f} {unit}  (min {v[0]:.2f}, max {v[-1]:.2f}, "
-              f"{len(v)} rounds)  own path {med / (base * scale):.2f}x faster")
+              f"{len(v)} rounds)  first row {med / (base * scale):.2f}x faster")
 
 
 def case_peak(args) -> dict:
@@ -153,6 +158,87 @@ def case_resnet50(args, peak) -> None:
             _report(f"ResNet-50 eval N={n} {dn}", res, floor=floor)
 
 
+def _reorders_per_call(f, calls: int = 3) -> float:
+    """Weight reorders of the own path per call of ``f``, once warm."""
+    f()
+    f()
+    before = torch.ops.fastres_cpu.own_primitives_stats()[2]
+    for _ in range(calls):
+        f()
+    return (torch.ops.fastres_cpu.own_primitives_stats()[2] - before) / calls
+
+
+def case_compile(args, peak) -> None:
+    """A converted model eager against torch.compile of it (default, and with Inductor's
+    freezing), inference: ResNet-50 N=1 and Bottleneck(256, 64) on 8x256x56x56, fp32 and bf16,
+    with the weight reorders per call under torch.no_grad() and torch.inference_mode()."""
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
+
+    cases = (("ResNet-50 N=1", lambda: torchvision.models.resnet50(), (1, 3, 224, 224), 3),
+             ("Bottleneck(256, 64) 8x256x56x56",
+              lambda: torchvision.models.resnet.Bottleneck(256, 64), (8, 256, 56, 56), 3))
+    for title, make, shape, calls in cases:
+        for dn, dt in DTYPES.items():
+            fr = fastres.convert(make()).eval().to(dtype=dt, memory_format=CL)
+            x = torch.randn(*shape, dtype=dt).contiguous(memory_format=CL)
+            torch._dynamo.reset()
+            comp = torch.compile(fr)
+            with torch.no_grad():
+                comp(x)
+                with inductor_config.patch(freezing=True):
+                    frozen = torch.compile(fr)
+                    frozen(x)
+                providers = {"fastres": (True, lambda: fr(x)),
+                             "fastres + compile": (True, lambda: comp(x)),
+                             "+ compile, freezing": (True, lambda: frozen(x))}
+                res = _alternate(providers, calls, args.rounds)
+            _report(f"{title} eval {dn}, fastres eager against compiled", res)
+            for ctx in (torch.no_grad, torch.inference_mode):
+                with ctx():
+                    counts = {n: _reorders_per_call(f) for n, (_, f) in providers.items()}
+                print(f"  weight reorders per call under {ctx.__name__}: {counts}")
+    torch._dynamo.reset()
+
+
+def case_resnet50_ab(args, peak) -> None:
+    """ResNet-50 eval (randomised BatchNorms), N=1 and 8, fp32 and bf16, 224x224: fastres,
+    fastres + torch.compile, torchvision under torch.compile with Inductor's freezing, and eager
+    torchvision, alternating. Each output judged against float64 by the suite's rule first
+    (max-abs in fp32, RMS in bf16, as bench/bench_peers.py), with the floor at torch.mm's rate."""
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
+
+    from fastres.harness.rule import randomise_bn, verdict, verdict_rms  # noqa: PLC0415
+
+    tv32 = randomise_bn(torchvision.models.resnet50()).eval()
+    for n in (1, 8):
+        x32 = torch.randn(n, 3, 224, 224)
+        with torch.no_grad():
+            ref = copy.deepcopy(tv32).double()(x32.double())
+        for dn, dt in DTYPES.items():
+            tv = copy.deepcopy(tv32).to(dtype=dt, memory_format=CL)
+            fr = fastres.convert(copy.deepcopy(tv))
+            x = x32.to(dt).contiguous(memory_format=CL)
+            torch._dynamo.reset()
+            with torch.no_grad():
+                comp = torch.compile(fr)
+                comp(x)
+                with inductor_config.patch(freezing=True):
+                    frozen = torch.compile(tv)
+                    frozen(x)
+                providers = {"fastres": (True, lambda: fr(x)),
+                             "fastres + compile": (True, lambda: comp(x)),
+                             "tv compile freezing": (True, lambda: frozen(x)),
+                             "tv eager": (True, lambda: tv(x))}
+                want = tv(x).double()
+                rule = verdict_rms if dt == torch.bfloat16 else verdict
+                for name, (_, f) in providers.items():
+                    print(f"  {rule(name, f().double(), want, ref, dt)}")
+                res = _alternate(providers, 3 if n == 1 else 1, args.rounds)
+            floor = (8.18e9 * n / (peak[f"mm_{dn}_gflops"] * 1e9) * 1e3) if peak else None
+            _report(f"ResNet-50 eval N={n} {dn}", res, floor=floor)
+    torch._dynamo.reset()
+
+
 def case_threads(args, peak) -> None:
     """OpenMP runtimes mapped and threads alive (/proc/self/task) after ResNet-50 eval calls,
     own path on and off: one pool means the same count either way."""
@@ -189,7 +275,7 @@ def main(argv=None) -> None:
           f"{torch.__version__}, {built}, {args.threads} threads, load average at start "
           f"{os.getloadavg()}")
     peak = case_peak(args) if "peak" in args.cases else None
-    for name in ("threads", "tiny", "residual", "block", "resnet50"):
+    for name in ("threads", "tiny", "residual", "block", "resnet50", "compile", "resnet50_ab"):
         if name in args.cases:
             globals()[f"case_{name}"](args, peak)
     print(f"load average at end {os.getloadavg()}")

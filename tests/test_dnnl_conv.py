@@ -6,6 +6,7 @@ headers (no libdnnl-dev) has no own path: every test here is skipped with that r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -16,7 +17,7 @@ from op_check import Maker, check
 import fastres
 from fastres import reference
 from fastres.backends import extension
-from fastres.harness.rule import assert_close_rule
+from fastres.harness.rule import assert_close_rule, randomise_bn
 
 _mod, _why = extension.load()
 if _mod is None:
@@ -236,6 +237,65 @@ def test_block_eval_sees_a_data_write():
     for model in (tv, fr):
         model.bn3.running_var.data.mul_(4)
     judge("after bn3.running_var.data.mul_(4)")
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_calls_reuse_packed_weights_eager_and_compiled(mode):
+    """A converted ResNet's eval calls, eager and under torch.compile (its body one opaque op),
+    reorder no weight once warm: the packings of the BN-folded weights are kept, under
+    torch.no_grad(), torch.inference_mode() (a fold made as an inference tensor has no version
+    counter and could never be kept) and with grad mode on but every parameter frozen. A .data
+    write to a conv weight is seen: the next call reorders again and matches torchvision's
+    output by the tolerance rule. Frozen parameters unfrozen: the compiled model re-traces and
+    its output carries gradients."""
+    tv = torchvision.models.resnet18(num_classes=10)
+    randomise_bn(tv, 0)
+    tv = tv.eval().to(memory_format=torch.channels_last)
+    fr = fastres.convert(copy.deepcopy(tv))
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "frozen": contextlib.nullcontext}[mode]
+    if mode == "frozen":
+        fr.requires_grad_(False)
+    torch._dynamo.reset()
+    compiled = torch.compile(fr, fullgraph=True, dynamic=False)
+
+    def reorders_per_call(f):
+        with ctx():
+            f()
+            f()
+            _, reused, r0 = _stats()
+            out = f()
+            f()
+            _, reused2, r1 = _stats()
+        assert reused2 > reused, "the own path served no convolution"
+        return r1 - r0, out
+
+    def judge(what, out):
+        with torch.no_grad():
+            truth = copy.deepcopy(tv).double()(x.double())
+            assert_close_rule(what, out, tv(x), truth, torch.float32)
+
+    for name, f in (("eager", lambda: fr(x)), ("compiled", lambda: compiled(x))):
+        got, out = reorders_per_call(f)
+        assert got == 0, f"{name} calls under {mode} reordered {got / 2:g} weights per call"
+        judge(name, out)
+    for model in (tv, fr):
+        model.layer2[1].conv1.weight.data.mul_(-1)
+    _, _, r0 = _stats()
+    with ctx():
+        out = compiled(x)
+    assert _stats()[2] > r0, "a .data write to a conv weight was not reordered"
+    judge("compiled, after layer2[1].conv1.weight.data.mul_(-1)", out)
+    got, _ = reorders_per_call(lambda: compiled(x))
+    assert got == 0
+    if mode == "frozen":
+        fr.requires_grad_(True)
+        out = compiled(x)
+        assert out.requires_grad
+        out.sum().backward()
+        assert fr.conv1.weight.grad is not None
+    torch._dynamo.reset()
 
 
 def test_off_switch_takes_atens_path():

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torchvision
+from dispatch_log import OpLog
 from torch import Tensor, nn
 
 import fastres
@@ -310,6 +311,28 @@ def test_stem_relu_post_op_keeps_nan(monkeypatch):
         assert m._stem_finite(bad) is None
         ours, theirs = m._stem(bad), tv.relu(tv.bn1(tv.conv1(bad)))
     assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eval_call_keeps_channels_last_end_to_end(dtype):
+    """A converted ResNet's eval call on a channels_last input converts no layout anywhere: no
+    copy, clone or contiguous from the stem through the blocks to the head (each would be a
+    read and a write of an activation), and the body's output is channels_last. At 64x64
+    (layer4's maps 2x2): at 32x32 layer4's 3x3 convolutions see 1x1 maps, which the own oneDNN
+    primitives do not serve, and ATen's path copies its outputs."""
+    m = fastres.convert(_model(dtype))
+    x = _x(dtype=dtype, size=64)
+    with torch.no_grad():
+        m(x)
+        m(x)
+        with OpLog() as log:
+            m(x)
+        body = m._body(x)
+    moved = [op for op in log.seen if op.split("::")[1] in
+             ("copy_", "clone", "_to_copy", "contiguous", "to", "_copy_from")]
+    assert not moved, f"layout conversions in an eval call: {moved}"
+    assert any("conv_bias_act" in op for op in log.seen), log.seen
+    assert body.is_contiguous(memory_format=CL)
 
 
 @pytest.mark.parametrize("cl", [True, False], ids=["channels_last", "contiguous"])

@@ -7,13 +7,14 @@ reuse a buffer for another weight without a version bump). Measured on the 2-CPU
 ResNet-50 fp32 N=1 (bench_peers): ``torch.compile(fastres.convert(m))`` 64.2 ms against 46.2 ms
 for ``fastres.convert(m)`` itself.
 
-So when torch.compile traces an inference call (grad mode off, the module and its BatchNorms in
-eval mode, no autocast, not torch.export), a fused module becomes one call of the custom op
+So when torch.compile traces an inference call (no gradient needed: grad mode off, or neither
+the input nor a parameter requiring one; the module and its BatchNorms in eval mode, no
+autocast, not torch.export), a fused module becomes one call of the custom op
 ``fastres::_module_forward``: at run time the op runs the module's own eager forward (cached
 fold, prepacked weights, eval plan), and at trace time its fake computes the output's shape from
 the convolutions. No graph break, so ``fullgraph=True`` still compiles; Inductor compiles what
-lies between the fused modules (max-pool, avg-pool, fc). Training traces the fused ops as
-before. The op finds its module through a handle registered when the module becomes fused
+lies between the fused modules (max-pool, avg-pool, fc). Training, and eval calls that need
+gradients, trace the fused ops. The op finds its module through a handle registered when the module becomes fused
 (``register``); the op is not serialisable (a graph holding it needs the live model).
 """
 
@@ -56,13 +57,19 @@ def _exporting() -> bool:
 
 def compiled_inference(module: nn.Module, x, bns=None) -> bool:
     """torch.compile is tracing an inference call of ``module`` that the opaque op may run:
-    grad mode off, ``module`` and its BatchNorms (``bns``, default: all its submodules) in eval
-    mode, no autocast, not exporting."""
-    if not torch.compiler.is_compiling() or torch.is_grad_enabled() or _exporting():
+    no gradient to compute (grad mode off, or neither ``x`` nor any parameter of ``module``
+    requires one: a model with frozen parameters called without ``torch.no_grad()``, whose eager
+    call keeps its folds and packed weights too; Dynamo guards on ``requires_grad``, so a
+    parameter unfrozen later re-traces), ``module`` and its BatchNorms (``bns``, default: all its
+    submodules) in eval mode, no autocast, not exporting."""
+    if not torch.compiler.is_compiling() or _exporting():
         return False
     if not isinstance(x, Tensor) or x.dim() != 4 or torch.is_autocast_enabled(x.device.type):
         return False
     if "_fr_handle" not in module.__dict__:
+        return False
+    if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in module.parameters())):
         return False
     mods = module.modules() if bns is None else bns
     return not any(m.training for m in mods)
