@@ -88,15 +88,11 @@ def _bn_finalize_kernel(
 
 
 @triton.jit
-def _bn_eval_vectors_kernel(
-    weight_ptr, bias_ptr, mean_ptr, var_ptr,  # (C,) any float dtype; weight, bias may be absent
-    scale_ptr, shift_ptr,  # (C,) float32 out
-    C, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # An eval BatchNorm's scale = weight / sqrt(var + eps) and shift = bias - mean * scale, from
-    # its live tensors, for the convolution's epilogue: one program, C <= 2048 in a ResNet;
-    # launch latency, not bandwidth (4 reads and 2 writes of 4 B per channel).
+def _eval_vectors(weight_ptr, bias_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, C, eps,
+                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """An eval BatchNorm's scale = weight / sqrt(var + eps) and shift = bias - mean * scale, from
+    its live tensors, for a convolution's epilogue: C <= 2048 in a ResNet, launch latency, not
+    bandwidth (4 reads and 2 writes of 4 B per channel)."""
     for c0 in range(0, C, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
         ok = offs < C
@@ -109,6 +105,47 @@ def _bn_eval_vectors_kernel(
             shift = tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32) + shift
         tl.store(scale_ptr + offs, scale, mask=ok)
         tl.store(shift_ptr + offs, shift, mask=ok)
+
+
+@triton.jit
+def _bn_eval_vectors_kernel(
+    weight_ptr, bias_ptr, mean_ptr, var_ptr,  # (C,) any float dtype; weight, bias may be absent
+    scale_ptr, shift_ptr,  # (C,) float32 out
+    C, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program; C <= 2048 in a ResNet.
+    _eval_vectors(weight_ptr, bias_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, C, eps,
+                  HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+
+
+@triton.jit
+def _bn_eval_vectors_block_kernel(
+    w0_ptr, b0_ptr, m0_ptr, v0_ptr,  # (C0,) BatchNorm 0: weight, bias, running mean and var
+    w1_ptr, b1_ptr, m1_ptr, v1_ptr,  # (C1,) BatchNorm 1
+    w2_ptr, b2_ptr, m2_ptr, v2_ptr,  # (C2,) BatchNorm 2
+    w3_ptr, b3_ptr, m3_ptr, v3_ptr,  # (C3,) BatchNorm 3 (a downsample's)
+    out_ptr,  # (2, total) float32: BatchNorm i's scale at [0, off_i:], its shift at [1, off_i:]
+    C0, C1, C2, C3, off1, off2, off3, total,
+    eps0, eps1, eps2, eps3,
+    BLOCK_C: tl.constexpr,
+):
+    # Every eval BatchNorm of a residual block at once, one program each (grid: their number):
+    # one launch per block call instead of one per convolution (bn_eval_vectors). Affine
+    # BatchNorms only (weight and bias present).
+    pid = tl.program_id(0)
+    if pid == 0:
+        _eval_vectors(w0_ptr, b0_ptr, m0_ptr, v0_ptr, out_ptr, out_ptr + total, C0, eps0,
+                      True, True, BLOCK_C)
+    elif pid == 1:
+        _eval_vectors(w1_ptr, b1_ptr, m1_ptr, v1_ptr, out_ptr + off1, out_ptr + total + off1,
+                      C1, eps1, True, True, BLOCK_C)
+    elif pid == 2:
+        _eval_vectors(w2_ptr, b2_ptr, m2_ptr, v2_ptr, out_ptr + off2, out_ptr + total + off2,
+                      C2, eps2, True, True, BLOCK_C)
+    else:
+        _eval_vectors(w3_ptr, b3_ptr, m3_ptr, v3_ptr, out_ptr + off3, out_ptr + total + off3,
+                      C3, eps3, True, True, BLOCK_C)
 
 
 @triton.jit
@@ -393,6 +430,34 @@ def bn_eval_vectors(weight, bias, mean, var, eps: float):
         BLOCK_C=min(1024, next_pow2(max(c, 16))),
     )
     return scale, shift
+
+
+def eval_vectors_offsets(channels) -> tuple[list[int], int]:
+    """Each BatchNorm's offset in bn_eval_vectors_block's output, 16-element aligned (64 B: its
+    scale and shift pointers keep the 16-byte alignment the kernels are specialised on), and the
+    row length."""
+    offs, total = [], 0
+    for c in channels:
+        offs.append(total)
+        total += cdiv(c, 16) * 16
+    return offs, total
+
+
+def bn_eval_vectors_block_args(vectors, eps, out):
+    """The launch of _bn_eval_vectors_block_kernel (grid, args, meta) for up to four affine
+    BatchNorms, ``vectors`` their (weight, bias, mean, var), ``out`` the (2, total) float32
+    output of eval_vectors_offsets' length."""
+    n = len(vectors)
+    if not 1 <= n <= 4:
+        raise ValueError(f"bn_eval_vectors_block: 1 to 4 BatchNorms, got {n}")
+    offs, total = eval_vectors_offsets([v[3].shape[0] for v in vectors])
+    pad = 4 - n
+    vecs = [t for v in vectors for t in v] + [vectors[0][0]] * (4 * pad)
+    cs = [v[3].shape[0] for v in vectors] + [0] * pad
+    offs = offs[1:] + [0] * pad
+    eps = [float(e) for e in eps] + [1.0] * pad
+    block_c = min(1024, next_pow2(max(16, *cs)))
+    return (n,), (*vecs, out, *cs, *offs, total, *eps), {"BLOCK_C": block_c, "num_warps": 4}
 
 
 def bn_add_relu(input, scale, shift, residual, res_scale, res_shift, res_channel_offset: int,

@@ -175,7 +175,9 @@ def _conv_fwd_kernel(
     # The BatchNorm's scale and shift (of the live tensors, bn_eval_vectors) are two per-column
     # vectors here. Computing them in this epilogue from the four BatchNorm vectors held those
     # four in the accumulator's column layout at once: the 16-bit 128x128 forward spilled (255
-    # registers, 64 B of stack) and the fp32 TF32 128x64 one took 165 (sm_90 AOT, triton 3.8).
+    # registers, 64 B of stack) and the fp32 TF32 128x64 one took 165 (sm_90 AOT, triton 3.8;
+    # 255 without a spill and 148 with rsqrt.approx for 1/sqrt_rn, 165 with the vectors loaded
+    # one pair at a time behind a barrier).
     if HAS_SCALE:  # the BatchNorm scale, not folded into the weight
         acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -421,10 +423,28 @@ def conv_forward(
     dilation,
     scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """relu?(conv(x) * scale + bias + residual), optionally with the BN prologue on its input and
+    the output's per-channel statistics (``scale``: float32, contiguous)."""
+    out, part, grid, args, meta = conv_forward_args(
+        input, weight, bias, residual, relu, pre_scale, pre_shift, pre_relu, stats, stride,
+        padding, dilation, scale)
+    launch(_conv_fwd_kernel, grid, *args, **meta)
+    if not stats:
+        return out, None, None
+    s, ss = sum_planes(part, 2)
+    return out, s, ss
+
+
+def conv_forward_args(input, weight, bias, residual, relu, pre_scale, pre_shift, pre_relu,
+                      stats, stride, padding, dilation, scale=None, out=None):
+    """conv_forward's launch of _conv_fwd_kernel, not launched: (out, partials or None, grid,
+    positional arguments, keyword arguments). ``out``: the output tensor to write (made here when
+    None). The launch plans (block.py) call this once per shape class and keep the result."""
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
     p, q = out_hw(h, w, r, s, stride, padding, dilation)
-    out = empty_like_format((n, k, p, q), input)
+    if out is None:
+        out = empty_like_format((n, k, p, q), input)
     x = to_nhwc(input)
     # (K, R, S, C) storage: each B tile row is BLOCK_K contiguous channels, not a 2-byte gather
     # every R*S elements. A no-op for a channels_last model and for 1x1 weights.
@@ -443,13 +463,13 @@ def conv_forward(
     cfg = gemm_config(m, k, c, input.dtype, exact=precision == "ieee", prologue=prologue)
     num_pid_m = cdiv(m, cfg.BLOCK_M)
     psum = psumsq = x
+    part = None
     if stats:  # both partials in one buffer: one reduction launch sums both
         part = torch.empty((2, num_pid_m, k), device=x.device, dtype=torch.float64)
         psum, psumsq = part[0], part[1]
     res = residual if residual is not None else x
     grid = (num_pid_m * cdiv(k, cfg.BLOCK_N),)
-    launch(
-        _conv_fwd_kernel, grid,
+    args = (
         x, weight, bias if bias is not None else x, scale if scale is not None else x, res,
         out, sc, sh, psum, psumsq,
         m, c, h, w, k, p, q,
@@ -457,6 +477,8 @@ def conv_forward(
         *(strides4(residual) if residual is not None else (0, 0, 0, 0)),
         *strides4(out),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+    )
+    meta = dict(
         R=r, S=s,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_RESIDUAL=residual is not None,
@@ -466,10 +488,7 @@ def conv_forward(
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if not stats:
-        return out, None, None
-    s, ss = sum_planes(part, 2)
-    return out, s, ss
+    return out, part, grid, args, meta
 
 
 def grad_out_nhwc(grad_out: Tensor) -> Tensor:

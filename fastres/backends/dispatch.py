@@ -229,6 +229,13 @@ class TritonBackend(Backend):
                 return getattr(eager, name)
         return getattr(torch.ops.fastres_triton, name)
 
+    def eager_block(self):
+        # A block's eval convolutions as one launch plan (fastres/triton_kernels/block.py).
+        from fastres import triton_kernels  # noqa: PLC0415
+
+        make = getattr(triton_kernels, "eager_block", None)
+        return make() if make is not None else None
+
 
 _TRITON_EAGER: list = []
 
