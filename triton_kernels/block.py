@@ -38,8 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _common, _direct
-from . import _ops
+from . import _common, _direct, _ops
 from . import bn as _bn
 from .conv import _conv_fwd_kernel, conv_forward_args
 
