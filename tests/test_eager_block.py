@@ -188,3 +188,37 @@ def test_block_eval_with_autograd(kind, frozen, cudasim_live):
     for n in got:
         assert_close_rule(f"block_eval grad {n}", got[n], want[n], ref[n], torch.float32)
         torch.testing.assert_close(got[n], per_conv[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "downsample"])
+def test_triton_block_rounds_float32_weights_in_the_vectors_launch(kind, monkeypatch):
+    """Float32 on TF32 tensor cores (emulated under the interpreter): the Triton plan rounds the
+    block's weights to TF32 in the launch that computes its BatchNorm vectors, never with a
+    round_tf32 launch of its own, and gives the per-convolution ops' output bit for bit (they
+    round each weight with round_tf32: the same bit operations)."""
+    if backends.BACKENDS["triton"].unavailable_reason():
+        pytest.skip(backends.BACKENDS["triton"].unavailable_reason())
+    from fastres.triton_kernels import _common  # noqa: PLC0415
+
+    monkeypatch.setenv("FASTRES_BACKEND", "triton")
+    monkeypatch.setattr(_FusedMixin, "_fold_cacheable", staticmethod(lambda conv, bn: False))
+    monkeypatch.setattr(_common, "EMULATE_TF32", True)
+    kernels = []
+    launch = _common.launch
+    monkeypatch.setattr(_common, "launch",
+                        lambda k, *a, **m: kernels.append(k.__name__) or launch(k, *a, **m))
+    tv, ours, x = _pair(kind, torch.float32)
+    with torch.no_grad(), allow_tf32(True):
+        ours(x)
+        kernels.clear()
+        planned = _planned()
+        direct = ours(x)
+        assert _planned() == planned + 1
+        seen = list(kernels)
+        with OpLog():
+            per_op = ours(x)
+        ref = copy.deepcopy(tv).double()(x.double())
+    convs = len(ours.__dict__["_eval_plan"].convs)
+    assert seen == ["_bn_eval_vectors_block_kernel"] + ["_conv_fwd_kernel"] * convs, seen
+    assert torch.equal(direct, per_op)
+    assert (direct - ref).abs().max() < 0.05 * ref.abs().max()  # TF32, not a wrong conv

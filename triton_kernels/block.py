@@ -85,8 +85,16 @@ class _Step:
     def __init__(self, kernel, grid, args, meta, slots, derived, out) -> None:
         self.kernel = kernel
         self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        self.args, self.meta = args, meta
-        self.slots, self.derived = slots, derived
+        # No tensor kept (the first call's activations would stay alive): every tensor position
+        # is a slot or a derived pointer, filled per call.
+        filled = {p for p, _ in slots} | {p for p, _ in derived}
+        assert filled == {p for p, a in enumerate(args) if isinstance(a, Tensor)}
+        self.args = [None if p in filled else a for p, a in enumerate(args)]
+        self.meta = meta
+        self.slots = slots
+        # (position, element offset, shape, strides): a view of the buffer
+        self.derived = tuple((p, off, tuple(args[p].shape), args[p].stride())
+                             for p, off in derived)
         self.out = out  # (shape, stride, dtype) of the output it allocates, or None
         self.entry = None  # (launcher, function, packed metadata) of the compiled kernel
         self.params: list | None = None  # the launcher's arguments, pointers filled per call
@@ -101,7 +109,7 @@ class _Plan:
         self.device = device
         self.keep_idx = keep_idx  # env indices of (h_1, ..., [downsample], y)
         self.direct = None  # the device whose compiled kernels every step holds, once filled
-        self.vec_shape = vec_shape  # the BatchNorm vectors buffer: (2, total) float32
+        self.vec_shape = vec_shape  # the buffer of scales, shifts and rounded weights
 
 
 def _input_sig(x: Tensor) -> tuple:
@@ -138,12 +146,21 @@ def _build(spec: _Spec, x: Tensor, ts) -> _Plan | None:
         return None  # no affine part, or a strided vector: the op bodies handle those
     vec_idx = 1 + len(ts)
     env: list = [x, *ts, None]
-    # The BatchNorms' scale and shift, all in one launch: (2, total) float32.
-    offs, total = _bn.eval_vectors_offsets([bn[3].shape[0] for bn in bns])
-    vecs = torch.empty((2, total), dtype=torch.float32, device=x.device)
+    weights = [ts[PER_CONV * i] for i in range(n_conv)]
+    # Float32 on TF32 tensor cores: the weights rounded to TF32 by the same launch (see
+    # bn._bn_eval_vectors_block_kernel), read by the convolutions from the buffer.
+    rounded = (x.dtype == torch.float32 and _common.dot_precision(x.dtype) == "tf32"
+               and all(w is not None and w.dtype == torch.float32 for w in weights))
+    if rounded and not all(_dense(w) for w in weights):
+        return None
+    # The BatchNorms' scales and shifts (and rounded weights): one float32 buffer, one launch.
+    offs, total, woffs, size = _bn.eval_vectors_layout(
+        [bn[3].shape[0] for bn in bns], [w.numel() for w in weights] if rounded else ())
+    vecs = torch.empty(size, dtype=torch.float32, device=x.device)
     env[vec_idx] = vecs
     grid, args, meta = _bn.bn_eval_vectors_block_args(
-        [(g, b, m, v) for b, g, m, v in bns], [c[7] for c in spec.convs], vecs)
+        [(g, b, m, v) for b, g, m, v in bns], [c[7] for c in spec.convs], vecs,
+        weights if rounded else ())
     slots = []
     for pos, a in enumerate(args):
         if isinstance(a, Tensor):
@@ -165,18 +182,23 @@ def _build(spec: _Spec, x: Tensor, ts) -> _Plan | None:
         geo = ((sh, sw), (ph, pw), (dh, dw))
         _ops.check_conv_bias_act(inp, w, b, res, *geo, groups, g, m, v)
         k = w.shape[0]
-        scale, shift = vecs[0, offs[i]: offs[i] + k], vecs[1, offs[i]: offs[i] + k]
+        scale, shift = vecs[offs[i]: offs[i] + k], vecs[total + offs[i]: total + offs[i] + k]
+        wk = w
+        if rounded:
+            wk = vecs[woffs[i]: woffs[i] + w.numel()].as_strided(w.shape, w.stride())
         out, part, grid, args, meta = conv_forward_args(
-            inp, w, shift, res, not is_ds, None, None, False, False, *geo, scale)
-        wanted = (inp, w, shift, scale, res if res is not None else inp, out, inp, inp, inp, inp)
+            inp, wk, shift, res, not is_ds, None, None, False, False, *geo, scale,
+            weight_rounded=rounded)
+        wanted = (inp, wk, shift, scale, res if res is not None else inp, out, inp, inp, inp,
+                  inp)
         if part is not None or any(a is not t for a, t in zip(args[:_KERNEL_TENSORS], wanted,
                                                                  strict=True)):
             return None  # a copy made per call (layout, TF32 rounding, padding)
         out_idx = len(env)
         env.append(out)
-        where = (src, 1 + PER_CONV * i, None, None, res_idx if res is not None else src, out_idx,
-                 src, src, src, src)
-        derived = ((2, total + offs[i]), (3, offs[i]))
+        where = (src, None if rounded else 1 + PER_CONV * i, None, None,
+                 res_idx if res is not None else src, out_idx, src, src, src, src)
+        derived = ((2, total + offs[i]), (3, offs[i]), *(((1, woffs[i]),) if rounded else ()))
         steps.append(_Step(_conv_fwd_kernel, grid, args, meta,
                            tuple((p, e) for p, e in enumerate(where) if e is not None), derived,
                            (tuple(out.shape), out.stride(), out.dtype)))
@@ -186,7 +208,14 @@ def _build(spec: _Spec, x: Tensor, ts) -> _Plan | None:
             h_idx = out_idx
         keep_idx.append(out_idx)
     return _Plan(_input_sig(x), _signature(ts), _pointers(ts), steps, x.device,
-                 tuple(keep_idx), (2, total))
+                 tuple(keep_idx), (size,))
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill its storage span in some order the rounding copies
+    linearly (contiguous or channels_last)."""
+    return t.is_contiguous() or (t.dim() == 4
+                                 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _index(t: Tensor, ts) -> int:
@@ -201,10 +230,8 @@ def _args(step: _Step, env: list, vecs: Tensor) -> list:
     args = list(step.args)
     for pos, i in step.slots:
         args[pos] = env[i]
-    if step.derived:
-        flat = vecs.view(-1)
-        for pos, off in step.derived:
-            args[pos] = flat[off:]
+    for pos, off, shape, stride in step.derived:  # a view of the buffer
+        args[pos] = vecs.as_strided(shape, stride, off)
     return args
 
 
@@ -218,7 +245,12 @@ def _fill(step: _Step, args: list, device) -> None:
         entry = dplan.per_device[device][key]
     except (KeyError, TypeError, AttributeError):
         return
-    step.entry, step.params, step.device = entry[:3], list(params), device
+    params = list(params)
+    for pos, _ in step.slots:
+        params[pos] = None
+    for pos, *_ in step.derived:
+        params[pos] = None
+    step.entry, step.params, step.device = entry[:3], params, device
 
 
 def block_eval(spec: _Spec, x: Tensor, ts, keep: bool = False):
@@ -259,7 +291,7 @@ def block_eval(spec: _Spec, x: Tensor, ts, keep: bool = False):
                     env.append(empty(shape, stride, dtype=dt, device=dev))
                 for pos, i in step.slots:
                     params[pos] = env[i]
-                for pos, off in step.derived:
+                for pos, off, _, _ in step.derived:
                     params[pos] = base + 4 * off
                 launcher, function, packed = step.entry
                 launcher(*step.grid, stream, function, packed, None, enter, leave, *params)

@@ -436,10 +436,13 @@ def conv_forward(
 
 
 def conv_forward_args(input, weight, bias, residual, relu, pre_scale, pre_shift, pre_relu,
-                      stats, stride, padding, dilation, scale=None, out=None):
+                      stats, stride, padding, dilation, scale=None, out=None,
+                      weight_rounded=False):
     """conv_forward's launch of _conv_fwd_kernel, not launched: (out, partials or None, grid,
     positional arguments, keyword arguments). ``out``: the output tensor to write (made here when
-    None). The launch plans (block.py) call this once per shape class and keep the result."""
+    None); ``weight_rounded``: a float32 weight comes rounded to TF32 already (else, where the
+    dot runs TF32, round_tf32 makes a rounded copy). The launch plans (block.py) call this once
+    per shape class and keep the result."""
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
     p, q = out_hw(h, w, r, s, stride, padding, dilation)
@@ -456,7 +459,7 @@ def conv_forward_args(input, weight, bias, residual, relu, pre_scale, pre_shift,
         pre_shift = _pad_vector(pre_shift, cp) if pre_shift is not None else None
         c = cp
     precision = dot_precision(input.dtype)
-    if precision == "tf32" and weight.dtype == torch.float32:
+    if precision == "tf32" and weight.dtype == torch.float32 and not weight_rounded:
         weight = round_tf32(weight)
     m = n * p * q
     prologue, sc, sh = _prologue_vectors(x, pre_scale, pre_shift)
