@@ -102,11 +102,16 @@ class _Step:
 
 
 class _Plan:
-    __slots__ = ("x_sig", "sig", "ptrs", "steps", "device", "keep_idx", "direct", "vec_shape")
+    __slots__ = ("x_sig", "sig", "ptrs", "steps", "device", "keep_idx", "direct", "vec_shape",
+                 "run_direct", "run_checked")
 
     def __init__(self, x_sig, sig, ptrs, steps, device, keep_idx, vec_shape) -> None:
         self.x_sig, self.sig, self.ptrs, self.steps = x_sig, sig, ptrs, steps
         self.device = device
+        # The call without keep as one generated function (_runners): through the compiled
+        # launchers (once every step has one), and through _common.launch.
+        self.run_direct = None
+        self.run_checked = None
         self.keep_idx = keep_idx  # env indices of (h_1, ..., [downsample], y)
         self.direct = None  # the device whose compiled kernels every step holds, once filled
         self.vec_shape = vec_shape  # the buffer of scales, shifts and rounded weights
@@ -207,8 +212,10 @@ def _build(spec: _Spec, x: Tensor, ts) -> _Plan | None:
         else:
             h_idx = out_idx
         keep_idx.append(out_idx)
-    return _Plan(_input_sig(x), _signature(ts), _pointers(ts), steps, x.device,
+    plan = _Plan(_input_sig(x), _signature(ts), _pointers(ts), steps, x.device,
                  tuple(keep_idx), (size,))
+    plan.run_checked = _runner(plan, len(ts), direct=False)
+    return plan
 
 
 def _dense(t: Tensor) -> bool:
@@ -273,6 +280,19 @@ def block_eval(spec: _Spec, x: Tensor, ts, keep: bool = False):
             return _through_ops(spec, x, ts, keep)
         spec.plan = plan
         stats["built"] += 1
+    elif not keep:
+        if plan.run_direct is not None and not _common._dispatch_modes():
+            drv = _direct._driver.active
+            device = drv.get_current_device()
+            rt = _direct.knobs.runtime
+            enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+            if (device == plan.direct and not _direct._hooked(enter)
+                    and not _direct._hooked(leave)):
+                stats["planned"] += 1
+                return plan.run_direct(x, ts, drv.get_current_stream(device), enter, leave)
+        if plan.direct is None and not _common.DIRECT:  # the interpreter, or direct launches off
+            stats["planned"] += 1
+            return plan.run_checked(x, ts)
     vecs = torch.empty(plan.vec_shape, dtype=torch.float32, device=plan.device)
     env = [x, *ts, vecs]
     if plan.direct is not None and not _common._dispatch_modes():
@@ -312,8 +332,94 @@ def block_eval(spec: _Spec, x: Tensor, ts, keep: bool = False):
             _fill(step, args, device)
     if fill and all(s.device == device for s in plan.steps):
         plan.direct = device
+        plan.run_direct = _runner(plan, len(ts), direct=True)
     stats["planned"] += 1
     return tuple(env[i] for i in plan.keep_idx) if keep else env[-1]
+
+
+_ALIGN = 256  # bytes: each region of the call's workspace starts on a multiple
+
+
+def _runner(plan: _Plan, n_ts: int, direct: bool):
+    """The plan's call without keep as one generated function: one workspace allocation for the
+    scales, shifts, rounded weights and the outputs that do not leave the call (every one but
+    the last), one for the output, then each launch with its arguments written out (constants
+    bound by name). ``direct``: ``run(x, ts, stream, enter, leave)`` calls each compiled
+    kernel's launcher with workspace pointers as integers (which Triton's launchers take for
+    pointer arguments); else ``run(x, ts)`` passes views of the workspace to _common.launch (the
+    interpreter runs this one: the same layout and wiring, with tensors)."""
+    vec_idx = 1 + n_ts
+    regions = {vec_idx: (0, plan.vec_shape, (1,), torch.float32)}  # env index -> region
+    nbytes = _round_up(4 * plan.vec_shape[0])
+    final = len(plan.steps) + vec_idx - 1  # env index of the block output (the last step's)
+    for j, step in enumerate(plan.steps[1:]):
+        if vec_idx + 1 + j == final:
+            continue
+        shape, stride, dt = step.out
+        regions[vec_idx + 1 + j] = (nbytes, shape, stride, dt)
+        nbytes += _round_up(_span(shape, stride) * dt.itemsize)
+    ns = {"_empty": torch.empty, "_empty_strided": torch.empty_strided, "_u8": torch.uint8,
+          "_dev": plan.device, "_launch": _common.launch, "_v": _view}
+
+    def const(name, value):
+        ns[name] = value
+        return name
+
+    def region(off, shape, stride, dt, tag):
+        if direct:
+            return f"(b + {off})"
+        return (f"_v(ws, {off}, {const(f'shape{tag}', shape)}, {const(f'stride{tag}', stride)}, "
+                f"{const(f'dt{tag}', dt)})")
+
+    yshape, ystride, ydt = plan.steps[-1].out
+    lines = [f"def run(x, ts{', stream, enter, leave' if direct else ''}):",
+             f"    ({''.join(f't{i}, ' for i in range(n_ts))}) = ts",
+             f"    ws = _empty({nbytes}, dtype=_u8, device=_dev)",
+             f"    y = _empty_strided({const('yshape', yshape)}, {const('ystride', ystride)}, "
+             f"dtype={const('ydt', ydt)}, device=_dev)"]
+    if direct:
+        lines.append("    b = ws.data_ptr()")
+    for s, step in enumerate(plan.steps):
+        values = list(step.params if direct else step.args)
+        exprs = [const(f"k{s}_{p}", v) for p, v in enumerate(values)]
+        for p, e in step.slots:
+            if e == 0:
+                exprs[p] = "x"
+            elif e < vec_idx:
+                exprs[p] = f"t{e - 1}"
+            elif e == final:
+                exprs[p] = "y"
+            else:
+                exprs[p] = region(*regions[e], f"{s}_{p}")
+        for p, off, shape, stride in step.derived:
+            exprs[p] = region(4 * off, shape, stride, torch.float32, f"{s}_{p}")
+        if direct:
+            launcher, function, packed = step.entry
+            head = (f"{const(f'L{s}', launcher)}({', '.join(map(str, step.grid))}, stream, "
+                    f"{const(f'F{s}', function)}, {const(f'P{s}', packed)}, None, enter, leave")
+            lines.append(f"    {head}, {', '.join(exprs)})")
+        else:
+            lines.append(f"    _launch({const(f'K{s}', step.kernel)}, {step.grid}, "
+                         f"{', '.join(exprs)}, **{const(f'M{s}', step.meta)})")
+    lines.append("    return y")
+    exec("\n".join(lines) + "\n", ns)  # noqa: S102 - generated from the plan's own steps
+    return ns["run"]
+
+
+def _round_up(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _span(shape, stride) -> int:
+    """Elements a dense tensor's storage spans."""
+    return 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True)) if all(shape) else 0
+
+
+def _view(ws: Tensor, off: int, shape, stride, dtype) -> Tensor:
+    """The region of the workspace at byte ``off`` as a tensor of ``dtype``, ``shape``,
+    ``stride``."""
+    n = _span(shape, stride)
+    return ws[off: off + n * dtype.itemsize].view(dtype).as_strided(shape, stride)
 
 
 def _through_ops(spec: _Spec, x: Tensor, ts, keep: bool):
