@@ -159,7 +159,21 @@ def block_checks():
     if tblock.stats["planned"] - p0 != 3:
         fails.append(f"{tblock.stats['planned'] - p0} of 3 calls served by the launch plan")
     planned = drv.calls[: len(drv.calls) // 3]
-    spec = block.__dict__["_eval_plan"].direct[1]
+    eval_plan = block.__dict__["_eval_plan"]
+    # With autograd (one Function over block_eval's keep call): the same launches.
+    x.requires_grad_(True)
+    block(x)
+    drv.record, drv.calls[:] = True, []
+    block(x)
+    drv.record = False
+    x.requires_grad_(False)
+    if len(drv.calls) != len(planned) or any(
+            k[:5] != d[:5] or len(k[5]) != len(d[5]) or any(
+                (_ptr(a) is None) != (_ptr(b) is None) or (
+                    _ptr(a) is None and not (a is b or (type(a) is type(b) and a == b)))
+                for a, b in zip(k[5], d[5])) for k, d in zip(drv.calls, planned)):
+        fails.append("the plan's launches with autograd differ from those without")
+    spec = eval_plan.direct[1]
     plan = spec.plan
     if plan is None or plan.run_direct is None or len(planned) != len(plan.steps):
         fails.append(f"{len(planned)} launches per call, plan {plan}")
@@ -167,7 +181,7 @@ def block_checks():
     # Each step again through JITFunction.run, on tensors of the plan's layout.
     from fastres.nn.eval_plan import _read
 
-    ts = [_read(s) for s in block.__dict__["_eval_plan"].direct[2]]
+    ts = [_read(s) for s in eval_plan.direct[2]]
     vecs = torch.empty(plan.vec_shape, dtype=torch.float32)
     env = [x, *ts, vecs]
     for step, d in zip(plan.steps, planned):

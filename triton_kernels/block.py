@@ -103,7 +103,7 @@ class _Step:
 
 class _Plan:
     __slots__ = ("x_sig", "sig", "ptrs", "steps", "device", "keep_idx", "direct", "vec_shape",
-                 "run_direct", "run_checked")
+                 "run_direct", "run_checked", "run_keep")
 
     def __init__(self, x_sig, sig, ptrs, steps, device, keep_idx, vec_shape) -> None:
         self.x_sig, self.sig, self.ptrs, self.steps = x_sig, sig, ptrs, steps
@@ -112,6 +112,7 @@ class _Plan:
         # launchers (once every step has one), and through _common.launch.
         self.run_direct = None
         self.run_checked = None
+        self.run_keep = None  # with keep, through the compiled launchers
         self.keep_idx = keep_idx  # env indices of (h_1, ..., [downsample], y)
         self.direct = None  # the device whose compiled kernels every step holds, once filled
         self.vec_shape = vec_shape  # the buffer of scales, shifts and rounded weights
@@ -280,7 +281,7 @@ def block_eval(spec: _Spec, x: Tensor, ts, keep: bool = False):
             return _through_ops(spec, x, ts, keep)
         spec.plan = plan
         stats["built"] += 1
-    elif not keep:
+    else:
         if plan.run_direct is not None and not _common._dispatch_modes():
             drv = _direct._driver.active
             device = drv.get_current_device()
@@ -289,36 +290,16 @@ def block_eval(spec: _Spec, x: Tensor, ts, keep: bool = False):
             if (device == plan.direct and not _direct._hooked(enter)
                     and not _direct._hooked(leave)):
                 stats["planned"] += 1
-                return plan.run_direct(x, ts, drv.get_current_stream(device), enter, leave)
-        if plan.direct is None and not _common.DIRECT:  # the interpreter, or direct launches off
+                run = plan.run_keep if keep else plan.run_direct
+                return run(x, ts, drv.get_current_stream(device), enter, leave)
+        if not keep and plan.direct is None and not _common.DIRECT:  # the interpreter
             stats["planned"] += 1
             return plan.run_checked(x, ts)
     vecs = torch.empty(plan.vec_shape, dtype=torch.float32, device=plan.device)
     env = [x, *ts, vecs]
-    if plan.direct is not None and not _common._dispatch_modes():
-        drv = _direct._driver.active
-        device = drv.get_current_device()
-        rt = _direct.knobs.runtime
-        enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
-        if device == plan.direct and not _direct._hooked(enter) and not _direct._hooked(leave):
-            stream = drv.get_current_stream(device)
-            empty, dev = torch.empty_strided, plan.device
-            base = vecs.data_ptr()
-            for step in plan.steps:
-                params = step.params[:]
-                if step.out is not None:
-                    shape, stride, dt = step.out
-                    env.append(empty(shape, stride, dtype=dt, device=dev))
-                for pos, i in step.slots:
-                    params[pos] = env[i]
-                for pos, off, _, _ in step.derived:
-                    params[pos] = base + 4 * off
-                launcher, function, packed = step.entry
-                launcher(*step.grid, stream, function, packed, None, enter, leave, *params)
-            stats["planned"] += 1
-            return tuple(env[i] for i in plan.keep_idx) if keep else env[-1]
-    # The first call of a plan, the interpreter, a dispatch mode, a launch hook, another device:
-    # each launch through _common.launch, keeping the compiled kernels where it went direct.
+    # The first call of a plan, the interpreter with keep, a dispatch mode, a launch hook,
+    # another device: each launch through _common.launch, keeping the compiled kernels where it
+    # went direct.
     fill = (_common.DIRECT and not _common._dispatch_modes()
             and not torch.compiler.is_compiling())
     device = _direct._driver.active.get_current_device() if fill else None
@@ -333,6 +314,7 @@ def block_eval(spec: _Spec, x: Tensor, ts, keep: bool = False):
     if fill and all(s.device == device for s in plan.steps):
         plan.direct = device
         plan.run_direct = _runner(plan, len(ts), direct=True)
+        plan.run_keep = _runner(plan, len(ts), direct=True, keep=True)
     stats["planned"] += 1
     return tuple(env[i] for i in plan.keep_idx) if keep else env[-1]
 
@@ -340,20 +322,21 @@ def block_eval(spec: _Spec, x: Tensor, ts, keep: bool = False):
 _ALIGN = 256  # bytes: each region of the call's workspace starts on a multiple
 
 
-def _runner(plan: _Plan, n_ts: int, direct: bool):
-    """The plan's call without keep as one generated function: one workspace allocation for the
-    scales, shifts, rounded weights and the outputs that do not leave the call (every one but
-    the last), one for the output, then each launch with its arguments written out (constants
-    bound by name). ``direct``: ``run(x, ts, stream, enter, leave)`` calls each compiled
-    kernel's launcher with workspace pointers as integers (which Triton's launchers take for
-    pointer arguments); else ``run(x, ts)`` passes views of the workspace to _common.launch (the
-    interpreter runs this one: the same layout and wiring, with tensors)."""
+def _runner(plan: _Plan, n_ts: int, direct: bool, keep: bool = False):
+    """The plan's call as one generated function: one workspace allocation for the scales,
+    shifts, rounded weights and the outputs that do not leave the call (without ``keep``: every
+    one but the last; with it, (h_1, ..., [downsample], y) are returned, each allocated), one
+    per output, then each launch with its arguments written out (constants bound by name).
+    ``direct``: ``run(x, ts, stream, enter, leave)`` calls each compiled kernel's launcher with
+    workspace pointers as integers (which Triton's launchers take for pointer arguments); else
+    ``run(x, ts)`` passes views of the workspace to _common.launch (the interpreter runs this
+    one: the same layout and wiring, with tensors)."""
     vec_idx = 1 + n_ts
     regions = {vec_idx: (0, plan.vec_shape, (1,), torch.float32)}  # env index -> region
     nbytes = _round_up(4 * plan.vec_shape[0])
     final = len(plan.steps) + vec_idx - 1  # env index of the block output (the last step's)
     for j, step in enumerate(plan.steps[1:]):
-        if vec_idx + 1 + j == final:
+        if vec_idx + 1 + j == final or keep:
             continue
         shape, stride, dt = step.out
         regions[vec_idx + 1 + j] = (nbytes, shape, stride, dt)
@@ -371,12 +354,14 @@ def _runner(plan: _Plan, n_ts: int, direct: bool):
         return (f"_v(ws, {off}, {const(f'shape{tag}', shape)}, {const(f'stride{tag}', stride)}, "
                 f"{const(f'dt{tag}', dt)})")
 
-    yshape, ystride, ydt = plan.steps[-1].out
     lines = [f"def run(x, ts{', stream, enter, leave' if direct else ''}):",
              f"    ({''.join(f't{i}, ' for i in range(n_ts))}) = ts",
-             f"    ws = _empty({nbytes}, dtype=_u8, device=_dev)",
-             f"    y = _empty_strided({const('yshape', yshape)}, {const('ystride', ystride)}, "
-             f"dtype={const('ydt', ydt)}, device=_dev)"]
+             f"    ws = _empty({nbytes}, dtype=_u8, device=_dev)"]
+    outs = [e for e in range(vec_idx + 1, final + 1) if e not in regions]  # allocated each
+    for e in outs:
+        shape, stride, dt = plan.steps[e - vec_idx].out
+        lines.append(f"    o{e} = _empty_strided({const(f'shape{e}', shape)}, "
+                     f"{const(f'stride{e}', stride)}, dtype={const(f'dt{e}', dt)}, device=_dev)")
     if direct:
         lines.append("    b = ws.data_ptr()")
     for s, step in enumerate(plan.steps):
@@ -387,8 +372,8 @@ def _runner(plan: _Plan, n_ts: int, direct: bool):
                 exprs[p] = "x"
             elif e < vec_idx:
                 exprs[p] = f"t{e - 1}"
-            elif e == final:
-                exprs[p] = "y"
+            elif e not in regions:
+                exprs[p] = f"o{e}"
             else:
                 exprs[p] = region(*regions[e], f"{s}_{p}")
         for p, off, shape, stride in step.derived:
@@ -401,7 +386,10 @@ def _runner(plan: _Plan, n_ts: int, direct: bool):
         else:
             lines.append(f"    _launch({const(f'K{s}', step.kernel)}, {step.grid}, "
                          f"{', '.join(exprs)}, **{const(f'M{s}', step.meta)})")
-    lines.append("    return y")
+    if keep:
+        lines.append(f"    return ({''.join(f'o{e}, ' for e in plan.keep_idx)})")
+    else:
+        lines.append(f"    return o{final}")
     exec("\n".join(lines) + "\n", ns)  # noqa: S102 - generated from the plan's own steps
     return ns["run"]
 
