@@ -114,11 +114,12 @@ def _ptr(a):
     return a if type(a) is int and a > 1 << 20 else None
 
 
-def block_checks():
+def block_checks(plant=False):
     """A fused block's eval path: its launch plan (triton_kernels/block.py) launches straight
     into the compiled kernels, reads no package metadata per call, and each launch is the one
     JITFunction.run makes for the same arguments: grid, stream, function, packed metadata and
-    every argument (pointers by their 16-byte alignment: the plan's come from its workspace)."""
+    every argument (pointers by their 16-byte alignment: the plan's come from its workspace).
+    ``plant``: the first convolution's M (rows) off by one in the plan's launcher arguments."""
     import torchvision
     import fastres
     from fastres.triton_kernels import block as tblock
@@ -135,6 +136,10 @@ def block_checks():
         memory_format=torch.channels_last)
     with torch.no_grad():
         block(x)
+    if plant:
+        p0 = block.__dict__["_eval_plan"].direct[1].plan
+        p0.steps[1].params[10] += 1  # M, the first integer after the 10 pointers
+        p0.run_direct = tblock._runner(p0, len(block.__dict__["_eval_plan"].direct[2]), True)
     reads = []
     version, distribution = importlib.metadata.version, importlib.metadata.distribution
     importlib.metadata.version = lambda *a: reads.append(a) or version(*a)
@@ -208,8 +213,9 @@ def block_checks():
 clean = checks(False)
 planted = checks(True)
 block, per_call = block_checks()
+block_planted, _ = block_checks(plant=True)
 print("RESULT " + json.dumps({"clean": clean, "planted": planted, "block": block,
-                              "launches_per_call": per_call}))
+                              "block_planted": block_planted, "launches_per_call": per_call}))
 '''
 
 
@@ -240,6 +246,12 @@ def test_planted_key_bug_is_caught(child):
 def test_block_eval_launches_directly(child):
     assert child["block"] == []
     assert child["launches_per_call"] == 4  # the BatchNorm vectors, then the 3 convolutions
+
+
+def test_planted_block_plan_bug_is_caught(child):
+    """A plan whose launch carries a wrong integer argument differs from JITFunction.run's."""
+    assert any("differs from JITFunction.run" in f for f in child["block_planted"]), \
+        child["block_planted"]
 
 
 def test_eager_ops_match_the_dispatched_ops():
