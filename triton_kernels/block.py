@@ -145,8 +145,8 @@ def _build(spec: _Spec, x: Tensor, ts) -> _Plan | None:
     n_conv = len(spec.convs)
     if len(ts) != PER_CONV * n_conv:
         raise ValueError(f"block_eval: {len(ts)} tensors for {n_conv} convolutions")
-    if not 1 <= n_conv <= 4:
-        return None
+    if not 1 <= n_conv <= 4 or x.numel() == 0:
+        return None  # an empty batch: the op bodies launch nothing
     bns = [ts[PER_CONV * i + 1: PER_CONV * (i + 1)] for i in range(n_conv)]  # (b, g, m, v)
     if any(t is None or not t.is_contiguous() for bn in bns for t in bn):
         return None  # no affine part, or a strided vector: the op bodies handle those
