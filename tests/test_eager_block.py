@@ -222,3 +222,33 @@ def test_triton_block_rounds_float32_weights_in_the_vectors_launch(kind, monkeyp
     assert seen == ["_bn_eval_vectors_block_kernel"] + ["_conv_fwd_kernel"] * convs, seen
     assert torch.equal(direct, per_op)
     assert (direct - ref).abs().max() < 0.05 * ref.abs().max()  # TF32, not a wrong conv
+
+
+def test_triton_block_plan_follows_a_weight_of_another_layout(monkeypatch):
+    """A weight replaced by one of another layout (a contiguous 3x3 weight where the plan was made
+    for channels_last) fails the plan's signature: the block runs through the op bodies (which
+    make the channels_last copy the kernel needs) and gives torchvision's numbers; with the
+    layout restored, a plan serves again."""
+    if backends.BACKENDS["triton"].unavailable_reason():
+        pytest.skip(backends.BACKENDS["triton"].unavailable_reason())
+    from fastres.triton_kernels import block  # noqa: PLC0415
+
+    monkeypatch.setenv("FASTRES_BACKEND", "triton")
+    monkeypatch.setattr(_FusedMixin, "_fold_cacheable", staticmethod(lambda conv, bn: False))
+    tv, ours, x = _pair("bottleneck", torch.float32)
+    with torch.no_grad(), allow_tf32(False):
+        ours(x)
+        w = ours.conv2.weight.detach()
+        for m in (tv, ours):
+            m.conv2.weight = torch.nn.Parameter(w.contiguous() * 0.5)
+        ops = block.stats["ops"]
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_close_rule("block_eval, contiguous weight", ours(x), tv(x), ref, torch.float32)
+        assert block.stats["ops"] == ops + 1
+        for m in (tv, ours):
+            m.conv2.weight = torch.nn.Parameter(
+                (w * 0.5).contiguous(memory_format=torch.channels_last))
+        planned = _planned()
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_close_rule("block_eval, channels_last again", ours(x), tv(x), ref, torch.float32)
+        assert _planned() == planned + 1
