@@ -42,7 +42,7 @@ drv = hot.install()
 import torch
 from fastres import triton_kernels
 triton_kernels.eager_ops()  # registers the ops
-from fastres.triton_kernels import _common, _direct, bn
+from fastres.triton_kernels import _common, _direct, bn_eval
 
 
 def launches_match(kernel, grid, args, meta):
@@ -101,7 +101,7 @@ def checks(plant):
         args = (w if w is not None else v32, v32, v16, v32, sc, sh, 64, 1e-5)
         meta = {"HAS_WEIGHT": w is not None, "HAS_BIAS": True, "BLOCK_C": 64}
         for _ in range(2):
-            same, d, t = launches_match(bn._bn_eval_vectors_kernel, (1,), args, meta)
+            same, d, t = launches_match(bn_eval._bn_eval_vectors_kernel, (1,), args, meta)
             if not same:
                 fails.append(f"bn_eval_vectors: direct {d} differs from JITFunction.run's {t}")
     return fails

@@ -18,6 +18,7 @@ from torch import Tensor
 from fastres import _opset
 
 from . import bn as _bn
+from . import bn_eval as _bn_eval
 from . import conv as _conv
 from ._common import INTERPRETED
 
@@ -142,7 +143,7 @@ def conv_bias_act(
     check_conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups, scale,
                         bn_mean, bn_var)
     if bn_var is not None:  # the BatchNorm's scale and shift first: one small launch
-        scale, bias = _bn.bn_eval_vectors(*(None if t is None else t.contiguous()
+        scale, bias = _bn_eval.bn_eval_vectors(*(None if t is None else t.contiguous()
                                             for t in (scale, bias, bn_mean, bn_var)), bn_eps)
     out, _, _ = _conv.conv_forward(input, weight, bias, residual, relu, None, None, False, False,
                                    stride, padding, dilation, _vec(scale))

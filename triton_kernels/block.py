@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import _common, _direct, _ops
-from . import bn as _bn
+from . import bn_eval as _bn
 from .conv import _conv_fwd_kernel, conv_forward_args
 
 __all__ = ["block_spec", "block_eval", "stats"]
@@ -162,7 +162,7 @@ def _build(spec: _Spec, x: Tensor, ts) -> _Plan | None:
     env: list = [x, *ts, None]
     weights = [ts[PER_CONV * i] for i in range(n_conv)]
     # Float32 on TF32 tensor cores: the weights rounded to TF32 by the same launch (see
-    # bn._bn_eval_vectors_block_kernel), read by the convolutions from the buffer.
+    # bn_eval._bn_eval_vectors_block_kernel), read by the convolutions from the buffer.
     rounded = (x.dtype == torch.float32 and _common.dot_precision(x.dtype) == "tf32"
                and all(w is not None and w.dtype == torch.float32 for w in weights))
     if rounded and not all(_dense(w) for w in weights):
