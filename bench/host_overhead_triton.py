@@ -19,11 +19,12 @@ interpreter): ``unavailable_reason`` answers None and ``not_supported_reasons`` 
 reasons. Nothing else is patched.
 
 Rows as ``bench/host_overhead.py``'s (same keys, its ``_measure``): host µs per block call
-(median of ``calls`` with min-max, the CPU time of fills and copies subtracted), launches (the
-fake launcher's count plus every dispatched aten op that launches a kernel on a GPU, those inside
-the op bodies included), allocations and host-device syncs. ``main`` runs with glibc's large
-allocations kept on the heap (``MALLOC_MMAP_MAX_=0``, see there); a caller of ``measure_rows``
-sets that in its own environment.
+(median of ``calls`` with min-max, the CPU time of fills and copies subtracted), and from one
+profiled call (``_profiled_counts``: no dispatch mode, so the eager paths run as they do
+unobserved) launches (the fake launcher's count plus every leaf aten op that launches a kernel on
+a GPU), allocations (aten::empty and aten::empty_strided) and host-device syncs. ``main`` runs
+with glibc's large allocations kept on the heap (``MALLOC_MMAP_MAX_=0``, see there); a caller of
+``measure_rows`` sets that in its own environment.
 """
 
 from __future__ import annotations
@@ -184,41 +185,37 @@ ELEMENTWISE_OPS = {"aten::add", "aten::bitwise_and", "aten::__and__", "aten::isn
                    "aten::where"}
 
 
-def _allocations(block, x, mode) -> int:
-    """Allocating ops per call: the profiler books a CPU allocation on the op that made it (its
-    self memory), not as a separate memory event (host_overhead counts those)."""
+#: Ops that copy through an aten op under them (counted there) and are no-ops as leaves.
+NOOP_LEAVES = {"to", "contiguous", "type_as", "view_as", "reshape_as", "expand_as"}
+
+
+def _profiled_counts(block, x, mode, drv) -> dict:
+    """Launches, allocations and syncs of one call, seen by the profiler, which (unlike a
+    TorchDispatchMode) leaves the call's path as it is: eager Triton paths step aside under a
+    dispatch mode (their launches bypass the dispatcher), so a mode would count the ops of the
+    path that replaces them.
+
+    Launches: the fake launcher's count, plus every leaf aten op (no aten op under it) that is
+    not a view or an allocation (on a GPU a kernel: fill_, copy_, add, ...). Allocations: the
+    aten::empty and aten::empty_strided events (torch 2.14's profiler books a CPU allocation on
+    no event of its own, only the frees). Syncs: the ops that read a tensor back."""
     import host_overhead as ho  # noqa: PLC0415
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+    n0 = drv.launches
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         ho._call(block, x, mode)
-    return sum(1 for e in prof.events()
-               if (e.name == "[memory]" and e.cpu_memory_usage > 0)
-               or (e.name != "[memory]" and e.self_cpu_memory_usage > 0))
-
-
-def _op_counter():
-    """host_overhead's OpCounter, also counting the aten ops inside the fastres_triton op bodies
-    (a mode sees an op, not what its body dispatches: the body runs under the mode again)."""
-    import host_overhead as ho  # noqa: PLC0415
-
-    from fastres.triton_kernels import _ops  # noqa: PLC0415
-
-    class TritonOpCounter(ho.OpCounter):
-        # the launches inside a body under this mode go through wrap_triton's op, passed on
-        supports_higher_order_operators = True
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if isinstance(func, torch._ops.HigherOrderOperator):
-                return func(*args, **(kwargs or {}))
-            if func.__name__.split(".")[0] == "to":  # a copy shows as its _to_copy; else none
-                return func(*args, **(kwargs or {}))
-            if getattr(func, "namespace", None) == _ops.NAMESPACE:
-                with self:
-                    return _ops._IMPLS[func.__name__.split(".")[0]](*args, **(kwargs or {}))
-            return super().__torch_dispatch__(func, types, args, kwargs)
-
-    return TritonOpCounter
+    launched = drv.launches - n0
+    ops = allocs = syncs = 0
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        name = e.name[len("aten::"):]
+        allocs += name in ("empty", "empty_strided")
+        syncs += name in ho.SYNC_OPS
+        leaf = not any(c.name.startswith("aten::") for c in e.cpu_children)
+        ops += (leaf and name not in ho.VIEW_OPS and name not in ho.SYNC_OPS
+                and name not in NOOP_LEAVES)
+    return {"launches": launched + ops, "allocations": allocs, "syncs": syncs}
 
 
 def measure_rows(dtypes=("bf16", "fp32"), calls: int = 200, batch: int = 32) -> list[dict]:
@@ -247,13 +244,13 @@ def measure_rows(dtypes=("bf16", "fp32"), calls: int = 200, batch: int = 32) -> 
             x = torch.randn(batch, tv.conv1.in_channels, h, h, dtype=dt).contiguous(
                 memory_format=torch.channels_last)
             for mode in MODES:
-                plain, ho.OpCounter = ho.OpCounter, _op_counter()
                 data_ops, ho.DATA_OPS = ho.DATA_OPS, ho.DATA_OPS | ELEMENTWISE_OPS
                 try:
+                    # its launches and syncs are a dispatch mode's, replaced by the profiler's
                     r = ho._measure(ours, x, mode, calls, lambda: drv.launches)
-                    r["allocations"] = _allocations(ours, x, mode)
+                    r.update(_profiled_counts(ours, x, mode, drv))
                 finally:
-                    ho.OpCounter, ho.DATA_OPS = plain, data_ops
+                    ho.DATA_OPS = data_ops
                 rows.append({"block": name, "dtype": dname, "mode": mode,
                              "provider": "fastres-triton", **r})
     return rows

@@ -1,10 +1,12 @@
-"""Eager eval of a whole block in one call into the CUDA extension (csrc/cuda/block_py.h).
+"""Eager eval of a whole block in one call: into the CUDA extension (csrc/cuda/block_py.h), or
+the Triton backend's launch plan (fastres/triton_kernels/block.py).
 
-An eval plan made without autograd on the CUDA path runs its block as one ``block_eval`` call:
-each convolution's launcher called from C++ with the BatchNorm in its epilogue, the tensors read
-from the modules on every call. These tests run it on cudasim (the CUDA launchers and kernels on
-the CPU): same numbers as the per-convolution ops, torchvision's numbers within the rule, weight
-writes seen, hooks and dispatch modes sent to the paths that honour them.
+An eval plan made on the CUDA or Triton path runs its block as one ``block_eval`` call: each
+convolution's launcher called from C++ (CUDA) or from a plan of its launch kept per shape class
+(Triton), with the BatchNorm in its epilogue, the tensors read from the modules on every call.
+These tests run it on cudasim (the CUDA launchers and kernels on the CPU) and on the Triton
+interpreter: same numbers as the per-convolution ops, torchvision's numbers within the rule,
+weight writes seen, hooks and dispatch modes sent to the paths that honour them.
 """
 
 from __future__ import annotations
@@ -21,9 +23,6 @@ from fastres import backends
 from fastres.harness.rule import allow_tf32, assert_close_rule, randomise_bn
 from fastres.nn._fused import _FusedMixin
 
-pytestmark = pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_reason()),
-                                reason="cudasim is not built")
-
 tvr = torchvision.models.resnet
 
 
@@ -35,10 +34,46 @@ def _blocks():
 
 
 
-@pytest.fixture
-def cudasim_live(monkeypatch):
-    monkeypatch.setenv("FASTRES_BACKEND", "cudasim")
+@pytest.fixture(params=["cudasim", "triton"])
+def cudasim_live(request, monkeypatch):
+    """The backend (cudasim or triton), forced, with eval as on a GPU (no fold cache)."""
+    why = backends.BACKENDS[request.param].unavailable_reason()
+    if why:
+        pytest.skip(why)
+    monkeypatch.setenv("FASTRES_BACKEND", request.param)
     monkeypatch.setattr(_FusedMixin, "_fold_cacheable", staticmethod(lambda conv, bn: False))
+    return request.param
+
+
+class _Launches:
+    """Kernel launches of a backend: cudasim's count, or the Triton launches of block plans."""
+
+    def __init__(self, backend: str, monkeypatch) -> None:
+        self.n = 0
+        if backend == "cudasim":
+            from fastres import _C_cudasim as sim  # noqa: PLC0415
+
+            self.count = sim.launch_count
+            return
+        from fastres.triton_kernels import _common  # noqa: PLC0415
+
+        launch = _common.launch
+
+        def counted(*args, **kwargs):
+            self.n += 1
+            return launch(*args, **kwargs)
+
+        monkeypatch.setattr(_common, "launch", counted)
+        self.count = lambda: self.n
+
+
+def _planned() -> int:
+    """Block calls the Triton launch plans served (0 where triton is not importable)."""
+    try:
+        from fastres.triton_kernels import block  # noqa: PLC0415
+    except ImportError:
+        return 0
+    return block.stats["planned"]
 
 
 def _pair(kind: str, dtype: torch.dtype):
@@ -51,26 +86,30 @@ def _pair(kind: str, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample", "basic"])
-def test_block_eval_is_the_per_convolution_path(kind, dtype, cudasim_live):
+def test_block_eval_is_the_per_convolution_path(kind, dtype, cudasim_live, monkeypatch):
     """The one call gives the per-convolution ops' output bit for bit (the same launchers and
-    kernels), and torchvision's within the rule; its launches are one per convolution."""
-    from fastres import _C_cudasim as sim  # noqa: PLC0415
-
+    kernels), and torchvision's within the rule; its launches are one per convolution (and on
+    Triton one for the block's BatchNorm vectors)."""
+    sim = _Launches(cudasim_live, monkeypatch)
     tv, ours, x = _pair(kind, dtype)
     with torch.no_grad(), allow_tf32(False):
         ours(x)
         plan = ours.__dict__["_eval_plan"]
         assert plan.direct is not None, "no block_eval for a live no-grad cudasim plan"
-        n0 = sim.launch_count()
+        n0, planned = sim.count(), _planned()
         direct = ours(x)
-        launches = sim.launch_count() - n0
+        launches = sim.count() - n0
+        if cudasim_live == "triton":  # served by the block's launch plan
+            assert _planned() == planned + 1
         with OpLog() as log:  # a dispatch mode sees every op: the per-convolution path
             per_op = ours(x)
         ref = copy.deepcopy(tv).double()(x.double())
         assert_close_rule(f"block_eval {kind}", direct, tv(x), ref, dtype)
     convs = len(plan.convs)
-    assert launches == convs
-    assert log.seen.count("fastres_cudasim::conv_bias_act") == convs
+    # Triton: the block's BatchNorm scales and shifts in one launch of their own (an epilogue
+    # computing them from the four vectors spilled, triton_kernels/conv.py), then the convolutions
+    assert launches == convs + (cudasim_live == "triton")
+    assert log.seen.count(f"fastres_{cudasim_live}::conv_bias_act") == convs
     assert torch.equal(direct, per_op)
     assert direct.is_contiguous(memory_format=torch.channels_last)
 
@@ -142,7 +181,7 @@ def test_block_eval_with_autograd(kind, frozen, cudasim_live):
             per_conv = _grads(ours, x, proj, frozen_names, need_x)
         want = _grads(tv, x, proj, frozen_names, need_x)
         ref = _grads(copy.deepcopy(tv).double(), x.double(), proj, frozen_names, need_x)
-    assert "fastres_cudasim::conv_bias_act" in log.seen
+    assert f"fastres_{cudasim_live}::conv_bias_act" in log.seen
     assert set(got) == set(want) == set(per_conv)
     assert set(got) == ({"input", *(n for n, _ in ours.named_parameters())}
                         if frozen == "none" else {"bn2.weight"})
@@ -190,3 +229,67 @@ def test_block_eval_node_behaves_as_autograd_does(cudasim_live):
         dual = fwAD.make_dual(x.detach(), torch.ones_like(x))
         with pytest.raises(RuntimeError, match="forward-mode AD"):
             ours(dual)
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "downsample"])
+def test_triton_block_rounds_float32_weights_in_the_vectors_launch(kind, monkeypatch):
+    """Float32 on TF32 tensor cores (emulated under the interpreter): the Triton plan rounds the
+    block's weights to TF32 in the launch that computes its BatchNorm vectors, never with a
+    round_tf32 launch of its own, and gives the per-convolution ops' output bit for bit (they
+    round each weight with round_tf32: the same bit operations)."""
+    if backends.BACKENDS["triton"].unavailable_reason():
+        pytest.skip(backends.BACKENDS["triton"].unavailable_reason())
+    from fastres.triton_kernels import _common  # noqa: PLC0415
+
+    monkeypatch.setenv("FASTRES_BACKEND", "triton")
+    monkeypatch.setattr(_FusedMixin, "_fold_cacheable", staticmethod(lambda conv, bn: False))
+    monkeypatch.setattr(_common, "EMULATE_TF32", True)
+    kernels = []
+    launch = _common.launch
+    monkeypatch.setattr(_common, "launch",
+                        lambda k, *a, **m: kernels.append(k.__name__) or launch(k, *a, **m))
+    tv, ours, x = _pair(kind, torch.float32)
+    with torch.no_grad(), allow_tf32(True):
+        ours(x)
+        kernels.clear()
+        planned = _planned()
+        direct = ours(x)
+        assert _planned() == planned + 1
+        seen = list(kernels)
+        with OpLog():
+            per_op = ours(x)
+        ref = copy.deepcopy(tv).double()(x.double())
+    convs = len(ours.__dict__["_eval_plan"].convs)
+    assert seen == ["_bn_eval_vectors_block_kernel"] + ["_conv_fwd_kernel"] * convs, seen
+    assert torch.equal(direct, per_op)
+    assert (direct - ref).abs().max() < 0.05 * ref.abs().max()  # TF32, not a wrong conv
+
+
+def test_triton_block_plan_follows_a_weight_of_another_layout(monkeypatch):
+    """A weight replaced by one of another layout (a contiguous 3x3 weight where the plan was made
+    for channels_last) fails the plan's signature: the block runs through the op bodies (which
+    make the channels_last copy the kernel needs) and gives torchvision's numbers; with the
+    layout restored, a plan serves again."""
+    if backends.BACKENDS["triton"].unavailable_reason():
+        pytest.skip(backends.BACKENDS["triton"].unavailable_reason())
+    from fastres.triton_kernels import block  # noqa: PLC0415
+
+    monkeypatch.setenv("FASTRES_BACKEND", "triton")
+    monkeypatch.setattr(_FusedMixin, "_fold_cacheable", staticmethod(lambda conv, bn: False))
+    tv, ours, x = _pair("bottleneck", torch.float32)
+    with torch.no_grad(), allow_tf32(False):
+        ours(x)
+        w = ours.conv2.weight.detach()
+        for m in (tv, ours):
+            m.conv2.weight = torch.nn.Parameter(w.contiguous() * 0.5)
+        ops = block.stats["ops"]
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_close_rule("block_eval, contiguous weight", ours(x), tv(x), ref, torch.float32)
+        assert block.stats["ops"] == ops + 1
+        for m in (tv, ours):
+            m.conv2.weight = torch.nn.Parameter(
+                (w * 0.5).contiguous(memory_format=torch.channels_last))
+        planned = _planned()
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_close_rule("block_eval, channels_last again", ours(x), tv(x), ref, torch.float32)
+        assert _planned() == planned + 1

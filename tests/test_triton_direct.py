@@ -10,8 +10,10 @@ TRITON_INTERPRET. Checked there:
 * every direct launch reaches the launcher exactly as JITFunction.run's launch of the same call
   does: grid, stream, compiled function (each compiled kernel gets its own handle from the fake
   load_binary), packed metadata and every argument in order;
-* a fused block's eval calls (FASTRES_BACKEND=triton) launch directly, never through
-  wrap_triton, and read no package metadata (importlib.metadata) after the first call;
+* a fused block's eval calls (FASTRES_BACKEND=triton) launch from the block's launch plan
+  (triton_kernels/block.py) into the compiled kernels, never through wrap_triton, read no
+  package metadata (importlib.metadata) after the first call, and launch as JITFunction.run
+  does for the same arguments;
 * the checks catch a planted bug: a key that drops the alignment of one pointer.
 """
 
@@ -40,7 +42,7 @@ drv = hot.install()
 import torch
 from fastres import triton_kernels
 triton_kernels.eager_ops()  # registers the ops
-from fastres.triton_kernels import _common, _direct, bn
+from fastres.triton_kernels import _common, _direct, bn_eval
 
 
 def launches_match(kernel, grid, args, meta):
@@ -99,19 +101,34 @@ def checks(plant):
         args = (w if w is not None else v32, v32, v16, v32, sc, sh, 64, 1e-5)
         meta = {"HAS_WEIGHT": w is not None, "HAS_BIAS": True, "BLOCK_C": 64}
         for _ in range(2):
-            same, d, t = launches_match(bn._bn_eval_vectors_kernel, (1,), args, meta)
+            same, d, t = launches_match(bn_eval._bn_eval_vectors_kernel, (1,), args, meta)
             if not same:
                 fails.append(f"bn_eval_vectors: direct {d} differs from JITFunction.run's {t}")
     return fails
 
 
-def block_checks():
-    """A fused block's eval path: direct launches only, no package metadata per call, and each
-    launch as JITFunction.run would make it."""
+def _ptr(a):
+    """A launcher's pointer argument as an int (a tensor, or an int already), else None."""
+    if isinstance(a, torch.Tensor):
+        return a.data_ptr()
+    return a if type(a) is int and a > 1 << 20 else None
+
+
+def block_checks(plant=False):
+    """A fused block's eval path: its launch plan (triton_kernels/block.py) launches straight
+    into the compiled kernels, reads no package metadata per call, and each launch is the one
+    JITFunction.run makes for the same arguments: grid, stream, function, packed metadata and
+    every argument (pointers by their 16-byte alignment: the plan's come from its workspace).
+    ``plant``: the first convolution's M (rows) off by one in the plan's launcher arguments."""
     import torchvision
     import fastres
+    from fastres.triton_kernels import block as tblock
+
+    from fastres.nn._fused import _FusedMixin
 
     os.environ["FASTRES_BACKEND"] = "triton"
+    # the BatchNorms in the epilogues, as on a GPU (the fold cache is the CPU's)
+    _FusedMixin._fold_cacheable = staticmethod(lambda conv, bn: False)
     fails = []
     block = fastres.convert(torchvision.models.resnet.Bottleneck(64, 16)).eval().to(
         dtype=torch.bfloat16, memory_format=torch.channels_last)
@@ -119,6 +136,10 @@ def block_checks():
         memory_format=torch.channels_last)
     with torch.no_grad():
         block(x)
+    if plant:
+        p0 = block.__dict__["_eval_plan"].direct[1].plan
+        p0.steps[1].params[10] += 1  # M, the first integer after the 10 pointers
+        p0.run_direct = tblock._runner(p0, len(block.__dict__["_eval_plan"].direct[2]), True)
     reads = []
     version, distribution = importlib.metadata.version, importlib.metadata.distribution
     importlib.metadata.version = lambda *a: reads.append(a) or version(*a)
@@ -126,35 +147,75 @@ def block_checks():
     wrapped = []
     wrap = _common.wrap_triton
     _common.wrap_triton = lambda k: wrapped.append(k) or wrap(k)
-    seen = []
-    direct = _direct.launch
-    _direct.launch = lambda k, g, a, m: seen.append((k, g, a, m)) or direct(k, g, a, m)
-    h0 = _direct.stats["hits"]
+    p0 = tblock.stats["planned"]
+    drv.record, drv.calls[:] = True, []
     try:
         with torch.no_grad():
             for _ in range(3):
                 block(x)
     finally:
+        drv.record = False
         importlib.metadata.version, importlib.metadata.distribution = version, distribution
-        _common.wrap_triton, _direct.launch = wrap, direct
+        _common.wrap_triton = wrap
     if reads:
         fails.append(f"package metadata read per call: {reads[:3]}")
     if wrapped:
         fails.append(f"eval launched through wrap_triton: {len(wrapped)} launches")
-    if not seen or _direct.stats["hits"] - h0 != len(seen):
-        fails.append(f"{len(seen)} direct launches, {_direct.stats['hits'] - h0} cache hits")
-    for k, g, a, m in seen[: len(seen) // 3]:
-        same, d, t = launches_match(k, g, a, m)
+    if tblock.stats["planned"] - p0 != 3:
+        fails.append(f"{tblock.stats['planned'] - p0} of 3 calls served by the launch plan")
+    planned = drv.calls[: len(drv.calls) // 3]
+    eval_plan = block.__dict__["_eval_plan"]
+    # With autograd (one Function over block_eval's keep call): the same launches.
+    x.requires_grad_(True)
+    block(x)
+    drv.record, drv.calls[:] = True, []
+    block(x)
+    drv.record = False
+    x.requires_grad_(False)
+    if len(drv.calls) != len(planned) or any(
+            k[:5] != d[:5] or len(k[5]) != len(d[5]) or any(
+                (_ptr(a) is None) != (_ptr(b) is None) or (
+                    _ptr(a) is None and not (a is b or (type(a) is type(b) and a == b)))
+                for a, b in zip(k[5], d[5])) for k, d in zip(drv.calls, planned)):
+        fails.append("the plan's launches with autograd differ from those without")
+    spec = eval_plan.direct[1]
+    plan = spec.plan
+    if plan is None or plan.run_direct is None or len(planned) != len(plan.steps):
+        fails.append(f"{len(planned)} launches per call, plan {plan}")
+        return fails, len(planned)
+    # Each step again through JITFunction.run, on tensors of the plan's layout.
+    from fastres.nn.eval_plan import _read
+
+    ts = [_read(s) for s in eval_plan.direct[2]]
+    vecs = torch.empty(plan.vec_shape, dtype=torch.float32)
+    env = [x, *ts, vecs]
+    for step, d in zip(plan.steps, planned):
+        if step.out is not None:
+            env.append(torch.empty_strided(step.out[0], step.out[1], dtype=step.out[2]))
+        drv.record, drv.calls[:] = True, []
+        step.kernel[step.grid](*tblock._args(step, env, vecs), **step.meta)
+        drv.record = False
+        (t,) = drv.calls
+        pointers = {p for p, _ in step.slots} | {p for p, *_ in step.derived}
+        same = d[:5] == t[:5] and len(d[5]) == len(t[5])
+        for i, (a, b) in enumerate(zip(d[5], t[5])):
+            if i in pointers:
+                same &= _ptr(a) is not None and _ptr(b) is not None and (
+                    _ptr(a) % 16 == 0) == (_ptr(b) % 16 == 0)
+            else:
+                same &= a is b or (type(a) is type(b) and a == b)
         if not same:
-            fails.append(f"{k.__name__}: direct launch differs from JITFunction.run's")
-    return fails, len(seen) // 3
+            fails.append(f"{d[0]}: the plan's launch {d[:5]} differs from JITFunction.run's "
+                         f"{t[:5]}")
+    return fails, len(planned)
 
 
 clean = checks(False)
 planted = checks(True)
 block, per_call = block_checks()
+block_planted, _ = block_checks(plant=True)
 print("RESULT " + json.dumps({"clean": clean, "planted": planted, "block": block,
-                              "launches_per_call": per_call}))
+                              "block_planted": block_planted, "launches_per_call": per_call}))
 '''
 
 
@@ -184,7 +245,13 @@ def test_planted_key_bug_is_caught(child):
 
 def test_block_eval_launches_directly(child):
     assert child["block"] == []
-    assert child["launches_per_call"] >= 3  # a kernel per convolution at least
+    assert child["launches_per_call"] == 4  # the BatchNorm vectors, then the 3 convolutions
+
+
+def test_planted_block_plan_bug_is_caught(child):
+    """A plan whose launch carries a wrong integer argument differs from JITFunction.run's."""
+    assert any("differs from JITFunction.run" in f for f in child["block_planted"]), \
+        child["block_planted"]
 
 
 def test_eager_ops_match_the_dispatched_ops():

@@ -143,4 +143,15 @@ def eager_ops() -> SimpleNamespace:
     return eager_namespace()
 
 
-__all__ = ["unavailable_reason", "not_supported_reasons", "ops", "eager_ops"]
+def eager_block():
+    """(block_spec, block_eval): a residual block's eval convolutions as one launch plan per
+    shape class (``block.py``), the contract of csrc/cuda/block_py.h's. For eager calls under no
+    dispatch mode (fastres/nn/eval_plan.py decides); they bypass the dispatcher. Registers the
+    ops on first use."""
+    from ._ops import op_namespace  # noqa: PLC0415, F401  (registers the ops)
+    from .block import block_eval, block_spec  # noqa: PLC0415
+
+    return block_spec, block_eval
+
+
+__all__ = ["unavailable_reason", "not_supported_reasons", "ops", "eager_ops", "eager_block"]

@@ -433,6 +433,50 @@ def intended_ctas_per_sm(kernel_name: str, consts: dict, num_warps: int) -> int:
     return 1 if tile >= 128 * 128 else 2
 
 
+# Channel padding of the convolutions' operands (conv.py).
+
+
+def _prologue_vectors(x: Tensor, pre_scale: Tensor | None, pre_shift: Tensor | None):
+    """(scale, shift) as float32 vectors, or (x, x) as unused pointers when there is no BN
+    prologue. A missing one of the pair becomes ones/zeros: x*1 and x+0 are exact in fp32."""
+    if pre_scale is None and pre_shift is None:
+        return False, x, x
+    c = x.shape[1]
+    sc = (torch.ones(c, device=x.device, dtype=torch.float32) if pre_scale is None
+          else pre_scale.to(torch.float32).contiguous())
+    sh = (torch.zeros(c, device=x.device, dtype=torch.float32) if pre_shift is None
+          else pre_shift.to(torch.float32).contiguous())
+    return True, sc, sh
+
+
+def _padded_channels(c: int, dtype: torch.dtype) -> int:
+    """Channels to run a convolution with: c, or 16 when a pixel's channel row is under 16 bytes
+    (the stem: C = 3, a 6-byte row in bf16). Such a row admits no cp.async chunk: the A tile was
+    loaded with scalar ld.global and the wgrad loop waited with wait_group 0 (sm_90 lint). 16, not
+    the 8 (bf16) or 4 (fp32) of a 16-byte row: the JIT proves divisibility only for integers that
+    are multiples of 16, and C, stride_xh and stride_xw must all be to vectorise the row. The MMAs
+    already pad the reduction to BLOCK_K = 16 per tap, so the FLOPs do not change; the cost is a
+    zero-padded copy of the input per call (ResNet-50's stem at batch 256 in bf16: 77 MB read,
+    411 MB written, then read by the kernel) and of the weight (64x16x7x7)."""
+    return 16 if c * dtype.itemsize < 16 else c
+
+
+def _pad_channels(t: Tensor, c: int) -> Tensor:
+    """t (A, B, R, S) with dimension 1 zero-padded to c, channels_last. Padded channels hold 0
+    and meet only zeros (padded weight, or a gradient column that is sliced off): 0 * 0 adds an
+    exact 0 to each real output, and NaN or Inf stays in the channels it came from."""
+    out = torch.empty((t.shape[0], c, t.shape[2], t.shape[3]), dtype=t.dtype, device=t.device,
+                      memory_format=torch.channels_last)
+    out[:, t.shape[1]:] = 0
+    out[:, : t.shape[1]] = t
+    return out
+
+
+def _pad_vector(v: Tensor, c: int) -> Tensor:
+    """A per-channel prologue vector zero-padded to c: a padded channel's 0 * 0 + 0 stays 0."""
+    return torch.cat([v, v.new_zeros(c - v.shape[0])]) if v.shape[0] != c else v
+
+
 def strides4(t: Tensor) -> tuple[int, int, int, int]:
     s = t.stride()
     return s[0], s[1], s[2], s[3]

@@ -18,6 +18,7 @@ from torch import Tensor
 from fastres import _opset
 
 from . import bn as _bn
+from . import bn_eval as _bn_eval
 from . import conv as _conv
 from ._common import INTERPRETED
 
@@ -111,6 +112,26 @@ def _vec(v: Tensor | None) -> Tensor | None:
     return v.to(torch.float32).contiguous()
 
 
+def check_conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups, scale,
+                        bn_mean, bn_var) -> None:
+    """conv_bias_act's checks of its arguments (also the block plans', triton_kernels/block.py)."""
+    _check_conv("conv_bias_act", input, weight, groups, dilation)
+    _check_conv_out("conv_bias_act", input, weight, stride, padding, dilation)
+    _check_act("conv_bias_act", input, residual)
+    if residual is not None:
+        p, q = _conv.out_hw(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3],
+                            stride, padding, dilation)
+        if tuple(residual.shape) != (input.shape[0], weight.shape[0], p, q):
+            raise ValueError(f"fastres_triton.conv_bias_act: residual {tuple(residual.shape)} "
+                             f"does not match the output {(input.shape[0], weight.shape[0], p, q)}")
+    if (bn_mean is None) != (bn_var is None):
+        raise ValueError("fastres_triton.conv_bias_act: bn_mean and bn_var are given together")
+    if scale is not None and bias is None and bn_var is None:
+        raise ValueError("fastres_triton.conv_bias_act: scale is given only with bias")
+    _check_vecs("conv_bias_act", input, weight.shape[0], bias=bias, scale=scale, bn_mean=bn_mean,
+                bn_var=bn_var)
+
+
 def conv_bias_act(
     input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
@@ -119,17 +140,10 @@ def conv_bias_act(
     bn_var: Tensor | None = None,
     bn_eps: float = 0.0,
 ) -> Tensor:
-    _check_conv("conv_bias_act", input, weight, groups, dilation)
-    _check_conv_out("conv_bias_act", input, weight, stride, padding, dilation)
-    _check_act("conv_bias_act", input, residual)
-    if (bn_mean is None) != (bn_var is None):
-        raise ValueError("fastres_triton.conv_bias_act: bn_mean and bn_var are given together")
-    if scale is not None and bias is None and bn_var is None:
-        raise ValueError("fastres_triton.conv_bias_act: scale is given only with bias")
-    _check_vecs("conv_bias_act", input, weight.shape[0], bias=bias, scale=scale, bn_mean=bn_mean,
-                bn_var=bn_var)
+    check_conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups, scale,
+                        bn_mean, bn_var)
     if bn_var is not None:  # the BatchNorm's scale and shift first: one small launch
-        scale, bias = _bn.bn_eval_vectors(*(None if t is None else t.contiguous()
+        scale, bias = _bn_eval.bn_eval_vectors(*(None if t is None else t.contiguous()
                                             for t in (scale, bias, bn_mean, bn_var)), bn_eps)
     out, _, _ = _conv.conv_forward(input, weight, bias, residual, relu, None, None, False, False,
                                    stride, padding, dilation, _vec(scale))

@@ -16,7 +16,6 @@ from ._common import (
     cdiv,
     empty_like_format,
     launch,
-    next_pow2,
     rows_config,
     split_rows,
     strides4,
@@ -85,30 +84,6 @@ def _bn_finalize_kernel(
             rv = tl.load(rv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             rv = rv * (1.0 - factor) + (var * unbias) * factor
             tl.store(rv_ptr + offs, cast_to(rv, rv_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _bn_eval_vectors_kernel(
-    weight_ptr, bias_ptr, mean_ptr, var_ptr,  # (C,) any float dtype; weight, bias may be absent
-    scale_ptr, shift_ptr,  # (C,) float32 out
-    C, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # An eval BatchNorm's scale = weight / sqrt(var + eps) and shift = bias - mean * scale, from
-    # its live tensors, for the convolution's epilogue: one program, C <= 2048 in a ResNet;
-    # launch latency, not bandwidth (4 reads and 2 writes of 4 B per channel).
-    for c0 in range(0, C, BLOCK_C):
-        offs = c0 + tl.arange(0, BLOCK_C)
-        ok = offs < C
-        var = tl.load(var_ptr + offs, mask=ok, other=1.0).to(tl.float32)
-        scale = 1.0 / tl.sqrt_rn(var + eps)
-        if HAS_WEIGHT:
-            scale = scale * tl.load(weight_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        shift = -(tl.load(mean_ptr + offs, mask=ok, other=0.0).to(tl.float32) * scale)
-        if HAS_BIAS:
-            shift = tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32) + shift
-        tl.store(scale_ptr + offs, scale, mask=ok)
-        tl.store(shift_ptr + offs, shift, mask=ok)
 
 
 @triton.jit
@@ -377,22 +352,6 @@ def bn_finalize(sum, sumsq, weight, bias, running_mean, running_var, num_batches
         COUNT_ON_DEVICE=on_device, BLOCK_C=1024, num_warps=4,
     )
     return mean, invstd, scale, shift
-
-
-def bn_eval_vectors(weight, bias, mean, var, eps: float):
-    """(scale, shift), float32, of an eval BatchNorm from its contiguous vectors of any float
-    dtype (weight, bias may be None), in one launch (no conversion of a 16-bit model's)."""
-    c = var.shape[0]
-    scale = torch.empty(c, device=var.device, dtype=torch.float32)
-    shift = torch.empty_like(scale)
-    launch(
-        _bn_eval_vectors_kernel, (1,),
-        weight if weight is not None else var, bias if bias is not None else var, mean, var,
-        scale, shift, c, float(eps),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_C=min(1024, next_pow2(max(c, 16))),
-    )
-    return scale, shift
 
 
 def bn_add_relu(input, scale, shift, residual, res_scale, res_shift, res_channel_offset: int,

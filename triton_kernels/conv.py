@@ -16,6 +16,10 @@ from torch import Tensor
 
 from ._common import (
     UPCAST_DOT,
+    _pad_channels,
+    _pad_vector,
+    _padded_channels,
+    _prologue_vectors,
     cast_to,
     cdiv,
     clamp_pow2,
@@ -175,7 +179,9 @@ def _conv_fwd_kernel(
     # The BatchNorm's scale and shift (of the live tensors, bn_eval_vectors) are two per-column
     # vectors here. Computing them in this epilogue from the four BatchNorm vectors held those
     # four in the accumulator's column layout at once: the 16-bit 128x128 forward spilled (255
-    # registers, 64 B of stack) and the fp32 TF32 128x64 one took 165 (sm_90 AOT, triton 3.8).
+    # registers, 64 B of stack) and the fp32 TF32 128x64 one took 165 (sm_90 AOT, triton 3.8;
+    # 255 without a spill and 148 with rsqrt.approx for 1/sqrt_rn, 165 with the vectors loaded
+    # one pair at a time behind a barrier).
     if HAS_SCALE:  # the BatchNorm scale, not folded into the weight
         acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -365,47 +371,6 @@ def out_hw(h: int, w: int, r: int, s: int, stride, padding, dilation) -> tuple[i
     return p, q
 
 
-def _prologue_vectors(x: Tensor, pre_scale: Tensor | None, pre_shift: Tensor | None):
-    """(scale, shift) as float32 vectors, or (x, x) as unused pointers when there is no BN
-    prologue. A missing one of the pair becomes ones/zeros: x*1 and x+0 are exact in fp32."""
-    if pre_scale is None and pre_shift is None:
-        return False, x, x
-    c = x.shape[1]
-    sc = (torch.ones(c, device=x.device, dtype=torch.float32) if pre_scale is None
-          else pre_scale.to(torch.float32).contiguous())
-    sh = (torch.zeros(c, device=x.device, dtype=torch.float32) if pre_shift is None
-          else pre_shift.to(torch.float32).contiguous())
-    return True, sc, sh
-
-
-def _padded_channels(c: int, dtype: torch.dtype) -> int:
-    """Channels to run a convolution with: c, or 16 when a pixel's channel row is under 16 bytes
-    (the stem: C = 3, a 6-byte row in bf16). Such a row admits no cp.async chunk: the A tile was
-    loaded with scalar ld.global and the wgrad loop waited with wait_group 0 (sm_90 lint). 16, not
-    the 8 (bf16) or 4 (fp32) of a 16-byte row: the JIT proves divisibility only for integers that
-    are multiples of 16, and C, stride_xh and stride_xw must all be to vectorise the row. The MMAs
-    already pad the reduction to BLOCK_K = 16 per tap, so the FLOPs do not change; the cost is a
-    zero-padded copy of the input per call (ResNet-50's stem at batch 256 in bf16: 77 MB read,
-    411 MB written, then read by the kernel) and of the weight (64x16x7x7)."""
-    return 16 if c * dtype.itemsize < 16 else c
-
-
-def _pad_channels(t: Tensor, c: int) -> Tensor:
-    """t (A, B, R, S) with dimension 1 zero-padded to c, channels_last. Padded channels hold 0
-    and meet only zeros (padded weight, or a gradient column that is sliced off): 0 * 0 adds an
-    exact 0 to each real output, and NaN or Inf stays in the channels it came from."""
-    out = torch.empty((t.shape[0], c, t.shape[2], t.shape[3]), dtype=t.dtype, device=t.device,
-                      memory_format=torch.channels_last)
-    out[:, t.shape[1]:] = 0
-    out[:, : t.shape[1]] = t
-    return out
-
-
-def _pad_vector(v: Tensor, c: int) -> Tensor:
-    """A per-channel prologue vector zero-padded to c: a padded channel's 0 * 0 + 0 stays 0."""
-    return torch.cat([v, v.new_zeros(c - v.shape[0])]) if v.shape[0] != c else v
-
-
 def conv_forward(
     input: Tensor,
     weight: Tensor,
@@ -421,10 +386,31 @@ def conv_forward(
     dilation,
     scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """relu?(conv(x) * scale + bias + residual), optionally with the BN prologue on its input and
+    the output's per-channel statistics (``scale``: float32, contiguous)."""
+    out, part, grid, args, meta = conv_forward_args(
+        input, weight, bias, residual, relu, pre_scale, pre_shift, pre_relu, stats, stride,
+        padding, dilation, scale)
+    launch(_conv_fwd_kernel, grid, *args, **meta)
+    if not stats:
+        return out, None, None
+    s, ss = sum_planes(part, 2)
+    return out, s, ss
+
+
+def conv_forward_args(input, weight, bias, residual, relu, pre_scale, pre_shift, pre_relu,
+                      stats, stride, padding, dilation, scale=None, out=None,
+                      weight_rounded=False):
+    """conv_forward's launch of _conv_fwd_kernel, not launched: (out, partials or None, grid,
+    positional arguments, keyword arguments). ``out``: the output tensor to write (made here when
+    None); ``weight_rounded``: a float32 weight comes rounded to TF32 already (else, where the
+    dot runs TF32, round_tf32 makes a rounded copy). The launch plans (block.py) call this once
+    per shape class and keep the result."""
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
     p, q = out_hw(h, w, r, s, stride, padding, dilation)
-    out = empty_like_format((n, k, p, q), input)
+    if out is None:
+        out = empty_like_format((n, k, p, q), input)
     x = to_nhwc(input)
     # (K, R, S, C) storage: each B tile row is BLOCK_K contiguous channels, not a 2-byte gather
     # every R*S elements. A no-op for a channels_last model and for 1x1 weights.
@@ -436,20 +422,20 @@ def conv_forward(
         pre_shift = _pad_vector(pre_shift, cp) if pre_shift is not None else None
         c = cp
     precision = dot_precision(input.dtype)
-    if precision == "tf32" and weight.dtype == torch.float32:
+    if precision == "tf32" and weight.dtype == torch.float32 and not weight_rounded:
         weight = round_tf32(weight)
     m = n * p * q
     prologue, sc, sh = _prologue_vectors(x, pre_scale, pre_shift)
     cfg = gemm_config(m, k, c, input.dtype, exact=precision == "ieee", prologue=prologue)
     num_pid_m = cdiv(m, cfg.BLOCK_M)
     psum = psumsq = x
+    part = None
     if stats:  # both partials in one buffer: one reduction launch sums both
         part = torch.empty((2, num_pid_m, k), device=x.device, dtype=torch.float64)
         psum, psumsq = part[0], part[1]
     res = residual if residual is not None else x
     grid = (num_pid_m * cdiv(k, cfg.BLOCK_N),)
-    launch(
-        _conv_fwd_kernel, grid,
+    args = (
         x, weight, bias if bias is not None else x, scale if scale is not None else x, res,
         out, sc, sh, psum, psumsq,
         m, c, h, w, k, p, q,
@@ -457,6 +443,8 @@ def conv_forward(
         *(strides4(residual) if residual is not None else (0, 0, 0, 0)),
         *strides4(out),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+    )
+    meta = dict(
         R=r, S=s,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_RESIDUAL=residual is not None,
@@ -466,10 +454,7 @@ def conv_forward(
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if not stats:
-        return out, None, None
-    s, ss = sum_planes(part, 2)
-    return out, s, ss
+    return out, part, grid, args, meta
 
 
 def grad_out_nhwc(grad_out: Tensor) -> Tensor:

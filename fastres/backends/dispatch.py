@@ -68,8 +68,9 @@ class Backend:
     def eager_block(self):
         """(block_spec, block_eval, grad_node) of a compiled module that runs a whole residual
         block's eval convolutions from C++ in one call (csrc/cuda/block_py.h) and records such a
-        call in the autograd graph (csrc/grad_node.h), or None. For eager calls under no
-        dispatch mode: it bypasses the dispatcher."""
+        call in the autograd graph (csrc/grad_node.h; None without the extension: grad-enabled
+        calls then run per convolution), or None. For eager calls under no dispatch mode: it
+        bypasses the dispatcher."""
         return None
 
     def eager_unit(self):
@@ -231,6 +232,16 @@ class TritonBackend(Backend):
             if eager is not None:
                 return getattr(eager, name)
         return getattr(torch.ops.fastres_triton, name)
+
+    def eager_block(self):
+        # A block's eval convolutions as one launch plan (fastres/triton_kernels/block.py).
+        from fastres import triton_kernels  # noqa: PLC0415
+
+        make = getattr(triton_kernels, "eager_block", None)
+        if make is None:
+            return None
+        # grad-enabled calls recorded by the extension's grad_node (csrc/grad_node.h)
+        return (*make(), getattr(extension.load()[0], "grad_node", None))
 
 
 _TRITON_EAGER: list = []

@@ -216,7 +216,8 @@ class EvalPlan:
         # them (run() steps aside then).
         plan.eager = not isinstance(op, torch._ops.OpOverloadPacket) and backend.name == "triton"
         entry = backend.eager_block()
-        if entry is not None and folds is None and shortcut_bound_known(shortcut):
+        if (entry is not None and folds is None and shortcut_bound_known(shortcut)
+                and (entry[2] is not None or not grad)):
             # The whole block in one call into the extension (csrc/cuda/block_py.h): each
             # convolution's launcher called from C++, the BatchNorms in their epilogues; with
             # autograd, recorded as one node of the autograd graph (fastres._autograd_block).

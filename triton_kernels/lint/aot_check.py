@@ -72,7 +72,7 @@ def _signature(kernel, args, meta):
 
 def _capture(quick: bool, dtype_names: list[str], shapes: str = "test"):
     """Run the op bodies on CPU tensors with every launch recorded, not executed."""
-    from .. import _common, bn, conv, reduce  # noqa: PLC0415
+    from .. import _common, bn, bn_eval, conv, reduce  # noqa: PLC0415
 
     if _common.INTERPRETED:
         raise SystemExit("aot_check: unset TRITON_INTERPRET (the kernels are interpreted)")
@@ -87,7 +87,7 @@ def _capture(quick: bool, dtype_names: list[str], shapes: str = "test"):
     def set_label(text):
         label[0] = text
 
-    saved = {mod: mod.launch for mod in (_common, conv, bn, reduce)}
+    saved = {mod: mod.launch for mod in (_common, conv, bn, bn_eval, reduce)}
     for mod in saved:
         mod.launch = record
     try:
@@ -151,6 +151,18 @@ def _run_ops(ops, quick: bool, dtype_names: list[str]) -> None:
             ops.bn_add_relu_bwd_reduce(go, None, x, mean, invstd, None, None, None)
             ops.bn_relu_bwd_reduce(go, x, mean, invstd, sc, sh, False)
             ops.bn_relu_bwd_elemt(go, x, mean, invstd, None, sc, sh, False, sh, sc)
+        # A block plan's launch of every BatchNorm's eval vectors (block.py), the weights
+        # rounded to TF32 with them for float32.
+        from .. import bn_eval  # noqa: PLC0415
+
+        bns = [(sc, sh, mean, invstd)] * 3 + [(torch.rand(256), torch.randn(256),
+                                               torch.zeros(256), torch.ones(256))]
+        ws = [torch.randn(64, 256, 1, 1).to(dt), w, torch.randn(256, 64, 1, 1).to(dt),
+              torch.randn(256, 64, 1, 1).to(dt)] if dt == torch.float32 else []
+        size = bn_eval.eval_vectors_layout([64] * 3 + [256], [t.numel() for t in ws])[3]
+        grid, args, meta = bn_eval.bn_eval_vectors_block_args(bns, [1e-5] * 4, torch.empty(size),
+                                                              ws)
+        bn_eval.launch(bn_eval._bn_eval_vectors_block_kernel, grid, *args, **meta)
     s, ss = torch.randn(64), torch.rand(64)
     ops.bn_finalize(s, ss, sc, sh, torch.zeros(64), torch.ones(64), torch.tensor(0), 100, None,
                     1e-5)
@@ -168,6 +180,7 @@ WRITES = {
     "_bn_finalize_kernel": {"rm_ptr", "rv_ptr", "nbt_ptr", "mean_ptr", "invstd_ptr", "scale_ptr",
                             "shift_ptr"},
     "_bn_eval_vectors_kernel": {"scale_ptr", "shift_ptr"},
+    "_bn_eval_vectors_block_kernel": {"out_ptr"},
     "_bn_add_relu_kernel": {"out_ptr"},
     "_bn_bwd_reduce_kernel": {"g_ptr", "part_ptr"},
     "_bn_bwd_apply_kernel": {"gi_ptr", "gr_ptr"},
