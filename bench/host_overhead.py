@@ -183,6 +183,39 @@ def _reset(block, mode) -> None:
             p.grad = None
 
 
+#: Ops that copy through an aten op under them (counted there) and are no-ops as leaves.
+NOOP_LEAVES = {"to", "contiguous", "type_as", "view_as", "reshape_as", "expand_as"}
+
+
+def profiled_counts(block, x, mode, launches) -> dict:
+    """Launches, allocations and syncs of one call, seen by the profiler, which (unlike a
+    TorchDispatchMode) leaves the call's path as it is: the C++ block and unit calls and the
+    eager Triton paths step aside under a dispatch mode (they bypass the dispatcher), so a mode
+    would count the ops of the path that replaces them.
+
+    Launches: ``launches()``'s count (cudasim's, the fake Triton driver's), plus every leaf aten
+    op (no aten op under it) that is not a view, an allocation or a sync (on a GPU a kernel:
+    fill_, copy_, add, ...). Allocations: :func:`count_allocations`. Syncs: the ops that read a
+    tensor back."""
+    n0 = launches()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        _call(block, x, mode)
+    launched = launches() - n0
+    ops = syncs = 0
+    events = prof.events()
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        name = e.name[len("aten::"):]
+        syncs += name in SYNC_OPS
+        leaf = not any(c.name.startswith("aten::") for c in e.cpu_children)
+        ops += (leaf and name not in VIEW_OPS and name not in SYNC_OPS
+                and name not in NOOP_LEAVES)
+    return {"launches": launched + ops, "allocations": count_allocations(events),
+            "syncs": syncs}
+
+
 def _measure(block, x, mode, calls, launches=None) -> dict:
     block.train(mode == "train")
     for _ in range(3):
@@ -199,13 +232,10 @@ def _measure(block, x, mode, calls, launches=None) -> dict:
     # On a GPU every dispatched op that is not a view launches a kernel; a fastres op launches
     # what cudasim counted for it.
     n_launch = c.ops + (launches() - n0 if launches else 0)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                record_shapes=True) as prof:
-        _call(block, x, mode)
-    # fastres' C++ paths allocate below the dispatcher: the profiler's allocation events count
-    # them. On meta tensors those events count the meta kernels' Python decompositions (a
-    # BatchNorm's ~10 intermediates, one buffer on a GPU): there the dispatched ops' outputs.
-    allocs = c.allocs if x.device.type == "meta" else count_allocations(prof.events())
+    # On meta tensors the profiler's allocation events would count the meta kernels' Python
+    # decompositions (a BatchNorm's ~10 intermediates, one buffer on a GPU): there the
+    # dispatched ops' outputs. fastres' rows: profiled_counts, below.
+    allocs = c.allocs
     data = []
     for _ in range(5):  # the data ops' CPU time per call: the least of 5 profiled calls
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -213,9 +243,13 @@ def _measure(block, x, mode, calls, launches=None) -> dict:
         data.append(sum(e.self_cpu_time_total for e in prof.key_averages()
                         if e.key in DATA_OPS))
     data_us = min(data)
-    return {"host_us": max(0.0, statistics.median(ts) - data_us),
-            "min_us": max(0.0, min(ts) - data_us), "max_us": max(0.0, max(ts) - data_us),
-            "data_us": data_us, "launches": n_launch, "allocations": allocs, "syncs": c.syncs}
+    r = {"host_us": max(0.0, statistics.median(ts) - data_us),
+         "min_us": max(0.0, min(ts) - data_us), "max_us": max(0.0, max(ts) - data_us),
+         "data_us": data_us, "launches": n_launch, "allocations": allocs, "syncs": c.syncs}
+    if launches is not None:  # fastres: the path the call takes, seen by the profiler
+        seen = profiled_counts(block, x, mode, launches)
+        r.update(seen, syncs=max(seen["syncs"], c.syncs))
+    return r
 
 
 def _triton_rows(args) -> tuple[list[dict], str | None]:

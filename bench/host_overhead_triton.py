@@ -20,8 +20,8 @@ reasons. Nothing else is patched.
 
 Rows as ``bench/host_overhead.py``'s (same keys, its ``_measure``): host µs per block call
 (median of ``calls`` with min-max, the CPU time of fills and copies subtracted), and from one
-profiled call (``_profiled_counts``: no dispatch mode, so the eager paths run as they do
-unobserved) launches (the fake launcher's count plus every leaf aten op that launches a kernel on
+profiled call (``host_overhead.profiled_counts``: no dispatch mode, so the eager paths run as
+they do unobserved) launches (the fake launcher's count plus every leaf aten op that launches a kernel on
 a GPU), allocations (aten::empty and aten::empty_strided) and host-device syncs. ``main`` runs
 with glibc's large allocations kept on the heap (``MALLOC_MMAP_MAX_=0``, see there); a caller of
 ``measure_rows`` sets that in its own environment.
@@ -185,39 +185,6 @@ ELEMENTWISE_OPS = {"aten::add", "aten::bitwise_and", "aten::__and__", "aten::isn
                    "aten::where"}
 
 
-#: Ops that copy through an aten op under them (counted there) and are no-ops as leaves.
-NOOP_LEAVES = {"to", "contiguous", "type_as", "view_as", "reshape_as", "expand_as"}
-
-
-def _profiled_counts(block, x, mode, drv) -> dict:
-    """Launches, allocations and syncs of one call, seen by the profiler, which (unlike a
-    TorchDispatchMode) leaves the call's path as it is: eager Triton paths step aside under a
-    dispatch mode (their launches bypass the dispatcher), so a mode would count the ops of the
-    path that replaces them.
-
-    Launches: the fake launcher's count, plus every leaf aten op (no aten op under it) that is
-    not a view or an allocation (on a GPU a kernel: fill_, copy_, add, ...). Allocations: the
-    aten::empty and aten::empty_strided events (torch 2.14's profiler books a CPU allocation on
-    no event of its own, only the frees). Syncs: the ops that read a tensor back."""
-    import host_overhead as ho  # noqa: PLC0415
-
-    n0 = drv.launches
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        ho._call(block, x, mode)
-    launched = drv.launches - n0
-    ops = allocs = syncs = 0
-    for e in prof.events():
-        if not e.name.startswith("aten::"):
-            continue
-        name = e.name[len("aten::"):]
-        allocs += name in ("empty", "empty_strided")
-        syncs += name in ho.SYNC_OPS
-        leaf = not any(c.name.startswith("aten::") for c in e.cpu_children)
-        ops += (leaf and name not in ho.VIEW_OPS and name not in ho.SYNC_OPS
-                and name not in NOOP_LEAVES)
-    return {"launches": launched + ops, "allocations": allocs, "syncs": syncs}
-
-
 def measure_rows(dtypes=("bf16", "fp32"), calls: int = 200, batch: int = 32) -> list[dict]:
     """Rows with ``bench/host_overhead.py``'s keys for the two ResNet-50 blocks (identity and
     stride-2 downsample), ``dtypes`` (names of host_overhead.DTYPES), eval, eval-grad and train,
@@ -246,9 +213,8 @@ def measure_rows(dtypes=("bf16", "fp32"), calls: int = 200, batch: int = 32) -> 
             for mode in MODES:
                 data_ops, ho.DATA_OPS = ho.DATA_OPS, ho.DATA_OPS | ELEMENTWISE_OPS
                 try:
-                    # its launches and syncs are a dispatch mode's, replaced by the profiler's
+                    # launches, allocations and syncs as the profiler sees the call
                     r = ho._measure(ours, x, mode, calls, lambda: drv.launches)
-                    r.update(_profiled_counts(ours, x, mode, drv))
                 finally:
                     ho.DATA_OPS = data_ops
                 rows.append({"block": name, "dtype": dname, "mode": mode,
