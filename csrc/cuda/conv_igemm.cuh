@@ -345,18 +345,6 @@ __device__ __forceinline__ void conv_acc_to_smem(const ConvAcc<MATH, Cfg>& c, fl
   }
 }
 
-// Element k of a per-channel vector of dtype dt, as float.
-__device__ __forceinline__ float ld_as_f(const void* v, DType dt, int k) {
-  switch (dt) {
-    case DType::kFloat16:
-      return to_f(static_cast<const __half*>(v)[k]);
-    case DType::kBFloat16:
-      return to_f(static_cast<const __nv_bfloat16*>(v)[k]);
-    default:
-      return __ldg(static_cast<const float*>(v) + k);
-  }
-}
-
 // ---- epilogue: the tile (* scale) + bias, + residual, ReLU, rounded to T, 16-byte stores ----
 // With STATS the tile keeps the stored (rounded) values, zero outside the output, for the stats.
 template <typename T, class Cfg, bool STATS, bool BIAS, bool RESIDUAL, bool RELU>

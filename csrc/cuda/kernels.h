@@ -5,7 +5,8 @@
 // the launcher checks with C10_CUDA_CHECK.
 //
 // Layouts: activations are NHWC (channels_last) and dense; weights are KRSC (channels_last);
-// per-channel vectors are float32. Element offsets that can pass 2^31 are int64_t.
+// per-channel vectors are float32, except a model's BatchNorm parameters and running statistics,
+// read (and written) in their own dtype, named by a DType beside them. Element offsets that can pass 2^31 are int64_t.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -118,10 +119,13 @@ cudaError_t launch_colsum(const ColSumParams& p, cudaStream_t stream);
 struct BnFinalizeParams {
   const float* sum;
   const float* sumsq;
-  const float* weight;           // or null
-  const float* bias;             // or null
-  float* running_mean;           // or null
-  float* running_var;            // or null
+  // The BatchNorm's parameters and running statistics in their own dtype (vec_dtype, all four
+  // alike): the running statistics are updated in place, rounded to it.
+  const void* weight;            // or null
+  const void* bias;              // or null
+  void* running_mean;            // or null
+  void* running_var;             // or null
+  DType vec_dtype;
   int64_t* num_batches_tracked;  // or null
   float* mean;
   float* invstd;
@@ -173,11 +177,12 @@ struct ChannelBwdParams {
   const void* x;         // BN input
   const float* mean;
   const float* invstd;
-  const float* weight;  // or null (1)
-  const void* xr;       // BN'd residual input (kBnBn)
+  const void* weight;  // or null (1), in its own dtype weight_dtype
+  const void* xr;      // BN'd residual input (kBnBn)
   const float* mean_r;
   const float* invstd_r;
-  const float* weight_r;  // or null
+  const void* weight_r;  // or null, in its own dtype weight_r_dtype
+  DType weight_dtype, weight_r_dtype;
   // sums (outputs of the reduction, inputs of the elementwise pass)
   float* sum_g;    // grad_bias
   float* sum_gx;   // grad_weight

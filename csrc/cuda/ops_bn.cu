@@ -22,17 +22,18 @@ void run_channel(ChannelBwdParams& p, DType dt, const Tensor& ref, ChannelLaunch
   C10_CUDA_CHECK(launch(p, dt, stream()));
 }
 
-// The per-channel sums of a BatchNorm backward, zero-initialised (an empty batch sums to zero):
-// sum g, sum g*xhat and, with a BN'd residual, the residual's sum g*xhat (else empty). `launch`
-// runs the reduction alone (the _reduce ops) or the reduction and the elementwise pass.
+// The per-channel sums of a BatchNorm backward: sum g, sum g*xhat and, with a BN'd residual,
+// the residual's sum g*xhat (else empty). The reduction's last level (colsum) writes every
+// channel, so they are zeroed only for an empty batch (which sums to zero). `launch` runs the
+// reduction alone (the _reduce ops) or the reduction and the elementwise pass.
 struct ChannelSums {
   Tensor g, gx, gxr;
 };
 
 ChannelSums run_sums(ChannelBwdParams& p, DType dt, bool empty, int64_t C, bool res,
                      const at::TensorOptions& fopts, const Tensor& ref, ChannelLaunch launch) {
-  ChannelSums s{at::zeros({C}, fopts), at::zeros({C}, fopts),
-                res ? at::zeros({C}, fopts) : at::empty({0}, fopts)};
+  const auto make = [&](int64_t n) { return empty ? at::zeros({n}, fopts) : at::empty({n}, fopts); };
+  ChannelSums s{make(C), make(C), make(res ? C : 0)};
   if (!empty) {
     p.sum_g = s.g.data_ptr<float>();
     p.sum_gx = s.gx.data_ptr<float>();
@@ -42,6 +43,9 @@ ChannelSums run_sums(ChannelBwdParams& p, DType dt, bool empty, int64_t C, bool 
   }
   return s;
 }
+
+constexpr const char* kWeightName[1] = {"weight"};
+constexpr const char* kResWeightName[1] = {"res_weight"};
 
 void check_like(const Tensor& t, const Tensor& ref, const char* name) {
   CHECK_CUDA(t);
@@ -160,14 +164,18 @@ struct AddReluBwdIn {
   // grad_res = g there) in the formats the fakes report and, when grad_out is not empty, their
   // buffers, the weights and the kind filled into `p`.
   void grads(ChannelBwdParams& p, const Tensor& grad_out, const Tensor& input,
-             const OptTensor& res_input, const Tensor& w, const Tensor& wr) {
+             const OptTensor& res_input, const BnVecs& w, const BnVecs& wr) {
     gi = nhwc_out_like(input);
     gr = nhwc_out_like(bn_res ? *res_input : grad_out);
     if (empty) return;
-    p.weight = fptr(w);
+    p.weight = vptr(w.v[0]);
+    p.weight_dtype = w.dtype;
     p.grad_input = gi.buf.data_ptr();
     p.grad_res = gr.buf.data_ptr();
-    if (bn_res) p.weight_r = fptr(wr);
+    if (bn_res) {
+      p.weight_r = vptr(wr.v[0]);
+      p.weight_r_dtype = wr.dtype;
+    }
     p.kind = bn_res ? BwdKind::kBnBn : BwdKind::kBnId;
   }
   void finish() {
@@ -186,8 +194,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
   const int64_t C = a.C;
   const bool bn_res = a.bn_res;
   const at::TensorOptions fopts = mean.options();
-  const Tensor w = opt_chan_vec(weight, C, "weight", input);
-  const Tensor wr = bn_res ? opt_chan_vec(res_weight, C, "res_weight", input) : Tensor();
+  const BnVecs w = bn_vecs({weight}, C, input, kWeightName);
+  const BnVecs wr = bn_res ? bn_vecs({res_weight}, C, input, kResWeightName) : BnVecs{};
   a.grads(p, grad_out, input, res_input, w, wr);
   const ChannelSums s = run_sums(p, a.dt, a.empty, C, bn_res, fopts, grad_out, launch_channel_bwd);
   if (!a.empty) {
@@ -227,12 +235,13 @@ std::tuple<Tensor, Tensor> bn_add_relu_bwd_elemt_cuda(
          res_invstd);
   const int64_t C = a.C;
   const bool bn_res = a.bn_res;
-  const Tensor w = opt_chan_vec(weight, C, "weight", input);
+  const BnVecs w = bn_vecs({weight}, C, input, kWeightName);
   const Tensor mg = chan_vec(mean_g, C, "mean_g", input);
   const Tensor mgx = chan_vec(mean_g_xhat, C, "mean_g_xhat", input);
-  Tensor wr, mgxr;
+  BnVecs wr;
+  Tensor mgxr;
   if (bn_res) {
-    wr = opt_chan_vec(res_weight, C, "res_weight", input);
+    wr = bn_vecs({res_weight}, C, input, kResWeightName);
     mgxr = chan_vec(*res_mean_g_xhat, C, "res_mean_g_xhat", input);
   }
   a.grads(p, grad_out, input, res_input, w, wr);
@@ -290,10 +299,11 @@ struct ReluBwdIn {
 
   // The elementwise pass's output grad_input in the format the fakes report and, when grad_out
   // is not empty, its buffer, the weight and the kind filled into `p`.
-  void grad(ChannelBwdParams& p, const Tensor& input, const Tensor& w) {
+  void grad(ChannelBwdParams& p, const Tensor& input, const BnVecs& w) {
     gi = nhwc_out_like(input);
     if (empty) return;
-    p.weight = fptr(w);
+    p.weight = vptr(w.v[0]);
+    p.weight_dtype = w.dtype;
     p.grad_input = gi.buf.data_ptr();
     p.kind = BwdKind::kBn;
   }
@@ -307,10 +317,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, cons
   ReluBwdIn a;
   a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
   const at::TensorOptions fopts = mean.options();
-  // Held until the launches are done: p.weight points into it (a temporary here was freed before
-  // the kernel read it whenever the weight was not already float32, e.g. a bf16 model's BN
-  // weight: the H200's bf16 grad.input errors of 1e5-1e8, found by cudasim).
-  const Tensor w = opt_chan_vec(weight, a.C, "weight", input);
+  // Held until the launches are done: p.weight points into it (a converted copy when the
+  // weight is not float32, float16 or bfloat16; a temporary here was freed before the kernel
+  // read it: the H200's bf16 grad.input errors of 1e5-1e8, found by cudasim).
+  const BnVecs w = bn_vecs({weight}, a.C, input, kWeightName);
   a.grad(p, input, w);
   const ChannelSums s = run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out, launch_channel_bwd);
   if (!a.empty) {
@@ -338,7 +348,7 @@ Tensor bn_relu_bwd_elemt_cuda(const Tensor& grad_out, const Tensor& input, const
   ChannelBwdParams p{};
   ReluBwdIn a;
   a.init("bn_relu_bwd_elemt", p, grad_out, input, mean, invstd, scale, shift, relu);
-  const Tensor w = opt_chan_vec(weight, a.C, "weight", input);
+  const BnVecs w = bn_vecs({weight}, a.C, input, kWeightName);
   const Tensor mg = chan_vec(mean_g, a.C, "mean_g", input);
   const Tensor mgx = chan_vec(mean_g_xhat, a.C, "mean_g_xhat", input);
   a.grad(p, input, w);
@@ -366,11 +376,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
   TORCH_CHECK_VALUE(!has_running || momentum.has_value() || num_batches_tracked.has_value(),
                     "momentum=None (cumulative average) needs num_batches_tracked");
   c10::cuda::CUDAGuard guard(sum.device());
-  const Tensor w = opt_chan_vec(weight, C, "weight", sum);
-  const Tensor b = opt_chan_vec(bias, C, "bias", sum);
-  // Running stats are updated in place; a float32 working copy when they are stored otherwise.
-  const Tensor rm = opt_chan_vec(running_mean, C, "running_mean", sum);
-  const Tensor rv = opt_chan_vec(running_var, C, "running_var", sum);
+  // Read in their own dtype; the running statistics updated in place by the kernel (written back
+  // here only from a working copy: non-contiguous, or dtypes that differ or are not a kernel's).
+  static constexpr const char* names[4] = {"weight", "bias", "running_mean", "running_var"};
+  const BnVecs v = bn_vecs({weight, bias, running_mean, running_var}, C, sum, names);
+  const Tensor& rm = v.v[2];
+  const Tensor& rv = v.v[3];
   int64_t* nbt = nullptr;
   if (num_batches_tracked.has_value()) {
     const Tensor& t = *num_batches_tracked;
@@ -390,10 +401,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
   BnFinalizeParams p{};
   p.sum = s.data_ptr<float>();
   p.sumsq = ss.data_ptr<float>();
-  p.weight = fptr(w);
-  p.bias = fptr(b);
-  p.running_mean = rm.defined() ? rm.data_ptr<float>() : nullptr;
-  p.running_var = rv.defined() ? rv.data_ptr<float>() : nullptr;
+  p.weight = vptr(v.v[0]);
+  p.bias = vptr(v.v[1]);
+  p.running_mean = rm.defined() ? rm.data_ptr() : nullptr;
+  p.running_var = rv.defined() ? rv.data_ptr() : nullptr;
+  p.vec_dtype = v.dtype;
   p.num_batches_tracked = nbt;
   p.mean = mean.data_ptr<float>();
   p.invstd = invstd.data_ptr<float>();

@@ -220,9 +220,6 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
   fill_conv_io(p, o.x, o.w, out.buf, g);
   p.bias = fptr(b);
   p.scale = fptr(sc);
-  const auto vptr = [](const Tensor& t) -> const void* {
-    return t.defined() ? t.data_ptr() : nullptr;
-  };
   p.bn_weight = vptr(bnv.v[0]);
   p.bn_bias = vptr(bnv.v[1]);
   p.bn_mean = vptr(bnv.v[2]);
