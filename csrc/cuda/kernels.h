@@ -34,12 +34,13 @@ inline int chunk_elems(DType dt) { return 16 / dtype_size(dt); }
 // m = (n, oh, ow) an output pixel. A gathers x (N, XH, XW, XC):
 //   forward:  x = input,    xh = oh * stride - pad + r * dil                    (oc = K)
 //   dgrad:    x = grad_out, xh = (oh + pad - r * dil) / stride when divisible   (oc = C)
-// and Wt is (OC, R, S, XC) contiguous: the KRSC weight for the forward, its (C, R, S, K)
-// transpose for dgrad (the gather form needs no flip).
+// and Wt[oc, r, s, xc] is the KRSC weight for the forward; for dgrad, Wt[c, r, s, k] =
+// weight[k, r, s, c], read from the KRSC weight itself (its reduction rows k-major in shared
+// memory, transposed on load: no transposed copy; the gather form needs no flip).
 // ---------------------------------------------------------------------------------------------
 struct ConvParams {
   const void* x;           // (N, XH, XW, XC)
-  const void* w;           // (OC, R, S, XC)
+  const void* w;           // (OC, R, S, XC); dgrad: the KRSC weight (w_k, R, S, w_c)
   void* out;               // (N, OH, OW, OC) = (M, OC)
   const float* bias;       // (OC) or null
   const float* scale;      // (OC) or null (only with bias): out = acc * scale + bias
@@ -61,6 +62,8 @@ struct ConvParams {
   int R, S;
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int M;                 // N * OH * OW
+  int w_k, w_c;          // dgrad: the weight's K (<= XC: rows past it read as zero) and its C
+                         // (>= OC, a multiple of the 16-byte chunk)
   int m_tiles, n_tiles;  // filled by launch_conv
   bool dgrad;
   bool prologue, pre_relu;

@@ -12,18 +12,25 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // relu_bias_bwd and the BatchNorm backward family (one reduction + elementwise pipeline)
 // ---------------------------------------------------------------------------------------------
-// Plans the reduction, allocates its per-chunk partial sums and runs `launch`:
-// launch_channel_bwd (reduction, then elementwise pass) or launch_channel_reduce (reduction only).
+// Plans the reduction, allocates its per-chunk partial sums (in the unit's scratch when called
+// from the training unit: `unit` not null) and runs `launch`: launch_channel_bwd (reduction, then
+// elementwise pass) or launch_channel_reduce (reduction only).
 using ChannelLaunch = cudaError_t (*)(const ChannelBwdParams&, DType, cudaStream_t);
-void run_channel(ChannelBwdParams& p, DType dt, const Tensor& ref, ChannelLaunch launch) {
+void run_channel(ChannelBwdParams& p, DType dt, const Tensor& ref, ChannelLaunch launch,
+                 api::Scratch* unit = nullptr) {
   const int64_t n = plan_channel_bwd(p, dt, num_sms(ref));
-  Tensor partial = at::empty({n}, ref.options().dtype(at::kDouble));
-  p.partial = partial.data_ptr<double>();
+  Tensor partial;
+  if (unit) {
+    p.partial = static_cast<double*>(unit->get(n * static_cast<int64_t>(sizeof(double)), ref));
+  } else {
+    partial = at::empty({n}, ref.options().dtype(at::kDouble));
+    p.partial = partial.data_ptr<double>();
+  }
   C10_CUDA_CHECK(launch(p, dt, stream()));
 }
 
 // The per-channel sums of a BatchNorm backward: sum g, sum g*xhat and, with a BN'd residual,
-// the residual's sum g*xhat (else empty). The reduction's last level (colsum) writes every
+// the residual's sum g*xhat (else undefined). The reduction's last level (colsum) writes every
 // channel, so they are zeroed only for an empty batch (which sums to zero). `launch` runs the
 // reduction alone (the _reduce ops) or the reduction and the elementwise pass.
 struct ChannelSums {
@@ -31,17 +38,24 @@ struct ChannelSums {
 };
 
 ChannelSums run_sums(ChannelBwdParams& p, DType dt, bool empty, int64_t C, bool res,
-                     const at::TensorOptions& fopts, const Tensor& ref, ChannelLaunch launch) {
-  const auto make = [&](int64_t n) { return empty ? at::zeros({n}, fopts) : at::empty({n}, fopts); };
-  ChannelSums s{make(C), make(C), make(res ? C : 0)};
+                     const at::TensorOptions& fopts, const Tensor& ref, ChannelLaunch launch,
+                     api::Scratch* unit = nullptr) {
+  const auto make = [&] { return empty ? at::zeros({C}, fopts) : at::empty({C}, fopts); };
+  ChannelSums s{make(), make(), res ? make() : Tensor()};
   if (!empty) {
     p.sum_g = s.g.data_ptr<float>();
     p.sum_gx = s.gx.data_ptr<float>();
     p.sum_gxr = res ? s.gxr.data_ptr<float>() : nullptr;
     p.nsum = res ? 3 : 2;
-    run_channel(p, dt, ref, launch);
+    run_channel(p, dt, ref, launch, unit);
   }
   return s;
+}
+
+// An op's result that is absent: an empty tensor (the schema returns one), or undefined for the
+// training unit, which discards it.
+Tensor absent(const at::TensorOptions& opts, const api::Scratch* unit) {
+  return unit ? Tensor() : at::empty({0}, opts);
 }
 
 constexpr const char* kWeightName[1] = {"weight"};
@@ -184,10 +198,11 @@ struct AddReluBwdIn {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_impl(
     const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
     const Tensor& invstd, const OptTensor& weight, const OptTensor& res_input,
-    const OptTensor& res_mean, const OptTensor& res_invstd, const OptTensor& res_weight) {
+    const OptTensor& res_mean, const OptTensor& res_invstd, const OptTensor& res_weight,
+    api::Scratch* unit) {
   ChannelBwdParams p{};
   AddReluBwdIn a;
   a.init("bn_add_relu_bwd", p, grad_out, out, input, mean, invstd, res_input, res_mean, res_invstd);
@@ -197,14 +212,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
   const BnVecs w = bn_vecs({weight}, C, input, kWeightName);
   const BnVecs wr = bn_res ? bn_vecs({res_weight}, C, input, kResWeightName) : BnVecs{};
   a.grads(p, grad_out, input, res_input, w, wr);
-  const ChannelSums s = run_sums(p, a.dt, a.empty, C, bn_res, fopts, grad_out, launch_channel_bwd);
+  const ChannelSums s =
+      run_sums(p, a.dt, a.empty, C, bn_res, fopts, grad_out, launch_channel_bwd, unit);
   if (!a.empty) {
     a.finish();
   }
   // the residual branch sees the same g: its grad_bias is sum(g) (a distinct tensor: outputs
   // must not alias)
-  Tensor grb = bn_res ? s.g.clone() : at::empty({0}, fopts);
-  return {a.gi.ret, s.gx, s.g, a.gr.ret, s.gxr, grb};
+  Tensor grb = bn_res ? s.g.clone() : absent(fopts, unit);
+  return {a.gi.ret, s.gx, s.g, a.gr.ret, bn_res ? s.gxr : absent(fopts, unit), grb};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
+    const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
+    const Tensor& invstd, const OptTensor& weight, const OptTensor& res_input,
+    const OptTensor& res_mean, const OptTensor& res_invstd, const OptTensor& res_weight) {
+  return bn_add_relu_bwd_impl(grad_out, out, input, mean, invstd, weight, res_input, res_mean,
+                              res_invstd, res_weight, nullptr);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cuda(
@@ -217,7 +241,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cuda(
          res_invstd);
   const ChannelSums s =
       run_sums(p, a.dt, a.empty, a.C, a.bn_res, mean.options(), grad_out, launch_channel_reduce);
-  return {s.g, s.gx, s.gxr};
+  return {s.g, s.gx, a.bn_res ? s.gxr : at::empty({0}, mean.options())};
 }
 
 std::tuple<Tensor, Tensor> bn_add_relu_bwd_elemt_cuda(
@@ -309,10 +333,11 @@ struct ReluBwdIn {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, const Tensor& input,
+std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_impl(const Tensor& grad_out, const Tensor& input,
                                                     const Tensor& mean, const Tensor& invstd,
                                                     const OptTensor& weight, const Tensor& scale,
-                                                    const Tensor& shift, bool relu) {
+                                                    const Tensor& shift, bool relu,
+                                                    api::Scratch* unit) {
   ChannelBwdParams p{};
   ReluBwdIn a;
   a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
@@ -322,11 +347,19 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, cons
   // read it: the H200's bf16 grad.input errors of 1e5-1e8, found by cudasim).
   const BnVecs w = bn_vecs({weight}, a.C, input, kWeightName);
   a.grad(p, input, w);
-  const ChannelSums s = run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out, launch_channel_bwd);
+  const ChannelSums s =
+      run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out, launch_channel_bwd, unit);
   if (!a.empty) {
     a.gi.finish();
   }
   return {a.gi.ret, s.gx, s.g};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, const Tensor& input,
+                                                    const Tensor& mean, const Tensor& invstd,
+                                                    const OptTensor& weight, const Tensor& scale,
+                                                    const Tensor& shift, bool relu) {
+  return bn_relu_bwd_impl(grad_out, input, mean, invstd, weight, scale, shift, relu, nullptr);
 }
 
 std::tuple<Tensor, Tensor> bn_relu_bwd_reduce_cuda(const Tensor& grad_out, const Tensor& input,
@@ -370,7 +403,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
     const Tensor& sum, const Tensor& sumsq, const Tensor& count_t, int64_t count,
     const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, const OptTensor& num_batches_tracked,
-    std::optional<double> momentum, double eps) {
+    std::optional<double> momentum, double eps, bool packed = false) {
   const int64_t C = sum.size(0);
   const bool has_running = running_mean.has_value() || running_var.has_value();
   TORCH_CHECK_VALUE(!has_running || momentum.has_value() || num_batches_tracked.has_value(),
@@ -390,10 +423,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
                 t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
     nbt = t.data_ptr<int64_t>();
   }
-  Tensor mean = at::empty({C}, sum.options());
-  Tensor invstd = at::empty({C}, sum.options());
-  Tensor scale = at::empty({C}, sum.options());
-  Tensor shift = at::empty({C}, sum.options());
+  // packed (the training unit's call): views of one (4, C) buffer; the op returns four tensors.
+  Tensor mean, invstd, scale, shift;
+  if (packed) {
+    const std::vector<Tensor> st = at::empty({4, C}, sum.options()).unbind(0);
+    mean = st[0];
+    invstd = st[1];
+    scale = st[2];
+    shift = st[3];
+  } else {
+    mean = at::empty({C}, sum.options());
+    invstd = at::empty({C}, sum.options());
+    scale = at::empty({C}, sum.options());
+    shift = at::empty({C}, sum.options());
+  }
   // The kernel reads sum/sumsq as dense float arrays: a strided view (e.g. a column of a stacked
   // all-reduce buffer) is made dense first, never read through its raw pointer.
   const Tensor s = chan_vec(sum, C, "sum", sum);
@@ -430,16 +473,25 @@ void check_sums(const Tensor& sum, const Tensor& sumsq) {
   check_stat(sumsq, sum.size(0), "sumsq", sum);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_counted(
+    const Tensor& sum, const Tensor& sumsq, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, int64_t count, std::optional<double> momentum,
+    double eps, bool packed = false) {
+  check_sums(sum, sumsq);
+  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count,
+                    " values");
+  return bn_finalize_impl(sum, sumsq, Tensor(), count, weight, bias, running_mean, running_var,
+                          num_batches_tracked, momentum, eps, packed);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cuda(
     const Tensor& sum, const Tensor& sumsq, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, int64_t count, std::optional<double> momentum,
     double eps) {
-  check_sums(sum, sumsq);
-  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count,
-                    " values");
-  return bn_finalize_impl(sum, sumsq, Tensor(), count, weight, bias, running_mean, running_var,
-                          num_batches_tracked, momentum, eps);
+  return bn_finalize_counted(sum, sumsq, weight, bias, running_mean, running_var,
+                             num_batches_tracked, count, momentum, eps);
 }
 
 // The count cannot be checked here (> 1) without a host sync: the caller guarantees it.
@@ -536,8 +588,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(
     const Tensor& sum, const Tensor& sumsq, const OptT& weight, const OptT& bias,
     const OptT& running_mean, const OptT& running_var, const OptT& num_batches_tracked,
     int64_t count, std::optional<double> momentum, double eps) {
-  return bn_finalize_cuda(sum, sumsq, weight, bias, running_mean, running_var,
-                          num_batches_tracked, count, momentum, eps);
+  return bn_finalize_counted(sum, sumsq, weight, bias, running_mean, running_var,
+                             num_batches_tracked, count, momentum, eps, /*packed=*/true);
 }
 Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift,
                    const OptT& residual, const OptT& res_scale, const OptT& res_shift,
@@ -548,15 +600,15 @@ Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd(
     const Tensor& grad_out, const OptT& out, const Tensor& input, const Tensor& mean,
     const Tensor& invstd, const OptT& weight, const OptT& res_input, const OptT& res_mean,
-    const OptT& res_invstd, const OptT& res_weight) {
-  return bn_add_relu_bwd_cuda(grad_out, out, input, mean, invstd, weight, res_input, res_mean,
-                              res_invstd, res_weight);
+    const OptT& res_invstd, const OptT& res_weight, Scratch& scratch) {
+  return bn_add_relu_bwd_impl(grad_out, out, input, mean, invstd, weight, res_input, res_mean,
+                              res_invstd, res_weight, &scratch);
 }
 std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd(const Tensor& grad_out, const Tensor& input,
                                                const Tensor& mean, const Tensor& invstd,
                                                const OptT& weight, const Tensor& scale,
-                                               const Tensor& shift, bool relu) {
-  return bn_relu_bwd_cuda(grad_out, input, mean, invstd, weight, scale, shift, relu);
+                                               const Tensor& shift, bool relu, Scratch& scratch) {
+  return bn_relu_bwd_impl(grad_out, input, mean, invstd, weight, scale, shift, relu, &scratch);
 }
 }  // namespace api
 

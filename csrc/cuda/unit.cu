@@ -29,11 +29,12 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
               spec.stages.size(), " stages for ", n, " convolutions", ds ? " and a downsample" : "");
   TORCH_CHECK(params.size() == 6 * (n + ds), "fastres unit_forward: ", params.size(),
               " parameters for ", n + ds, " stages (6 each)");
+  api::Scratch scratch;  // the convolutions' per-CTA partial sums, one after another
   const auto conv_stats = [&](size_t i, const Tensor& in, const OptTensor& sc,
                               const OptTensor& sh, bool pre_relu) {
     const UnitStage& s = spec.stages[i];
     return api::conv_stats(in, need(params[6 * i], "a conv weight"), sc, sh, pre_relu, s.stride,
-                           s.padding, s.dilation, s.groups);
+                           s.padding, s.dilation, s.groups, scratch);
   };
   const auto finalize = [&](size_t i, const Tensor& y, const Tensor& sum, const Tensor& sumsq) {
     const int64_t count = y.numel() / y.size(1);
@@ -120,11 +121,12 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
   for (size_t i = 0; i < n; ++i) weights.push_back(need(saved[k++], "a conv weight"));
   std::vector<OptTensor> gammas;
   for (size_t i = 0; i < n; ++i) gammas.push_back(saved[k++]);
+  api::Scratch scratch;  // partial sums and weight-gradient workspaces, one launch after another
 
   const Tensor go = grad_out.contiguous(like_format(ys.back()));
   auto [dy, dgamma, dbeta, dres, dgd, dbd] = api::bn_add_relu_bwd(
       go, spec.relu ? out : std::nullopt, ys.back(), st[4 * (n - 1)], st[4 * (n - 1) + 1],
-      gammas[n - 1], yd, res_mean, res_invstd, gd);
+      gammas[n - 1], yd, res_mean, res_invstd, gd, scratch);
   std::vector<Tensor> grads(3 * (n + ds));
   grads[3 * (n - 1) + 1] = gammas[n - 1].has_value() ? dgamma : Tensor();
   grads[3 * (n - 1) + 2] = dbeta;
@@ -133,23 +135,23 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
     const Tensor& scale_p = st[4 * (i - 1) + 2];
     const Tensor& shift_p = st[4 * (i - 1) + 3];
     auto [da, dw] = api::conv_bwd(dy, ys[i - 1], weights[i], scale_p, shift_p, true, s.stride,
-                                  s.padding, s.dilation, s.groups, {true, true});
+                                  s.padding, s.dilation, s.groups, {true, true}, scratch);
     grads[3 * i] = dw;
     auto [dyp, dg, db] = api::bn_relu_bwd(da, ys[i - 1], st[4 * (i - 1)], st[4 * (i - 1) + 1],
-                                          gammas[i - 1], scale_p, shift_p, true);
+                                          gammas[i - 1], scale_p, shift_p, true, scratch);
     dy = dyp;
     grads[3 * (i - 1) + 1] = gammas[i - 1].has_value() ? dg : Tensor();
     grads[3 * (i - 1) + 2] = db;
   }
   const UnitStage& s0 = spec.stages[0];
   auto [dx, dw0] = api::conv_bwd(dy, x, weights[0], std::nullopt, std::nullopt, false, s0.stride,
-                                 s0.padding, s0.dilation, s0.groups, {need_x, true});
+                                 s0.padding, s0.dilation, s0.groups, {need_x, true}, scratch);
   grads[0] = dw0;
   if (ds) {
     const UnitStage& sd = spec.stages[n];
     auto [dxd, dwd] = api::conv_bwd(dres, x, need(wd, "the downsample's weight"), std::nullopt,
                                     std::nullopt, false, sd.stride, sd.padding, sd.dilation,
-                                    sd.groups, {need_x, true});
+                                    sd.groups, {need_x, true}, scratch);
     grads[3 * n] = dwd;
     grads[3 * n + 1] = gd.has_value() ? dgd : Tensor();
     grads[3 * n + 2] = dbd;
