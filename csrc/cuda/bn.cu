@@ -111,7 +111,11 @@ __global__ void __launch_bounds__(1024) colsum_kernel(const ColSumParams p) {
     for (int y = 0; y < 32; ++y) total += red[y][tx];
     // (a switch, not p.out[j]: a dynamic index into the parameter array costs a stack copy)
     float* dst = j == 0 ? p.out[0] : j == 1 ? p.out[1] : j == 2 ? p.out[2] : p.out[3];
-    dst[c] = static_cast<float>(total);
+    const float v = static_cast<float>(total);
+    dst[c] = v;
+    void* cdst = j == 0 ? p.cast[0] : j == 1 ? p.cast[1] : j == 2 ? p.cast[2] : p.cast[3];
+    if (cdst) st_as_f(cdst, p.cast_dtype, c, v);
+    if (j == 0 && p.cast0b) st_as_f(p.cast0b, p.cast_dtype, c, v);
   }
 }
 
@@ -525,6 +529,11 @@ cudaError_t launch_channel_reduce_tv(const ChannelBwdParams& p, cudaStream_t str
   cp.out[0] = p.sum_g;
   cp.out[1] = p.sum_gx;
   cp.out[2] = p.sum_gxr;
+  cp.cast[0] = p.cast_g;
+  cp.cast[1] = p.cast_gx;
+  cp.cast[2] = p.cast_gxr;
+  cp.cast0b = p.cast_g2;
+  cp.cast_dtype = p.cast_dtype;
   cp.nsum = p.nsum;
   cp.T = p.chunks;
   cp.C = p.C;

@@ -112,9 +112,14 @@ cudaError_t launch_wgrad(WgradParams& p, DType dt, cudaStream_t stream);
 // out_j[c] = sum over t of partial[j][t][c] in a fixed order, for j < nsum (<= 4). Partials and
 // the sum are double (fp32 sums of ~10^6 values lose the variance; the reference sums in float64);
 // the result is rounded to float once.
+// cast[j] (or null): out_j also rounded to cast_dtype there, cast0b a second copy of out_0 (a
+// 16-bit model's BatchNorm gradients written here: no conversion launch after the reduction).
 struct ColSumParams {
   const double* partial;  // (nsum, T, C)
   float* out[4];         // each (C)
+  void* cast[4];         // each (C) in cast_dtype, or null
+  void* cast0b;          // (C) in cast_dtype, or null
+  DType cast_dtype;
   int nsum, T, C;
 };
 cudaError_t launch_colsum(const ColSumParams& p, cudaStream_t stream);
@@ -190,6 +195,13 @@ struct ChannelBwdParams {
   float* sum_g;    // grad_bias
   float* sum_gx;   // grad_weight
   float* sum_gxr;  // grad_res_weight
+  // or null: the sums also rounded to cast_dtype (the parameters' gradients of a 16-bit model;
+  // cast_g2 a second copy of sum_g: the BN'd residual's grad_bias)
+  void* cast_g;
+  void* cast_gx;
+  void* cast_gxr;
+  void* cast_g2;
+  DType cast_dtype;
   // given means of the sums (inputs of the elementwise pass instead of sum / rows), or null
   const float* mean_g;
   const float* mean_gx;

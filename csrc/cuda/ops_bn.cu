@@ -35,11 +35,51 @@ void run_channel(ChannelBwdParams& p, DType dt, const Tensor& ref, ChannelLaunch
 // reduction alone (the _reduce ops) or the reduction and the elementwise pass.
 struct ChannelSums {
   Tensor g, gx, gxr;
+  Tensor g2;  // run_sums_cast with a residual: a second sum g (its grad_bias)
 };
+
+// The training unit's sums when they are not the gradients themselves (api.h: grad_dtype): float32
+// in the scratch after the partials, and, unless grad_dtype is Undefined, the gradients in
+// grad_dtype written by colsum: sum g, sum g*xhat, and with a residual its sum g*xhat and a
+// second sum g (g2).
+ChannelSums run_sums_cast(ChannelBwdParams& p, DType dt, bool empty, int64_t C, bool res,
+                          at::ScalarType grad_dtype, const Tensor& ref, ChannelLaunch launch,
+                          api::Scratch& unit) {
+  const bool want = grad_dtype != at::ScalarType::Undefined;
+  const at::TensorOptions gopts = ref.options().dtype(want ? grad_dtype : at::kFloat);
+  const auto make = [&] {
+    return !want ? Tensor() : empty ? at::zeros({C}, gopts) : at::empty({C}, gopts);
+  };
+  ChannelSums s{make(), make(), res ? make() : Tensor(), res ? make() : Tensor()};
+  if (empty) return s;
+  p.nsum = res ? 3 : 2;
+  // an even number of doubles: the float sums after them 16-byte aligned (C % 4 == 0 wherever
+  // the kernels read them 16 bytes at a time)
+  const int64_t n = (plan_channel_bwd(p, dt, num_sms(ref)) + 1) / 2 * 2;
+  auto* base = static_cast<unsigned char*>(unit.get(n * 8 + 3 * C * 4, ref));
+  p.partial = reinterpret_cast<double*>(base);
+  float* f = reinterpret_cast<float*>(base + n * 8);
+  p.sum_g = f;
+  p.sum_gx = f + C;
+  p.sum_gxr = res ? f + 2 * C : nullptr;
+  if (want) {
+    p.cast_g = s.g.data_ptr();
+    p.cast_gx = s.gx.data_ptr();
+    p.cast_gxr = res ? s.gxr.data_ptr() : nullptr;
+    p.cast_g2 = res ? s.g2.data_ptr() : nullptr;
+    p.cast_dtype = to_dtype(s.g, "BatchNorm backward");
+  }
+  C10_CUDA_CHECK(launch(p, dt, stream()));
+  return s;
+}
 
 ChannelSums run_sums(ChannelBwdParams& p, DType dt, bool empty, int64_t C, bool res,
                      const at::TensorOptions& fopts, const Tensor& ref, ChannelLaunch launch,
-                     api::Scratch* unit = nullptr) {
+                     api::Scratch* unit = nullptr, at::ScalarType grad_dtype = at::kFloat) {
+  if (unit && (grad_dtype == at::ScalarType::Undefined || grad_dtype == at::kHalf ||
+               grad_dtype == at::kBFloat16)) {
+    return run_sums_cast(p, dt, empty, C, res, grad_dtype, ref, launch, *unit);
+  }
   const auto make = [&] { return empty ? at::zeros({C}, fopts) : at::empty({C}, fopts); };
   ChannelSums s{make(), make(), res ? make() : Tensor()};
   if (!empty) {
@@ -177,20 +217,23 @@ struct AddReluBwdIn {
   // The elementwise pass's outputs grad_input and grad_res (grad_out's shape without res_input:
   // grad_res = g there) in the formats the fakes report and, when grad_out is not empty, their
   // buffers, the weights and the kind filled into `p`.
+  // Without res_input and want_res false, no grad_res (kBn: the elementwise pass writes only
+  // grad_input).
   void grads(ChannelBwdParams& p, const Tensor& grad_out, const Tensor& input,
-             const OptTensor& res_input, const BnVecs& w, const BnVecs& wr) {
+             const OptTensor& res_input, const BnVecs& w, const BnVecs& wr, bool want_res) {
     gi = nhwc_out_like(input);
-    gr = nhwc_out_like(bn_res ? *res_input : grad_out);
+    want_res = want_res || bn_res;
+    if (want_res) gr = nhwc_out_like(bn_res ? *res_input : grad_out);
     if (empty) return;
     p.weight = vptr(w.v[0]);
     p.weight_dtype = w.dtype;
     p.grad_input = gi.buf.data_ptr();
-    p.grad_res = gr.buf.data_ptr();
+    p.grad_res = want_res ? gr.buf.data_ptr() : nullptr;
     if (bn_res) {
       p.weight_r = vptr(wr.v[0]);
       p.weight_r_dtype = wr.dtype;
     }
-    p.kind = bn_res ? BwdKind::kBnBn : BwdKind::kBnId;
+    p.kind = bn_res ? BwdKind::kBnBn : want_res ? BwdKind::kBnId : BwdKind::kBn;
   }
   void finish() {
     gi.finish();
@@ -202,7 +245,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_impl(
     const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
     const Tensor& invstd, const OptTensor& weight, const OptTensor& res_input,
     const OptTensor& res_mean, const OptTensor& res_invstd, const OptTensor& res_weight,
-    api::Scratch* unit) {
+    api::Scratch* unit, at::ScalarType grad_dtype = at::kFloat, bool want_res = true) {
   ChannelBwdParams p{};
   AddReluBwdIn a;
   a.init("bn_add_relu_bwd", p, grad_out, out, input, mean, invstd, res_input, res_mean, res_invstd);
@@ -211,15 +254,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_impl(
   const at::TensorOptions fopts = mean.options();
   const BnVecs w = bn_vecs({weight}, C, input, kWeightName);
   const BnVecs wr = bn_res ? bn_vecs({res_weight}, C, input, kResWeightName) : BnVecs{};
-  a.grads(p, grad_out, input, res_input, w, wr);
-  const ChannelSums s =
-      run_sums(p, a.dt, a.empty, C, bn_res, fopts, grad_out, launch_channel_bwd, unit);
+  a.grads(p, grad_out, input, res_input, w, wr, want_res);
+  const ChannelSums s = run_sums(p, a.dt, a.empty, C, bn_res, fopts, grad_out, launch_channel_bwd,
+                                 unit, grad_dtype);
   if (!a.empty) {
     a.finish();
   }
   // the residual branch sees the same g: its grad_bias is sum(g) (a distinct tensor: outputs
   // must not alias)
-  Tensor grb = bn_res ? s.g.clone() : absent(fopts, unit);
+  Tensor grb = s.g2.defined()                  ? s.g2
+               : bn_res && s.g.defined()       ? s.g.clone()
+                                               : absent(fopts, unit);
   return {a.gi.ret, s.gx, s.g, a.gr.ret, bn_res ? s.gxr : absent(fopts, unit), grb};
 }
 
@@ -268,7 +313,7 @@ std::tuple<Tensor, Tensor> bn_add_relu_bwd_elemt_cuda(
     wr = bn_vecs({res_weight}, C, input, kResWeightName);
     mgxr = chan_vec(*res_mean_g_xhat, C, "res_mean_g_xhat", input);
   }
-  a.grads(p, grad_out, input, res_input, w, wr);
+  a.grads(p, grad_out, input, res_input, w, wr, true);
   if (!a.empty) {
     p.mean_g = mg.data_ptr<float>();
     p.mean_gx = mgx.data_ptr<float>();
@@ -337,7 +382,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_impl(const Tensor& grad_out, cons
                                                     const Tensor& mean, const Tensor& invstd,
                                                     const OptTensor& weight, const Tensor& scale,
                                                     const Tensor& shift, bool relu,
-                                                    api::Scratch* unit) {
+                                                    api::Scratch* unit,
+                                                    at::ScalarType grad_dtype = at::kFloat) {
   ChannelBwdParams p{};
   ReluBwdIn a;
   a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
@@ -347,8 +393,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_impl(const Tensor& grad_out, cons
   // read it: the H200's bf16 grad.input errors of 1e5-1e8, found by cudasim).
   const BnVecs w = bn_vecs({weight}, a.C, input, kWeightName);
   a.grad(p, input, w);
-  const ChannelSums s =
-      run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out, launch_channel_bwd, unit);
+  const ChannelSums s = run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out,
+                                 launch_channel_bwd, unit, grad_dtype);
   if (!a.empty) {
     a.gi.finish();
   }
@@ -403,7 +449,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
     const Tensor& sum, const Tensor& sumsq, const Tensor& count_t, int64_t count,
     const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, const OptTensor& num_batches_tracked,
-    std::optional<double> momentum, double eps, bool packed = false) {
+    std::optional<double> momentum, double eps, const std::vector<Tensor>* into = nullptr) {
   const int64_t C = sum.size(0);
   const bool has_running = running_mean.has_value() || running_var.has_value();
   TORCH_CHECK_VALUE(!has_running || momentum.has_value() || num_batches_tracked.has_value(),
@@ -423,14 +469,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
                 t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
     nbt = t.data_ptr<int64_t>();
   }
-  // packed (the training unit's call): views of one (4, C) buffer; the op returns four tensors.
+  // into (the training unit's call): rows 2-5 of its (6, C) statistics buffer; the op returns
+  // four tensors of their own.
   Tensor mean, invstd, scale, shift;
-  if (packed) {
-    const std::vector<Tensor> st = at::empty({4, C}, sum.options()).unbind(0);
-    mean = st[0];
-    invstd = st[1];
-    scale = st[2];
-    shift = st[3];
+  if (into) {
+    mean = (*into)[2];
+    invstd = (*into)[3];
+    scale = (*into)[4];
+    shift = (*into)[5];
   } else {
     mean = at::empty({C}, sum.options());
     invstd = at::empty({C}, sum.options());
@@ -477,12 +523,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_counted(
     const Tensor& sum, const Tensor& sumsq, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, int64_t count, std::optional<double> momentum,
-    double eps, bool packed = false) {
+    double eps, const std::vector<Tensor>* into = nullptr) {
   check_sums(sum, sumsq);
   TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count,
                     " values");
   return bn_finalize_impl(sum, sumsq, Tensor(), count, weight, bias, running_mean, running_var,
-                          num_batches_tracked, momentum, eps, packed);
+                          num_batches_tracked, momentum, eps, into);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cuda(
@@ -585,11 +631,14 @@ Tensor bn_add_relu_cuda(const Tensor& input, const Tensor& scale, const Tensor& 
 
 namespace api {
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(
-    const Tensor& sum, const Tensor& sumsq, const OptT& weight, const OptT& bias,
-    const OptT& running_mean, const OptT& running_var, const OptT& num_batches_tracked,
-    int64_t count, std::optional<double> momentum, double eps) {
-  return bn_finalize_counted(sum, sumsq, weight, bias, running_mean, running_var,
-                             num_batches_tracked, count, momentum, eps, /*packed=*/true);
+    const Tensor& stats, const OptT& weight, const OptT& bias, const OptT& running_mean,
+    const OptT& running_var, const OptT& num_batches_tracked, int64_t count,
+    std::optional<double> momentum, double eps) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 6, "fastres unit: statistics of shape ",
+              stats.sizes(), ", expected (6, C)");
+  const std::vector<Tensor> rows = stats.unbind(0);
+  return bn_finalize_counted(rows[0], rows[1], weight, bias, running_mean, running_var,
+                             num_batches_tracked, count, momentum, eps, &rows);
 }
 Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift,
                    const OptT& residual, const OptT& res_scale, const OptT& res_shift,
@@ -600,15 +649,18 @@ Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd(
     const Tensor& grad_out, const OptT& out, const Tensor& input, const Tensor& mean,
     const Tensor& invstd, const OptT& weight, const OptT& res_input, const OptT& res_mean,
-    const OptT& res_invstd, const OptT& res_weight, Scratch& scratch) {
+    const OptT& res_invstd, const OptT& res_weight, Scratch& scratch, at::ScalarType grad_dtype,
+    bool want_res) {
   return bn_add_relu_bwd_impl(grad_out, out, input, mean, invstd, weight, res_input, res_mean,
-                              res_invstd, res_weight, &scratch);
+                              res_invstd, res_weight, &scratch, grad_dtype, want_res);
 }
 std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd(const Tensor& grad_out, const Tensor& input,
                                                const Tensor& mean, const Tensor& invstd,
                                                const OptT& weight, const Tensor& scale,
-                                               const Tensor& shift, bool relu, Scratch& scratch) {
-  return bn_relu_bwd_impl(grad_out, input, mean, invstd, weight, scale, shift, relu, &scratch);
+                                               const Tensor& shift, bool relu, Scratch& scratch,
+                                               at::ScalarType grad_dtype) {
+  return bn_relu_bwd_impl(grad_out, input, mean, invstd, weight, scale, shift, relu, &scratch,
+                          grad_dtype);
 }
 }  // namespace api
 

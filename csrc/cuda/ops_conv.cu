@@ -238,8 +238,9 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
 // ---------------------------------------------------------------------------------------------
 // conv_stats
 // ---------------------------------------------------------------------------------------------
-// unit: the training unit's scratch (null for the op): the per-CTA partials go there, and sum
-// and sumsq are the rows of one (2, K) buffer.
+// unit: the training unit's scratch (null for the op): the per-CTA partials go there, and sum and
+// sumsq are rows 0 and 1 of one (6, K) buffer, returned in place of sum (sumsq undefined), whose
+// other four rows bn_finalize fills (api.h).
 std::tuple<Tensor, Tensor, Tensor> conv_stats_impl(const Tensor& input, const Tensor& weight,
                                                    const OptTensor& pre_scale,
                                                    const OptTensor& pre_shift, bool pre_relu,
@@ -253,16 +254,23 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_impl(const Tensor& input, const Te
   const Tensor sh = opt_chan_vec(pre_shift, g.C, "pre_shift", input);
   NhwcOut out = nhwc_out({g.N, g.K, g.P, g.Q}, input.options(), like_format(input));
   const at::TensorOptions fopts = input.options().dtype(at::kFloat);
-  Tensor sum, sumsq;
+  Tensor sum, sumsq, stats;
+  float *sum_p, *sumsq_p;
   if (unit) {
-    const std::vector<Tensor> ss = at::empty({2, g.K}, fopts).unbind(0);
-    sum = ss[0];
-    sumsq = ss[1];
+    stats = at::empty({6, g.K}, fopts);
+    sum_p = stats.data_ptr<float>();
+    sumsq_p = sum_p + g.K;
   } else {
     sum = at::empty({g.K}, fopts);
     sumsq = at::empty({g.K}, fopts);
+    sum_p = sum.data_ptr<float>();
+    sumsq_p = sumsq.data_ptr<float>();
   }
   if (out.ret.numel() == 0) {
+    if (unit) {
+      stats.narrow(0, 0, 2).zero_();
+      return {out.ret, stats, Tensor()};
+    }
     sum.zero_();
     sumsq.zero_();
     return {out.ret, sum, sumsq};
@@ -295,13 +303,14 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_impl(const Tensor& input, const Te
 
   ColSumParams cp{};
   cp.partial = part;
-  cp.out[0] = sum.data_ptr<float>();
-  cp.out[1] = sumsq.data_ptr<float>();
+  cp.out[0] = sum_p;
+  cp.out[1] = sumsq_p;
   cp.nsum = 2;
   cp.T = static_cast<int>(m_tiles);
   cp.C = static_cast<int>(g.K);
   C10_CUDA_CHECK(launch_colsum(cp, stream()));
   out.finish();
+  if (unit) return {out.ret, stats, Tensor()};
   return {out.ret, sum, sumsq};
 }
 
@@ -463,13 +472,13 @@ std::vector<Tensor> block_eval(const BlockSpec& spec, const Tensor& x,
 }
 
 namespace api {
-std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& input, const Tensor& weight,
-                                              const OptT& pre_scale, const OptT& pre_shift,
-                                              bool pre_relu, at::IntArrayRef stride,
-                                              at::IntArrayRef padding, at::IntArrayRef dilation,
-                                              int64_t groups, Scratch& scratch) {
-  return conv_stats_impl(input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation,
-                         groups, &scratch);
+std::tuple<Tensor, Tensor> conv_stats(const Tensor& input, const Tensor& weight,
+                                     const OptT& pre_scale, const OptT& pre_shift, bool pre_relu,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups, Scratch& scratch) {
+  auto [out, stats, unused] = conv_stats_impl(input, weight, pre_scale, pre_shift, pre_relu,
+                                              stride, padding, dilation, groups, &scratch);
+  return {out, stats};
 }
 std::tuple<Tensor, Tensor> conv_bwd(const Tensor& grad_out, const Tensor& input,
                                     const Tensor& weight, const OptT& pre_scale,

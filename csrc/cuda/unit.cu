@@ -18,6 +18,13 @@ Tensor need(const OptTensor& t, const char* what) {
   return *t;
 }
 
+// The dtype a BatchNorm's parameter gradients are wanted in (ops_api.h): its weight's, or
+// Undefined without one (affine=False: none).
+at::ScalarType grad_dtype(const OptTensor& gamma) {
+  return gamma.has_value() && gamma->defined() ? gamma->scalar_type()
+                                               : at::ScalarType::Undefined;
+}
+
 }  // namespace
 
 std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
@@ -36,7 +43,7 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
     return api::conv_stats(in, need(params[6 * i], "a conv weight"), sc, sh, pre_relu, s.stride,
                            s.padding, s.dilation, s.groups, scratch);
   };
-  const auto finalize = [&](size_t i, const Tensor& y, const Tensor& sum, const Tensor& sumsq) {
+  const auto finalize = [&](size_t i, const Tensor& y, const Tensor& stats) {
     const int64_t count = y.numel() / y.size(1);
     if (count <= 1) {
       std::ostringstream shape;
@@ -48,36 +55,35 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
     }
     const UnitStage& s = spec.stages[i];
     const OptTensor* p = &params[6 * i];
-    return api::bn_finalize(sum, sumsq, p[1], p[2], p[3], p[4], p[5], count, s.momentum, s.eps);
+    return api::bn_finalize(stats, p[1], p[2], p[3], p[4], p[5], count, s.momentum, s.eps);
   };
   std::vector<Tensor> ys, stats;
   Tensor inp = x;
   OptTensor sc, sh;
   bool pre_relu = false;
-  Tensor last_sum, last_sumsq;
+  Tensor last_stats;  // (6, C): sum, sumsq, then bn_finalize's four vectors
   for (size_t i = 0; i < n; ++i) {
-    auto [y, sum, sumsq] = conv_stats(i, inp, sc, sh, pre_relu);
+    auto [y, st] = conv_stats(i, inp, sc, sh, pre_relu);
     ys.push_back(y);
     if (i + 1 == n) {
-      last_sum = sum;
-      last_sumsq = sumsq;
+      last_stats = st;
       break;
     }
-    auto [mean, invstd, scale, shift] = finalize(i, y, sum, sumsq);
+    auto [mean, invstd, scale, shift] = finalize(i, y, st);
     stats.insert(stats.end(), {mean, invstd, scale, shift});
     inp = y;
     sc = scale;
     sh = shift;
     pre_relu = true;
   }
-  Tensor yd, ysum, ysumsq;
-  if (ds) std::tie(yd, ysum, ysumsq) = conv_stats(n, x, std::nullopt, std::nullopt, false);
-  auto [mean, invstd, scale, shift] = finalize(n - 1, ys.back(), last_sum, last_sumsq);
+  Tensor yd, ystats;
+  if (ds) std::tie(yd, ystats) = conv_stats(n, x, std::nullopt, std::nullopt, false);
+  auto [mean, invstd, scale, shift] = finalize(n - 1, ys.back(), last_stats);
   stats.insert(stats.end(), {mean, invstd, scale, shift});
   std::vector<Tensor> dstats;
   OptTensor res, rsc, rsh;
   if (ds) {
-    auto [dm, di, dsc, dsh] = finalize(n, yd, ysum, ysumsq);
+    auto [dm, di, dsc, dsh] = finalize(n, yd, ystats);
     dstats = {dm, di, dsc, dsh};
     res = yd;
     rsc = dsc;
@@ -124,9 +130,15 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
   api::Scratch scratch;  // partial sums and weight-gradient workspaces, one launch after another
 
   const Tensor go = grad_out.contiguous(like_format(ys.back()));
+  // One dtype for the last BatchNorm's and the downsample's gradients; float32 sums (converted
+  // by autograd) where the two differ.
+  at::ScalarType last_dt = grad_dtype(gammas[n - 1]);
+  if (ds && grad_dtype(gd) != last_dt) last_dt = at::kFloat;
+  // An identity residual's gradient is only dx's.
   auto [dy, dgamma, dbeta, dres, dgd, dbd] = api::bn_add_relu_bwd(
       go, spec.relu ? out : std::nullopt, ys.back(), st[4 * (n - 1)], st[4 * (n - 1) + 1],
-      gammas[n - 1], yd, res_mean, res_invstd, gd, scratch);
+      gammas[n - 1], yd, res_mean, res_invstd, gd, scratch, last_dt,
+      spec.shortcut == 1 && need_x);
   std::vector<Tensor> grads(3 * (n + ds));
   grads[3 * (n - 1) + 1] = gammas[n - 1].has_value() ? dgamma : Tensor();
   grads[3 * (n - 1) + 2] = dbeta;
@@ -138,7 +150,8 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
                                   s.padding, s.dilation, s.groups, {true, true}, scratch);
     grads[3 * i] = dw;
     auto [dyp, dg, db] = api::bn_relu_bwd(da, ys[i - 1], st[4 * (i - 1)], st[4 * (i - 1) + 1],
-                                          gammas[i - 1], scale_p, shift_p, true, scratch);
+                                          gammas[i - 1], scale_p, shift_p, true, scratch,
+                                          grad_dtype(gammas[i - 1]));
     dy = dyp;
     grads[3 * (i - 1) + 1] = gammas[i - 1].has_value() ? dg : Tensor();
     grads[3 * (i - 1) + 2] = db;
