@@ -636,7 +636,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(
     std::optional<double> momentum, double eps) {
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 6, "fastres unit: statistics of shape ",
               stats.sizes(), ", expected (6, C)");
-  const std::vector<Tensor> rows = stats.unbind(0);
+  TORCH_CHECK(stats.is_contiguous(), "fastres unit: statistics must be contiguous");
+  std::vector<Tensor> rows;
+  rows.reserve(6);
+  for (int64_t i = 0; i < 6; ++i) rows.push_back(row_of(stats, i));
   return bn_finalize_counted(rows[0], rows[1], weight, bias, running_mean, running_var,
                              num_batches_tracked, count, momentum, eps, &rows);
 }
