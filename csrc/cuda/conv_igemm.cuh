@@ -113,9 +113,9 @@ __device__ __forceinline__ void conv_mma_stage(ConvAcc<MATH, Cfg>& c, const unsi
       for (int j = 0; j < 4; ++j) {
         if constexpr (KMAJOR) {
           const int n = tx + 16 * j;
-          bv[j] = make_float4(__uint_as_float(bk32(4 * ch, n)), __uint_as_float(bk32(4 * ch + 1, n)),
-                              __uint_as_float(bk32(4 * ch + 2, n)),
-                              __uint_as_float(bk32(4 * ch + 3, n)));
+          bv[j] = make_float4(
+              __uint_as_float(bk32(4 * ch, n)), __uint_as_float(bk32(4 * ch + 1, n)),
+              __uint_as_float(bk32(4 * ch + 2, n)), __uint_as_float(bk32(4 * ch + 3, n)));
         } else {
           bv[j] = *reinterpret_cast<const float4*>(b_s + swz64(tx + 16 * j, ch));
         }

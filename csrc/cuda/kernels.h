@@ -6,7 +6,8 @@
 //
 // Layouts: activations are NHWC (channels_last) and dense; weights are KRSC (channels_last);
 // per-channel vectors are float32, except a model's BatchNorm parameters and running statistics,
-// read (and written) in their own dtype, named by a DType beside them. Element offsets that can pass 2^31 are int64_t.
+// read (and written) in their own dtype, named by a DType beside them. Element offsets that can
+// pass 2^31 are int64_t.
 #pragma once
 
 #include <cuda_runtime_api.h>

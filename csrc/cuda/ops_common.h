@@ -68,6 +68,16 @@ using OptTensor = std::optional<Tensor>;
   TORCH_CHECK((x).scalar_type() == (ref).scalar_type(), "fastres CUDA: " #x " has dtype ", \
               (x).scalar_type(), " but " #ref " has ", (ref).scalar_type())
 
+// A per-channel statistic (mean, invstd, a sum): float32, C elements on ref's device.
+inline void check_stat(const Tensor& t, int64_t C, const char* name, const Tensor& ref) {
+  CHECK_CUDA(t);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastres CUDA: ", name,
+              " must be float32 (the accumulation dtype), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device() && t.dim() == 1 && t.size(0) == C, "fastres CUDA: ", name,
+              " must be a vector of ", C, " on ", ref.device(), ", got shape ", t.sizes(), " on ",
+              t.device());
+}
+
 inline DType to_dtype(const Tensor& t, const char* op) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
