@@ -69,6 +69,22 @@ __device__ __forceinline__ void load_chan_or(const float* p, int c, float dflt, 
   }
 }
 
+// load_chan_or of a vector in its own dtype dt (a BatchNorm weight, read as the model stores
+// it): a 16-byte-aligned float32 one as load_chan, otherwise one element at a time.
+template <int VEC>
+__device__ __forceinline__ void load_chan_as(const void* p, DType dt, int c, float dflt,
+                                             float (&v)[VEC]) {
+  if (p && dt == DType::kFloat32 && reinterpret_cast<std::uintptr_t>(p) % 16 == 0) {
+    load_chan<VEC>(static_cast<const float*>(p), c, v);
+  } else if (p) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v[e] = ld_as_f(p, dt, c + e);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v[e] = dflt;
+  }
+}
+
 __device__ __forceinline__ float relu_f(float v) { return v < 0.f ? 0.f : v; }  // NaN stays NaN
 
 }  // namespace
@@ -95,7 +111,11 @@ __global__ void __launch_bounds__(1024) colsum_kernel(const ColSumParams p) {
     for (int y = 0; y < 32; ++y) total += red[y][tx];
     // (a switch, not p.out[j]: a dynamic index into the parameter array costs a stack copy)
     float* dst = j == 0 ? p.out[0] : j == 1 ? p.out[1] : j == 2 ? p.out[2] : p.out[3];
-    dst[c] = static_cast<float>(total);
+    const float v = static_cast<float>(total);
+    dst[c] = v;
+    void* cdst = j == 0 ? p.cast[0] : j == 1 ? p.cast[1] : j == 2 ? p.cast[2] : p.cast[3];
+    if (cdst) st_as_f(cdst, p.cast_dtype, c, v);
+    if (j == 0 && p.cast0b) st_as_f(p.cast0b, p.cast_dtype, c, v);
   }
 }
 
@@ -137,18 +157,21 @@ __global__ void __launch_bounds__(kThreads) bn_finalize_kernel(const BnFinalizeP
     float var = __fsub_rn(__fdiv_rn(p.sumsq[c], cnt), __fmul_rn(mean, mean));
     var = var < 0.f ? 0.f : var;  // biased variance, clamped as the reference does
     const float invstd = 1.0f / sqrtf(__fadd_rn(var, eps));
-    const float scale = p.weight ? __fmul_rn(p.weight[c], invstd) : invstd;
-    const float shift =
-        p.bias ? __fsub_rn(p.bias[c], __fmul_rn(mean, scale)) : __fmul_rn(-mean, scale);
+    const DType vt = p.vec_dtype;
+    const float scale = p.weight ? __fmul_rn(ld_as_f(p.weight, vt, c), invstd) : invstd;
+    const float shift = p.bias ? __fsub_rn(ld_as_f(p.bias, vt, c), __fmul_rn(mean, scale))
+                               : __fmul_rn(-mean, scale);
     p.mean[c] = mean;
     p.invstd[c] = invstd;
     p.scale[c] = scale;
     p.shift[c] = shift;
     if (p.running_mean)
-      p.running_mean[c] = __fadd_rn(__fmul_rn(p.running_mean[c], keep), __fmul_rn(take, mean));
+      st_as_f(p.running_mean, vt, c,
+              __fadd_rn(__fmul_rn(ld_rw_f(p.running_mean, vt, c), keep), __fmul_rn(take, mean)));
     if (p.running_var)
-      p.running_var[c] =
-          __fadd_rn(__fmul_rn(p.running_var[c], keep), __fmul_rn(take, __fmul_rn(var, unbias)));
+      st_as_f(p.running_var, vt, c,
+              __fadd_rn(__fmul_rn(ld_rw_f(p.running_var, vt, c), keep),
+                        __fmul_rn(take, __fmul_rn(var, unbias))));
   }
 }
 
@@ -430,13 +453,13 @@ __global__ void __launch_bounds__(kThreads)
         }
       };
       // BatchNorm backward of g through (x, mean, invstd, weight) into `dst`.
-      auto bn_bwd = [&](const void* xin, const float* mean_p, const float* inv_p, const float* w_p,
-                        const float* sgx_p, const float* mgx_p, void* dst) {
+      auto bn_bwd = [&](const void* xin, const float* mean_p, const float* inv_p, const void* w_p,
+                        DType w_dt, const float* sgx_p, const float* mgx_p, void* dst) {
         float xv[VEC], mean[VEC], inv[VEC], w[VEC], mg[VEC], mgx[VEC], gi[VEC];
         load_f<T, VEC>(static_cast<const T*>(xin) + off, xv);
         load_chan<VEC>(mean_p, c0, mean);
         load_chan<VEC>(inv_p, c0, inv);
-        load_chan_or<VEC>(w_p, c0, 1.f, w);
+        load_chan_as<VEC>(w_p, w_dt, c0, 1.f, w);
         chan_means(p.sum_g, p.mean_g, mg);
         chan_means(sgx_p, mgx_p, mgx);
 #pragma unroll
@@ -448,11 +471,12 @@ __global__ void __launch_bounds__(kThreads)
         }
         store_f<T, VEC>(static_cast<T*>(dst) + off, gi);
       };
-      bn_bwd(p.x, p.mean, p.invstd, p.weight, p.sum_gx, p.mean_gx, p.grad_input);
+      bn_bwd(p.x, p.mean, p.invstd, p.weight, p.weight_dtype, p.sum_gx, p.mean_gx, p.grad_input);
       if constexpr (KIND == BwdKind::kBnId) {
         store_f<T, VEC>(static_cast<T*>(p.grad_res) + off, g);
       } else if constexpr (KIND == BwdKind::kBnBn) {
-        bn_bwd(p.xr, p.mean_r, p.invstd_r, p.weight_r, p.sum_gxr, p.mean_gxr, p.grad_res);
+        bn_bwd(p.xr, p.mean_r, p.invstd_r, p.weight_r, p.weight_r_dtype, p.sum_gxr, p.mean_gxr,
+               p.grad_res);
       }
     }
   }
@@ -505,6 +529,11 @@ cudaError_t launch_channel_reduce_tv(const ChannelBwdParams& p, cudaStream_t str
   cp.out[0] = p.sum_g;
   cp.out[1] = p.sum_gx;
   cp.out[2] = p.sum_gxr;
+  cp.cast[0] = p.cast_g;
+  cp.cast[1] = p.cast_gx;
+  cp.cast[2] = p.cast_gxr;
+  cp.cast0b = p.cast_g2;
+  cp.cast_dtype = p.cast_dtype;
   cp.nsum = p.nsum;
   cp.T = p.chunks;
   cp.C = p.C;

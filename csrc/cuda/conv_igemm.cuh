@@ -2,7 +2,8 @@
 //   conv_bias_act (epilogue: + bias[k], + residual, ReLU),
 //   conv_stats    (prologue: a = relu?(x * pre_scale[c] + pre_shift[c]) applied in shared memory;
 //                  epilogue: per-CTA per-channel sum / sum of squares of the stored output),
-//   conv_bwd dgrad (the gather form over grad_out with the (C, R, S, K) transposed weights).
+//   conv_bwd dgrad (the gather form over grad_out; the weight read in its stored KRSC layout:
+//                  B k-major in shared memory, ldmatrix.trans, no transposed copy per call).
 //
 // Data path (one CTA computes a BM x BN tile of out[M = N*OH*OW, OC]):
 //   global --cp.async 16 B (zero-fill for padding / masked rows / masked channels)--> shared,
@@ -80,12 +81,25 @@ struct ConvAcc {
 
 // ---- main loop, math: the A and B slices of one pipeline stage into the accumulators ----
 // tid: the thread (SIMT path); lane, and the warp's tile row wm and column wn (tensor cores).
-template <typename T, Math MATH, class Cfg>
+// B is n-major (BN rows of one 64-byte reduction slice, swz64) or, with KMAJOR (dgrad: the KRSC
+// weight's rows are the reduction), k-major: BK rows of BN elements (kmajor_b_off).
+template <typename T, class Cfg>
+__device__ __forceinline__ int kmajor_b_off(int k, int n) {
+  constexpr int EPC = 16 / sizeof(T);
+  return swz_wide(k, n / EPC, Cfg::BN * static_cast<int>(sizeof(T))) +
+         (n % EPC) * static_cast<int>(sizeof(T));
+}
+
+template <typename T, Math MATH, class Cfg, bool KMAJOR>
 __device__ __forceinline__ void conv_mma_stage(ConvAcc<MATH, Cfg>& c, const unsigned char* a_s,
                                                const unsigned char* b_s, int tid, int lane, int wm,
                                                int wn) {
   constexpr int MI = ConvAcc<MATH, Cfg>::MI;
   constexpr int NI = ConvAcc<MATH, Cfg>::NI;
+  // 32-bit B element (k, n) of a k-major stage (TF32 and SIMT: ldmatrix.trans moves 16-bit ones).
+  const auto bk32 = [&](int k, int n) {
+    return *reinterpret_cast<const uint32_t*>(b_s + kmajor_b_off<T, Cfg>(k, n));
+  };
   if constexpr (MATH == Math::kSimt) {
     const int tx = tid & 15;
     const int ty = tid >> 4;
@@ -96,8 +110,16 @@ __device__ __forceinline__ void conv_mma_stage(ConvAcc<MATH, Cfg>& c, const unsi
       for (int i = 0; i < 4; ++i)
         av[i] = *reinterpret_cast<const float4*>(a_s + swz64(ty + 16 * i, ch));
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        bv[j] = *reinterpret_cast<const float4*>(b_s + swz64(tx + 16 * j, ch));
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (KMAJOR) {
+          const int n = tx + 16 * j;
+          bv[j] = make_float4(
+              __uint_as_float(bk32(4 * ch, n)), __uint_as_float(bk32(4 * ch + 1, n)),
+              __uint_as_float(bk32(4 * ch + 2, n)), __uint_as_float(bk32(4 * ch + 3, n)));
+        } else {
+          bv[j] = *reinterpret_cast<const float4*>(b_s + swz64(tx + 16 * j, ch));
+        }
+      }
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -120,12 +142,33 @@ __device__ __forceinline__ void conv_mma_stage(ConvAcc<MATH, Cfg>& c, const unsi
         const int row = wm * Cfg::WM + mi * 16 + (FR_PLANT == 3 ? lane & 7 : lane & 15);
         ldsm_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3], a_s + swz64(row, kk * 2 + (lane >> 4)));
       }
+      if constexpr (!KMAJOR) {
 #pragma unroll
-      for (int nj = 0; nj < NI / 2; ++nj) {
-        // matrices: (n 0-7, chunk 2kk), (n 0-7, 2kk+1), (n 8-15, 2kk), (n 8-15, 2kk+1)
-        const int row = wn * Cfg::WN + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
-        ldsm_x4(bfr[2 * nj][0], bfr[2 * nj][1], bfr[2 * nj + 1][0], bfr[2 * nj + 1][1],
-                b_s + swz64(row, kk * 2 + ((lane >> 3) & 1)));
+        for (int nj = 0; nj < NI / 2; ++nj) {
+          // matrices: (n 0-7, chunk 2kk), (n 0-7, 2kk+1), (n 8-15, 2kk), (n 8-15, 2kk+1)
+          const int row = wn * Cfg::WN + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
+          ldsm_x4(bfr[2 * nj][0], bfr[2 * nj][1], bfr[2 * nj + 1][0], bfr[2 * nj + 1][1],
+                  b_s + swz64(row, kk * 2 + ((lane >> 3) & 1)));
+        }
+      } else if constexpr (MATH == Math::kMma16) {
+        // k-major, transposed on load: matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15),
+        // (k 8-15, n 8-15) of this k16 step; lane 8j + i addresses row i of matrix j.
+#pragma unroll
+        for (int nj = 0; nj < NI / 2; ++nj) {
+          const int mat = lane >> 3;
+          const int k = kk * 16 + ((mat & 1) << 3) + (lane & 7);
+          const int n = wn * Cfg::WN + nj * 16 + ((mat >> 1) << 3);
+          ldsm_x4_trans(bfr[2 * nj][0], bfr[2 * nj][1], bfr[2 * nj + 1][0], bfr[2 * nj + 1][1],
+                        b_s + kmajor_b_off<T, Cfg>(k, n));
+        }
+      } else {
+        // TF32 m16n8k8, k-major: b0 = B[k = lane % 4][n = lane / 4], b1 at k + 4.
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          const int n = wn * Cfg::WN + ni * 8 + (lane >> 2);
+          bfr[ni][0] = bk32(kk * 8 + (lane & 3), n);
+          bfr[ni][1] = bk32(kk * 8 + (lane & 3) + 4, n);
+        }
       }
       if constexpr (MATH == Math::kTf32) {
 #pragma unroll
@@ -219,18 +262,31 @@ __device__ __forceinline__ void conv_mainloop(const ConvParams& p, unsigned char
     return ok;
   };
 
-  // ---- per-row state of B (weight rows = output channels) ----
+  // ---- per-row state of B: the forward's weight rows are output channels (oc, r, s, xc); the
+  // dgrad's k-major chunks (k, n) of the KRSC weight (w_k, R, S, w_c): 16 bytes along n ----
+  constexpr int B_CPR = BN / EPC;  // k-major: 16-byte chunks per k row
   int64_t b_off[B_ITERS];
   bool b_ok[B_ITERS];
+  int b_k[B_ITERS];  // k-major: the chunk's row in the stage
   {
     const int64_t rsx = static_cast<int64_t>(p.R) * p.S * p.XC;
 #pragma unroll
     for (int j = 0; j < B_ITERS; ++j) {
-      const int oc = n0 + row0 + j * ROW_STEP;
-      b_ok[j] = oc < p.OC;
-      b_off[j] = b_ok[j] ? oc * rsx : 0;
+      if constexpr (DGRAD) {
+        const int q = tid + j * THREADS;
+        b_k[j] = q / B_CPR;
+        const int n = n0 + (q % B_CPR) * EPC;
+        b_ok[j] = n < p.w_c;  // w_c % EPC == 0: a chunk is all in or all out
+        b_off[j] = b_ok[j] ? n : 0;
+      } else {
+        const int oc = n0 + row0 + j * ROW_STEP;
+        b_ok[j] = oc < p.OC;
+        b_off[j] = b_ok[j] ? oc * rsx : 0;
+        b_k[j] = 0;
+      }
     }
   }
+  const int64_t w_krow = static_cast<int64_t>(p.R) * p.S * p.w_c;  // dgrad: one k of the weight
 
   const int cblocks = (p.XC + BK - 1) / BK;
   const int k_iters = p.R * p.S * cblocks;
@@ -247,11 +303,23 @@ __device__ __forceinline__ void conv_mainloop(const ConvParams& p, unsigned char
       cp_async16(dst_a + swz64(row0 + i * ROW_STEP, chunk), ok ? x + off + c : x, ok);
     }
     unsigned char* dst_b = sB + stage * Cfg::B_STAGE;
-    const int64_t tap = static_cast<int64_t>(r * p.S + s) * p.XC + c;
+    if constexpr (DGRAD) {
+      const int64_t tap = static_cast<int64_t>(r * p.S + s) * p.w_c;
 #pragma unroll
-    for (int j = 0; j < B_ITERS; ++j) {
-      const bool ok = b_ok[j] && c_ok;
-      cp_async16(dst_b + swz64(row0 + j * ROW_STEP, chunk), ok ? wt + b_off[j] + tap : wt, ok);
+      for (int j = 0; j < B_ITERS; ++j) {
+        const int k = cb * BK + b_k[j];
+        const bool ok = b_ok[j] && k < p.w_k;  // k >= K: the zero padding of the reduction
+        const int q = tid + j * THREADS;
+        cp_async16(dst_b + swz_wide(b_k[j], q % B_CPR, BN * static_cast<int>(sizeof(T))),
+                   ok ? wt + k * w_krow + tap + b_off[j] : wt, ok);
+      }
+    } else {
+      const int64_t tap = static_cast<int64_t>(r * p.S + s) * p.XC + c;
+#pragma unroll
+      for (int j = 0; j < B_ITERS; ++j) {
+        const bool ok = b_ok[j] && c_ok;
+        cp_async16(dst_b + swz64(row0 + j * ROW_STEP, chunk), ok ? wt + b_off[j] + tap : wt, ok);
+      }
     }
   };
 
@@ -310,7 +378,8 @@ __device__ __forceinline__ void conv_mainloop(const ConvParams& p, unsigned char
       advance(ld_r, ld_s, ld_cb);
     }
     cp_async_commit();
-    conv_mma_stage<T>(c, sA + stage * Cfg::A_STAGE, sB + stage * Cfg::B_STAGE, tid, lane, wm, wn);
+    conv_mma_stage<T, MATH, Cfg, DGRAD>(c, sA + stage * Cfg::A_STAGE, sB + stage * Cfg::B_STAGE,
+                                        tid, lane, wm, wn);
   }
   cp_async_wait<0>();
 }
@@ -342,18 +411,6 @@ __device__ __forceinline__ void conv_acc_to_smem(const ConvAcc<MATH, Cfg>& c, fl
         *reinterpret_cast<float2*>(cs + (row + 8) * LD + col) =
             make_float2(c.acc[mi][ni][2], c.acc[mi][ni][3]);
       }
-  }
-}
-
-// Element k of a per-channel vector of dtype dt, as float.
-__device__ __forceinline__ float ld_as_f(const void* v, DType dt, int k) {
-  switch (dt) {
-    case DType::kFloat16:
-      return to_f(static_cast<const __half*>(v)[k]);
-    case DType::kBFloat16:
-      return to_f(static_cast<const __nv_bfloat16*>(v)[k]);
-    default:
-      return __ldg(static_cast<const float*>(v) + k);
   }
 }
 

@@ -120,6 +120,43 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// Element k of a per-channel vector of dtype dt (a model's BatchNorm parameters and running
+// statistics, read in their own dtype: no per-call conversion to float32), as float. ld_as_f
+// reads through the read-only cache; ld_rw_f is the plain load for a vector the kernel also
+// writes (st_as_f: the running statistics, rounded to their dtype as copy_ would round them).
+__device__ __forceinline__ float ld_as_f(const void* v, DType dt, int k) {
+  switch (dt) {
+    case DType::kFloat16:
+      return to_f(static_cast<const __half*>(v)[k]);
+    case DType::kBFloat16:
+      return to_f(static_cast<const __nv_bfloat16*>(v)[k]);
+    default:
+      return __ldg(static_cast<const float*>(v) + k);
+  }
+}
+__device__ __forceinline__ float ld_rw_f(const void* v, DType dt, int k) {
+  switch (dt) {
+    case DType::kFloat16:
+      return to_f(static_cast<const __half*>(v)[k]);
+    case DType::kBFloat16:
+      return to_f(static_cast<const __nv_bfloat16*>(v)[k]);
+    default:
+      return static_cast<const float*>(v)[k];
+  }
+}
+__device__ __forceinline__ void st_as_f(void* v, DType dt, int k, float x) {
+  switch (dt) {
+    case DType::kFloat16:
+      static_cast<__half*>(v)[k] = from_f<__half>(x);
+      break;
+    case DType::kBFloat16:
+      static_cast<__nv_bfloat16*>(v)[k] = from_f<__nv_bfloat16>(x);
+      break;
+    default:
+      static_cast<float*>(v)[k] = x;
+  }
+}
+
 // v rounded to T and back: what a value stored as T reads back as.
 template <typename T>
 __device__ __forceinline__ float round_to(float v) {

@@ -5,7 +5,9 @@
 // the launcher checks with C10_CUDA_CHECK.
 //
 // Layouts: activations are NHWC (channels_last) and dense; weights are KRSC (channels_last);
-// per-channel vectors are float32. Element offsets that can pass 2^31 are int64_t.
+// per-channel vectors are float32, except a model's BatchNorm parameters and running statistics,
+// read (and written) in their own dtype, named by a DType beside them. Element offsets that can
+// pass 2^31 are int64_t.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -33,12 +35,13 @@ inline int chunk_elems(DType dt) { return 16 / dtype_size(dt); }
 // m = (n, oh, ow) an output pixel. A gathers x (N, XH, XW, XC):
 //   forward:  x = input,    xh = oh * stride - pad + r * dil                    (oc = K)
 //   dgrad:    x = grad_out, xh = (oh + pad - r * dil) / stride when divisible   (oc = C)
-// and Wt is (OC, R, S, XC) contiguous: the KRSC weight for the forward, its (C, R, S, K)
-// transpose for dgrad (the gather form needs no flip).
+// and Wt[oc, r, s, xc] is the KRSC weight for the forward; for dgrad, Wt[c, r, s, k] =
+// weight[k, r, s, c], read from the KRSC weight itself (its reduction rows k-major in shared
+// memory, transposed on load: no transposed copy; the gather form needs no flip).
 // ---------------------------------------------------------------------------------------------
 struct ConvParams {
   const void* x;           // (N, XH, XW, XC)
-  const void* w;           // (OC, R, S, XC)
+  const void* w;           // (OC, R, S, XC); dgrad: the KRSC weight (w_k, R, S, w_c)
   void* out;               // (N, OH, OW, OC) = (M, OC)
   const float* bias;       // (OC) or null
   const float* scale;      // (OC) or null (only with bias): out = acc * scale + bias
@@ -60,6 +63,8 @@ struct ConvParams {
   int R, S;
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int M;                 // N * OH * OW
+  int w_k, w_c;          // dgrad: the weight's K (<= XC: rows past it read as zero) and its C
+                         // (>= OC, a multiple of the 16-byte chunk)
   int m_tiles, n_tiles;  // filled by launch_conv
   bool dgrad;
   bool prologue, pre_relu;
@@ -108,9 +113,14 @@ cudaError_t launch_wgrad(WgradParams& p, DType dt, cudaStream_t stream);
 // out_j[c] = sum over t of partial[j][t][c] in a fixed order, for j < nsum (<= 4). Partials and
 // the sum are double (fp32 sums of ~10^6 values lose the variance; the reference sums in float64);
 // the result is rounded to float once.
+// cast[j] (or null): out_j also rounded to cast_dtype there, cast0b a second copy of out_0 (a
+// 16-bit model's BatchNorm gradients written here: no conversion launch after the reduction).
 struct ColSumParams {
   const double* partial;  // (nsum, T, C)
   float* out[4];         // each (C)
+  void* cast[4];         // each (C) in cast_dtype, or null
+  void* cast0b;          // (C) in cast_dtype, or null
+  DType cast_dtype;
   int nsum, T, C;
 };
 cudaError_t launch_colsum(const ColSumParams& p, cudaStream_t stream);
@@ -118,10 +128,13 @@ cudaError_t launch_colsum(const ColSumParams& p, cudaStream_t stream);
 struct BnFinalizeParams {
   const float* sum;
   const float* sumsq;
-  const float* weight;           // or null
-  const float* bias;             // or null
-  float* running_mean;           // or null
-  float* running_var;            // or null
+  // The BatchNorm's parameters and running statistics in their own dtype (vec_dtype, all four
+  // alike): the running statistics are updated in place, rounded to it.
+  const void* weight;            // or null
+  const void* bias;              // or null
+  void* running_mean;            // or null
+  void* running_var;             // or null
+  DType vec_dtype;
   int64_t* num_batches_tracked;  // or null
   float* mean;
   float* invstd;
@@ -173,15 +186,23 @@ struct ChannelBwdParams {
   const void* x;         // BN input
   const float* mean;
   const float* invstd;
-  const float* weight;  // or null (1)
-  const void* xr;       // BN'd residual input (kBnBn)
+  const void* weight;  // or null (1), in its own dtype weight_dtype
+  const void* xr;      // BN'd residual input (kBnBn)
   const float* mean_r;
   const float* invstd_r;
-  const float* weight_r;  // or null
+  const void* weight_r;  // or null, in its own dtype weight_r_dtype
+  DType weight_dtype, weight_r_dtype;
   // sums (outputs of the reduction, inputs of the elementwise pass)
   float* sum_g;    // grad_bias
   float* sum_gx;   // grad_weight
   float* sum_gxr;  // grad_res_weight
+  // or null: the sums also rounded to cast_dtype (the parameters' gradients of a 16-bit model;
+  // cast_g2 a second copy of sum_g: the BN'd residual's grad_bias)
+  void* cast_g;
+  void* cast_gx;
+  void* cast_gxr;
+  void* cast_g2;
+  DType cast_dtype;
   // given means of the sums (inputs of the elementwise pass instead of sum / rows), or null
   const float* mean_g;
   const float* mean_gx;

@@ -1,9 +1,14 @@
 // The launchers of ops_conv.cu and ops_bn.cu that C++ callers outside their files use (the
-// training unit, unit.cu): thin exported wrappers of the registered op implementations, same
-// arguments and results as the ops' schemas (fastres/_opset.py).
+// training unit, unit.cu): the registered op implementations with the ops' arguments
+// (fastres/_opset.py) and results, except that the unit's calls share one Scratch, results the
+// unit discards (an empty tensor in the op) come back undefined, and a BatchNorm's statistics
+// live in one (6, C) buffer: conv_stats writes sum and sumsq into its rows 0 and 1, bn_finalize
+// mean, invstd, scale and shift into rows 2-5 (returned as views). Fewer allocations per training
+// step; the same kernels and values as the ops.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
 
 #include <array>
@@ -17,31 +22,54 @@ namespace api {
 using at::Tensor;
 using OptT = std::optional<Tensor>;
 
-std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& input, const Tensor& weight,
-                                              const OptT& pre_scale, const OptT& pre_shift,
-                                              bool pre_relu, at::IntArrayRef stride,
-                                              at::IntArrayRef padding, at::IntArrayRef dilation,
-                                              int64_t groups);
+// The launches' scratch memory of one unit call (per-CTA partial sums, the weight gradient's split
+// workspace): one buffer that each launch reuses after the one before it in stream order, grown
+// when a launch needs more (the caching allocator hands a freed block only to later work on the
+// stream). An op called alone allocates its own.
+struct Scratch {
+  Tensor buf;  // bytes
+  void* get(int64_t bytes, const Tensor& ref) {
+    if (!buf.defined() || buf.numel() < bytes) {
+      buf = at::empty({bytes}, ref.options().dtype(at::kByte));
+    }
+    return buf.data_ptr();
+  }
+};
+
+// (out, stats): stats the (6, K) buffer of the BatchNorm that follows (rows 0, 1: sum, sumsq).
+std::tuple<Tensor, Tensor> conv_stats(const Tensor& input, const Tensor& weight,
+                                     const OptT& pre_scale, const OptT& pre_shift, bool pre_relu,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups, Scratch& scratch);
 std::tuple<Tensor, Tensor> conv_bwd(const Tensor& grad_out, const Tensor& input,
                                     const Tensor& weight, const OptT& pre_scale,
                                     const OptT& pre_shift, bool pre_relu, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation,
-                                    int64_t groups, std::array<bool, 2> output_mask);
+                                    int64_t groups, std::array<bool, 2> output_mask,
+                                    Scratch& scratch);
+// stats: conv_stats' (6, C) buffer; returns (mean, invstd, scale, shift), its rows 2-5.
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(
-    const Tensor& sum, const Tensor& sumsq, const OptT& weight, const OptT& bias,
+    const Tensor& stats, const OptT& weight, const OptT& bias,
     const OptT& running_mean, const OptT& running_var, const OptT& num_batches_tracked,
     int64_t count, std::optional<double> momentum, double eps);
 Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift,
                    const OptT& residual, const OptT& res_scale, const OptT& res_shift,
                    int64_t res_channel_offset, bool relu);
+// The BatchNorm backwards: grad_dtype is the dtype the unit wants the parameter gradients in:
+// float32 (the sums themselves), float16 or bfloat16 (a 16-bit model's: written by the reduction
+// kernel, the float32 sums in the scratch, no conversion launches), or Undefined (none wanted,
+// affine=False: undefined, the sums in the scratch). want_res: whether the unit needs an identity
+// residual's gradient (only for the input's gradient; else undefined, never written).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd(
     const Tensor& grad_out, const OptT& out, const Tensor& input, const Tensor& mean,
     const Tensor& invstd, const OptT& weight, const OptT& res_input, const OptT& res_mean,
-    const OptT& res_invstd, const OptT& res_weight);
+    const OptT& res_invstd, const OptT& res_weight, Scratch& scratch, at::ScalarType grad_dtype,
+    bool want_res);
 std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd(const Tensor& grad_out, const Tensor& input,
                                                const Tensor& mean, const Tensor& invstd,
                                                const OptT& weight, const Tensor& scale,
-                                               const Tensor& shift, bool relu);
+                                               const Tensor& shift, bool relu, Scratch& scratch,
+                                               at::ScalarType grad_dtype);
 
 }  // namespace api
 }  // namespace cuda

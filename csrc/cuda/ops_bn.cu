@@ -1,6 +1,5 @@
-// The ATen launchers of BatchNorm and the per-channel reductions and their registration:
-// relu_bias_bwd and the BatchNorm backward family (fused, or split into *_reduce and *_elemt for
-// SyncBatchNorm), bn_finalize(_count) and bn_add_relu. The kernels are in bn.cu; the checks and
+// The ATen launchers of BatchNorm's forward ops and their registration: bn_finalize(_count) and
+// bn_add_relu (the backward family is in ops_bn_bwd.cu). The kernels are in bn.cu; the checks and
 // layout helpers shared with ops_conv.cu are in ops_common.h.
 #include "ops_api.h"
 #include "ops_common.h"
@@ -8,348 +7,6 @@
 namespace fastres {
 namespace cuda {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// relu_bias_bwd and the BatchNorm backward family (one reduction + elementwise pipeline)
-// ---------------------------------------------------------------------------------------------
-// Plans the reduction, allocates its per-chunk partial sums and runs `launch`:
-// launch_channel_bwd (reduction, then elementwise pass) or launch_channel_reduce (reduction only).
-using ChannelLaunch = cudaError_t (*)(const ChannelBwdParams&, DType, cudaStream_t);
-void run_channel(ChannelBwdParams& p, DType dt, const Tensor& ref, ChannelLaunch launch) {
-  const int64_t n = plan_channel_bwd(p, dt, num_sms(ref));
-  Tensor partial = at::empty({n}, ref.options().dtype(at::kDouble));
-  p.partial = partial.data_ptr<double>();
-  C10_CUDA_CHECK(launch(p, dt, stream()));
-}
-
-// The per-channel sums of a BatchNorm backward, zero-initialised (an empty batch sums to zero):
-// sum g, sum g*xhat and, with a BN'd residual, the residual's sum g*xhat (else empty). `launch`
-// runs the reduction alone (the _reduce ops) or the reduction and the elementwise pass.
-struct ChannelSums {
-  Tensor g, gx, gxr;
-};
-
-ChannelSums run_sums(ChannelBwdParams& p, DType dt, bool empty, int64_t C, bool res,
-                     const at::TensorOptions& fopts, const Tensor& ref, ChannelLaunch launch) {
-  ChannelSums s{at::zeros({C}, fopts), at::zeros({C}, fopts),
-                res ? at::zeros({C}, fopts) : at::empty({0}, fopts)};
-  if (!empty) {
-    p.sum_g = s.g.data_ptr<float>();
-    p.sum_gx = s.gx.data_ptr<float>();
-    p.sum_gxr = res ? s.gxr.data_ptr<float>() : nullptr;
-    p.nsum = res ? 3 : 2;
-    run_channel(p, dt, ref, launch);
-  }
-  return s;
-}
-
-void check_like(const Tensor& t, const Tensor& ref, const char* name) {
-  CHECK_CUDA(t);
-  TORCH_CHECK(t.device() == ref.device(), "fastres CUDA: ", name, " is on ", t.device(),
-              " but grad_out is on ", ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastres CUDA: ", name, " has dtype ",
-              t.scalar_type(), " but grad_out has ", ref.scalar_type());
-  TORCH_CHECK(t.sizes() == ref.sizes(), "fastres CUDA: ", name, " must have grad_out's shape ",
-              ref.sizes(), ", got ", t.sizes());
-}
-
-std::tuple<Tensor, Tensor> relu_bias_bwd_cuda(const Tensor& grad_out, const OptTensor& out) {
-  CHECK_CUDA(grad_out);
-  CHECK_DIM(grad_out, 4);
-  const DType dt = to_dtype(grad_out, "relu_bias_bwd");
-  if (out.has_value()) check_like(*out, grad_out, "out");
-  c10::cuda::CUDAGuard guard(grad_out.device());
-  const int64_t C = grad_out.size(1);
-  NhwcOut gz = nhwc_out_like(grad_out);
-  Tensor gb = at::zeros({C}, grad_out.options().dtype(at::kFloat));
-  if (grad_out.numel() == 0) return {gz.ret, gb};
-  const Tensor go = nhwc(grad_out);
-  const Tensor o = out.has_value() ? nhwc(*out) : Tensor();
-  ChannelBwdParams p{};
-  p.grad_out = go.data_ptr();
-  p.mask_src = o.defined() ? o.data_ptr() : nullptr;
-  p.mask_mode = o.defined() ? 1 : 0;
-  p.sum_g = gb.data_ptr<float>();
-  p.grad_res = gz.buf.data_ptr();
-  p.rows = grad_out.numel() / C;
-  p.C = static_cast<int>(C);
-  p.nsum = 1;
-  p.kind = BwdKind::kG;
-  run_channel(p, dt, grad_out, launch_channel_bwd);
-  gz.finish();
-  return {gz.ret, gb};
-}
-
-void check_stat(const Tensor& t, int64_t C, const char* name, const Tensor& ref) {
-  CHECK_CUDA(t);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastres CUDA: ", name,
-              " must be float32 (the accumulation dtype), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device() && t.dim() == 1 && t.size(0) == C, "fastres CUDA: ", name,
-              " must be a vector of ", C, " on ", ref.device(), ", got shape ", t.sizes(), " on ",
-              t.device());
-}
-
-// The BatchNorm backwards share one pipeline (reduction, then elementwise pass): the fused ops
-// run both passes, the SyncBatchNorm split (*_reduce, *_elemt) one pass each, with the
-// all-reduce of the sums in between. The two structs below check and prepare the inputs the three
-// forms of each backward share and the outputs of the two forms with an elementwise pass, and hold
-// the prepared tensors until the launches are done.
-
-// grad_out, out, input, mean, invstd (and res_input, res_mean, res_invstd) of bn_add_relu_bwd and
-// its split: checked, then (under a guard on grad_out's device) mean/invstd as float32 vectors
-// and, when grad_out is not empty, the activations as NHWC, filled into `p` with the mask.
-struct AddReluBwdIn {
-  c10::cuda::OptionalCUDAGuard guard;
-  DType dt = DType::kFloat32;
-  int64_t C = 0;
-  bool bn_res = false;
-  bool empty = true;
-  Tensor m, inv, mr, invr;  // float32 vectors
-  Tensor go, o, x, xr;      // NHWC (when not empty)
-
-  void init(const char* op, ChannelBwdParams& p, const Tensor& grad_out, const OptTensor& out,
-            const Tensor& input, const Tensor& mean, const Tensor& invstd,
-            const OptTensor& res_input, const OptTensor& res_mean, const OptTensor& res_invstd) {
-    CHECK_CUDA(grad_out);
-    CHECK_DIM(grad_out, 4);
-    dt = to_dtype(grad_out, op);
-    check_like(input, grad_out, "input");
-    if (out.has_value()) check_like(*out, grad_out, "out");
-    C = input.size(1);
-    check_stat(mean, C, "mean", input);
-    check_stat(invstd, C, "invstd", input);
-    bn_res = res_input.has_value();
-    if (bn_res) {
-      TORCH_CHECK_VALUE(res_mean.has_value() && res_invstd.has_value(), op,
-                        ": res_input needs res_mean and res_invstd");
-      check_like(*res_input, grad_out, "res_input");
-      check_stat(*res_mean, C, "res_mean", input);
-      check_stat(*res_invstd, C, "res_invstd", input);
-    }
-    guard.set_device(grad_out.device());
-    m = chan_vec(mean, C, "mean", input);
-    inv = chan_vec(invstd, C, "invstd", input);
-    if (bn_res) {
-      mr = chan_vec(*res_mean, C, "res_mean", input);
-      invr = chan_vec(*res_invstd, C, "res_invstd", input);
-    }
-    empty = grad_out.numel() == 0;
-    if (empty) return;
-    go = nhwc(grad_out);
-    o = out.has_value() ? nhwc(*out) : Tensor();
-    x = nhwc(input);
-    xr = bn_res ? nhwc(*res_input) : Tensor();
-    p.grad_out = go.data_ptr();
-    p.mask_src = o.defined() ? o.data_ptr() : nullptr;
-    p.mask_mode = o.defined() ? 1 : 0;
-    p.x = x.data_ptr();
-    p.mean = m.data_ptr<float>();
-    p.invstd = inv.data_ptr<float>();
-    if (bn_res) {
-      p.xr = xr.data_ptr();
-      p.mean_r = mr.data_ptr<float>();
-      p.invstd_r = invr.data_ptr<float>();
-    }
-    p.rows = grad_out.numel() / C;
-    p.C = static_cast<int>(C);
-  }
-
-  NhwcOut gi, gr;  // grad_input, grad_res (set by grads)
-
-  // The elementwise pass's outputs grad_input and grad_res (grad_out's shape without res_input:
-  // grad_res = g there) in the formats the fakes report and, when grad_out is not empty, their
-  // buffers, the weights and the kind filled into `p`.
-  void grads(ChannelBwdParams& p, const Tensor& grad_out, const Tensor& input,
-             const OptTensor& res_input, const Tensor& w, const Tensor& wr) {
-    gi = nhwc_out_like(input);
-    gr = nhwc_out_like(bn_res ? *res_input : grad_out);
-    if (empty) return;
-    p.weight = fptr(w);
-    p.grad_input = gi.buf.data_ptr();
-    p.grad_res = gr.buf.data_ptr();
-    if (bn_res) p.weight_r = fptr(wr);
-    p.kind = bn_res ? BwdKind::kBnBn : BwdKind::kBnId;
-  }
-  void finish() {
-    gi.finish();
-    gr.finish();
-  }
-};
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd_cuda(
-    const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
-    const Tensor& invstd, const OptTensor& weight, const OptTensor& res_input,
-    const OptTensor& res_mean, const OptTensor& res_invstd, const OptTensor& res_weight) {
-  ChannelBwdParams p{};
-  AddReluBwdIn a;
-  a.init("bn_add_relu_bwd", p, grad_out, out, input, mean, invstd, res_input, res_mean, res_invstd);
-  const int64_t C = a.C;
-  const bool bn_res = a.bn_res;
-  const at::TensorOptions fopts = mean.options();
-  const Tensor w = opt_chan_vec(weight, C, "weight", input);
-  const Tensor wr = bn_res ? opt_chan_vec(res_weight, C, "res_weight", input) : Tensor();
-  a.grads(p, grad_out, input, res_input, w, wr);
-  const ChannelSums s = run_sums(p, a.dt, a.empty, C, bn_res, fopts, grad_out, launch_channel_bwd);
-  if (!a.empty) {
-    a.finish();
-  }
-  // the residual branch sees the same g: its grad_bias is sum(g) (a distinct tensor: outputs
-  // must not alias)
-  Tensor grb = bn_res ? s.g.clone() : at::empty({0}, fopts);
-  return {a.gi.ret, s.gx, s.g, a.gr.ret, s.gxr, grb};
-}
-
-std::tuple<Tensor, Tensor, Tensor> bn_add_relu_bwd_reduce_cuda(
-    const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
-    const Tensor& invstd, const OptTensor& res_input, const OptTensor& res_mean,
-    const OptTensor& res_invstd) {
-  ChannelBwdParams p{};
-  AddReluBwdIn a;
-  a.init("bn_add_relu_bwd_reduce", p, grad_out, out, input, mean, invstd, res_input, res_mean,
-         res_invstd);
-  const ChannelSums s =
-      run_sums(p, a.dt, a.empty, a.C, a.bn_res, mean.options(), grad_out, launch_channel_reduce);
-  return {s.g, s.gx, s.gxr};
-}
-
-std::tuple<Tensor, Tensor> bn_add_relu_bwd_elemt_cuda(
-    const Tensor& grad_out, const OptTensor& out, const Tensor& input, const Tensor& mean,
-    const Tensor& invstd, const OptTensor& weight, const Tensor& mean_g, const Tensor& mean_g_xhat,
-    const OptTensor& res_input, const OptTensor& res_mean, const OptTensor& res_invstd,
-    const OptTensor& res_weight, const OptTensor& res_mean_g_xhat) {
-  TORCH_CHECK_VALUE(!res_input.has_value() || (res_mean.has_value() && res_invstd.has_value() &&
-                                               res_mean_g_xhat.has_value()),
-                    "bn_add_relu_bwd_elemt: res_input needs res_mean, res_invstd and "
-                    "res_mean_g_xhat");
-  ChannelBwdParams p{};
-  AddReluBwdIn a;
-  a.init("bn_add_relu_bwd_elemt", p, grad_out, out, input, mean, invstd, res_input, res_mean,
-         res_invstd);
-  const int64_t C = a.C;
-  const bool bn_res = a.bn_res;
-  const Tensor w = opt_chan_vec(weight, C, "weight", input);
-  const Tensor mg = chan_vec(mean_g, C, "mean_g", input);
-  const Tensor mgx = chan_vec(mean_g_xhat, C, "mean_g_xhat", input);
-  Tensor wr, mgxr;
-  if (bn_res) {
-    wr = opt_chan_vec(res_weight, C, "res_weight", input);
-    mgxr = chan_vec(*res_mean_g_xhat, C, "res_mean_g_xhat", input);
-  }
-  a.grads(p, grad_out, input, res_input, w, wr);
-  if (!a.empty) {
-    p.mean_g = mg.data_ptr<float>();
-    p.mean_gx = mgx.data_ptr<float>();
-    if (bn_res) p.mean_gxr = mgxr.data_ptr<float>();
-    C10_CUDA_CHECK(launch_channel_elementwise(p, a.dt, stream()));
-    a.finish();
-  }
-  return {a.gi.ret, a.gr.ret};
-}
-
-// grad_out, input, mean, invstd, scale, shift of bn_relu_bwd and its split, as AddReluBwdIn.
-struct ReluBwdIn {
-  c10::cuda::OptionalCUDAGuard guard;
-  DType dt = DType::kFloat32;
-  int64_t C = 0;
-  bool empty = true;
-  Tensor m, inv, sc, sh;  // float32 vectors
-  Tensor go, x;           // NHWC (when not empty)
-
-  void init(const char* op, ChannelBwdParams& p, const Tensor& grad_out, const Tensor& input,
-            const Tensor& mean, const Tensor& invstd, const Tensor& scale, const Tensor& shift,
-            bool relu) {
-    CHECK_CUDA(grad_out);
-    CHECK_DIM(grad_out, 4);
-    dt = to_dtype(grad_out, op);
-    check_like(input, grad_out, "input");
-    C = input.size(1);
-    check_stat(mean, C, "mean", input);
-    check_stat(invstd, C, "invstd", input);
-    guard.set_device(grad_out.device());
-    m = chan_vec(mean, C, "mean", input);
-    inv = chan_vec(invstd, C, "invstd", input);
-    sc = chan_vec(scale, C, "scale", input);
-    sh = chan_vec(shift, C, "shift", input);
-    empty = grad_out.numel() == 0;
-    if (empty) return;
-    go = nhwc(grad_out);
-    x = nhwc(input);
-    p.grad_out = go.data_ptr();
-    p.mask_mode = relu ? 2 : 0;
-    p.mask_src = relu ? x.data_ptr() : nullptr;
-    p.m_scale = sc.data_ptr<float>();
-    p.m_shift = sh.data_ptr<float>();
-    p.x = x.data_ptr();
-    p.mean = m.data_ptr<float>();
-    p.invstd = inv.data_ptr<float>();
-    p.rows = grad_out.numel() / C;
-    p.C = static_cast<int>(C);
-  }
-
-  NhwcOut gi;  // grad_input (set by grad)
-
-  // The elementwise pass's output grad_input in the format the fakes report and, when grad_out
-  // is not empty, its buffer, the weight and the kind filled into `p`.
-  void grad(ChannelBwdParams& p, const Tensor& input, const Tensor& w) {
-    gi = nhwc_out_like(input);
-    if (empty) return;
-    p.weight = fptr(w);
-    p.grad_input = gi.buf.data_ptr();
-    p.kind = BwdKind::kBn;
-  }
-};
-
-std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_cuda(const Tensor& grad_out, const Tensor& input,
-                                                    const Tensor& mean, const Tensor& invstd,
-                                                    const OptTensor& weight, const Tensor& scale,
-                                                    const Tensor& shift, bool relu) {
-  ChannelBwdParams p{};
-  ReluBwdIn a;
-  a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
-  const at::TensorOptions fopts = mean.options();
-  // Held until the launches are done: p.weight points into it (a temporary here was freed before
-  // the kernel read it whenever the weight was not already float32, e.g. a bf16 model's BN
-  // weight: the H200's bf16 grad.input errors of 1e5-1e8, found by cudasim).
-  const Tensor w = opt_chan_vec(weight, a.C, "weight", input);
-  a.grad(p, input, w);
-  const ChannelSums s = run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out, launch_channel_bwd);
-  if (!a.empty) {
-    a.gi.finish();
-  }
-  return {a.gi.ret, s.gx, s.g};
-}
-
-std::tuple<Tensor, Tensor> bn_relu_bwd_reduce_cuda(const Tensor& grad_out, const Tensor& input,
-                                                   const Tensor& mean, const Tensor& invstd,
-                                                   const Tensor& scale, const Tensor& shift,
-                                                   bool relu) {
-  ChannelBwdParams p{};
-  ReluBwdIn a;
-  a.init("bn_relu_bwd_reduce", p, grad_out, input, mean, invstd, scale, shift, relu);
-  const ChannelSums s =
-      run_sums(p, a.dt, a.empty, a.C, false, mean.options(), grad_out, launch_channel_reduce);
-  return {s.g, s.gx};
-}
-
-Tensor bn_relu_bwd_elemt_cuda(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
-                              const Tensor& invstd, const OptTensor& weight, const Tensor& scale,
-                              const Tensor& shift, bool relu, const Tensor& mean_g,
-                              const Tensor& mean_g_xhat) {
-  ChannelBwdParams p{};
-  ReluBwdIn a;
-  a.init("bn_relu_bwd_elemt", p, grad_out, input, mean, invstd, scale, shift, relu);
-  const Tensor w = opt_chan_vec(weight, a.C, "weight", input);
-  const Tensor mg = chan_vec(mean_g, a.C, "mean_g", input);
-  const Tensor mgx = chan_vec(mean_g_xhat, a.C, "mean_g_xhat", input);
-  a.grad(p, input, w);
-  if (!a.empty) {
-    p.mean_g = mg.data_ptr<float>();
-    p.mean_gx = mgx.data_ptr<float>();
-    C10_CUDA_CHECK(launch_channel_elementwise(p, a.dt, stream()));
-    a.gi.finish();
-  }
-  return a.gi.ret;
-}
 
 // ---------------------------------------------------------------------------------------------
 // bn_finalize, bn_finalize_count: one kernel; the count is an integer argument, or a one-element
@@ -360,17 +17,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
     const Tensor& sum, const Tensor& sumsq, const Tensor& count_t, int64_t count,
     const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, const OptTensor& num_batches_tracked,
-    std::optional<double> momentum, double eps) {
+    std::optional<double> momentum, double eps, const std::vector<Tensor>* into = nullptr) {
   const int64_t C = sum.size(0);
   const bool has_running = running_mean.has_value() || running_var.has_value();
   TORCH_CHECK_VALUE(!has_running || momentum.has_value() || num_batches_tracked.has_value(),
                     "momentum=None (cumulative average) needs num_batches_tracked");
   c10::cuda::CUDAGuard guard(sum.device());
-  const Tensor w = opt_chan_vec(weight, C, "weight", sum);
-  const Tensor b = opt_chan_vec(bias, C, "bias", sum);
-  // Running stats are updated in place; a float32 working copy when they are stored otherwise.
-  const Tensor rm = opt_chan_vec(running_mean, C, "running_mean", sum);
-  const Tensor rv = opt_chan_vec(running_var, C, "running_var", sum);
+  // Read in their own dtype; the running statistics updated in place by the kernel (written back
+  // here only from a working copy: non-contiguous, or dtypes that differ or are not a kernel's).
+  static constexpr const char* names[4] = {"weight", "bias", "running_mean", "running_var"};
+  const BnVecs v = bn_vecs({weight, bias, running_mean, running_var}, C, sum, names);
+  const Tensor& rm = v.v[2];
+  const Tensor& rv = v.v[3];
   int64_t* nbt = nullptr;
   if (num_batches_tracked.has_value()) {
     const Tensor& t = *num_batches_tracked;
@@ -379,10 +37,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
                 t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
     nbt = t.data_ptr<int64_t>();
   }
-  Tensor mean = at::empty({C}, sum.options());
-  Tensor invstd = at::empty({C}, sum.options());
-  Tensor scale = at::empty({C}, sum.options());
-  Tensor shift = at::empty({C}, sum.options());
+  // into (the training unit's call): rows 2-5 of its (6, C) statistics buffer; the op returns
+  // four tensors of their own.
+  Tensor mean, invstd, scale, shift;
+  if (into) {
+    mean = (*into)[2];
+    invstd = (*into)[3];
+    scale = (*into)[4];
+    shift = (*into)[5];
+  } else {
+    mean = at::empty({C}, sum.options());
+    invstd = at::empty({C}, sum.options());
+    scale = at::empty({C}, sum.options());
+    shift = at::empty({C}, sum.options());
+  }
   // The kernel reads sum/sumsq as dense float arrays: a strided view (e.g. a column of a stacked
   // all-reduce buffer) is made dense first, never read through its raw pointer.
   const Tensor s = chan_vec(sum, C, "sum", sum);
@@ -390,10 +58,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
   BnFinalizeParams p{};
   p.sum = s.data_ptr<float>();
   p.sumsq = ss.data_ptr<float>();
-  p.weight = fptr(w);
-  p.bias = fptr(b);
-  p.running_mean = rm.defined() ? rm.data_ptr<float>() : nullptr;
-  p.running_var = rv.defined() ? rv.data_ptr<float>() : nullptr;
+  p.weight = vptr(v.v[0]);
+  p.bias = vptr(v.v[1]);
+  p.running_mean = rm.defined() ? rm.data_ptr() : nullptr;
+  p.running_var = rv.defined() ? rv.data_ptr() : nullptr;
+  p.vec_dtype = v.dtype;
   p.num_batches_tracked = nbt;
   p.mean = mean.data_ptr<float>();
   p.invstd = invstd.data_ptr<float>();
@@ -418,16 +87,25 @@ void check_sums(const Tensor& sum, const Tensor& sumsq) {
   check_stat(sumsq, sum.size(0), "sumsq", sum);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_counted(
+    const Tensor& sum, const Tensor& sumsq, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, int64_t count, std::optional<double> momentum,
+    double eps, const std::vector<Tensor>* into = nullptr) {
+  check_sums(sum, sumsq);
+  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count,
+                    " values");
+  return bn_finalize_impl(sum, sumsq, Tensor(), count, weight, bias, running_mean, running_var,
+                          num_batches_tracked, momentum, eps, into);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cuda(
     const Tensor& sum, const Tensor& sumsq, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, int64_t count, std::optional<double> momentum,
     double eps) {
-  check_sums(sum, sumsq);
-  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count,
-                    " values");
-  return bn_finalize_impl(sum, sumsq, Tensor(), count, weight, bias, running_mean, running_var,
-                          num_batches_tracked, momentum, eps);
+  return bn_finalize_counted(sum, sumsq, weight, bias, running_mean, running_var,
+                             num_batches_tracked, count, momentum, eps);
 }
 
 // The count cannot be checked here (> 1) without a host sync: the caller guarantees it.
@@ -521,11 +199,17 @@ Tensor bn_add_relu_cuda(const Tensor& input, const Tensor& scale, const Tensor& 
 
 namespace api {
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(
-    const Tensor& sum, const Tensor& sumsq, const OptT& weight, const OptT& bias,
-    const OptT& running_mean, const OptT& running_var, const OptT& num_batches_tracked,
-    int64_t count, std::optional<double> momentum, double eps) {
-  return bn_finalize_cuda(sum, sumsq, weight, bias, running_mean, running_var,
-                          num_batches_tracked, count, momentum, eps);
+    const Tensor& stats, const OptT& weight, const OptT& bias, const OptT& running_mean,
+    const OptT& running_var, const OptT& num_batches_tracked, int64_t count,
+    std::optional<double> momentum, double eps) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 6, "fastres unit: statistics of shape ",
+              stats.sizes(), ", expected (6, C)");
+  TORCH_CHECK(stats.is_contiguous(), "fastres unit: statistics must be contiguous");
+  std::vector<Tensor> rows;
+  rows.reserve(6);
+  for (int64_t i = 0; i < 6; ++i) rows.push_back(row_of(stats, i));
+  return bn_finalize_counted(rows[0], rows[1], weight, bias, running_mean, running_var,
+                             num_batches_tracked, count, momentum, eps, &rows);
 }
 Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift,
                    const OptT& residual, const OptT& res_scale, const OptT& res_shift,
@@ -533,33 +217,13 @@ Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift
   return bn_add_relu_cuda(input, scale, shift, residual, res_scale, res_shift, res_channel_offset,
                           relu);
 }
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd(
-    const Tensor& grad_out, const OptT& out, const Tensor& input, const Tensor& mean,
-    const Tensor& invstd, const OptT& weight, const OptT& res_input, const OptT& res_mean,
-    const OptT& res_invstd, const OptT& res_weight) {
-  return bn_add_relu_bwd_cuda(grad_out, out, input, mean, invstd, weight, res_input, res_mean,
-                              res_invstd, res_weight);
-}
-std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd(const Tensor& grad_out, const Tensor& input,
-                                               const Tensor& mean, const Tensor& invstd,
-                                               const OptT& weight, const Tensor& scale,
-                                               const Tensor& shift, bool relu) {
-  return bn_relu_bwd_cuda(grad_out, input, mean, invstd, weight, scale, shift, relu);
-}
 }  // namespace api
 
 }  // namespace cuda
 }  // namespace fastres
 
 FR_TORCH_LIBRARY_IMPL(FR_OPS_NAMESPACE, FR_DISPATCH_KEY, m) {
-  m.impl("relu_bias_bwd", &fastres::cuda::relu_bias_bwd_cuda);
   m.impl("bn_finalize", &fastres::cuda::bn_finalize_cuda);
   m.impl("bn_add_relu", &fastres::cuda::bn_add_relu_cuda);
-  m.impl("bn_add_relu_bwd", &fastres::cuda::bn_add_relu_bwd_cuda);
-  m.impl("bn_relu_bwd", &fastres::cuda::bn_relu_bwd_cuda);
   m.impl("bn_finalize_count", &fastres::cuda::bn_finalize_count_cuda);
-  m.impl("bn_add_relu_bwd_reduce", &fastres::cuda::bn_add_relu_bwd_reduce_cuda);
-  m.impl("bn_add_relu_bwd_elemt", &fastres::cuda::bn_add_relu_bwd_elemt_cuda);
-  m.impl("bn_relu_bwd_reduce", &fastres::cuda::bn_relu_bwd_reduce_cuda);
-  m.impl("bn_relu_bwd_elemt", &fastres::cuda::bn_relu_bwd_elemt_cuda);
 }

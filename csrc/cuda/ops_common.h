@@ -6,7 +6,8 @@
 //
 // Each launcher checks every input (device, dtype, rank, shape), brings activations to dense
 // NHWC with a 16-byte-aligned base (a copy only when they are not already), weights to KRSC,
-// per-channel vectors to contiguous float32, fills the plain parameter struct of kernels.h and
+// computed per-channel vectors to contiguous float32 (a model's BatchNorm parameters and running
+// statistics stay in their dtype: bn_vecs), fills the plain parameter struct of kernels.h and
 // launches on the current stream under a device guard; every launch is checked. Outputs are
 // allocated in the memory format the fake kernels report; when that is not NHWC the kernel
 // writes an NHWC buffer that is copied into it.
@@ -67,6 +68,16 @@ using OptTensor = std::optional<Tensor>;
   TORCH_CHECK((x).scalar_type() == (ref).scalar_type(), "fastres CUDA: " #x " has dtype ", \
               (x).scalar_type(), " but " #ref " has ", (ref).scalar_type())
 
+// A per-channel statistic (mean, invstd, a sum): float32, C elements on ref's device.
+inline void check_stat(const Tensor& t, int64_t C, const char* name, const Tensor& ref) {
+  CHECK_CUDA(t);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastres CUDA: ", name,
+              " must be float32 (the accumulation dtype), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device() && t.dim() == 1 && t.size(0) == C, "fastres CUDA: ", name,
+              " must be a vector of ", C, " on ", ref.device(), ", got shape ", t.sizes(), " on ",
+              t.device());
+}
+
 inline DType to_dtype(const Tensor& t, const char* op) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
@@ -118,18 +129,23 @@ inline Tensor opt_chan_vec(const OptTensor& v, int64_t n, const char* name, cons
   return v.has_value() ? chan_vec(*v, n, name, ref) : Tensor();
 }
 
-// An eval BatchNorm's (weight, bias, running_mean, running_var) for the conv epilogue, each
-// undefined when absent: contiguous, in their own dtype when all four share one of float32,
-// float16, bfloat16 (the common case: no copy), else all converted to float32.
+// A BatchNorm's per-channel vectors (weight, bias, running_mean, running_var, or a prefix of
+// them; each undefined when absent) as the kernels read them: contiguous, in their own dtype when
+// all present ones share one of float32, float16, bfloat16 (a model's parameters and running
+// statistics: no per-call conversion, the kernels read and write that dtype), else all converted
+// to float32. A vector that had to be made contiguous or converted is a copy (v[i] is not the
+// argument): a caller that updates it in place writes it back.
 struct BnVecs {
   Tensor v[4];
   DType dtype = DType::kFloat32;
 };
-inline BnVecs bn_vecs(std::initializer_list<OptTensor> vs, int64_t n, const Tensor& ref) {
-  static const char* names[4] = {"BatchNorm weight", "BatchNorm bias", "bn_mean", "bn_var"};
+inline constexpr const char* kBnVecNames[4] = {"BatchNorm weight", "BatchNorm bias", "bn_mean",
+                                               "bn_var"};
+inline BnVecs bn_vecs(std::initializer_list<OptTensor> vs, int64_t n, const Tensor& ref,
+                      const char* const* names = kBnVecNames) {
   BnVecs r;
   int i = 0;
-  c10::optional<at::ScalarType> common;
+  std::optional<at::ScalarType> common;
   bool same = true;
   for (const OptTensor& o : vs) {
     if (o.has_value()) {
@@ -158,6 +174,20 @@ inline BnVecs bn_vecs(std::initializer_list<OptTensor> vs, int64_t n, const Tens
     if (v.defined()) v = v.to(at::kFloat).contiguous();
   return r;
 }
+
+// Row i of a contiguous 2-D buffer as a 1-D tensor on the same storage, made without the
+// dispatcher (the training unit's statistics rows: unbind's six views cost ~6.5 µs per BatchNorm
+// on the CPU proxy, these ~1 µs). Not an autograd view: its own version counter, no _base.
+inline Tensor row_of(const Tensor& buf, int64_t i) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(buf.storage()), buf.key_set(),
+                                                   buf.dtype());
+  impl->set_storage_offset(buf.storage_offset() + i * buf.size(1));
+  impl->set_sizes_contiguous({buf.size(1)});
+  return Tensor(std::move(impl));
+}
+
+// A per-channel vector the kernels read in its own dtype (BnVecs), or null.
+inline const void* vptr(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // Output in `fmt` (what the fake returns) plus the NHWC buffer the kernel writes.
 struct NhwcOut {

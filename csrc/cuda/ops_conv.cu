@@ -129,7 +129,7 @@ void fill_geometry(Params& p, const ConvGeom& g) {
 
 // The operands and GEMM shape of an implicit-GEMM launch, read from the NHWC tensors the kernel
 // uses: x (N, XC, XH, XW) gathered, w, out (N, OC, OH, OW) written; M = N * OH * OW rows. The
-// forward passes (input, weight, output), dgrad (grad_out, the transposed weight, grad_input).
+// forward passes (input, weight, output), dgrad (grad_out, the KRSC weight, grad_input).
 void fill_conv_io(ConvParams& p, const Tensor& x, const Tensor& w, const Tensor& out,
                   const ConvGeom& g) {
   p.x = x.data_ptr();
@@ -220,9 +220,6 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
   fill_conv_io(p, o.x, o.w, out.buf, g);
   p.bias = fptr(b);
   p.scale = fptr(sc);
-  const auto vptr = [](const Tensor& t) -> const void* {
-    return t.defined() ? t.data_ptr() : nullptr;
-  };
   p.bn_weight = vptr(bnv.v[0]);
   p.bn_bias = vptr(bnv.v[1]);
   p.bn_mean = vptr(bnv.v[2]);
@@ -241,11 +238,15 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const OptTe
 // ---------------------------------------------------------------------------------------------
 // conv_stats
 // ---------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Tensor& weight,
+// unit: the training unit's scratch (null for the op): the per-CTA partials go there, and sum and
+// sumsq are rows 0 and 1 of one (6, K) buffer, returned in place of sum (sumsq undefined), whose
+// other four rows bn_finalize fills (api.h).
+std::tuple<Tensor, Tensor, Tensor> conv_stats_impl(const Tensor& input, const Tensor& weight,
                                                    const OptTensor& pre_scale,
                                                    const OptTensor& pre_shift, bool pre_relu,
                                                    at::IntArrayRef stride, at::IntArrayRef padding,
-                                                   at::IntArrayRef dilation, int64_t groups) {
+                                                   at::IntArrayRef dilation, int64_t groups,
+                                                   api::Scratch* unit) {
   const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_stats");
   c10::cuda::CUDAGuard guard(input.device());
   const DType dt = to_dtype(input, "conv_stats");
@@ -253,9 +254,23 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
   const Tensor sh = opt_chan_vec(pre_shift, g.C, "pre_shift", input);
   NhwcOut out = nhwc_out({g.N, g.K, g.P, g.Q}, input.options(), like_format(input));
   const at::TensorOptions fopts = input.options().dtype(at::kFloat);
-  Tensor sum = at::empty({g.K}, fopts);
-  Tensor sumsq = at::empty({g.K}, fopts);
+  Tensor sum, sumsq, stats;
+  float *sum_p, *sumsq_p;
+  if (unit) {
+    stats = at::empty({6, g.K}, fopts);
+    sum_p = stats.data_ptr<float>();
+    sumsq_p = sum_p + g.K;
+  } else {
+    sum = at::empty({g.K}, fopts);
+    sumsq = at::empty({g.K}, fopts);
+    sum_p = sum.data_ptr<float>();
+    sumsq_p = sumsq.data_ptr<float>();
+  }
   if (out.ret.numel() == 0) {
+    if (unit) {
+      stats.narrow(0, 0, 2).zero_();
+      return {out.ret, stats, Tensor()};
+    }
     sum.zero_();
     sumsq.zero_();
     return {out.ret, sum, sumsq};
@@ -265,13 +280,21 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
   const Math math = conv_math(dt);
   const int64_t M = g.N * g.P * g.Q;
   const int64_t m_tiles = (M + conv_block_m(math) - 1) / conv_block_m(math);
-  Tensor partial = at::empty({2, m_tiles, g.K}, fopts.dtype(at::kDouble));
+  Tensor partial;
+  double* part = nullptr;
+  if (unit) {
+    part = static_cast<double*>(
+        unit->get(2 * m_tiles * g.K * static_cast<int64_t>(sizeof(double)), input));
+  } else {
+    partial = at::empty({2, m_tiles, g.K}, fopts.dtype(at::kDouble));
+    part = partial.data_ptr<double>();
+  }
 
   ConvParams p{};
   fill_conv_io(p, o.x, o.w, out.buf, g);
   p.pre_scale = fptr(o.scale);
   p.pre_shift = fptr(o.shift);
-  p.stats_partial = partial.data_ptr<double>();
+  p.stats_partial = part;
   p.m_tiles = static_cast<int>(m_tiles);
   p.prologue = sc.defined() || sh.defined() || pre_relu;
   p.pre_relu = pre_relu;
@@ -279,26 +302,38 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Te
   C10_CUDA_CHECK(launch_conv(p, dt, math, stream()));
 
   ColSumParams cp{};
-  cp.partial = partial.data_ptr<double>();
-  cp.out[0] = sum.data_ptr<float>();
-  cp.out[1] = sumsq.data_ptr<float>();
+  cp.partial = part;
+  cp.out[0] = sum_p;
+  cp.out[1] = sumsq_p;
   cp.nsum = 2;
   cp.T = static_cast<int>(m_tiles);
   cp.C = static_cast<int>(g.K);
   C10_CUDA_CHECK(launch_colsum(cp, stream()));
   out.finish();
+  if (unit) return {out.ret, stats, Tensor()};
   return {out.ret, sum, sumsq};
 }
 
+std::tuple<Tensor, Tensor, Tensor> conv_stats_cuda(const Tensor& input, const Tensor& weight,
+                                                   const OptTensor& pre_scale,
+                                                   const OptTensor& pre_shift, bool pre_relu,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                   at::IntArrayRef dilation, int64_t groups) {
+  return conv_stats_impl(input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation,
+                         groups, nullptr);
+}
+
 // ---------------------------------------------------------------------------------------------
-// conv_bwd: dgrad (implicit GEMM over grad_out with (C, R, S, K) weights) and wgrad.
+// conv_bwd: dgrad (implicit GEMM over grad_out, the KRSC weight read transposed) and wgrad.
 // ---------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& input,
+// unit: the training unit's scratch (null for the op): the weight gradient's split workspace goes
+// there, and a gradient not asked for comes back undefined instead of empty.
+std::tuple<Tensor, Tensor> conv_bwd_impl(const Tensor& grad_out, const Tensor& input,
                                          const Tensor& weight, const OptTensor& pre_scale,
                                          const OptTensor& pre_shift, bool pre_relu,
                                          at::IntArrayRef stride, at::IntArrayRef padding,
                                          at::IntArrayRef dilation, int64_t groups,
-                                         std::array<bool, 2> output_mask) {
+                                         std::array<bool, 2> output_mask, api::Scratch* unit) {
   const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_bwd");
   CHECK_CUDA(grad_out);
   CHECK_SAME_DEVICE(grad_out, input);
@@ -325,19 +360,22 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
     NhwcOut o = nhwc_out_like(input);
     if (o.ret.numel() > 0) {
       // dL/da[n, h, w, c] = sum over (r, s, k) of grad_out[n, p, q, k] * weight[k, c, r, s]
-      // with h = p * stride - pad + r * dil: the gather form with weights as (C, R, S, Kp).
-      Tensor wk = weight;
-      if (Kp != g.K) wk = pad_dim(weight, 0, Kp, MF::Contiguous);
-      Tensor wt = wk.permute({1, 2, 3, 0}).contiguous();
-      if (!aligned16(wt)) wt = wt.clone();
+      // with h = p * stride - pad + r * dil: the gather form, the kernel reading the KRSC weight
+      // as it is stored (a channels_last model's: no copy); only a C that is not a multiple of
+      // the 16-byte chunk is zero-padded (a copy).
+      Tensor wk = nhwc(weight);
+      const int64_t Cp = round_up(g.C, epc);
+      if (Cp != g.C) wk = pad_dim(wk, 1, Cp, MF::ChannelsLast);
       ConvParams p{};
-      fill_conv_io(p, go, wt, o.buf, g);
+      fill_conv_io(p, go, wk, o.buf, g);
+      p.w_k = static_cast<int>(g.K);
+      p.w_c = static_cast<int>(Cp);
       p.dgrad = true;
       C10_CUDA_CHECK(launch_conv(p, dt, conv_math(dt), stream()));
       o.finish();
     }
     grad_input = o.ret;
-  } else {
+  } else if (!unit) {
     grad_input = at::empty({0}, input.options());
   }
 
@@ -374,15 +412,30 @@ std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& i
       p.prologue = sc.defined() || sh.defined() || pre_relu;
       p.pre_relu = pre_relu;
       const int64_t ws_n = plan_wgrad(p, dt, num_sms(input));
-      Tensor ws = at::empty({ws_n}, input.options().dtype(at::kFloat));
-      p.ws = ws.data_ptr<float>();
+      Tensor ws;
+      if (unit) {
+        p.ws = static_cast<float*>(unit->get(ws_n * static_cast<int64_t>(sizeof(float)), input));
+      } else {
+        ws = at::empty({ws_n}, input.options().dtype(at::kFloat));
+        p.ws = ws.data_ptr<float>();
+      }
       C10_CUDA_CHECK(launch_wgrad(p, dt, stream()));
       if (!direct) grad_weight.copy_(dw.narrow(0, 0, g.K).narrow(1, 0, g.C));
     }
-  } else {
+  } else if (!unit) {
     grad_weight = at::empty({0}, weight.options());
   }
   return {grad_input, grad_weight};
+}
+
+std::tuple<Tensor, Tensor> conv_bwd_cuda(const Tensor& grad_out, const Tensor& input,
+                                         const Tensor& weight, const OptTensor& pre_scale,
+                                         const OptTensor& pre_shift, bool pre_relu,
+                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups,
+                                         std::array<bool, 2> output_mask) {
+  return conv_bwd_impl(grad_out, input, weight, pre_scale, pre_shift, pre_relu, stride, padding,
+                       dilation, groups, output_mask, nullptr);
 }
 
 }  // namespace
@@ -419,21 +472,22 @@ std::vector<Tensor> block_eval(const BlockSpec& spec, const Tensor& x,
 }
 
 namespace api {
-std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& input, const Tensor& weight,
-                                              const OptT& pre_scale, const OptT& pre_shift,
-                                              bool pre_relu, at::IntArrayRef stride,
-                                              at::IntArrayRef padding, at::IntArrayRef dilation,
-                                              int64_t groups) {
-  return conv_stats_cuda(input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation,
-                         groups);
+std::tuple<Tensor, Tensor> conv_stats(const Tensor& input, const Tensor& weight,
+                                     const OptT& pre_scale, const OptT& pre_shift, bool pre_relu,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups, Scratch& scratch) {
+  auto [out, stats, unused] = conv_stats_impl(input, weight, pre_scale, pre_shift, pre_relu,
+                                              stride, padding, dilation, groups, &scratch);
+  return {out, stats};
 }
 std::tuple<Tensor, Tensor> conv_bwd(const Tensor& grad_out, const Tensor& input,
                                     const Tensor& weight, const OptT& pre_scale,
                                     const OptT& pre_shift, bool pre_relu, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation,
-                                    int64_t groups, std::array<bool, 2> output_mask) {
-  return conv_bwd_cuda(grad_out, input, weight, pre_scale, pre_shift, pre_relu, stride, padding,
-                       dilation, groups, output_mask);
+                                    int64_t groups, std::array<bool, 2> output_mask,
+                                    Scratch& scratch) {
+  return conv_bwd_impl(grad_out, input, weight, pre_scale, pre_shift, pre_relu, stride, padding,
+                       dilation, groups, output_mask, &scratch);
 }
 }  // namespace api
 

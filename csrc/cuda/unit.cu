@@ -18,6 +18,13 @@ Tensor need(const OptTensor& t, const char* what) {
   return *t;
 }
 
+// The dtype a BatchNorm's parameter gradients are wanted in (ops_api.h): its weight's, or
+// Undefined without one (affine=False: none).
+at::ScalarType grad_dtype(const OptTensor& gamma) {
+  return gamma.has_value() && gamma->defined() ? gamma->scalar_type()
+                                               : at::ScalarType::Undefined;
+}
+
 }  // namespace
 
 std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
@@ -29,13 +36,14 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
               spec.stages.size(), " stages for ", n, " convolutions", ds ? " and a downsample" : "");
   TORCH_CHECK(params.size() == 6 * (n + ds), "fastres unit_forward: ", params.size(),
               " parameters for ", n + ds, " stages (6 each)");
+  api::Scratch scratch;  // the convolutions' per-CTA partial sums, one after another
   const auto conv_stats = [&](size_t i, const Tensor& in, const OptTensor& sc,
                               const OptTensor& sh, bool pre_relu) {
     const UnitStage& s = spec.stages[i];
     return api::conv_stats(in, need(params[6 * i], "a conv weight"), sc, sh, pre_relu, s.stride,
-                           s.padding, s.dilation, s.groups);
+                           s.padding, s.dilation, s.groups, scratch);
   };
-  const auto finalize = [&](size_t i, const Tensor& y, const Tensor& sum, const Tensor& sumsq) {
+  const auto finalize = [&](size_t i, const Tensor& y, const Tensor& stats) {
     const int64_t count = y.numel() / y.size(1);
     if (count <= 1) {
       std::ostringstream shape;
@@ -47,36 +55,35 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
     }
     const UnitStage& s = spec.stages[i];
     const OptTensor* p = &params[6 * i];
-    return api::bn_finalize(sum, sumsq, p[1], p[2], p[3], p[4], p[5], count, s.momentum, s.eps);
+    return api::bn_finalize(stats, p[1], p[2], p[3], p[4], p[5], count, s.momentum, s.eps);
   };
   std::vector<Tensor> ys, stats;
   Tensor inp = x;
   OptTensor sc, sh;
   bool pre_relu = false;
-  Tensor last_sum, last_sumsq;
+  Tensor last_stats;  // (6, C): sum, sumsq, then bn_finalize's four vectors
   for (size_t i = 0; i < n; ++i) {
-    auto [y, sum, sumsq] = conv_stats(i, inp, sc, sh, pre_relu);
+    auto [y, st] = conv_stats(i, inp, sc, sh, pre_relu);
     ys.push_back(y);
     if (i + 1 == n) {
-      last_sum = sum;
-      last_sumsq = sumsq;
+      last_stats = st;
       break;
     }
-    auto [mean, invstd, scale, shift] = finalize(i, y, sum, sumsq);
+    auto [mean, invstd, scale, shift] = finalize(i, y, st);
     stats.insert(stats.end(), {mean, invstd, scale, shift});
     inp = y;
     sc = scale;
     sh = shift;
     pre_relu = true;
   }
-  Tensor yd, ysum, ysumsq;
-  if (ds) std::tie(yd, ysum, ysumsq) = conv_stats(n, x, std::nullopt, std::nullopt, false);
-  auto [mean, invstd, scale, shift] = finalize(n - 1, ys.back(), last_sum, last_sumsq);
+  Tensor yd, ystats;
+  if (ds) std::tie(yd, ystats) = conv_stats(n, x, std::nullopt, std::nullopt, false);
+  auto [mean, invstd, scale, shift] = finalize(n - 1, ys.back(), last_stats);
   stats.insert(stats.end(), {mean, invstd, scale, shift});
   std::vector<Tensor> dstats;
   OptTensor res, rsc, rsh;
   if (ds) {
-    auto [dm, di, dsc, dsh] = finalize(n, yd, ysum, ysumsq);
+    auto [dm, di, dsc, dsh] = finalize(n, yd, ystats);
     dstats = {dm, di, dsc, dsh};
     res = yd;
     rsc = dsc;
@@ -120,11 +127,18 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
   for (size_t i = 0; i < n; ++i) weights.push_back(need(saved[k++], "a conv weight"));
   std::vector<OptTensor> gammas;
   for (size_t i = 0; i < n; ++i) gammas.push_back(saved[k++]);
+  api::Scratch scratch;  // partial sums and weight-gradient workspaces, one launch after another
 
   const Tensor go = grad_out.contiguous(like_format(ys.back()));
+  // One dtype for the last BatchNorm's and the downsample's gradients; float32 sums (converted
+  // by autograd) where the two differ.
+  at::ScalarType last_dt = grad_dtype(gammas[n - 1]);
+  if (ds && grad_dtype(gd) != last_dt) last_dt = at::kFloat;
+  // An identity residual's gradient is only dx's.
   auto [dy, dgamma, dbeta, dres, dgd, dbd] = api::bn_add_relu_bwd(
       go, spec.relu ? out : std::nullopt, ys.back(), st[4 * (n - 1)], st[4 * (n - 1) + 1],
-      gammas[n - 1], yd, res_mean, res_invstd, gd);
+      gammas[n - 1], yd, res_mean, res_invstd, gd, scratch, last_dt,
+      spec.shortcut == 1 && need_x);
   std::vector<Tensor> grads(3 * (n + ds));
   grads[3 * (n - 1) + 1] = gammas[n - 1].has_value() ? dgamma : Tensor();
   grads[3 * (n - 1) + 2] = dbeta;
@@ -133,23 +147,24 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
     const Tensor& scale_p = st[4 * (i - 1) + 2];
     const Tensor& shift_p = st[4 * (i - 1) + 3];
     auto [da, dw] = api::conv_bwd(dy, ys[i - 1], weights[i], scale_p, shift_p, true, s.stride,
-                                  s.padding, s.dilation, s.groups, {true, true});
+                                  s.padding, s.dilation, s.groups, {true, true}, scratch);
     grads[3 * i] = dw;
     auto [dyp, dg, db] = api::bn_relu_bwd(da, ys[i - 1], st[4 * (i - 1)], st[4 * (i - 1) + 1],
-                                          gammas[i - 1], scale_p, shift_p, true);
+                                          gammas[i - 1], scale_p, shift_p, true, scratch,
+                                          grad_dtype(gammas[i - 1]));
     dy = dyp;
     grads[3 * (i - 1) + 1] = gammas[i - 1].has_value() ? dg : Tensor();
     grads[3 * (i - 1) + 2] = db;
   }
   const UnitStage& s0 = spec.stages[0];
   auto [dx, dw0] = api::conv_bwd(dy, x, weights[0], std::nullopt, std::nullopt, false, s0.stride,
-                                 s0.padding, s0.dilation, s0.groups, {need_x, true});
+                                 s0.padding, s0.dilation, s0.groups, {need_x, true}, scratch);
   grads[0] = dw0;
   if (ds) {
     const UnitStage& sd = spec.stages[n];
     auto [dxd, dwd] = api::conv_bwd(dres, x, need(wd, "the downsample's weight"), std::nullopt,
                                     std::nullopt, false, sd.stride, sd.padding, sd.dilation,
-                                    sd.groups, {need_x, true});
+                                    sd.groups, {need_x, true}, scratch);
     grads[3 * n] = dwd;
     grads[3 * n + 1] = gd.has_value() ? dgd : Tensor();
     grads[3 * n + 2] = dbd;

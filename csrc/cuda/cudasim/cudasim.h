@@ -1,8 +1,9 @@
 // cudasim: the CUDA language surface the fastres kernels use, for the host C++ compiler.
 //
-// The kernel files (csrc/cuda/*.cu, *.cuh) and the ATen launchers (ops_conv.cu, ops_bn.cu) are
-// compiled unchanged by g++ against this header (reached through the stand-in <cuda_runtime.h>,
-// <cuda_fp16.h>, <cuda_bf16.h> and <c10/cuda/*.h> in cudasim/include/) and run on CPU memory with
+// The kernel files (csrc/cuda/*.cu, *.cuh) and the ATen launchers (ops_conv.cu, ops_bn.cu,
+// ops_bn_bwd.cu) are compiled unchanged by g++ against this header (reached through the stand-in
+// <cuda_runtime.h>, <cuda_fp16.h>, <cuda_bf16.h> and <c10/cuda/*.h> in cudasim/include/) and run
+// on CPU memory with
 // CUDA semantics: every CUDA thread is a fiber, the threads of a block run interleaved on one OS
 // thread (blocks one after another), __syncthreads is a real barrier, warp collectives
 // (ldmatrix, mma.sync) are computed from the PTX fragment layouts when all 32 lanes of the warp
