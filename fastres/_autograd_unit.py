@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastres._autograd import PER_STAGE, StageParams, _Saved, _UnitSpec
+from fastres._autograd import PER_STAGE, _UnitSpec
 
 __all__ = ["SHORTCUTS", "backward", "c_spec", "unit_call"]
 
@@ -36,31 +36,33 @@ def c_spec(spec: _UnitSpec, make):
     return cs
 
 
-def unit_call(entry, node, spec: _UnitSpec, x: Tensor, params) -> Tensor:
+def unit_call(entry, node, spec: _UnitSpec, x: Tensor, params, cs=None) -> Tensor:
     """_ResidualUnitFn's forward as one C++ call (``entry`` = the extension's (unit_spec,
     unit_forward, unit_backward)), recorded in the autograd graph by ``node`` (grad_node,
     csrc/grad_node.h) when a gradient can flow: its inputs are ``x`` and ``params`` (six per
     stage, the running statistics among them, which get no gradient), its backward one C++ call
-    (:func:`backward`)."""
+    (:func:`backward`). ``cs``: ``c_spec(spec, ...)`` when the caller keeps it (a training
+    plan: hashing the spec per call costs ~5 µs)."""
     make, forward, backward_c = entry
-    cs = c_spec(spec, make)
+    if cs is None:
+        cs = c_spec(spec, make)
     n = len(spec.stages)
     res = forward(cs, x, params)
     out, yd = res[0], res[1]
     if not torch.is_grad_enabled():  # BatchNorm recalibration under no_grad: nothing to keep
         return out
-    ys = list(res[2 : 2 + n])
-    flat_stats = res[2 + n : 2 + 5 * n]
-    stats = [tuple(flat_stats[4 * i : 4 * i + 4]) for i in range(n)]
-    dstats = tuple(res[2 + 5 * n :]) if yd is not None else None
-    sp = [StageParams.of(params, i) for i in range(n)]
-    ds = StageParams.of(params, n) if yd is not None else None
-    saved = _Saved(x, out if spec.relu else None, yd, ys, stats, dstats,
-                   [p.weight for p in sp], [p.gamma for p in sp],
-                   ds.weight if ds is not None else None,
-                   ds.gamma if ds is not None else None)
+    # _Saved.flat()'s layout, from the forward's results in one tuple (no per-stage objects):
+    # x, out (None without the ReLU), yd, ys[n], stats[4n], (dstats[4], wd, gd), weights[n],
+    # gammas[n]
+    k = PER_STAGE * n
+    if yd is None:
+        saved = (x, out if spec.relu else None, None, *res[2 : 2 + 5 * n],
+                 *params[0:k:PER_STAGE], *params[1:k:PER_STAGE])
+    else:
+        saved = (x, out if spec.relu else None, yd, *res[2:], params[k], params[k + 1],
+                 *params[0:k:PER_STAGE], *params[1:k:PER_STAGE])
     node(backward, (backward_c, cs, n + (yd is not None), n), "ResidualUnitBackward", (out,),
-         (x, *params), tuple(saved.flat()))
+         (x, *params), saved)
     return out
 
 

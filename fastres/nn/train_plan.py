@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres._autograd import _UnitSpec
-from fastres._autograd_unit import unit_call
+from fastres._autograd_unit import c_spec, unit_call
 from fastres.backends import extension
 from fastres.nn._fused import global_hooks, plain_call
 from fastres.nn.eval_plan import _read, _slot
@@ -54,7 +54,7 @@ class TrainPlan:
 
     __slots__ = ("mods", "subtree", "dtype", "device", "shape", "channels_last", "backend_env",
                  "bns", "convs", "bn_hyper", "slots", "tensor_sig", "spec", "entry", "node",
-                 "ds_mods")
+                 "cs", "ds_mods")
 
     def __init__(self, block, x, pairs, ds_pair, stages, spec, entry) -> None:
         self.mods = tuple(block._modules.values())
@@ -74,6 +74,7 @@ class TrainPlan:
                       _slot(b, "num_batches_tracked")))
         self.tensor_sig = self._sig(self._tensors())
         self.spec, self.entry, self.node = spec, entry[:3], entry[3]
+        self.cs = c_spec(spec, entry[0])  # the C++ unit's spec, made once
 
     @staticmethod
     def build(block, x: Tensor, pairs, ds_pair, stages, spec: _UnitSpec, backend):
@@ -130,4 +131,4 @@ class TrainPlan:
         ts = self._tensors()
         if self._sig(ts) != self.tensor_sig:
             return None
-        return unit_call(self.entry, self.node, self.spec, x, ts)
+        return unit_call(self.entry, self.node, self.spec, x, ts, self.cs)
