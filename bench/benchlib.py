@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from fastres.harness import timer as T  # the project's one timer
 from fastres.harness.timer import quantile
 
+
 def stamp_commit() -> str:
     """The commit a benchmark measures, for its results' headers and file names: FASTRES_COMMIT
     when the caller set it, else scripts/commit.sh's answer for this checkout (the benchmarks

@@ -72,8 +72,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fastres  # noqa: E402
 from benchlib import stamp_commit  # noqa: E402
+
+import fastres  # noqa: E402
 from fastres.backends import extension  # noqa: E402
 from fastres.harness.environment import environment, hardware_line  # noqa: E402
 from fastres.harness.rule import randomise_bn  # noqa: E402
@@ -157,11 +158,11 @@ _ENGINE = torch.autograd.variable.Variable._execution_engine
 
 
 def _call(block, x, mode, reset=True):
-    """One block call (``reset``: then the gradients reset, untimed where timed). A training step is the forward and the autograd engine's backward from
-    the block's output: the Python around them that a training loop pays once per step for the
-    whole model, not per block (``torch.autograd.backward``'s argument handling, ~12 µs, and
-    resetting the gradients, ~11 µs for a block's parameters; measured on this CPU, loaded) is
-    not timed (:func:`_reset` runs between timed calls)."""
+    """One block call (``reset``: then the gradients reset; the timed calls reset untimed). A
+    training step is the forward and the autograd engine's backward from the block's output: the
+    Python around them that a training loop pays once per step for the whole model, not per
+    block (``torch.autograd.backward``'s argument handling, ~12 µs, and resetting the gradients,
+    ~11 µs for a block's parameters; measured on this CPU, loaded) is not timed."""
     if mode == "eval":
         with torch.no_grad():
             return block(x)

@@ -21,10 +21,10 @@ reasons. Nothing else is patched.
 Rows as ``bench/host_overhead.py``'s (same keys, its ``_measure``): host µs per block call
 (median of ``calls`` with min-max, the CPU time of fills and copies subtracted), and from one
 profiled call (``host_overhead.profiled_counts``: no dispatch mode, so the eager paths run as
-they do unobserved) launches (the fake launcher's count plus every leaf aten op that launches a kernel on
-a GPU), allocations (aten::empty and aten::empty_strided) and host-device syncs. ``main`` runs
-with glibc's large allocations kept on the heap (``MALLOC_MMAP_MAX_=0``, see there); a caller of
-``measure_rows`` sets that in its own environment.
+they do unobserved) launches (the fake launcher's count plus every leaf aten op that launches a
+kernel on a GPU), allocations (aten::empty and aten::empty_strided) and host-device syncs.
+``main`` runs with glibc's large allocations kept on the heap (``MALLOC_MMAP_MAX_=0``, see
+there); a caller of ``measure_rows`` sets that in its own environment.
 """
 
 from __future__ import annotations

@@ -164,9 +164,9 @@ def _grads(m, x, proj, frozen, need_x):
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample", "basic"])
 def test_block_eval_with_autograd(kind, frozen, cudasim_live):
     """A call that needs autograd runs the block as block_eval recorded as one autograd node
-    (fastres._autograd_block, csrc/grad_node.h): the gradients of the input and of every parameter that requires
-    one are torchvision's within the rule, and the per-convolution Functions' (a dispatch mode
-    sends the call there)."""
+    (fastres._autograd_block, csrc/grad_node.h): the gradients of the input and of every
+    parameter that requires one are torchvision's within the rule, and the per-convolution
+    Functions' (a dispatch mode sends the call there)."""
     tv, ours, x = _pair(kind, torch.float32)
     need_x = frozen == "none"
     frozen_names = () if need_x else tuple(
