@@ -103,12 +103,15 @@ inline PyObject* wrap_tensors(std::vector<at::Tensor>&& out) {
   return tup;
 }
 
-// fn() without the GIL (the launchers do not touch Python), its C++ errors as Python's.
+// fn() without the GIL (the launchers do not touch Python) and without autograd recording
+// (what a backward needs is recorded by grad_node, csrc/grad_node.h; the unit's gradients are
+// not differentiable), its C++ errors as Python's.
 template <typename Fn>
 inline bool run_released(Fn&& fn) {
   try {
     PyThreadState* save = PyEval_SaveThread();
     try {
+      c10::AutoGradMode no_grad(false);
       fn();
     } catch (...) {
       PyEval_RestoreThread(save);
@@ -153,12 +156,7 @@ inline PyObject* block_eval_py(PyObject*, PyObject* args) {
   std::vector<std::optional<at::Tensor>> t;
   if (!read_call(cap, kSpecName, x, "block_eval's x", ts, spec, xt, t)) return nullptr;
   std::vector<at::Tensor> out;
-  if (!run_released([&] {
-        // what a backward needs is recorded by grad_node, not by the launchers' own ops
-        c10::AutoGradMode no_grad(false);
-        out = block_eval(*spec, xt, t, keep != 0);
-      }))
-    return nullptr;
+  if (!run_released([&] { out = block_eval(*spec, xt, t, keep != 0); })) return nullptr;
   if (!keep) return THPVariable_Wrap(std::move(out.back()));
   return wrap_tensors(std::move(out));
 }
@@ -208,11 +206,7 @@ inline PyObject* unit_forward_py(PyObject*, PyObject* args) {
   std::vector<std::optional<at::Tensor>> p;
   if (!read_call(cap, kUnitSpecName, x, "unit_forward's x", ps, spec, xt, p)) return nullptr;
   std::vector<at::Tensor> out;
-  if (!run_released([&] {
-        c10::AutoGradMode no_grad(false);  // grad_node records the unit (fastres/_autograd_unit.py)
-        out = unit_forward(*spec, xt, p);
-      }))
-    return nullptr;
+  if (!run_released([&] { out = unit_forward(*spec, xt, p); })) return nullptr;
   return wrap_tensors(std::move(out));
 }
 
@@ -226,11 +220,7 @@ inline PyObject* unit_backward_py(PyObject*, PyObject* args) {
   if (!read_call(cap, kUnitSpecName, g, "unit_backward's grad_out", ss, spec, gt, saved))
     return nullptr;
   std::vector<at::Tensor> out;
-  if (!run_released([&] {
-        c10::AutoGradMode no_grad(false);  // its gradients are not differentiable
-        out = unit_backward(*spec, gt, saved, need_x != 0);
-      }))
-    return nullptr;
+  if (!run_released([&] { out = unit_backward(*spec, gt, saved, need_x != 0); })) return nullptr;
   return wrap_tensors(std::move(out));
 }
 

@@ -124,25 +124,23 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
 // statistics, read in their own dtype: no per-call conversion to float32), as float. ld_as_f
 // reads through the read-only cache; ld_rw_f is the plain load for a vector the kernel also
 // writes (st_as_f: the running statistics, rounded to their dtype as copy_ would round them).
-__device__ __forceinline__ float ld_as_f(const void* v, DType dt, int k) {
+template <bool kReadOnly>
+__device__ __forceinline__ float ld_vec_f(const void* v, DType dt, int k) {
   switch (dt) {
     case DType::kFloat16:
       return to_f(static_cast<const __half*>(v)[k]);
     case DType::kBFloat16:
       return to_f(static_cast<const __nv_bfloat16*>(v)[k]);
     default:
-      return __ldg(static_cast<const float*>(v) + k);
-  }
-}
-__device__ __forceinline__ float ld_rw_f(const void* v, DType dt, int k) {
-  switch (dt) {
-    case DType::kFloat16:
-      return to_f(static_cast<const __half*>(v)[k]);
-    case DType::kBFloat16:
-      return to_f(static_cast<const __nv_bfloat16*>(v)[k]);
-    default:
+      if constexpr (kReadOnly) return __ldg(static_cast<const float*>(v) + k);
       return static_cast<const float*>(v)[k];
   }
+}
+__device__ __forceinline__ float ld_as_f(const void* v, DType dt, int k) {
+  return ld_vec_f<true>(v, dt, k);
+}
+__device__ __forceinline__ float ld_rw_f(const void* v, DType dt, int k) {
+  return ld_vec_f<false>(v, dt, k);
 }
 __device__ __forceinline__ void st_as_f(void* v, DType dt, int k, float x) {
   switch (dt) {
