@@ -104,6 +104,25 @@ def test_conv_bias_act_matches_float64(dtype, conv, residual, relu):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: f"k{c[0]}c{c[1]}r{c[2]}s{c[3]}d{c[5]}")
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+def test_training_forward_conv_stats(dtype, conv, prologue):
+    """conv_stats (the training forward) runs its convolution on the own path: the output and
+    both statistics by the tolerance rule, one primitive served per call, the weight (a live
+    parameter) reordered per call."""
+    x, w, _, _, st, pad, dil = _operands(dtype, conv, False, bias_acc=True)
+    m = Maker("cpu", dtype)
+    c = x.shape[1]
+    pre = (m.vec(c, 0.5, 1.5), m.vec(c), True) if prologue else (None, None, False)
+    before = _served()
+    check("cpu", "conv_stats", (x, w, *pre, st, pad, dil, 1), dtype)
+    assert _served() == before + 1, "the own-primitive path did not serve conv_stats"
+    reorders = _stats()[2]
+    torch.ops.fastres.conv_stats(x, w, *pre, st, pad, dil, 1)
+    assert _stats()[2] == reorders + 1, "a training weight is reordered on every call"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("conv", CONVS[:3], ids=lambda c: f"k{c[0]}c{c[1]}r{c[2]}s{c[3]}")
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("bias_acc", [False, True], ids=["bias_act", "bias_fp32"])

@@ -52,6 +52,13 @@ int64_t act_pool_empty_cache();
 Geom geom_of(const Tensor& t, at::MemoryFormat fmt);
 std::vector<double> double_vec(const Tensor& t);
 Tensor from_doubles(const std::vector<double>& v, at::ScalarType dtype);
+// conv(input, weight) + bias (+ residual) (ReLU post-op when relu) by fastres' own oneDNN
+// primitive into an empty_act output (ops_infer.cpp); undefined where that path does not cover
+// the call (the caller then takes ATen's).
+Tensor own_conv(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
+                const optional<Tensor>& residual, at::IntArrayRef out_sizes,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                int64_t groups, bool relu);
 Tensor conv_nobias(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 void run_epilogue(const Tensor& out, const Tensor& in, at::MemoryFormat fmt,
