@@ -61,7 +61,8 @@ def own_primitives() -> str:
                 "scripts/setup_env.sh as root, then rebuild); ATen's oneDNN ops serve")
     if os.environ.get("FASTRES_CPU_OWN_PRIMITIVES", "1").strip() == "0":
         return f"built ({built}), off (FASTRES_CPU_OWN_PRIMITIVES=0)"
-    return f"yes ({built}): fp32/bf16 channels_last eval and training-forward convolutions"
+    return (f"yes ({built}): fp32/bf16 channels_last convolutions, eval and training "
+            "(forward and backward)")
 
 
 def info_built() -> bool:

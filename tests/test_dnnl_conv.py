@@ -123,6 +123,28 @@ def test_training_forward_conv_stats(dtype, conv, prologue):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: f"k{c[0]}c{c[1]}r{c[2]}s{c[3]}d{c[5]}")
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+@pytest.mark.parametrize("mask", [(True, True), (True, False), (False, True)],
+                         ids=["both", "input", "weight"])
+def test_training_backward_conv_bwd(dtype, conv, prologue, mask):
+    """conv_bwd (the training backward's convolution) runs on the own backward-data and
+    backward-weights primitives: grad_input and grad_weight by the tolerance rule, one primitive
+    served per gradient asked for, grad_weight in the weight's strides."""
+    x, w, _, _, st, pad, dil = _operands(dtype, conv, False, bias_acc=True)
+    m = Maker("cpu", dtype)
+    c = x.shape[1]
+    pre = (m.vec(c, 0.5, 1.5), m.vec(c), True) if prologue else (None, None, False)
+    y = reference.conv_stats(x, w, *pre, st, pad, dil, 1)[0]
+    g = m.act(*y.shape)
+    before = _served()
+    ours = check("cpu", "conv_bwd", (g, x, w, *pre, st, pad, dil, 1, list(mask)), dtype)
+    assert _served() == before + sum(mask), "the own backward primitives did not serve conv_bwd"
+    if mask[1]:
+        assert ours[1].stride() == w.stride()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("conv", CONVS[:3], ids=lambda c: f"k{c[0]}c{c[1]}r{c[2]}s{c[3]}")
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("bias_acc", [False, True], ids=["bias_act", "bias_fp32"])

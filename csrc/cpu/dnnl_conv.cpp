@@ -34,11 +34,11 @@
 #include <cstdlib>
 #include <string>
 
+#include "dnnl_internal.h"
 #include "ops_common.h"
 #include "weight_cache.h"
 
 #ifdef FASTRES_HAVE_DNNL
-#include <oneapi/dnnl/dnnl.hpp>
 
 #include <map>
 #include <memory>
@@ -57,23 +57,26 @@ std::atomic<bool>& own_switch() {
   return on;
 }
 
-// Counters for the tests and benchmarks: primitives made, calls served by a kept one, weight
-// reorders (into the cache or per call).
-std::atomic<int64_t> g_created{0}, g_reused{0}, g_reorders{0};
-
 }  // namespace
 
+// Counters for the tests and benchmarks: primitives made, calls served by a kept one, weight
+// reorders (into the cache or per call); the backward's primitives (dnnl_conv_bwd.cpp) count here
+// too.
+std::atomic<int64_t> g_created{0}, g_reused{0}, g_reorders{0};
+
 #ifdef FASTRES_HAVE_DNNL
+
+const dnnl::engine& dnnl_engine() {
+  static const dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
 
 namespace {
 
 using dnnl::memory;
 using dt = memory::data_type;
 
-const dnnl::engine& engine() {
-  static const dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-  return eng;
-}
+const dnnl::engine& engine() { return dnnl_engine(); }
 
 struct Primitive {
   bool ok = false;  // false: oneDNN has no implementation (remembered, not asked again)
@@ -101,9 +104,6 @@ Cache& cache() {
   return *c;
 }
 
-dt dnnl_dtype(at::ScalarType t) { return t == at::kBFloat16 ? dt::bf16 : dt::f32; }
-
-memory::dims dims_of(at::IntArrayRef a) { return memory::dims(a.begin(), a.end()); }
 
 std::shared_ptr<Primitive> make_primitive(const at::Tensor& input, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& bias,

@@ -26,4 +26,16 @@ bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
                bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
                at::IntArrayRef dilation, int64_t groups);
 
+// The training backward's convolutions (dnnl_conv_bwd.cpp), by primitives made once per shape
+// and kept: grad_input = conv's data gradient of grad_out through weight, written into grad_input;
+// grad_weight = its weight gradient from input and grad_out, written into grad_weight (any dense
+// strides, the weight's dtype). Float32 or bfloat16, groups 1, input/grad_input and grad_out dense
+// channels_last. false (nothing written) where they do not cover the call.
+bool dnnl_conv_bwd_data(const at::Tensor& grad_out, const at::Tensor& weight,
+                        const at::Tensor& grad_input, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+bool dnnl_conv_bwd_weights(const at::Tensor& input, const at::Tensor& grad_out,
+                           const at::Tensor& grad_weight, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
 }  // namespace fastres::cpu
