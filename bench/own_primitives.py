@@ -202,9 +202,10 @@ def case_compile(args, peak) -> None:
 
 def case_resnet50_ab(args, peak) -> None:
     """ResNet-50 eval (randomised BatchNorms), N=1 and 8, fp32 and bf16, 224x224: fastres,
-    fastres + torch.compile, torchvision under torch.compile with Inductor's freezing, and eager
-    torchvision, alternating. Each output judged against float64 by the suite's rule first
-    (max-abs in fp32, RMS in bf16, as bench/bench_peers.py), with the floor at torch.mm's rate."""
+    fastres with frozen weights (fastres.freeze), fastres + torch.compile, torchvision under
+    torch.compile with Inductor's freezing, and eager torchvision, alternating. Each output judged
+    against float64 by the suite's rule first (max-abs in fp32, RMS in bf16, as
+    bench/bench_peers.py), with the floor at torch.mm's rate."""
     import torch._inductor.config as inductor_config  # noqa: PLC0415
 
     from fastres.harness.rule import randomise_bn, verdict, verdict_rms  # noqa: PLC0415
@@ -217,6 +218,7 @@ def case_resnet50_ab(args, peak) -> None:
         for dn, dt in DTYPES.items():
             tv = copy.deepcopy(tv32).to(dtype=dt, memory_format=CL)
             fr = fastres.convert(copy.deepcopy(tv))
+            frf = fastres.convert(copy.deepcopy(tv), freeze=True)
             x = x32.to(dt).contiguous(memory_format=CL)
             torch._dynamo.reset()
             with torch.no_grad():
@@ -226,6 +228,7 @@ def case_resnet50_ab(args, peak) -> None:
                     frozen = torch.compile(tv)
                     frozen(x)
                 providers = {"fastres": (True, lambda: fr(x)),
+                             "fastres frozen": (True, lambda: frf(x)),
                              "fastres + compile": (True, lambda: comp(x)),
                              "tv compile freezing": (True, lambda: frozen(x)),
                              "tv eager": (True, lambda: tv(x))}

@@ -10,6 +10,9 @@ the timed call, by ``prepare``) and returns the output as a torch tensor:
                           constants: oneDNN weight prepacking, conv + BN folding)
 * ``fastres-cpu``         ``fastres.convert`` on the C++ CPU backend
 * ``fastres-cpu+compile`` ``torch.compile`` of the converted model (issue 15, item 3)
+* ``fastres-cpu-frozen``  ``fastres.convert(..., freeze=True)``: weights taken as constant, as
+                          the peers below and Inductor's freezing take them (no per-call read
+                          of their values)
 * ``openvino``            ``openvino.convert_model`` + ``compile_model(..., "CPU")``
 * ``onnxruntime``         ``torch.onnx.export`` + an ORT session on the CPU execution provider
 
@@ -34,8 +37,8 @@ import torch
 from torch import Tensor, nn
 
 PEER_PROVIDERS = ["eager", "compile", "compile-freezing", "fastres-cpu", "fastres-cpu+compile",
-                  "openvino", "onnxruntime"]
-FASTRES_PROVIDERS = ("fastres-cpu", "fastres-cpu+compile")
+                  "fastres-cpu-frozen", "openvino", "onnxruntime"]
+FASTRES_PROVIDERS = ("fastres-cpu", "fastres-cpu+compile", "fastres-cpu-frozen")
 
 
 def threads() -> int:
@@ -98,7 +101,7 @@ def build(provider: str, eager: nn.Module, x: Tensor, dtype: torch.dtype,
     if provider in FASTRES_PROVIDERS:
         import fastres
 
-        m = fastres.convert(copy.deepcopy(eager))
+        m = fastres.convert(copy.deepcopy(eager), freeze=provider.endswith("-frozen"))
         if provider.endswith("+compile"):
             m = torch.compile(m, dynamic=False)
         return Engine(m, lambda t: t)

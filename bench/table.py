@@ -16,7 +16,7 @@ from pathlib import Path
 
 PROVIDER_ORDER = ["eager", "compile", "compile-freezing", "openvino", "onnxruntime",
                   "fastres-cuda", "fastres-triton", "fastres-cpu", "fastres-cpu+compile",
-                  "fastres-reference"]
+                  "fastres-cpu-frozen", "fastres-reference"]
 GROUP_TITLES = {
     "conv": "Single fused convs (ResNet-50 shapes, eval: conv + folded BN + ReLU [+ residual])",
     "block-eval": "Blocks, eval forward",

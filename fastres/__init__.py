@@ -17,7 +17,7 @@ from fastres._version import __version__
 from fastres.nn import distributed
 from fastres.nn.blocks import BasicBlock, BottleneckBlock
 from fastres.nn.conv import ConvBNReLU
-from fastres.nn.converter import ConversionReport, convert, revert, unconvert
+from fastres.nn.converter import ConversionReport, convert, freeze, revert, unconvert
 from fastres.nn.distributed import SyncBatchNorm
 from fastres.nn.resnet import ResNet
 
@@ -43,6 +43,7 @@ __all__ = [
     "backends",
     "convert",
     "distributed",
+    "freeze",
     "functional",
     "models",
     "reference",

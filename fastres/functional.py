@@ -61,6 +61,7 @@ __all__ = [
     "compute_dtype",
     "fold_dtypes",
     "fingerprint",
+    "versions",
     "fold_sources",
     "bn_scale_shift",
     "inner_relu_decisions",
@@ -192,6 +193,38 @@ def fingerprint(tensors: Sequence[Tensor | None]) -> int | None:
         _FINGERPRINT.append(torch.ops.fastres_cpu.fingerprint if ok else None)
     op = _FINGERPRINT[0]
     return None if op is None else op(list(tensors))
+
+
+class Versions:
+    """What a frozen model's fold check reads instead of the values (:func:`versions`): each
+    tensor's identity, version counter and data pointer. It holds the tensors, so no other tensor
+    can take an identity it recorded. Equal to another when every entry is."""
+
+    __slots__ = ("key", "tensors")
+
+    def __init__(self, tensors: Sequence[Tensor | None]) -> None:
+        self.tensors = tuple(tensors)
+        self.key = tuple(
+            None if t is None else (id(t), t._version, t.data_ptr()) for t in self.tensors
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Versions and self.key == other.key
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def versions(tensors: Sequence[Tensor | None]) -> Versions | int | None:
+    """The fold check of a model converted with ``freeze=True`` (fastres.convert): every tensor's
+    identity, version counter and data pointer (a few µs per convolution, where
+    :func:`fingerprint` reads every byte). It sees optimizer steps, ``load_state_dict``, in-place
+    ops, ``.to()``/``.half()`` and assigned Parameters; writes through ``.data`` or ``.numpy()``
+    leave all three alone and are not seen. Inference tensors have no version counter: their
+    values are fingerprinted instead."""
+    try:
+        return Versions(tensors)
+    except RuntimeError:  # an inference tensor: no version counter
+        return fingerprint(tensors)
 
 
 # --------------------------------------------------------------------------------------------

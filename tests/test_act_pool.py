@@ -22,7 +22,7 @@ if _mod is None:
 ops = torch.ops.fastres
 pool = torch.ops.fastres_cpu
 
-# 2 x 64 x 256 x 256 float32 = 32 MiB: above the pool's 16 MiB floor.
+# 2 x 64 x 256 x 256 float32 = 32 MiB: above the pool's 256 KiB floor.
 BIG = (2, 64, 256, 256)
 
 

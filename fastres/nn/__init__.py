@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from fastres.nn.blocks import BasicBlock, BottleneckBlock, fusable_reasons
 from fastres.nn.conv import ConvBNReLU
-from fastres.nn.converter import ConversionReport, convert, revert, unconvert
+from fastres.nn.converter import ConversionReport, convert, freeze, revert, unconvert
 from fastres.nn.distributed import SyncBatchNorm
 from fastres.nn.resnet import ResNet
 
@@ -31,6 +31,7 @@ __all__ = [
     "ResNet",
     "SyncBatchNorm",
     "convert",
+    "freeze",
     "fusable_reasons",
     "revert",
     "unconvert",

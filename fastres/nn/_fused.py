@@ -233,6 +233,8 @@ class _FusedMixin:
 
     def _init_fused(self) -> None:
         self._fold_cache = {}
+        # fastres.convert(freeze=True): folds checked by identity and version, not by values
+        self.__dict__["_fr_frozen"] = False
         self.__dict__["_fr_handle"] = OP.register(self)  # fastres.nn.compile: torch.compile
 
     @staticmethod
@@ -285,13 +287,16 @@ class _FusedMixin:
         self._fold_cache[id(conv)] = (key, folded)
         return folded
 
-    @staticmethod
-    def _fold_key(bn: nn.Module, dtype, bias_dtype, tensors) -> tuple | None:
+    def _fold_key(self, bn: nn.Module, dtype, bias_dtype, tensors) -> tuple | None:
         """What a fold depends on: the conv weight's and BN tensors' values, dtypes, sizes and
         strides (one fingerprint, fastres_cpu::fingerprint: a read of every byte, so writes
         through ``.data`` or ``.numpy()``, which leave the version counter alone, are seen), eps
-        and the fold's dtypes. None where it cannot be checked without a host-device sync."""
-        fp = FF.fingerprint(tensors)
+        and the fold's dtypes. None where it cannot be checked without a host-device sync. A
+        frozen module (``fastres.convert(freeze=True)``) checks identities and version counters
+        instead (FF.versions): ``.data`` writes are not seen."""
+        if tensors[0] is not None and tensors[0].device.type != "cpu":
+            return None
+        fp = FF.versions(tensors) if self.__dict__.get("_fr_frozen") else FF.fingerprint(tensors)
         if fp is None:
             return None
         return (dtype, bias_dtype, float(bn.eps), fp)

@@ -23,7 +23,8 @@ A plan applies while everything it depends on is unchanged:
   the values of every conv weight and BN tensor of the block (``fastres_cpu::fingerprint``, one
   read pass; it sees an optimizer step, ``load_state_dict``, ``.to()``, and writes through
   ``.data`` or ``.numpy()`` that leave the version counters alone) equals the plan's, and every
-  BN's ``eps`` is the plan's.
+  BN's ``eps`` is the plan's. A frozen block (``fastres.freeze``) compares their identities,
+  version counters and data pointers instead: writes through ``.data`` are not seen.
 
 Otherwise a new plan is built. Where none can serve (a fold that would move NaN/Inf, a
 FrozenBatchNorm2d that promotes the output dtype, only the reference path for the input), and
@@ -69,6 +70,7 @@ from fastres.functional import (
     fold_sources,
     memory_format_of,
     select_backend,
+    versions,
 )
 from fastres.nn._fused import _onnx_exporting, global_hooks
 
@@ -108,7 +110,7 @@ class EvalPlan:
 
     __slots__ = ("mods", "dtype", "device", "shape", "channels_last", "backend_env", "bns",
                  "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "eps", "sources",
-                 "live", "grad", "m_max", "finite_op", "absmax", "into_op", "direct",
+                 "frozen", "live", "grad", "m_max", "finite_op", "absmax", "into_op", "direct",
                  "subtree", "eager")
 
     def __init__(self, block: nn.Module, x: Tensor, steps, shortcut, wdt, bdt, fmt,
@@ -146,8 +148,10 @@ class EvalPlan:
              _slot(b, "running_var"), e)
             for c, b, e in zip(self.convs, self.bns, self.eps, strict=True)
         )
-        # The values every fold was computed from (fastres_cpu::fingerprint), checked per call.
-        self.sources = None if folds is None else _fingerprint(self.convs, self.bns)
+        # The values every fold was computed from (fastres_cpu::fingerprint), checked per call;
+        # a frozen block's (fastres.convert(freeze=True)): identities and version counters.
+        self.frozen = bool(block.__dict__.get("_fr_frozen"))
+        self.sources = None if folds is None else _sources(self.convs, self.bns, self.frozen)
         self.m_max, self.finite_op, self.absmax, self.into_op = math.nan, None, None, None
         self.direct = None
         self.eager = False
@@ -313,7 +317,9 @@ class EvalPlan:
         else:
             # One read of the block's conv weights and BN tensors: the folds are current only
             # if their values are (writes through .data leave the version counters alone).
-            if self.sources is None or _fingerprint(self.convs, self.bns) != self.sources:
+            frozen = self.frozen
+            if (self.sources is None or block.__dict__.get("_fr_frozen") is not frozen
+                    or _sources(self.convs, self.bns, frozen) != self.sources):
                 return None
             folds = [(w, b, None) for w, b, _ in self.folds]
         relu_op = None
@@ -383,9 +389,11 @@ def _conv(op, x: Tensor, fold, residual, conv: nn.Conv2d, relu: bool) -> Tensor:
     return op(*args) if bn is None else op(*args, *bn)
 
 
-def _fingerprint(convs, bns) -> int | None:
-    """fastres.functional.fingerprint of every conv weight and BN tensor of a plan."""
-    return fingerprint([t for c, b in zip(convs, bns, strict=True) for t in fold_sources(c, b)])
+def _sources(convs, bns, frozen: bool):
+    """fastres.functional.fingerprint of every conv weight and BN tensor of a plan, or their
+    fastres.functional.versions when the block is frozen."""
+    ts = [t for c, b in zip(convs, bns, strict=True) for t in fold_sources(c, b)]
+    return versions(ts) if frozen else fingerprint(ts)
 
 
 def shortcut_bound_known(shortcut) -> bool:
