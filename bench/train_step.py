@@ -9,10 +9,13 @@ steps per provider, ``--rounds`` rounds run each provider once in turn (alternat
 spell of the machine hits all of them); the median, min and max are printed with the machine's
 load average. ``--peak`` instead runs each provider in its own process for two steps and prints
 the process's peak resident memory (``ru_maxrss``: model, optimizer state, activations and the
-libraries, which are the same for every provider). ``--conv-share`` adds, after the timed rounds,
-one profiled step per provider: the self time of its convolution ops (forward and backward,
-ATen's oneDNN calls for every provider here) against the rest, and the ceiling that puts on any
-speed-up that leaves the convolutions as they are (eager's step over the convolutions alone).
+libraries, which are the same for every provider). Provider ``fastres-aten`` is fastres with its
+own oneDNN primitives switched off (ATen's convolutions): the A/B of those primitives.
+``--conv-share`` adds, after the timed rounds, one profiled step per provider: the self time of
+its convolution ops (forward and backward: ATen's oneDNN calls, or fastres' ``conv_stats`` and
+``conv_bwd`` on its own primitives, which include their statistics and prologue passes) against
+the rest, and the ceiling that puts on any speed-up that leaves the convolutions as they are
+(eager's step over the convolutions alone).
 """
 
 from __future__ import annotations
@@ -48,14 +51,24 @@ def _models(providers: list[str], dtype: torch.dtype, batch: int):
     models = {}
     for p in providers:
         m = copy.deepcopy(base)
-        if p == "fastres":
+        if p in ("fastres", "fastres-aten"):
             m = fastres.convert(m)
         elif p == "compile":
             m = torch.compile(m)
         elif p != "eager":
-            raise SystemExit(f"unknown provider {p!r}: eager, fastres or compile")
+            raise SystemExit(f"unknown provider {p!r}: eager, fastres, fastres-aten or compile")
         models[p] = (m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9))
     return models, x, y
+
+
+def _own_primitives(on: bool) -> bool:
+    """Switch fastres' own oneDNN primitives (csrc/cpu/dnnl_conv*.cpp) on or off; returns the
+    previous setting (True where the build has none: nothing to switch)."""
+    from fastres.backends import extension
+
+    if extension.load()[0] is None or not hasattr(torch.ops.fastres_cpu, "set_own_primitives"):
+        return True
+    return bool(torch.ops.fastres_cpu.set_own_primitives(on))
 
 
 def main(argv=None) -> int:
@@ -82,7 +95,11 @@ def main(argv=None) -> int:
 
     def step(p):
         m, opt = models[p]
-        F.cross_entropy(m(x).float(), y).backward()
+        own = _own_primitives(p != "fastres-aten")
+        try:
+            F.cross_entropy(m(x).float(), y).backward()
+        finally:
+            _own_primitives(own)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -108,6 +125,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def _is_conv(key: str) -> bool:
+    """A profiler key of a convolution op: ATen's, or fastres' training ops that run one."""
+    return "convolution" in key or key in ("fastres::conv_stats", "fastres::conv_bwd")
+
+
 def _conv_share(providers, step, median_ms, rounds: int = 3) -> None:
     """Profiled steps, providers alternating: median convolution self time against the rest."""
     from torch.profiler import ProfilerActivity, profile
@@ -119,7 +141,7 @@ def _conv_share(providers, step, median_ms, rounds: int = 3) -> None:
                 step(p)
             ev = prof.key_averages()
             tot[p].append(sum(e.self_cpu_time_total for e in ev) / 1e3)
-            conv[p].append(sum(e.self_cpu_time_total for e in ev if "convolution" in e.key) / 1e3)
+            conv[p].append(sum(e.self_cpu_time_total for e in ev if _is_conv(e.key)) / 1e3)
     med = {p: statistics.median(conv[p]) for p in providers}
     for p in providers:
         t, c = statistics.median(tot[p]), med[p]
