@@ -174,6 +174,12 @@ def test_absmax(dtype):
     assert absmax(y) == math.inf
     y[0, 0, 0, 0] = math.nan
     assert math.isnan(absmax(y))
+    for pos in range(1024, 1024 + 128):  # every lane of the kernel's four interleaved maxima
+        z = big.clone()
+        z[pos] = math.nan
+        assert math.isnan(absmax(z)), f"a NaN at {pos} was lost"
+        z[pos] = -1e4
+        assert absmax(z) == float(z[pos].double().abs()), f"the maximum at {pos} was lost"
     assert absmax(torch.zeros(0, dtype=dtype)) == 0.0
     with pytest.raises(RuntimeError, match="absmax: x has dtype"):
         absmax(torch.ones(3, dtype=torch.int32))

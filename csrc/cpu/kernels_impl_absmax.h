@@ -24,8 +24,18 @@ double absmax_impl(const AbsMaxArgs& a) {
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t e = std::min(a.n, (c + 1) * kGrain);
-      V m(M(0));
+      // Four independent maxima: one chain of NaN-keeping maximum (max, unordered compare,
+      // blend) is latency-bound; measured on the EPYC, 1 thread, bf16 8x256x56x56 (12.8 MB):
+      // 0.97 ms with one chain where torch.sum reads the same bytes in 0.40 ms.
+      V m(M(0)), m1(M(0)), m2(M(0)), m3(M(0));
       int64_t i = c * kGrain;
+      for (; i + 4 * kV <= e; i += 4 * kV) {
+        m = at::vec::maximum(m, IO<T>::load(p + i, kV).abs());
+        m1 = at::vec::maximum(m1, IO<T>::load(p + i + kV, kV).abs());
+        m2 = at::vec::maximum(m2, IO<T>::load(p + i + 2 * kV, kV).abs());
+        m3 = at::vec::maximum(m3, IO<T>::load(p + i + 3 * kV, kV).abs());
+      }
+      m = at::vec::maximum(at::vec::maximum(m, m1), at::vec::maximum(m2, m3));
       for (; i + kV <= e; i += kV) {
         m = at::vec::maximum(m, IO<T>::load(p + i, kV).abs());
       }
