@@ -167,6 +167,9 @@ def tile_ptrs(ptr, n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w):
 DIRECT: bool = not INTERPRETED and os.environ.get("FASTRES_TRITON_DIRECT", "1") != "0"
 _PLAIN = (Tensor, torch.nn.Parameter)
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+#: Lists that each launch is appended to as (kernel, grid, args, meta), the innermost last
+#: (``_replay.record``: a run of op bodies kept to be replayed).
+RECORD: list[list] = []
 
 
 def _is_fake(t: object) -> bool:
@@ -186,6 +189,8 @@ def launch(kernel, grid, *args, **meta) -> None:
     plain custom ops whose fake implementation is the same Python body, so a launch on fake
     tensors is skipped here.
     """
+    if RECORD:
+        RECORD[-1].append((kernel, grid, args, meta))
     if (DIRECT and type(args[0]) in _PLAIN and not _dispatch_modes()
             and not torch.compiler.is_compiling()):
         if 0 not in grid:  # an empty batch: nothing to compute (reductions over it still launch)
