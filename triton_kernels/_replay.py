@@ -242,9 +242,13 @@ class Segment:
 
         for step in self.launches:
             if direct:
-                exprs = [const(v) for v in step.params]
+                # the arguments after the last pointer are constants: one tuple, splatted
+                cut = max(step.where) + 1
+                exprs = [const(v) for v in step.params[:cut]]
                 for p, r in step.where.items():
                     exprs[p] = tensor(r, True)
+                if cut < len(step.params):
+                    exprs.append(f"*{const(tuple(step.params[cut:]))}")
                 launcher, function, packed = step.entry
                 lines.append(f"    {const(launcher)}({', '.join(map(str, step.grid))}, stream, "
                              f"{const(function)}, {const(packed)}, None, enter, leave, "

@@ -50,7 +50,7 @@ MAX_PLANS = 8  # shape classes kept per unit spec and direction
 class _Spec:
     """unit_spec's result: the unit's structure and its plans by shape class."""
 
-    __slots__ = ("n", "shortcut", "relu", "geo", "bn", "fwd", "bwd", "ops")
+    __slots__ = ("n", "shortcut", "relu", "geo", "bn", "fwd", "bwd", "ops", "running")
 
     def __init__(self, n: int, shortcut: int, relu: bool, stages) -> None:
         self.n, self.shortcut, self.relu = int(n), int(shortcut), bool(relu)
@@ -64,6 +64,8 @@ class _Spec:
                          for sh, sw, ph, pw, dh, dw, g, _, _ in stages)
         self.bn = tuple((float(eps), None if m is None else float(m))
                         for *_, eps, m in stages)
+        # the running statistics and num_batches_tracked among the parameters
+        self.running = tuple(PER_STAGE * i + j for i in range(len(stages)) for j in (3, 4, 5))
         self.fwd: dict = {}  # plans by shape class
         self.bwd: dict = {}
         # the op-body runs: forward, backward without and with dx
@@ -101,9 +103,15 @@ def _signature(ts) -> tuple:
         for t in ts)
 
 
+_allow_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32, without its
+# property's Python
+
+
 def _key(x: Tensor, *more) -> tuple:
-    return (x.dtype, x.device, x.shape, x.stride(), x.data_ptr() & 15,
-            torch.backends.cudnn.allow_tf32, _common.EMULATE_TF32, *more)
+    """The shape class of a call: ``x``'s, and what decides float32's dot precision
+    (_common.dot_precision); the parameters' are checked against the plan (_find)."""
+    return (x.dtype, x.device, x.shape, x.stride(), x.data_ptr() & 15, _allow_tf32(),
+            _common.EMULATE_TF32, *more)
 
 
 def _find(plans: dict, key: tuple, stable) -> _Plan | None:
@@ -213,8 +221,7 @@ def unit_forward(spec: _Spec, x: Tensor, params) -> tuple:
     if len(params) != PER_STAGE * (spec.n + (spec.shortcut == 2)):
         raise ValueError(f"unit_forward: {len(params)} parameters for {spec.n} convolutions")
     outs = _run(spec.fwd, _key(x), params, spec.ops[0], (x, *params))
-    running = [t for i in range(0, len(params), PER_STAGE) for t in params[i + 3: i + 6]
-               if t is not None]
+    running = [params[i] for i in spec.running if params[i] is not None]
     torch._C._increment_version(running)  # written in place by bn_finalize's kernel
     return outs
 
@@ -292,7 +299,7 @@ def unit_backward(spec: _Spec, grad_out: Tensor, saved, need_x: bool) -> list:
         k += 6
     weights, gammas = saved[k: k + n], saved[k + n: k + 2 * n]
     go = grad_out.contiguous(memory_format=memory_format_of(ys_last))
-    g32 = tuple(_ops._vec(g) for g in (*gammas, *((gd,) if ds else ())))
+    g32 = tuple(map(_ops._vec, (*gammas, *((gd,) if ds else ()))))
     stable = (*weights, *gammas, wd, gd)
     need_x = bool(need_x)
     outs = _run(spec.bwd, _key(x, go.stride(), go.data_ptr() & 15, need_x), stable,
