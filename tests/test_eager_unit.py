@@ -13,8 +13,9 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from dispatch_log import OpLog
+from unit_steps import block as _block
+from unit_steps import step as _step
 
 import fastres
 from fastres import backends
@@ -23,32 +24,6 @@ from fastres.harness.rule import allow_tf32, assert_close_rule, randomise_bn
 
 pytestmark = pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_reason()),
                                 reason="cudasim is not built")
-
-tvr = torchvision.models.resnet
-
-
-
-def _block(kind: str, norm=None):
-    kw = {} if norm is None else {"norm_layer": norm}
-    if kind == "downsample":
-        nl = norm or torch.nn.BatchNorm2d
-        return tvr.Bottleneck(32, 16, stride=2, downsample=torch.nn.Sequential(
-            torch.nn.Conv2d(32, 64, 1, stride=2, bias=False), nl(64)), **kw)
-    if kind == "basic":
-        return tvr.BasicBlock(24, 24, **kw)
-    return tvr.Bottleneck(64, 16, **kw)
-
-
-def _step(m, x, proj):
-    """One training step's results: output, input and parameter gradients, BN buffers."""
-    m.zero_grad(set_to_none=True)
-    xg = x.detach().clone().requires_grad_(True)
-    out = m(xg)
-    (out * proj.to(out.dtype)).sum().backward()
-    res = {"output": out.detach(), "input": xg.grad}
-    res.update({f"grad {n}": p.grad for n, p in m.named_parameters()})
-    res.update({n: b.clone() for n, b in m.named_buffers()})
-    return res, out
 
 
 @pytest.fixture
