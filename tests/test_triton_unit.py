@@ -14,12 +14,14 @@ import copy
 import pytest
 import torch
 from dispatch_log import OpLog
+from unit_steps import against_torchvision
 from unit_steps import block as _block
 from unit_steps import step as _step
+from unit_steps import variant as variant_block
 
 import fastres
 from fastres import backends
-from fastres.harness.rule import allow_tf32, assert_close_rule, randomise_bn
+from fastres.harness.rule import allow_tf32, randomise_bn
 
 pytestmark = pytest.mark.skipif(bool(backends.BACKENDS["triton"].unavailable_reason()),
                                 reason="the Triton kernels do not run here")
@@ -96,40 +98,13 @@ def test_unit_plan_propagates_nan_as_the_per_op_path(kind, triton):
 def test_unit_plan_matches_torchvision(variant, triton):
     """Against torchvision's block (float64 reference): cumulative-average running statistics,
     BatchNorms without affine parameters, a basic block, over replayed steps."""
-    if variant == "momentum None":
-        block = _block("bottleneck", lambda c: torch.nn.BatchNorm2d(c, momentum=None))
-    elif variant == "affine False":
-        block = _block("basic", lambda c: torch.nn.BatchNorm2d(c, affine=False))
-    else:
-        block = _block("basic")
-    if variant == "affine False":
-        for m in block.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-        tv = block.train()
-    else:
-        tv = randomise_bn(block).train()
+    tv = variant_block(variant)
     ours = fastres.convert(copy.deepcopy(tv)).train().to(memory_format=torch.channels_last)
-    ref = copy.deepcopy(tv).double()
     x = torch.randn(2, tv.conv1.in_channels, 9, 9).contiguous(memory_format=torch.channels_last)
-    with allow_tf32(False):
-        proj = torch.randn(ours(x).shape)
-        tv(x), ref(x.double())
-        s0 = _stats()
-        for _ in range(2):
-            got, out = _step(ours, x, proj)
-            want, _ = _step(tv, x, proj)
-            exact, _ = _step(ref, x.double(), proj)
+    s0 = _stats()
+    out = against_torchvision(f"unit {variant}", ours, tv, x)
     assert _stats()["planned"] - s0["planned"] >= 3
     assert out.grad_fn.name() == "ResidualUnitBackward"
-    for k in got:
-        if k.endswith("num_batches_tracked"):
-            assert torch.equal(got[k], want[k]), k
-        elif got[k] is None:
-            assert want[k] is None, k
-        else:
-            assert_close_rule(f"unit {variant}: {k}", got[k], want[k], exact[k], torch.float32)
 
 
 def test_unit_plan_steps_aside_for_a_layout_it_cannot_replay(triton):

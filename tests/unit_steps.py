@@ -3,8 +3,12 @@ torchvision blocks and one training step's results."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torchvision
+
+from fastres.harness.rule import allow_tf32, assert_close_rule, randomise_bn
 
 tvr = torchvision.models.resnet
 
@@ -32,3 +36,44 @@ def step(m, x, proj, need_x: bool = True):
     res.update({f"grad {n}": p.grad for n, p in m.named_parameters()})
     res.update({n: b.clone() for n, b in m.named_buffers()})
     return res, out
+
+
+def variant(name: str):
+    """A torchvision block in training mode for a BatchNorm variant: "momentum None"
+    (cumulative-average running statistics), "affine False" (no BatchNorm weight and bias, the
+    running statistics randomised), or a block kind of :func:`block` with randomised
+    BatchNorms."""
+    if name == "momentum None":
+        tv = block("bottleneck", lambda c: torch.nn.BatchNorm2d(c, momentum=None))
+    elif name == "affine False":
+        tv = block("basic", lambda c: torch.nn.BatchNorm2d(c, affine=False))
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+        return tv.train()
+    else:
+        tv = block(name)
+    return randomise_bn(tv).train()
+
+
+def against_torchvision(label: str, ours, tv, x, steps: int = 2):
+    """``steps`` training steps of ``ours`` (a converted ``tv``), ``tv`` and a float64 copy of
+    ``tv`` from the same state, float32 without TF32; every result of the last step of ``ours``
+    within the rule (num_batches_tracked equal). Returns the last output of ``ours``."""
+    ref = copy.deepcopy(tv).double()
+    with allow_tf32(False):
+        proj = torch.randn(ours(x).shape)
+        tv(x), ref(x.double())
+        for _ in range(steps):
+            got, out = step(ours, x, proj)
+            want, _ = step(tv, x, proj)
+            exact, _ = step(ref, x.double(), proj)
+    for k in got:
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(got[k], want[k]), k
+        elif got[k] is None:
+            assert want[k] is None, k
+        else:
+            assert_close_rule(f"{label}: {k}", got[k], want[k], exact[k], torch.float32)
+    return out
