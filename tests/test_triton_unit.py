@@ -159,3 +159,72 @@ def test_unit_plan_follows_replaced_parameters(triton):
             want, _ = _step(twin, x, proj)
     _same(got, want)
     assert _stats()["ops"] + _stats()["built"] > s0["ops"] + s0["built"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unit_plan_without_shortcut_or_relu(dtype, triton):
+    """fastres.functional.residual_unit with no shortcut and no final ReLU (the unit's other
+    codes), replayed, against the per-op path."""
+    from fastres import functional  # noqa: PLC0415
+    from fastres._specs import BNSpec, ConvSpec, Stage  # noqa: PLC0415
+
+    stages = [Stage(ConvSpec((1, 1), (1, 1)), BNSpec()),
+              Stage(ConvSpec((2, 2), (0, 0)), BNSpec(momentum=None))]
+    shapes = [(16, 8, 3, 3), (12, 16, 1, 1)]
+
+    def params():
+        ps = []
+        for k, c, r, s in shapes:
+            w = torch.randn(k, c, r, s).to(dtype).contiguous(memory_format=torch.channels_last)
+            ps.append((w.requires_grad_(), torch.rand(k).to(dtype).requires_grad_(),
+                       torch.randn(k).to(dtype).requires_grad_(), torch.randn(k).to(dtype),
+                       torch.rand(k).to(dtype) + 0.5, torch.tensor(3)))
+        return ps
+
+    ours = params()
+    twin = [tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in p) for p in ours]
+    x = torch.randn(2, 8, 7, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def run(ps):
+        xg = x.detach().clone().requires_grad_()
+        out = functional.residual_unit(xg, stages, ps, "none", relu=False)
+        out.float().square().sum().backward()
+        return [out.detach(), xg.grad, *[t.grad if t.requires_grad else t.clone()
+                                         for p in ps for t in p]]
+
+    with allow_tf32(False):
+        s0 = _stats()
+        for _ in range(2):
+            got = run(ours)
+            with OpLog():
+                want = run(twin)
+            for i, (g, w) in enumerate(zip(got, want, strict=True)):
+                torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=str(i))
+            for p in (*ours, *twin):
+                for t in p:
+                    t.grad = None
+    assert _stats()["planned"] - s0["planned"] == 2
+
+
+def test_recording_refuses_torch_work_besides_launches():
+    """The recorder (triton_kernels/_replay.py) replays only runs whose torch calls allocate,
+    view or return their inputs: a computed tensor, an in-place write, a fill or a write into a
+    given tensor makes it refuse (the unit then runs its op bodies)."""
+    from fastres.triton_kernels import _replay  # noqa: PLC0415
+
+    x = torch.randn(8)
+    bad = {
+        "in place": lambda t: (t.add_(1),),
+        "computed": lambda t: (t * 2,),
+        "fill": lambda t: (torch.zeros_like(t),),
+        "copy": lambda t: (t.clone(),),
+        "out=": lambda t: (torch.mul(t, 2, out=torch.empty_like(t)),),
+        "item write": lambda t: (t.__setitem__(0, 1.0), t)[1:],
+    }
+    for name, fn in bad.items():
+        _, seg = _replay.record(fn, (x.clone(),))
+        assert seg is None, name
+    _, seg = _replay.record(lambda t: (torch.empty_like(t), t.contiguous()), (x,))
+    assert seg is not None
+    out, same = seg.run((x,)) if not seg.direct else (None, None)
+    assert same is x and out.shape == x.shape

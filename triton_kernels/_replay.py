@@ -23,6 +23,8 @@ that did not go direct) each launch through ``_common.launch`` with views of the
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -50,8 +52,9 @@ class _Watch(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in _ALLOCS:
             return out
-        if name == "__setitem__" or (name.endswith("_") and not name.endswith("__")):
-            self.bad = name  # in place
+        if (name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+                or (kwargs and "out" in kwargs)):
+            self.bad = name  # in place, or into a given tensor
             return out
         results = out if isinstance(out, (tuple, list)) else (out,)
         sources = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, Tensor)]
@@ -69,12 +72,13 @@ def record(fn, inputs: tuple):
     """``(fn(*inputs), segment or None)``: see the module docstring."""
     launches: list = []
     watch = _Watch()
-    _common.RECORD.append(launches)
+    entry = (threading.get_ident(), launches)
+    _common.RECORD.append(entry)
     try:
         with watch:
             outs = fn(*inputs)
     finally:
-        _common.RECORD.pop()
+        _common.RECORD.remove(entry)
     if watch.bad is not None:
         return outs, None
     seg = Segment.make(inputs, launches, outs)
