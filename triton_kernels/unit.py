@@ -8,7 +8,9 @@ fastres/_autograd_unit.py and fastres/nn/train_plan.py call).
 
 ``shortcut``: 0 none, 1 identity, 2 a conv + BN downsample (its stage last); ``params``: six per
 stage (conv weight, BN weight, BN bias, running mean, running var, num_batches_tracked);
-``saved``: fastres._autograd._Saved.flat()'s layout. The ops, their order and their kernels are
+``stats``: (mean, invstd, scale, shift) per main BatchNorm, ``dstats`` the downsample's, the
+scale and shift None where only the forward reads them (the last BatchNorm's and the
+downsample's, applied by bn_add_relu); ``saved``: fastres._autograd._Saved.flat()'s layout. The ops, their order and their kernels are
 fastres._autograd._ResidualUnitFn's (one process's batch statistics) through the op bodies of
 ``_ops``: the forward conv_stats, bn_finalize per BatchNorm (the running statistics and
 num_batches_tracked updated in place by its kernel, their version counters bumped), bn_add_relu;
@@ -204,13 +206,15 @@ def _forward_ops(spec: _Spec):
             yd, sd, qd = _ops.conv_stats(x, params[PER_STAGE * n], None, None, False,
                                          *spec.geo[n])
         four = finalize(n - 1, *last)
-        st += four
         res, rsc, rsh = (x if spec.shortcut == 1 else None), None, None
         if ds:
             dst = finalize(n, yd, sd, qd)
             res, rsc, rsh = yd, dst[2], dst[3]
         out = _ops.bn_add_relu(ys[-1], four[2], four[3], res, rsc, rsh, 0, spec.relu)
-        return (out, yd, *ys, *st, *(dst or ()))
+        # The last BatchNorm's and the downsample's scale and shift only serve bn_add_relu: not
+        # returned, so a replay keeps them in its workspace instead of allocating them.
+        st += (four[0], four[1], None, None)
+        return (out, yd, *ys, *st, *((dst[0], dst[1], None, None) if ds else ()))
 
     return forward
 
