@@ -10,12 +10,13 @@ fastres/_autograd_unit.py and fastres/nn/train_plan.py call).
 stage (conv weight, BN weight, BN bias, running mean, running var, num_batches_tracked);
 ``stats``: (mean, invstd, scale, shift) per main BatchNorm, ``dstats`` the downsample's, the
 scale and shift None where only the forward reads them (the last BatchNorm's and the
-downsample's, applied by bn_add_relu); ``saved``: fastres._autograd._Saved.flat()'s layout. The ops, their order and their kernels are
-fastres._autograd._ResidualUnitFn's (one process's batch statistics) through the op bodies of
-``_ops``: the forward conv_stats, bn_finalize per BatchNorm (the running statistics and
-num_batches_tracked updated in place by its kernel, their version counters bumped), bn_add_relu;
-the backward bn_add_relu_bwd, then per inner convolution conv_bwd and bn_relu_bwd, conv_bwd of
-the first convolution and of the downsample, the shortcut's gradient added into dx.
+downsample's, applied by bn_add_relu); ``saved``: fastres._autograd._Saved.flat()'s layout.
+The ops, their order and their kernels are fastres._autograd._ResidualUnitFn's (one process's
+batch statistics) through the op bodies of ``_ops``: the forward conv_stats, bn_finalize per
+BatchNorm (the running statistics and num_batches_tracked updated in place by its kernel, their
+version counters bumped), bn_add_relu; the backward bn_add_relu_bwd, then per inner convolution
+conv_bwd and bn_relu_bwd, conv_bwd of the first convolution and of the downsample, the
+shortcut's gradient added into dx.
 
 Why plans: through the op bodies a training step cost ~1 ms of Python per block on the fake
 sm_90 driver (bench/host_overhead_triton.py), ~40 launches each with its checks, configs and
@@ -24,11 +25,13 @@ shape, strides and alignment, each parameter's, and whether float32 may use TF32
 class the first call runs the op bodies while ``_replay.record`` keeps their launches; later
 calls replay them (``_replay.Segment``): the outputs and the workspace allocated, each compiled
 kernel's launcher called with this call's pointers. What the op bodies do besides launching
-stays out of the recorded part and runs per call here: the float32 copies of 16-bit BatchNorm
-weights the backward kernels take, the version counters, the downsample's bias gradient (a copy:
-two parameters never share a gradient tensor), dx's in-place add. Where a recorded run cannot be
-replayed (a layout copy or a padding the op bodies make per call) the unit runs through the op
-bodies on every call. Under the interpreter the replay goes through ``_common.launch``.
+stays out of the recorded part and runs per call here: the version counters, the downsample's
+bias gradient (a copy: two parameters never share a gradient tensor), dx's in-place add. The
+BatchNorm backward kernels take each BatchNorm weight in its own dtype where the op bodies give
+them a float32 copy (a copy and a launch per weight and call): both are converted exactly on
+load, so the results are the same bits. Where a recorded run cannot be replayed (a layout copy
+or a padding the op bodies make per call) the unit runs through the op bodies on every call.
+Under the interpreter the replay goes through ``_common.launch``.
 """
 
 from __future__ import annotations
@@ -234,14 +237,15 @@ def unit_forward(spec: _Spec, x: Tensor, params) -> tuple:
 
 
 def _backward_ops(spec: _Spec, need_x: bool):
-    """The backward through the op bodies: ``f(grad_out, *saved, *gammas32) -> (dx or None,
-    the shortcut's gradient into x or None, *per stage (dw, dgamma, dbeta))``, ``gammas32``
-    each BatchNorm weight as float32 (the inner ones, the last, the downsample's)."""
+    """The backward through the op bodies: ``f(grad_out, *saved, *gammas) -> (dx or None,
+    the shortcut's gradient into x or None, *per stage (dw, dgamma, dbeta))``, ``gammas``
+    each BatchNorm weight, contiguous (the main ones, then the downsample's), which the
+    BatchNorm backward kernels take in place of the op bodies' float32 copies."""
     n, ds = spec.n, spec.shortcut == 2
     n_saved = 3 + 5 * n + (6 if ds else 0) + 2 * n
 
     def backward(go, *rest):
-        saved, g32 = rest[:n_saved], rest[n_saved:]
+        saved, gams = rest[:n_saved], rest[n_saved:]
         x, out, yd = saved[0], saved[1], saved[2]
         ys = saved[3: 3 + n]
         st = saved[3 + n: 3 + 5 * n]
@@ -253,14 +257,14 @@ def _backward_ops(spec: _Spec, need_x: bool):
         weights = saved[k: k + n]
         mean, invstd = st[4 * (n - 1)], st[4 * (n - 1) + 1]
         res_mean, res_invstd = (dst[0], dst[1]) if ds else (None, None)
-        # bn_add_relu_bwd's body (its float32 weights given)
+        # bn_add_relu_bwd's body (the weights given as they are)
         _ops._check_bn_bwd("bn_add_relu_bwd", go, out, ys[-1], yd, res_mean, res_invstd)
         mask = 1 if out is not None else 0
         g = empty_like_format(go.shape, go) if yd is None else None
         gsum, gxsum, grsum = _bn.bn_bwd_reduce(go, out, ys[-1], None, None, mean, invstd, yd,
                                                res_mean, res_invstd, g, mask, True)
-        dy, gr = _bn.bn_bwd_apply(go, out, ys[-1], None, None, mean, invstd, g32[n - 1], gsum,
-                                  gxsum, yd, res_mean, res_invstd, g32[n] if ds else None,
+        dy, gr = _bn.bn_bwd_apply(go, out, ys[-1], None, None, mean, invstd, gams[n - 1], gsum,
+                                  gxsum, yd, res_mean, res_invstd, gams[n] if ds else None,
                                   grsum, mask)
         dres = g if yd is None else gr
         grads: list = [None] * (3 * (n + ds))
@@ -269,12 +273,12 @@ def _backward_ops(spec: _Spec, need_x: bool):
             mean_p, invstd_p, scale_p, shift_p = st[4 * (i - 1): 4 * i]
             da, grads[3 * i] = _ops.conv_bwd(dy, ys[i - 1], weights[i], scale_p, shift_p, True,
                                              *spec.geo[i], [True, True])
-            # bn_relu_bwd's body (its float32 weight given)
+            # bn_relu_bwd's body (the weight given as it is)
             _ops._check_act("bn_relu_bwd", da, ys[i - 1])
             gs, gx, _ = _bn.bn_bwd_reduce(da, None, ys[i - 1], scale_p, shift_p, mean_p,
                                           invstd_p, None, None, None, None, 2, True)
             dy, _ = _bn.bn_bwd_apply(da, None, ys[i - 1], scale_p, shift_p, mean_p, invstd_p,
-                                     g32[i - 1], gs, gx, None, None, None, None, None, 2)
+                                     gams[i - 1], gs, gx, None, None, None, None, None, 2)
             grads[3 * (i - 1) + 1: 3 * i] = [gx, gs]
         dx, grads[0] = _ops.conv_bwd(dy, x, weights[0], None, None, False, *spec.geo[0],
                                      [need_x, True])
@@ -303,11 +307,15 @@ def unit_backward(spec: _Spec, grad_out: Tensor, saved, need_x: bool) -> list:
         k += 6
     weights, gammas = saved[k: k + n], saved[k + n: k + 2 * n]
     go = grad_out.contiguous(memory_format=memory_format_of(ys_last))
-    g32 = tuple(map(_ops._vec, (*gammas, *((gd,) if ds else ()))))
+    # The backward kernels read each BatchNorm weight in its own dtype (converted to float32 on
+    # load, exactly as the op bodies' float32 copy): a 16-bit model's weights go as they are,
+    # without a copy and a launch per call each; a strided one as the op bodies make it.
+    gams = tuple(g if g is None or g.is_contiguous() else _ops._vec(g)
+                 for g in (*gammas, *((gd,) if ds else ())))
     stable = (*weights, *gammas, wd, gd)
     need_x = bool(need_x)
     outs = _run(spec.bwd, _key(x, go.stride(), go.data_ptr() & 15, need_x), stable,
-                spec.ops[1 + need_x], (go, *saved, *g32))
+                spec.ops[1 + need_x], (go, *saved, *gams))
     dx, dsx, *grads = outs
     if ds:
         grads[3 * n + 2] = grads[3 * n + 2].clone()  # the last BN's bias gradient too
