@@ -18,19 +18,21 @@ version counters bumped), bn_add_relu; the backward bn_add_relu_bwd, then per in
 conv_bwd and bn_relu_bwd, conv_bwd of the first convolution and of the downsample, the
 shortcut's gradient added into dx.
 
-Why plans: through the op bodies a training step cost ~1 ms of Python per block on the fake
-sm_90 driver (bench/host_overhead_triton.py), ~40 launches each with its checks, configs and
-argument tuple. All of that depends only on the shape class of the call (the input's dtype,
-shape, strides and alignment, each parameter's, and whether float32 may use TF32). Per shape
-class the first call runs the op bodies while ``_replay.record`` keeps their launches; later
-calls replay them (``_replay.Segment``): the outputs and the workspace allocated, each compiled
-kernel's launcher called with this call's pointers. What the op bodies do besides launching
-stays out of the recorded part and runs per call here: the version counters, the downsample's
-bias gradient (a copy: two parameters never share a gradient tensor), dx's in-place add. The
-BatchNorm backward kernels take each BatchNorm weight in its own dtype where the op bodies give
-them a float32 copy (a copy and a launch per weight and call): both are converted exactly on
-load, so the results are the same bits. Where a recorded run cannot be replayed (a layout copy
-or a padding the op bodies make per call) the unit runs through the op bodies on every call.
+Why plans: through the op bodies a training step cost ~1 ms of Python per block on the fake sm_90
+driver (bench/host_overhead_triton.py), ~40 launches each with its checks, configs and argument
+tuple. All of that depends only on the shape class of the call (the input's dtype, shape, strides
+and alignment, each parameter's, and whether float32 may use TF32). Per shape class the first call
+runs the op bodies while ``_replay.record`` keeps their launches; later calls replay them
+(``_replay.Segment``): the outputs and the workspace allocated, each compiled kernel's launcher
+called with this call's pointers. What the op bodies do besides launching stays out of the recorded
+part and runs per call here: the version counters, the downsample's bias gradient (a copy: two
+parameters never share a gradient tensor), dx's in-place add. The BatchNorm backward kernels take
+each BatchNorm weight in its own dtype where the op bodies give them a float32 copy (a copy and a
+launch per weight and call): both are converted exactly on load, so the results are the same bits. A
+16-bit model's BatchNorm gradients come from one more column-sum launch per BatchNorm in its dtype
+where the op bodies return float32 sums that the autograd engine converts (two conversions per
+BatchNorm): the same rounding of the same sums. Where a recorded run cannot be replayed (a layout
+copy or a padding the op bodies make per call) the unit runs through the op bodies on every call.
 Under the interpreter the replay goes through ``_common.launch``.
 """
 
@@ -73,8 +75,8 @@ class _Spec:
         self.running = tuple(PER_STAGE * i + j for i in range(len(stages)) for j in (3, 4, 5))
         self.fwd: dict = {}  # plans by shape class
         self.bwd: dict = {}
-        # the op-body runs: forward, backward without and with dx
-        self.ops = (_forward_ops(self), _backward_ops(self, False), _backward_ops(self, True))
+        # the op-body runs: the forward; the backward by (need_x, the BatchNorm gradients' dtype)
+        self.ops = {"fwd": _forward_ops(self)}
 
 
 def unit_spec(n: int, shortcut: int, relu: bool, stages) -> _Spec:
@@ -84,12 +86,28 @@ def unit_spec(n: int, shortcut: int, relu: bool, stages) -> _Spec:
 
 class _Plan:
     """One shape class of one direction: its replay (None: the op bodies every call) and the
-    pointers and signature of the tensors that stay from call to call (the parameters)."""
+    pointers and signature of the tensors that stay from call to call (the parameters). A
+    forward plan also keeps the dtype its backward writes the BatchNorm gradients in
+    (``grad_dtype``)."""
 
-    __slots__ = ("seg", "ptrs", "sig")
+    __slots__ = ("seg", "ptrs", "sig", "grad_dtype")
 
     def __init__(self, seg, ptrs, sig) -> None:
         self.seg, self.ptrs, self.sig = seg, ptrs, sig
+        self.grad_dtype = None
+
+
+def _grad_dtype(params) -> torch.dtype | None:
+    """The dtype every BatchNorm weight and bias of the unit has when it is not float32 (a 16-bit
+    model), else None. The backward then writes their gradients in it, each the float32 sum
+    rounded once, as the autograd engine's conversion of the float32 sums would: no conversion
+    (an allocation and a launch each) per gradient and step."""
+    dts = {t.dtype if t is not None else None
+           for i in range(0, len(params), PER_STAGE) for t in params[i + 1: i + 3]}
+    if len(dts) != 1:
+        return None
+    dt = dts.pop()
+    return dt if dt in (torch.float16, torch.bfloat16) else None
 
 
 _data_ptr = Tensor.data_ptr
@@ -131,10 +149,11 @@ def _find(plans: dict, key: tuple, stable) -> _Plan | None:
     return plan
 
 
-def _keep(plans: dict, key: tuple, seg, stable) -> None:
+def _keep(plans: dict, key: tuple, seg, stable) -> _Plan:
     if len(plans) >= MAX_PLANS:
         plans.clear()
-    plans[key] = _Plan(seg, _pointers(stable), _signature(stable))
+    plan = plans[key] = _Plan(seg, _pointers(stable), _signature(stable))
+    return plan
 
 
 def _replay(seg, ins):
@@ -158,17 +177,17 @@ def _replay(seg, ins):
 
 
 def _run(plans: dict, key, stable, ops, ins):
+    """(the outputs, the plan that served the call)."""
     plan = _find(plans, key, stable)
     if plan is None:
         stats["built"] += 1
         outs, seg = record(ops, ins)
-        _keep(plans, key, seg, stable)
-        return outs
+        return outs, _keep(plans, key, seg, stable)
     outs = _replay(plan.seg, ins)
     if outs is None:
         stats["ops"] += 1
         outs = ops(*ins)
-    return outs
+    return outs, plan
 
 
 # ---- forward ----
@@ -227,7 +246,9 @@ def unit_forward(spec: _Spec, x: Tensor, params) -> tuple:
     params = tuple(params)
     if len(params) != PER_STAGE * (spec.n + (spec.shortcut == 2)):
         raise ValueError(f"unit_forward: {len(params)} parameters for {spec.n} convolutions")
-    outs = _run(spec.fwd, _key(x), params, spec.ops[0], (x, *params))
+    outs, plan = _run(spec.fwd, _key(x), params, spec.ops["fwd"], (x, *params))
+    if plan.grad_dtype is None:  # the plan's parameters have its dtypes (_find checks them)
+        plan.grad_dtype = _grad_dtype(params) or False
     running = [params[i] for i in spec.running if params[i] is not None]
     torch._C._increment_version(running)  # written in place by bn_finalize's kernel
     return outs
@@ -236,12 +257,20 @@ def unit_forward(spec: _Spec, x: Tensor, params) -> tuple:
 # ---- backward ----
 
 
-def _backward_ops(spec: _Spec, need_x: bool):
+def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
     """The backward through the op bodies: ``f(grad_out, *saved, *gammas) -> (dx or None,
     the shortcut's gradient into x or None, *per stage (dw, dgamma, dbeta))``, ``gammas``
     each BatchNorm weight, contiguous (the main ones, then the downsample's), which the
-    BatchNorm backward kernels take in place of the op bodies' float32 copies."""
+    BatchNorm backward kernels take in place of the op bodies' float32 copies. ``grad_dtype``:
+    the BatchNorm gradients in it (see _grad_dtype) from one more column-sum launch over the
+    same partials per BatchNorm, else the float32 sums."""
     n, ds = spec.n, spec.shortcut == 2
+
+    def sums(part, planes, res):
+        """bn_bwd_reduce's float32 sums, and the gradients: those or their grad_dtype copies."""
+        f32 = _bn.bn_bwd_sums(part, planes, True, res)
+        return f32, (f32 if grad_dtype is None
+                     else _bn.bn_bwd_sums(part, planes, True, res, grad_dtype))
     n_saved = 3 + 5 * n + (6 if ds else 0) + 2 * n
 
     def backward(go, *rest):
@@ -261,32 +290,34 @@ def _backward_ops(spec: _Spec, need_x: bool):
         _ops._check_bn_bwd("bn_add_relu_bwd", go, out, ys[-1], yd, res_mean, res_invstd)
         mask = 1 if out is not None else 0
         g = empty_like_format(go.shape, go) if yd is None else None
-        gsum, gxsum, grsum = _bn.bn_bwd_reduce(go, out, ys[-1], None, None, mean, invstd, yd,
-                                               res_mean, res_invstd, g, mask, True)
+        part, planes = _bn.bn_bwd_partials(go, out, ys[-1], None, None, mean, invstd, yd,
+                                           res_mean, res_invstd, g, mask, True)
+        (gsum, gxsum, grsum), last = sums(part, planes, ds)
         dy, gr = _bn.bn_bwd_apply(go, out, ys[-1], None, None, mean, invstd, gams[n - 1], gsum,
                                   gxsum, yd, res_mean, res_invstd, gams[n] if ds else None,
                                   grsum, mask)
         dres = g if yd is None else gr
         grads: list = [None] * (3 * (n + ds))
-        grads[3 * (n - 1) + 1: 3 * n] = [gxsum, gsum]
+        grads[3 * (n - 1) + 1: 3 * n] = [last[1], last[0]]
         for i in range(n - 1, 0, -1):
             mean_p, invstd_p, scale_p, shift_p = st[4 * (i - 1): 4 * i]
             da, grads[3 * i] = _ops.conv_bwd(dy, ys[i - 1], weights[i], scale_p, shift_p, True,
                                              *spec.geo[i], [True, True])
             # bn_relu_bwd's body (the weight given as it is)
             _ops._check_act("bn_relu_bwd", da, ys[i - 1])
-            gs, gx, _ = _bn.bn_bwd_reduce(da, None, ys[i - 1], scale_p, shift_p, mean_p,
-                                          invstd_p, None, None, None, None, 2, True)
+            part, planes = _bn.bn_bwd_partials(da, None, ys[i - 1], scale_p, shift_p, mean_p,
+                                               invstd_p, None, None, None, None, 2, True)
+            (gs, gx, _), inner = sums(part, planes, False)
             dy, _ = _bn.bn_bwd_apply(da, None, ys[i - 1], scale_p, shift_p, mean_p, invstd_p,
                                      gams[i - 1], gs, gx, None, None, None, None, None, 2)
-            grads[3 * (i - 1) + 1: 3 * i] = [gx, gs]
+            grads[3 * (i - 1) + 1: 3 * i] = [inner[1], inner[0]]
         dx, grads[0] = _ops.conv_bwd(dy, x, weights[0], None, None, False, *spec.geo[0],
                                      [need_x, True])
         dsx = dres if spec.shortcut == 1 else None
         if ds:
             dsx, grads[3 * n] = _ops.conv_bwd(dres, x, wd, None, None, False, *spec.geo[n],
                                               [need_x, True])
-            grads[3 * n + 1: 3 * n + 3] = [grsum, gsum]
+            grads[3 * n + 1: 3 * n + 3] = [last[2], last[0]]
         if not need_x:
             dx = dsx = None
         return (dx, dsx, *grads)
@@ -313,10 +344,18 @@ def unit_backward(spec: _Spec, grad_out: Tensor, saved, need_x: bool) -> list:
     gams = tuple(g if g is None or g.is_contiguous() else _ops._vec(g)
                  for g in (*gammas, *((gd,) if ds else ())))
     stable = (*weights, *gammas, wd, gd)
-    need_x = bool(need_x)
-    outs = _run(spec.bwd, _key(x, go.stride(), go.data_ptr() & 15, need_x), stable,
-                spec.ops[1 + need_x], (go, *saved, *gams))
-    dx, dsx, *grads = outs
+    key = _key(x)
+    # the forward plan of this shape class says the BatchNorm gradients' dtype (_grad_dtype)
+    fplan = spec.fwd.get(key)
+    grad_dtype = (fplan.grad_dtype or None) if fplan is not None else None
+    if grad_dtype is not None and any(g.dtype != grad_dtype for g in gams):
+        grad_dtype = None  # the parameters changed dtype since: the float32 sums
+    how = (bool(need_x), grad_dtype)
+    ops = spec.ops.get(how)
+    if ops is None:
+        ops = spec.ops[how] = _backward_ops(spec, *how)
+    (dx, dsx, *grads), _ = _run(spec.bwd, (*key, go.stride(), go.data_ptr() & 15, *how), stable,
+                                ops, (go, *saved, *gams))
     if ds:
         grads[3 * n + 2] = grads[3 * n + 2].clone()  # the last BN's bias gradient too
     if dx is not None and dsx is not None:
