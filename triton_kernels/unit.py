@@ -343,7 +343,7 @@ def unit_backward(spec: _Spec, grad_out: Tensor, saved, need_x: bool) -> list:
     # without a copy and a launch per call each; a strided one as the op bodies make it.
     gams = tuple(g if g is None or g.is_contiguous() else _ops._vec(g)
                  for g in (*gammas, *((gd,) if ds else ())))
-    stable = (*weights, *gammas, wd, gd)
+    stable = (*weights, *gammas, *((wd, gd) if ds else ()))
     key = _key(x)
     # the forward plan of this shape class says the BatchNorm gradients' dtype (_grad_dtype)
     fplan = spec.fwd.get(key)
