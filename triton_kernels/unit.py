@@ -38,6 +38,8 @@ Under the interpreter the replay goes through ``_common.launch``.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -72,7 +74,8 @@ class _Spec:
         self.bn = tuple((float(eps), None if m is None else float(m))
                         for *_, eps, m in stages)
         # the running statistics and num_batches_tracked among the parameters
-        self.running = tuple(PER_STAGE * i + j for i in range(len(stages)) for j in (3, 4, 5))
+        self.running = operator.itemgetter(
+            *(PER_STAGE * i + j for i in range(len(stages)) for j in (3, 4, 5)))
         self.fwd: dict = {}  # plans by shape class
         self.bwd: dict = {}
         # the op-body runs: the forward; the backward by (need_x, the BatchNorm gradients' dtype)
@@ -111,6 +114,8 @@ def _grad_dtype(params) -> torch.dtype | None:
 
 
 _data_ptr = Tensor.data_ptr
+_increment_version = torch._C._increment_version
+_is_contiguous = Tensor.is_contiguous
 
 
 def _pointers(ts) -> list | None:
@@ -249,8 +254,11 @@ def unit_forward(spec: _Spec, x: Tensor, params) -> tuple:
     outs, plan = _run(spec.fwd, _key(x), params, spec.ops["fwd"], (x, *params))
     if plan.grad_dtype is None:  # the plan's parameters have its dtypes (_find checks them)
         plan.grad_dtype = _grad_dtype(params) or False
-    running = [params[i] for i in spec.running if params[i] is not None]
-    torch._C._increment_version(running)  # written in place by bn_finalize's kernel
+    running = spec.running(params)  # written in place by bn_finalize's kernel
+    try:
+        _increment_version(running)
+    except RuntimeError:  # an absent one (a BatchNorm without running statistics)
+        _increment_version([t for t in running if t is not None])
     return outs
 
 
@@ -341,8 +349,13 @@ def unit_backward(spec: _Spec, grad_out: Tensor, saved, need_x: bool) -> list:
     # The backward kernels read each BatchNorm weight in its own dtype (converted to float32 on
     # load, exactly as the op bodies' float32 copy): a 16-bit model's weights go as they are,
     # without a copy and a launch per call each; a strided one as the op bodies make it.
-    gams = tuple(g if g is None or g.is_contiguous() else _ops._vec(g)
-                 for g in (*gammas, *((gd,) if ds else ())))
+    gams = (*gammas, gd) if ds else gammas
+    try:
+        dense = all(map(_is_contiguous, gams))
+    except TypeError:  # an absent one (a BatchNorm without affine parameters)
+        dense = False
+    if not dense:
+        gams = tuple(g if g is None or g.is_contiguous() else _ops._vec(g) for g in gams)
     stable = (*weights, *gammas, *((wd, gd) if ds else ()))
     key = _key(x)
     # the forward plan of this shape class says the BatchNorm gradients' dtype (_grad_dtype)
