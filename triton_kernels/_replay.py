@@ -102,10 +102,14 @@ class _Launch:
 class Segment:
     """The launches of one recorded run and where each tensor comes from (see the module
     docstring). ``run`` is the generated replay: ``run(ins, stream, enter, leave)`` once
-    ``direct``, else ``run(ins)``; it returns the outputs as the recorded run did."""
+    ``direct``, else ``run(ins)``; ``checked(ins)`` the replay through ``_common.launch``
+    always (a launch hook, another device). Each returns the outputs as the recorded run
+    did."""
 
-    __slots__ = ("launches", "device", "direct", "run", "n_in", "outs", "alloc", "region",
-                 "ws", "dev")
+    __slots__ = ("launches", "device", "direct", "run", "checked", "n_in", "outs", "alloc",
+                 "region", "ws", "dev")
+    # device: the driver's device the compiled kernels were loaded on (direct replays);
+    # dev: the inputs' torch.device, where the outputs and the workspace are allocated
 
     @staticmethod
     def make(inputs: tuple, launches: list, outs) -> Segment | None:
@@ -153,7 +157,7 @@ class Segment:
         seg.device, seg.direct = None, False
         if not seg._layout(bufs):
             return None
-        seg.run = seg._generate(direct=False)
+        seg.run = seg.checked = seg._generate(direct=False)
         return seg
 
     def _layout(self, bufs: dict) -> bool:

@@ -47,6 +47,7 @@ from . import _common, _direct, _ops
 from . import bn as _bn
 from ._common import empty_like_format, memory_format_of
 from ._replay import record
+from .block import _pointers, _signature
 
 __all__ = ["stats", "unit_backward", "unit_forward", "unit_spec"]
 
@@ -113,33 +114,16 @@ def _grad_dtype(params) -> torch.dtype | None:
     return dt if dt in (torch.float16, torch.bfloat16) else None
 
 
-_data_ptr = Tensor.data_ptr
 _increment_version = torch._C._increment_version
 _is_contiguous = Tensor.is_contiguous
+_allow_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32, from C
 
 
-def _pointers(ts) -> list | None:
-    try:
-        return list(map(_data_ptr, ts))
-    except TypeError:  # an absent tensor (a BatchNorm without affine parameters)
-        return None
-
-
-def _signature(ts) -> tuple:
-    return tuple(
-        None if t is None else (t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15)
-        for t in ts)
-
-
-_allow_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32, without its
-# property's Python
-
-
-def _key(x: Tensor, *more) -> tuple:
+def _key(x: Tensor) -> tuple:
     """The shape class of a call: ``x``'s, and what decides float32's dot precision
     (_common.dot_precision); the parameters' are checked against the plan (_find)."""
     return (x.dtype, x.device, x.shape, x.stride(), x.data_ptr() & 15, _allow_tf32(),
-            _common.EMULATE_TF32, *more)
+            _common.EMULATE_TF32)
 
 
 def _find(plans: dict, key: tuple, stable) -> _Plan | None:
@@ -162,23 +146,21 @@ def _keep(plans: dict, key: tuple, seg, stable) -> _Plan:
 
 
 def _replay(seg, ins):
-    """The segment's outputs for ``ins``, or None where it cannot run here (a dispatch mode, a
-    launch hook, another device: the op bodies run instead)."""
+    """The segment's outputs for ``ins``: straight to the compiled kernels where it can, else
+    each launch through ``_common.launch`` (a launch hook, another device, the interpreter, a
+    recorded run that did not go direct); None where it cannot run at all (no segment, a
+    dispatch mode: the op bodies run instead)."""
     if seg is None or _common._dispatch_modes():
         return None
+    stats["planned"] += 1
     if seg.direct:
         drv = _direct._driver.active
         device = drv.get_current_device()
         rt = _direct.knobs.runtime
         enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
-        if device != seg.device or _direct._hooked(enter) or _direct._hooked(leave):
-            return None
-        stats["planned"] += 1
-        return seg.run(ins, drv.get_current_stream(device), enter, leave)
-    if _common.DIRECT:  # the recorded run did not go direct: its launches through _direct
-        return None
-    stats["planned"] += 1
-    return seg.run(ins)
+        if device == seg.device and not _direct._hooked(enter) and not _direct._hooked(leave):
+            return seg.run(ins, drv.get_current_stream(device), enter, leave)
+    return seg.checked(ins)
 
 
 def _run(plans: dict, key, stable, ops, ins):
