@@ -13,8 +13,11 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from dispatch_log import OpLog
+from unit_steps import against_torchvision
+from unit_steps import block as _block
+from unit_steps import step as _step
+from unit_steps import variant as variant_block
 
 import fastres
 from fastres import backends
@@ -23,32 +26,6 @@ from fastres.harness.rule import allow_tf32, assert_close_rule, randomise_bn
 
 pytestmark = pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_reason()),
                                 reason="cudasim is not built")
-
-tvr = torchvision.models.resnet
-
-
-
-def _block(kind: str, norm=None):
-    kw = {} if norm is None else {"norm_layer": norm}
-    if kind == "downsample":
-        nl = norm or torch.nn.BatchNorm2d
-        return tvr.Bottleneck(32, 16, stride=2, downsample=torch.nn.Sequential(
-            torch.nn.Conv2d(32, 64, 1, stride=2, bias=False), nl(64)), **kw)
-    if kind == "basic":
-        return tvr.BasicBlock(24, 24, **kw)
-    return tvr.Bottleneck(64, 16, **kw)
-
-
-def _step(m, x, proj):
-    """One training step's results: output, input and parameter gradients, BN buffers."""
-    m.zero_grad(set_to_none=True)
-    xg = x.detach().clone().requires_grad_(True)
-    out = m(xg)
-    (out * proj.to(out.dtype)).sum().backward()
-    res = {"output": out.detach(), "input": xg.grad}
-    res.update({f"grad {n}": p.grad for n, p in m.named_parameters()})
-    res.update({n: b.clone() for n, b in m.named_buffers()})
-    return res, out
 
 
 @pytest.fixture
@@ -83,38 +60,11 @@ def test_unit_from_cpp_is_the_per_op_path(kind, dtype, cudasim):
 def test_unit_from_cpp_matches_torchvision(variant, cudasim):
     """Against torchvision's block (float64 reference): cumulative-average running statistics,
     BatchNorms without affine parameters, a downsample's statistics."""
-    if variant == "momentum None":
-        block = _block("bottleneck", lambda c: torch.nn.BatchNorm2d(c, momentum=None))
-    elif variant == "affine False":
-        block = _block("basic", lambda c: torch.nn.BatchNorm2d(c, affine=False))
-    else:
-        block = _block("downsample")
-    if variant == "affine False":
-        for m in block.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-        tv = block.train()
-    else:
-        tv = randomise_bn(block).train()
+    tv = variant_block(variant)
     ours = fastres.convert(copy.deepcopy(tv)).train()
-    ref = copy.deepcopy(tv).double()
     x = torch.randn(2, tv.conv1.in_channels, 9, 9)
-    with allow_tf32(False):
-        proj = torch.randn(ours(x).shape)
-        tv(x), ref(x.double())
-        for _ in range(2):
-            got, out = _step(ours, x, proj)
-            want, _ = _step(tv, x, proj)
-            exact, _ = _step(ref, x.double(), proj)
+    out = against_torchvision(f"unit {variant}", ours, tv, x)
     assert out.grad_fn.name() == "ResidualUnitBackward"
-    for k in got:
-        if k.endswith("num_batches_tracked"):
-            assert torch.equal(got[k], want[k]), k
-        elif got[k] is None:
-            assert want[k] is None, k
-        else:
-            assert_close_rule(f"unit {variant}: {k}", got[k], want[k], exact[k], torch.float32)
 
 
 def test_unit_from_cpp_one_value_per_channel(cudasim):

@@ -130,11 +130,11 @@ def test_planted_kernel_fails_when_compiled_for_sm90():
 
 def test_resnet50_variants_pass_the_sm90_lint():
     """Every variant ResNet-50 launches at batch 32/128/256 in bf16, fp16 and fp32 (TF32 and
-    exact): 296 with triton 3.8, compiled for sm_90 and linted (aot_check.KNOWN holds no waiver
-    since 7ef3ba8). 200-234 s on the shared 2-CPU EPYC (nice 19, beside a CI run) with an empty
-    triton cache (bf16 alone was 91 s, fp32 171 s), a few tens of seconds with a warm one
-    (~/.triton/cache). Same command as `python -m fastres.triton_kernels.lint.aot_check --shapes
-    resnet50`, recorded in bench/results."""
+    exact): 326 with triton 3.8 at 8cb88bd, compiled for sm_90 and linted (aot_check.KNOWN
+    holds no waiver since 7ef3ba8). 200-234 s on the shared 2-CPU EPYC (nice 19, beside a CI
+    run) with an empty triton cache (bf16 alone was 91 s, fp32 171 s), a few tens of seconds
+    with a warm one (~/.triton/cache). Same command as `python -m
+    fastres.triton_kernels.lint.aot_check --shapes resnet50`, recorded in bench/results."""
     run = run_sm90_compiler(
         ["-m", "fastres.triton_kernels.lint.aot_check", "--shapes", "resnet50", "--dtypes",
          "bfloat16,float16,float32"], timeout=1800)

@@ -154,4 +154,16 @@ def eager_block():
     return block_spec, block_eval
 
 
-__all__ = ["unavailable_reason", "not_supported_reasons", "ops", "eager_ops", "eager_block"]
+def eager_unit():
+    """(unit_spec, unit_forward, unit_backward): a residual unit's training step as launch
+    plans per shape class (``unit.py``), the contract of csrc/cuda/unit.h's. For eager calls
+    under no dispatch mode (fastres.functional.residual_unit and fastres/nn/train_plan.py
+    decide); they bypass the dispatcher. Registers the ops on first use."""
+    from ._ops import op_namespace  # noqa: PLC0415, F401  (registers the ops)
+    from .unit import unit_backward, unit_forward, unit_spec  # noqa: PLC0415
+
+    return unit_spec, unit_forward, unit_backward
+
+
+__all__ = ["unavailable_reason", "not_supported_reasons", "ops", "eager_ops", "eager_block",
+           "eager_unit"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,17 @@ def tile_ptrs(ptr, n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w):
 DIRECT: bool = not INTERPRETED and os.environ.get("FASTRES_TRITON_DIRECT", "1") != "0"
 _PLAIN = (Tensor, torch.nn.Parameter)
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+#: (thread id, list) of the runs being recorded (``_replay.record``: op bodies kept to be
+#: replayed): each launch of that thread is appended to its list as (kernel, grid, args, meta).
+#: The args keep the run's tensors alive, so no two of them share an address.
+RECORD: list[tuple[int, list]] = []
+
+
+def _record(kernel, grid, args, meta) -> None:
+    me = threading.get_ident()
+    for tid, launches in RECORD:
+        if tid == me:
+            launches.append((kernel, grid, args, meta))
 
 
 def _is_fake(t: object) -> bool:
@@ -186,6 +198,8 @@ def launch(kernel, grid, *args, **meta) -> None:
     plain custom ops whose fake implementation is the same Python body, so a launch on fake
     tensors is skipped here.
     """
+    if RECORD:
+        _record(kernel, grid, args, meta)
     if (DIRECT and type(args[0]) in _PLAIN and not _dispatch_modes()
             and not torch.compiler.is_compiling()):
         if 0 not in grid:  # an empty batch: nothing to compute (reductions over it still launch)

@@ -379,6 +379,22 @@ def bn_add_relu(input, scale, shift, residual, res_scale, res_shift, res_channel
 def bn_bwd_reduce(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean, res_invstd,
                   g_out, mask_mode: int, has_xhat: bool):
     """Pass 1: (sum g, sum g*xhat or None, sum g*xhat_res or None); writes g to g_out if given."""
+    part, planes = bn_bwd_partials(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean,
+                                   res_invstd, g_out, mask_mode, has_xhat)
+    return bn_bwd_sums(part, planes, has_xhat, res_x is not None)
+
+
+def bn_bwd_sums(part, planes: int, has_xhat: bool, has_res: bool,
+                dtype: torch.dtype = torch.float32):
+    """bn_bwd_reduce's sums of ``bn_bwd_partials``' partials, in ``dtype`` (each the float32 sum
+    rounded once)."""
+    sums = sum_planes(part, planes, dtype)
+    return sums[0], sums[1] if has_xhat else None, sums[2] if has_res else None
+
+
+def bn_bwd_partials(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean, res_invstd,
+                    g_out, mask_mode: int, has_xhat: bool):
+    """bn_bwd_reduce's reduction launch: (float64 partials (3, programs, C), planes to sum)."""
     n, c, h, w = grad_out.shape
     m = n * h * w
     cfg = rows_config(m, c, 4 if res_x is not None else 3)
@@ -405,11 +421,7 @@ def bn_bwd_reduce(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean,
         BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
     )
     # planes 0 (g), 1 (g*xhat), 2 (g*xhat_res): the residual's only with xhat
-    sums = sum_planes(part, 3 if res_x is not None else 2 if has_xhat else 1)
-    gsum = sums[0]
-    gxsum = sums[1] if has_xhat else None
-    grsum = sums[2] if res_x is not None else None
-    return gsum, gxsum, grsum
+    return part, 3 if res_x is not None else 2 if has_xhat else 1
 
 
 def bn_bwd_apply(grad_out, out, x, scale, shift, mean, invstd, weight, gsum, gxsum,

@@ -61,13 +61,15 @@ def sum_rows(partials: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def sum_planes(partials: Tensor, planes: int) -> tuple[Tensor, ...]:
+def sum_planes(partials: Tensor, planes: int,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, ...]:
     """Column sums of the first ``planes`` (at most 3) planes of a (Q, P, L) partials tensor
-    (each plane's columns contiguous), as ``planes`` float32 (L,) tensors, in one launch: the
-    same fixed order, so the same bits, as sum_rows of each plane (one launch instead of
-    ``planes``: the statistics' sum and sum of squares, the BN backward's two or three sums)."""
+    (each plane's columns contiguous), as ``planes`` (L,) tensors, in one launch: the same fixed
+    order, so the same bits, as sum_rows of each plane (one launch instead of ``planes``: the
+    statistics' sum and sum of squares, the BN backward's two or three sums). ``dtype``: of the
+    outputs, each the float32 sum rounded once."""
     length = partials.shape[2]
-    outs = tuple(torch.empty(length, device=partials.device, dtype=torch.float32)
+    outs = tuple(torch.empty(length, device=partials.device, dtype=dtype)
                  for _ in range(planes))
     _launch(partials[:planes], outs)
     return outs

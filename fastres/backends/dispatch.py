@@ -243,6 +243,17 @@ class TritonBackend(Backend):
         # grad-enabled calls recorded by the extension's grad_node (csrc/grad_node.h)
         return (*make(), getattr(extension.load()[0], "grad_node", None))
 
+    def eager_unit(self):
+        # A training unit's forward and backward as launch plans (triton_kernels/unit.py),
+        # recorded in the autograd graph by the extension's grad_node (csrc/grad_node.h).
+        from fastres import triton_kernels  # noqa: PLC0415
+
+        make = getattr(triton_kernels, "eager_unit", None)
+        node = getattr(extension.load()[0], "grad_node", None)
+        if make is None or node is None:
+            return None
+        return (*make(), node)
+
 
 _TRITON_EAGER: list = []
 

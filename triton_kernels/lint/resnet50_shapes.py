@@ -95,3 +95,29 @@ def run_resnet50(ops, dtype_names, set_label) -> None:
                     else:  # stem and inner BNs: BN+ReLU (forward fused into the next conv)
                         ops.bn_add_relu(y, cv, cv, None, None, None, 0, True)
                         ops.bn_relu_bwd(go, y, cv, cv, cv, cv, cv, True)
+                    if dt != torch.float32:
+                        unit_bn_backward(go, y, cv, torch.empty(k, dtype=dt),
+                                         name.endswith("conv3"))
+
+
+def unit_bn_backward(go, y, cv, weight, last: bool) -> None:
+    """The training unit's BatchNorm backward launches for a 16-bit model
+    (triton_kernels/unit.py), where they differ from the ops': the BatchNorm weight in the
+    model's dtype (``weight``), and one more column sum of the partials in it (the gradients).
+    ``last``: the unit's last BatchNorm, with the identity and with the downsample's BatchNorm
+    as residual; else an inner one (its ReLU recomputed from the scale and shift)."""
+    from .. import bn  # noqa: PLC0415
+    from ..reduce import sum_planes  # noqa: PLC0415
+
+    cases = ([(None, torch.empty_like(go)), (y, None)] if last else [(None, None)])
+    for res, g in cases:
+        rv = cv if res is not None else None
+        pro = None if last else cv
+        mask = 1 if last else 2
+        part, planes = bn.bn_bwd_partials(go, y if last else None, y, pro, pro, cv, cv, res, rv,
+                                          rv, g, mask, True)
+        sums = sum_planes(part, planes)
+        sum_planes(part, planes, weight.dtype)
+        bn.bn_bwd_apply(go, y if last else None, y, pro, pro, cv, cv, weight, sums[0], sums[1],
+                        res, rv, rv, weight if res is not None else None,
+                        sums[2] if res is not None else None, mask)
