@@ -3,14 +3,23 @@
 // AMD EPYC, loaded; ~0.5 µs here).
 //
 //   tensor_sig(tensors) -> bytes: per entry its dtype and device (type, index), None marked
+//   tensor_ptrs(tensors) -> bytes | None: every data pointer, packed; None when one is absent
+//   tensor_key(tensor) -> bytes: dtype, device, sizes, strides and the data pointer mod 16
 //
-// Used by fastres/nn/train_plan.py: a plan holds while its tensors keep the dtypes and devices
-// they had (.to() changes a Parameter in place). Include in exactly one translation unit.
+// tensor_sig: fastres/nn/train_plan.py, a plan holds while its tensors keep the dtypes and devices
+// they had (.to() changes a Parameter in place). tensor_ptrs: the Triton launch plans
+// (triton_kernels/block.py, unit.py), whose layouts are re-checked only when a pointer moved (a
+// block's 15-20 tensors: 1.7 µs through Tensor.data_ptr in Python, ~0.2 µs here). tensor_key: a
+// plan's input check in one call (the same five reads from Python: ~1.2 µs;
+// fastres/nn/eval_fast.py, triton_kernels/block.py). Include in exactly one translation unit.
 #pragma once
 
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstdint>
+#include <cstring>
 #include <string>
 
 namespace fastres {
@@ -42,10 +51,67 @@ inline PyObject* tensor_sig_py(PyObject*, PyObject* tup) {
   return PyBytes_FromStringAndSize(sig.data(), static_cast<Py_ssize_t>(sig.size()));
 }
 
-#define FASTRES_HOST_PATH_METHODS                                                         \
-  {                                                                                       \
-    "tensor_sig", fastres::host_path::tensor_sig_py, METH_O,                              \
-        "tensor_sig(tensors) -> bytes: each tensor's dtype and device (csrc/host_path.h)" \
+inline PyObject* tensor_ptrs_py(PyObject*, PyObject* seq) {
+  HANDLE_TH_ERRORS
+  PyObject* fast = PySequence_Fast(seq, "fastres tensor_ptrs: expected a sequence of tensors");
+  if (fast == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  std::string out(static_cast<size_t>(n) * sizeof(std::uintptr_t), '\0');
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* v = PySequence_Fast_GET_ITEM(fast, i);
+    if (!THPVariable_Check(v)) {
+      Py_DECREF(fast);
+      if (v == Py_None) Py_RETURN_NONE;
+      PyErr_SetString(PyExc_TypeError, "fastres tensor_ptrs: expected a sequence of tensors");
+      return nullptr;
+    }
+    std::uintptr_t p = 0;
+    try {  // a tensor without storage (a subclass) raises as Tensor.data_ptr does
+      p = reinterpret_cast<std::uintptr_t>(THPVariable_Unpack(v).data_ptr());
+    } catch (...) {
+      Py_DECREF(fast);
+      throw;
+    }
+    std::memcpy(&out[static_cast<size_t>(i) * sizeof p], &p, sizeof p);
+  }
+  Py_DECREF(fast);
+  return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
+  END_HANDLE_TH_ERRORS
+}
+
+inline PyObject* tensor_key_py(PyObject*, PyObject* v) {
+  HANDLE_TH_ERRORS
+  if (!THPVariable_Check(v)) {
+    PyErr_SetString(PyExc_TypeError, "fastres tensor_key: expected a tensor");
+    return nullptr;
+  }
+  const at::Tensor& t = THPVariable_Unpack(v);
+  const c10::Device d = t.device();
+  const auto sizes = t.sizes();
+  const auto strides = t.strides();
+  std::string key;
+  key.reserve(4 + 16 * sizes.size() + 8);
+  key.push_back(static_cast<char>(t.scalar_type()));
+  key.push_back(static_cast<char>(d.type()));
+  key.push_back(static_cast<char>(d.index()));
+  key.push_back(static_cast<char>(sizes.size()));
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const int64_t pair[2] = {sizes[i], strides[i]};
+    key.append(reinterpret_cast<const char*>(pair), sizeof pair);
+  }
+  key.push_back(static_cast<char>(reinterpret_cast<std::uintptr_t>(t.data_ptr()) & 15));
+  return PyBytes_FromStringAndSize(key.data(), static_cast<Py_ssize_t>(key.size()));
+  END_HANDLE_TH_ERRORS
+}
+
+#define FASTRES_HOST_PATH_METHODS                                                              \
+  {"tensor_sig", fastres::host_path::tensor_sig_py, METH_O,                                    \
+   "tensor_sig(tensors) -> bytes: each tensor's dtype and device (csrc/host_path.h)"},         \
+  {"tensor_ptrs", fastres::host_path::tensor_ptrs_py, METH_O,                                  \
+   "tensor_ptrs(tensors) -> bytes | None: the data pointers, packed (csrc/host_path.h)"},      \
+  {                                                                                            \
+    "tensor_key", fastres::host_path::tensor_key_py, METH_O,                                   \
+        "tensor_key(tensor) -> bytes: dtype, device, sizes, strides, pointer mod 16"           \
   }
 
 }  // namespace host_path

@@ -44,6 +44,7 @@ def block_call(run, node, spec, convs, eps, n_main: int, backend: str):
         node(backward, meta, "BlockEvalBackward", (out,), (x, *ts), (x, *outs, *ts))
         return out
 
+    call.parts = (run, node, spec, meta)  # for fastres.nn.fast_path, which writes call out
     return call
 
 

@@ -118,7 +118,8 @@ class _Plan:
         self.vec_shape = vec_shape  # the buffer of scales, shifts and rounded weights
 
 
-def _input_sig(x: Tensor) -> tuple:
+def _input_sig(x: Tensor) -> tuple | bytes:
+    """dtype, device, shape, strides and alignment (see :func:`use_host_readers`)."""
     return x.dtype, x.device, x.shape, x.stride(), x.data_ptr() & 15
 
 
@@ -131,13 +132,25 @@ def _signature(ts) -> tuple:
 _data_ptr = Tensor.data_ptr
 
 
-def _pointers(ts) -> list | None:
-    """Every tensor's data pointer (None when one is absent: no plan has such a tensor). One
-    C-level map: ~40% less than a comprehension over the ~20 tensors of a block."""
+def _pointers(ts) -> list | bytes | None:
+    """Every tensor's data pointer (None when one is absent: no plan has such a tensor), compared
+    only with what this function returned before. One C-level map: ~40% less than a
+    comprehension over the ~20 tensors of a block; :func:`use_host_readers` installs the
+    extension's ``tensor_ptrs`` (csrc/host_path.h), another ~85%."""
     try:
         return list(map(_data_ptr, ts))
     except TypeError:
         return None
+
+
+def use_host_readers(pointers, key) -> None:
+    """Read the tensors' data pointers with ``pointers`` (``fastres._C.tensor_ptrs``: packed
+    bytes, None when a tensor is absent) and an input's signature with ``key``
+    (``fastres._C.tensor_key``) instead of :func:`_pointers`' and :func:`_input_sig`'s Python;
+    the backend installs them once the extension loads (fastres/backends/dispatch.py). Plans
+    made before compare unequal once, then re-check their layouts and keep the new form."""
+    global _pointers, _input_sig
+    _pointers, _input_sig = pointers, key
 
 
 def _order(spec: _Spec) -> list[int]:

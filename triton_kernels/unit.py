@@ -47,7 +47,8 @@ from . import _common, _direct, _ops
 from . import bn as _bn
 from ._common import empty_like_format, memory_format_of
 from ._replay import record
-from .block import _pointers, _signature
+from . import block as _block
+from .block import _signature
 
 __all__ = ["stats", "unit_backward", "unit_forward", "unit_spec"]
 
@@ -122,15 +123,14 @@ _allow_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32,
 def _key(x: Tensor) -> tuple:
     """The shape class of a call: ``x``'s, and what decides float32's dot precision
     (_common.dot_precision); the parameters' are checked against the plan (_find)."""
-    return (x.dtype, x.device, x.shape, x.stride(), x.data_ptr() & 15, _allow_tf32(),
-            _common.EMULATE_TF32)
+    return _block._input_sig(x), _allow_tf32(), _common.EMULATE_TF32
 
 
 def _find(plans: dict, key: tuple, stable) -> _Plan | None:
     """The plan of ``key`` if the tensors ``stable`` still fit it."""
     plan = plans.get(key)
     if plan is not None:
-        ptrs = _pointers(stable)
+        ptrs = _block._pointers(stable)
         if ptrs is None or ptrs != plan.ptrs:
             if _signature(stable) != plan.sig:
                 return None
@@ -141,7 +141,7 @@ def _find(plans: dict, key: tuple, stable) -> _Plan | None:
 def _keep(plans: dict, key: tuple, seg, stable) -> _Plan:
     if len(plans) >= MAX_PLANS:
         plans.clear()
-    plan = plans[key] = _Plan(seg, _pointers(stable), _signature(stable))
+    plan = plans[key] = _Plan(seg, _block._pointers(stable), _signature(stable))
     return plan
 
 

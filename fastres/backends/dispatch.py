@@ -240,8 +240,10 @@ class TritonBackend(Backend):
         make = getattr(triton_kernels, "eager_block", None)
         if make is None:
             return None
+        entry = make()
+        _triton_pointer_reader()
         # grad-enabled calls recorded by the extension's grad_node (csrc/grad_node.h)
-        return (*make(), getattr(extension.load()[0], "grad_node", None))
+        return (*entry, getattr(extension.load()[0], "grad_node", None))
 
     def eager_unit(self):
         # A training unit's forward and backward as launch plans (triton_kernels/unit.py),
@@ -252,7 +254,21 @@ class TritonBackend(Backend):
         node = getattr(extension.load()[0], "grad_node", None)
         if make is None or node is None:
             return None
-        return (*make(), node)
+        entry = make()
+        _triton_pointer_reader()
+        return (*entry, node)
+
+
+def _triton_pointer_reader() -> None:
+    """The Triton launch plans read their tensors' data pointers and their inputs' signatures
+    with the extension's tensor_ptrs and tensor_key (csrc/host_path.h) where it has them."""
+    mod = extension.load()[0]
+    ptrs, key = getattr(mod, "tensor_ptrs", None), getattr(mod, "tensor_key", None)
+    if ptrs is not None and key is not None:
+        from fastres.triton_kernels import block  # noqa: PLC0415
+
+        if block._pointers is not ptrs:
+            block.use_host_readers(ptrs, key)
 
 
 _TRITON_EAGER: list = []

@@ -73,6 +73,7 @@ from fastres.functional import (
     versions,
 )
 from fastres.nn._fused import _onnx_exporting, global_hooks
+from fastres.nn.fast_path import make_eval_fast
 
 #: The largest bound a pre-activation may have for the post-op ReLU: far below float32's and
 #: bfloat16's 3.4e38, so rounding (2^-8 relative per stored bf16 value, accumulation order)
@@ -111,7 +112,7 @@ class EvalPlan:
     __slots__ = ("mods", "dtype", "device", "shape", "channels_last", "backend_env", "bns",
                  "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "eps", "sources",
                  "frozen", "live", "grad", "m_max", "finite_op", "absmax", "into_op", "direct",
-                 "subtree", "eager")
+                 "subtree", "eager", "fast")
 
     def __init__(self, block: nn.Module, x: Tensor, steps, shortcut, wdt, bdt, fmt,
                  folds, all_cpu: bool) -> None:
@@ -154,6 +155,7 @@ class EvalPlan:
         self.sources = None if folds is None else _sources(self.convs, self.bns, self.frozen)
         self.m_max, self.finite_op, self.absmax, self.into_op = math.nan, None, None, None
         self.direct = None
+        self.fast = None  # the steady-state call written out (fastres.nn.fast_path)
         self.eager = False
         if all_cpu and shortcut_bound_known(shortcut):
             ns = getattr(torch.ops, "fastres_cpu", None)
@@ -236,6 +238,7 @@ class EvalPlan:
                                           backend.name), None, slots)
             else:
                 plan.direct = (run, spec, slots)
+            plan.fast = make_eval_fast(plan, block, x)
         return plan
 
     def call(self, block: nn.Module, x, donate: bool = False) -> Tensor | None:
@@ -243,6 +246,11 @@ class EvalPlan:
         then decides): the forward's checks before a plan runs (not traced, exported or
         compiled, no hook inside the block, eval without autocast) and the plan's own, in one
         pass. A submodule replaced since the plan was made fails the plan's check."""
+        fast = self.fast
+        if fast is not None:  # the same checks, stricter, then the direct call
+            out = fast(block, x)
+            if out is not None:
+                return out
         # plain_call's and applies' tests in one expression (autocast: _valid); ~0.2 µs per
         # call and module saved against calling them, which a 25 µs budget per block notices.
         if (type(x) is not Tensor or block.training or torch.compiler.is_compiling()

@@ -35,6 +35,7 @@ from fastres._autograd_unit import c_spec, unit_call
 from fastres.backends import extension
 from fastres.nn._fused import global_hooks, plain_call
 from fastres.nn.eval_plan import _read, _slot
+from fastres.nn.fast_path import make_train_fast
 
 __all__ = ["TrainPlan"]
 
@@ -55,7 +56,7 @@ class TrainPlan:
 
     __slots__ = ("mods", "subtree", "dtype", "device", "shape", "channels_last", "backend_env",
                  "bns", "convs", "bn_hyper", "slots", "tensor_sig", "spec", "entry", "node",
-                 "cs", "ds_mods")
+                 "cs", "ds_mods", "fast")
 
     def __init__(self, block, x, pairs, ds_pair, stages, spec, entry) -> None:
         self.mods = tuple(block._modules.values())
@@ -76,6 +77,8 @@ class TrainPlan:
         self.tensor_sig = self._sig(self._tensors())
         self.spec, self.entry, self.node = spec, entry[:3], entry[3]
         self.cs = c_spec(spec, entry[0])  # the C++ unit's spec, made once
+        # the steady-state call written out (fastres.nn.fast_path)
+        self.fast = make_train_fast(self, block, x, unit_call)
 
     @staticmethod
     def build(block, x: Tensor, pairs, ds_pair, stages, spec: _UnitSpec, backend):
@@ -106,6 +109,11 @@ class TrainPlan:
 
     def call(self, block: nn.Module, x) -> Tensor | None:
         """The block's training output, or None when the plan does not apply."""
+        fast = self.fast
+        if fast is not None:  # the same checks, stricter, then the unit
+            out = fast(block, x)
+            if out is not None:
+                return out
         if (type(x) is not Tensor or plain_call(x) or global_hooks()
                 or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
                 or not block.training

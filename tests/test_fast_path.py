@@ -1,0 +1,175 @@
+"""The plans' steady-state calls written out (fastres/nn/fast_path.py) and the C checks they use
+(csrc/host_path.h): the written-out call serves what the plan serves, with the same bits, and
+answers None (the plan's own checks then decide) wherever anything the plan decided on changed.
+
+Run on cudasim (the CUDA launchers and kernels on the CPU), whose plans have a direct entry.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from dispatch_log import OpLog
+from unit_steps import block as _block
+
+import fastres
+from fastres import backends
+from fastres.backends import extension
+from fastres.harness.rule import allow_tf32, assert_close_rule, randomise_bn
+from fastres.nn._fused import _FusedMixin
+
+pytestmark = pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_reason()),
+                                reason="cudasim is not built")
+
+CL = torch.channels_last
+
+
+@pytest.fixture
+def live(monkeypatch):
+    """cudasim forced, eval as on a GPU (no fold cache): the plans with a direct entry."""
+    monkeypatch.setenv("FASTRES_BACKEND", "cudasim")
+    monkeypatch.setattr(_FusedMixin, "_fold_cacheable", staticmethod(lambda conv, bn: False))
+
+
+def _eval_block(kind="downsample", grad=False):
+    tv = randomise_bn(_block(kind)).eval()
+    ours = fastres.convert(copy.deepcopy(tv)).eval().to(memory_format=CL)
+    x = torch.randn(2, tv.conv1.in_channels, 9, 9).contiguous(memory_format=CL)
+    with torch.set_grad_enabled(grad):
+        ours(x)
+    plan = ours.__dict__["_eval_plan"]
+    assert plan is not None and plan.fast is not None
+    return tv.to(memory_format=CL), ours, x, plan
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("kind", ["bottleneck", "downsample", "basic"])
+def test_eval_fast_serves_with_the_plans_bits(kind, grad, live):
+    tv, ours, x, plan = _eval_block(kind, grad)
+    served = []
+    fast = plan.fast
+
+    def counted(block, xi):
+        out = fast(block, xi)
+        served.append(out is not None)
+        return out
+
+    plan.fast = counted
+    with torch.set_grad_enabled(grad), allow_tf32(False):
+        got = ours(x)
+        plan.fast = None  # the plan's own checks and call
+        want = ours(x)
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_close_rule(f"fast {kind}", got, tv(x), ref, torch.float32)
+    assert served == [True]
+    assert torch.equal(got, want)
+    if grad:
+        assert got.grad_fn.name() == "BlockEvalBackward"
+        got.sum().backward()
+        assert ours.conv1.weight.grad is not None
+
+
+def test_eval_fast_steps_aside(live, monkeypatch):
+    """Each thing a plan decided on, changed: the written-out call answers None."""
+    tv, ours, x, plan = _eval_block()
+    fast = plan.fast
+    with torch.no_grad():
+        assert fast(ours, x) is not None
+        assert fast(ours, x.contiguous()) is None  # other strides
+        assert fast(ours, x.double()) is None
+        assert fast(ours, torch.randn(3, 32, 9, 9).contiguous(memory_format=CL)) is None
+        h = ours.downsample[1].register_forward_pre_hook(lambda m, i: None)
+        assert fast(ours, x) is None
+        h.remove()
+        h = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+        assert fast(ours, x) is None
+        h.remove()
+        ours.bn2.eps = 1e-3
+        assert fast(ours, x) is None
+        ours.bn2.eps = 1e-5
+        ours.bn3.train()
+        assert fast(ours, x) is None
+        ours.bn3.eval()
+        ours.conv2.bias = torch.nn.Parameter(torch.zeros(16))
+        assert fast(ours, x) is None
+        ours.conv2.bias = None
+        conv = ours.downsample[0]
+        ours.downsample[0] = copy.deepcopy(conv)
+        assert fast(ours, x) is None
+        ours.downsample[0] = conv
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fast(ours, x) is None
+        with OpLog():
+            assert fast(ours, x) is None
+        monkeypatch.setenv("FASTRES_EVAL_PLAN", "1")  # on, but spelled otherwise than before
+        assert fast(ours, x) is None
+        monkeypatch.delenv("FASTRES_EVAL_PLAN")
+        monkeypatch.setenv("FASTRES_BACKEND", "reference")
+        assert fast(ours, x) is None
+        monkeypatch.setenv("FASTRES_BACKEND", "cudasim")
+        assert fast(ours, x) is not None
+        ours.train()
+        assert fast(ours, x) is None
+    # with autograd needed, a plan made without it steps aside
+    assert fast(ours.eval(), x) is None
+    assert fast(ours, x.requires_grad_()) is None
+
+
+def test_eval_fast_reads_the_tensors_now(live):
+    """.data writes and new Parameters reach the written-out call: it reads the module dicts."""
+    tv, ours, x, plan = _eval_block()
+    with torch.no_grad(), allow_tf32(False):
+        for m in (tv, ours):
+            m.conv3.weight.data.mul_(-2.0)
+            m.bn1.running_mean.data = m.bn1.running_mean + 0.5
+            m.conv1.weight = torch.nn.Parameter(m.conv1.weight.detach() * 0.5)
+        got = plan.fast(ours, x)
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_close_rule("fast after writes", got, tv(x), ref, torch.float32)
+
+
+def test_train_fast_serves_and_steps_aside(live):
+    tv = randomise_bn(_block("downsample")).train()
+    ours = fastres.convert(copy.deepcopy(tv)).train()
+    x = torch.randn(2, 32, 9, 9)
+    with allow_tf32(False):
+        ours(x)
+        plan = ours.__dict__["_train_plan"]
+        assert plan is not None and plan.fast is not None
+        out = plan.fast(ours, x)
+        assert out is not None and out.grad_fn.name() == "ResidualUnitBackward"
+        ours.bn1.momentum = 0.3
+        assert plan.fast(ours, x) is None
+        ours.bn1.momentum = 0.1
+        ours.eval()
+        assert plan.fast(ours, x) is None
+        ours.train()
+        ours.bn2.float()  # unchanged: float32 already
+        assert plan.fast(ours, x) is not None
+        ours.bn2.double()
+        assert plan.fast(ours, x) is None
+
+
+def test_host_path_readers():
+    mod = extension.load()[0]
+    if not hasattr(mod, "tensor_key"):
+        pytest.skip("fastres._C without tensor_key")
+    a = torch.randn(2, 3, 4, 5)
+    b = a.contiguous(memory_format=CL)
+    assert mod.tensor_key(a) == mod.tensor_key(a.clone())
+    assert mod.tensor_key(a) != mod.tensor_key(b)  # strides
+    assert mod.tensor_key(a) != mod.tensor_key(a.double())
+    assert mod.tensor_key(a) != mod.tensor_key(torch.randn(2, 3, 4, 6))
+    shifted = torch.randn(121)[1:].view(2, 3, 4, 5)
+    assert mod.tensor_key(a) != mod.tensor_key(shifted)  # alignment
+    with pytest.raises(TypeError):
+        mod.tensor_key(None)
+    ptrs = mod.tensor_ptrs((a, b))
+    assert ptrs == mod.tensor_ptrs([a, b])
+    assert int.from_bytes(ptrs[:8], "little") == a.data_ptr()
+    assert int.from_bytes(ptrs[8:], "little") == b.data_ptr()
+    assert mod.tensor_ptrs((a, None)) is None
+    with pytest.raises(TypeError):
+        mod.tensor_ptrs((a, 3))
