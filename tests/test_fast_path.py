@@ -173,3 +173,18 @@ def test_host_path_readers():
     assert mod.tensor_ptrs((a, None)) is None
     with pytest.raises(TypeError):
         mod.tensor_ptrs((a, 3))
+
+
+def test_plans_stay_with_their_block(live):
+    """A plan (and its written-out call, which holds the block's modules) is not carried into a
+    copy made by convert or revert, nor left on a reverted module."""
+    tv = randomise_bn(_block("bottleneck")).train()
+    ours = fastres.convert(copy.deepcopy(tv)).train()
+    ours(torch.randn(2, 64, 9, 9))
+    assert ours.__dict__.get("_train_plan") is not None
+    copied = fastres.revert(ours)  # a copy
+    assert "_train_plan" not in copied.__dict__
+    again = fastres.convert(copied)
+    assert "_train_plan" not in again.__dict__
+    fastres.revert(ours, inplace=True)
+    assert "_train_plan" not in ours.__dict__

@@ -179,7 +179,8 @@ def _block_types() -> tuple[type, ...]:
 
 
 #: Attributes a fused module holds that its plain class does not (fastres.nn._fused._FusedMixin).
-_FUSED_STATE = ("_fold_cache", "_eval_plan", "_fr_handle", "_stem_bound", "_fr_frozen")
+_FUSED_STATE = ("_fold_cache", "_eval_plan", "_train_plan", "_fr_handle", "_stem_bound",
+                "_fr_frozen")
 
 
 # ------------------------------------------------------------------------------ accounting
@@ -289,6 +290,7 @@ def _clone(model: nn.Module) -> nn.Module:
         if "_fold_cache" in d:
             d["_fold_cache"] = {}
         d.pop("_eval_plan", None)
+        d.pop("_train_plan", None)
         d.pop("_stem_bound", None)
         return new
 
