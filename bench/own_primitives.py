@@ -2,15 +2,16 @@
 torch.compile, in one process, providers alternating round by round (A B A B ...), so both see
 the machine alike; each figure is the median over rounds with the min and max.
 
-    python bench/own_primitives.py [--cases peak threads tiny residual block resnet50 compile
-                                    resnet50_ab]
+    python bench/own_primitives.py [--cases peak threads tiny residual block block_train
+                                    resnet50 compile resnet50_ab]
 
 peak: this CPU's torch.mm fp32/bf16 GFLOP/s and copy GB/s (bench/cpu_profile.py), the floors'
 rates. threads: OpenMP runtimes mapped and threads alive, own path on and off. tiny: per-call us
 of a 1x1 conv + bias + ReLU on 1x64x4x4 channels_last (the work is nothing: the per-call
 overhead). residual: the ways of adding a residual. block: converted torchvision
 Bottleneck(256, 64) eval on 8x256x56x56 channels_last (no_grad), fp32 and bf16, with its compute
-floor at torch.mm's rate. resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. compile: a
+floor at torch.mm's rate. block_train: the same block's training step (forward, sum, backward)
+against eager and torch.compile. resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. compile: a
 converted ResNet-50 (N=1) and Bottleneck eager against torch.compile of them (default, and with
 Inductor's freezing), and the weight reorders per call. resnet50_ab: ResNet-50 eval, N=1 and 8:
 fastres, fastres + torch.compile, torchvision compiled with Inductor's freezing, eager. The own path
@@ -261,6 +262,31 @@ def case_threads(args, peak) -> None:
     torch.ops.fastres_cpu.set_own_primitives(True)
 
 
+def case_block_train(args, peak) -> None:
+    """A converted Bottleneck(256, 64)'s training step (forward, sum, backward; gradients reset
+    untimed by set_to_none) on 8x256x56x56, against eager torchvision and its torch.compile:
+    the issue's single-block training bar (1.15x eager)."""
+    for dn, dt in DTYPES.items():
+        torch.manual_seed(0)
+        tv = torchvision.models.resnet.Bottleneck(256, 64).train().to(dtype=dt,
+                                                                      memory_format=CL)
+        fr = fastres.convert(copy.deepcopy(tv))
+        comp = torch.compile(copy.deepcopy(tv))
+        x = torch.randn(8, 256, 56, 56, dtype=dt).contiguous(memory_format=CL)
+
+        def step(m):
+            def f():
+                m(x).float().sum().backward()
+                for p in m.parameters():
+                    p.grad = None
+            return f
+
+        res = _alternate({"fastres own": (True, step(fr)), "fastres aten": (False, step(fr)),
+                          "torch.compile": (True, step(comp)), "eager": (True, step(tv))},
+                         3, args.rounds)
+        _report(f"Bottleneck(256, 64) training step 8x256x56x56 {dn}", res)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,7 +304,8 @@ def main(argv=None) -> None:
           f"{torch.__version__}, {built}, {args.threads} threads, load average at start "
           f"{os.getloadavg()}")
     peak = case_peak(args) if "peak" in args.cases else None
-    for name in ("threads", "tiny", "residual", "block", "resnet50", "compile", "resnet50_ab"):
+    for name in ("threads", "tiny", "residual", "block", "block_train", "resnet50", "compile",
+                 "resnet50_ab"):
         if name in args.cases:
             globals()[f"case_{name}"](args, peak)
     print(f"load average at end {os.getloadavg()}")

@@ -86,6 +86,9 @@ inline PyObject* tensor_key_py(PyObject*, PyObject* v) {
     return nullptr;
   }
   const at::Tensor& t = THPVariable_Unpack(v);
+  // Not a plain strided tensor with storage (sparse, mkldnn, a wrapper without storage): a key
+  // no strided tensor has, so that a plan made for one never matches it.
+  if (t.layout() != c10::kStrided || !t.has_storage()) return PyBytes_FromString("");
   const c10::Device d = t.device();
   const auto sizes = t.sizes();
   const auto strides = t.strides();

@@ -166,6 +166,10 @@ def test_host_path_readers():
     assert mod.tensor_key(a) != mod.tensor_key(shifted)  # alignment
     with pytest.raises(TypeError):
         mod.tensor_key(None)
+    # not strided: a key no strided tensor has (a plan never matches it), not an error
+    assert mod.tensor_key(a.to_sparse()) == b""
+    if torch.backends.mkldnn.is_available():
+        assert mod.tensor_key(a.to_mkldnn()) == b""
     ptrs = mod.tensor_ptrs((a, b))
     assert ptrs == mod.tensor_ptrs([a, b])
     assert int.from_bytes(ptrs[:8], "little") == a.data_ptr()
