@@ -26,6 +26,10 @@ A plan applies while everything it depends on is unchanged:
   BN's ``eps`` is the plan's. A frozen block (``fastres.freeze``) compares their identities,
   version counters and data pointers instead: writes through ``.data`` are not seen.
 
+A plan whose backend has a whole-block entry (``direct``) also writes its steady-state call out
+as one generated function (``fast``, fastres.nn.fast_path): the same checks, stricter, then the
+direct call; where it answers None, :meth:`EvalPlan.call` checks as below.
+
 Otherwise a new plan is built. Where none can serve (a fold that would move NaN/Inf, a
 FrozenBatchNorm2d that promotes the output dtype, only the reference path for the input), and
 for autocast and traces, the block's full path runs each convolution through ``_eval_conv``.

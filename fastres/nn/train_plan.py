@@ -20,7 +20,9 @@ statistics, the shortcut is the identity or a conv + BN downsample. It applies w
   BN tensor has the plan's dtype and device (``.to()`` changes a Parameter in place);
 * ``FASTRES_BACKEND`` is what it was.
 
-Otherwise the block's full training path runs (and makes a new plan when it can).
+Otherwise the block's full training path runs (and makes a new plan when it can). The steady state
+runs as one generated function per plan (``fast``, fastres.nn.fast_path): the same checks,
+stricter, then the unit; where it answers None, :meth:`TrainPlan.call` checks as above.
 """
 
 from __future__ import annotations
