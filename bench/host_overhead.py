@@ -27,7 +27,8 @@ wall time, which grows when the thread is descheduled; the host time is thread t
 estimates the host path, it is not an exact figure. The budgets, per block call:
 host <= 25 µs eval and <= 120 µs for a training step, no sync, launches no more than the
 convolutions plus one per BatchNorm reduction (``launch_budget``), allocations at most half of
-torchvision's in the same run; the exit status is the number of fastres rows that miss one. The Triton backend's rows come from ``bench/host_overhead_triton.py``
+torchvision's in the same run; the exit status is the number of fastres rows that miss one.
+The Triton backend's rows come from ``bench/host_overhead_triton.py``
 (Triton's real eager launch path over a fake sm_90 driver, run as a process of its own).
 
 Training rows run at N=1 (``--train-batch``): a training step's host path does not depend on

@@ -44,10 +44,10 @@ import torch
 from torch import Tensor
 
 from . import _common, _direct, _ops
+from . import block as _block
 from . import bn as _bn
 from ._common import empty_like_format, memory_format_of
 from ._replay import record
-from . import block as _block
 from .block import _signature
 
 __all__ = ["stats", "unit_backward", "unit_forward", "unit_spec"]

@@ -61,8 +61,8 @@ class Backend:
         return [why] if why else []
 
     def op(self, name: str) -> Callable[..., object]:
-        """One op of the set (a name in OP_NAMES), signature as in fastres/_opset.py. Plain attribute
-        look-ups only, so torch.compile traces through it."""
+        """One op of the set (a name in OP_NAMES), signature as in fastres/_opset.py. Plain
+        attribute look-ups only, so torch.compile traces through it."""
         raise NotImplementedError
 
     def eager_block(self):
