@@ -90,17 +90,8 @@ struct Primitive {
   std::map<std::vector<int64_t>, dnnl::reorder> reorders;
 };
 
-// Kept primitives at most: ResNet-50 at one batch size and dtype needs 25 (measured: 24 after
-// the first call, one more after the second), plus a few per post-op chain.
-constexpr size_t kMaxPrimitives = 1024;
-
-struct Cache {
-  std::mutex mu;
-  std::map<std::vector<int64_t>, std::shared_ptr<Primitive>> prims;
-};
-
-Cache& cache() {
-  static Cache* c = new Cache();  // leaked: used until exit
+PrimitiveCache<Primitive>& cache() {
+  static auto* c = new PrimitiveCache<Primitive>();  // leaked: used until exit
   return *c;
 }
 
@@ -220,22 +211,9 @@ bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
   key.push_back(accumulate);
   key.push_back(relu);
   key.push_back(at::get_num_threads());
-  std::shared_ptr<Primitive> p;
-  {
-    Cache& c = cache();
-    std::lock_guard<std::mutex> lock(c.mu);
-    auto it = c.prims.find(key);
-    if (it != c.prims.end()) {
-      p = it->second;
-      ++g_reused;
-    } else {
-      if (c.prims.size() >= kMaxPrimitives) {
-        c.prims.clear();  // a shape-changing workload: start over (calls in flight hold theirs)
-      }
-      p = make_primitive(input, weight, b, out, accumulate, relu, stride, padding, dilation);
-      c.prims.emplace(key, p);
-    }
-  }
+  const std::shared_ptr<Primitive> p = cache().get(std::move(key), [&] {
+    return make_primitive(input, weight, b, out, accumulate, relu, stride, padding, dilation);
+  });
   if (!p->ok) {
     return false;
   }
@@ -276,28 +254,21 @@ std::string dnnl_version_str() {
 }
 
 std::string dnnl_impl_of(const std::vector<int64_t>& key_prefix) {
-  Cache& c = cache();
-  std::lock_guard<std::mutex> lock(c.mu);
-  for (const auto& [k, p] : c.prims) {
-    if (p->ok && k.size() >= key_prefix.size() &&
+  std::string impl;
+  cache().find_if([&](const std::vector<int64_t>& k, const Primitive& p) {
+    if (p.ok && k.size() >= key_prefix.size() &&
         std::equal(key_prefix.begin(), key_prefix.end(), k.begin())) {
-      return p->impl;
+      impl = p.impl;
+      return true;
     }
-  }
-  return "";
+    return false;
+  });
+  return impl;
 }
 
-int64_t dnnl_cache_size() {
-  Cache& c = cache();
-  std::lock_guard<std::mutex> lock(c.mu);
-  return static_cast<int64_t>(c.prims.size());
-}
+int64_t dnnl_cache_size() { return cache().size(); }
 
-void dnnl_cache_clear() {
-  Cache& c = cache();
-  std::lock_guard<std::mutex> lock(c.mu);
-  c.prims.clear();
-}
+void dnnl_cache_clear() { cache().clear(); }
 
 #else  // no oneDNN headers at build time: the ATen path serves every call
 

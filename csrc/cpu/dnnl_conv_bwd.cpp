@@ -46,15 +46,8 @@ struct BwdPrimitive {
   std::map<std::vector<int64_t>, dnnl::reorder> reorders;
 };
 
-constexpr size_t kMaxPrimitives = 1024;
-
-struct BwdCache {
-  std::mutex mu;
-  std::map<std::vector<int64_t>, std::shared_ptr<BwdPrimitive>> prims;
-};
-
-BwdCache& cache() {
-  static BwdCache* c = new BwdCache();  // leaked: used until exit
+PrimitiveCache<BwdPrimitive>& cache() {
+  static auto* c = new PrimitiveCache<BwdPrimitive>();  // leaked: used until exit
   return *c;
 }
 
@@ -110,6 +103,13 @@ std::shared_ptr<BwdPrimitive> make(Kind kind, at::IntArrayRef act_sizes,
   const memory::dims st = dims_of(stride), pad = dims_of(padding);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // torch's allocator, thread-safe
+  // The primitive, the weights' layout it reads (data) or writes (weights), its scratchpad.
+  auto keep = [&](dnnl::primitive prim, const auto& pd, const memory::desc& weights_md) {
+    p->prim = std::move(prim);
+    p->weights_md = weights_md;
+    p->scratch_md = pd.scratchpad_desc();
+    p->impl = pd.impl_info_str();
+  };
   try {
     const auto hint = forward_hint(act, memory::desc(dims_of(weight.sizes()), d,
                                                      memory::format_tag::any),
@@ -119,20 +119,14 @@ std::shared_ptr<BwdPrimitive> make(Kind kind, at::IntArrayRef act_sizes,
       dnnl::convolution_backward_data::desc bd(dnnl::algorithm::convolution_direct, act, wei,
                                                dst, st, dil, pad, pad);
       dnnl::convolution_backward_data::primitive_desc pd(bd, attr, dnnl_engine(), hint);
-      p->prim = dnnl::convolution_backward_data(pd);
-      p->weights_md = pd.weights_desc();
-      p->scratch_md = pd.scratchpad_desc();
-      p->impl = pd.impl_info_str();
+      keep(dnnl::convolution_backward_data(pd), pd, pd.weights_desc());
     } else {
       // grad_weight accumulated and written in float32, then reordered into the weight's dtype
       const memory::desc wei(dims_of(weight.sizes()), dt::f32, memory::format_tag::any);
       dnnl::convolution_backward_weights::desc bw(dnnl::algorithm::convolution_direct, act, wei,
                                                   dst, st, dil, pad, pad);
       dnnl::convolution_backward_weights::primitive_desc pd(bw, attr, dnnl_engine(), hint);
-      p->prim = dnnl::convolution_backward_weights(pd);
-      p->weights_md = pd.diff_weights_desc();
-      p->scratch_md = pd.scratchpad_desc();
-      p->impl = pd.impl_info_str();
+      keep(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc());
     }
   } catch (const dnnl::error&) {
     return p;  // no implementation for this case: ATen's path
@@ -149,22 +143,9 @@ std::shared_ptr<BwdPrimitive> lookup(Kind kind, at::IntArrayRef act_sizes,
                                      at::IntArrayRef out_sizes, const at::Tensor& weight,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation) {
-  auto key = key_of(kind, act_sizes, weight, stride, padding, dilation);
-  BwdCache& c = cache();
-  std::lock_guard<std::mutex> lock(c.mu);
-  auto it = c.prims.find(key);
-  if (it != c.prims.end()) {
-    if (it->second->ok) {
-      ++g_reused;
-    }
-    return it->second;
-  }
-  if (c.prims.size() >= kMaxPrimitives) {
-    c.prims.clear();  // a shape-changing workload: start over (calls in flight hold theirs)
-  }
-  auto p = make(kind, act_sizes, out_sizes, weight, stride, padding, dilation);
-  c.prims.emplace(std::move(key), p);
-  return p;
+  return cache().get(key_of(kind, act_sizes, weight, stride, padding, dilation), [&] {
+    return make(kind, act_sizes, out_sizes, weight, stride, padding, dilation);
+  });
 }
 
 // The reorder between the user's tensor t (its dtype and strides) and p's weights_md, made once
