@@ -92,23 +92,36 @@ __device__ __forceinline__ float relu_f(float v) { return v < 0.f ? 0.f : v; }  
 // ---------------------------------------------------------------------------------------------
 // colsum: out_j[c] = sum_t partial[j][t][c]. Block (32 channels) x (32 row lanes).
 // ---------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(1024) colsum_kernel(const ColSumParams p) {
+namespace {
+// Column c's sum over the partials of sum j, in colsum's fixed order: lane ty adds rows
+// t = ty, ty + 32, ...; thread (0, tx) then adds the 32 lane sums in lane order (valid there
+// only). Called by all 32x32 threads of the CTA (it has a barrier).
+__device__ __forceinline__ double colsum_column(const double* partial, int T, int C, int j, int c) {
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
-  const int c = blockIdx.x * 32 + tx;
-  const int j = blockIdx.y;
-  const double* base = p.partial + static_cast<int64_t>(j) * p.T * p.C;
+  const double* base = partial + static_cast<int64_t>(j) * T * C;
   double s = 0.0;
-  if (c < p.C) {
-    for (int t = ty; t < p.T; t += 32) s += base[static_cast<int64_t>(t) * p.C + c];
+  if (c < C) {
+    for (int t = ty; t < T; t += 32) s += base[static_cast<int64_t>(t) * C + c];
   }
   __shared__ double red[32][33];
   red[ty][tx] = s;
   __syncthreads();
-  if (ty == 0 && c < p.C) {
-    double total = 0.0;
+  double total = 0.0;
+  if (ty == 0) {
 #pragma unroll
     for (int y = 0; y < 32; ++y) total += red[y][tx];
+  }
+  __syncthreads();  // red is reused by the next call
+  return total;
+}
+}  // namespace
+
+__global__ void __launch_bounds__(1024) colsum_kernel(const ColSumParams p) {
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const int j = blockIdx.y;
+  const double total = colsum_column(p.partial, p.T, p.C, j, c);
+  if (threadIdx.y == 0 && c < p.C) {
     // (a switch, not p.out[j]: a dynamic index into the parameter array costs a stack copy)
     float* dst = j == 0 ? p.out[0] : j == 1 ? p.out[1] : j == 2 ? p.out[2] : p.out[3];
     const float v = static_cast<float>(total);
@@ -135,14 +148,21 @@ cudaError_t launch_colsum(const ColSumParams& p, cudaStream_t stream) {
 // unbiasing factor n / (n - 1) in float32; from a host integer it is computed in double and
 // rounded once (the reference's Python float).
 // ---------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads) bn_finalize_kernel(const BnFinalizeParams p) {
-  const int64_t nb_old = p.num_batches_tracked ? *p.num_batches_tracked : 0;
-  __syncthreads();  // every thread has read the old count before thread 0 changes it
-  if (threadIdx.x == 0 && p.num_batches_tracked) *p.num_batches_tracked = nb_old + 1;
-  // nn.BatchNorm2d: momentum, or 1 / num_batches_tracked (after the increment) when None.
+namespace {
+// The batch's weight of the running statistics' update (nn.BatchNorm2d: momentum, or
+// 1 / num_batches_tracked after the increment when None), from the count before the increment.
+struct RunningUpdate {
+  float keep, take;
+};
+__device__ __forceinline__ RunningUpdate running_update(const BnFinalizeParams& p,
+                                                        int64_t nb_old) {
   const double factor = p.has_momentum ? p.momentum : 1.0 / static_cast<double>(nb_old + 1);
-  const float keep = static_cast<float>(1.0 - factor);
-  const float take = static_cast<float>(factor);
+  return {static_cast<float>(1.0 - factor), static_cast<float>(factor)};
+}
+
+// Channel c's mean, invstd, scale, shift and running statistics from its sum and sumsq.
+__device__ __forceinline__ void finalize_channel(const BnFinalizeParams& p, int c, float sum,
+                                                 float sumsq, RunningUpdate u) {
   float cnt, unbias;
   if (p.count_dev) {
     cnt = *p.count_dev;
@@ -152,31 +172,73 @@ __global__ void __launch_bounds__(kThreads) bn_finalize_kernel(const BnFinalizeP
     unbias = static_cast<float>(static_cast<double>(p.count) / static_cast<double>(p.count - 1));
   }
   const float eps = static_cast<float>(p.eps);
-  for (int c = threadIdx.x; c < p.C; c += blockDim.x) {
-    const float mean = __fdiv_rn(p.sum[c], cnt);
-    float var = __fsub_rn(__fdiv_rn(p.sumsq[c], cnt), __fmul_rn(mean, mean));
-    var = var < 0.f ? 0.f : var;  // biased variance, clamped as the reference does
-    const float invstd = 1.0f / sqrtf(__fadd_rn(var, eps));
-    const DType vt = p.vec_dtype;
-    const float scale = p.weight ? __fmul_rn(ld_as_f(p.weight, vt, c), invstd) : invstd;
-    const float shift = p.bias ? __fsub_rn(ld_as_f(p.bias, vt, c), __fmul_rn(mean, scale))
-                               : __fmul_rn(-mean, scale);
-    p.mean[c] = mean;
-    p.invstd[c] = invstd;
-    p.scale[c] = scale;
-    p.shift[c] = shift;
-    if (p.running_mean)
-      st_as_f(p.running_mean, vt, c,
-              __fadd_rn(__fmul_rn(ld_rw_f(p.running_mean, vt, c), keep), __fmul_rn(take, mean)));
-    if (p.running_var)
-      st_as_f(p.running_var, vt, c,
-              __fadd_rn(__fmul_rn(ld_rw_f(p.running_var, vt, c), keep),
-                        __fmul_rn(take, __fmul_rn(var, unbias))));
-  }
+  const float mean = __fdiv_rn(sum, cnt);
+  float var = __fsub_rn(__fdiv_rn(sumsq, cnt), __fmul_rn(mean, mean));
+  var = var < 0.f ? 0.f : var;  // biased variance, clamped as the reference does
+  const float invstd = 1.0f / sqrtf(__fadd_rn(var, eps));
+  const DType vt = p.vec_dtype;
+  const float scale = p.weight ? __fmul_rn(ld_as_f(p.weight, vt, c), invstd) : invstd;
+  const float shift = p.bias ? __fsub_rn(ld_as_f(p.bias, vt, c), __fmul_rn(mean, scale))
+                             : __fmul_rn(-mean, scale);
+  p.mean[c] = mean;
+  p.invstd[c] = invstd;
+  p.scale[c] = scale;
+  p.shift[c] = shift;
+  if (p.running_mean)
+    st_as_f(p.running_mean, vt, c,
+            __fadd_rn(__fmul_rn(ld_rw_f(p.running_mean, vt, c), u.keep), __fmul_rn(u.take, mean)));
+  if (p.running_var)
+    st_as_f(p.running_var, vt, c,
+            __fadd_rn(__fmul_rn(ld_rw_f(p.running_var, vt, c), u.keep),
+                      __fmul_rn(u.take, __fmul_rn(var, unbias))));
+}
+}  // namespace
+
+__global__ void __launch_bounds__(kThreads) bn_finalize_kernel(const BnFinalizeParams p) {
+  const int64_t nb_old = p.num_batches_tracked ? *p.num_batches_tracked : 0;
+  __syncthreads();  // every thread has read the old count before thread 0 changes it
+  if (threadIdx.x == 0 && p.num_batches_tracked) *p.num_batches_tracked = nb_old + 1;
+  const RunningUpdate u = running_update(p, nb_old);
+  for (int c = threadIdx.x; c < p.C; c += blockDim.x) finalize_channel(p, c, p.sum[c], p.sumsq[c], u);
 }
 
 cudaError_t launch_bn_finalize(const BnFinalizeParams& p, cudaStream_t stream) {
   FR_LAUNCH(1, kThreads, 0, stream, bn_finalize_kernel)(p);
+  FR_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+// colsum of (sum, sumsq) and bn_finalize in one launch, colsum's grid: each CTA finalizes its 32
+// channels from the sums it has just made (the same values, in the same order, as the two
+// launches). The count of batches is read by no CTA (momentum set, or no count): CTA 0 increments
+// it alone. Otherwise (momentum=None reads the count in every CTA before one increments it), the
+// two launches.
+__global__ void __launch_bounds__(1024) colsum_finalize_kernel(const ColSumParams cs,
+                                                               const BnFinalizeParams p) {
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const float sum = static_cast<float>(colsum_column(cs.partial, cs.T, cs.C, 0, c));
+  const float sumsq = static_cast<float>(colsum_column(cs.partial, cs.T, cs.C, 1, c));
+  if (threadIdx.y != 0) return;
+  if (c == 0 && p.num_batches_tracked) *p.num_batches_tracked += 1;
+  if (c >= p.C) return;
+  cs.out[0][c] = sum;
+  cs.out[1][c] = sumsq;
+  finalize_channel(p, c, sum, sumsq, running_update(p, 0));
+}
+
+bool colsum_finalize_fusable(const BnFinalizeParams& p) {
+  return p.has_momentum || !p.num_batches_tracked;
+}
+
+cudaError_t launch_colsum_finalize(const ColSumParams& cs, const BnFinalizeParams& p,
+                                   cudaStream_t stream) {
+  if (cs.nsum != 2 || cs.C != p.C) return cudaErrorInvalidValue;
+  if (!colsum_finalize_fusable(p)) {
+    FR_RETURN_IF_ERROR(launch_colsum(cs, stream));
+    return launch_bn_finalize(p, stream);
+  }
+  if (p.C <= 0) return cudaSuccess;
+  FR_LAUNCH(dim3((p.C + 31) / 32), dim3(32, 32), 0, stream, colsum_finalize_kernel)(cs, p);
   FR_LAUNCH_CHECK();
   return cudaSuccess;
 }

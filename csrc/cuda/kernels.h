@@ -149,6 +149,11 @@ struct BnFinalizeParams {
   double eps;
 };
 cudaError_t launch_bn_finalize(const BnFinalizeParams& p, cudaStream_t stream);
+// launch_colsum(cs) then launch_bn_finalize(p) (cs.out[0], cs.out[1] are p's sum and sumsq),
+// in one launch unless momentum is None with a batch count (colsum_finalize_fusable).
+bool colsum_finalize_fusable(const BnFinalizeParams& p);
+cudaError_t launch_colsum_finalize(const ColSumParams& cs, const BnFinalizeParams& p,
+                                   cudaStream_t stream);
 
 // out = relu?(x * scale[c] + shift[c] + r), r = residual[.., c - res_off, ..] (* res_scale +
 // res_shift) where 0 <= c - res_off < Cr. Strides in elements, (n, c, h, w) order.

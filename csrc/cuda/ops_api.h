@@ -36,22 +36,33 @@ struct Scratch {
   }
 };
 
+// A convolution's per-CTA partial sums (in the unit's Scratch) whose column sums are left to the
+// BatchNorm's finalize: one launch for both (launch_colsum_finalize). partial null: none left.
+struct PendingSums {
+  const double* partial = nullptr;
+  int T = 0;
+};
+
 // (out, stats): stats the (6, K) buffer of the BatchNorm that follows (rows 0, 1: sum, sumsq).
+// defer: the column sums are not made here but left in it for bn_finalize (which must come
+// before the scratch's next use).
 std::tuple<Tensor, Tensor> conv_stats(const Tensor& input, const Tensor& weight,
                                      const OptT& pre_scale, const OptT& pre_shift, bool pre_relu,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation, int64_t groups, Scratch& scratch);
+                                     at::IntArrayRef dilation, int64_t groups, Scratch& scratch,
+                                     PendingSums* defer = nullptr);
 std::tuple<Tensor, Tensor> conv_bwd(const Tensor& grad_out, const Tensor& input,
                                     const Tensor& weight, const OptT& pre_scale,
                                     const OptT& pre_shift, bool pre_relu, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, std::array<bool, 2> output_mask,
                                     Scratch& scratch);
-// stats: conv_stats' (6, C) buffer; returns (mean, invstd, scale, shift), its rows 2-5.
+// stats: conv_stats' (6, C) buffer; returns (mean, invstd, scale, shift), its rows 2-5. sums:
+// conv_stats' deferred column sums, made into rows 0 and 1 first.
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(
     const Tensor& stats, const OptT& weight, const OptT& bias,
     const OptT& running_mean, const OptT& running_var, const OptT& num_batches_tracked,
-    int64_t count, std::optional<double> momentum, double eps);
+    int64_t count, std::optional<double> momentum, double eps, const PendingSums& sums = {});
 Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift,
                    const OptT& residual, const OptT& res_scale, const OptT& res_shift,
                    int64_t res_channel_offset, bool relu);

@@ -17,7 +17,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
     const Tensor& sum, const Tensor& sumsq, const Tensor& count_t, int64_t count,
     const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, const OptTensor& num_batches_tracked,
-    std::optional<double> momentum, double eps, const std::vector<Tensor>* into = nullptr) {
+    std::optional<double> momentum, double eps, const std::vector<Tensor>* into = nullptr,
+    const api::PendingSums* sums = nullptr) {
   const int64_t C = sum.size(0);
   const bool has_running = running_mean.has_value() || running_var.has_value();
   TORCH_CHECK_VALUE(!has_running || momentum.has_value() || num_batches_tracked.has_value(),
@@ -51,6 +52,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
     scale = at::empty({C}, sum.options());
     shift = at::empty({C}, sum.options());
   }
+  // Deferred column sums (the unit's conv_stats) go into sum and sumsq themselves (rows 0 and 1
+  // of its (6, C) buffer): with the finalize in one launch when it reads them there, else first.
+  ColSumParams cp{};
+  bool fuse = false;
+  if (sums && sums->partial) {
+    TORCH_CHECK(sum.scalar_type() == at::kFloat && sumsq.scalar_type() == at::kFloat &&
+                    sum.is_contiguous() && sumsq.is_contiguous(),
+                "fastres unit: deferred sums need dense float32 sum and sumsq rows");
+    cp.partial = sums->partial;
+    cp.out[0] = sum.data_ptr<float>();
+    cp.out[1] = sumsq.data_ptr<float>();
+    cp.nsum = 2;
+    cp.T = sums->T;
+    cp.C = static_cast<int>(C);
+    fuse = aligned16(sum) && aligned16(sumsq) && (momentum.has_value() || nbt == nullptr);
+    if (!fuse) C10_CUDA_CHECK(launch_colsum(cp, stream()));
+  }
   // The kernel reads sum/sumsq as dense float arrays: a strided view (e.g. a column of a stacked
   // all-reduce buffer) is made dense first, never read through its raw pointer.
   const Tensor s = chan_vec(sum, C, "sum", sum);
@@ -74,7 +92,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
   p.has_momentum = momentum.has_value();
   p.momentum = momentum.value_or(0.0);
   p.eps = eps;
-  C10_CUDA_CHECK(launch_bn_finalize(p, stream()));
+  if (fuse) {
+    C10_CUDA_CHECK(launch_colsum_finalize(cp, p, stream()));
+  } else {
+    C10_CUDA_CHECK(launch_bn_finalize(p, stream()));
+  }
   if (rm.defined() && !rm.is_same(*running_mean)) running_mean->copy_(rm);
   if (rv.defined() && !rv.is_same(*running_var)) running_var->copy_(rv);
   return {mean, invstd, scale, shift};
@@ -91,12 +113,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_counted(
     const Tensor& sum, const Tensor& sumsq, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, int64_t count, std::optional<double> momentum,
-    double eps, const std::vector<Tensor>* into = nullptr) {
+    double eps, const std::vector<Tensor>* into = nullptr,
+    const api::PendingSums* sums = nullptr) {
   check_sums(sum, sumsq);
   TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count,
                     " values");
   return bn_finalize_impl(sum, sumsq, Tensor(), count, weight, bias, running_mean, running_var,
-                          num_batches_tracked, momentum, eps, into);
+                          num_batches_tracked, momentum, eps, into, sums);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_cuda(
@@ -201,7 +224,7 @@ namespace api {
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(
     const Tensor& stats, const OptT& weight, const OptT& bias, const OptT& running_mean,
     const OptT& running_var, const OptT& num_batches_tracked, int64_t count,
-    std::optional<double> momentum, double eps) {
+    std::optional<double> momentum, double eps, const PendingSums& sums) {
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 6, "fastres unit: statistics of shape ",
               stats.sizes(), ", expected (6, C)");
   TORCH_CHECK(stats.is_contiguous(), "fastres unit: statistics must be contiguous");
@@ -209,7 +232,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(
   rows.reserve(6);
   for (int64_t i = 0; i < 6; ++i) rows.push_back(row_of(stats, i));
   return bn_finalize_counted(rows[0], rows[1], weight, bias, running_mean, running_var,
-                             num_batches_tracked, count, momentum, eps, &rows);
+                             num_batches_tracked, count, momentum, eps, &rows, &sums);
 }
 Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift,
                    const OptT& residual, const OptT& res_scale, const OptT& res_shift,

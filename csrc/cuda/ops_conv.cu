@@ -246,7 +246,8 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_impl(const Tensor& input, const Te
                                                    const OptTensor& pre_shift, bool pre_relu,
                                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                                    at::IntArrayRef dilation, int64_t groups,
-                                                   api::Scratch* unit) {
+                                                   api::Scratch* unit,
+                                                   api::PendingSums* defer = nullptr) {
   const ConvGeom g = conv_geom(input, weight, stride, padding, dilation, groups, "conv_stats");
   c10::cuda::CUDAGuard guard(input.device());
   const DType dt = to_dtype(input, "conv_stats");
@@ -300,6 +301,12 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_impl(const Tensor& input, const Te
   p.pre_relu = pre_relu;
   p.stats = true;
   C10_CUDA_CHECK(launch_conv(p, dt, math, stream()));
+  if (defer) {
+    TORCH_CHECK(unit, "fastres conv_stats: deferred sums need the unit's scratch");
+    *defer = {part, static_cast<int>(m_tiles)};
+    out.finish();
+    return {out.ret, stats, Tensor()};
+  }
 
   ColSumParams cp{};
   cp.partial = part;
@@ -475,9 +482,11 @@ namespace api {
 std::tuple<Tensor, Tensor> conv_stats(const Tensor& input, const Tensor& weight,
                                      const OptT& pre_scale, const OptT& pre_shift, bool pre_relu,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation, int64_t groups, Scratch& scratch) {
+                                     at::IntArrayRef dilation, int64_t groups, Scratch& scratch,
+                                     PendingSums* defer) {
+  if (defer) *defer = {};
   auto [out, stats, unused] = conv_stats_impl(input, weight, pre_scale, pre_shift, pre_relu,
-                                              stride, padding, dilation, groups, &scratch);
+                                              stride, padding, dilation, groups, &scratch, defer);
   return {out, stats};
 }
 std::tuple<Tensor, Tensor> conv_bwd(const Tensor& grad_out, const Tensor& input,

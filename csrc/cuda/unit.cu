@@ -37,11 +37,14 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
   TORCH_CHECK(params.size() == 6 * (n + ds), "fastres unit_forward: ", params.size(),
               " parameters for ", n + ds, " stages (6 each)");
   api::Scratch scratch;  // the convolutions' per-CTA partial sums, one after another
+  // Each convolution's column sums are made by its BatchNorm's finalize (one launch), which
+  // comes before the scratch's next use.
+  api::PendingSums pending;
   const auto conv_stats = [&](size_t i, const Tensor& in, const OptTensor& sc,
                               const OptTensor& sh, bool pre_relu) {
     const UnitStage& s = spec.stages[i];
     return api::conv_stats(in, need(params[6 * i], "a conv weight"), sc, sh, pre_relu, s.stride,
-                           s.padding, s.dilation, s.groups, scratch);
+                           s.padding, s.dilation, s.groups, scratch, &pending);
   };
   const auto finalize = [&](size_t i, const Tensor& y, const Tensor& stats) {
     const int64_t count = y.numel() / y.size(1);
@@ -55,20 +58,16 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
     }
     const UnitStage& s = spec.stages[i];
     const OptTensor* p = &params[6 * i];
-    return api::bn_finalize(stats, p[1], p[2], p[3], p[4], p[5], count, s.momentum, s.eps);
+    return api::bn_finalize(stats, p[1], p[2], p[3], p[4], p[5], count, s.momentum, s.eps,
+                            pending);
   };
   std::vector<Tensor> ys, stats;
   Tensor inp = x;
   OptTensor sc, sh;
   bool pre_relu = false;
-  Tensor last_stats;  // (6, C): sum, sumsq, then bn_finalize's four vectors
   for (size_t i = 0; i < n; ++i) {
     auto [y, st] = conv_stats(i, inp, sc, sh, pre_relu);
     ys.push_back(y);
-    if (i + 1 == n) {
-      last_stats = st;
-      break;
-    }
     auto [mean, invstd, scale, shift] = finalize(i, y, st);
     stats.insert(stats.end(), {mean, invstd, scale, shift});
     inp = y;
@@ -76,10 +75,10 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
     sh = shift;
     pre_relu = true;
   }
+  const Tensor scale = stats[4 * (n - 1) + 2];
+  const Tensor shift = stats[4 * (n - 1) + 3];
   Tensor yd, ystats;
   if (ds) std::tie(yd, ystats) = conv_stats(n, x, std::nullopt, std::nullopt, false);
-  auto [mean, invstd, scale, shift] = finalize(n - 1, ys.back(), last_stats);
-  stats.insert(stats.end(), {mean, invstd, scale, shift});
   std::vector<Tensor> dstats;
   OptTensor res, rsc, rsh;
   if (ds) {

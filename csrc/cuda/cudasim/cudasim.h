@@ -17,9 +17,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #define FASTRES_CUDASIM 1
 
@@ -136,6 +138,8 @@ long func_set_attribute_calls();
 // bench/host_overhead.py). Returns the previous setting.
 long launch_count();
 bool set_dry_run(bool on);
+// Launches so far per call site ("file:line" of the launch in the launcher's source).
+std::vector<std::pair<std::string, long>> launch_sites();
 
 // The PTX instructions the kernels use (CPU twins in csrc/cuda/fr_ptx.cuh call these). file:line
 // is the call site in the kernel source, for the reports.

@@ -88,9 +88,16 @@ long func_set_attribute_calls() { return g_set_attr_calls; }
 namespace {
 std::atomic<long> g_launches{0};
 std::atomic<bool> g_dry{false};
+std::map<std::pair<const char*, int>, long> g_sites;  // under g_launch_mu
 }  // namespace
 
 long launch_count() { return g_launches.load(); }
+std::vector<std::pair<std::string, long>> launch_sites() {
+  std::lock_guard<std::mutex> lk(g_launch_mu);
+  std::vector<std::pair<std::string, long>> r;
+  for (const auto& [site, n] : g_sites) r.emplace_back(where(site.first, site.second), n);
+  return r;
+}
 bool set_dry_run(bool on) { return g_dry.exchange(on); }
 
 cudaError_t device_attribute(int* v, cudaDeviceAttr a, int dev) {
@@ -131,6 +138,7 @@ cudaError_t launch(const void* fn, dim3 grid, dim3 block, size_t smem, const cha
                         " (over 48 KB needs cudaFuncSetAttribute(MaxDynamicSharedMemorySize))");
   }
   ++g_launches;
+  ++g_sites[{file, line}];
   if (g_dry.load(std::memory_order_relaxed)) {
     return cudaSuccess;  // checked and counted, not run (set_dry_run)
   }
