@@ -26,14 +26,25 @@ using OptT = std::optional<Tensor>;
 // workspace): one buffer that each launch reuses after the one before it in stream order, grown
 // when a launch needs more (the caching allocator hands a freed block only to later work on the
 // stream). An op called alone allocates its own.
+// hint: the bytes to allocate at the first get (the unit's largest need in its earlier calls:
+// one allocation per call instead of one per growth).
 struct Scratch {
   Tensor buf;  // bytes
+  int64_t hint = 0;
   void* get(int64_t bytes, const Tensor& ref) {
     if (!buf.defined() || buf.numel() < bytes) {
-      buf = at::empty({bytes}, ref.options().dtype(at::kByte));
+      buf = at::empty({bytes > hint ? bytes : hint}, ref.options().dtype(at::kByte));
     }
     return buf.data_ptr();
   }
+  int64_t size() const { return buf.defined() ? buf.numel() : 0; }
+  // float32 statistics buffers of the unit's BatchNorms carved from one allocation (stats_pool,
+  // made by the unit), or their own when it has no room left.
+  Tensor stats_pool;
+  int64_t stats_used = 0;
+  // The same for the BatchNorm gradients of the unit's backward (in grad_pool's dtype).
+  Tensor grad_pool;
+  int64_t grad_used = 0;
 };
 
 // A convolution's per-CTA partial sums (in the unit's Scratch) whose column sums are left to the
@@ -70,7 +81,9 @@ Tensor bn_add_relu(const Tensor& input, const Tensor& scale, const Tensor& shift
 // float32 (the sums themselves), float16 or bfloat16 (a 16-bit model's: written by the reduction
 // kernel, the float32 sums in the scratch, no conversion launches), or Undefined (none wanted,
 // affine=False: undefined, the sums in the scratch). want_res: whether the unit needs an identity
-// residual's gradient (only for the input's gradient; else undefined, never written).
+// residual's gradient (only for the input's gradient; else undefined, never written). in_place:
+// bn_relu_bwd writes the input's gradient over grad_out where their layouts allow (the caller
+// gives up grad_out).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_bwd(
     const Tensor& grad_out, const OptT& out, const Tensor& input, const Tensor& mean,
     const Tensor& invstd, const OptT& weight, const OptT& res_input, const OptT& res_mean,
@@ -80,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd(const Tensor& grad_out, const Ten
                                                const Tensor& mean, const Tensor& invstd,
                                                const OptT& weight, const Tensor& scale,
                                                const Tensor& shift, bool relu, Scratch& scratch,
-                                               at::ScalarType grad_dtype);
+                                               at::ScalarType grad_dtype, bool in_place = false);
 
 }  // namespace api
 }  // namespace cuda

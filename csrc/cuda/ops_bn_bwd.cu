@@ -37,6 +37,22 @@ struct ChannelSums {
   Tensor g2;  // run_sums_cast with a residual: a second sum g (its grad_bias)
 };
 
+// A (k, C) buffer for a BatchNorm's gradients: carved from the unit's grad_pool when it has
+// their dtype and room (one allocation for the unit's BatchNorms), else its own.
+Tensor grad_rows(api::Scratch* unit, int64_t k, int64_t C, const at::TensorOptions& opts,
+                 bool zero) {
+  const int64_t need = (k * C + 7) / 8 * 8;  // the next one 16-byte aligned
+  if (unit && unit->grad_pool.defined() && unit->grad_pool.dtype() == opts.dtype() &&
+      unit->grad_pool.device() == opts.device() &&
+      unit->grad_used + need <= unit->grad_pool.numel()) {
+    Tensor t = carve(unit->grad_pool, unit->grad_used, {k, C});
+    unit->grad_used += need;
+    if (zero) t.zero_();
+    return t;
+  }
+  return zero ? at::zeros({k, C}, opts) : at::empty({k, C}, opts);
+}
+
 // The training unit's sums when they are not the gradients themselves (api.h: grad_dtype): float32
 // in the scratch after the partials, and, unless grad_dtype is Undefined, the gradients in
 // grad_dtype written by colsum: sum g, sum g*xhat, and with a residual its sum g*xhat and a
@@ -46,10 +62,11 @@ ChannelSums run_sums_cast(ChannelBwdParams& p, DType dt, bool empty, int64_t C, 
                           api::Scratch& unit) {
   const bool want = grad_dtype != at::ScalarType::Undefined;
   const at::TensorOptions gopts = ref.options().dtype(want ? grad_dtype : at::kFloat);
-  const auto make = [&] {
-    return !want ? Tensor() : empty ? at::zeros({C}, gopts) : at::empty({C}, gopts);
-  };
-  ChannelSums s{make(), make(), res ? make() : Tensor(), res ? make() : Tensor()};
+  // One buffer for the gradients (one allocation): each a row of it.
+  Tensor all;
+  if (want) all = grad_rows(&unit, res ? 4 : 2, C, gopts, empty);
+  const auto row = [&](int64_t i) { return want ? row_of(all, i) : Tensor(); };
+  ChannelSums s{row(0), row(1), res ? row(2) : Tensor(), res ? row(3) : Tensor()};
   if (empty) return s;
   p.nsum = res ? 3 : 2;
   // an even number of doubles: the float sums after them 16-byte aligned (C % 4 == 0 wherever
@@ -79,8 +96,15 @@ ChannelSums run_sums(ChannelBwdParams& p, DType dt, bool empty, int64_t C, bool 
                grad_dtype == at::kBFloat16)) {
     return run_sums_cast(p, dt, empty, C, res, grad_dtype, ref, launch, *unit);
   }
-  const auto make = [&] { return empty ? at::zeros({C}, fopts) : at::empty({C}, fopts); };
-  ChannelSums s{make(), make(), res ? make() : Tensor()};
+  // The unit's sums (its gradients) in one buffer, each a row; an op's, tensors of their own.
+  ChannelSums s;
+  if (unit) {
+    const Tensor all = grad_rows(unit, res ? 3 : 2, C, fopts, empty);
+    s = {row_of(all, 0), row_of(all, 1), res ? row_of(all, 2) : Tensor()};
+  } else {
+    const auto make = [&] { return empty ? at::zeros({C}, fopts) : at::empty({C}, fopts); };
+    s = {make(), make(), res ? make() : Tensor()};
+  }
   if (!empty) {
     p.sum_g = s.g.data_ptr<float>();
     p.sum_gx = s.gx.data_ptr<float>();
@@ -358,8 +382,16 @@ struct ReluBwdIn {
 
   // The elementwise pass's output grad_input in the format the fakes report and, when grad_out
   // is not empty, its buffer, the weight and the kind filled into `p`.
-  void grad(ChannelBwdParams& p, const Tensor& input, const BnVecs& w) {
-    gi = nhwc_out_like(input);
+  // into: a channels_last tensor like input to write in place of a new one (the unit's: its
+  // grad_out, each element read before it is written by the same thread), or null.
+  void grad(ChannelBwdParams& p, const Tensor& input, const BnVecs& w,
+            const Tensor* into = nullptr) {
+    if (into && into->sizes() == input.sizes() && into->scalar_type() == input.scalar_type() &&
+        into->is_contiguous(MF::ChannelsLast) && like_format(input) == MF::ChannelsLast) {
+      gi = NhwcOut{*into, *into};
+    } else {
+      gi = nhwc_out_like(input);
+    }
     if (empty) return;
     p.weight = vptr(w.v[0]);
     p.weight_dtype = w.dtype;
@@ -373,7 +405,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_impl(const Tensor& grad_out, cons
                                                     const OptTensor& weight, const Tensor& scale,
                                                     const Tensor& shift, bool relu,
                                                     api::Scratch* unit,
-                                                    at::ScalarType grad_dtype = at::kFloat) {
+                                                    at::ScalarType grad_dtype = at::kFloat,
+                                                    bool in_place = false) {
   ChannelBwdParams p{};
   ReluBwdIn a;
   a.init("bn_relu_bwd", p, grad_out, input, mean, invstd, scale, shift, relu);
@@ -382,7 +415,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd_impl(const Tensor& grad_out, cons
   // weight is not float32, float16 or bfloat16; a temporary here was freed before the kernel
   // read it: the H200's bf16 grad.input errors of 1e5-1e8, found by cudasim).
   const BnVecs w = bn_vecs({weight}, a.C, input, kWeightName);
-  a.grad(p, input, w);
+  a.grad(p, input, w, in_place ? &a.go : nullptr);
   const ChannelSums s = run_sums(p, a.dt, a.empty, a.C, false, fopts, grad_out,
                                  launch_channel_bwd, unit, grad_dtype);
   if (!a.empty) {
@@ -445,9 +478,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_bwd(const Tensor& grad_out, const Ten
                                                const Tensor& mean, const Tensor& invstd,
                                                const OptT& weight, const Tensor& scale,
                                                const Tensor& shift, bool relu, Scratch& scratch,
-                                               at::ScalarType grad_dtype) {
+                                               at::ScalarType grad_dtype, bool in_place) {
   return bn_relu_bwd_impl(grad_out, input, mean, invstd, weight, scale, shift, relu, &scratch,
-                          grad_dtype);
+                          grad_dtype, in_place);
 }
 }  // namespace api
 

@@ -178,6 +178,16 @@ inline BnVecs bn_vecs(std::initializer_list<OptTensor> vs, int64_t n, const Tens
 // Row i of a contiguous 2-D buffer as a 1-D tensor on the same storage, made without the
 // dispatcher (the training unit's statistics rows: unbind's six views cost ~6.5 µs per BatchNorm
 // on the CPU proxy, these ~1 µs). Not an autograd view: its own version counter, no _base.
+// A dense tensor of `sizes` in buf's storage from element `offset` of buf on (buf contiguous):
+// one allocation for several of a unit's small buffers.
+inline Tensor carve(const Tensor& buf, int64_t offset, at::IntArrayRef sizes) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(buf.storage()), buf.key_set(),
+                                                   buf.dtype());
+  impl->set_storage_offset(buf.storage_offset() + offset);
+  impl->set_sizes_contiguous(sizes);
+  return Tensor(std::move(impl));
+}
+
 inline Tensor row_of(const Tensor& buf, int64_t i) {
   auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(buf.storage()), buf.key_set(),
                                                    buf.dtype());

@@ -258,7 +258,14 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats_impl(const Tensor& input, const Te
   Tensor sum, sumsq, stats;
   float *sum_p, *sumsq_p;
   if (unit) {
-    stats = at::empty({6, g.K}, fopts);
+    if (unit->stats_pool.defined() &&
+        unit->stats_used + round_up(6 * g.K, 4) <= unit->stats_pool.numel() &&
+        unit->stats_pool.device() == input.device()) {
+      stats = carve(unit->stats_pool, unit->stats_used, {6, g.K});
+      unit->stats_used += round_up(6 * g.K, 4);  // the next one 16-byte aligned too
+    } else {
+      stats = at::empty({6, g.K}, fopts);
+    }
     sum_p = stats.data_ptr<float>();
     sumsq_p = sum_p + g.K;
   } else {

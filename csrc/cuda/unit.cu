@@ -25,6 +25,12 @@ at::ScalarType grad_dtype(const OptTensor& gamma) {
                                                : at::ScalarType::Undefined;
 }
 
+void keep_max(std::atomic<int64_t>& a, int64_t v) {
+  int64_t cur = a.load(std::memory_order_relaxed);
+  while (v > cur && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
+}
+
 }  // namespace
 
 std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
@@ -37,6 +43,13 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
   TORCH_CHECK(params.size() == 6 * (n + ds), "fastres unit_forward: ", params.size(),
               " parameters for ", n + ds, " stages (6 each)");
   api::Scratch scratch;  // the convolutions' per-CTA partial sums, one after another
+  scratch.hint = spec.fwd_scratch.load(std::memory_order_relaxed);
+  int64_t stats_n = 0;  // every BatchNorm's (6, K) statistics in one allocation
+  for (size_t i = 0; i < n + ds; ++i) {
+    const OptTensor& w = params[6 * i];
+    if (w.has_value() && w->defined() && w->dim() >= 1) stats_n += (6 * w->size(0) + 3) / 4 * 4;
+  }
+  scratch.stats_pool = at::empty({stats_n}, x.options().dtype(at::kFloat));
   // Each convolution's column sums are made by its BatchNorm's finalize (one launch), which
   // comes before the scratch's next use.
   api::PendingSums pending;
@@ -91,6 +104,7 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
     res = x;
   }
   Tensor out = api::bn_add_relu(ys.back(), scale, shift, res, rsc, rsh, 0, spec.relu);
+  keep_max(spec.fwd_scratch, scratch.size());
   std::vector<Tensor> r{out, yd};
   r.insert(r.end(), ys.begin(), ys.end());
   r.insert(r.end(), stats.begin(), stats.end());
@@ -127,12 +141,24 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
   std::vector<OptTensor> gammas;
   for (size_t i = 0; i < n; ++i) gammas.push_back(saved[k++]);
   api::Scratch scratch;  // partial sums and weight-gradient workspaces, one launch after another
+  scratch.hint = spec.bwd_scratch.load(std::memory_order_relaxed);
 
   const Tensor go = grad_out.contiguous(like_format(ys.back()));
   // One dtype for the last BatchNorm's and the downsample's gradients; float32 sums (converted
   // by autograd) where the two differ.
   at::ScalarType last_dt = grad_dtype(gammas[n - 1]);
   if (ds && grad_dtype(gd) != last_dt) last_dt = at::kFloat;
+  // Every BatchNorm's gradients in one allocation where they share a dtype (Scratch::grad_pool):
+  // up to four rows of C for the last BatchNorm (with a residual's), two for the others.
+  {
+    bool one_dtype = last_dt != at::ScalarType::Undefined;
+    int64_t pool_n = 4 * ((ys.back().size(1) + 7) / 8 * 8);
+    for (size_t i = 0; i + 1 < n; ++i) {
+      one_dtype = one_dtype && grad_dtype(gammas[i]) == last_dt;
+      pool_n += (2 * ys[i].size(1) + 7) / 8 * 8;
+    }
+    if (one_dtype) scratch.grad_pool = at::empty({pool_n}, go.options().dtype(last_dt));
+  }
   // An identity residual's gradient is only dx's.
   auto [dy, dgamma, dbeta, dres, dgd, dbd] = api::bn_add_relu_bwd(
       go, spec.relu ? out : std::nullopt, ys.back(), st[4 * (n - 1)], st[4 * (n - 1) + 1],
@@ -150,7 +176,7 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
     grads[3 * i] = dw;
     auto [dyp, dg, db] = api::bn_relu_bwd(da, ys[i - 1], st[4 * (i - 1)], st[4 * (i - 1) + 1],
                                           gammas[i - 1], scale_p, shift_p, true, scratch,
-                                          grad_dtype(gammas[i - 1]));
+                                          grad_dtype(gammas[i - 1]), /*in_place=*/true);
     dy = dyp;
     grads[3 * (i - 1) + 1] = gammas[i - 1].has_value() ? dg : Tensor();
     grads[3 * (i - 1) + 2] = db;
@@ -171,6 +197,7 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
   } else if (spec.shortcut == 1 && need_x) {
     dx.add_(dres);
   }
+  keep_max(spec.bwd_scratch, scratch.size());
   std::vector<Tensor> r{need_x ? dx : Tensor()};
   r.insert(r.end(), grads.begin(), grads.end());
   return r;

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -26,6 +27,9 @@ struct UnitSpec {
   int64_t n = 0;                  // main convolutions
   int shortcut = 0;               // 0 none, 1 identity, 2 a conv + BN downsample
   bool relu = true;               // the ReLU after the add
+  // The largest scratch (bytes) an earlier forward and backward used: the next call's first
+  // allocation (api::Scratch::hint).
+  mutable std::atomic<int64_t> fwd_scratch{0}, bwd_scratch{0};
 };
 
 // params: six per stage (conv weight, BN weight, BN bias, running mean, running var,
