@@ -171,6 +171,16 @@ def conv_stats(
     return out, s, ss
 
 
+def conv_stats_partials(input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation,
+                        groups) -> tuple[Tensor, Tensor]:
+    """conv_stats' checks and launch, the statistics left as partials (the training unit's:
+    bn.bn_finalize_partials sums and finalizes them in one launch)."""
+    _check_conv("conv_stats", input, weight, groups, dilation)
+    _check_conv_out("conv_stats", input, weight, stride, padding, dilation)
+    return _conv.conv_forward_partials(input, weight, _vec(pre_scale), _vec(pre_shift), pre_relu,
+                                       stride, padding, dilation)
+
+
 def bn_finalize(
     sum: Tensor, sumsq: Tensor, weight: Tensor | None, bias: Tensor | None,
     running_mean: Tensor | None, running_var: Tensor | None,
@@ -331,9 +341,17 @@ def conv_bwd(
     pre_shift: Tensor | None, pre_relu: bool, stride: list[int], padding: list[int],
     dilation: list[int], groups: int, output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
+    return conv_bwd_body(grad_out, input, weight, pre_scale, pre_shift, pre_relu, stride,
+                         padding, dilation, groups, output_mask)
+
+
+def conv_bwd_body(grad_out, input, weight, pre_scale, pre_shift, pre_relu, stride, padding,
+                  dilation, groups, output_mask, grad_rounded: bool = False):
+    """conv_bwd's body; ``grad_rounded``: a float32 grad_out comes rounded to TF32 already
+    (the training unit's, from bn_bwd_apply), else rounded here where the dots run TF32."""
     _check_conv("conv_bwd", input, weight, groups, dilation)
     _check_act("conv_bwd", input, grad_out)
-    grad_out = _conv.grad_out_nhwc(grad_out)
+    grad_out = _conv.grad_out_nhwc(grad_out, grad_rounded)
     if output_mask[0]:
         gi = _conv.conv_dgrad(grad_out, input, weight, stride, padding, dilation)
     else:

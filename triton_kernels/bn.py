@@ -15,15 +15,17 @@ from ._common import (
     cast_to,
     cdiv,
     empty_like_format,
+    hint,
     launch,
     rows_config,
     split_rows,
     strides4,
+    tf32_operand,
     tile_ptrs,
     tl,
     triton,
 )
-from .reduce import sum_planes
+from .reduce import column_sums, sum_planes, sum_planes_cast, sum_rows_blocks
 
 
 @triton.jit
@@ -62,28 +64,68 @@ def _bn_finalize_kernel(
         ok = offs < C
         s = tl.load(sum_ptr + offs, mask=ok, other=0.0)
         ss = tl.load(sumsq_ptr + offs, mask=ok, other=0.0)
-        mean = s * inv_count
-        # NaN (a NaN, or Inf - Inf from an Inf in the batch) stays NaN, as nn.BatchNorm2d's var
-        var = tl.maximum(ss * inv_count - mean * mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        invstd = 1.0 / tl.sqrt_rn(var + eps)
-        scale = invstd
-        if HAS_WEIGHT:
-            scale = tl.load(weight_ptr + offs, mask=ok, other=0.0).to(tl.float32) * invstd
-        shift = -mean * scale
-        if HAS_BIAS:
-            shift = tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean * scale
-        tl.store(mean_ptr + offs, mean, mask=ok)
-        tl.store(invstd_ptr + offs, invstd, mask=ok)
-        tl.store(scale_ptr + offs, scale, mask=ok)
-        tl.store(shift_ptr + offs, shift, mask=ok)
-        if HAS_RM:
-            rm = tl.load(rm_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            rm = rm * (1.0 - factor) + mean * factor
-            tl.store(rm_ptr + offs, cast_to(rm, rm_ptr.dtype.element_ty), mask=ok)
-        if HAS_RV:
-            rv = tl.load(rv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            rv = rv * (1.0 - factor) + (var * unbias) * factor
-            tl.store(rv_ptr + offs, cast_to(rv, rv_ptr.dtype.element_ty), mask=ok)
+        _finalize_channels(s, ss, offs, ok, weight_ptr, bias_ptr, rm_ptr, rv_ptr, mean_ptr,
+                           invstd_ptr, scale_ptr, shift_ptr, inv_count, unbias, factor, eps,
+                           HAS_WEIGHT, HAS_BIAS, HAS_RM, HAS_RV)
+
+
+@triton.jit
+def _finalize_channels(s, ss, offs, ok, weight_ptr, bias_ptr, rm_ptr, rv_ptr, mean_ptr,
+                       invstd_ptr, scale_ptr, shift_ptr, inv_count, unbias, factor, eps,
+                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RM: tl.constexpr,
+                       HAS_RV: tl.constexpr):
+    """Channels ``offs`` of bn_finalize from their sums ``s`` and ``ss``."""
+    mean = s * inv_count
+    # NaN (a NaN, or Inf - Inf from an Inf in the batch) stays NaN, as nn.BatchNorm2d's var
+    var = tl.maximum(ss * inv_count - mean * mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    invstd = 1.0 / tl.sqrt_rn(var + eps)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = tl.load(weight_ptr + offs, mask=ok, other=0.0).to(tl.float32) * invstd
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean * scale
+    tl.store(mean_ptr + offs, mean, mask=ok)
+    tl.store(invstd_ptr + offs, invstd, mask=ok)
+    tl.store(scale_ptr + offs, scale, mask=ok)
+    tl.store(shift_ptr + offs, shift, mask=ok)
+    if HAS_RM:
+        rm = tl.load(rm_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        rm = rm * (1.0 - factor) + mean * factor
+        tl.store(rm_ptr + offs, cast_to(rm, rm_ptr.dtype.element_ty), mask=ok)
+    if HAS_RV:
+        rv = tl.load(rv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        rv = rv * (1.0 - factor) + (var * unbias) * factor
+        tl.store(rv_ptr + offs, cast_to(rv, rv_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _stats_finalize_kernel(
+    part_ptr,  # (2, P, C) float64: a conv_stats launch's partials of sum and sum of squares
+    sum_ptr, sumsq_ptr,  # (C,) float32 outputs: the column sums (sum_rows' bits)
+    weight_ptr, bias_ptr, rm_ptr, rv_ptr, nbt_ptr,  # as _bn_finalize_kernel's
+    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,  # (C,) float32 outputs
+    P, C, stride_p, stride_q, inv_count, unbias, momentum, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
+    HAS_NBT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    # sum_planes(part, 2) and bn_finalize in one launch, sum_rows' grid: each program finalizes
+    # the channels it has just summed. With momentum set no program reads num_batches_tracked,
+    # so program 0 increments it alone (momentum None: the two launches, bn_finalize_partials).
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    ok = offs < C
+    s = column_sums(part_ptr, P, stride_p, offs, ok, BLOCK_P, BLOCK_L)
+    ss = column_sums(part_ptr + stride_q, P, stride_p, offs, ok, BLOCK_P, BLOCK_L)
+    tl.store(sum_ptr + offs, s, mask=ok)
+    tl.store(sumsq_ptr + offs, ss, mask=ok)
+    if HAS_NBT:
+        if pid == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+    factor = momentum + tl.zeros((BLOCK_L,), tl.float32)  # float32, also where momentum is a float
+    _finalize_channels(s, ss, offs, ok, weight_ptr, bias_ptr, rm_ptr, rv_ptr, mean_ptr,
+                       invstd_ptr, scale_ptr, shift_ptr, inv_count, unbias, factor, eps,
+                       HAS_WEIGHT, HAS_BIAS, HAS_RM, HAS_RV)
 
 
 @triton.jit
@@ -265,9 +307,12 @@ def _bn_bwd_apply_kernel(
     stride_rxn, stride_rxc, stride_rxh, stride_rxw,
     stride_grn, stride_grc, stride_grh, stride_grw,
     MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_RES_BN: tl.constexpr,
-    HAS_RES_WEIGHT: tl.constexpr, WRITE_G: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    HAS_RES_WEIGHT: tl.constexpr, WRITE_G: tl.constexpr, ROUND_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # ROUND_TF32: grad_input and the residual BN's grad_res (float32) are written rounded to TF32
+    # (tf32_operand): the training unit's, whose only reader is a TF32 conv_bwd that would round
+    # them in a launch of its own (round_tf32). g itself (WRITE_G) is never rounded.
     # Pass 2: grad_input = weight*invstd * (g - sum(g)/count - xhat * sum(g*xhat)/count), g
     # recomputed from grad_out and the mask rather than stored by pass 1 (a 2 B/element write and
     # read saved against one compare). Floor on H200 (analysis): reads grad_out, out, x, writes
@@ -298,6 +343,8 @@ def _bn_bwd_apply_kernel(
     gb = tl.load(gsum_ptr + offs_c, mask=c_ok, other=0.0) * inv_count
     gw = tl.load(gxsum_ptr + offs_c, mask=c_ok, other=0.0) * inv_count
     gi = _bn_input_grad(g, gb, x, mean, invstd, gw, weight_ptr, offs_c, c_ok, HAS_WEIGHT)
+    if ROUND_TF32:
+        gi = tf32_operand(gi, "tf32")
     tl.store(tile_ptrs(gi_ptr, n, h, w, offs_c, stride_gin, stride_gic, stride_gih, stride_giw),
              cast_to(gi, gi_ptr.dtype.element_ty), mask=mask)
     if HAS_RES_BN:
@@ -309,6 +356,8 @@ def _bn_bwd_apply_kernel(
         grw = tl.load(grxsum_ptr + offs_c, mask=c_ok, other=0.0) * inv_count
         gr = _bn_input_grad(g, gb, rx, rmean, rinvstd, grw, rweight_ptr, offs_c, c_ok,
                             HAS_RES_WEIGHT)
+        if ROUND_TF32:
+            gr = tf32_operand(gr, "tf32")
         tl.store(tile_ptrs(gr_ptr, n, h, w, offs_c, stride_grn, stride_grc, stride_grh, stride_grw),
                  cast_to(gr, gr_ptr.dtype.element_ty), mask=mask)
 
@@ -354,6 +403,41 @@ def bn_finalize(sum, sumsq, weight, bias, running_mean, running_var, num_batches
     return mean, invstd, scale, shift
 
 
+def bn_finalize_partials(part, weight, bias, running_mean, running_var, num_batches_tracked,
+                         count: int, momentum, eps: float):
+    """bn_finalize of the column sums of conv_forward_partials' ``part`` ((2, P, C) float64):
+    (sum, sumsq, mean, invstd, scale, shift), the same bits as sum_planes(part, 2) then
+    bn_finalize, in one launch (two with momentum None and a batch count, which every channel
+    reads before one increments it)."""
+    if momentum is None and (num_batches_tracked is not None or running_mean is not None
+                             or running_var is not None):
+        s, ss = sum_planes(part, 2)
+        return (s, ss, *bn_finalize(s, ss, weight, bias, running_mean, running_var,
+                                    num_batches_tracked, count, momentum, eps))
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {count} values")
+    _, p, c = part.shape
+    s, ss, mean, invstd, scale, shift = (torch.empty(c, device=part.device, dtype=torch.float32)
+                                         for _ in range(6))
+    block_p, block_l = sum_rows_blocks(hint(p), hint(c))
+    launch(
+        _stats_finalize_kernel, (cdiv(c, block_l),),
+        part, s, ss,
+        weight if weight is not None else s, bias if bias is not None else s,
+        running_mean if running_mean is not None else s,
+        running_var if running_var is not None else s,
+        num_batches_tracked if num_batches_tracked is not None else s,
+        mean, invstd, scale, shift,
+        p, c, part.stride(1), part.stride(0), 1.0 / count, count / (count - 1),
+        1.0 if momentum is None else float(momentum), float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
+        HAS_NBT=num_batches_tracked is not None, BLOCK_P=block_p, BLOCK_L=block_l, num_warps=4,
+    )
+    return s, ss, mean, invstd, scale, shift
+
+
 def bn_add_relu(input, scale, shift, residual, res_scale, res_shift, res_channel_offset: int,
                 relu: bool) -> Tensor:
     n, c, h, w = input.shape
@@ -392,6 +476,17 @@ def bn_bwd_sums(part, planes: int, has_xhat: bool, has_res: bool,
     return sums[0], sums[1] if has_xhat else None, sums[2] if has_res else None
 
 
+def bn_bwd_sums_cast(part, planes: int, has_xhat: bool, has_res: bool, cast: torch.dtype):
+    """bn_bwd_sums' float32 sums and their copies in ``cast`` (the BatchNorm gradients of a
+    16-bit model), from one launch."""
+    outs, casts = sum_planes_cast(part, planes, cast)
+
+    def pick(sums):
+        return sums[0], sums[1] if has_xhat else None, sums[2] if has_res else None
+
+    return pick(outs), pick(casts)
+
+
 def bn_bwd_partials(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean, res_invstd,
                     g_out, mask_mode: int, has_xhat: bool):
     """bn_bwd_reduce's reduction launch: (float64 partials (3, programs, C), planes to sum)."""
@@ -426,10 +521,14 @@ def bn_bwd_partials(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mea
 
 def bn_bwd_apply(grad_out, out, x, scale, shift, mean, invstd, weight, gsum, gxsum,
                  res_x, res_mean, res_invstd, res_weight, grsum, mask_mode: int,
-                 means: bool = False, g_out=None):
+                 means: bool = False, g_out=None, round_tf32: bool = False):
     """Pass 2: (grad_input, grad_res or None). gsum/gxsum/grsum are pass 1's sums over this
     batch, or with ``means`` their global means (SyncBatchNorm, divided by the all-reduced
-    count). ``g_out``: where to write g (the identity residual's gradient), if anywhere."""
+    count). ``g_out``: where to write g (the identity residual's gradient), if anywhere.
+    ``round_tf32``: a float32 grad_input and grad_res written rounded to TF32 (for a TF32
+    conv_bwd that takes them as they are)."""
+    if round_tf32 and x.dtype != torch.float32:
+        raise ValueError(f"bn_bwd_apply: round_tf32 for a {x.dtype} tensor")
     n, c, h, w = x.shape
     m = n * h * w
     gi = empty_like_format(x.shape, x)
@@ -457,6 +556,7 @@ def bn_bwd_apply(grad_out, out, x, scale, shift, mean, invstd, weight, gsum, gxs
         *strides4(gr),
         MASK=mask_mode, HAS_WEIGHT=weight is not None, HAS_RES_BN=res_x is not None,
         HAS_RES_WEIGHT=res_weight is not None, WRITE_G=res_x is None and g_out is not None,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
+        ROUND_TF32=bool(round_tf32), BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C,
+        num_warps=cfg.num_warps,
     )
     return gi, (gr if res_x is not None else None)

@@ -398,6 +398,17 @@ def conv_forward(
     return out, s, ss
 
 
+def conv_forward_partials(input, weight, pre_scale, pre_shift, pre_relu: bool, stride, padding,
+                          dilation) -> tuple[Tensor, Tensor]:
+    """conv_forward with statistics, its partials not summed: (out, (2, programs, K) float64
+    partials), for bn.bn_finalize_partials to sum and finalize in one launch."""
+    out, part, grid, args, meta = conv_forward_args(
+        input, weight, None, None, False, pre_scale, pre_shift, pre_relu, True, stride, padding,
+        dilation)
+    launch(_conv_fwd_kernel, grid, *args, **meta)
+    return out, part
+
+
 def conv_forward_args(input, weight, bias, residual, relu, pre_scale, pre_shift, pre_relu,
                       stats, stride, padding, dilation, scale=None, out=None,
                       weight_rounded=False):
@@ -457,15 +468,16 @@ def conv_forward_args(input, weight, bias, residual, relu, pre_scale, pre_shift,
     return out, part, grid, args, meta
 
 
-def grad_out_nhwc(grad_out: Tensor) -> Tensor:
+def grad_out_nhwc(grad_out: Tensor, rounded: bool = False) -> Tensor:
     """grad_out as conv_dgrad and conv_wgrad take it: channels_last and, when they run TF32,
     rounded to TF32 once for both (round_tf32). wgrad takes it as wgmma's shared-memory operand,
     which wgmma truncates: rounded in registers in the kernel, it went back to shared memory every
     iteration and the loop waited with wgmma.wait_group 0 (sm_90 lint). dgrad takes it unchanged
     from its cp.async stages too, with 15-20 fewer registers than rounding it in the kernel
-    (135-137 at 128x64: over the 128 of 2 CTAs/SM). One extra pass over grad_out (8 B/element)."""
+    (135-137 at 128x64: over the 128 of 2 CTAs/SM). One extra pass over grad_out (8 B/element),
+    none when its producer wrote it rounded (``rounded``: the training unit's bn_bwd_apply)."""
     go = to_nhwc(grad_out)
-    if go.dtype == torch.float32 and dot_precision(go.dtype) == "tf32":
+    if not rounded and go.dtype == torch.float32 and dot_precision(go.dtype) == "tf32":
         go = round_tf32(go)
     return go
 

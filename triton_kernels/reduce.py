@@ -15,30 +15,45 @@ from ._common import INTERPRETED, cast_to, cdiv, clamp_pow2, hint, launch, tl, t
 
 
 @triton.jit
-def _sum_rows_kernel(
-    p_ptr,  # (Q, P, L) float32 or float64 partials: Q planes (stride_q), rows of stride_p,
-    #         columns contiguous
-    out_ptr, out1_ptr, out2_ptr,  # (L,) per plane 0, 1, 2: storage written linearly, any dtype
-    P, L, stride_p, stride_q,
-    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    plane = tl.program_id(1)
-    offs_l = pid.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
-    l_ok = offs_l < L
-    base = p_ptr + plane.to(tl.int64) * stride_q
+def column_sums(base, P, stride_p, offs_l, l_ok, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Columns ``offs_l`` of the (P, L) partials at ``base`` (rows ``stride_p`` apart) summed in
+    float64 in the fixed order, rounded once to float32. Every kernel that sums partials calls
+    this with sum_rows_blocks' blocks, so its sums are sum_rows' bits."""
     acc = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
         rows = p0 + tl.arange(0, BLOCK_P)
         ptrs = base + rows.to(tl.int64)[:, None] * stride_p + offs_l[None, :]
         acc += tl.load(ptrs, mask=(rows < P)[:, None] & l_ok[None, :], other=0.0).to(tl.float64)
-    total = tl.sum(acc, axis=0).to(tl.float32)
+    return tl.sum(acc, axis=0).to(tl.float32)
+
+
+@triton.jit
+def _sum_rows_kernel(
+    p_ptr,  # (Q, P, L) float32 or float64 partials: Q planes (stride_q), rows of stride_p,
+    #         columns contiguous
+    out_ptr, out1_ptr, out2_ptr,  # (L,) per plane 0, 1, 2: storage written linearly, any dtype
+    c_ptr, c1_ptr, c2_ptr,  # (CAST) per plane, a second copy of the sums in another dtype
+    P, L, stride_p, stride_q,
+    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, CAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    plane = tl.program_id(1)
+    offs_l = pid.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_ok = offs_l < L
+    total = column_sums(p_ptr + plane.to(tl.int64) * stride_q, P, stride_p, offs_l, l_ok,
+                        BLOCK_P, BLOCK_L)
     if plane == 0:
         tl.store(out_ptr + offs_l, cast_to(total, out_ptr.dtype.element_ty), mask=l_ok)
+        if CAST:
+            tl.store(c_ptr + offs_l, cast_to(total, c_ptr.dtype.element_ty), mask=l_ok)
     elif plane == 1:
         tl.store(out1_ptr + offs_l, cast_to(total, out1_ptr.dtype.element_ty), mask=l_ok)
+        if CAST:
+            tl.store(c1_ptr + offs_l, cast_to(total, c1_ptr.dtype.element_ty), mask=l_ok)
     else:
         tl.store(out2_ptr + offs_l, cast_to(total, out2_ptr.dtype.element_ty), mask=l_ok)
+        if CAST:
+            tl.store(c2_ptr + offs_l, cast_to(total, c2_ptr.dtype.element_ty), mask=l_ok)
 
 
 def sum_rows_blocks(p: int, length: int) -> tuple[int, int]:
@@ -75,12 +90,25 @@ def sum_planes(partials: Tensor, planes: int,
     return outs
 
 
-def _launch(partials: Tensor, outs: tuple[Tensor, ...]) -> None:
+def sum_planes_cast(partials: Tensor, planes: int,
+                    cast: torch.dtype) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """sum_planes' float32 sums and, from the same launch, their copies in ``cast`` (each the
+    float32 sum rounded once: the bits of ``sum_planes(partials, planes, cast)``)."""
+    length = partials.shape[2]
+    outs, casts = ((tuple(torch.empty(length, device=partials.device, dtype=dt)
+                          for _ in range(planes))) for dt in (torch.float32, cast))
+    _launch(partials[:planes], outs, casts)
+    return outs, casts
+
+
+def _launch(partials: Tensor, outs: tuple[Tensor, ...],
+            casts: tuple[Tensor, ...] | None = None) -> None:
     q, p, length = partials.shape
     block_p, block_l = sum_rows_blocks(hint(p), hint(length))
+    cs = casts or outs
     launch(
         _sum_rows_kernel, (cdiv(length, block_l), q),
-        partials, outs[0], outs[min(1, q - 1)], outs[q - 1], p, length, partials.stride(1),
-        partials.stride(0),
-        BLOCK_P=block_p, BLOCK_L=block_l, num_warps=4,
+        partials, outs[0], outs[min(1, q - 1)], outs[q - 1], cs[0], cs[min(1, q - 1)], cs[q - 1],
+        p, length, partials.stride(1), partials.stride(0),
+        BLOCK_P=block_p, BLOCK_L=block_l, CAST=casts is not None, num_warps=4,
     )

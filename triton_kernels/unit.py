@@ -195,29 +195,26 @@ def _forward_ops(spec: _Spec):
         ys, st = [], []
         inp, pre = x, (None, None, False)
 
-        def finalize(i, y, s, q):
+        def stage(i, inp, pre):
+            """Convolution i and its BatchNorm's (mean, invstd, scale, shift): the column sums
+            and the finalize in one launch (bn_finalize_partials)."""
+            y, part = _ops.conv_stats_partials(inp, params[PER_STAGE * i], *pre, *spec.geo[i])
             _check_count(y)
             eps, momentum = spec.bn[i]
-            return _ops.bn_finalize(s, q, *params[PER_STAGE * i + 1: PER_STAGE * (i + 1)],
-                                    y.numel() // y.shape[1], momentum, eps)
+            four = _bn.bn_finalize_partials(part, *params[PER_STAGE * i + 1: PER_STAGE * (i + 1)],
+                                            y.numel() // y.shape[1], momentum, eps)[2:]
+            return y, four
 
         for i in range(n):
-            y, s, q = _ops.conv_stats(inp, params[PER_STAGE * i], *pre, *spec.geo[i])
+            y, four = stage(i, inp, pre)
             ys.append(y)
-            if i == n - 1:
-                last = (y, s, q)
-                break
-            four = finalize(i, y, s, q)
-            st += four
+            if i < n - 1:
+                st += four
             inp, pre = y, (four[2], four[3], True)
         yd = dst = None
-        if ds:
-            yd, sd, qd = _ops.conv_stats(x, params[PER_STAGE * n], None, None, False,
-                                         *spec.geo[n])
-        four = finalize(n - 1, *last)
         res, rsc, rsh = (x if spec.shortcut == 1 else None), None, None
         if ds:
-            dst = finalize(n, yd, sd, qd)
+            yd, dst = stage(n, x, (None, None, False))
             res, rsc, rsh = yd, dst[2], dst[3]
         out = _ops.bn_add_relu(ys[-1], four[2], four[3], res, rsc, rsh, 0, spec.relu)
         # The last BatchNorm's and the downsample's scale and shift only serve bn_add_relu: not
@@ -252,15 +249,16 @@ def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
     the shortcut's gradient into x or None, *per stage (dw, dgamma, dbeta))``, ``gammas``
     each BatchNorm weight, contiguous (the main ones, then the downsample's), which the
     BatchNorm backward kernels take in place of the op bodies' float32 copies. ``grad_dtype``:
-    the BatchNorm gradients in it (see _grad_dtype) from one more column-sum launch over the
-    same partials per BatchNorm, else the float32 sums."""
+    the BatchNorm gradients in it (see _grad_dtype), written by the column-sum launch beside the
+    float32 sums, else the float32 sums."""
     n, ds = spec.n, spec.shortcut == 2
 
     def sums(part, planes, res):
         """bn_bwd_reduce's float32 sums, and the gradients: those or their grad_dtype copies."""
-        f32 = _bn.bn_bwd_sums(part, planes, True, res)
-        return f32, (f32 if grad_dtype is None
-                     else _bn.bn_bwd_sums(part, planes, True, res, grad_dtype))
+        if grad_dtype is None:
+            f32 = _bn.bn_bwd_sums(part, planes, True, res)
+            return f32, f32
+        return _bn.bn_bwd_sums_cast(part, planes, True, res, grad_dtype)
     n_saved = 3 + 5 * n + (6 if ds else 0) + 2 * n
 
     def backward(go, *rest):
@@ -276,6 +274,9 @@ def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
         weights = saved[k: k + n]
         mean, invstd = st[4 * (n - 1)], st[4 * (n - 1) + 1]
         res_mean, res_invstd = (dst[0], dst[1]) if ds else (None, None)
+        # The gradients each conv_bwd reads come rounded to TF32 from bn_bwd_apply where its
+        # dots run TF32 (float32): no rounding launch per convolution.
+        rnd = go.dtype == torch.float32 and _common.dot_precision(go.dtype) == "tf32"
         # bn_add_relu_bwd's body (the weights given as they are)
         _ops._check_bn_bwd("bn_add_relu_bwd", go, out, ys[-1], yd, res_mean, res_invstd)
         mask = 1 if out is not None else 0
@@ -285,28 +286,29 @@ def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
         (gsum, gxsum, grsum), last = sums(part, planes, ds)
         dy, gr = _bn.bn_bwd_apply(go, out, ys[-1], None, None, mean, invstd, gams[n - 1], gsum,
                                   gxsum, yd, res_mean, res_invstd, gams[n] if ds else None,
-                                  grsum, mask)
+                                  grsum, mask, round_tf32=rnd)
         dres = g if yd is None else gr
         grads: list = [None] * (3 * (n + ds))
         grads[3 * (n - 1) + 1: 3 * n] = [last[1], last[0]]
         for i in range(n - 1, 0, -1):
             mean_p, invstd_p, scale_p, shift_p = st[4 * (i - 1): 4 * i]
-            da, grads[3 * i] = _ops.conv_bwd(dy, ys[i - 1], weights[i], scale_p, shift_p, True,
-                                             *spec.geo[i], [True, True])
+            da, grads[3 * i] = _ops.conv_bwd_body(dy, ys[i - 1], weights[i], scale_p, shift_p,
+                                                  True, *spec.geo[i], [True, True], rnd)
             # bn_relu_bwd's body (the weight given as it is)
             _ops._check_act("bn_relu_bwd", da, ys[i - 1])
             part, planes = _bn.bn_bwd_partials(da, None, ys[i - 1], scale_p, shift_p, mean_p,
                                                invstd_p, None, None, None, None, 2, True)
             (gs, gx, _), inner = sums(part, planes, False)
             dy, _ = _bn.bn_bwd_apply(da, None, ys[i - 1], scale_p, shift_p, mean_p, invstd_p,
-                                     gams[i - 1], gs, gx, None, None, None, None, None, 2)
+                                     gams[i - 1], gs, gx, None, None, None, None, None, 2,
+                                     round_tf32=rnd)
             grads[3 * (i - 1) + 1: 3 * i] = [inner[1], inner[0]]
-        dx, grads[0] = _ops.conv_bwd(dy, x, weights[0], None, None, False, *spec.geo[0],
-                                     [need_x, True])
+        dx, grads[0] = _ops.conv_bwd_body(dy, x, weights[0], None, None, False, *spec.geo[0],
+                                          [need_x, True], rnd)
         dsx = dres if spec.shortcut == 1 else None
         if ds:
-            dsx, grads[3 * n] = _ops.conv_bwd(dres, x, wd, None, None, False, *spec.geo[n],
-                                              [need_x, True])
+            dsx, grads[3 * n] = _ops.conv_bwd_body(dres, x, wd, None, None, False,
+                                                   *spec.geo[n], [need_x, True], rnd)
             grads[3 * n + 1: 3 * n + 3] = [last[2], last[0]]
         if not need_x:
             dx = dsx = None

@@ -95,19 +95,32 @@ def run_resnet50(ops, dtype_names, set_label) -> None:
                     else:  # stem and inner BNs: BN+ReLU (forward fused into the next conv)
                         ops.bn_add_relu(y, cv, cv, None, None, None, 0, True)
                         ops.bn_relu_bwd(go, y, cv, cv, cv, cv, cv, True)
-                    if dt != torch.float32:
+                    unit_bn_finalize(cv, n, p, k)
+                    if dt != torch.float32 or tf32:
                         unit_bn_backward(go, y, cv, torch.empty(k, dtype=dt),
-                                         name.endswith("conv3"))
+                                         name.endswith("conv3"), dt == torch.float32)
 
 
-def unit_bn_backward(go, y, cv, weight, last: bool) -> None:
-    """The training unit's BatchNorm backward launches for a 16-bit model
-    (triton_kernels/unit.py), where they differ from the ops': the BatchNorm weight in the
-    model's dtype (``weight``), and one more column sum of the partials in it (the gradients).
-    ``last``: the unit's last BatchNorm, with the identity and with the downsample's BatchNorm
-    as residual; else an inner one (its ReLU recomputed from the scale and shift)."""
+def unit_bn_finalize(cv, n: int, p: int, k: int) -> None:
+    """The training unit's forward statistics: a conv_stats launch's partials summed and
+    finalized in one launch (bn.bn_finalize_partials), momentum set and None."""
     from .. import bn  # noqa: PLC0415
-    from ..reduce import sum_planes  # noqa: PLC0415
+
+    part = torch.empty(2, 7, k, dtype=torch.float64)
+    for momentum in (0.1, None):
+        bn.bn_finalize_partials(part, cv, cv, cv, cv, torch.zeros((), dtype=torch.long),
+                                n * p * p, momentum, 1e-5)
+
+
+def unit_bn_backward(go, y, cv, weight, last: bool, round_tf32: bool = False) -> None:
+    """The training unit's BatchNorm backward launches where they differ from the ops': for a
+    16-bit model the BatchNorm weight in the model's dtype (``weight``) and the column sums
+    written in it too (the gradients); for a float32 one with TF32 (``round_tf32``) the input
+    gradients written rounded to TF32. ``last``: the unit's last BatchNorm, with the identity and
+    with the downsample's BatchNorm as residual; else an inner one (its ReLU recomputed from the
+    scale and shift)."""
+    from .. import bn  # noqa: PLC0415
+    from ..reduce import sum_planes, sum_planes_cast  # noqa: PLC0415
 
     cases = ([(None, torch.empty_like(go)), (y, None)] if last else [(None, None)])
     for res, g in cases:
@@ -116,8 +129,10 @@ def unit_bn_backward(go, y, cv, weight, last: bool) -> None:
         mask = 1 if last else 2
         part, planes = bn.bn_bwd_partials(go, y if last else None, y, pro, pro, cv, cv, res, rv,
                                           rv, g, mask, True)
-        sums = sum_planes(part, planes)
-        sum_planes(part, planes, weight.dtype)
+        if round_tf32:
+            sums = sum_planes(part, planes)
+        else:
+            sums, _ = sum_planes_cast(part, planes, weight.dtype)
         bn.bn_bwd_apply(go, y if last else None, y, pro, pro, cv, cv, weight, sums[0], sums[1],
                         res, rv, rv, weight if res is not None else None,
-                        sums[2] if res is not None else None, mask)
+                        sums[2] if res is not None else None, mask, round_tf32=round_tf32)
