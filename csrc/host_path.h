@@ -5,6 +5,7 @@
 //   tensor_sig(tensors) -> bytes: per entry its dtype and device (type, index), None marked
 //   tensor_ptrs(tensors) -> bytes | None: every data pointer, packed; None when one is absent
 //   tensor_key(tensor) -> bytes: dtype, device, sizes, strides and the data pointer mod 16
+//   tensors_in(pool, specs) -> tuple: tensors in one pool's storage (see there)
 //
 // tensor_sig: fastres/nn/train_plan.py, a plan holds while its tensors keep the dtypes and devices
 // they had (.to() changes a Parameter in place). tensor_ptrs: the Triton launch plans
@@ -17,10 +18,12 @@
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
 
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace fastres {
 namespace host_path {
@@ -107,7 +110,73 @@ inline PyObject* tensor_key_py(PyObject*, PyObject* v) {
   END_HANDLE_TH_ERRORS
 }
 
+// tensors_in(pool, specs) -> tuple: per (offset, sizes, strides) of specs a tensor of pool's
+// dtype in pool's storage from element `offset` on (pool's own offset added): several small
+// outputs of one allocation (the Triton replays' per-channel vectors, triton_kernels/_replay.py),
+// each ~0.2 µs where torch.as_strided from Python costs ~2 µs. Not views for autograd: plain
+// tensors that share the storage.
+inline PyObject* tensors_in_py(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* pool = nullptr;
+  PyObject* specs = nullptr;
+  if (!PyArg_ParseTuple(args, "OO!", &pool, &PyTuple_Type, &specs)) return nullptr;
+  if (!THPVariable_Check(pool)) {
+    PyErr_SetString(PyExc_TypeError, "fastres tensors_in: pool must be a tensor");
+    return nullptr;
+  }
+  const at::Tensor& buf = THPVariable_Unpack(pool);
+  TORCH_CHECK(buf.layout() == c10::kStrided && buf.has_storage() && buf.is_contiguous(),
+              "fastres tensors_in: pool must be a contiguous strided tensor");
+  const int64_t numel = buf.numel();
+  const Py_ssize_t n = PyTuple_GET_SIZE(specs);
+  THPObjectPtr out(PyTuple_New(n));  // released on every exit but the last
+  if (!out) return nullptr;
+  const auto ints = [](PyObject* seq, std::vector<int64_t>& v) {
+    if (!PyTuple_Check(seq)) return false;
+    v.resize(static_cast<size_t>(PyTuple_GET_SIZE(seq)));
+    for (size_t i = 0; i < v.size(); ++i) {
+      v[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(seq, static_cast<Py_ssize_t>(i)));
+      if (v[i] == -1 && PyErr_Occurred()) return false;
+    }
+    return true;
+  };
+  std::vector<int64_t> sizes, strides;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* sp = PyTuple_GET_ITEM(specs, i);
+    long long off = -1;
+    if (!PyTuple_Check(sp) || PyTuple_GET_SIZE(sp) != 3 ||
+        (off = PyLong_AsLongLong(PyTuple_GET_ITEM(sp, 0))) < 0 ||
+        !ints(PyTuple_GET_ITEM(sp, 1), sizes) || !ints(PyTuple_GET_ITEM(sp, 2), strides) ||
+        sizes.size() != strides.size()) {
+      if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError,
+                        "fastres tensors_in: each spec is (offset, sizes, strides)");
+      return nullptr;
+    }
+    int64_t last = off;  // the last element the tensor reaches
+    for (size_t d = 0; d < sizes.size(); ++d) {
+      TORCH_CHECK(sizes[d] >= 1 && strides[d] >= 0, "fastres tensors_in: bad sizes/strides");
+      last += (sizes[d] - 1) * strides[d];
+    }
+    if (last >= numel) {
+      PyErr_SetString(PyExc_ValueError, "fastres tensors_in: a spec reaches past the pool");
+      return nullptr;
+    }
+    auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(buf.storage()),
+                                                     buf.key_set(), buf.dtype());
+    impl->set_storage_offset(buf.storage_offset() + off);
+    impl->set_sizes_and_strides(sizes, strides);
+    PyObject* t = THPVariable_Wrap(at::Tensor(std::move(impl)));
+    if (t == nullptr) return nullptr;
+    PyTuple_SET_ITEM(out.get(), i, t);
+  }
+  return out.release();
+  END_HANDLE_TH_ERRORS
+}
+
 #define FASTRES_HOST_PATH_METHODS                                                              \
+  {"tensors_in", fastres::host_path::tensors_in_py, METH_VARARGS,                              \
+   "tensors_in(pool, specs) -> tuple: tensors in pool's storage (csrc/host_path.h)"},          \
   {"tensor_sig", fastres::host_path::tensor_sig_py, METH_O,                                    \
    "tensor_sig(tensors) -> bytes: each tensor's dtype and device (csrc/host_path.h)"},         \
   {"tensor_ptrs", fastres::host_path::tensor_ptrs_py, METH_O,                                  \

@@ -179,6 +179,30 @@ def test_host_path_readers():
         mod.tensor_ptrs((a, 3))
 
 
+def test_tensors_in_carves_one_pool():
+    """tensors_in (the Triton replays' pooled outputs) against torch.as_strided, the Python
+    fallback it replaces; a spec past the pool is refused."""
+    from fastres.triton_kernels import _replay
+
+    mod = extension.load()[0]
+    if not hasattr(mod, "tensors_in"):
+        pytest.skip("fastres._C without tensors_in")
+    pool = torch.arange(200.0)[8:]  # a pool with an offset of its own
+    specs = ((0, (4,), (1,)), (64, (2, 3), (3, 1)), (100, (3, 2), (1, 3)))
+    got, want = mod.tensors_in(pool, specs), _replay._tensors_in_py(pool, specs)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.stride() == w.stride() and torch.equal(g, w)
+        assert g.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr()
+    got[0].fill_(-1.0)  # the pool's storage itself
+    assert pool[:4].eq(-1.0).all()
+    with pytest.raises(ValueError):
+        mod.tensors_in(pool, ((190, (4,), (1,)),))
+    with pytest.raises(ValueError):
+        mod.tensors_in(pool, ((0, (4,)),))
+    with pytest.raises(TypeError):
+        mod.tensors_in(None, ())
+
+
 def test_plans_stay_with_their_block(live):
     """A plan (and its written-out call, which holds the block's modules) is not carried into a
     copy made by convert or revert, nor left on a reverted module."""

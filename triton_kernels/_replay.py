@@ -34,6 +34,7 @@ from . import _common, _direct
 __all__ = ["Segment", "record"]
 
 _ALIGN = 256  # bytes: each workspace region starts on a multiple
+_POOLED = 16384  # bytes: outputs this small share an allocation (Segment._layout)
 _ALLOCS = frozenset({"empty", "empty_like", "empty_strided", "new_empty"})
 
 
@@ -107,7 +108,7 @@ class Segment:
     did."""
 
     __slots__ = ("launches", "device", "direct", "run", "checked", "n_in", "outs", "alloc",
-                 "region", "ws", "dev")
+                 "region", "ws", "dev", "pool")
     # device: the driver's device the compiled kernels were loaded on (direct replays);
     # dev: the inputs' torch.device, where the outputs and the workspace are allocated
 
@@ -162,15 +163,22 @@ class Segment:
 
     def _layout(self, bufs: dict) -> bool:
         """Buffers an output lives in are allocated as their first output, when it spans the
-        whole buffer from its start; every other buffer is a workspace region. False where a
-        tensor in an allocated buffer is not of its dtype or not on an element boundary."""
+        whole buffer from its start; every other buffer is a workspace region. Small ones
+        (``_POOLED`` bytes or less: per-channel vectors) share one allocation per dtype, a
+        region each (``pool``). False where a tensor in an allocated buffer is not of its dtype
+        or not on an element boundary."""
         self.alloc: dict[int, tuple] = {}  # storage pointer -> (shape, stride, dtype)
+        self.pool: dict = {}  # dtype -> [elements, [(storage pointer, element offset)]]
         for r in self.outs:
             if r is None or r[0] != "buf" or r[1] in self.alloc:
                 continue
             _, base, off, shape, stride, dt = r
             if off == 0 and _span(shape, stride) * dt.itemsize == bufs[base]:
                 self.alloc[base] = (shape, stride, dt)
+                if bufs[base] <= _POOLED:
+                    pool = self.pool.setdefault(dt, [0, []])
+                    pool[1].append((base, pool[0]))
+                    pool[0] += -(-bufs[base] // _ALIGN) * _ALIGN // dt.itemsize
         self.region: dict[int, int] = {}  # storage pointer -> byte offset in the workspace
         nbytes = 0
         for base, size in bufs.items():
@@ -210,7 +218,7 @@ class Segment:
     def _generate(self, direct: bool):
         ns = {"_empty": torch.empty, "_empty_strided": torch.empty_strided, "_u8": torch.uint8,
               "_launch": _common.launch, "_v": _view, "_as": torch.as_strided,
-              "dev": self.dev}
+              "_tensors_in": _tensors_in, "dev": self.dev}
         lines = [f"def run(ins{', stream, enter, leave' if direct else ''}):"]
         lines.append(f"    ({''.join(f'i{k}, ' for k in range(self.n_in))}) = ins")
         counter = [0]
@@ -225,7 +233,20 @@ class Segment:
             lines.append(f"    ws = _empty({self.ws}, dtype=_u8, device=dev)")
             if direct:
                 lines.append("    b = ws.data_ptr()")
+        pooled = set()
+        for j, (dt, (n, members)) in enumerate(self.pool.items()):
+            lines.append(f"    pool{j} = _empty({n}, dtype={const(dt)}, device=dev)")
+            specs = tuple((off, *self.alloc[base][:2]) for base, off in members)
+            lines.append(f"    ({''.join(names[base] + ', ' for base, _ in members)}) = "
+                         f"_tensors_in(pool{j}, {const(specs)})")
+            if direct:
+                lines.append(f"    q{j} = pool{j}.data_ptr()")
+                lines.extend(f"    p{names[base]} = q{j} + {off * dt.itemsize}"
+                             for base, off in members)
+            pooled.update(base for base, _ in members)
         for base, (shape, stride, dt) in self.alloc.items():
+            if base in pooled:
+                continue
             s = names[base]
             lines.append(f"    {s} = _empty_strided({const(shape)}, {const(stride)}, "
                          f"dtype={const(dt)}, device=dev)")
@@ -271,6 +292,24 @@ class Segment:
         lines.append(f"    return ({''.join(o + ', ' for o in outs)})")
         exec("\n".join(lines) + "\n", ns)  # noqa: S102 - generated from the recorded launches
         return ns["run"]
+
+
+def _tensors_in_py(pool: Tensor, specs: tuple) -> tuple:
+    """Per (element offset from pool's start, shape, stride) of ``specs`` a tensor in
+    ``pool``'s storage."""
+    base = pool.storage_offset()
+    return tuple(torch.as_strided(pool, shape, stride, base + off) for off, shape, stride in specs)
+
+
+_tensors_in = _tensors_in_py
+
+
+def use_tensors_in(fn) -> None:
+    """Make the pooled outputs with ``fn`` (the extension's ``tensors_in``, csrc/host_path.h:
+    plain tensors sharing the pool's storage, ~0.2 µs each) instead of torch.as_strided (~2 µs
+    each); replays generated afterwards use it."""
+    global _tensors_in
+    _tensors_in = fn
 
 
 def _span(shape, stride) -> int:

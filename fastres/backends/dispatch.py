@@ -261,7 +261,8 @@ class TritonBackend(Backend):
 
 def _triton_pointer_reader() -> None:
     """The Triton launch plans read their tensors' data pointers and their inputs' signatures
-    with the extension's tensor_ptrs and tensor_key (csrc/host_path.h) where it has them."""
+    with the extension's tensor_ptrs and tensor_key, and the replays make their pooled outputs
+    with its tensors_in (csrc/host_path.h), where it has them."""
     mod = extension.load()[0]
     ptrs, key = getattr(mod, "tensor_ptrs", None), getattr(mod, "tensor_key", None)
     if ptrs is not None and key is not None:
@@ -269,6 +270,12 @@ def _triton_pointer_reader() -> None:
 
         if block._pointers is not ptrs:
             block.use_host_readers(ptrs, key)
+    carve = getattr(mod, "tensors_in", None)
+    if carve is not None:
+        from fastres.triton_kernels import _replay  # noqa: PLC0415
+
+        if _replay._tensors_in is not carve:
+            _replay.use_tensors_in(carve)
 
 
 _TRITON_EAGER: list = []
