@@ -407,6 +407,13 @@ __device__ __forceinline__ void load_g(const ChannelBwdParams& p, int64_t off,
 // Block: cvb channel vectors x (256 / cvb) row lanes; grid: (row chunks, channel groups).
 template <typename T, int VEC, int NSUM>
 __global__ void __launch_bounds__(kThreads) channel_reduce_kernel(const ChannelBwdParams p) {
+  // The last row of CTAs: a deferred weight-gradient sum (of this launch's dtype T), if any.
+  if (p.wsum.n > 0 && blockIdx.y == gridDim.y - 1) {
+    wgrad_sum_range<T>(p.wsum.ws, static_cast<T*>(p.wsum.dw), p.wsum.n, p.wsum.splits,
+                       blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x,
+                       static_cast<int64_t>(gridDim.x) * blockDim.x);
+    return;
+  }
   const int cv_total = (p.C + VEC - 1) / VEC;
   const int cvb = cv_total < kThreads ? cv_total : kThreads;
   const int lanes = kThreads / cvb;
@@ -572,7 +579,8 @@ template <typename T, int VEC>
 cudaError_t launch_channel_reduce_tv(const ChannelBwdParams& p, cudaStream_t stream) {
   const int cv_total = (p.C + VEC - 1) / VEC;
   const int cvb = cv_total < kThreads ? cv_total : kThreads;
-  const dim3 rgrid(p.chunks, (cv_total + cvb - 1) / cvb);
+  if (p.wsum.n > 0 && p.wsum.dt != DTypeOf<T>::value) return cudaErrorInvalidValue;
+  const dim3 rgrid(p.chunks, (cv_total + cvb - 1) / cvb + (p.wsum.n > 0 ? 1 : 0));
   switch (p.nsum) {
     case 1:
       FR_LAUNCH(rgrid, kThreads, 0, stream, channel_reduce_kernel<T, VEC, 1>)(p);

@@ -268,20 +268,29 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS)
   }
 }
 
-// dw[i] = sum over splits of ws[split][i], in split order.
+// dw[i] = sum over splits of ws[split][i], in split order; one sum per grid row (blockIdx.y).
 template <typename T>
-__global__ void wgrad_reduce_kernel(const float* __restrict__ ws, T* __restrict__ dw, int64_t n,
-                                    int splits) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int sp = 0; sp < splits; ++sp) s += ws[sp * n + i];
-    dw[i] = from_f<T>(s);
-  }
+__global__ void wgrad_reduce_kernel(const WgradSum a, const WgradSum b) {
+  const WgradSum& s = blockIdx.y == 0 ? a : b;
+  wgrad_sum_range<T>(s.ws, static_cast<T*>(s.dw), s.n, s.splits,
+                     blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x,
+                     static_cast<int64_t>(gridDim.x) * blockDim.x);
+}
+
+template <typename T>
+cudaError_t launch_wgrad_reduce(const WgradSum& a, const WgradSum* b, cudaStream_t stream) {
+  const int64_t n = b && b->n > a.n ? b->n : a.n;
+  int64_t blocks = (n + 255) / 256;
+  if (blocks > 65536) blocks = 65536;
+  if (blocks < 1) return cudaSuccess;
+  FR_LAUNCH(dim3(static_cast<unsigned>(blocks), b ? 2 : 1), 256, 0, stream,
+            wgrad_reduce_kernel<T>)(a, b ? *b : a);
+  FR_LAUNCH_CHECK();
+  return cudaSuccess;
 }
 
 template <typename T, bool SIMT, class Cfg>
-cudaError_t launch_wgrad_cfg(WgradParams& p, cudaStream_t stream) {
+cudaError_t launch_wgrad_cfg(WgradParams& p, cudaStream_t stream, WgradSum* defer) {
   constexpr int smem = wgrad_smem_bytes<Cfg, T>();
   const int64_t grid = static_cast<int64_t>(p.m_tiles) * p.n_tiles * p.splits;
   if (grid <= 0 || grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
@@ -292,13 +301,17 @@ cudaError_t launch_wgrad_cfg(WgradParams& p, cudaStream_t stream) {
     FR_LAUNCH(static_cast<unsigned>(grid), Cfg::THREADS, smem, stream, kernel)(p);
     return cudaGetLastError();
   }));
-  const int64_t n = static_cast<int64_t>(p.K) * p.R * p.S * p.C;
-  int64_t blocks = (n + 255) / 256;
-  if (blocks > 65536) blocks = 65536;
-  FR_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream,
-            wgrad_reduce_kernel<T>)(p.ws, static_cast<T*>(p.dw), n, p.splits);
-  FR_LAUNCH_CHECK();
-  return cudaSuccess;
+  WgradSum sum;
+  sum.ws = p.ws;
+  sum.dw = p.dw;
+  sum.n = static_cast<int64_t>(p.K) * p.R * p.S * p.C;
+  sum.splits = p.splits;
+  sum.dt = DTypeOf<T>::value;
+  if (defer) {
+    *defer = sum;
+    return cudaSuccess;
+  }
+  return launch_wgrad_reduce<T>(sum, nullptr, stream);
 }
 
 namespace {
@@ -334,18 +347,29 @@ int64_t plan_wgrad(WgradParams& p, DType dt, int num_sms) {
   return static_cast<int64_t>(p.splits) * p.K * p.R * p.S * p.C;
 }
 
-cudaError_t launch_wgrad(WgradParams& p, DType dt, cudaStream_t stream) {
+cudaError_t launch_wgrad(WgradParams& p, DType dt, cudaStream_t stream, WgradSum* defer) {
   switch (wgrad_cfg_id(p, dt)) {
-    case 0: return launch_wgrad_cfg<float, true, WgCfgSimt>(p, stream);
+    case 0: return launch_wgrad_cfg<float, true, WgCfgSimt>(p, stream, defer);
     case 1:
       if (dt == DType::kBFloat16)
-        return launch_wgrad_cfg<__nv_bfloat16, false, WgCfgSmall>(p, stream);
-      return launch_wgrad_cfg<__half, false, WgCfgSmall>(p, stream);
+        return launch_wgrad_cfg<__nv_bfloat16, false, WgCfgSmall>(p, stream, defer);
+      return launch_wgrad_cfg<__half, false, WgCfgSmall>(p, stream, defer);
     default:
       if (dt == DType::kBFloat16)
-        return launch_wgrad_cfg<__nv_bfloat16, false, WgCfgBig>(p, stream);
-      return launch_wgrad_cfg<__half, false, WgCfgBig>(p, stream);
+        return launch_wgrad_cfg<__nv_bfloat16, false, WgCfgBig>(p, stream, defer);
+      return launch_wgrad_cfg<__half, false, WgCfgBig>(p, stream, defer);
   }
+}
+
+cudaError_t launch_wgrad_sums(const WgradSum* sums, int count, cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  if (count > 2) return cudaErrorInvalidValue;
+  if (count == 2 && sums[0].dt != sums[1].dt) {
+    FR_RETURN_IF_ERROR(launch_wgrad_sums(sums, 1, stream));
+    return launch_wgrad_sums(sums + 1, 1, stream);
+  }
+  const WgradSum* b = count == 2 ? sums + 1 : nullptr;
+  return FR_DTYPE_SWITCH(sums[0].dt, T, [&] { return launch_wgrad_reduce<T>(sums[0], b, stream); });
 }
 
 }  // namespace cuda

@@ -120,6 +120,19 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// dw[i] = sum over splits of ws[split][i], in split order, for i = first, first + step, ...
+// (a weight gradient's split sum: conv_wgrad.cu's own launch, or CTAs of a later one).
+template <typename T>
+__device__ __forceinline__ void wgrad_sum_range(const float* __restrict__ ws, T* __restrict__ dw,
+                                                int64_t n, int splits, int64_t first,
+                                                int64_t step) {
+  for (int64_t i = first; i < n; i += step) {
+    float s = 0.f;
+    for (int sp = 0; sp < splits; ++sp) s += ws[sp * n + i];
+    dw[i] = from_f<T>(s);
+  }
+}
+
 // Element k of a per-channel vector of dtype dt (a model's BatchNorm parameters and running
 // statistics, read in their own dtype: no per-call conversion to float32), as float. ld_as_f
 // reads through the read-only cache; ld_rw_f is the plain load for a vector the kernel also

@@ -102,9 +102,24 @@ struct WgradParams {
   bool prologue, pre_relu;
 };
 
+// A weight gradient's sum over its splits, dw[i] = sum of ws[split][i] in split order (rounded
+// to dt once), as a launch of its own or in the grid of a later one (WgradSum::n 0: none).
+struct WgradSum {
+  const float* ws = nullptr;
+  void* dw = nullptr;
+  int64_t n = 0;
+  int splits = 0;
+  DType dt = DType::kFloat32;
+};
+
 // Plan the split (rows_per_split, splits) for `num_sms` SMs; returns the workspace floats needed.
 int64_t plan_wgrad(WgradParams& p, DType dt, int num_sms);
-cudaError_t launch_wgrad(WgradParams& p, DType dt, cudaStream_t stream);
+// The split kernel, then its sum; with `defer`, the split kernel only, its sum described there
+// (for launch_wgrad_sums or a channel reduction's grid, ChannelBwdParams::wsum).
+cudaError_t launch_wgrad(WgradParams& p, DType dt, cudaStream_t stream,
+                         WgradSum* defer = nullptr);
+// Up to two weight-gradient sums in one launch (one per dtype).
+cudaError_t launch_wgrad_sums(const WgradSum* sums, int count, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // BatchNorm and elementwise kernels (bn.cu).
@@ -222,6 +237,9 @@ struct ChannelBwdParams {
   int chunks;  // filled by plan_channel_bwd
   int64_t rows_per_chunk;
   BwdKind kind;
+  // A deferred weight-gradient sum of the channels' dtype the reduction's launch also runs (one
+  // more row of CTAs), or n 0.
+  WgradSum wsum;
 };
 // Plan the row split; returns the partial doubles needed (nsum * chunks * C).
 int64_t plan_channel_bwd(ChannelBwdParams& p, DType dt, int num_sms);

@@ -11,7 +11,10 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
 
+#include "kernels.h"
+
 #include <array>
+#include <vector>
 #include <optional>
 #include <tuple>
 
@@ -28,16 +31,55 @@ using OptT = std::optional<Tensor>;
 // stream). An op called alone allocates its own.
 // hint: the bytes to allocate at the first get (the unit's largest need in its earlier calls:
 // one allocation per call instead of one per growth).
+//
+// Deferred weight-gradient sums (conv_bwd's split sums, WgradSum in kernels.h): their split
+// workspaces stay reserved at the buffer's start (or in a buffer held for them once it grew)
+// until the launch that runs them, the next BatchNorm backward's reduction (take_wsum) or the
+// unit's last launch (flush_wsums): one launch fewer per weight gradient.
 struct Scratch {
   Tensor buf;  // bytes
   int64_t hint = 0;
+  int64_t reserved = 0;      // bytes at buf's start a deferred sum still reads
+  std::vector<Tensor> held;  // earlier buffers a deferred sum still reads
+  WgradSum pending[2];
+  int n_pending = 0;
+  int64_t peak = 0;  // the most bytes one get() needed, reserved ones included (the next hint)
   void* get(int64_t bytes, const Tensor& ref) {
-    if (!buf.defined() || buf.numel() < bytes) {
+    const int64_t off = (reserved + 255) / 256 * 256;
+    if (off + bytes > peak) peak = off + bytes;
+    if (!buf.defined() || buf.numel() < off + bytes) {
+      if (reserved) held.push_back(buf);
       buf = at::empty({bytes > hint ? bytes : hint}, ref.options().dtype(at::kByte));
+      reserved = 0;
+      return buf.data_ptr();
     }
-    return buf.data_ptr();
+    return static_cast<unsigned char*>(buf.data_ptr()) + off;
   }
-  int64_t size() const { return buf.defined() ? buf.numel() : 0; }
+  // The workspace of a sum about to be deferred: the bytes get() just returned stay reserved.
+  void reserve(const void* p, int64_t bytes) {
+    if (buf.defined() && p >= buf.data_ptr())
+      reserved = static_cast<const unsigned char*>(p) -
+                 static_cast<const unsigned char*>(buf.data_ptr()) + bytes;
+  }
+  // The first deferred sum, for a launch of dtype dt to run (n 0: none); once that launch is
+  // issued, launched() releases its workspace.
+  WgradSum take_wsum(DType dt) {
+    if (n_pending == 0 || pending[0].dt != dt) return {};
+    const WgradSum s = pending[0];
+    pending[0] = pending[1];
+    --n_pending;
+    return s;
+  }
+  void launched() {
+    if (n_pending == 0) {
+      reserved = 0;
+      held.clear();
+    }
+  }
+  int64_t size() const {
+    const int64_t b = buf.defined() ? buf.numel() : 0;
+    return peak > b ? peak : b;
+  }
   // float32 statistics buffers of the unit's BatchNorms carved from one allocation (stats_pool,
   // made by the unit), or their own when it has no room left.
   Tensor stats_pool;

@@ -25,7 +25,9 @@ void run_channel(ChannelBwdParams& p, DType dt, const Tensor& ref, ChannelLaunch
     partial = at::empty({n}, ref.options().dtype(at::kDouble));
     p.partial = partial.data_ptr<double>();
   }
+  if (unit) p.wsum = unit->take_wsum(dt);  // the reduction's launch runs it too
   C10_CUDA_CHECK(launch(p, dt, stream()));
+  if (unit) unit->launched();
 }
 
 // The per-channel sums of a BatchNorm backward: sum g, sum g*xhat and, with a BN'd residual,
@@ -85,7 +87,9 @@ ChannelSums run_sums_cast(ChannelBwdParams& p, DType dt, bool empty, int64_t C, 
     p.cast_g2 = res ? s.g2.data_ptr() : nullptr;
     p.cast_dtype = to_dtype(s.g, "BatchNorm backward");
   }
+  p.wsum = unit.take_wsum(dt);  // the reduction's launch runs it too
   C10_CUDA_CHECK(launch(p, dt, stream()));
+  unit.launched();
   return s;
 }
 

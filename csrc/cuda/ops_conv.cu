@@ -426,14 +426,22 @@ std::tuple<Tensor, Tensor> conv_bwd_impl(const Tensor& grad_out, const Tensor& i
       p.prologue = sc.defined() || sh.defined() || pre_relu;
       p.pre_relu = pre_relu;
       const int64_t ws_n = plan_wgrad(p, dt, num_sms(input));
+      const int64_t ws_bytes = ws_n * static_cast<int64_t>(sizeof(float));
       Tensor ws;
       if (unit) {
-        p.ws = static_cast<float*>(unit->get(ws_n * static_cast<int64_t>(sizeof(float)), input));
+        p.ws = static_cast<float*>(unit->get(ws_bytes, input));
       } else {
         ws = at::empty({ws_n}, input.options().dtype(at::kFloat));
         p.ws = ws.data_ptr<float>();
       }
-      C10_CUDA_CHECK(launch_wgrad(p, dt, stream()));
+      // The unit's split sum is left to a later launch (Scratch) where dw is the gradient itself.
+      WgradSum* defer = unit && direct && unit->n_pending < 2 ? &unit->pending[unit->n_pending]
+                                                              : nullptr;
+      C10_CUDA_CHECK(launch_wgrad(p, dt, stream(), defer));
+      if (defer) {
+        ++unit->n_pending;
+        unit->reserve(p.ws, ws_bytes);
+      }
       if (!direct) grad_weight.copy_(dw.narrow(0, 0, g.K).narrow(1, 0, g.C));
     }
   } else if (!unit) {

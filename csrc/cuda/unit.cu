@@ -197,6 +197,11 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
   } else if (spec.shortcut == 1 && need_x) {
     dx.add_(dres);
   }
+  // The weight-gradient sums no BatchNorm backward ran (the first convolution's, the
+  // downsample's), in one launch.
+  C10_CUDA_CHECK(launch_wgrad_sums(scratch.pending, scratch.n_pending, stream()));
+  scratch.n_pending = 0;
+  scratch.launched();
   keep_max(spec.bwd_scratch, scratch.size());
   std::vector<Tensor> r{need_x ? dx : Tensor()};
   r.insert(r.end(), grads.begin(), grads.end());
