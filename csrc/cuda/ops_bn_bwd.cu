@@ -103,8 +103,15 @@ ChannelSums run_sums(ChannelBwdParams& p, DType dt, bool empty, int64_t C, bool 
   // The unit's sums (its gradients) in one buffer, each a row; an op's, tensors of their own.
   ChannelSums s;
   if (unit) {
-    const Tensor all = grad_rows(unit, res ? 3 : 2, C, fopts, empty);
-    s = {row_of(all, 0), row_of(all, 1), res ? row_of(all, 2) : Tensor()};
+    // With a residual, row 3 the residual's grad_bias: the same sum g, written by the column
+    // sum's second copy (no clone launch).
+    const Tensor all = grad_rows(unit, res ? 4 : 2, C, fopts, empty);
+    s = {row_of(all, 0), row_of(all, 1), res ? row_of(all, 2) : Tensor(),
+         res ? row_of(all, 3) : Tensor()};
+    if (res && !empty) {
+      p.cast_g2 = s.g2.data_ptr();
+      p.cast_dtype = DType::kFloat32;
+    }
   } else {
     const auto make = [&] { return empty ? at::zeros({C}, fopts) : at::empty({C}, fopts); };
     s = {make(), make(), res ? make() : Tensor()};
