@@ -16,6 +16,7 @@
 #pragma once
 
 #include <Python.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/object_ptr.h>
@@ -111,10 +112,12 @@ inline PyObject* tensor_key_py(PyObject*, PyObject* v) {
 }
 
 // tensors_in(pool, specs) -> tuple: per (offset, sizes, strides) of specs a tensor of pool's
-// dtype in pool's storage from element `offset` on (pool's own offset added): several small
-// outputs of one allocation (the Triton replays' per-channel vectors, triton_kernels/_replay.py),
-// each ~0.2 µs where torch.as_strided from Python costs ~2 µs. Not views for autograd: plain
-// tensors that share the storage.
+// dtype in pool's storage from element `offset` on (pool's own offset added); per (offset, sizes,
+// strides, dtype) one of that dtype from element `offset` of it counted from pool's data (a
+// byte workspace's regions). Several outputs of one allocation (the Triton replays' per-channel
+// vectors, triton_kernels/_replay.py; a block plan's kept activations, block.py), each ~0.2 µs
+// where torch.as_strided from Python costs ~2 µs. Not views for autograd: plain tensors that
+// share the storage.
 inline PyObject* tensors_in_py(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* pool = nullptr;
@@ -144,27 +147,42 @@ inline PyObject* tensors_in_py(PyObject*, PyObject* args) {
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* sp = PyTuple_GET_ITEM(specs, i);
     long long off = -1;
-    if (!PyTuple_Check(sp) || PyTuple_GET_SIZE(sp) != 3 ||
-        (off = PyLong_AsLongLong(PyTuple_GET_ITEM(sp, 0))) < 0 ||
+    const Py_ssize_t len = PyTuple_Check(sp) ? PyTuple_GET_SIZE(sp) : 0;
+    if ((len != 3 && len != 4) || (off = PyLong_AsLongLong(PyTuple_GET_ITEM(sp, 0))) < 0 ||
         !ints(PyTuple_GET_ITEM(sp, 1), sizes) || !ints(PyTuple_GET_ITEM(sp, 2), strides) ||
-        sizes.size() != strides.size()) {
+        sizes.size() != strides.size() || (len == 4 && !THPDtype_Check(PyTuple_GET_ITEM(sp, 3)))) {
       if (!PyErr_Occurred())
         PyErr_SetString(PyExc_ValueError,
-                        "fastres tensors_in: each spec is (offset, sizes, strides)");
+                        "fastres tensors_in: each spec is (offset, sizes, strides[, dtype])");
       return nullptr;
     }
-    int64_t last = off;  // the last element the tensor reaches
+    caffe2::TypeMeta dtype = buf.dtype();
+    int64_t first = buf.storage_offset() + off;  // in elements of dtype
+    if (len == 4) {
+      dtype = caffe2::TypeMeta::fromScalarType(
+          reinterpret_cast<THPDtype*>(PyTuple_GET_ITEM(sp, 3))->scalar_type);
+      const int64_t base = buf.storage_offset() * static_cast<int64_t>(buf.dtype().itemsize());
+      const auto size = static_cast<int64_t>(dtype.itemsize());
+      TORCH_CHECK(base % size == 0, "fastres tensors_in: the pool's offset is not a whole number "
+                  "of ", dtype.name(), " elements");
+      first = base / size + off;
+    }
+    // the end of the tensor's span in bytes, against the pool's
+    int64_t last = first;
     for (size_t d = 0; d < sizes.size(); ++d) {
       TORCH_CHECK(sizes[d] >= 1 && strides[d] >= 0, "fastres tensors_in: bad sizes/strides");
       last += (sizes[d] - 1) * strides[d];
     }
-    if (last >= numel) {
+    const int64_t end_bytes = (last + 1) * static_cast<int64_t>(dtype.itemsize());
+    const int64_t pool_end =
+        (buf.storage_offset() + numel) * static_cast<int64_t>(buf.dtype().itemsize());
+    if (end_bytes > pool_end) {
       PyErr_SetString(PyExc_ValueError, "fastres tensors_in: a spec reaches past the pool");
       return nullptr;
     }
-    auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(buf.storage()),
-                                                     buf.key_set(), buf.dtype());
-    impl->set_storage_offset(buf.storage_offset() + off);
+    auto impl =
+        c10::make_intrusive<c10::TensorImpl>(c10::Storage(buf.storage()), buf.key_set(), dtype);
+    impl->set_storage_offset(first);
     impl->set_sizes_and_strides(sizes, strides);
     PyObject* t = THPVariable_Wrap(at::Tensor(std::move(impl)));
     if (t == nullptr) return nullptr;

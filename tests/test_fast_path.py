@@ -195,6 +195,16 @@ def test_tensors_in_carves_one_pool():
         assert g.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr()
     got[0].fill_(-1.0)  # the pool's storage itself
     assert pool[:4].eq(-1.0).all()
+    # a dtype of its own: a byte workspace's regions (offsets in that dtype's elements)
+    ws = torch.zeros(1024, dtype=torch.uint8)
+    typed = ((64, (2, 3), (3, 1), torch.float32), (8, (4,), (1,), torch.bfloat16))
+    got, want = mod.tensors_in(ws, typed), _replay._tensors_in_py(ws, typed)
+    for g, w in zip(got, want, strict=True):
+        assert (g.dtype, g.shape, g.stride()) == (w.dtype, w.shape, w.stride())
+        assert g.data_ptr() == w.data_ptr()
+    assert got[0].data_ptr() == ws.data_ptr() + 256
+    with pytest.raises(ValueError):
+        mod.tensors_in(ws, ((255, (2,), (1,), torch.float32),))
     with pytest.raises(ValueError):
         mod.tensors_in(pool, ((190, (4,), (1,)),))
     with pytest.raises(ValueError):

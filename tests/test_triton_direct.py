@@ -171,6 +171,24 @@ def block_checks(plant=False):
     drv.record, drv.calls[:] = True, []
     block(x)
     drv.record = False
+    # Once more, the kept outputs (the inner ones in the call's workspace storage) read back:
+    # they must be the tensors the launches wrote.
+    kept = []
+    tplan = block.__dict__["_eval_plan"].direct[0].parts[2].plan  # the grad plan's block_call
+    run_keep = tplan.run_keep
+    tplan.run_keep = lambda *a: kept.append(run_keep(*a)) or kept[-1]
+    drv.record, keep_calls = True, len(drv.calls)
+    try:
+        block(x)
+    finally:
+        drv.record = False
+        tplan.run_keep = run_keep
+    written = [w if isinstance(w, int) else w.data_ptr()
+               for w in (c[5][5] for c in drv.calls[keep_calls:] if c[0] == "_conv_fwd_kernel")]
+    if len(kept) != 1 or [t.data_ptr() for t in kept[0]] != written:
+        fails.append(f"the kept outputs {[[t.data_ptr() for t in k] for k in kept]} are not "
+                     f"what the launches wrote {written}")
+    del drv.calls[keep_calls:]
     x.requires_grad_(False)
     if len(drv.calls) != len(planned) or any(
             k[:5] != d[:5] or len(k[5]) != len(d[5]) or any(

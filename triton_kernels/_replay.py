@@ -296,9 +296,20 @@ class Segment:
 
 def _tensors_in_py(pool: Tensor, specs: tuple) -> tuple:
     """Per (element offset from pool's start, shape, stride) of ``specs`` a tensor in
-    ``pool``'s storage."""
-    base = pool.storage_offset()
-    return tuple(torch.as_strided(pool, shape, stride, base + off) for off, shape, stride in specs)
+    ``pool``'s storage; per (offset, shape, stride, dtype) one of that dtype, ``offset`` its
+    elements from pool's start (pool contiguous)."""
+    out = []
+    for spec in specs:
+        off, shape, stride = spec[:3]
+        if len(spec) == 3:
+            out.append(torch.as_strided(pool, shape, stride, pool.storage_offset() + off))
+            continue
+        dt = spec[3]
+        flat = pool.reshape(-1).view(torch.uint8)
+        start = off * dt.itemsize
+        n = _span(shape, stride) * dt.itemsize
+        out.append(flat[start: start + n].view(dt).as_strided(shape, stride))
+    return tuple(out)
 
 
 _tensors_in = _tensors_in_py

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _common, _direct, _ops
+from . import _common, _direct, _ops, _replay
 from . import bn_eval as _bn
 from .conv import _conv_fwd_kernel, conv_forward_args
 
@@ -357,13 +357,17 @@ def _runner(plan: _Plan, n_ts: int, direct: bool, keep: bool = False):
     nbytes = _round_up(4 * plan.vec_shape[0])
     final = len(plan.steps) + vec_idx - 1  # env index of the block output (the last step's)
     for j, step in enumerate(plan.steps[1:]):
-        if vec_idx + 1 + j == final or keep:
+        if vec_idx + 1 + j == final:
             continue
         shape, stride, dt = step.out
         regions[vec_idx + 1 + j] = (nbytes, shape, stride, dt)
         nbytes += _round_up(_span(shape, stride) * dt.itemsize)
+    # With keep, the inner outputs live in the workspace too and leave the call as tensors in its
+    # storage (_replay._tensors_in): one allocation for all but the block's output, which goes on
+    # to the next block and is kept apart so that its memory is not held by theirs.
     ns = {"_empty": torch.empty, "_empty_strided": torch.empty_strided, "_u8": torch.uint8,
-          "_dev": plan.device, "_launch": _common.launch, "_v": _view}
+          "_dev": plan.device, "_launch": _common.launch, "_v": _view,
+          "_tensors_in": _replay._tensors_in}
 
     def const(name, value):
         ns[name] = value
@@ -408,6 +412,12 @@ def _runner(plan: _Plan, n_ts: int, direct: bool, keep: bool = False):
             lines.append(f"    _launch({const(f'K{s}', step.kernel)}, {step.grid}, "
                          f"{', '.join(exprs)}, **{const(f'M{s}', step.meta)})")
     if keep:
+        inner = [e for e in plan.keep_idx if e in regions]
+        if inner:
+            specs = tuple((regions[e][0] // regions[e][3].itemsize, *regions[e][1:])
+                          for e in inner)
+            lines.append(f"    ({''.join(f'o{e}, ' for e in inner)}) = "
+                         f"_tensors_in(ws, {const('kept', specs)})")
         lines.append(f"    return ({''.join(f'o{e}, ' for e in plan.keep_idx)})")
     else:
         lines.append(f"    return o{final}")
