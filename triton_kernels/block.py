@@ -353,18 +353,25 @@ def _runner(plan: _Plan, n_ts: int, direct: bool, keep: bool = False):
     ``run(x, ts)`` passes views of the workspace to _common.launch (the interpreter runs this
     one: the same layout and wiring, with tensors)."""
     vec_idx = 1 + n_ts
-    regions = {vec_idx: (0, plan.vec_shape, (1,), torch.float32)}  # env index -> region
+    # env index -> (byte offset, shape, stride, dtype, buffer): the workspace "ws", or with keep
+    # "kp", one allocation for the inner outputs, which leave the call as tensors in its storage
+    # (_replay._tensors_in). Not the workspace's: the saved outputs would hold its rounded
+    # weights; not the block's output's, which goes on to the next block.
+    regions = {vec_idx: (0, plan.vec_shape, (1,), torch.float32, "ws")}
     nbytes = _round_up(4 * plan.vec_shape[0])
+    kbytes = 0
     final = len(plan.steps) + vec_idx - 1  # env index of the block output (the last step's)
     for j, step in enumerate(plan.steps[1:]):
         if vec_idx + 1 + j == final:
             continue
         shape, stride, dt = step.out
-        regions[vec_idx + 1 + j] = (nbytes, shape, stride, dt)
-        nbytes += _round_up(_span(shape, stride) * dt.itemsize)
-    # With keep, the inner outputs live in the workspace too and leave the call as tensors in its
-    # storage (_replay._tensors_in): one allocation for all but the block's output, which goes on
-    # to the next block and is kept apart so that its memory is not held by theirs.
+        size = _round_up(_span(shape, stride) * dt.itemsize)
+        if keep:
+            regions[vec_idx + 1 + j] = (kbytes, shape, stride, dt, "kp")
+            kbytes += size
+        else:
+            regions[vec_idx + 1 + j] = (nbytes, shape, stride, dt, "ws")
+            nbytes += size
     ns = {"_empty": torch.empty, "_empty_strided": torch.empty_strided, "_u8": torch.uint8,
           "_dev": plan.device, "_launch": _common.launch, "_v": _view,
           "_tensors_in": _replay._tensors_in}
@@ -373,15 +380,17 @@ def _runner(plan: _Plan, n_ts: int, direct: bool, keep: bool = False):
         ns[name] = value
         return name
 
-    def region(off, shape, stride, dt, tag):
+    def region(off, shape, stride, dt, buf, tag):
         if direct:
-            return f"(b + {off})"
-        return (f"_v(ws, {off}, {const(f'shape{tag}', shape)}, {const(f'stride{tag}', stride)}, "
-                f"{const(f'dt{tag}', dt)})")
+            return f"({'b' if buf == 'ws' else 'k'} + {off})"
+        return (f"_v({buf}, {off}, {const(f'shape{tag}', shape)}, "
+                f"{const(f'stride{tag}', stride)}, {const(f'dt{tag}', dt)})")
 
     lines = [f"def run(x, ts{', stream, enter, leave' if direct else ''}):",
              f"    ({''.join(f't{i}, ' for i in range(n_ts))}) = ts",
              f"    ws = _empty({nbytes}, dtype=_u8, device=_dev)"]
+    if kbytes:
+        lines.append(f"    kp = _empty({kbytes}, dtype=_u8, device=_dev)")
     outs = [e for e in range(vec_idx + 1, final + 1) if e not in regions]  # allocated each
     for e in outs:
         shape, stride, dt = plan.steps[e - vec_idx].out
@@ -389,6 +398,8 @@ def _runner(plan: _Plan, n_ts: int, direct: bool, keep: bool = False):
                      f"{const(f'stride{e}', stride)}, dtype={const(f'dt{e}', dt)}, device=_dev)")
     if direct:
         lines.append("    b = ws.data_ptr()")
+        if kbytes:
+            lines.append("    k = kp.data_ptr()")
     for s, step in enumerate(plan.steps):
         values = list(step.params if direct else step.args)
         exprs = [const(f"k{s}_{p}", v) for p, v in enumerate(values)]
@@ -402,7 +413,7 @@ def _runner(plan: _Plan, n_ts: int, direct: bool, keep: bool = False):
             else:
                 exprs[p] = region(*regions[e], f"{s}_{p}")
         for p, off, shape, stride in step.derived:
-            exprs[p] = region(4 * off, shape, stride, torch.float32, f"{s}_{p}")
+            exprs[p] = region(4 * off, shape, stride, torch.float32, "ws", f"{s}_{p}")
         if direct:
             launcher, function, packed = step.entry
             head = (f"{const(f'L{s}', launcher)}({', '.join(map(str, step.grid))}, stream, "
@@ -414,10 +425,10 @@ def _runner(plan: _Plan, n_ts: int, direct: bool, keep: bool = False):
     if keep:
         inner = [e for e in plan.keep_idx if e in regions]
         if inner:
-            specs = tuple((regions[e][0] // regions[e][3].itemsize, *regions[e][1:])
+            specs = tuple((regions[e][0] // regions[e][3].itemsize, *regions[e][1:4])
                           for e in inner)
             lines.append(f"    ({''.join(f'o{e}, ' for e in inner)}) = "
-                         f"_tensors_in(ws, {const('kept', specs)})")
+                         f"_tensors_in(kp, {const('kept', specs)})")
         lines.append(f"    return ({''.join(f'o{e}, ' for e in plan.keep_idx)})")
     else:
         lines.append(f"    return o{final}")
