@@ -476,15 +476,18 @@ def bn_bwd_sums(part, planes: int, has_xhat: bool, has_res: bool,
     return sums[0], sums[1] if has_xhat else None, sums[2] if has_res else None
 
 
-def bn_bwd_sums_cast(part, planes: int, has_xhat: bool, has_res: bool, cast: torch.dtype):
-    """bn_bwd_sums' float32 sums and their copies in ``cast`` (the BatchNorm gradients of a
-    16-bit model), from one launch."""
-    outs, casts = sum_planes_cast(part, planes, cast)
-
-    def pick(sums):
-        return sums[0], sums[1] if has_xhat else None, sums[2] if has_res else None
-
-    return pick(outs), pick(casts)
+def bn_bwd_grads(part, planes: int, has_res: bool, cast: torch.dtype | None):
+    """The training unit's BatchNorm backward sums, from one launch: (the float32 sums for the
+    elementwise pass, the BatchNorm gradients): each (sum g, sum g*xhat, sum g*xhat_res or None,
+    with a residual BatchNorm its bias gradient, sum g again in a tensor of its own, else None),
+    the gradients in ``cast`` (a 16-bit model's) or the float32 sums themselves (None)."""
+    if cast is None:
+        s = sum_planes(part, planes, dup=has_res)
+        f32 = (s[0], s[1], s[2] if has_res else None)
+        return f32, (*f32, s[3] if has_res else None)
+    outs, casts = sum_planes_cast(part, planes, cast, dup=has_res)
+    return ((outs[0], outs[1], outs[2] if has_res else None),
+            (casts[0], casts[1], *((casts[2], casts[3]) if has_res else (None, None))))
 
 
 def bn_bwd_partials(grad_out, out, x, scale, shift, mean, invstd, res_x, res_mean, res_invstd,

@@ -33,8 +33,9 @@ def _sum_rows_kernel(
     #         columns contiguous
     out_ptr, out1_ptr, out2_ptr,  # (L,) per plane 0, 1, 2: storage written linearly, any dtype
     c_ptr, c1_ptr, c2_ptr,  # (CAST) per plane, a second copy of the sums in another dtype
+    d_ptr,  # (DUP) (L,) one more copy of plane 0's sums, in the dtype of c_ptr (CAST) or out_ptr
     P, L, stride_p, stride_q,
-    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, CAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, CAST: tl.constexpr, DUP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     plane = tl.program_id(1)
@@ -46,6 +47,8 @@ def _sum_rows_kernel(
         tl.store(out_ptr + offs_l, cast_to(total, out_ptr.dtype.element_ty), mask=l_ok)
         if CAST:
             tl.store(c_ptr + offs_l, cast_to(total, c_ptr.dtype.element_ty), mask=l_ok)
+        if DUP:
+            tl.store(d_ptr + offs_l, cast_to(total, d_ptr.dtype.element_ty), mask=l_ok)
     elif plane == 1:
         tl.store(out1_ptr + offs_l, cast_to(total, out1_ptr.dtype.element_ty), mask=l_ok)
         if CAST:
@@ -76,39 +79,43 @@ def sum_rows(partials: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def sum_planes(partials: Tensor, planes: int,
-               dtype: torch.dtype = torch.float32) -> tuple[Tensor, ...]:
+def sum_planes(partials: Tensor, planes: int, dtype: torch.dtype = torch.float32,
+               dup: bool = False) -> tuple[Tensor, ...]:
     """Column sums of the first ``planes`` (at most 3) planes of a (Q, P, L) partials tensor
     (each plane's columns contiguous), as ``planes`` (L,) tensors, in one launch: the same fixed
     order, so the same bits, as sum_rows of each plane (one launch instead of ``planes``: the
     statistics' sum and sum of squares, the BN backward's two or three sums). ``dtype``: of the
-    outputs, each the float32 sum rounded once."""
+    outputs, each the float32 sum rounded once. ``dup``: one more output after them, a copy of
+    plane 0's sums (a tensor of its own: the bias gradients of two BatchNorms that see one g)."""
     length = partials.shape[2]
     outs = tuple(torch.empty(length, device=partials.device, dtype=dtype)
-                 for _ in range(planes))
-    _launch(partials[:planes], outs)
+                 for _ in range(planes + dup))
+    _launch(partials[:planes], outs[:planes], None, outs[planes] if dup else None)
     return outs
 
 
-def sum_planes_cast(partials: Tensor, planes: int,
-                    cast: torch.dtype) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+def sum_planes_cast(partials: Tensor, planes: int, cast: torch.dtype,
+                    dup: bool = False) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """sum_planes' float32 sums and, from the same launch, their copies in ``cast`` (each the
-    float32 sum rounded once: the bits of ``sum_planes(partials, planes, cast)``)."""
+    float32 sum rounded once: the bits of ``sum_planes(partials, planes, cast)``); ``dup``: the
+    copies end with one more of plane 0's."""
     length = partials.shape[2]
     outs, casts = ((tuple(torch.empty(length, device=partials.device, dtype=dt)
-                          for _ in range(planes))) for dt in (torch.float32, cast))
-    _launch(partials[:planes], outs, casts)
+                          for _ in range(planes + (dup and dt is cast)))) for dt in
+                   (torch.float32, cast))
+    _launch(partials[:planes], outs, casts[:planes], casts[planes] if dup else None)
     return outs, casts
 
 
 def _launch(partials: Tensor, outs: tuple[Tensor, ...],
-            casts: tuple[Tensor, ...] | None = None) -> None:
+            casts: tuple[Tensor, ...] | None = None, dup: Tensor | None = None) -> None:
     q, p, length = partials.shape
     block_p, block_l = sum_rows_blocks(hint(p), hint(length))
     cs = casts or outs
     launch(
         _sum_rows_kernel, (cdiv(length, block_l), q),
         partials, outs[0], outs[min(1, q - 1)], outs[q - 1], cs[0], cs[min(1, q - 1)], cs[q - 1],
-        p, length, partials.stride(1), partials.stride(0),
-        BLOCK_P=block_p, BLOCK_L=block_l, CAST=casts is not None, num_warps=4,
+        dup if dup is not None else cs[0], p, length, partials.stride(1), partials.stride(0),
+        BLOCK_P=block_p, BLOCK_L=block_l, CAST=casts is not None, DUP=dup is not None,
+        num_warps=4,
     )

@@ -255,10 +255,7 @@ def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
 
     def sums(part, planes, res):
         """bn_bwd_reduce's float32 sums, and the gradients: those or their grad_dtype copies."""
-        if grad_dtype is None:
-            f32 = _bn.bn_bwd_sums(part, planes, True, res)
-            return f32, f32
-        return _bn.bn_bwd_sums_cast(part, planes, True, res, grad_dtype)
+        return _bn.bn_bwd_grads(part, planes, res, grad_dtype)
     n_saved = 3 + 5 * n + (6 if ds else 0) + 2 * n
 
     def backward(go, *rest):
@@ -309,7 +306,7 @@ def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
         if ds:
             dsx, grads[3 * n] = _ops.conv_bwd_body(dres, x, wd, None, None, False,
                                                    *spec.geo[n], [need_x, True], rnd)
-            grads[3 * n + 1: 3 * n + 3] = [last[2], last[0]]
+            grads[3 * n + 1: 3 * n + 3] = [last[2], last[3]]
         if not need_x:
             dx = dsx = None
         return (dx, dsx, *grads)
@@ -359,8 +356,6 @@ def unit_backward(spec: _Spec, grad_out: Tensor, saved, need_x: bool) -> list:
         ops = spec.ops[how] = _backward_ops(spec, *how)
     (dx, dsx, *grads), _ = _run(spec.bwd, (*key, _block._input_sig(go), *how), stable, ops,
                                 (go, *saved, *gams))
-    if ds:
-        grads[3 * n + 2] = grads[3 * n + 2].clone()  # the last BN's bias gradient too
     if dx is not None and dsx is not None:
         dx.add_(dsx)  # dx is conv_bwd's fresh output: no new buffer
     if not dense:  # an absent BatchNorm weight gets no gradient

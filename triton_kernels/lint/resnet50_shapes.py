@@ -130,9 +130,9 @@ def unit_bn_backward(go, y, cv, weight, last: bool, round_tf32: bool = False) ->
         part, planes = bn.bn_bwd_partials(go, y if last else None, y, pro, pro, cv, cv, res, rv,
                                           rv, g, mask, True)
         if round_tf32:
-            sums = sum_planes(part, planes)
+            sums = sum_planes(part, planes, dup=res is not None)
         else:
-            sums, _ = sum_planes_cast(part, planes, weight.dtype)
+            sums, _ = sum_planes_cast(part, planes, weight.dtype, dup=res is not None)
         bn.bn_bwd_apply(go, y if last else None, y, pro, pro, cv, cv, weight, sums[0], sums[1],
                         res, rv, rv, weight if res is not None else None,
                         sums[2] if res is not None else None, mask, round_tf32=round_tf32)
