@@ -34,8 +34,9 @@ using OptT = std::optional<Tensor>;
 //
 // Deferred weight-gradient sums (conv_bwd's split sums, WgradSum in kernels.h): their split
 // workspaces stay reserved at the buffer's start (or in a buffer held for them once it grew)
-// until the launch that runs them, the next BatchNorm backward's reduction (take_wsum) or the
-// unit's last launch (flush_wsums): one launch fewer per weight gradient.
+// until the launch that runs them, the next BatchNorm backward's reduction (take_wsum, then
+// launched) or the unit's last launch (launch_wgrad_sums over `pending`): one launch fewer per
+// weight gradient.
 struct Scratch {
   Tensor buf;  // bytes
   int64_t hint = 0;
