@@ -1,5 +1,5 @@
 // The interface between the ATen launchers (ops_conv.cu, ops_bn.cu) and the kernel files
-// (conv_*.cu, bn.cu): plain parameter structs and launch functions, no ATen. The launchers
+// (conv_*.cu, bn.cu, bn_bwd.cu): plain parameter structs and launch functions, no ATen. The launchers
 // validate every input and fill these structs; the launch functions pick the template
 // instantiation (FR_BOOL_SWITCH), launch on the given stream and return the launch status, which
 // the launcher checks with C10_CUDA_CHECK.
@@ -122,7 +122,7 @@ cudaError_t launch_wgrad(WgradParams& p, DType dt, cudaStream_t stream,
 cudaError_t launch_wgrad_sums(const WgradSum* sums, int count, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// BatchNorm and elementwise kernels (bn.cu).
+// BatchNorm and elementwise kernels (bn.cu; the backward family in bn_bwd.cu).
 // ---------------------------------------------------------------------------------------------
 
 // out_j[c] = sum over t of partial[j][t][c] in a fixed order, for j < nsum (<= 4). Partials and

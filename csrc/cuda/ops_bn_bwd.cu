@@ -1,6 +1,6 @@
 // The ATen launchers of relu_bias_bwd and the BatchNorm backward family (fused, or split into
 // *_reduce and *_elemt for SyncBatchNorm) and their registration; the forward ops are in
-// ops_bn.cu. The kernels are in bn.cu; the checks and layout helpers are in ops_common.h.
+// ops_bn.cu. The kernels are in bn_bwd.cu; the checks and layout helpers are in ops_common.h.
 #include "ops_api.h"
 #include "ops_common.h"
 
