@@ -323,6 +323,62 @@ def test_eval_is_one_launch_per_convolution(kind, grad, live, monkeypatch):
         ["fastres_cudasim::conv_bias_act"] * convs, log.seen
 
 
+@pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_reason()),
+                    reason="cudasim is not built")
+@pytest.mark.parametrize("kind", ["identity", "downsample"])
+def test_training_step_launches(kind, monkeypatch):
+    """A training step of a Bottleneck on the CUDA path (cudasim's dry run: launches counted per
+    source file, not run) launches what the unit's design says and no more: per convolution its
+    kernel, one column-sum-and-finalize launch per BatchNorm, bn_add_relu; per BatchNorm backward
+    a reduction (which also runs a weight gradient's split sum), its column sums and the
+    elementwise pass; the data gradients (none for the first convolution without dx); one split
+    weight-gradient kernel per convolution and one launch for the split sums no reduction ran.
+    22 launches for the identity block, 25 with the downsample (docs/performance.md)."""
+    from fastres import _C_cudasim as sim  # noqa: PLC0415
+
+    monkeypatch.setenv("FASTRES_BACKEND", "cudasim")
+    tvb = torchvision.models.resnet
+    if kind == "identity":
+        block, convs, bns = tvb.Bottleneck(64, 16), 3, 3
+    else:
+        block = tvb.Bottleneck(64, 32, stride=2, downsample=torch.nn.Sequential(
+            torch.nn.Conv2d(64, 128, 1, stride=2, bias=False), torch.nn.BatchNorm2d(128)))
+        convs, bns = 4, 4
+    ours = fastres.convert(randomise_bn(block)).train().to(torch.bfloat16,
+                                                           memory_format=torch.channels_last)
+    x = torch.randn(2, 64, 8, 8, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+
+    def step():
+        ours(x).float().sum().backward()
+        ours.zero_grad(set_to_none=True)
+
+    prev = sim.set_dry_run(True)
+    try:
+        step()
+        step()
+        before = sim.launch_sites()
+        step()
+        after = sim.launch_sites()
+    finally:
+        sim.set_dry_run(prev)
+    per_file: dict = {}
+    for site, n in after.items():
+        if n - before.get(site, 0):
+            name = site.rsplit("/", 1)[-1].split(":")[0]
+            per_file[name] = per_file.get(name, 0) + n - before.get(site, 0)
+    # bn.cu: the forward's column sums with finalize and bn_add_relu, each BatchNorm backward's
+    # column sums; bn_bwd.cu: each BatchNorm backward's reduction and elementwise pass (three of
+    # them: bn_add_relu_bwd covers the downsample's BatchNorm too)
+    want = {"bn.cu": bns + 1 + 3, "bn_bwd.cu": 2 * 3,
+            # forward convolutions and the data gradients of all but the first convolution (and
+            # the downsample, whose input is the block's: no dx asked)
+            "conv_igemm.cuh": convs + 2,
+            # a split kernel per weight gradient, one launch of the sums no reduction ran
+            "conv_wgrad.cu": convs + 1}
+    assert per_file == want, per_file
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["eval", "eval-grad", "train"])
 @pytest.mark.parametrize("cached", [False, True], ids=["live", "cpu-cache"])
