@@ -21,6 +21,7 @@ from . import bn as _bn
 from . import bn_eval as _bn_eval
 from . import conv as _conv
 from ._common import INTERPRETED
+from .bn_bwd import bn_bwd_apply, bn_bwd_reduce
 
 NAMESPACE = "fastres_triton"
 
@@ -155,8 +156,8 @@ def relu_bias_bwd(grad_out: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]
     from ._common import empty_like_format  # noqa: PLC0415
 
     g = empty_like_format(grad_out.shape, grad_out)
-    gsum, _, _ = _bn.bn_bwd_reduce(grad_out, out, None, None, None, None, None, None, None, None,
-                                   g, 1 if out is not None else 0, False)
+    gsum, _, _ = bn_bwd_reduce(grad_out, out, None, None, None, None, None, None, None, None,
+                               g, 1 if out is not None else 0, False)
     return g, gsum
 
 
@@ -251,11 +252,11 @@ def bn_add_relu_bwd(
 
     # Identity residual: grad_res = g, written by the reduction pass that computes g anyway.
     g = empty_like_format(grad_out.shape, grad_out) if res_input is None else None
-    gsum, gxsum, grsum = _bn.bn_bwd_reduce(grad_out, out, input, None, None, mean, invstd,
-                                           res_input, res_mean, res_invstd, g, mask, True)
-    gi, gr = _bn.bn_bwd_apply(grad_out, out, input, None, None, mean, invstd, _vec(weight),
-                              gsum, gxsum, res_input, res_mean, res_invstd, _vec(res_weight),
-                              grsum, mask)
+    gsum, gxsum, grsum = bn_bwd_reduce(grad_out, out, input, None, None, mean, invstd,
+                                       res_input, res_mean, res_invstd, g, mask, True)
+    gi, gr = bn_bwd_apply(grad_out, out, input, None, None, mean, invstd, _vec(weight),
+                          gsum, gxsum, res_input, res_mean, res_invstd, _vec(res_weight),
+                          grsum, mask)
     if res_input is None:  # two empty outputs (outputs may not alias each other)
         return gi, gxsum, gsum, g, mean.new_empty(0), mean.new_empty(0)
     # grad_res_bias is sum(g) again: a copy, as outputs may not alias each other.
@@ -269,10 +270,10 @@ def bn_relu_bwd(
     _check_act("bn_relu_bwd", grad_out, input)
     mean, invstd, scale, shift = _vec(mean), _vec(invstd), _vec(scale), _vec(shift)
     mask = 2 if relu else 0
-    gsum, gxsum, _ = _bn.bn_bwd_reduce(grad_out, None, input, scale, shift, mean, invstd,
-                                       None, None, None, None, mask, True)
-    gi, _ = _bn.bn_bwd_apply(grad_out, None, input, scale, shift, mean, invstd, _vec(weight),
-                             gsum, gxsum, None, None, None, None, None, mask)
+    gsum, gxsum, _ = bn_bwd_reduce(grad_out, None, input, scale, shift, mean, invstd,
+                                   None, None, None, None, mask, True)
+    gi, _ = bn_bwd_apply(grad_out, None, input, scale, shift, mean, invstd, _vec(weight),
+                         gsum, gxsum, None, None, None, None, None, mask)
     return gi, gxsum, gsum
 
 
@@ -288,9 +289,9 @@ def bn_add_relu_bwd_reduce(
     _check_bn_bwd("bn_add_relu_bwd_reduce", grad_out, out, input, res_input, res_mean,
                   res_invstd)
     mean, invstd = _vec(mean), _vec(invstd)
-    gsum, gxsum, grsum = _bn.bn_bwd_reduce(grad_out, out, input, None, None, mean, invstd,
-                                           res_input, _vec(res_mean), _vec(res_invstd), None,
-                                           1 if out is not None else 0, True)
+    gsum, gxsum, grsum = bn_bwd_reduce(grad_out, out, input, None, None, mean, invstd,
+                                       res_input, _vec(res_mean), _vec(res_invstd), None,
+                                       1 if out is not None else 0, True)
     return gsum, gxsum, (grsum if grsum is not None else mean.new_empty(0))
 
 
@@ -306,11 +307,11 @@ def bn_add_relu_bwd_elemt(
 
     # Identity residual: grad_res = g, written by this pass (the split reduction writes nothing).
     g = empty_like_format(grad_out.shape, grad_out) if res_input is None else None
-    gi, gr = _bn.bn_bwd_apply(grad_out, out, input, None, None, _vec(mean), _vec(invstd),
-                              _vec(weight), _vec(mean_g), _vec(mean_g_xhat), res_input,
-                              _vec(res_mean), _vec(res_invstd), _vec(res_weight),
-                              _vec(res_mean_g_xhat), 1 if out is not None else 0, means=True,
-                              g_out=g)
+    gi, gr = bn_bwd_apply(grad_out, out, input, None, None, _vec(mean), _vec(invstd),
+                          _vec(weight), _vec(mean_g), _vec(mean_g_xhat), res_input,
+                          _vec(res_mean), _vec(res_invstd), _vec(res_weight),
+                          _vec(res_mean_g_xhat), 1 if out is not None else 0, means=True,
+                          g_out=g)
     return gi, (g if res_input is None else gr)
 
 
@@ -319,9 +320,9 @@ def bn_relu_bwd_reduce(
     relu: bool,
 ) -> tuple[Tensor, Tensor]:
     _check_act("bn_relu_bwd_reduce", grad_out, input)
-    gsum, gxsum, _ = _bn.bn_bwd_reduce(grad_out, None, input, _vec(scale), _vec(shift),
-                                       _vec(mean), _vec(invstd), None, None, None, None,
-                                       2 if relu else 0, True)
+    gsum, gxsum, _ = bn_bwd_reduce(grad_out, None, input, _vec(scale), _vec(shift),
+                                   _vec(mean), _vec(invstd), None, None, None, None,
+                                   2 if relu else 0, True)
     return gsum, gxsum
 
 
@@ -330,9 +331,9 @@ def bn_relu_bwd_elemt(
     scale: Tensor, shift: Tensor, relu: bool, mean_g: Tensor, mean_g_xhat: Tensor,
 ) -> Tensor:
     _check_act("bn_relu_bwd_elemt", grad_out, input)
-    gi, _ = _bn.bn_bwd_apply(grad_out, None, input, _vec(scale), _vec(shift), _vec(mean),
-                             _vec(invstd), _vec(weight), _vec(mean_g), _vec(mean_g_xhat),
-                             None, None, None, None, None, 2 if relu else 0, means=True)
+    gi, _ = bn_bwd_apply(grad_out, None, input, _vec(scale), _vec(shift), _vec(mean),
+                         _vec(invstd), _vec(weight), _vec(mean_g), _vec(mean_g_xhat),
+                         None, None, None, None, None, 2 if relu else 0, means=True)
     return gi
 
 
@@ -346,9 +347,11 @@ def conv_bwd(
 
 
 def conv_bwd_body(grad_out, input, weight, pre_scale, pre_shift, pre_relu, stride, padding,
-                  dilation, groups, output_mask, grad_rounded: bool = False):
+                  dilation, groups, output_mask, grad_rounded: bool = False, defer=None):
     """conv_bwd's body; ``grad_rounded``: a float32 grad_out comes rounded to TF32 already
-    (the training unit's, from bn_bwd_apply), else rounded here where the dots run TF32."""
+    (the training unit's, from bn_bwd_apply), else rounded here where the dots run TF32.
+    ``defer``: a list to which the weight gradient's split sum is appended instead of launched
+    (conv.conv_wgrad's ``defer``; the training unit runs it in a later launch)."""
     _check_conv("conv_bwd", input, weight, groups, dilation)
     _check_act("conv_bwd", input, grad_out)
     grad_out = _conv.grad_out_nhwc(grad_out, grad_rounded)
@@ -358,7 +361,11 @@ def conv_bwd_body(grad_out, input, weight, pre_scale, pre_shift, pre_relu, strid
         gi = input.new_empty(0)
     if output_mask[1]:
         gw = _conv.conv_wgrad(grad_out, input, weight, _vec(pre_scale), _vec(pre_shift), pre_relu,
-                              stride, padding, dilation)
+                              stride, padding, dilation, defer is not None)
+        if defer is not None:
+            gw, pending = gw
+            if pending is not None:
+                defer.append(pending)
     else:
         gw = weight.new_empty(0)
     return gi, gw

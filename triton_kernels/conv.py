@@ -529,8 +529,11 @@ def conv_wgrad(
     stride,
     padding,
     dilation,
-) -> Tensor:
-    """dL/dweight; grad_out from grad_out_nhwc."""
+    defer: bool = False,
+):
+    """dL/dweight; grad_out from grad_out_nhwc. ``defer``: (dL/dweight, its split sum left to
+    a later launch as ``(partials, out)``, or None where there is none to leave: one split, or
+    padded channels), for bn_bwd.bn_bwd_partials or reduce.sum_rows(partials, out=out)."""
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
     p, q = grad_out.shape[2], grad_out.shape[3]
@@ -579,11 +582,13 @@ def conv_wgrad(
         BLOCK_K=cfg.BLOCK_K, BLOCK_C=cfg.BLOCK_C, BLOCK_M=cfg.BLOCK_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if defer and split > 1 and gw is gw_real:
+        return gw, (target, gw)
     if split > 1:
         sum_rows(target, out=gw)
     if gw is not gw_real:
         gw_real.copy_(gw[:, :c_real])
-    return gw_real
+    return (gw_real, None) if defer else gw_real
 
 
 __all__ = ["conv_forward", "conv_dgrad", "conv_wgrad", "out_hw", "clamp_pow2"]

@@ -17,14 +17,30 @@ from ._common import INTERPRETED, cast_to, cdiv, clamp_pow2, hint, launch, tl, t
 @triton.jit
 def column_sums(base, P, stride_p, offs_l, l_ok, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
     """Columns ``offs_l`` of the (P, L) partials at ``base`` (rows ``stride_p`` apart) summed in
-    float64 in the fixed order, rounded once to float32. Every kernel that sums partials calls
-    this with sum_rows_blocks' blocks, so its sums are sum_rows' bits."""
-    acc = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float64)
+    float64 row after row, rounded once to float32: an order no layout decides (a tl.sum over
+    rows is a tree whose shape follows num_warps), so any kernel that calls this, whatever its
+    warps, gets sum_rows' bits. BLOCK_P rows are loaded per step (independent loads in flight)."""
+    acc = tl.zeros((BLOCK_L,), dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        ptrs = base + rows.to(tl.int64)[:, None] * stride_p + offs_l[None, :]
-        acc += tl.load(ptrs, mask=(rows < P)[:, None] & l_ok[None, :], other=0.0).to(tl.float64)
-    return tl.sum(acc, axis=0).to(tl.float32)
+        for r in tl.static_range(BLOCK_P):
+            row = p0 + r
+            v = tl.load(base + row.to(tl.int64) * stride_p + offs_l, mask=l_ok & (row < P),
+                        other=0.0)
+            acc += v.to(tl.float64)
+    return acc.to(tl.float32)
+
+
+@triton.jit
+def split_sums(ws_ptr, out_ptr, P, L, first, step, BLOCK_P: tl.constexpr,
+               BLOCK_L: tl.constexpr):
+    """out[l] = the sum over the P rows of ws[., l] (column_sums), for the column blocks first,
+    first + step, ...: a split-K weight gradient's sum, run by programs of another kernel
+    (bn.py's reduction, for the training unit)."""
+    for blk in range(first, tl.cdiv(L, BLOCK_L), step):
+        offs = blk.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+        ok = offs < L
+        total = column_sums(ws_ptr, P, L, offs, ok, BLOCK_P, BLOCK_L)
+        tl.store(out_ptr + offs, cast_to(total, out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -46,9 +46,11 @@ from torch import Tensor
 from . import _common, _direct, _ops
 from . import block as _block
 from . import bn as _bn
+from . import bn_bwd as _bn_bwd
 from ._common import empty_like_format, memory_format_of
 from ._replay import record
 from .block import _signature
+from .reduce import sum_rows
 
 __all__ = ["stats", "unit_backward", "unit_forward", "unit_spec"]
 
@@ -255,7 +257,7 @@ def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
 
     def sums(part, planes, res):
         """bn_bwd_reduce's float32 sums, and the gradients: those or their grad_dtype copies."""
-        return _bn.bn_bwd_grads(part, planes, res, grad_dtype)
+        return _bn_bwd.bn_bwd_grads(part, planes, res, grad_dtype)
     n_saved = 3 + 5 * n + (6 if ds else 0) + 2 * n
 
     def backward(go, *rest):
@@ -278,35 +280,41 @@ def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
         _ops._check_bn_bwd("bn_add_relu_bwd", go, out, ys[-1], yd, res_mean, res_invstd)
         mask = 1 if out is not None else 0
         g = empty_like_format(go.shape, go) if yd is None else None
-        part, planes = _bn.bn_bwd_partials(go, out, ys[-1], None, None, mean, invstd, yd,
-                                           res_mean, res_invstd, g, mask, True)
+        part, planes = _bn_bwd.bn_bwd_partials(go, out, ys[-1], None, None, mean, invstd, yd,
+                                               res_mean, res_invstd, g, mask, True)
         (gsum, gxsum, grsum), last = sums(part, planes, ds)
-        dy, gr = _bn.bn_bwd_apply(go, out, ys[-1], None, None, mean, invstd, gams[n - 1], gsum,
-                                  gxsum, yd, res_mean, res_invstd, gams[n] if ds else None,
-                                  grsum, mask, round_tf32=rnd)
+        dy, gr = _bn_bwd.bn_bwd_apply(go, out, ys[-1], None, None, mean, invstd, gams[n - 1],
+                                      gsum, gxsum, yd, res_mean, res_invstd,
+                                      gams[n] if ds else None, grsum, mask, round_tf32=rnd)
         dres = g if yd is None else gr
         grads: list = [None] * (3 * (n + ds))
         grads[3 * (n - 1) + 1: 3 * n] = [last[1], last[0]]
+        # Each weight gradient's split sum runs in the next BatchNorm backward's reduction
+        # launch (bn_bwd_partials' wsum); the last ones in launches of their own.
+        pending: list = []
         for i in range(n - 1, 0, -1):
             mean_p, invstd_p, scale_p, shift_p = st[4 * (i - 1): 4 * i]
             da, grads[3 * i] = _ops.conv_bwd_body(dy, ys[i - 1], weights[i], scale_p, shift_p,
-                                                  True, *spec.geo[i], [True, True], rnd)
+                                                  True, *spec.geo[i], [True, True], rnd, pending)
             # bn_relu_bwd's body (the weight given as it is)
             _ops._check_act("bn_relu_bwd", da, ys[i - 1])
-            part, planes = _bn.bn_bwd_partials(da, None, ys[i - 1], scale_p, shift_p, mean_p,
-                                               invstd_p, None, None, None, None, 2, True)
+            part, planes = _bn_bwd.bn_bwd_partials(da, None, ys[i - 1], scale_p, shift_p,
+                                                   mean_p, invstd_p, None, None, None, None, 2,
+                                                   True, pending.pop(0) if pending else None)
             (gs, gx, _), inner = sums(part, planes, False)
-            dy, _ = _bn.bn_bwd_apply(da, None, ys[i - 1], scale_p, shift_p, mean_p, invstd_p,
-                                     gams[i - 1], gs, gx, None, None, None, None, None, 2,
-                                     round_tf32=rnd)
+            dy, _ = _bn_bwd.bn_bwd_apply(da, None, ys[i - 1], scale_p, shift_p, mean_p,
+                                         invstd_p, gams[i - 1], gs, gx, None, None, None, None,
+                                         None, 2, round_tf32=rnd)
             grads[3 * (i - 1) + 1: 3 * i] = [inner[1], inner[0]]
         dx, grads[0] = _ops.conv_bwd_body(dy, x, weights[0], None, None, False, *spec.geo[0],
-                                          [need_x, True], rnd)
+                                          [need_x, True], rnd, pending)
         dsx = dres if spec.shortcut == 1 else None
         if ds:
             dsx, grads[3 * n] = _ops.conv_bwd_body(dres, x, wd, None, None, False,
-                                                   *spec.geo[n], [need_x, True], rnd)
+                                                   *spec.geo[n], [need_x, True], rnd, pending)
             grads[3 * n + 1: 3 * n + 3] = [last[2], last[3]]
+        for ws, out in pending:
+            sum_rows(ws, out=out)
         if not need_x:
             dx = dsx = None
         return (dx, dsx, *grads)

@@ -72,7 +72,7 @@ def _signature(kernel, args, meta):
 
 def _capture(quick: bool, dtype_names: list[str], shapes: str = "test"):
     """Run the op bodies on CPU tensors with every launch recorded, not executed."""
-    from .. import _common, bn, bn_eval, conv, reduce  # noqa: PLC0415
+    from .. import _common, bn, bn_bwd, bn_eval, conv, reduce  # noqa: PLC0415
 
     if _common.INTERPRETED:
         raise SystemExit("aot_check: unset TRITON_INTERPRET (the kernels are interpreted)")
@@ -87,7 +87,7 @@ def _capture(quick: bool, dtype_names: list[str], shapes: str = "test"):
     def set_label(text):
         label[0] = text
 
-    saved = {mod: mod.launch for mod in (_common, conv, bn, bn_eval, reduce)}
+    saved = {mod: mod.launch for mod in (_common, conv, bn, bn_bwd, bn_eval, reduce)}
     for mod in saved:
         mod.launch = record
     try:
@@ -185,7 +185,7 @@ WRITES = {
     "_bn_eval_vectors_kernel": {"scale_ptr", "shift_ptr"},
     "_bn_eval_vectors_block_kernel": {"out_ptr"},
     "_bn_add_relu_kernel": {"out_ptr"},
-    "_bn_bwd_reduce_kernel": {"g_ptr", "part_ptr"},
+    "_bn_bwd_reduce_kernel": {"g_ptr", "part_ptr", "wout_ptr"},
     "_bn_bwd_apply_kernel": {"gi_ptr", "gr_ptr"},
 }
 

@@ -118,8 +118,8 @@ def unit_bn_backward(go, y, cv, weight, last: bool, round_tf32: bool = False) ->
     written in it too (the gradients); for a float32 one with TF32 (``round_tf32``) the input
     gradients written rounded to TF32. ``last``: the unit's last BatchNorm, with the identity and
     with the downsample's BatchNorm as residual; else an inner one (its ReLU recomputed from the
-    scale and shift)."""
-    from .. import bn  # noqa: PLC0415
+    scale and shift), whose reduction runs a weight gradient's split sum too."""
+    from .. import bn_bwd  # noqa: PLC0415
     from ..reduce import sum_planes, sum_planes_cast  # noqa: PLC0415
 
     cases = ([(None, torch.empty_like(go)), (y, None)] if last else [(None, None)])
@@ -127,12 +127,15 @@ def unit_bn_backward(go, y, cv, weight, last: bool, round_tf32: bool = False) ->
         rv = cv if res is not None else None
         pro = None if last else cv
         mask = 1 if last else 2
-        part, planes = bn.bn_bwd_partials(go, y if last else None, y, pro, pro, cv, cv, res, rv,
-                                          rv, g, mask, True)
+        # an inner BatchNorm's reduction also runs the previous weight gradient's split sum
+        wsum = None if last else (torch.empty(4, 9 * 64 * 64), torch.empty(64, 64, 3, 3,
+                                                                          dtype=weight.dtype))
+        part, planes = bn_bwd.bn_bwd_partials(go, y if last else None, y, pro, pro, cv, cv, res, rv,
+                                          rv, g, mask, True, wsum)
         if round_tf32:
             sums = sum_planes(part, planes, dup=res is not None)
         else:
             sums, _ = sum_planes_cast(part, planes, weight.dtype, dup=res is not None)
-        bn.bn_bwd_apply(go, y if last else None, y, pro, pro, cv, cv, weight, sums[0], sums[1],
+        bn_bwd.bn_bwd_apply(go, y if last else None, y, pro, pro, cv, cv, weight, sums[0], sums[1],
                         res, rv, rv, weight if res is not None else None,
                         sums[2] if res is not None else None, mask, round_tf32=round_tf32)
