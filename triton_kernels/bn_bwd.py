@@ -84,88 +84,67 @@ def _bn_bwd_reduce_kernel(
         split_sums(ws_ptr, wout_ptr, WP, WL, pid_c * grid_m + pid_m, grid_m * tl.num_programs(1),
                    WBLOCK_P, WBLOCK_L)
     else:
-        _bn_bwd_reduce_body(go_ptr, out_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
-                            rx_ptr, rmean_ptr, rinvstd_ptr, g_ptr, part_ptr, M, C, H, W,
-                            stride_gon, stride_goc, stride_goh, stride_gow,
-                            stride_outn, stride_outc, stride_outh, stride_outw,
-                            stride_xn, stride_xc, stride_xh, stride_xw,
-                            stride_rxn, stride_rxc, stride_rxh, stride_rxw,
-                            stride_gn, stride_gc, stride_gh, stride_gw,
-                            pid_m, pid_c, grid_m, MASK, HAS_XHAT, HAS_RES_BN, WRITE_G, BLOCK_M,
-                            BLOCK_C)
-
-
-@triton.jit
-def _bn_bwd_reduce_body(go_ptr, out_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
-                        rx_ptr, rmean_ptr, rinvstd_ptr, g_ptr, part_ptr, M, C, H, W,
-                        stride_gon, stride_goc, stride_goh, stride_gow,
-                        stride_outn, stride_outc, stride_outh, stride_outw,
-                        stride_xn, stride_xc, stride_xh, stride_xw,
-                        stride_rxn, stride_rxc, stride_rxh, stride_rxw,
-                        stride_gn, stride_gc, stride_gh, stride_gw,
-                        pid_m, pid_c, grid_m, MASK: tl.constexpr, HAS_XHAT: tl.constexpr,
-                        HAS_RES_BN: tl.constexpr, WRITE_G: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    if MASK == 2:
-        sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    if HAS_XHAT:
-        mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
-        invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
-    if HAS_RES_BN:
-        rmean = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0)
-        rinvstd = tl.load(rinvstd_ptr + offs_c, mask=c_ok, other=0.0)
-    # Each row block is tree-summed in float64 and added to float64 per-channel accumulators: the
-    # sums feed grad_input through sum/count differences, and an fp32 running sum over up to
-    # 800k rows per channel (ResNet-50 layer1) drifts ~1e-4 relative.
-    acc_g = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    acc_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    acc_gr = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    num_mb = tl.cdiv(M, BLOCK_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    step = grid_m.to(tl.int64) * BLOCK_M
-    for _mb in range(pid_m, num_mb, grid_m):
-        m_ok = offs_m < M
-        n, h, w = split_rows(offs_m, H, W)
-        mask = m_ok[:, None] & c_ok[None, :]
-        go = tl.load(tile_ptrs(go_ptr, n, h, w, offs_c,
-                               stride_gon, stride_goc, stride_goh, stride_gow),
-                     mask=mask, other=0.0)
-        if MASK == 1:
-            o = tl.load(tile_ptrs(out_ptr, n, h, w, offs_c,
-                                  stride_outn, stride_outc, stride_outh, stride_outw),
-                        mask=mask, other=0.0)
-            go = tl.where(o <= 0, 0.0, go)  # threshold_backward: NaN out passes
-        if HAS_XHAT or MASK == 2:
-            x = tl.load(tile_ptrs(x_ptr, n, h, w, offs_c,
-                                  stride_xn, stride_xc, stride_xh, stride_xw),
-                        mask=mask, other=0.0)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
         if MASK == 2:
-            go = _prologue_relu_mask(go, x, sc, sh)
-        if WRITE_G:
-            tl.store(tile_ptrs(g_ptr, n, h, w, offs_c, stride_gn, stride_gc, stride_gh, stride_gw),
-                     cast_to(go, g_ptr.dtype.element_ty), mask=mask)
-        g = go.to(tl.float32)
-        acc_g += tl.sum(g.to(tl.float64), axis=0)
+            sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         if HAS_XHAT:
-            xhat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
-            acc_gx += tl.sum(tl.where(mask, g * xhat, 0.0).to(tl.float64), axis=0)
+            mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+            invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
         if HAS_RES_BN:
-            rx = tl.load(tile_ptrs(rx_ptr, n, h, w, offs_c,
-                                   stride_rxn, stride_rxc, stride_rxh, stride_rxw),
-                         mask=mask, other=0.0).to(tl.float32)
-            grx = tl.where(mask, g * (rx - rmean[None, :]) * rinvstd[None, :], 0.0)
-            acc_gr += tl.sum(grx.to(tl.float64), axis=0)
-        offs_m += step
-    row = pid_m.to(tl.int64) * C
-    plane = grid_m.to(tl.int64) * C
-    tl.store(part_ptr + row + offs_c, acc_g, mask=c_ok)
-    if HAS_XHAT:
-        tl.store(part_ptr + plane + row + offs_c, acc_gx, mask=c_ok)
-    if HAS_RES_BN:
-        tl.store(part_ptr + 2 * plane + row + offs_c, acc_gr, mask=c_ok)
+            rmean = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0)
+            rinvstd = tl.load(rinvstd_ptr + offs_c, mask=c_ok, other=0.0)
+        # Each row block is tree-summed in float64 and added to float64 per-channel accumulators:
+        # the sums feed grad_input through sum/count differences, and an fp32 running sum over up
+        # to 800k rows per channel (ResNet-50 layer1) drifts ~1e-4 relative.
+        acc_g = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        acc_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        acc_gr = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        num_mb = tl.cdiv(M, BLOCK_M)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        step = grid_m.to(tl.int64) * BLOCK_M
+        for _mb in range(pid_m, num_mb, grid_m):
+            m_ok = offs_m < M
+            n, h, w = split_rows(offs_m, H, W)
+            mask = m_ok[:, None] & c_ok[None, :]
+            go = tl.load(tile_ptrs(go_ptr, n, h, w, offs_c,
+                                   stride_gon, stride_goc, stride_goh, stride_gow),
+                         mask=mask, other=0.0)
+            if MASK == 1:
+                o = tl.load(tile_ptrs(out_ptr, n, h, w, offs_c,
+                                      stride_outn, stride_outc, stride_outh, stride_outw),
+                            mask=mask, other=0.0)
+                go = tl.where(o <= 0, 0.0, go)  # threshold_backward: NaN out passes
+            if HAS_XHAT or MASK == 2:
+                x = tl.load(tile_ptrs(x_ptr, n, h, w, offs_c,
+                                      stride_xn, stride_xc, stride_xh, stride_xw),
+                            mask=mask, other=0.0)
+            if MASK == 2:
+                go = _prologue_relu_mask(go, x, sc, sh)
+            if WRITE_G:
+                tl.store(tile_ptrs(g_ptr, n, h, w, offs_c,
+                                   stride_gn, stride_gc, stride_gh, stride_gw),
+                         cast_to(go, g_ptr.dtype.element_ty), mask=mask)
+            g = go.to(tl.float32)
+            acc_g += tl.sum(g.to(tl.float64), axis=0)
+            if HAS_XHAT:
+                xhat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
+                acc_gx += tl.sum(tl.where(mask, g * xhat, 0.0).to(tl.float64), axis=0)
+            if HAS_RES_BN:
+                rx = tl.load(tile_ptrs(rx_ptr, n, h, w, offs_c,
+                                       stride_rxn, stride_rxc, stride_rxh, stride_rxw),
+                             mask=mask, other=0.0).to(tl.float32)
+                grx = tl.where(mask, g * (rx - rmean[None, :]) * rinvstd[None, :], 0.0)
+                acc_gr += tl.sum(grx.to(tl.float64), axis=0)
+            offs_m += step
+        row = pid_m.to(tl.int64) * C
+        plane = grid_m.to(tl.int64) * C
+        tl.store(part_ptr + row + offs_c, acc_g, mask=c_ok)
+        if HAS_XHAT:
+            tl.store(part_ptr + plane + row + offs_c, acc_gx, mask=c_ok)
+        if HAS_RES_BN:
+            tl.store(part_ptr + 2 * plane + row + offs_c, acc_gr, mask=c_ok)
 
 
 @triton.jit

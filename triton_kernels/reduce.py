@@ -116,9 +116,11 @@ def sum_planes_cast(partials: Tensor, planes: int, cast: torch.dtype,
     float32 sum rounded once: the bits of ``sum_planes(partials, planes, cast)``); ``dup``: the
     copies end with one more of plane 0's."""
     length = partials.shape[2]
-    outs, casts = ((tuple(torch.empty(length, device=partials.device, dtype=dt)
-                          for _ in range(planes + (dup and dt is cast)))) for dt in
-                   (torch.float32, cast))
+
+    def vectors(dt, n):
+        return tuple(torch.empty(length, device=partials.device, dtype=dt) for _ in range(n))
+
+    outs, casts = vectors(torch.float32, planes), vectors(cast, planes + dup)
     _launch(partials[:planes], outs, casts[:planes], casts[planes] if dup else None)
     return outs, casts
 

@@ -147,14 +147,10 @@ __global__ void __launch_bounds__(1024) colsum_finalize_kernel(const ColSumParam
   finalize_channel(p, c, sum, sumsq, running_update(p, 0));
 }
 
-bool colsum_finalize_fusable(const BnFinalizeParams& p) {
-  return p.has_momentum || !p.num_batches_tracked;
-}
-
 cudaError_t launch_colsum_finalize(const ColSumParams& cs, const BnFinalizeParams& p,
                                    cudaStream_t stream) {
   if (cs.nsum != 2 || cs.C != p.C) return cudaErrorInvalidValue;
-  if (!colsum_finalize_fusable(p)) {
+  if (!p.has_momentum && p.num_batches_tracked) {
     FR_RETURN_IF_ERROR(launch_colsum(cs, stream));
     return launch_bn_finalize(p, stream);
   }

@@ -165,8 +165,8 @@ struct BnFinalizeParams {
 };
 cudaError_t launch_bn_finalize(const BnFinalizeParams& p, cudaStream_t stream);
 // launch_colsum(cs) then launch_bn_finalize(p) (cs.out[0], cs.out[1] are p's sum and sumsq),
-// in one launch unless momentum is None with a batch count (colsum_finalize_fusable).
-bool colsum_finalize_fusable(const BnFinalizeParams& p);
+// in one launch unless momentum is None with a batch count (every CTA would read the count that
+// one of them increments).
 cudaError_t launch_colsum_finalize(const ColSumParams& cs, const BnFinalizeParams& p,
                                    cudaStream_t stream);
 

@@ -53,7 +53,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
     shift = at::empty({C}, sum.options());
   }
   // Deferred column sums (the unit's conv_stats) go into sum and sumsq themselves (rows 0 and 1
-  // of its (6, C) buffer): with the finalize in one launch when it reads them there, else first.
+  // of its (6, C) buffer): with the finalize (launch_colsum_finalize, which decides whether one
+  // launch can do both) when the kernel reads them there, else first, before the copies below.
   ColSumParams cp{};
   bool fuse = false;
   if (sums && sums->partial) {
@@ -66,7 +67,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_impl(
     cp.nsum = 2;
     cp.T = sums->T;
     cp.C = static_cast<int>(C);
-    fuse = aligned16(sum) && aligned16(sumsq) && (momentum.has_value() || nbt == nullptr);
+    fuse = aligned16(sum) && aligned16(sumsq);
     if (!fuse) C10_CUDA_CHECK(launch_colsum(cp, stream()));
   }
   // The kernel reads sum/sumsq as dense float arrays: a strided view (e.g. a column of a stacked
