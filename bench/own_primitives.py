@@ -3,7 +3,7 @@ torch.compile, in one process, providers alternating round by round (A B A B ...
 the machine alike; each figure is the median over rounds with the min and max.
 
     python bench/own_primitives.py [--cases peak threads tiny residual block block_train
-                                    resnet50 compile resnet50_ab]
+                                    train_convs resnet50 compile resnet50_ab]
 
 peak: this CPU's torch.mm fp32/bf16 GFLOP/s and copy GB/s (bench/cpu_profile.py), the floors'
 rates. threads: OpenMP runtimes mapped and threads alive, own path on and off. tiny: per-call us
@@ -11,7 +11,8 @@ of a 1x1 conv + bias + ReLU on 1x64x4x4 channels_last (the work is nothing: the 
 overhead). residual: the ways of adding a residual. block: converted torchvision
 Bottleneck(256, 64) eval on 8x256x56x56 channels_last (no_grad), fp32 and bf16, with its compute
 floor at torch.mm's rate. block_train: the same block's training step (forward, sum, backward)
-against eager and torch.compile. resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. compile: a
+against eager and torch.compile. train_convs: every ResNet-50 training convolution at N=8,
+forward, backward data and backward weights, own against ATen's. resnet50: converted ResNet-50 eval, N=1 and 8, 224x224. compile: a
 converted ResNet-50 (N=1) and Bottleneck eager against torch.compile of them (default, and with
 Inductor's freezing), and the weight reorders per call. resnet50_ab: ResNet-50 eval, N=1 and 8:
 fastres, fastres + torch.compile, torchvision compiled with Inductor's freezing, eager. The own path
@@ -287,6 +288,74 @@ def case_block_train(args, peak) -> None:
         _report(f"Bottleneck(256, 64) training step 8x256x56x56 {dn}", res)
 
 
+#: Every ResNet-50 convolution of a training step but the stem's: (in channels, out channels,
+#: kernel, input size, stride, how many per step).
+RESNET50_CONVS = (
+    (64, 64, 1, 56, 1, 1), (64, 64, 3, 56, 1, 3), (256, 64, 1, 56, 1, 2), (64, 256, 1, 56, 1, 4),
+    (256, 128, 1, 56, 1, 1), (128, 128, 3, 56, 2, 1), (256, 512, 1, 56, 2, 1),
+    (512, 128, 1, 28, 1, 3), (128, 128, 3, 28, 1, 3), (128, 512, 1, 28, 1, 4),
+    (512, 256, 1, 28, 1, 1), (256, 256, 3, 28, 2, 1), (512, 1024, 1, 28, 2, 1),
+    (1024, 256, 1, 14, 1, 5), (256, 256, 3, 14, 1, 5), (256, 1024, 1, 14, 1, 6),
+    (1024, 512, 1, 14, 1, 1), (512, 512, 3, 14, 2, 1), (1024, 2048, 1, 14, 2, 1),
+    (2048, 512, 1, 7, 1, 2), (512, 512, 3, 7, 1, 2), (512, 2048, 1, 7, 1, 3),
+)
+
+
+def case_train_convs(args, peak) -> None:
+    """Each ResNet-50 training convolution at N=8 (conv_stats without prologue, conv_bwd's
+    backward data alone and backward weights alone), own primitives against ATen's path, and for
+    backward data the own primitive with and without the rule that sends float32 3x3 backward
+    data to ATen (set_aten_spatial_bwd_data); medians over rounds, then summed per step (times
+    each shape's count)."""
+    ops, cpu = torch.ops.fastres, torch.ops.fastres_cpu
+    n = 8
+
+    def with_rule(on, f):
+        def g():
+            prev = cpu.set_aten_spatial_bwd_data(on)
+            try:
+                return f()
+            finally:
+                cpu.set_aten_spatial_bwd_data(prev)
+        return g
+
+    for dn, dt in DTYPES.items():
+        print(f"ResNet-50 training convolutions, N={n}, {dn}: median ms per call (min-max)")
+        tot: dict = {}
+        for ci, co, k, hw, s, count in RESNET50_CONVS:
+            p = k // 2
+            ho = (hw + 2 * p - k) // s + 1
+            x = torch.randn(n, ci, hw, hw, dtype=dt).contiguous(memory_format=CL)
+            w = (torch.randn(co, ci, k, k, dtype=dt) / (ci * k * k) ** 0.5).contiguous(
+                memory_format=CL)
+            g = torch.randn(n, co, ho, ho, dtype=dt).contiguous(memory_format=CL)
+            conv = ([s, s], [p, p], [1, 1], 1)
+
+            def fwd():
+                return ops.conv_stats(x, w, None, None, False, *conv)
+
+            def bwd_d():
+                return ops.conv_bwd(g, x, w, None, None, False, *conv, [True, False])
+
+            def bwd_w():
+                return ops.conv_bwd(g, x, w, None, None, False, *conv, [False, True])
+
+            res = _alternate({"fwd own": (True, fwd), "fwd aten": (False, fwd),
+                              "bwd_d own": (True, bwd_d),
+                              "bwd_d own, no rule": (True, with_rule(False, bwd_d)),
+                              "bwd_d aten": (False, bwd_d),
+                              "bwd_w own": (True, bwd_w), "bwd_w aten": (False, bwd_w)},
+                             1, args.rounds, warm=2)
+            cells = []
+            for name, v in res.items():
+                med = statistics.median(v)
+                tot[name] = tot.get(name, 0.0) + med * count
+                cells.append(f"{name} {med:.2f} ({min(v):.2f}-{max(v):.2f})")
+            print(f"  {ci}->{co} {k}x{k} s{s} {hw}x{hw} (x{count}): " + ", ".join(cells))
+        print(f"  summed per step ({dn}): "
+              + ", ".join(f"{name} {v:.1f}" for name, v in tot.items()))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,8 +373,8 @@ def main(argv=None) -> None:
           f"{torch.__version__}, {built}, {args.threads} threads, load average at start "
           f"{os.getloadavg()}")
     peak = case_peak(args) if "peak" in args.cases else None
-    for name in ("threads", "tiny", "residual", "block", "block_train", "resnet50", "compile",
-                 "resnet50_ab"):
+    for name in ("threads", "tiny", "residual", "block", "block_train", "train_convs",
+                 "resnet50", "compile", "resnet50_ab"):
         if name in args.cases:
             globals()[f"case_{name}"](args, peak)
     print(f"load average at end {os.getloadavg()}")

@@ -129,8 +129,9 @@ def test_training_forward_conv_stats(dtype, conv, prologue):
                          ids=["both", "input", "weight"])
 def test_training_backward_conv_bwd(dtype, conv, prologue, mask):
     """conv_bwd (the training backward's convolution) runs on the own backward-data and
-    backward-weights primitives: grad_input and grad_weight by the tolerance rule, one primitive
-    served per gradient asked for, grad_weight in the weight's strides."""
+    backward-weights primitives, except float32 backward data through a spatial kernel (ATen's
+    path, faster there: csrc/cpu/dnnl_conv_bwd.cpp): grad_input and grad_weight by the tolerance
+    rule, one primitive served per gradient it serves, grad_weight in the weight's strides."""
     x, w, _, _, st, pad, dil = _operands(dtype, conv, False, bias_acc=True)
     m = Maker("cpu", dtype)
     c = x.shape[1]
@@ -139,9 +140,32 @@ def test_training_backward_conv_bwd(dtype, conv, prologue, mask):
     g = m.act(*y.shape)
     before = _served()
     ours = check("cpu", "conv_bwd", (g, x, w, *pre, st, pad, dil, 1, list(mask)), dtype)
-    assert _served() == before + sum(mask), "the own backward primitives did not serve conv_bwd"
+    aten_data = dtype == torch.float32 and w.shape[2] * w.shape[3] > 1
+    served = int(mask[0] and not aten_data) + int(mask[1])
+    assert _served() == before + served, "the own backward primitives did not serve conv_bwd"
     if mask[1]:
         assert ours[1].stride() == w.stride()
+
+
+@pytest.mark.parametrize("conv", [c for c in CONVS if c[2] > 1],
+                         ids=lambda c: f"k{c[0]}c{c[1]}r{c[2]}s{c[3]}d{c[5]}")
+def test_spatial_bwd_data_rule(conv):
+    """A float32 3x3 backward data goes to ATen's path; with the rule off
+    (set_aten_spatial_bwd_data(False), for A/B timing) the own primitive serves it, and both
+    answers pass the tolerance rule."""
+    dtype = torch.float32
+    x, w, _, _, st, pad, dil = _operands(dtype, conv, False, bias_acc=True)
+    g = Maker("cpu", dtype).act(*reference.conv_stats(x, w, None, None, False, st, pad, dil,
+                                                      1)[0].shape)
+    args = (g, x, w, None, None, False, st, pad, dil, 1, [True, False])
+    for rule, served in ((True, 0), (False, 1)):
+        prev = cpu_ops.set_aten_spatial_bwd_data(rule)
+        try:
+            before = _served()
+            check("cpu", "conv_bwd", args, dtype)
+            assert _served() == before + served, f"rule {'on' if rule else 'off'}"
+        finally:
+            cpu_ops.set_aten_spatial_bwd_data(prev)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

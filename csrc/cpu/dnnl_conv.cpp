@@ -297,6 +297,9 @@ TORCH_LIBRARY_FRAGMENT(fastres_cpu, m) {
   m.def("set_own_primitives(bool on) -> bool", [](bool on) {
     return fastres::cpu::own_switch().exchange(on && !fastres::cpu::dnnl_version_str().empty());
   });
+  // Whether float32 3x3 backward data takes ATen's path (returns the previous setting).
+  m.def("set_aten_spatial_bwd_data(bool on) -> bool",
+        [](bool on) { return fastres::cpu::aten_spatial_bwd_data().exchange(on); });
   // (primitives made, calls served by a kept primitive, weight reorders) since the process began.
   m.def("own_primitives_stats() -> int[]", [] {
     return std::vector<int64_t>{fastres::cpu::g_created.load(), fastres::cpu::g_reused.load(),

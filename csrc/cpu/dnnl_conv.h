@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -37,5 +38,10 @@ bool dnnl_conv_bwd_data(const at::Tensor& grad_out, const at::Tensor& weight,
 bool dnnl_conv_bwd_weights(const at::Tensor& input, const at::Tensor& grad_out,
                            const at::Tensor& grad_weight, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// Whether a float32 convolution with a spatial kernel (3x3) takes ATen's backward data instead of
+// the own primitive (default on; why: dnnl_conv_bwd.cpp; fastres_cpu::set_aten_spatial_bwd_data
+// for A/B runs in one process).
+std::atomic<bool>& aten_spatial_bwd_data();
 
 }  // namespace fastres::cpu

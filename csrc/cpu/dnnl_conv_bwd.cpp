@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -24,6 +25,11 @@
 #include "ops_common.h"
 
 namespace fastres::cpu {
+
+std::atomic<bool>& aten_spatial_bwd_data() {
+  static std::atomic<bool> on{true};
+  return on;
+}
 
 #ifdef FASTRES_HAVE_DNNL
 
@@ -75,6 +81,19 @@ std::vector<int64_t> key_of(Kind kind, at::IntArrayRef act_sizes, const at::Tens
   key.push_back(static_cast<int64_t>(weight.scalar_type()));
   key.push_back(at::get_num_threads());
   return key;
+}
+
+// Whether ATen's path computes this weight's float32 backward data instead: a spatial kernel
+// (3x3). For it oneDNN 2.6 has only its direct kernel (jit:avx512_core), while ATen's oneDNN 3.x
+// runs it as a brgemm forward convolution over the flipped weights. ResNet-50's 3x3 backward
+// data at N=8, 2 threads, both paths alternating in one process (bench/own_primitives.py
+// --cases train_convs): 6.9-10.4 ms per call on ATen's path against 10.3-12.9 on the own one,
+// 139 against 192 ms per step summed, where every 1x1 call was within noise or faster on the
+// own path. bfloat16 keeps the own primitive (its jit_bf16 kernel is the one ATen's picks too).
+bool aten_backward_data(const at::Tensor& weight) {
+  return aten_spatial_bwd_data().load(std::memory_order_relaxed) &&
+         weight.scalar_type() == at::kFloat &&
+         (weight.size(2) > 1 || weight.size(3) > 1);
 }
 
 // The forward training primitive descriptor both backward descriptors take as their hint.
@@ -188,7 +207,7 @@ bool dnnl_conv_bwd_data(const at::Tensor& grad_out, const at::Tensor& weight,
                         const at::Tensor& grad_input, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   if (!covered(grad_input, grad_out, weight, groups) || grad_input.is_alias_of(grad_out) ||
-      grad_input.is_alias_of(weight)) {
+      grad_input.is_alias_of(weight) || aten_backward_data(weight)) {
     return false;
   }
   auto p = lookup(Kind::kData, grad_input.sizes(), grad_out.sizes(), weight, stride, padding,
