@@ -369,8 +369,10 @@ def main(argv=None) -> None:
     built = torch.ops.fastres_cpu.own_primitives_built()
     if not built:
         sys.exit("fastres was built without oneDNN's headers: no own-primitive path to time")
-    print(f"fastres {fastres.__version__} ({os.path.dirname(fastres.__file__)}), torch "
-          f"{torch.__version__}, {built}, {args.threads} threads, load average at start "
+    from fastres.backends.records import cpu_model  # noqa: PLC0415
+
+    print(f"{cpu_model()}; fastres {fastres.__version__} ({os.path.dirname(fastres.__file__)}), "
+          f"torch {torch.__version__}, {built}, {args.threads} threads, load average at start "
           f"{os.getloadavg()}")
     peak = case_peak(args) if "peak" in args.cases else None
     for name in ("threads", "tiny", "residual", "block", "block_train", "train_convs",

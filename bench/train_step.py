@@ -10,7 +10,9 @@ spell of the machine hits all of them); the median, min and max are printed with
 load average. ``--peak`` instead runs each provider in its own process for two steps and prints
 the process's peak resident memory (``ru_maxrss``: model, optimizer state, activations and the
 libraries, which are the same for every provider). Provider ``fastres-aten`` is fastres with its
-own oneDNN primitives switched off (ATen's convolutions): the A/B of those primitives.
+own oneDNN primitives switched off (ATen's convolutions): the A/B of those primitives;
+``fastres-direct`` is fastres with its float32 3x3 backward data on the own primitive (oneDNN
+2.6's direct kernel) instead of ATen's (``fastres_cpu::set_aten_spatial_bwd_data``).
 ``--conv-share`` adds, after the timed rounds, one profiled step per provider: the self time of
 its convolution ops (forward and backward: ATen's oneDNN calls, or fastres' ``conv_stats`` and
 ``conv_bwd`` on its own primitives, which include their statistics and prologue passes) against
@@ -51,24 +53,26 @@ def _models(providers: list[str], dtype: torch.dtype, batch: int):
     models = {}
     for p in providers:
         m = copy.deepcopy(base)
-        if p in ("fastres", "fastres-aten"):
+        if p in ("fastres", "fastres-aten", "fastres-direct"):
             m = fastres.convert(m)
         elif p == "compile":
             m = torch.compile(m)
         elif p != "eager":
-            raise SystemExit(f"unknown provider {p!r}: eager, fastres, fastres-aten or compile")
+            raise SystemExit(f"unknown provider {p!r}: eager, fastres, fastres-aten, "
+                             "fastres-direct or compile")
         models[p] = (m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9))
     return models, x, y
 
 
-def _own_primitives(on: bool) -> bool:
-    """Switch fastres' own oneDNN primitives (csrc/cpu/dnnl_conv*.cpp) on or off; returns the
-    previous setting (True where the build has none: nothing to switch)."""
+def _switch(name: str, on: bool) -> bool:
+    """Set one of fastres' CPU switches (fastres_cpu::set_own_primitives: the own oneDNN
+    primitives, csrc/cpu/dnnl_conv*.cpp; set_aten_spatial_bwd_data: float32 3x3 backward data on
+    ATen's path); returns the previous setting (True where the build has none)."""
     from fastres.backends import extension
 
-    if extension.load()[0] is None or not hasattr(torch.ops.fastres_cpu, "set_own_primitives"):
+    if extension.load()[0] is None or not hasattr(torch.ops.fastres_cpu, name):
         return True
-    return bool(torch.ops.fastres_cpu.set_own_primitives(on))
+    return bool(getattr(torch.ops.fastres_cpu, name)(on))
 
 
 def main(argv=None) -> int:
@@ -95,11 +99,13 @@ def main(argv=None) -> int:
 
     def step(p):
         m, opt = models[p]
-        own = _own_primitives(p != "fastres-aten")
+        own = _switch("set_own_primitives", p != "fastres-aten")
+        rule = _switch("set_aten_spatial_bwd_data", p != "fastres-direct")
         try:
             F.cross_entropy(m(x).float(), y).backward()
         finally:
-            _own_primitives(own)
+            _switch("set_own_primitives", own)
+            _switch("set_aten_spatial_bwd_data", rule)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -113,8 +119,10 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             step(p)
             ts[p].append((time.perf_counter() - t) * 1e3)
+    from fastres.backends.records import cpu_model
+
     print(f"# ResNet-50 training step, {a.dtype}, N={a.batch}, channels_last, {a.threads} threads,"
-          f" load average {load:.2f} at the start, {a.rounds} alternating rounds")
+          f" load average {load:.2f} at the start, {a.rounds} alternating rounds; {cpu_model()}")
     for p in providers:
         v = sorted(ts[p])
         print(f"{p:8s} median {statistics.median(v):8.1f} ms  min {v[0]:8.1f}  max {v[-1]:8.1f}")
