@@ -6,8 +6,10 @@
 
 #include <string>
 
+#include "cpu/unit_cpu.h"
 #include "grad_node.h"
 #include "host_path.h"
+#include "py_call.h"
 
 #ifdef FASTRES_WITH_CUDA
 #include "cuda/block_py.h"
@@ -55,8 +57,19 @@ py::dict build_info() {
   return info;
 }
 
-PyMethodDef kGradMethods[] = {FASTRES_GRAD_METHODS, FASTRES_HOST_PATH_METHODS,
-                              {nullptr, nullptr, 0, nullptr}};
+// The CPU training unit (csrc/cpu/unit_cpu.h): the CPU backend's eager_unit.
+PyMethodDef kGradMethods[] = {
+    FASTRES_GRAD_METHODS,
+    FASTRES_HOST_PATH_METHODS,
+    {"cpu_unit_spec", fastres::py_call::unit_spec, METH_VARARGS,
+     "cpu_unit_spec(n, shortcut, relu, stages) -> spec for cpu_unit_forward/cpu_unit_backward"},
+    {"cpu_unit_forward", fastres::py_call::unit_forward_py<fastres::cpu::unit_forward>,
+     METH_VARARGS,
+     "cpu_unit_forward(spec, x, params) -> (out, yd, *ys, *stats, *dstats) (csrc/cpu/unit_cpu.h)"},
+    {"cpu_unit_backward", fastres::py_call::unit_backward_py<fastres::cpu::unit_backward>,
+     METH_VARARGS,
+     "cpu_unit_backward(spec, grad_out, saved, need_x) -> (dx, per stage dw, dgamma, dbeta)"},
+    {nullptr, nullptr, 0, nullptr}};
 
 #ifdef FASTRES_WITH_CUDA
 PyMethodDef kBlockMethods[] = {FASTRES_BLOCK_METHODS, {nullptr, nullptr, 0, nullptr}};
@@ -76,7 +89,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   // grad_node (csrc/grad_node.h): a fused call recorded in the autograd graph, any backend;
-  // tensor_sig (csrc/host_path.h).
+  // tensor_sig (csrc/host_path.h); the CPU training unit (csrc/cpu/unit_cpu.h).
   if (PyModule_AddFunctions(m.ptr(), kGradMethods) != 0) throw py::error_already_set();
 #ifdef FASTRES_WITH_CUDA
   // block_spec / block_eval (csrc/cuda/block_py.h): plain C-API functions, no pybind11 casts.

@@ -1,15 +1,14 @@
 """A residual unit's training step from C++ (:func:`unit_call`): the same ops, order and saved
 tensors as fastres._autograd._ResidualUnitFn, launched by one C++ call for the forward and one
-for the backward (csrc/cuda/unit.h) instead of one torch.ops call per op, the unit recorded in
-the autograd graph by one more (grad_node, csrc/grad_node.h) instead of a
+for the backward (csrc/cpu/unit_cpu.h, csrc/cuda/unit.h) instead of one torch.ops call per op,
+the unit recorded in the autograd graph by one more (grad_node, csrc/grad_node.h) instead of a
 ``torch.autograd.Function`` (its ``apply`` over 19-25 tensors and ``save_for_backward``).
 
-For the CUDA backend (and cudasim, its kernels on the CPU) and the Triton backend (whose
-``unit_forward`` and ``unit_backward`` replay the per-op path's launches per shape class,
-triton_kernels/unit.py), one process's batch statistics (no SyncBatchNorm), the identity,
+For the CPU backend, the CUDA backend (and cudasim, its kernels on the CPU) and the Triton
+backend (whose ``unit_forward`` and ``unit_backward`` replay the per-op path's launches per shape
+class, triton_kernels/unit.py), one process's batch statistics (no SyncBatchNorm), the identity,
 downsample or no shortcut, eager calls under no dispatch mode (fastres.functional.residual_unit
-decides); everything else runs _ResidualUnitFn.
-"""
+decides); everything else runs _ResidualUnitFn."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""A training unit's forward and backward from C++ (csrc/cuda/unit.h, fastres._autograd_unit).
+"""A training unit's forward and backward from C++ (csrc/cuda/unit.h, csrc/cpu/unit_cpu.h,
+fastres._autograd_unit).
 
-On the CUDA path (here cudasim: the CUDA launchers and kernels on the CPU) a fused block's
-training step runs its ops from two C++ calls instead of one torch.ops call each. These tests
-check it against the per-op path it replaces (a dispatch mode sends the call there): the same
-output, running statistics, counters and gradients bit for bit (the same kernels in the same
-order), torchvision's within the rule, and the errors and BatchNorm variants of that path.
+On the CUDA path (here cudasim: the CUDA launchers and kernels on the CPU) and the CPU path a
+fused block's training step runs its ops from two C++ calls instead of one torch.ops call each.
+These tests check it against the per-op path it replaces (a dispatch mode sends the call there):
+the same output, running statistics, counters and gradients bit for bit (the same kernels in the
+same order), torchvision's within the rule, and the errors and BatchNorm variants of that path.
 """
 
 from __future__ import annotations
@@ -24,18 +25,23 @@ from fastres import backends
 from fastres._autograd import inner_relu_decisions
 from fastres.harness.rule import allow_tf32, assert_close_rule, randomise_bn
 
-pytestmark = pytest.mark.skipif(bool(backends.BACKENDS["cudasim"].unavailable_reason()),
-                                reason="cudasim is not built")
+#: The backends with a C++ unit, and the op namespace of their per-op path.
+UNIT_BACKENDS = {"cudasim": "fastres_cudasim", "cpu": "fastres"}
 
 
-@pytest.fixture
-def cudasim(monkeypatch):
-    monkeypatch.setenv("FASTRES_BACKEND", "cudasim")
+@pytest.fixture(params=list(UNIT_BACKENDS))
+def backend(request, monkeypatch):
+    name = request.param
+    why = backends.BACKENDS[name].unavailable_reason()
+    if why:
+        pytest.skip(f"{name}: {why}")
+    monkeypatch.setenv("FASTRES_BACKEND", name)
+    return name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample", "basic"])
-def test_unit_from_cpp_is_the_per_op_path(kind, dtype, cudasim):
+def test_unit_from_cpp_is_the_per_op_path(kind, dtype, backend):
     tv = randomise_bn(_block(kind)).train()
     ours = fastres.convert(copy.deepcopy(tv)).train().to(dtype, memory_format=torch.channels_last)
     twin = copy.deepcopy(ours)  # the per-op path, from the same state
@@ -49,7 +55,7 @@ def test_unit_from_cpp_is_the_per_op_path(kind, dtype, cudasim):
             with OpLog() as log:
                 want, _ = _step(twin, x, proj)
     assert out.grad_fn.name() == "ResidualUnitBackward"
-    assert "fastres_cudasim::conv_stats" in log.seen  # the twin ran the per-op path
+    assert f"{UNIT_BACKENDS[backend]}::conv_stats" in log.seen  # the twin ran the per-op path
     assert set(got) == set(want)
     for k in got:
         assert torch.equal(got[k], want[k]), k
@@ -57,7 +63,7 @@ def test_unit_from_cpp_is_the_per_op_path(kind, dtype, cudasim):
 
 
 @pytest.mark.parametrize("variant", ["momentum None", "affine False", "downsample"])
-def test_unit_from_cpp_matches_torchvision(variant, cudasim):
+def test_unit_from_cpp_matches_torchvision(variant, backend):
     """Against torchvision's block (float64 reference): cumulative-average running statistics,
     BatchNorms without affine parameters, a downsample's statistics."""
     tv = variant_block(variant)
@@ -67,14 +73,14 @@ def test_unit_from_cpp_matches_torchvision(variant, cudasim):
     assert out.grad_fn.name() == "ResidualUnitBackward"
 
 
-def test_unit_from_cpp_one_value_per_channel(cudasim):
+def test_unit_from_cpp_one_value_per_channel(backend):
     """A batch with one value per channel raises torch's error, as nn.BatchNorm2d does."""
     ours = fastres.convert(_block("basic")).train()
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         ours(torch.randn(1, 24, 1, 1))
 
 
-def test_train_plan_follows_the_block(cudasim):
+def test_train_plan_follows_the_block(backend):
     """The block's training plan (fastres.nn.train_plan) serves repeated calls and steps aside
     for what it did not decide: a new momentum, a hook, another input shape, eval mode, a dtype
     change; every call still matches torchvision's (float64 reference) training block."""
@@ -119,7 +125,7 @@ def test_train_plan_follows_the_block(cudasim):
     assert ours.__dict__["_train_plan"] is not plan  # remade for the other shape
 
 
-def test_training_plan_sees_a_tensor_change_its_dtype(cudasim):
+def test_training_plan_sees_a_tensor_change_its_dtype(backend):
     """A training plan holds while its tensors keep their dtypes and devices (fastres._C's
     tensor_sig): a BatchNorm moved to float32 in a bfloat16 block is not run on the plan made
     for bfloat16 tensors."""

@@ -7,30 +7,16 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <array>
-#include <atomic>
-#include <cstdint>
 #include <optional>
 #include <vector>
+
+#include "../unit_spec.h"
 
 namespace fastres {
 namespace cuda {
 
-struct UnitStage {
-  std::array<int64_t, 2> stride, padding, dilation;
-  int64_t groups;
-  double eps;
-  std::optional<double> momentum;  // None: cumulative average
-};
-struct UnitSpec {
-  std::vector<UnitStage> stages;  // the main convolutions, then the downsample's
-  int64_t n = 0;                  // main convolutions
-  int shortcut = 0;               // 0 none, 1 identity, 2 a conv + BN downsample
-  bool relu = true;               // the ReLU after the add
-  // The largest scratch (bytes) an earlier forward and backward used: the next call's first
-  // allocation (api::Scratch::hint).
-  mutable std::atomic<int64_t> fwd_scratch{0}, bwd_scratch{0};
-};
+using fastres::UnitSpec;
+using fastres::UnitStage;
 
 // params: six per stage (conv weight, BN weight, BN bias, running mean, running var,
 // num_batches_tracked; BN entries may be absent). Returns out, yd (the downsample's conv output;

@@ -123,6 +123,10 @@ class CPUBackend(_CompiledBackend):
     device_type = "cpu"
     dtypes = FLOAT_DTYPES + (torch.float64,)
 
+    def eager_unit(self):
+        return _entry(extension.load()[0], "cpu_unit_spec", "cpu_unit_forward",
+                      "cpu_unit_backward", "grad_node")
+
 
 class CUDABackend(_CompiledBackend):
     """The CUDA C++ kernels of fastres._C."""

@@ -76,7 +76,7 @@ class _ResidualBlockMixin(_FusedMixin):
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             plan = self.__dict__.get("_train_plan")
-            if plan is not None:  # the steady state of training on the CUDA path
+            if plan is not None:  # the steady state of training: the C++ unit (CPU, CUDA, Triton)
                 out = plan.call(self, x)
                 if out is not None:
                     return out

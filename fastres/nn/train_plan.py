@@ -1,15 +1,15 @@
-"""How a fused residual block's training calls run on the CUDA and Triton paths: as its plan.
+"""How a fused residual block's training calls run on the CPU, CUDA and Triton paths: as its plan.
 
 A training call re-checks the whole block (fusability, the input and every conv/BN tensor,
 BatchNorm modes, the dispatcher's choice) and describes its stages before the unit runs: ~100 µs
 of Python per block on the 2-CPU proxy (bench/host_overhead.py), against a GPU step of 40-110 µs
 for a ResNet-50 block. :class:`TrainPlan` makes those decisions once per block and input
 signature; a call then checks that they still hold and runs the unit's forward and backward from
-C++ (fastres._autograd_unit.unit_call, csrc/cuda/unit.h) or, on Triton, from launch plans
-(triton_kernels/unit.py).
+C++ (fastres._autograd_unit.unit_call; csrc/cpu/unit_cpu.h, csrc/cuda/unit.h) or, on Triton, from
+launch plans (triton_kernels/unit.py).
 
-A plan is made only where that unit serves: the backend's ``eager_unit`` exists (cuda, cudasim,
-triton), every norm layer is a plain ``nn.BatchNorm2d`` in training mode with running
+A plan is made only where that unit serves: the backend's ``eager_unit`` exists (cpu, cuda,
+cudasim, triton), every norm layer is a plain ``nn.BatchNorm2d`` in training mode with running
 statistics, the shortcut is the identity or a conv + BN downsample. It applies while:
 
 * the block is in training mode, its BatchNorms too, each with the plan's eps, momentum and

@@ -1,0 +1,189 @@
+// The CPU training unit from C++ (unit_cpu.h): fastres._autograd._ResidualUnitFn's forward and
+// backward (no SyncBatchNorm) over the CPU ops' C++ functions. Each op keeps its profiler name
+// (RECORD_FUNCTION "fastres::<op>"), so profiles read as they do on the per-op path.
+#include "unit_cpu.h"
+
+#include <ATen/record_function.h>
+
+#include <sstream>
+
+#include "ops_common.h"
+
+namespace fastres::cpu {
+
+namespace {
+
+using OptTensor = std::optional<Tensor>;
+
+Tensor need(const OptTensor& t, const char* what) {
+  TORCH_CHECK(t.has_value() && t->defined(), "fastres cpu unit: ", what, " is missing");
+  return *t;
+}
+
+// The per-op path's check before a BatchNorm's finalize (fastres._autograd's message).
+void check_count(const Tensor& y) {
+  if (y.numel() / y.size(1) > 1) return;
+  std::ostringstream shape;
+  shape << "torch.Size([";
+  for (int64_t d = 0; d < y.dim(); ++d) shape << (d ? ", " : "") << y.size(d);
+  shape << "])";
+  TORCH_CHECK_VALUE(false, "Expected more than 1 value per channel when training, got input size ",
+                    shape.str());
+}
+
+}  // namespace
+
+std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
+                                 const std::vector<OptTensor>& params) {
+  RECORD_FUNCTION("fastres::unit_forward", std::vector<c10::IValue>({x}));
+  const size_t n = static_cast<size_t>(spec.n);
+  const bool ds = spec.shortcut == 2;
+  TORCH_CHECK(n >= 1 && spec.stages.size() == n + ds, "fastres cpu unit_forward: a spec of ",
+              spec.stages.size(), " stages for ", n, " convolutions", ds ? " and a downsample" : "");
+  TORCH_CHECK(params.size() == 6 * (n + ds), "fastres cpu unit_forward: ", params.size(),
+              " parameters for ", n + ds, " stages (6 each)");
+  const auto conv_stats = [&](size_t i, const Tensor& in, const OptTensor& sc,
+                              const OptTensor& sh, bool pre_relu) {
+    RECORD_FUNCTION("fastres::conv_stats", std::vector<c10::IValue>({in}));
+    const UnitStage& s = spec.stages[i];
+    return conv_stats_cpu(in, need(params[6 * i], "a conv weight"), sc, sh, pre_relu, s.stride,
+                          s.padding, s.dilation, s.groups);
+  };
+  const auto finalize = [&](size_t i, const Tensor& y, const Tensor& sum, const Tensor& sumsq) {
+    check_count(y);
+    RECORD_FUNCTION("fastres::bn_finalize", std::vector<c10::IValue>({sum}));
+    const UnitStage& s = spec.stages[i];
+    const OptTensor* p = &params[6 * i];
+    return bn_finalize_cpu(sum, sumsq, p[1], p[2], p[3], p[4], p[5], y.numel() / y.size(1),
+                           s.momentum, s.eps);
+  };
+  std::vector<Tensor> ys, stats;
+  Tensor inp = x, last_sum, last_sumsq;
+  OptTensor sc, sh;
+  bool pre_relu = false;
+  for (size_t i = 0; i < n; ++i) {
+    auto [y, sum, sumsq] = conv_stats(i, inp, sc, sh, pre_relu);
+    ys.push_back(y);
+    if (i == n - 1) {  // finalized after the downsample's convolution, as the per-op path does
+      last_sum = sum;
+      last_sumsq = sumsq;
+      break;
+    }
+    auto [mean, invstd, scale, shift] = finalize(i, y, sum, sumsq);
+    stats.insert(stats.end(), {mean, invstd, scale, shift});
+    inp = y;
+    sc = scale;
+    sh = shift;
+    pre_relu = true;
+  }
+  Tensor yd, dsum, dsumsq;
+  if (ds) std::tie(yd, dsum, dsumsq) = conv_stats(n, x, std::nullopt, std::nullopt, false);
+  {
+    auto [mean, invstd, scale, shift] = finalize(n - 1, ys.back(), last_sum, last_sumsq);
+    stats.insert(stats.end(), {mean, invstd, scale, shift});
+  }
+  std::vector<Tensor> dstats;
+  OptTensor res, rsc, rsh;
+  if (ds) {
+    auto [dm, di, dsc, dsh] = finalize(n, yd, dsum, dsumsq);
+    dstats = {dm, di, dsc, dsh};
+    res = yd;
+    rsc = dsc;
+    rsh = dsh;
+  } else if (spec.shortcut == 1) {
+    res = x;
+  }
+  Tensor out;
+  {
+    RECORD_FUNCTION("fastres::bn_add_relu", std::vector<c10::IValue>({ys.back()}));
+    out = bn_add_relu_cpu(ys.back(), stats[4 * (n - 1) + 2], stats[4 * (n - 1) + 3], res, rsc,
+                          rsh, 0, spec.relu);
+  }
+  std::vector<Tensor> r{out, yd};
+  r.insert(r.end(), ys.begin(), ys.end());
+  r.insert(r.end(), stats.begin(), stats.end());
+  r.insert(r.end(), dstats.begin(), dstats.end());
+  return r;
+}
+
+std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
+                                  const std::vector<OptTensor>& saved, bool need_x) {
+  RECORD_FUNCTION("fastres::unit_backward", std::vector<c10::IValue>({grad_out}));
+  const size_t n = static_cast<size_t>(spec.n);
+  const bool ds = spec.shortcut == 2;
+  const size_t expect = 3 + n + 4 * n + (ds ? 6 : 0) + 2 * n;
+  TORCH_CHECK(saved.size() == expect, "fastres cpu unit_backward: ", saved.size(),
+              " saved tensors, expected ", expect);
+  size_t k = 0;
+  const Tensor x = need(saved[k++], "x");
+  const OptTensor out = saved[k++];
+  const OptTensor yd = saved[k++];
+  std::vector<Tensor> ys;
+  for (size_t i = 0; i < n; ++i) ys.push_back(need(saved[k++], "a conv output"));
+  std::vector<Tensor> st;  // mean, invstd, scale, shift per stage
+  for (size_t i = 0; i < 4 * n; ++i) st.push_back(need(saved[k++], "a statistic"));
+  OptTensor res_mean, res_invstd, wd, gd;
+  if (ds) {
+    res_mean = saved[k++];
+    res_invstd = saved[k++];
+    k += 2;  // the downsample's scale and shift: not needed
+    wd = saved[k++];
+    gd = saved[k++];
+  }
+  std::vector<Tensor> weights;
+  for (size_t i = 0; i < n; ++i) weights.push_back(need(saved[k++], "a conv weight"));
+  std::vector<OptTensor> gammas;
+  for (size_t i = 0; i < n; ++i) gammas.push_back(saved[k++]);
+  const auto has_gamma = [](const OptTensor& g) { return g.has_value() && g->defined(); };
+
+  const Tensor go = grad_out.contiguous(format_of(ys.back()));
+  std::vector<Tensor> grads(3 * (n + ds));
+  Tensor dy, dres, dgd, dbd;
+  {
+    RECORD_FUNCTION("fastres::bn_add_relu_bwd", std::vector<c10::IValue>({go}));
+    Tensor dgamma, dbeta;
+    std::tie(dy, dgamma, dbeta, dres, dgd, dbd) =
+        bn_add_relu_bwd_cpu(go, out, ys.back(), st[4 * (n - 1)], st[4 * (n - 1) + 1],
+                            gammas[n - 1], yd, res_mean, res_invstd, gd);
+    grads[3 * (n - 1) + 1] = has_gamma(gammas[n - 1]) ? dgamma : Tensor();
+    grads[3 * (n - 1) + 2] = dbeta;
+  }
+  const auto conv_bwd = [&](size_t i, const Tensor& g, const Tensor& in, const Tensor& w,
+                            const OptTensor& sc, const OptTensor& sh, bool pre_relu,
+                            std::array<bool, 2> mask) {
+    RECORD_FUNCTION("fastres::conv_bwd", std::vector<c10::IValue>({g}));
+    const UnitStage& s = spec.stages[i];
+    return conv_bwd_cpu(g, in, w, sc, sh, pre_relu, s.stride, s.padding, s.dilation, s.groups,
+                        mask);
+  };
+  for (size_t i = n - 1; i >= 1; --i) {
+    const Tensor& scale_p = st[4 * (i - 1) + 2];
+    const Tensor& shift_p = st[4 * (i - 1) + 3];
+    auto [da, dw] = conv_bwd(i, dy, ys[i - 1], weights[i], scale_p, shift_p, true, {true, true});
+    grads[3 * i] = dw;
+    RECORD_FUNCTION("fastres::bn_relu_bwd", std::vector<c10::IValue>({da}));
+    auto [dyp, dg, db] = bn_relu_bwd_cpu(da, ys[i - 1], st[4 * (i - 1)], st[4 * (i - 1) + 1],
+                                         gammas[i - 1], scale_p, shift_p, true);
+    dy = dyp;
+    grads[3 * (i - 1) + 1] = has_gamma(gammas[i - 1]) ? dg : Tensor();
+    grads[3 * (i - 1) + 2] = db;
+  }
+  auto [dx, dw0] =
+      conv_bwd(0, dy, x, weights[0], std::nullopt, std::nullopt, false, {need_x, true});
+  grads[0] = dw0;
+  if (ds) {
+    auto [dxd, dwd] = conv_bwd(n, dres, x, need(wd, "the downsample's weight"), std::nullopt,
+                               std::nullopt, false, {need_x, true});
+    grads[3 * n] = dwd;
+    grads[3 * n + 1] = has_gamma(gd) ? dgd : Tensor();
+    grads[3 * n + 2] = dbd;
+    if (need_x) dx.add_(dxd);  // dx is conv_bwd's fresh output: no new buffer
+  } else if (spec.shortcut == 1 && need_x) {
+    dx.add_(dres);
+  }
+  std::vector<Tensor> r{need_x ? dx : Tensor()};
+  r.insert(r.end(), grads.begin(), grads.end());
+  return r;
+}
+
+}  // namespace fastres::cpu
