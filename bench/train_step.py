@@ -12,7 +12,9 @@ the process's peak resident memory (``ru_maxrss``: model, optimizer state, activ
 libraries, which are the same for every provider). Provider ``fastres-aten`` is fastres with its
 own oneDNN primitives switched off (ATen's convolutions): the A/B of those primitives;
 ``fastres-direct`` is fastres with its float32 3x3 backward data on the own primitive (oneDNN
-2.6's direct kernel) instead of ATen's (``fastres_cpu::set_aten_spatial_bwd_data``).
+2.6's direct kernel) instead of ATen's (``fastres_cpu::set_aten_spatial_bwd_data``);
+``fastres-perop`` is fastres without the CPU's C++ training unit (csrc/cpu/unit_cpu.h): each
+block's ops one torch.ops call each, under a ``torch.autograd.Function``.
 ``--conv-share`` adds, after the timed rounds, one profiled step per provider: the self time of
 its convolution ops (forward and backward: ATen's oneDNN calls, or fastres' ``conv_stats`` and
 ``conv_bwd`` on its own primitives, which include their statistics and prologue passes) against
@@ -53,13 +55,13 @@ def _models(providers: list[str], dtype: torch.dtype, batch: int):
     models = {}
     for p in providers:
         m = copy.deepcopy(base)
-        if p in ("fastres", "fastres-aten", "fastres-direct"):
+        if p in ("fastres", "fastres-aten", "fastres-direct", "fastres-perop"):
             m = fastres.convert(m)
         elif p == "compile":
             m = torch.compile(m)
         elif p != "eager":
             raise SystemExit(f"unknown provider {p!r}: eager, fastres, fastres-aten, "
-                             "fastres-direct or compile")
+                             "fastres-direct, fastres-perop or compile")
         models[p] = (m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9))
     return models, x, y
 
@@ -97,13 +99,20 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     models, x, y = _models(providers, dtype, a.batch)
 
+    from fastres.backends.dispatch import CPUBackend
+
+    unit = CPUBackend.eager_unit
+
     def step(p):
         m, opt = models[p]
         own = _switch("set_own_primitives", p != "fastres-aten")
         rule = _switch("set_aten_spatial_bwd_data", p != "fastres-direct")
+        if p == "fastres-perop":  # no C++ unit: no training plan, the per-op autograd Function
+            CPUBackend.eager_unit = lambda self: None
         try:
             F.cross_entropy(m(x).float(), y).backward()
         finally:
+            CPUBackend.eager_unit = unit
             _switch("set_own_primitives", own)
             _switch("set_aten_spatial_bwd_data", rule)
         opt.step()
