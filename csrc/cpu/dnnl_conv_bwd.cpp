@@ -85,11 +85,11 @@ std::vector<int64_t> key_of(Kind kind, at::IntArrayRef act_sizes, const at::Tens
 
 // Whether ATen's path computes this weight's float32 backward data instead: a spatial kernel
 // (3x3). For it oneDNN 2.6 has only its direct kernel (jit:avx512_core), while ATen's oneDNN 3.x
-// runs it as a brgemm forward convolution over the flipped weights. ResNet-50's 3x3 backward
-// data at N=8, 2 threads, both paths alternating in one process (bench/own_primitives.py
-// --cases train_convs): 6.9-10.4 ms per call on ATen's path against 10.3-12.9 on the own one,
-// 139 against 192 ms per step summed, where every 1x1 call was within noise or faster on the
-// own path. bfloat16 keeps the own primitive (its jit_bf16 kernel is the one ATen's picks too).
+// runs it as a brgemm forward convolution over the flipped weights. ResNet-50's training
+// convolutions at N=8, 2 threads, both paths alternating in one process (bench/own_primitives.py
+// --cases train_convs, Xeon): backward data summed per step 418.8 ms on the own primitives against
+// 371.4 on ATen's path, all of it the 3x3s (11.1-15.8 ms per call against 7.4-15.8), the 1x1s
+// alike. bfloat16 keeps the own primitive (on that Xeon both pick the same jit_bf16 kernel).
 bool aten_backward_data(const at::Tensor& weight) {
   return aten_spatial_bwd_data().load(std::memory_order_relaxed) &&
          weight.scalar_type() == at::kFloat &&
