@@ -5,52 +5,28 @@
 
 #include <ATen/record_function.h>
 
-#include <sstream>
-
+#include "../unit_layout.h"
 #include "ops_common.h"
 
 namespace fastres::cpu {
 
-namespace {
-
 using OptTensor = std::optional<Tensor>;
-
-Tensor need(const OptTensor& t, const char* what) {
-  TORCH_CHECK(t.has_value() && t->defined(), "fastres cpu unit: ", what, " is missing");
-  return *t;
-}
-
-// The per-op path's check before a BatchNorm's finalize (fastres._autograd's message).
-void check_count(const Tensor& y) {
-  if (y.numel() / y.size(1) > 1) return;
-  std::ostringstream shape;
-  shape << "torch.Size([";
-  for (int64_t d = 0; d < y.dim(); ++d) shape << (d ? ", " : "") << y.size(d);
-  shape << "])";
-  TORCH_CHECK_VALUE(false, "Expected more than 1 value per channel when training, got input size ",
-                    shape.str());
-}
-
-}  // namespace
 
 std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
                                  const std::vector<OptTensor>& params) {
   RECORD_FUNCTION("fastres::unit_forward", std::vector<c10::IValue>({x}));
   const size_t n = static_cast<size_t>(spec.n);
   const bool ds = spec.shortcut == 2;
-  TORCH_CHECK(n >= 1 && spec.stages.size() == n + ds, "fastres cpu unit_forward: a spec of ",
-              spec.stages.size(), " stages for ", n, " convolutions", ds ? " and a downsample" : "");
-  TORCH_CHECK(params.size() == 6 * (n + ds), "fastres cpu unit_forward: ", params.size(),
-              " parameters for ", n + ds, " stages (6 each)");
+  check_unit_forward(spec, params.size());
   const auto conv_stats = [&](size_t i, const Tensor& in, const OptTensor& sc,
                               const OptTensor& sh, bool pre_relu) {
     RECORD_FUNCTION("fastres::conv_stats", std::vector<c10::IValue>({in}));
     const UnitStage& s = spec.stages[i];
-    return conv_stats_cpu(in, need(params[6 * i], "a conv weight"), sc, sh, pre_relu, s.stride,
-                          s.padding, s.dilation, s.groups);
+    return conv_stats_cpu(in, unit_need(params[6 * i], "a conv weight"), sc, sh, pre_relu,
+                          s.stride, s.padding, s.dilation, s.groups);
   };
   const auto finalize = [&](size_t i, const Tensor& y, const Tensor& sum, const Tensor& sumsq) {
-    check_count(y);
+    check_batch_count(y);
     RECORD_FUNCTION("fastres::bn_finalize", std::vector<c10::IValue>({sum}));
     const UnitStage& s = spec.stages[i];
     const OptTensor* p = &params[6 * i];
@@ -111,29 +87,12 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
   RECORD_FUNCTION("fastres::unit_backward", std::vector<c10::IValue>({grad_out}));
   const size_t n = static_cast<size_t>(spec.n);
   const bool ds = spec.shortcut == 2;
-  const size_t expect = 3 + n + 4 * n + (ds ? 6 : 0) + 2 * n;
-  TORCH_CHECK(saved.size() == expect, "fastres cpu unit_backward: ", saved.size(),
-              " saved tensors, expected ", expect);
-  size_t k = 0;
-  const Tensor x = need(saved[k++], "x");
-  const OptTensor out = saved[k++];
-  const OptTensor yd = saved[k++];
-  std::vector<Tensor> ys;
-  for (size_t i = 0; i < n; ++i) ys.push_back(need(saved[k++], "a conv output"));
-  std::vector<Tensor> st;  // mean, invstd, scale, shift per stage
-  for (size_t i = 0; i < 4 * n; ++i) st.push_back(need(saved[k++], "a statistic"));
-  OptTensor res_mean, res_invstd, wd, gd;
-  if (ds) {
-    res_mean = saved[k++];
-    res_invstd = saved[k++];
-    k += 2;  // the downsample's scale and shift: not needed
-    wd = saved[k++];
-    gd = saved[k++];
-  }
-  std::vector<Tensor> weights;
-  for (size_t i = 0; i < n; ++i) weights.push_back(need(saved[k++], "a conv weight"));
-  std::vector<OptTensor> gammas;
-  for (size_t i = 0; i < n; ++i) gammas.push_back(saved[k++]);
+  const UnitSaved sv = unpack_saved(spec, saved);
+  const Tensor& x = sv.x;
+  const OptTensor &out = sv.out, &yd = sv.yd, &res_mean = sv.res_mean,
+                  &res_invstd = sv.res_invstd, &wd = sv.wd, &gd = sv.gd;
+  const std::vector<Tensor>&ys = sv.ys, &st = sv.st, &weights = sv.weights;
+  const std::vector<OptTensor>& gammas = sv.gammas;
   const auto has_gamma = [](const OptTensor& g) { return g.has_value() && g->defined(); };
 
   const Tensor go = grad_out.contiguous(format_of(ys.back()));
@@ -172,8 +131,8 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
       conv_bwd(0, dy, x, weights[0], std::nullopt, std::nullopt, false, {need_x, true});
   grads[0] = dw0;
   if (ds) {
-    auto [dxd, dwd] = conv_bwd(n, dres, x, need(wd, "the downsample's weight"), std::nullopt,
-                               std::nullopt, false, {need_x, true});
+    auto [dxd, dwd] = conv_bwd(n, dres, x, unit_need(wd, "the downsample's weight"),
+                               std::nullopt, std::nullopt, false, {need_x, true});
     grads[3 * n] = dwd;
     grads[3 * n + 1] = has_gamma(gd) ? dgd : Tensor();
     grads[3 * n + 2] = dbd;

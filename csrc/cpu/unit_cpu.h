@@ -15,7 +15,7 @@
 namespace fastres::cpu {
 
 // The layouts of csrc/cuda/unit.h's unit_forward and unit_backward (params: six per stage;
-// saved: fastres._autograd._Saved.flat()'s layout).
+// saved: csrc/unit_layout.h, fastres._autograd._Saved.flat()'s layout).
 std::vector<at::Tensor> unit_forward(const UnitSpec& spec, const at::Tensor& x,
                                      const std::vector<std::optional<at::Tensor>>& params);
 std::vector<at::Tensor> unit_backward(const UnitSpec& spec, const at::Tensor& grad_out,

@@ -2,8 +2,7 @@
 // fastres._autograd._ResidualUnitFn (no SyncBatchNorm), each launcher called directly.
 #include <ATen/record_function.h>
 
-#include <sstream>
-
+#include "../unit_layout.h"
 #include "ops_api.h"
 #include "ops_common.h"
 #include "unit.h"
@@ -12,11 +11,6 @@ namespace fastres {
 namespace cuda {
 
 namespace {
-
-Tensor need(const OptTensor& t, const char* what) {
-  TORCH_CHECK(t.has_value() && t->defined(), "fastres unit: ", what, " is missing");
-  return *t;
-}
 
 // The dtype a BatchNorm's parameter gradients are wanted in (ops_api.h): its weight's, or
 // Undefined without one (affine=False: none).
@@ -38,10 +32,7 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
   RECORD_FUNCTION("fastres::unit_forward", std::vector<c10::IValue>({x}));
   const size_t n = static_cast<size_t>(spec.n);
   const bool ds = spec.shortcut == 2;
-  TORCH_CHECK(n >= 1 && spec.stages.size() == n + ds, "fastres unit_forward: a spec of ",
-              spec.stages.size(), " stages for ", n, " convolutions", ds ? " and a downsample" : "");
-  TORCH_CHECK(params.size() == 6 * (n + ds), "fastres unit_forward: ", params.size(),
-              " parameters for ", n + ds, " stages (6 each)");
+  check_unit_forward(spec, params.size());
   api::Scratch scratch;  // the convolutions' per-CTA partial sums, one after another
   scratch.hint = spec.fwd_scratch.load(std::memory_order_relaxed);
   int64_t stats_n = 0;  // every BatchNorm's (6, K) statistics in one allocation
@@ -56,19 +47,12 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
   const auto conv_stats = [&](size_t i, const Tensor& in, const OptTensor& sc,
                               const OptTensor& sh, bool pre_relu) {
     const UnitStage& s = spec.stages[i];
-    return api::conv_stats(in, need(params[6 * i], "a conv weight"), sc, sh, pre_relu, s.stride,
-                           s.padding, s.dilation, s.groups, scratch, &pending);
+    return api::conv_stats(in, unit_need(params[6 * i], "a conv weight"), sc, sh, pre_relu,
+                           s.stride, s.padding, s.dilation, s.groups, scratch, &pending);
   };
   const auto finalize = [&](size_t i, const Tensor& y, const Tensor& stats) {
+    check_batch_count(y);
     const int64_t count = y.numel() / y.size(1);
-    if (count <= 1) {
-      std::ostringstream shape;
-      shape << "torch.Size([";
-      for (int64_t d = 0; d < y.dim(); ++d) shape << (d ? ", " : "") << y.size(d);
-      shape << "])";
-      TORCH_CHECK_VALUE(false, "Expected more than 1 value per channel when training, got input "
-                        "size ", shape.str());
-    }
     const UnitStage& s = spec.stages[i];
     const OptTensor* p = &params[6 * i];
     return api::bn_finalize(stats, p[1], p[2], p[3], p[4], p[5], count, s.momentum, s.eps,
@@ -117,29 +101,12 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
   RECORD_FUNCTION("fastres::unit_backward", std::vector<c10::IValue>({grad_out}));
   const size_t n = static_cast<size_t>(spec.n);
   const bool ds = spec.shortcut == 2;
-  const size_t expect = 3 + n + 4 * n + (ds ? 6 : 0) + 2 * n;
-  TORCH_CHECK(saved.size() == expect, "fastres unit_backward: ", saved.size(),
-              " saved tensors, expected ", expect);
-  size_t k = 0;
-  const Tensor x = need(saved[k++], "x");
-  const OptTensor out = saved[k++];
-  const OptTensor yd = saved[k++];
-  std::vector<Tensor> ys;
-  for (size_t i = 0; i < n; ++i) ys.push_back(need(saved[k++], "a conv output"));
-  std::vector<Tensor> st;  // mean, invstd, scale, shift per stage
-  for (size_t i = 0; i < 4 * n; ++i) st.push_back(need(saved[k++], "a statistic"));
-  OptTensor res_mean, res_invstd, wd, gd;
-  if (ds) {
-    res_mean = saved[k++];
-    res_invstd = saved[k++];
-    k += 2;  // the downsample's scale and shift: not needed
-    wd = saved[k++];
-    gd = saved[k++];
-  }
-  std::vector<Tensor> weights;
-  for (size_t i = 0; i < n; ++i) weights.push_back(need(saved[k++], "a conv weight"));
-  std::vector<OptTensor> gammas;
-  for (size_t i = 0; i < n; ++i) gammas.push_back(saved[k++]);
+  const UnitSaved sv = unpack_saved(spec, saved);
+  const Tensor& x = sv.x;
+  const OptTensor &out = sv.out, &yd = sv.yd, &res_mean = sv.res_mean,
+                  &res_invstd = sv.res_invstd, &wd = sv.wd, &gd = sv.gd;
+  const std::vector<Tensor>&ys = sv.ys, &st = sv.st, &weights = sv.weights;
+  const std::vector<OptTensor>& gammas = sv.gammas;
   api::Scratch scratch;  // partial sums and weight-gradient workspaces, one launch after another
   scratch.hint = spec.bwd_scratch.load(std::memory_order_relaxed);
 
@@ -187,9 +154,9 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
   grads[0] = dw0;
   if (ds) {
     const UnitStage& sd = spec.stages[n];
-    auto [dxd, dwd] = api::conv_bwd(dres, x, need(wd, "the downsample's weight"), std::nullopt,
-                                    std::nullopt, false, sd.stride, sd.padding, sd.dilation,
-                                    sd.groups, {need_x, true}, scratch);
+    auto [dxd, dwd] = api::conv_bwd(dres, x, unit_need(wd, "the downsample's weight"),
+                                    std::nullopt, std::nullopt, false, sd.stride, sd.padding,
+                                    sd.dilation, sd.groups, {need_x, true}, scratch);
     grads[3 * n] = dwd;
     grads[3 * n + 1] = gd.has_value() ? dgd : Tensor();
     grads[3 * n + 2] = dbd;
