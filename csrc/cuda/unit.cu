@@ -101,12 +101,8 @@ std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
   RECORD_FUNCTION("fastres::unit_backward", std::vector<c10::IValue>({grad_out}));
   const size_t n = static_cast<size_t>(spec.n);
   const bool ds = spec.shortcut == 2;
-  const UnitSaved sv = unpack_saved(spec, saved);
-  const Tensor& x = sv.x;
-  const OptTensor &out = sv.out, &yd = sv.yd, &res_mean = sv.res_mean,
-                  &res_invstd = sv.res_invstd, &wd = sv.wd, &gd = sv.gd;
-  const std::vector<Tensor>&ys = sv.ys, &st = sv.st, &weights = sv.weights;
-  const std::vector<OptTensor>& gammas = sv.gammas;
+  const auto [x, out, yd, ys, st, res_mean, res_invstd, wd, gd, weights, gammas] =
+      unpack_saved(spec, saved);
   api::Scratch scratch;  // partial sums and weight-gradient workspaces, one launch after another
   scratch.hint = spec.bwd_scratch.load(std::memory_order_relaxed);
 
