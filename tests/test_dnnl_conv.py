@@ -270,6 +270,27 @@ def test_weight_reordered_once_and_again_after_every_write():
     assert _stats()[2] == r0 + 5
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packing_follows_the_primitives_layout(dtype):
+    """One allowed weight under the primitives of several batch sizes, alternating: each call
+    reads a packing in its own primitive's layout. oneDNN blocks a weight per primitive: on an
+    AVX10/AMX Xeon, ResNet-50 layer4's 1x1 512x1024 weight at 14x14 is Acdb64a for a batch of 1
+    and Acdb48a for 8, and a packing kept for one primitive and served to the other gave errors of
+    1e2-1e10 (a read past the packing). Every result against float64; one primitive per batch
+    size; a packing per layout at most (never more packings than primitives)."""
+    m = Maker("cpu", dtype)
+    w = m.weight(512, 1024, 1)
+    cpu_ops.weight_cache_allow(w)
+    created, _, r0 = _stats()
+    for n in (1, 8, 2, 8, 1, 2):
+        x = m.act(n, 1024, 14, 14)
+        check("cpu", "conv_bias_act", (x, w, None, None, [1, 1], [0, 0], [1, 1], 1, False),
+              dtype)
+    primitives = _stats()[0] - created
+    assert primitives == 3, f"{primitives} primitives for 3 batch sizes"
+    assert 1 <= _stats()[2] - r0 <= primitives
+
+
 def test_block_eval_sees_a_data_write():
     """A converted Bottleneck in eval (its plan folds BN into weights the cache keeps): a write
     through ``.data`` to a conv weight and to a BN statistic changes the output as it changes

@@ -14,8 +14,9 @@ namespace fastres::cpu {
 
 // A packed weight is kept while the weight's TensorImpl is alive (held weakly, so the cache never
 // keeps a model alive and a dead impl's address cannot be reused while the entry exists), its
-// version counter, data pointer, sizes, strides and dtype are unchanged, and the caller's key (the
-// convolution, the input sizes, which packing) is the same. FASTRES_CPU_WEIGHT_CACHE=0 turns the
+// version counter, data pointer, sizes, strides and dtype are unchanged, and the caller's key (what
+// the packing is: the blocked layout of an own primitive's weights, dnnl_conv.cpp; the
+// convolution and input sizes ATen packs for, ops_infer.cpp) is the same. FASTRES_CPU_WEIGHT_CACHE=0 turns the
 // cache off. Inference tensors have no version counter and are never cached. At most kMaxPacked
 // entries (least recently used evicted); memory cost: one blocked copy of each cached weight.
 //
@@ -36,8 +37,8 @@ class WeightCache {
   // the cache on).
   bool cacheable(const at::Tensor& weight);
 
-  // The packing of `weight` under `key` (the caller's description of what `pack` makes: the
-  // convolution, the input sizes, which packing), made by `pack` on a miss and kept; nullopt when
+  // The packing of `weight` under `key` (the caller's exact description of what `pack` makes:
+  // two calls with one key must be able to read each other's packing), made by `pack` on a miss and kept; nullopt when
   // the weight is not cacheable or `pack` returns nullopt.
   std::optional<at::Tensor> lookup(const at::Tensor& weight, std::vector<int64_t> key,
                                    const std::function<std::optional<at::Tensor>()>& pack);
