@@ -183,3 +183,30 @@ def test_fingerprint_sees_every_kind_of_change():
     assert fp([torch.ones(3)]) != fp([torch.ones(3), None])
     odd = torch.arange(7, dtype=torch.uint8)  # bytes past the last whole word
     assert fp([odd]) != fp([odd + (torch.arange(7) == 6).to(torch.uint8)])
+
+
+def test_fingerprint_split_over_threads():
+    """fastres_cpu::fingerprint splits a list's words evenly over the threads, across tensor
+    boundaries: one thread and two give the same hash, and a one-bit change anywhere (the first
+    word, the middle of a big tensor, a small tensor, the last word) changes it."""
+    fp = fastres.functional.fingerprint
+    if fp([torch.zeros(1)]) is None:
+        pytest.skip("the CPU kernels are not built")
+    # big and small tensors mixed, ~1.3 MB: over the size hashed on one thread
+    ts = [torch.randn(3), torch.randn(256, 256, 3, 3), torch.randn(5), torch.randn(64, 64),
+          torch.randn(1000, 17), torch.randn(2)]
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fp(ts)
+        torch.set_num_threads(2)
+        assert fp(ts) == one
+        for k, i in [(0, 0), (1, 300_000), (1, 589_823), (3, 7), (4, 16_999), (5, 1)]:
+            changed = [t.clone() for t in ts]
+            changed[k].view(-1).view(torch.int32)[i] ^= 1
+            assert fp(changed) != one, (k, i)
+            torch.set_num_threads(1)
+            assert fp(changed) != one, (k, i)
+            torch.set_num_threads(2)
+    finally:
+        torch.set_num_threads(prev)
