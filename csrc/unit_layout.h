@@ -1,6 +1,7 @@
-// What both C++ training units (csrc/cpu/unit_cpu.cpp, csrc/cuda/unit.cu) read the same way: the
-// forward's argument checks, nn.BatchNorm2d's one-value-per-channel error, and the backward's
-// saved tensors in fastres._autograd._Saved.flat()'s layout.
+// What both C++ training units (csrc/cpu/unit_cpu.cpp, csrc/cuda/unit.cu) do the same way: the
+// forward's argument checks, nn.BatchNorm2d's one-value-per-channel error, the forward's residual
+// and its outputs' order, and the backward's saved tensors in fastres._autograd._Saved.flat()'s
+// layout.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -41,6 +42,33 @@ inline void check_batch_count(const at::Tensor& y) {
   shape << "])";
   TORCH_CHECK_VALUE(false, "Expected more than 1 value per channel when training, got input size ",
                     shape.str());
+}
+
+// The forward's residual for its last BatchNorm-add-ReLU: the downsample's output with its
+// BatchNorm's scale and shift (`dstats`: mean, invstd, scale, shift), the block input for an
+// identity shortcut, or none.
+struct UnitResidual {
+  UnitOptTensor res, scale, shift;
+};
+
+inline UnitResidual unit_residual(const UnitSpec& spec, const at::Tensor& x, const at::Tensor& yd,
+                                  const std::vector<at::Tensor>& dstats) {
+  if (spec.shortcut == 2) return {yd, dstats.at(2), dstats.at(3)};
+  if (spec.shortcut == 1) return {x, std::nullopt, std::nullopt};
+  return {};
+}
+
+// The forward's outputs, in the order fastres._autograd_unit reads them: out, yd (undefined
+// without a downsample), ys[n], stats[4n], then the downsample's four statistics.
+inline std::vector<at::Tensor> unit_outputs(const at::Tensor& out, const at::Tensor& yd,
+                                            const std::vector<at::Tensor>& ys,
+                                            const std::vector<at::Tensor>& stats,
+                                            const std::vector<at::Tensor>& dstats) {
+  std::vector<at::Tensor> r{out, yd};
+  r.insert(r.end(), ys.begin(), ys.end());
+  r.insert(r.end(), stats.begin(), stats.end());
+  r.insert(r.end(), dstats.begin(), dstats.end());
+  return r;
 }
 
 // The backward's saved tensors: x, out (absent without the ReLU), yd, ys[n], stats[4n], then

@@ -59,27 +59,18 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
     stats.insert(stats.end(), {mean, invstd, scale, shift});
   }
   std::vector<Tensor> dstats;
-  OptTensor res, rsc, rsh;
   if (ds) {
     auto [dm, di, dsc, dsh] = finalize(n, yd, dsum, dsumsq);
     dstats = {dm, di, dsc, dsh};
-    res = yd;
-    rsc = dsc;
-    rsh = dsh;
-  } else if (spec.shortcut == 1) {
-    res = x;
   }
+  const UnitResidual r = unit_residual(spec, x, yd, dstats);
   Tensor out;
   {
     RECORD_FUNCTION("fastres::bn_add_relu", std::vector<c10::IValue>({ys.back()}));
-    out = bn_add_relu_cpu(ys.back(), stats[4 * (n - 1) + 2], stats[4 * (n - 1) + 3], res, rsc,
-                          rsh, 0, spec.relu);
+    out = bn_add_relu_cpu(ys.back(), stats[4 * (n - 1) + 2], stats[4 * (n - 1) + 3], r.res,
+                          r.scale, r.shift, 0, spec.relu);
   }
-  std::vector<Tensor> r{out, yd};
-  r.insert(r.end(), ys.begin(), ys.end());
-  r.insert(r.end(), stats.begin(), stats.end());
-  r.insert(r.end(), dstats.begin(), dstats.end());
-  return r;
+  return unit_outputs(out, yd, ys, stats, dstats);
 }
 
 std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,

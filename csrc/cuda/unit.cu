@@ -77,23 +77,14 @@ std::vector<Tensor> unit_forward(const UnitSpec& spec, const Tensor& x,
   Tensor yd, ystats;
   if (ds) std::tie(yd, ystats) = conv_stats(n, x, std::nullopt, std::nullopt, false);
   std::vector<Tensor> dstats;
-  OptTensor res, rsc, rsh;
   if (ds) {
     auto [dm, di, dsc, dsh] = finalize(n, yd, ystats);
     dstats = {dm, di, dsc, dsh};
-    res = yd;
-    rsc = dsc;
-    rsh = dsh;
-  } else if (spec.shortcut == 1) {
-    res = x;
   }
-  Tensor out = api::bn_add_relu(ys.back(), scale, shift, res, rsc, rsh, 0, spec.relu);
+  const UnitResidual r = unit_residual(spec, x, yd, dstats);
+  Tensor out = api::bn_add_relu(ys.back(), scale, shift, r.res, r.scale, r.shift, 0, spec.relu);
   keep_max(spec.fwd_scratch, scratch.size());
-  std::vector<Tensor> r{out, yd};
-  r.insert(r.end(), ys.begin(), ys.end());
-  r.insert(r.end(), stats.begin(), stats.end());
-  r.insert(r.end(), dstats.begin(), dstats.end());
-  return r;
+  return unit_outputs(out, yd, ys, stats, dstats);
 }
 
 std::vector<Tensor> unit_backward(const UnitSpec& spec, const Tensor& grad_out,
