@@ -275,8 +275,8 @@ def test_packing_follows_the_primitives_layout(dtype):
     """One allowed weight under the primitives of several batch sizes, alternating: each call
     reads a packing in its own primitive's layout. oneDNN blocks a weight per primitive: on an
     AVX10/AMX Xeon, ResNet-50 layer4's 1x1 512x1024 weight at 14x14 is Acdb64a for a batch of 1
-    and Acdb48a for 8, and a packing kept for one primitive and served to the other gave errors of
-    1e2-1e10 (a read past the packing). Every result against float64; one primitive per batch
+    and Acdb48a for 8; served the other primitive's packing, a convolution reads past it (errors
+    of 1e2-1e10 there). Every result against float64; one primitive per batch
     size; a packing per layout at most (never more packings than primitives)."""
     m = Maker("cpu", dtype)
     w = m.weight(512, 1024, 1)

@@ -222,7 +222,7 @@ bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
   // else reordered for this call. A packing is keyed by the layout it is in: every byte of the
   // primitive's weights descriptor (oneDNN picks the blocking per primitive: on an AVX10/AMX
   // Xeon, ResNet-50 layer4's 1x1 512x1024 weight is Acdb64a for a batch of 1 and Acdb48a for 8;
-  // served the other one, the convolution read past the packing, silently wrong).
+  // served the other one, the convolution reads past the packing, silently wrong).
   std::vector<int64_t> wkey = {1};  // 1: this file's packing
   const dnnl_memory_desc_t& wmd = p->weights_md.data;
   wkey.resize(1 + (sizeof(wmd) + 7) / 8, 0);

@@ -153,8 +153,8 @@ int64_t fingerprint(const c10::List<std::optional<at::Tensor>>& tensors) {
     first += static_cast<uint64_t>(words) + 2;
   }
   // The words split evenly over the threads, whatever the tensors' sizes (a share per tensor, or
-  // per fixed-size piece, follows the tensor count: a thread handed ResNet-50's BatchNorm vectors
-  // waited for the one handed its layer4 weights).
+  // per fixed-size piece, would follow the tensor count: a thread handed ResNet-50's BatchNorm
+  // vectors would wait for the one handed its layer4 weights).
   const int64_t parts = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), total / kParallelWords));
   std::atomic<uint64_t> sum{0};
