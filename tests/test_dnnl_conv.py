@@ -29,7 +29,9 @@ pytestmark = pytest.mark.skipif(
     not BUILT, reason="fastres built without oneDNN's headers (apt-get install libdnnl-dev and "
     "rebuild): no own-primitive path")
 DTYPES = [torch.float32, torch.bfloat16]
-# (k, c, kernel, stride, padding, dilation, input hw): 1x1, 3x3, strided, dilated, odd sizes
+# (k, c, kernel, stride, padding, dilation, input hw): 1x1, 3x3, strided, dilated, odd sizes, and
+# a 1x1 map (an (N, C, 1, 1) activation is contiguous and channels_last at once: ResNet-50's
+# layer4 at a 32x32 input)
 CONVS = [
     (16, 8, 1, 1, 0, 1, (7, 5)),
     (24, 16, 3, 1, 1, 1, (9, 9)),
@@ -37,6 +39,8 @@ CONVS = [
     (32, 16, 1, 2, 0, 1, (8, 8)),
     (8, 8, 3, 1, 2, 2, (7, 7)),
     (5, 3, 7, 2, 3, 1, (13, 13)),
+    (16, 8, 3, 1, 1, 1, (1, 1)),
+    (24, 16, 1, 1, 0, 1, (1, 1)),
 ]
 
 
@@ -89,6 +93,13 @@ def _operands(dtype, conv, residual, bias_acc, n=2):
     oh = (h + 2 * pad - dil * (r - 1) - 1) // stride + 1
     ow = (w + 2 * pad - dil * (r - 1) - 1) // stride + 1
     res = m.act(n, k, oh, ow) if residual else None
+    if h == w == 1:
+        # The strides fastres' own ops give an (N, C, 1, 1) output (format_of: contiguous), which
+        # the next block's convolution reads, and a weight of the same format: PyTorch's
+        # convolution then keeps them (a channels_last weight would make its output
+        # channels_last; fastres' ops follow the input alone).
+        x, wt = x.contiguous(), wt.contiguous()
+        res = res.contiguous() if res is not None else None
     return x, wt, b, res, [stride] * 2, [pad] * 2, [dil] * 2
 
 

@@ -186,11 +186,10 @@ bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
                bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
                at::IntArrayRef dilation, int64_t groups) {
   const auto dtype = input.scalar_type();
-  const auto cl = at::MemoryFormat::ChannelsLast;
   if (!dnnl_enabled() || groups != 1 || (dtype != at::kFloat && dtype != at::kBFloat16) ||
       weight.scalar_type() != dtype || out.scalar_type() != dtype || input.dim() != 4 ||
       weight.dim() != 4 || input.numel() == 0 || out.numel() == 0 ||
-      !has_dense_strides(input, cl) || !has_dense_strides(out, cl) ||
+      !nhwc_dense(input) || !nhwc_dense(out) ||
       input.storage_offset() != 0 || out.storage_offset() != 0 || input.is_alias_of(out) ||
       weight.is_alias_of(out)) {
     return false;

@@ -62,11 +62,10 @@ PrimitiveCache<BwdPrimitive>& cache() {
 bool covered(const at::Tensor& act, const at::Tensor& grad_out, const at::Tensor& weight,
              int64_t groups) {
   const auto dtype = act.scalar_type();
-  const auto cl = at::MemoryFormat::ChannelsLast;
   return dnnl_enabled() && groups == 1 && (dtype == at::kFloat || dtype == at::kBFloat16) &&
          grad_out.scalar_type() == dtype && weight.scalar_type() == dtype && act.dim() == 4 &&
          weight.dim() == 4 && act.numel() > 0 && grad_out.numel() > 0 &&
-         has_dense_strides(act, cl) && has_dense_strides(grad_out, cl) &&
+         nhwc_dense(act) && nhwc_dense(grad_out) &&
          act.storage_offset() == 0 && grad_out.storage_offset() == 0;
 }
 

@@ -159,6 +159,10 @@ bool has_dense_strides(const Tensor& t, at::MemoryFormat fmt) {
   return t.strides() == at::IntArrayRef(dense_strides(t.sizes(), fmt));
 }
 
+bool nhwc_dense(const Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 Tensor in_format(const Tensor& t, at::MemoryFormat fmt) {
   if (has_dense_strides(t, fmt)) {
     return t;

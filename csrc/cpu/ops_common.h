@@ -41,6 +41,10 @@ std::vector<int64_t> check_conv(const char* op, const Tensor& input, const Tenso
 at::MemoryFormat format_of(const Tensor& ref);
 std::vector<int64_t> dense_strides(at::IntArrayRef sizes, at::MemoryFormat fmt);
 bool has_dense_strides(const Tensor& t, at::MemoryFormat fmt);
+// Whether a 4-D tensor's elements lie in memory as a dense NHWC buffer from its first element,
+// whatever its strides along dimensions of size 1: an (N, C, 1, 1) activation is both contiguous
+// and channels_last (format_of calls it contiguous) and is one for oneDNN's nhwc descriptors.
+bool nhwc_dense(const Tensor& t);
 Tensor in_format(const Tensor& t, at::MemoryFormat fmt);
 // An activation-sized output or temporary, as at::empty(sizes, opts.memory_format(fmt)); large
 // ones come from fastres' CPU activation pool (act_pool.cpp).

@@ -166,12 +166,16 @@ Tensor own_conv(const Tensor& input, const Tensor& weight, const optional<Tensor
                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                 int64_t groups, bool relu) {
   const auto dtype = input.scalar_type();
-  const auto cl = at::MemoryFormat::ChannelsLast;
   if (!dnnl_enabled() || groups != 1 || (dtype != at::kFloat && dtype != at::kBFloat16) ||
-      format_of(input) != cl) {
+      !nhwc_dense(input)) {
     return Tensor();
   }
-  Tensor out = empty_act(out_sizes, input.options(), cl);
+  // In the input's format, as ATen's path gives it: an (N, C, 1, 1) input is contiguous by
+  // format_of, and so is its output, which is the same NHWC buffer when it is (N, K, 1, 1) too.
+  Tensor out = empty_act(out_sizes, input.options(), format_of(input));
+  if (!nhwc_dense(out)) {
+    return Tensor();
+  }
   if (has(residual)) {
     out.copy_(*residual);
   }
@@ -384,7 +388,7 @@ Tensor& conv_bias_act_finite_into_cpu(Tensor& residual, const Tensor& input, con
                        groups == 1 && format_of(input) == cl && has_dense_strides(residual, cl) &&
                        (!has(bias) || bias->scalar_type() == dtype) &&
                        !residual.is_alias_of(input) && !residual.is_alias_of(weight);
-  if (format_of(input) == cl && !residual.is_alias_of(input) && !residual.is_alias_of(weight) &&
+  if (nhwc_dense(input) && !residual.is_alias_of(input) && !residual.is_alias_of(weight) &&
       dnnl_conv(input, weight, bias, residual, true, relu, stride, padding, dilation, groups)) {
     return residual;  // fastres' own primitive, accumulating into the residual in place
   }
