@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "cpu/block_cpu_py.h"
 #include "cpu/unit_cpu.h"
 #include "grad_node.h"
 #include "host_path.h"
@@ -61,6 +62,8 @@ py::dict build_info() {
 PyMethodDef kGradMethods[] = {
     FASTRES_GRAD_METHODS,
     FASTRES_HOST_PATH_METHODS,
+    // A CPU block's folded eval call (csrc/cpu/block_cpu_py.h).
+    FASTRES_CPU_BLOCK_METHODS,
     {"cpu_unit_spec", fastres::py_call::unit_spec, METH_VARARGS,
      "cpu_unit_spec(n, shortcut, relu, stages) -> spec for cpu_unit_forward/cpu_unit_backward"},
     {"cpu_unit_forward", fastres::py_call::unit_forward_py<fastres::cpu::unit_forward>,

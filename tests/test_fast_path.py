@@ -51,8 +51,8 @@ def test_eval_fast_serves_with_the_plans_bits(kind, grad, live):
     served = []
     fast = plan.fast
 
-    def counted(block, xi):
-        out = fast(block, xi)
+    def counted(block, xi, donate=False):
+        out = fast(block, xi, donate)
         served.append(out is not None)
         return out
 

@@ -26,6 +26,8 @@
 #include <optional>
 #include <vector>
 
+#include "ops_common.h"
+
 namespace fastres::cpu {
 namespace {
 
@@ -102,7 +104,9 @@ uint64_t hash_range(const std::vector<Span>& spans, const std::vector<int64_t>& 
   return s;
 }
 
-int64_t fingerprint(const c10::List<std::optional<at::Tensor>>& tensors) {
+}  // namespace
+
+int64_t fingerprint_cpu(const c10::List<std::optional<at::Tensor>>& tensors) {
   static std::atomic<uint64_t> fresh{1};
   uint64_t h = mix(tensors.size() * kMul2);
   uint64_t first = 0;  // word position across the list (with a gap after each tensor)
@@ -168,11 +172,10 @@ int64_t fingerprint(const c10::List<std::optional<at::Tensor>>& tensors) {
   return static_cast<int64_t>(mix(h + sum.load()));
 }
 
-}  // namespace
 }  // namespace fastres::cpu
 
 TORCH_LIBRARY_FRAGMENT(fastres_cpu, m) {
   // A 64-bit hash of the tensors' values, dtypes, sizes and strides (see the top of this file);
   // a non-CPU tensor makes it new on every call.
-  m.def("fingerprint(Tensor?[] tensors) -> int", &fastres::cpu::fingerprint);
+  m.def("fingerprint(Tensor?[] tensors) -> int", &fastres::cpu::fingerprint_cpu);
 }

@@ -2,6 +2,7 @@
 // (ops_common.cpp), and the ops each file implements, registered in ops_cpu.cpp.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <array>
@@ -88,6 +89,8 @@ Tensor& conv_bias_act_finite_into_cpu(Tensor& residual, const Tensor& input, con
                                       at::IntArrayRef padding, at::IntArrayRef dilation,
                                       int64_t groups, bool relu);
 double absmax_cpu(const Tensor& x);
+// fastres_cpu::fingerprint: a hash of the tensors' values, dtypes, sizes and strides (fingerprint.cpp).
+int64_t fingerprint_cpu(const c10::List<std::optional<at::Tensor>>& tensors);
 std::tuple<Tensor, Tensor> relu_bias_bwd_cpu(const Tensor& grad_out, const optional<Tensor>& out);
 
 // ---- Training forward and backward (statistics, BatchNorm, convolution backward): ops_train.cpp.

@@ -73,6 +73,12 @@ class Backend:
         bypasses the dispatcher."""
         return None
 
+    def eager_folded_block(self):
+        """(cpu_block_spec, cpu_block_eval) of a compiled module that runs a residual block's
+        eval call with folded BatchNorms from C++ in one call, the folds' check included
+        (csrc/cpu/block_cpu_py.h), or None. For eager calls under no dispatch mode."""
+        return None
+
     def eager_unit(self):
         """(unit_spec, unit_forward, unit_backward, grad_node) of a compiled module that runs a
         training unit's forward and backward from C++ (csrc/cuda/unit.h) and records the unit in
@@ -122,6 +128,9 @@ class CPUBackend(_CompiledBackend):
     name = "cpu"
     device_type = "cpu"
     dtypes = FLOAT_DTYPES + (torch.float64,)
+
+    def eager_folded_block(self):
+        return _entry(extension.load()[0], "cpu_block_spec", "cpu_block_eval")
 
     def eager_unit(self):
         return _entry(extension.load()[0], "cpu_unit_spec", "cpu_unit_forward",

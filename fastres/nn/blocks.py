@@ -128,7 +128,12 @@ class _ResidualBlockMixin(_FusedMixin):
         first when there is none or it no longer applies; None where a plan cannot serve (the
         full path below then runs). ``donate``: see EvalPlan.run."""
         plan = self.__dict__.get("_eval_plan")
-        out = plan.run(self, x, donate) if plan is not None else None
+        out = None
+        if plan is not None:
+            fast = plan.fast  # the steady state written out (fastres.nn.fast_path)
+            out = fast(self, x, donate) if fast is not None else None
+            if out is None:
+                out = plan.run(self, x, donate)
         if out is None:
             plan = EP.EvalPlan.build(self, x)
             self.__dict__["_eval_plan"] = plan

@@ -77,7 +77,7 @@ from fastres.functional import (
     versions,
 )
 from fastres.nn._fused import _onnx_exporting, global_hooks
-from fastres.nn.fast_path import make_eval_fast
+from fastres.nn.fast_path import make_cpu_eval_fast, make_eval_fast
 
 #: The largest bound a pre-activation may have for the post-op ReLU: far below float32's and
 #: bfloat16's 3.4e38, so rounding (2^-8 relative per stored bf16 value, accumulation order)
@@ -243,6 +243,8 @@ class EvalPlan:
             else:
                 plan.direct = (run, spec, slots)
             plan.fast = make_eval_fast(plan, block, x)
+        elif plan.finite_op is not None:
+            plan.fast = _folded_fast(plan, block, x, backend)
         return plan
 
     def call(self, block: nn.Module, x, donate: bool = False) -> Tensor | None:
@@ -252,7 +254,7 @@ class EvalPlan:
         pass. A submodule replaced since the plan was made fails the plan's check."""
         fast = self.fast
         if fast is not None:  # the same checks, stricter, then the direct call
-            out = fast(block, x)
+            out = fast(block, x, donate)
             if out is not None:
                 return out
         # plain_call's and applies' tests in one expression (autocast: _valid); ~0.2 µs per
@@ -359,6 +361,25 @@ class EvalPlan:
             return self.into_op(identity, h, w, b, conv.stride, conv.padding, conv.dilation,
                                 conv.groups, True)
         return _conv(relu_op or op, h, folds[last], identity, conv, True)
+
+
+def _folded_fast(plan: EvalPlan, block: nn.Module, x: Tensor, backend):
+    """The steady state of a CPU plan with folds as one generated function whose call is one
+    call into the extension (fastres.nn.fast_path.make_cpu_eval_fast), or None (no such entry,
+    sources without a fold check it can repeat)."""
+    entry = backend.eager_folded_block()
+    if entry is None or plan.sources is None:
+        return None
+    make_spec, run = entry
+    # The sources in fold_sources' order (the fingerprint's), read as the plan reads them.
+    slots = tuple(s for w, b, g, m, v, _ in plan.live for s in (w, g, b, m, v))
+    fp = plan.sources if isinstance(plan.sources, int) else None
+    spec = make_spec(
+        len(plan.steps), plan.shortcut is not None,
+        tuple((*c.stride, *c.padding, *c.dilation, c.groups) for c in plan.convs),
+        tuple(t for w, b, _ in plan.folds for t in (w, b)), float(plan.m_max),
+        plan.fmt is torch.channels_last, fp, tuple(_read(s) for s in slots))
+    return make_cpu_eval_fast(plan, block, x, run, spec, slots)
 
 
 def _needs_autograd(x: Tensor, tensors) -> bool:

@@ -32,7 +32,7 @@ from torch import Tensor
 from fastres._autograd_block import backward as _block_backward
 from fastres.backends import extension
 
-__all__ = ["make_eval_fast", "make_train_fast"]
+__all__ = ["make_cpu_eval_fast", "make_eval_fast", "make_train_fast"]
 
 _ENV = getattr(os.environ, "_data", None)
 _ENCODE = getattr(os.environ, "encodekey", None)
@@ -75,8 +75,11 @@ class _Writer:
                            CL=plan.channels_last)
             x_tests = ["x.dtype is not DT", "x.shape != SHAPE", "x.device != DEV",
                        "x.is_contiguous(memory_format=_cl) is not CL"]
-        tests = ["type(x) is not _Tensor", "not block.training" if training else "block.training",
-                 *x_tests, "_autocast()", "_modes()", "_is_compiling()", "_is_tracing()",
+        # _is_compiling first: under torch.compile nothing after it is traced (Dynamo cannot
+        # trace the C checks; the function answers None there).
+        tests = ["_is_compiling()", "type(x) is not _Tensor",
+                 "not block.training" if training else "block.training",
+                 *x_tests, "_autocast()", "_modes()", "_is_tracing()",
                  "('torch.onnx' in _sys_modules and _onnx())",
                  "_nnm._global_forward_hooks", "_nnm._global_forward_pre_hooks",
                  "_nnm._global_backward_hooks", "_nnm._global_backward_pre_hooks",
@@ -112,7 +115,8 @@ class _Writer:
         return names
 
     def finish(self):
-        exec("\n".join(["def fast(block, x):", *self.lines]) + "\n", self.ns)  # noqa: S102
+        exec("\n".join(["def fast(block, x, donate=False):", *self.lines]) + "\n",  # noqa: S102
+             self.ns)
         return self.ns["fast"]
 
 
@@ -121,19 +125,20 @@ def _usable() -> bool:
     return _ENV is not None and _ENCODE is not None and sys.platform != "win32"
 
 
-def make_eval_fast(plan, block, x: Tensor):
-    """``fast(block, x)``: the output of the eval ``plan`` for this call, or None (see the
-    module docstring). None where the plan has no direct entry."""
-    if plan.direct is None or not _usable():
+def _eval_checks(plan, block, x: Tensor, slots, extra=()):
+    """The writer of an eval plan's steady-state function up to its call: every check, then the
+    tensors of ``slots`` read into t0, t1, ...; (writer, their names), or None where the plan
+    cannot have one (no os.environ dict, the environment changed since the plan was made)."""
+    if not _usable():
         return None
     from fastres.nn.eval_plan import enabled  # noqa: PLC0415
 
     if os.environ.get("FASTRES_BACKEND") != plan.backend_env or not enabled():
         return None
-    run, spec, slots = plan.direct
     w = _Writer()
     tests = w.common_tests(plan, x, training=False)
     tests.append(w.env_test("FASTRES_EVAL_PLAN"))
+    tests += list(extra)
     if plan.grad:
         tests.append("not _grad()")
     for i, (bn, eps) in enumerate(zip(plan.bns, plan.eps, strict=True)):
@@ -149,6 +154,34 @@ def make_eval_fast(plan, block, x: Tensor):
         w.lines += [f"    if not ({needs}):", "        return None"]
     else:
         w.lines += [f"    if _grad() and ({needs}):", "        return None"]
+    return w, names
+
+
+def make_cpu_eval_fast(plan, block, x: Tensor, run, spec, slots):
+    """``fast(block, x, donate=False)`` of a CPU plan with folds: the checks of
+    :func:`make_eval_fast` and the block's frozen mode, then one call, ``run(spec, x, sources,
+    donate)`` (``fastres._C.cpu_block_eval``, csrc/cpu/block_cpu_py.h), which checks the folds
+    against the sources read from ``slots`` and runs the block; None where it answers None."""
+    made = _eval_checks(plan, block, x, slots, ("block.__dict__.get('_fr_frozen') is not FROZEN",))
+    if made is None:
+        return None
+    w, names = made
+    w.ns.update(FROZEN=plan.frozen, RUN=run, SPEC=spec)
+    w.lines.append(f"    return RUN(SPEC, x, ({', '.join(names)},), donate)")
+    return w.finish()
+
+
+def make_eval_fast(plan, block, x: Tensor):
+    """``fast(block, x, donate=False)``: the output of the eval ``plan`` for this call, or None
+    (see the module docstring). None where the plan has no direct entry. ``donate`` is the CPU
+    plans' (:func:`make_cpu_eval_fast`); the direct entries here ignore it."""
+    if plan.direct is None:
+        return None
+    run, spec, slots = plan.direct
+    made = _eval_checks(plan, block, x, slots)
+    if made is None:
+        return None
+    w, names = made
     ts = ", ".join(names)
     if spec is None:  # with autograd: plan.direct's call written out (_autograd_block.block_call)
         block_run, node, block_spec, meta = run.parts
