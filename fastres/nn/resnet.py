@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 from torchvision.models import resnet as tv_resnet
 
 from fastres import backends
@@ -122,10 +123,34 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         x = torch.flatten(x, 1)
         return self.fc(x)
 
+    def _max_pool(self, x: Tensor) -> Tensor:
+        """The stem's max-pool: ``fastres_cpu::max_pool2d_cl`` (no argmax indices, ATen's
+        computes them) on a CPU channels_last float32/bfloat16 call without autograd, trace,
+        dispatch mode or hook; else the module itself."""
+        pool = self.maxpool
+        if (
+            type(pool) is nn.MaxPool2d
+            and type(x) is Tensor
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not pool.ceil_mode
+            and not pool.return_indices
+            and _pair(pool.dilation) == (1, 1)
+            and not torch._C._len_torch_dispatch_stack()
+            and not _hooked((pool,))
+            and self._may_donate(x, ())
+        ):
+            op = _max_pool_op()
+            if op is not None:
+                return op(x, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
+        return pool(x)
+
     def _body(self, x: Tensor) -> Tensor:
         """Stem, max-pool and the four layers."""
         x = self._stem(x)
-        x = self.maxpool(x)
+        x = self._max_pool(x)
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
         if self._may_donate(x, layers):
             # The activations between blocks are this forward's own (no hook can see them): a
@@ -138,3 +163,16 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
             for layer in layers:
                 x = layer(x)
         return x
+
+
+_MAX_POOL: list = []  # [op or None], looked up once
+
+
+def _max_pool_op():
+    """torch.ops.fastres_cpu.max_pool2d_cl, or None without the CPU extension."""
+    if not _MAX_POOL:
+        from fastres.backends import extension  # noqa: PLC0415
+
+        ns = getattr(torch.ops, "fastres_cpu", None) if extension.load()[0] is not None else None
+        _MAX_POOL.append(getattr(ns, "max_pool2d_cl", None) if ns is not None else None)
+    return _MAX_POOL[0]
