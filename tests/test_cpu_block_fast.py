@@ -84,6 +84,28 @@ def test_nonfinite_input_like_the_python_path(value):
     assert torch.equal(got.isnan(), theirs.isnan())
 
 
+def test_zero_weights_keep_nan_from_an_infinite_input():
+    """Every convolution of a block zero: its outputs are bounded whatever the input, but an Inf
+    input makes 0 * Inf = NaN, which torch keeps; the bound refuses it (m_max at most the
+    limit), on both paths."""
+    tv = _block("downsample").eval().to(memory_format=CL)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.zero_()
+    ours = fastres.convert(copy.deepcopy(tv))
+    x = torch.randn(2, 32, 9, 9).contiguous(memory_format=CL)
+    with torch.no_grad():
+        ours(x)
+        plan = ours.__dict__["_eval_plan"]
+        assert plan.fast is not None and plan.m_max <= 1e30
+        x[0, 0, 4, 4] = float("inf")
+        theirs = tv(x)
+        assert theirs.isnan().any()
+        for got in (plan.fast(ours, x), _python_path(ours, x)):
+            assert torch.equal(got.isnan(), theirs.isnan())
+
+
 def test_huge_input_like_the_python_path():
     """Past the plan's bound (m_max) the ReLU pass runs, as on the Python path."""
     tv, ours, x, plan = _made("bottleneck")

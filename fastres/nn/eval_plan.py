@@ -464,7 +464,9 @@ def _max_input(folds, n_steps: int, shortcut, dtype: torch.dtype, residual: bool
             p = (p[0] + s[0], p[1] + s[1])
         bounds.append(p)
         q = (p[0] * _SLACK, p[1] * _SLACK)
-    m_max = math.inf
+    # At most the limit itself: a stage with all-zero weights bounds its output whatever M is,
+    # but an infinite input still makes 0 * Inf = NaN there, which the post-op would turn to 0.
+    m_max = limit
     for k, c in bounds:
         if not (math.isfinite(k) and math.isfinite(c)) or c >= limit:
             return math.nan
