@@ -130,6 +130,7 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         pool = self.maxpool
         if (
             type(pool) is nn.MaxPool2d
+            and self._may_donate(x, ())  # first: false under torch.compile, which traces no further
             and type(x) is Tensor
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16)
@@ -140,7 +141,6 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
             and _pair(pool.dilation) == (1, 1)
             and not torch._C._len_torch_dispatch_stack()
             and not _hooked((pool,))
-            and self._may_donate(x, ())
         ):
             op = _max_pool_op()
             if op is not None:
