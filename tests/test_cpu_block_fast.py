@@ -7,6 +7,7 @@ identities, version counters and data pointers), NaN/Inf where the Python path p
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -233,3 +234,60 @@ def test_resnet_body_runs_the_block_calls():
             b.__dict__["_eval_plan"].fast = None
         want = ours(x)
     assert torch.equal(got, want)
+
+
+def _absmax_reads(fn) -> int:
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "fastres_cpu::absmax")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bound_in_bound_out(kind):
+    """With a bound the call answers (output, the output's bound): the bound is at least the
+    output's max |y|; a bound within m_max stands for absmax's read of x, one past it (or NaN) is
+    read; the output is the same either way."""
+    tv, ours, x, plan = _made(kind)
+    with torch.no_grad():
+        want = plan.fast(ours, x)
+        m = float(x.abs().max())
+        for given, reads in ((math.nan, 1), (m, 0), (2 * plan.m_max, 1)):
+            got = []
+            assert _absmax_reads(lambda g=given: got.append(plan.fast(ours, x, False, g))) == reads
+            out, bound = got[0]
+            assert torch.equal(out, want)
+            assert bound >= float(out.abs().max())
+        x = x.clone()
+        x[0, 1, 2, 3] = float("nan")
+        out, bound = plan.fast(ours, x, False, math.nan)
+        assert math.isnan(bound), "nothing is proven where the ReLU pass ran"
+
+
+def test_resnet_body_chains_the_bound():
+    """fastres.ResNet's eval body hands each block the previous block's output bound: fewer reads
+    of the block inputs than blocks, the same bits as the plans' Python path, and a NaN input
+    still gives torchvision's NaN pattern (every bound unknown, every input read)."""
+    import torchvision  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    tv = randomise_bn(torchvision.models.resnet50()).eval().to(memory_format=CL)
+    ours = fastres.convert(copy.deepcopy(tv))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
+    blocks = [b for layer in (ours.layer1, ours.layer2, ours.layer3, ours.layer4) for b in layer]
+    with torch.no_grad():
+        ours(x)
+        got = []
+        reads = _absmax_reads(lambda: got.append(ours(x)))
+        assert reads < len(blocks), reads
+        fasts = [b.__dict__["_eval_plan"].fast for b in blocks]
+        for b in blocks:
+            b.__dict__["_eval_plan"].fast = None
+        want = ours(x)
+        for b, f in zip(blocks, fasts, strict=True):
+            b.__dict__["_eval_plan"].fast = f
+        assert torch.equal(got[0], want)
+        x[1, 0, 10, 10] = float("nan")
+        theirs = tv(x)
+        ours_nan = []
+        assert _absmax_reads(lambda: ours_nan.append(ours(x))) >= len(blocks)
+    assert torch.equal(ours_nan[0].isnan(), theirs.isnan()) and theirs.isnan().any()

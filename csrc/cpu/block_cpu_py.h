@@ -6,15 +6,21 @@
 // around them, ~65 µs per Bottleneck call beyond its ops (measured on the 2-CPU AMX Xeon at a
 // 4x4 input, where the ops cost ~30 µs). Include in exactly one translation unit (module.cpp).
 //
-//   spec = cpu_block_spec(n_main, has_ds, convs, folds, m_max, channels_last, fp, sources)
+//   spec = cpu_block_spec(n_main, has_ds, convs, folds, m_max, k_out, c_out, channels_last, fp,
+//                         sources)
 //       convs: ((sh, sw, ph, pw, dh, dw, groups), ...), the main path in order, then the
 //       downsample's; folds: (w, b, ...) per convolution (b may be None); m_max: the largest
 //       max |x| for which every pre-activation is bounded (EvalPlan.m_max, NaN: never);
-//       fp: the sources' fingerprint, or None to compare each source's identity, version
-//       counter and data pointer (a frozen block, fastres.functional.versions)
+//       k_out, c_out: the output's bound k_out * M + c_out for an input bounded by M
+//       (EvalPlan.out_bound); fp: the sources' fingerprint, or None to compare each source's
+//       identity, version counter and data pointer (a frozen block, fastres.functional.versions)
 //   y = cpu_block_eval(spec, x, sources, donate)  # None: a source changed (re-plan)
 //       sources: five per convolution in fastres.functional.fold_sources' order (conv weight,
 //       BN weight, BN bias, running mean, running var); donate: x may take the residual add.
+//   (y, bound) = cpu_block_eval(spec, x, sources, donate, m)  # or None
+//       m: a bound of max |x| the caller has proven (the previous block's output bound in
+//       fastres.ResNet's body), NaN: none. Where m is within m_max it stands for absmax's read
+//       of x; bound: the output's (NaN where the ReLU pass ran: nothing proven).
 //
 // It bypasses the dispatcher: its caller (the generated steady-state function) uses it only under
 // no dispatch mode, no autograd, on plain CPU tensors.
@@ -57,6 +63,7 @@ struct CpuBlockSpec {
   int64_t n_main = 0;
   bool has_ds = false;
   double m_max = NAN;
+  double k_out = NAN, c_out = NAN;  // the output's bound: k_out * M + c_out
   at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
   std::optional<int64_t> fp;     // the sources' fingerprint; absent: compare `keys`
   std::vector<SourceKey> keys;   // frozen: each source's identity, version and data pointer
@@ -95,11 +102,11 @@ inline bool source_key(PyObject* v, SourceKey& k) {
 inline PyObject* cpu_block_spec(PyObject*, PyObject* args) {
   long long n_main = 0;
   int has_ds = 0, channels_last = 0;
-  double m_max = NAN;
+  double m_max = NAN, k_out = NAN, c_out = NAN;
   PyObject *convs = nullptr, *folds = nullptr, *fp = nullptr, *sources = nullptr;
-  if (!PyArg_ParseTuple(args, "LpO!O!dpOO!", &n_main, &has_ds, &PyTuple_Type, &convs,
-                        &PyTuple_Type, &folds, &m_max, &channels_last, &fp, &PyTuple_Type,
-                        &sources))
+  if (!PyArg_ParseTuple(args, "LpO!O!dddpOO!", &n_main, &has_ds, &PyTuple_Type, &convs,
+                        &PyTuple_Type, &folds, &m_max, &k_out, &c_out, &channels_last, &fp,
+                        &PyTuple_Type, &sources))
     return nullptr;
   const Py_ssize_t n = PyTuple_GET_SIZE(convs);
   if (n != n_main + (has_ds ? 1 : 0) || n < 1 || PyTuple_GET_SIZE(folds) != 2 * n ||
@@ -113,6 +120,8 @@ inline PyObject* cpu_block_spec(PyObject*, PyObject* args) {
   spec->n_main = n_main;
   spec->has_ds = has_ds != 0;
   spec->m_max = m_max;
+  spec->k_out = k_out;
+  spec->c_out = c_out;
   spec->fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* c = PyTuple_GET_ITEM(convs, i);
@@ -188,12 +197,16 @@ inline bool same_values(const CpuBlockSpec& spec,
 // convolution with its fold; oneDNN's ReLU post-op where max |x| is within the plan's bound
 // (finite), else the ReLU pass that keeps NaN.
 // Each op under the name a profile gives its torch.ops call (no dispatcher here to record it).
-inline at::Tensor run_block(const CpuBlockSpec& spec, const at::Tensor& x, bool donate) {
-  bool finite = false;
-  {
+// m_in: a proven bound of max |x| (NaN: none); *m_out: the output's bound (NaN: none).
+inline at::Tensor run_block(const CpuBlockSpec& spec, const at::Tensor& x, bool donate,
+                            double m_in, double* m_out) {
+  double m = m_in;
+  if (!(m <= spec.m_max)) {  // NaN or past the bound: read x
     RECORD_FUNCTION("fastres_cpu::absmax", std::vector<c10::IValue>());
-    finite = absmax_cpu(x) <= spec.m_max;  // NaN: false
+    m = absmax_cpu(x);
   }
+  const bool finite = m <= spec.m_max;  // NaN: false
+  *m_out = finite ? spec.k_out * m + spec.c_out : NAN;
   const auto conv = [&](size_t i, const at::Tensor& in, const std::optional<at::Tensor>& res,
                         bool relu) {
     const CpuBlockConv& c = spec.convs[i];
@@ -224,10 +237,15 @@ inline at::Tensor run_block(const CpuBlockSpec& spec, const at::Tensor& x, bool 
 }
 
 inline PyObject* cpu_block_eval(PyObject*, PyObject* args) {
-  PyObject *cap = nullptr, *x = nullptr, *sources = nullptr;
+  PyObject *cap = nullptr, *x = nullptr, *sources = nullptr, *bound = nullptr;
   int donate = 0;
-  if (!PyArg_ParseTuple(args, "OOO!p", &cap, &x, &PyTuple_Type, &sources, &donate))
+  if (!PyArg_ParseTuple(args, "OOO!p|O", &cap, &x, &PyTuple_Type, &sources, &donate, &bound))
     return nullptr;
+  double m_in = NAN;
+  if (bound != nullptr && bound != Py_None) {
+    m_in = PyFloat_AsDouble(bound);
+    if (m_in == -1.0 && PyErr_Occurred()) return nullptr;
+  }
   CpuBlockSpec* spec = nullptr;
   at::Tensor xt;
   std::vector<std::optional<at::Tensor>> t;
@@ -236,23 +254,28 @@ inline PyObject* cpu_block_eval(PyObject*, PyObject* args) {
   if (!same_objects(*spec, sources)) Py_RETURN_NONE;
   bool current = false;
   at::Tensor out;
+  double m_out = NAN;
   if (!run_released([&] {
         current = same_values(*spec, t);
-        if (current) out = run_block(*spec, xt, donate != 0);
+        if (current) out = run_block(*spec, xt, donate != 0, m_in, &m_out);
       }))
     return nullptr;
   if (!current) Py_RETURN_NONE;
-  return THPVariable_Wrap(std::move(out));
+  if (bound == nullptr) return THPVariable_Wrap(std::move(out));
+  PyObject* y = THPVariable_Wrap(std::move(out));
+  if (y == nullptr) return nullptr;
+  return Py_BuildValue("(Nd)", y, m_out);
 }
 
 #define FASTRES_CPU_BLOCK_METHODS                                                             \
   {"cpu_block_spec", fastres::cpu::py_block::cpu_block_spec, METH_VARARGS,                    \
-   "cpu_block_spec(n_main, has_ds, convs, folds, m_max, channels_last, fp, sources) -> spec " \
+   "cpu_block_spec(n_main, has_ds, convs, folds, m_max, k_out, c_out, channels_last, fp, "    \
+   "sources) -> spec "                                                                        \
    "for cpu_block_eval (see csrc/cpu/block_cpu_py.h)"},                                       \
   {                                                                                           \
     "cpu_block_eval", fastres::cpu::py_block::cpu_block_eval, METH_VARARGS,                   \
-        "cpu_block_eval(spec, x, sources, donate) -> the block's eval output, or None when a "  \
-        "source changed"                                                                      \
+        "cpu_block_eval(spec, x, sources, donate, bound=<absent>) -> the block's eval output "   \
+        "(with bound: (output, its bound)), or None when a source changed"                                                                      \
   }
 
 }  // namespace fastres::cpu::py_block

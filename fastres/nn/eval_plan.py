@@ -115,8 +115,8 @@ class EvalPlan:
 
     __slots__ = ("mods", "dtype", "device", "shape", "channels_last", "backend_env", "bns",
                  "convs", "steps", "shortcut", "wdt", "bdt", "fmt", "folds", "eps", "sources",
-                 "frozen", "live", "grad", "m_max", "finite_op", "absmax", "into_op", "direct",
-                 "subtree", "eager", "fast")
+                 "frozen", "live", "grad", "m_max", "out_bound", "finite_op", "absmax", "into_op",
+                 "direct", "subtree", "eager", "fast")
 
     def __init__(self, block: nn.Module, x: Tensor, steps, shortcut, wdt, bdt, fmt,
                  folds, all_cpu: bool) -> None:
@@ -158,13 +158,16 @@ class EvalPlan:
         self.frozen = bool(block.__dict__.get("_fr_frozen"))
         self.sources = None if folds is None else _sources(self.convs, self.bns, self.frozen)
         self.m_max, self.finite_op, self.absmax, self.into_op = math.nan, None, None, None
+        # The block output's bound, affine in the input's M (_stage_bounds), where m_max is known.
+        self.out_bound = (math.nan, math.nan)
         self.direct = None
         self.fast = None  # the steady-state call written out (fastres.nn.fast_path)
         self.eager = False
         if all_cpu and shortcut_bound_known(shortcut):
             ns = getattr(torch.ops, "fastres_cpu", None)
             if ns is not None and hasattr(ns, "conv_bias_act_finite"):
-                self.m_max = _max_input(folds, len(self.steps), shortcut, x.dtype)
+                bounds, self.out_bound = _stage_bounds(folds, len(self.steps), shortcut)
+                self.m_max = _bound_limit(bounds, x.dtype)
                 self.finite_op, self.absmax = ns.conv_bias_act_finite, ns.absmax
                 self.into_op = getattr(ns, "conv_bias_act_finite_into", None)
 
@@ -378,7 +381,8 @@ def _folded_fast(plan: EvalPlan, block: nn.Module, x: Tensor, backend):
         len(plan.steps), plan.shortcut is not None,
         tuple((*c.stride, *c.padding, *c.dilation, c.groups) for c in plan.convs),
         tuple(t for w, b, _ in plan.folds for t in (w, b)), float(plan.m_max),
-        plan.fmt is torch.channels_last, fp, tuple(_read(s) for s in slots))
+        *map(float, plan.out_bound), plan.fmt is torch.channels_last, fp,
+        tuple(_read(s) for s in slots))
     return make_cpu_eval_fast(plan, block, x, run, spec, slots)
 
 
@@ -443,12 +447,11 @@ def _norms(w: Tensor, b: Tensor | None) -> tuple[float, float]:
     return a, c
 
 
-def _max_input(folds, n_steps: int, shortcut, dtype: torch.dtype, residual: bool = True) -> float:
-    """The largest max |x| of a block input for which every pre-activation of the block is
-    bounded by the limit (NaN when a weight or bias is not finite: never). ``residual``: the
-    last step adds the shortcut (a block); without it, a chain of convolutions (the stem)."""
-    limit = min(_LIMIT, torch.finfo(dtype).max / 4)
-    # Each bound is affine in M = max |x|: (coefficient of M, constant).
+def _stage_bounds(folds, n_steps: int, shortcut, residual: bool = True):
+    """Each pre-activation's bound, affine in M = max |x| of the input as (coefficient of M,
+    constant), and the output's (the last bound with the slack for storing it rounded): a ReLU
+    output is at most its pre-activation's magnitude. ``residual``: the last step adds the
+    shortcut (a block); without it, a chain of convolutions (the stem)."""
     bounds = []
     q = (1.0, 0.0)
     for i in range(n_steps):
@@ -464,6 +467,12 @@ def _max_input(folds, n_steps: int, shortcut, dtype: torch.dtype, residual: bool
             p = (p[0] + s[0], p[1] + s[1])
         bounds.append(p)
         q = (p[0] * _SLACK, p[1] * _SLACK)
+    return bounds, q
+
+
+def _bound_limit(bounds, dtype: torch.dtype) -> float:
+    """The largest M for which every bound is under the limit (NaN when one is not finite)."""
+    limit = min(_LIMIT, torch.finfo(dtype).max / 4)
     # At most the limit itself: a stage with all-zero weights bounds its output whatever M is,
     # but an infinite input still makes 0 * Inf = NaN there, which the post-op would turn to 0.
     m_max = limit
@@ -473,3 +482,10 @@ def _max_input(folds, n_steps: int, shortcut, dtype: torch.dtype, residual: bool
         if k > 0:
             m_max = min(m_max, (limit - c) / (k * _SLACK))
     return m_max
+
+
+def _max_input(folds, n_steps: int, shortcut, dtype: torch.dtype, residual: bool = True) -> float:
+    """The largest max |x| of a block input for which every pre-activation of the block is
+    bounded by the limit (NaN when a weight or bias is not finite: never). ``residual``: the
+    last step adds the shortcut (a block); without it, a chain of convolutions (the stem)."""
+    return _bound_limit(_stage_bounds(folds, n_steps, shortcut, residual)[0], dtype)

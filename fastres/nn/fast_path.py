@@ -115,8 +115,8 @@ class _Writer:
         return names
 
     def finish(self):
-        exec("\n".join(["def fast(block, x, donate=False):", *self.lines]) + "\n",  # noqa: S102
-             self.ns)
+        src = "\n".join(["def fast(block, x, donate=False, bound=None):", *self.lines]) + "\n"
+        exec(src, self.ns)  # noqa: S102
         return self.ns["fast"]
 
 
@@ -158,17 +158,24 @@ def _eval_checks(plan, block, x: Tensor, slots, extra=()):
 
 
 def make_cpu_eval_fast(plan, block, x: Tensor, run, spec, slots):
-    """``fast(block, x, donate=False)`` of a CPU plan with folds: the checks of
+    """``fast(block, x, donate=False, bound=None)`` of a CPU plan with folds: the checks of
     :func:`make_eval_fast` and the block's frozen mode, then one call, ``run(spec, x, sources,
     donate)`` (``fastres._C.cpu_block_eval``, csrc/cpu/block_cpu_py.h), which checks the folds
-    against the sources read from ``slots`` and runs the block; None where it answers None."""
+    against the sources read from ``slots`` and runs the block; None where it answers None.
+    With ``bound`` (a float: an upper bound of max |x| the caller has proven, NaN: none) it
+    answers (output, the output's bound) instead."""
     made = _eval_checks(plan, block, x, slots, ("block.__dict__.get('_fr_frozen') is not FROZEN",))
     if made is None:
         return None
     w, names = made
     w.ns.update(FROZEN=plan.frozen, RUN=run, SPEC=spec)
-    w.lines.append(f"    return RUN(SPEC, x, ({', '.join(names)},), donate)")
-    return w.finish()
+    ts = ", ".join(names)
+    w.lines += ["    if bound is None:",
+                f"        return RUN(SPEC, x, ({ts},), donate)",
+                f"    return RUN(SPEC, x, ({ts},), donate, bound)"]
+    fast = w.finish()
+    fast.bounded = True  # takes ``bound`` (fastres.nn.resnet's body)
+    return fast
 
 
 def make_eval_fast(plan, block, x: Tensor):

@@ -3,6 +3,8 @@ body (stem, max-pool, the four layers) as one opaque op under ``torch.compile`` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
@@ -154,9 +156,20 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
         if self._may_donate(x, layers):
             # The activations between blocks are this forward's own (no hook can see them): a
-            # planned block may write its residual add into its input (fastres.nn.eval_plan).
+            # planned block may write its residual add into its input (fastres.nn.eval_plan),
+            # and a block run by one call into the extension hands the next its output's proven
+            # bound, which stands for the next NaN bound's read of it (csrc/cpu/block_cpu_py.h).
+            bound = math.nan
             for layer in layers:
                 for blk in layer:
+                    plan = blk.__dict__.get("_eval_plan")
+                    fast = plan.fast if plan is not None else None
+                    if fast is not None and getattr(fast, "bounded", False):
+                        got = fast(blk, x, True, bound)
+                        if got is not None:
+                            x, bound = got
+                            continue
+                    bound = math.nan
                     out = blk._run_plan(x, donate=True) if EP.applies(blk, x) else None
                     x = blk(x) if out is None else out
         else:
