@@ -28,7 +28,11 @@ A plan applies while everything it depends on is unchanged:
 
 A plan whose backend has a whole-block entry (``direct``) also writes its steady-state call out
 as one generated function (``fast``, fastres.nn.fast_path): the same checks, stricter, then the
-direct call; where it answers None, :meth:`EvalPlan.call` checks as below.
+direct call; where it answers None, :meth:`EvalPlan.call` checks as below. So does a CPU plan
+with folds: its call (``cpu_block_eval``, csrc/cpu/block_cpu_py.h) checks the folds against the
+sources, takes the NaN bound and runs :meth:`EvalPlan.run`'s ops from C++; given the previous
+block's proven output bound (fastres.ResNet's body), it skips the bound's read of the input
+while that bound is within ``m_max``.
 
 Otherwise a new plan is built. Where none can serve (a fold that would move NaN/Inf, a
 FrozenBatchNorm2d that promotes the output dtype, only the reference path for the input), and
