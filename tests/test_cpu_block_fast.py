@@ -207,32 +207,52 @@ def test_steps_aside():
     assert fast(ours, x.requires_grad_()) is None  # autograd needed
 
 
-def test_resnet_body_runs_the_block_calls():
-    """fastres.ResNet's eval body (donated intermediates) through the written-out calls: the
-    same bits as through the plans' Python path."""
-    import torchvision  # noqa: PLC0415
-
+def _resnet(build):
+    """(torchvision's model, fastres' conversion of it, an input, fastres' residual blocks), one
+    planned call made."""
     torch.manual_seed(0)
-    tv = randomise_bn(torchvision.models.resnet18()).eval().to(memory_format=CL)
+    tv = randomise_bn(build()).eval().to(memory_format=CL)
     ours = fastres.convert(copy.deepcopy(tv))
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
     blocks = [b for layer in (ours.layer1, ours.layer2, ours.layer3, ours.layer4) for b in layer]
     with torch.no_grad():
         ours(x)
+    return tv, ours, x, blocks
+
+
+def _python_body(ours, blocks, x):
+    """The model's output with every block on its plan's Python path (the written-out calls
+    set aside, then put back)."""
+    fasts = [b.__dict__["_eval_plan"].fast for b in blocks]
+    for b in blocks:
+        b.__dict__["_eval_plan"].fast = None
+    try:
+        return ours(x)
+    finally:
+        for b, f in zip(blocks, fasts, strict=True):
+            b.__dict__["_eval_plan"].fast = f
+
+
+def test_resnet_body_runs_the_block_calls():
+    """fastres.ResNet's eval body (donated intermediates) through the written-out calls: the
+    same bits as through the plans' Python path."""
+    import torchvision  # noqa: PLC0415
+
+    tv, ours, x, blocks = _resnet(torchvision.models.resnet18)
+    with torch.no_grad():
         fasts = [b.__dict__["_eval_plan"].fast for b in blocks]
         assert all(f is not None for f in fasts)
         served = []
         for b, f in zip(blocks, fasts, strict=True):
-            def counted(block, xi, donate=False, f=f):
-                out = f(block, xi, donate)
+            def counted(block, xi, donate=False, bound=None, f=f):
+                out = f(block, xi, donate, bound)
                 served.append(out is not None)
                 return out
+            counted.bounded = True  # the body's bounded call, as the written-out function's
             b.__dict__["_eval_plan"].fast = counted
         got = ours(x)
         assert served == [True] * len(blocks)
-        for b in blocks:
-            b.__dict__["_eval_plan"].fast = None
-        want = ours(x)
+        want = _python_body(ours, blocks, x)
     assert torch.equal(got, want)
 
 
@@ -269,23 +289,12 @@ def test_resnet_body_chains_the_bound():
     still gives torchvision's NaN pattern (every bound unknown, every input read)."""
     import torchvision  # noqa: PLC0415
 
-    torch.manual_seed(0)
-    tv = randomise_bn(torchvision.models.resnet50()).eval().to(memory_format=CL)
-    ours = fastres.convert(copy.deepcopy(tv))
-    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
-    blocks = [b for layer in (ours.layer1, ours.layer2, ours.layer3, ours.layer4) for b in layer]
+    tv, ours, x, blocks = _resnet(torchvision.models.resnet50)
     with torch.no_grad():
-        ours(x)
         got = []
         reads = _absmax_reads(lambda: got.append(ours(x)))
         assert reads < len(blocks), reads
-        fasts = [b.__dict__["_eval_plan"].fast for b in blocks]
-        for b in blocks:
-            b.__dict__["_eval_plan"].fast = None
-        want = ours(x)
-        for b, f in zip(blocks, fasts, strict=True):
-            b.__dict__["_eval_plan"].fast = f
-        assert torch.equal(got[0], want)
+        assert torch.equal(got[0], _python_body(ours, blocks, x))
         x[1, 0, 10, 10] = float("nan")
         theirs = tv(x)
         ours_nan = []
