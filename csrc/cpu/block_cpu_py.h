@@ -52,7 +52,7 @@ struct CpuBlockConv {
 // counter and data pointer; an absent one has a null object.
 struct SourceKey {
   PyObject* obj = nullptr;
-  uint32_t version = 0;
+  int64_t version = 0;
   const void* data = nullptr;
 };
 
