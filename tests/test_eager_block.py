@@ -88,8 +88,8 @@ def _pair(kind: str, dtype: torch.dtype):
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample", "basic"])
 def test_block_eval_is_the_per_convolution_path(kind, dtype, cudasim_live, monkeypatch):
     """The one call gives the per-convolution ops' output bit for bit (the same launchers and
-    kernels), and torchvision's within the rule; its launches are one per convolution (and on
-    Triton one for the block's BatchNorm vectors)."""
+    kernels), and torchvision's within the rule; its launches are one per convolution on every
+    backend (no TF32 here: no rounding launch)."""
     sim = _Launches(cudasim_live, monkeypatch)
     tv, ours, x = _pair(kind, dtype)
     with torch.no_grad(), allow_tf32(False):
@@ -106,9 +106,8 @@ def test_block_eval_is_the_per_convolution_path(kind, dtype, cudasim_live, monke
         ref = copy.deepcopy(tv).double()(x.double())
         assert_close_rule(f"block_eval {kind}", direct, tv(x), ref, dtype)
     convs = len(plan.convs)
-    # Triton: the block's BatchNorm scales and shifts in one launch of their own (an epilogue
-    # computing them from the four vectors spilled, triton_kernels/conv.py), then the convolutions
-    assert launches == convs + (cudasim_live == "triton")
+    # On Triton too: each convolution computes its BatchNorm's scale and shift (BN_VECTORS)
+    assert launches == convs
     assert log.seen.count(f"fastres_{cudasim_live}::conv_bias_act") == convs
     assert torch.equal(direct, per_op)
     assert direct.is_contiguous(memory_format=torch.channels_last)
@@ -232,10 +231,10 @@ def test_block_eval_node_behaves_as_autograd_does(cudasim_live):
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample"])
-def test_triton_block_rounds_float32_weights_in_the_vectors_launch(kind, monkeypatch):
+def test_triton_block_rounds_float32_weights_in_one_launch(kind, monkeypatch):
     """Float32 on TF32 tensor cores (emulated under the interpreter): the Triton plan rounds the
-    block's weights to TF32 in the launch that computes its BatchNorm vectors, never with a
-    round_tf32 launch of its own, and gives the per-convolution ops' output bit for bit (they
+    block's weights to TF32 in one launch before its convolutions, never with a round_tf32
+    launch per weight, and gives the per-convolution ops' output bit for bit (they
     round each weight with round_tf32: the same bit operations)."""
     if backends.BACKENDS["triton"].unavailable_reason():
         pytest.skip(backends.BACKENDS["triton"].unavailable_reason())
@@ -260,7 +259,7 @@ def test_triton_block_rounds_float32_weights_in_the_vectors_launch(kind, monkeyp
             per_op = ours(x)
         ref = copy.deepcopy(tv).double()(x.double())
     convs = len(ours.__dict__["_eval_plan"].convs)
-    assert seen == ["_bn_eval_vectors_block_kernel"] + ["_conv_fwd_kernel"] * convs, seen
+    assert seen == ["_round_weights_kernel"] + ["_conv_fwd_kernel"] * convs, seen
     assert torch.equal(direct, per_op)
     assert (direct - ref).abs().max() < 0.05 * ref.abs().max()  # TF32, not a wrong conv
 

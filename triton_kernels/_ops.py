@@ -143,11 +143,18 @@ def conv_bias_act(
 ) -> Tensor:
     check_conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups, scale,
                         bn_mean, bn_var)
-    if bn_var is not None:  # the BatchNorm's scale and shift first: one small launch
+    bn = None
+    if bn_var is not None and scale is not None and bias is not None:
+        # The convolution computes the BatchNorm's scale and shift itself (BN_VECTORS) into
+        # this buffer, then reads them in its epilogue.
+        bn = (*(t.contiguous() for t in (scale, bias, bn_mean, bn_var)), bn_eps)
+        vecs = torch.empty((2, weight.shape[0]), dtype=torch.float32, device=input.device)
+        scale, bias = vecs[0], vecs[1]
+    elif bn_var is not None:  # no affine part: its scale and shift first, one small launch
         scale, bias = _bn_eval.bn_eval_vectors(*(None if t is None else t.contiguous()
                                             for t in (scale, bias, bn_mean, bn_var)), bn_eps)
     out, _, _ = _conv.conv_forward(input, weight, bias, residual, relu, None, None, False, False,
-                                   stride, padding, dilation, _vec(scale))
+                                   stride, padding, dilation, _vec(scale), bn)
     return out
 
 

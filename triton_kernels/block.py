@@ -7,12 +7,11 @@ fastres/nn/eval_plan.py and fastres/_autograd_block.py call).
     (h_1, ..., y) = block_eval(spec, x, tensors, True)   # and the outputs a backward needs
 
 Convolutions in the plan's order: the main path, then the downsample; five tensors each. A call
-is one launch of ``_bn_eval_vectors_block_kernel`` (every BatchNorm's scale and shift, computed
-from its four vectors as they are now, into one buffer), then one launch of ``_conv_fwd_kernel``
-per convolution with its scale and shift in the epilogue, the ReLU, and on the last one the
-shortcut's residual. The vectors are not computed in the convolutions' epilogues: holding the
-four BatchNorm vectors in the accumulator's layout there took 148-255 registers where the
-lint's occupancy allows 128 (see conv.py's epilogue).
+is one launch of ``_conv_fwd_kernel`` per convolution: each computes its BatchNorm's scale and
+shift from the four vectors as they are now (``BN_VECTORS``, into the call's buffer) and applies
+them in its epilogue with the ReLU, the last one with the shortcut's residual. Float32 on TF32
+tensor cores adds one launch before them, ``_round_weights_kernel``: the weights rounded to TF32
+into the same buffer (wgmma truncates its shared-memory operand; see bn_eval.py).
 
 Why a plan: through the op bodies each launch cost ~50 µs of Python on the fake sm_90 driver
 (bench/host_overhead_triton.py): the op's argument checks (~12 µs), the config and layout
@@ -48,7 +47,7 @@ __all__ = ["block_spec", "block_eval", "stats"]
 PER_CONV = 5
 #: Counters for tests: calls served by a plan, plans made, calls through the op bodies.
 stats = {"planned": 0, "built": 0, "ops": 0}
-_KERNEL_TENSORS = 10  # _conv_fwd_kernel's pointer arguments come first, in args[0:10]
+_KERNEL_TENSORS = 14  # _conv_fwd_kernel's pointer arguments come first, in args[0:14]
 
 
 class _Spec:
@@ -103,10 +102,11 @@ class _Step:
 
 class _Plan:
     __slots__ = ("x_sig", "sig", "ptrs", "steps", "device", "keep_idx", "direct", "vec_shape",
-                 "run_direct", "run_checked", "run_keep")
+                 "run_direct", "run_checked", "run_keep", "n_prep")
 
-    def __init__(self, x_sig, sig, ptrs, steps, device, keep_idx, vec_shape) -> None:
+    def __init__(self, x_sig, sig, ptrs, steps, device, keep_idx, vec_shape, n_prep) -> None:
         self.x_sig, self.sig, self.ptrs, self.steps = x_sig, sig, ptrs, steps
+        self.n_prep = n_prep  # steps before the convolutions' (the TF32 rounding of weights)
         self.device = device
         # The call without keep as one generated function (_runners): through the compiled
         # launchers (once every step has one), and through _common.launch.
@@ -180,20 +180,19 @@ def _build(spec: _Spec, x: Tensor, ts) -> _Plan | None:
                and all(w is not None and w.dtype == torch.float32 for w in weights))
     if rounded and not all(_dense(w) for w in weights):
         return None
-    # The BatchNorms' scales and shifts (and rounded weights): one float32 buffer, one launch.
+    # The BatchNorms' scales and shifts (each written by its convolution, BN_VECTORS) and the
+    # rounded weights: one float32 buffer; a launch of its own only to round the weights.
     offs, total, woffs, size = _bn.eval_vectors_layout(
         [bn[3].shape[0] for bn in bns], [w.numel() for w in weights] if rounded else ())
     vecs = torch.empty(size, dtype=torch.float32, device=x.device)
     env[vec_idx] = vecs
-    grid, args, meta = _bn.bn_eval_vectors_block_args(
-        [(g, b, m, v) for b, g, m, v in bns], [c[7] for c in spec.convs], vecs,
-        weights if rounded else ())
-    slots = []
-    for pos, a in enumerate(args):
-        if isinstance(a, Tensor):
-            slots.append((pos, vec_idx if a is vecs else _index(a, ts)))
-    steps = [_Step(_bn._bn_eval_vectors_block_kernel, grid, args, meta, tuple(slots), (),
-                   None)]
+    steps = []
+    if rounded:
+        grid, args, meta = _bn.round_weights_args(weights, vecs, woffs)
+        slots = tuple((pos, vec_idx if a is vecs else _index(a, ts))
+                      for pos, a in enumerate(args) if isinstance(a, Tensor))
+        steps.append(_Step(_bn._round_weights_kernel, grid, args, meta, slots, (), None))
+    n_prep = len(steps)
     keep_idx = []
     h_idx, ds_idx = 0, None
     order = _order(spec)
@@ -215,16 +214,18 @@ def _build(spec: _Spec, x: Tensor, ts) -> _Plan | None:
             wk = vecs[woffs[i]: woffs[i] + w.numel()].as_strided(w.shape, w.stride())
         out, part, grid, args, meta = conv_forward_args(
             inp, wk, shift, res, not is_ds, None, None, False, False, *geo, scale,
-            weight_rounded=rounded)
+            weight_rounded=rounded, bn=(g, b, m, v, spec.convs[i][7]))
         wanted = (inp, wk, shift, scale, res if res is not None else inp, out, inp, inp, inp,
-                  inp)
+                  inp, g, b, m, v)
         if part is not None or any(a is not t for a, t in zip(args[:_KERNEL_TENSORS], wanted,
                                                                  strict=True)):
             return None  # a copy made per call (layout, TF32 rounding, padding)
         out_idx = len(env)
         env.append(out)
-        where = (src, None if rounded else 1 + PER_CONV * i, None, None,
-                 res_idx if res is not None else src, out_idx, src, src, src, src)
+        base = 1 + PER_CONV * i  # env index of this convolution's weight; b, g, m, v follow
+        where = (src, None if rounded else base, None, None,
+                 res_idx if res is not None else src, out_idx, src, src, src, src,
+                 base + 2, base + 1, base + 3, base + 4)
         derived = ((2, total + offs[i]), (3, offs[i]), *(((1, woffs[i]),) if rounded else ()))
         steps.append(_Step(_conv_fwd_kernel, grid, args, meta,
                            tuple((p, e) for p, e in enumerate(where) if e is not None), derived,
@@ -235,7 +236,7 @@ def _build(spec: _Spec, x: Tensor, ts) -> _Plan | None:
             h_idx = out_idx
         keep_idx.append(out_idx)
     plan = _Plan(_input_sig(x), _signature(ts), _pointers(ts), steps, x.device,
-                 tuple(keep_idx), (size,))
+                 tuple(keep_idx), (size,), n_prep)
     plan.run_checked = _runner(plan, len(ts), direct=False)
     return plan
 
@@ -360,8 +361,9 @@ def _runner(plan: _Plan, n_ts: int, direct: bool, keep: bool = False):
     regions = {vec_idx: (0, plan.vec_shape, (1,), torch.float32, "ws")}
     nbytes = _round_up(4 * plan.vec_shape[0])
     kbytes = 0
-    final = len(plan.steps) + vec_idx - 1  # env index of the block output (the last step's)
-    for j, step in enumerate(plan.steps[1:]):
+    convs = plan.steps[plan.n_prep:]
+    final = vec_idx + len(convs)  # env index of the block output (the last step's)
+    for j, step in enumerate(convs):
         if vec_idx + 1 + j == final:
             continue
         shape, stride, dt = step.out
@@ -393,7 +395,7 @@ def _runner(plan: _Plan, n_ts: int, direct: bool, keep: bool = False):
         lines.append(f"    kp = _empty({kbytes}, dtype=_u8, device=_dev)")
     outs = [e for e in range(vec_idx + 1, final + 1) if e not in regions]  # allocated each
     for e in outs:
-        shape, stride, dt = plan.steps[e - vec_idx].out
+        shape, stride, dt = convs[e - vec_idx - 1].out
         lines.append(f"    o{e} = _empty_strided({const(f'shape{e}', shape)}, "
                      f"{const(f'stride{e}', stride)}, dtype={const(f'dt{e}', dt)}, device=_dev)")
     if direct:

@@ -41,6 +41,7 @@ from ._common import (
     triton,
     wgrad_config,
 )
+from .bn_eval import eval_vectors_tile
 from .reduce import sum_planes, sum_rows
 
 
@@ -110,16 +111,18 @@ def _conv_fwd_kernel(
     pre_shift_ptr,  # (C,) float32
     psum_ptr,  # (cdiv(M, BLOCK_M), K) float64: per-program partial sums
     psumsq_ptr,  # (cdiv(M, BLOCK_M), K) float64
+    bn_w_ptr, bn_b_ptr, bn_m_ptr, bn_v_ptr,  # (K,) an eval BatchNorm's tensors (BN_VECTORS)
     M, C, H, W, K, P, Q,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wk, stride_wc, stride_wr, stride_ws,
     stride_rn, stride_rk, stride_rp, stride_rq,
     stride_on, stride_ok, stride_op, stride_oq,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, bn_eps,
     R: tl.constexpr, S: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RES_LIKE_OUT: tl.constexpr, APPLY_RELU: tl.constexpr,
     PROLOGUE_BN: tl.constexpr, PRE_RELU: tl.constexpr, STATS: tl.constexpr,
+    BN_VECTORS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -132,6 +135,20 @@ def _conv_fwd_kernel(
                                                GROUP_M)
     m_ok = offs_m < M
     n_ok = offs_n < K
+    if BN_VECTORS:
+        # The epilogue's scale and shift of this tile's channels, computed here from the eval
+        # BatchNorm's live tensors into scale_ptr and bias_ptr (a per-call buffer), then read
+        # back by the epilogue below as any scale and bias: no launch of their own. Every
+        # program of a column tile writes the same bits there, so whichever write a program
+        # reads is its own value; the barrier orders the program's writes before its reads.
+        # Computing them in the epilogue instead held the four BatchNorm vectors in the
+        # accumulator's column layout at once: the 16-bit 128x128 forward spilled (255
+        # registers, 64 B of stack) and the fp32 TF32 128x64 one took 165 (sm_90 AOT, triton
+        # 3.8; 255 without a spill and 148 with rsqrt.approx for 1/sqrt_rn, 165 with the
+        # vectors loaded one pair at a time behind a barrier).
+        eval_vectors_tile(bn_w_ptr, bn_b_ptr, bn_m_ptr, bn_v_ptr, scale_ptr, bias_ptr, offs_n,
+                          n_ok, bn_eps, True, True)
+        tl.debug_barrier()
     n_img, p, q = split_rows(offs_m, P, Q)
     h0 = p * conv_sh - pad_h
     w0 = q * conv_sw - pad_w
@@ -176,12 +193,6 @@ def _conv_fwd_kernel(
         tl.store(psum_ptr + prow + offs_n, colsum_f64(acc, BLOCK_M, BLOCK_N), mask=n_ok)
         tl.store(psumsq_ptr + prow + offs_n, colsum_f64(acc * acc, BLOCK_M, BLOCK_N),
                  mask=n_ok)
-    # The BatchNorm's scale and shift (of the live tensors, bn_eval_vectors) are two per-column
-    # vectors here. Computing them in this epilogue from the four BatchNorm vectors held those
-    # four in the accumulator's column layout at once: the 16-bit 128x128 forward spilled (255
-    # registers, 64 B of stack) and the fp32 TF32 128x64 one took 165 (sm_90 AOT, triton 3.8;
-    # 255 without a spill and 148 with rsqrt.approx for 1/sqrt_rn, 165 with the vectors loaded
-    # one pair at a time behind a barrier).
     if HAS_SCALE:  # the BatchNorm scale, not folded into the weight
         acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -385,12 +396,14 @@ def conv_forward(
     padding,
     dilation,
     scale: Tensor | None = None,
+    bn=None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """relu?(conv(x) * scale + bias + residual), optionally with the BN prologue on its input and
-    the output's per-channel statistics (``scale``: float32, contiguous)."""
+    the output's per-channel statistics (``scale``: float32, contiguous; ``bn``: see
+    conv_forward_args)."""
     out, part, grid, args, meta = conv_forward_args(
         input, weight, bias, residual, relu, pre_scale, pre_shift, pre_relu, stats, stride,
-        padding, dilation, scale)
+        padding, dilation, scale, bn=bn)
     launch(_conv_fwd_kernel, grid, *args, **meta)
     if not stats:
         return out, None, None
@@ -411,12 +424,14 @@ def conv_forward_partials(input, weight, pre_scale, pre_shift, pre_relu: bool, s
 
 def conv_forward_args(input, weight, bias, residual, relu, pre_scale, pre_shift, pre_relu,
                       stats, stride, padding, dilation, scale=None, out=None,
-                      weight_rounded=False):
+                      weight_rounded=False, bn=None):
     """conv_forward's launch of _conv_fwd_kernel, not launched: (out, partials or None, grid,
     positional arguments, keyword arguments). ``out``: the output tensor to write (made here when
     None); ``weight_rounded``: a float32 weight comes rounded to TF32 already (else, where the
-    dot runs TF32, round_tf32 makes a rounded copy). The launch plans (block.py) call this once
-    per shape class and keep the result."""
+    dot runs TF32, round_tf32 makes a rounded copy); ``bn``: an eval BatchNorm's (weight, bias,
+    running mean, running var, eps), contiguous, whose scale and shift the kernel computes into
+    ``scale`` and ``bias`` (float32 buffers of K, written) before its epilogue reads them. The
+    launch plans (block.py) call this once per shape class and keep the result."""
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
     p, q = out_hw(h, w, r, s, stride, padding, dilation)
@@ -435,6 +450,9 @@ def conv_forward_args(input, weight, bias, residual, relu, pre_scale, pre_shift,
     precision = dot_precision(input.dtype)
     if precision == "tf32" and weight.dtype == torch.float32 and not weight_rounded:
         weight = round_tf32(weight)
+    if bn is not None and (scale is None or bias is None):
+        raise ValueError("conv_forward: an eval BatchNorm's vectors need the scale and bias "
+                         "buffers they are written to")
     m = n * p * q
     prologue, sc, sh = _prologue_vectors(x, pre_scale, pre_shift)
     cfg = gemm_config(m, k, c, input.dtype, exact=precision == "ieee", prologue=prologue)
@@ -448,12 +466,13 @@ def conv_forward_args(input, weight, bias, residual, relu, pre_scale, pre_shift,
     grid = (num_pid_m * cdiv(k, cfg.BLOCK_N),)
     args = (
         x, weight, bias if bias is not None else x, scale if scale is not None else x, res,
-        out, sc, sh, psum, psumsq,
+        out, sc, sh, psum, psumsq, *(bn[:4] if bn is not None else (x,) * 4),
         m, c, h, w, k, p, q,
         *strides4(x), *strides4(weight),
         *(strides4(residual) if residual is not None else (0, 0, 0, 0)),
         *strides4(out),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        float(bn[4]) if bn is not None else 0.0,
     )
     meta = dict(
         R=r, S=s,
@@ -461,7 +480,7 @@ def conv_forward_args(input, weight, bias, residual, relu, pre_scale, pre_shift,
         HAS_RESIDUAL=residual is not None,
         RES_LIKE_OUT=residual is not None and residual.stride() == out.stride(),
         APPLY_RELU=bool(relu), PROLOGUE_BN=prologue, PRE_RELU=bool(pre_relu), STATS=bool(stats),
-        DOT_PRECISION=precision, UPCAST=UPCAST_DOT,
+        BN_VECTORS=bn is not None, DOT_PRECISION=precision, UPCAST=UPCAST_DOT,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -151,18 +151,16 @@ def _run_ops(ops, quick: bool, dtype_names: list[str]) -> None:
             ops.bn_add_relu_bwd_reduce(go, None, x, mean, invstd, None, None, None)
             ops.bn_relu_bwd_reduce(go, x, mean, invstd, sc, sh, False)
             ops.bn_relu_bwd_elemt(go, x, mean, invstd, None, sc, sh, False, sh, sc)
-        # A block plan's launch of every BatchNorm's eval vectors (block.py), the weights
-        # rounded to TF32 with them for float32.
-        from .. import bn_eval  # noqa: PLC0415
+        # A float32 block plan's launch rounding its weights to TF32 (block.py).
+        if dt == torch.float32:
+            from .. import bn_eval  # noqa: PLC0415
 
-        bns = [(sc, sh, mean, invstd)] * 3 + [(torch.rand(256), torch.randn(256),
-                                               torch.zeros(256), torch.ones(256))]
-        ws = [torch.randn(64, 256, 1, 1).to(dt), w, torch.randn(256, 64, 1, 1).to(dt),
-              torch.randn(256, 64, 1, 1).to(dt)] if dt == torch.float32 else []
-        size = bn_eval.eval_vectors_layout([64] * 3 + [256], [t.numel() for t in ws])[3]
-        grid, args, meta = bn_eval.bn_eval_vectors_block_args(bns, [1e-5] * 4, torch.empty(size),
-                                                              ws)
-        bn_eval.launch(bn_eval._bn_eval_vectors_block_kernel, grid, *args, **meta)
+            ws = [torch.randn(64, 256, 1, 1), w.float(), torch.randn(256, 64, 1, 1),
+                  torch.randn(256, 64, 1, 1)]
+            _, _, woffs, size = bn_eval.eval_vectors_layout([64] * 3 + [256],
+                                                            [t.numel() for t in ws])
+            grid, args, meta = bn_eval.round_weights_args(ws, torch.empty(size), woffs)
+            bn_eval.launch(bn_eval._round_weights_kernel, grid, *args, **meta)
     s, ss = torch.randn(64), torch.rand(64)
     ops.bn_finalize(s, ss, sc, sh, torch.zeros(64), torch.ones(64), torch.tensor(0), 100, None,
                     1e-5)
@@ -172,7 +170,7 @@ def _run_ops(ops, quick: bool, dtype_names: list[str]) -> None:
 
 # The pointers each kernel stores through; anything else marked "to clone" is a false mutation.
 WRITES = {
-    "_conv_fwd_kernel": {"out_ptr", "psum_ptr", "psumsq_ptr"},
+    "_conv_fwd_kernel": {"out_ptr", "psum_ptr", "psumsq_ptr", "scale_ptr", "bias_ptr"},
     "_conv_dgrad_kernel": {"gi_ptr"},
     "_conv_wgrad_kernel": {"out_ptr"},
     "_sum_rows_kernel": {"out_ptr", "out1_ptr", "out2_ptr", "c_ptr", "c1_ptr", "c2_ptr",
@@ -183,7 +181,7 @@ WRITES = {
     "_stats_finalize_kernel": {"sum_ptr", "sumsq_ptr", "rm_ptr", "rv_ptr", "nbt_ptr", "mean_ptr",
                                "invstd_ptr", "scale_ptr", "shift_ptr"},
     "_bn_eval_vectors_kernel": {"scale_ptr", "shift_ptr"},
-    "_bn_eval_vectors_block_kernel": {"out_ptr"},
+    "_round_weights_kernel": {"out_ptr"},
     "_bn_add_relu_kernel": {"out_ptr"},
     "_bn_bwd_reduce_kernel": {"g_ptr", "part_ptr", "wout_ptr"},
     "_bn_bwd_apply_kernel": {"gi_ptr", "gr_ptr"},
@@ -220,6 +218,10 @@ def _trace(arch: int) -> int:
     calls = {
         "conv_bias_act": (ops.conv_bias_act, (x, w, v[0].to(bf), go, [1, 1], [1, 1], [1, 1], 1,
                                               True)),
+        # the eval BatchNorm's vectors computed by the convolution (BN_VECTORS): written into
+        # the op's own buffer, the BatchNorm's tensors only read
+        "conv_bias_act(bn)": (ops.conv_bias_act, (x, w, v[0], go, [1, 1], [1, 1], [1, 1], 1,
+                                                  True, v[1], v[2], v[3], 1e-5)),
         "conv_stats": (ops.conv_stats, (x, w, v[0], v[1], True, [1, 1], [1, 1], [1, 1], 1)),
         "conv_bwd": (ops.conv_bwd, (go, x, w, v[0], v[1], True, [1, 1], [1, 1], [1, 1], 1,
                                     [True, True])),
