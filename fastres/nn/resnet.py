@@ -121,9 +121,42 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
             x = OP.opaque_body(self, x)
         else:
             x = self._body(x)
+        head = self._head(x)
+        if head is not None:
+            return head
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+    def _head(self, x: Tensor) -> Tensor | None:
+        """The average pool and fc as one call, ``fastres_cpu::avg_pool_linear``, on a CPU
+        channels_last float32/bfloat16 call without autograd, autocast, trace, dispatch mode or
+        hook, the fc's weight and bias of the input's dtype; else None (the modules run)."""
+        pool, fc = self.avgpool, self.fc
+        if not (
+            type(pool) is nn.AdaptiveAvgPool2d
+            and _pair(pool.output_size) == (1, 1)
+            and type(fc) is nn.Linear
+            and self._may_donate(x, ())  # first: false under torch.compile, which traces no further
+            and type(x) is Tensor
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.is_autocast_enabled("cpu")
+            and not torch._C._len_torch_dispatch_stack()
+            and not _hooked((pool, fc))
+        ):
+            return None
+        w, b = fc.weight, fc.bias
+        if (type(w) not in (nn.Parameter, Tensor) or w.dtype != x.dtype or not w.is_contiguous()
+                or w.device.type != "cpu"
+                or (b is not None and (type(b) not in (nn.Parameter, Tensor) or b.dtype != x.dtype
+                                       or not b.is_contiguous()
+                                       or b.device.type != "cpu"))):
+            return None
+        op = _head_op()
+        return op(x, w, b) if op is not None else None
 
     def _max_pool(self, x: Tensor) -> Tensor:
         """The stem's max-pool: ``fastres_cpu::max_pool2d_cl`` (no argmax indices, ATen's
@@ -179,6 +212,17 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
 
 
 _MAX_POOL: list = []  # [op or None], looked up once
+_HEAD: list = []
+
+
+def _head_op():
+    """torch.ops.fastres_cpu.avg_pool_linear, or None without the CPU extension."""
+    if not _HEAD:
+        from fastres.backends import extension  # noqa: PLC0415
+
+        ns = getattr(torch.ops, "fastres_cpu", None) if extension.load()[0] is not None else None
+        _HEAD.append(getattr(ns, "avg_pool_linear", None) if ns is not None else None)
+    return _HEAD[0]
 
 
 def _max_pool_op():
