@@ -130,14 +130,21 @@ class ResNet(_FusedMixin, tv_resnet.ResNet):
 
     def _head(self, x: Tensor) -> Tensor | None:
         """The average pool and fc as one call, ``fastres_cpu::avg_pool_linear``, on a CPU
-        channels_last float32/bfloat16 call without autograd, autocast, trace, dispatch mode or
-        hook, the fc's weight and bias of the input's dtype; else None (the modules run)."""
+        channels_last float32/bfloat16 call without autograd, autocast, trace, compile,
+        dispatch mode or hook, the fc's weight and bias of the input's dtype; else None (the
+        modules run). Not an eval plan's: FASTRES_EVAL_PLAN=0 keeps it, so the plans' outputs
+        stay bitwise those of the path without them."""
         pool, fc = self.avgpool, self.fc
         if not (
             type(pool) is nn.AdaptiveAvgPool2d
             and _pair(pool.output_size) == (1, 1)
             and type(fc) is nn.Linear
-            and self._may_donate(x, ())  # first: false under torch.compile, which traces no further
+            and not torch.compiler.is_compiling()  # first: Dynamo traces no further
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not plain_call(x)
+            and not torch.jit.is_tracing()
+            and not global_hooks()
             and type(x) is Tensor
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16)
