@@ -88,6 +88,31 @@ def test_gpu_resnet50_shapes(geom, dtype):
           (go, out, out, mean, invstd, vec(k), None, None, None, None), dtype)
 
 
+@pytest.mark.parametrize("geom", [g for g in R50_GPU if g.id in ("l1-reduce", "l2-3x3s2")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_eval_bn_vectors_in_the_convolution(geom, dtype):
+    """The eval BatchNorm's scale and shift computed by each program of the forward convolution
+    (BN_VECTORS: written into the call's buffer, read back after a barrier) against the same
+    convolution given them from bn_eval_vectors' launch, bit for bit. Hundreds of programs share
+    each column tile here, which the interpreter's one-at-a-time programs cannot race; the
+    buffer is first handed NaN (the caching allocator gives the op the block just freed), so a
+    program reading before the writes land shows."""
+    from fastres.triton_kernels import bn_eval  # noqa: PLC0415
+
+    n, c, h, w, k, ks, stride, pad = geom
+    x = act(n, c, h, w, dtype)
+    wt = (torch.randn(k, c, ks, ks, device=DEVICE) / (c * ks * ks) ** 0.5).to(dtype)
+    wt = wt.contiguous(memory_format=CL)
+    cv = ([stride, stride], [pad, pad], [1, 1], 1)
+    g, b, m, v = vec(k), vec(k), vec(k), vec(k, 0.5, 2.0)
+    scale, shift = bn_eval.bn_eval_vectors(g, b, m, v, 1e-5)
+    want = OPS.conv_bias_act(x, wt, shift, None, *cv, True, scale)
+    for _ in range(3):
+        torch.full((2, k), float("nan"), device=DEVICE)  # freed at once: the op's next buffer
+        got = OPS.conv_bias_act(x, wt, b, None, *cv, True, g, m, v, 1e-5)
+        assert torch.equal(got, want)
+
+
 def test_gpu_statistics_bitwise_reproducible():
     dtype = torch.bfloat16
     x = act(64, 64, 56, 56, dtype)
