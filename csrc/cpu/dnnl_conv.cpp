@@ -44,6 +44,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #endif
 
 namespace fastres::cpu {
@@ -81,15 +82,54 @@ const dnnl::engine& engine() { return dnnl_engine(); }
 
 struct Primitive {
   bool ok = false;  // false: oneDNN has no implementation (remembered, not asked again)
+  uint64_t id = 0;  // unique per primitive made (Bound's key: an address can be reused)
   dnnl::convolution_forward::primitive_desc pd;
   dnnl::convolution_forward prim;
   memory::desc weights_md;
+  // The packed-weight cache's key of this primitive's packing (see dnnl_conv): every byte of
+  // weights_md, tagged 1 (this file's packing).
+  std::vector<int64_t> wkey;
+  bool has_bias = false;
   size_t scratch_bytes = 0;
   std::string impl;
   std::mutex mu;  // guards reorders
   // user weight strides -> the reorder into weights_md
   std::map<std::vector<int64_t>, dnnl::reorder> reorders;
 };
+
+std::atomic<uint64_t> g_next_id{1};
+
+// A kept primitive's memory objects and execution arguments on one thread, made on the thread's
+// first call of it and reused with this call's data pointers: creating four dnnl::memory objects
+// and an argument map per call was part of the ~10 us of C++ around each convolution's kernel.
+struct Bound {
+  memory src, wei, dst, bias, scratch;
+  std::unordered_map<int, memory> args;
+};
+
+Bound& bound_for(const Primitive& p) {
+  // Keyed by the primitive's id; a thread keeps at most kMaxBound (then starts over).
+  constexpr size_t kMaxBound = 2048;
+  thread_local std::unordered_map<uint64_t, Bound> bound;
+  auto it = bound.find(p.id);
+  if (it != bound.end()) return it->second;
+  if (bound.size() >= kMaxBound) bound.clear();
+  Bound b;
+  const auto& pd = p.pd;
+  b.src = memory(pd.src_desc(), engine(), DNNL_MEMORY_NONE);
+  b.wei = memory(p.weights_md, engine(), DNNL_MEMORY_NONE);
+  b.dst = memory(pd.dst_desc(), engine(), DNNL_MEMORY_NONE);
+  b.args = {{DNNL_ARG_SRC, b.src}, {DNNL_ARG_WEIGHTS, b.wei}, {DNNL_ARG_DST, b.dst}};
+  if (p.has_bias) {
+    b.bias = memory(pd.bias_desc(), engine(), DNNL_MEMORY_NONE);
+    b.args.emplace(DNNL_ARG_BIAS, b.bias);
+  }
+  if (p.scratch_bytes > 0) {
+    b.scratch = memory(pd.scratchpad_desc(), engine(), DNNL_MEMORY_NONE);
+    b.args.emplace(DNNL_ARG_SCRATCHPAD, b.scratch);
+  }
+  return bound.emplace(p.id, std::move(b)).first->second;
+}
 
 PrimitiveCache<Primitive>& cache() {
   static auto* c = new PrimitiveCache<Primitive>();  // leaked: used until exit
@@ -141,7 +181,17 @@ std::shared_ptr<Primitive> make_primitive(const at::Tensor& input, const at::Ten
     return p;
   }
   p->weights_md = p->pd.weights_desc();
+  // A packing is keyed by the layout it is in: every byte of the primitive's weights descriptor
+  // (oneDNN picks the blocking per primitive: on an AVX10/AMX Xeon, ResNet-50 layer4's 1x1
+  // 512x1024 weight is Acdb64a for a batch of 1 and Acdb48a for 8; served the other one, the
+  // convolution reads past the packing, silently wrong).
+  const dnnl_memory_desc_t& wmd = p->weights_md.data;
+  p->wkey.assign(1 + (sizeof(wmd) + 7) / 8, 0);
+  p->wkey[0] = 1;  // 1: this file's packing
+  std::memcpy(p->wkey.data() + 1, &wmd, sizeof(wmd));
+  p->has_bias = bias.has_value();
   p->scratch_bytes = p->pd.scratchpad_desc().get_size();
+  p->id = g_next_id++;
   p->ok = true;
   ++g_created;
   return p;
@@ -218,33 +268,27 @@ bool dnnl_conv(const at::Tensor& input, const at::Tensor& weight,
     return false;
   }
   // The weight in the primitive's layout: kept while the weight is unchanged (weight_cache.h),
-  // else reordered for this call. A packing is keyed by the layout it is in: every byte of the
-  // primitive's weights descriptor (oneDNN picks the blocking per primitive: on an AVX10/AMX
-  // Xeon, ResNet-50 layer4's 1x1 512x1024 weight is Acdb64a for a batch of 1 and Acdb48a for 8;
-  // served the other one, the convolution reads past the packing, silently wrong).
-  std::vector<int64_t> wkey = {1};  // 1: this file's packing
-  const dnnl_memory_desc_t& wmd = p->weights_md.data;
-  wkey.resize(1 + (sizeof(wmd) + 7) / 8, 0);
-  std::memcpy(wkey.data() + 1, &wmd, sizeof(wmd));
+  // else reordered for this call; p->wkey names the layout.
   std::optional<at::Tensor> packed =
-      WeightCache::get().lookup(weight, std::move(wkey), [&]() -> std::optional<at::Tensor> {
+      WeightCache::get().lookup(weight, p->wkey, [&]() -> std::optional<at::Tensor> {
         return reorder_weight(*p, weight);
       });
   const at::Tensor w = packed.has_value() ? *packed : reorder_weight(*p, weight);
-  const auto& pd = p->pd;
-  memory src(pd.src_desc(), engine(), input.data_ptr());
-  memory wm(p->weights_md, engine(), w.data_ptr());
-  memory dst(pd.dst_desc(), engine(), out.data_ptr());
-  std::unordered_map<int, memory> args = {
-      {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, dst}};
-  if (b.has_value()) {
-    args.emplace(DNNL_ARG_BIAS, memory(pd.bias_desc(), engine(), b->data_ptr()));
+  Bound& bd = bound_for(*p);
+  bd.src.set_data_handle(input.data_ptr());
+  bd.dst.set_data_handle(out.data_ptr());
+  if (bd.wei.get_data_handle() != w.data_ptr()) {
+    bd.wei.set_data_handle(w.data_ptr());
+  }
+  if (p->has_bias) {
+    bd.bias.set_data_handle(b->data_ptr());
   }
   at::Tensor scratch;
   if (p->scratch_bytes > 0) {
     scratch = at::empty({static_cast<int64_t>(p->scratch_bytes)}, input.options().dtype(at::kByte));
-    args.emplace(DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), engine(), scratch.data_ptr()));
+    bd.scratch.set_data_handle(scratch.data_ptr());
   }
+  const auto& args = bd.args;
   thread_local dnnl::stream s(engine());
   p->prim.execute(s, args);
   s.wait();
