@@ -74,6 +74,45 @@ def test_unit_plan_is_the_per_op_path(kind, dtype, triton):
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample"])
+def test_unit_rounds_float32_weights_in_one_launch_per_direction(kind, triton, monkeypatch):
+    """Float32 on TF32 tensor cores (emulated under the interpreter): the unit rounds its
+    weights to TF32 in one launch for the forward and one for the data gradients, no round_tf32
+    launch of a weight, and gives the per-op path's results bit for bit (which rounds each
+    weight with round_tf32 per convolution: the same bit operations)."""
+    from fastres.triton_kernels import _common  # noqa: PLC0415
+
+    monkeypatch.setattr(_common, "EMULATE_TF32", True)
+    tv = randomise_bn(_block(kind)).train()
+    ours = fastres.convert(copy.deepcopy(tv)).train().to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(ours)
+    x = torch.randn(2, tv.conv1.in_channels, 9, 9).contiguous(memory_format=torch.channels_last)
+    kernels = []
+    launch = _common.launch
+    monkeypatch.setattr(_common, "launch", lambda k, *a, **m: kernels.append(
+        (k.__name__, a[1].numel() if k.__name__ == "_round_tf32_kernel" else None))
+        or launch(k, *a, **m))
+    weights = {p.numel() for n, p in ours.named_parameters() if p.dim() == 4}
+    with allow_tf32(True):
+        proj = torch.randn(ours(x).shape)
+        twin(x)
+        for need_x in (True, False):
+            _step(ours, x, proj, need_x)  # the plans made
+            with OpLog():
+                _step(twin, x, proj, need_x)  # the running statistics kept in step
+            kernels.clear()
+            s0 = _stats()
+            got, _ = _step(ours, x, proj, need_x)
+            seen = list(kernels)
+            s1 = _stats()
+            assert s1["planned"] - s0["planned"] == 2 and s1["ops"] == s0["ops"]  # replayed
+            with OpLog():
+                want, _ = _step(twin, x, proj, need_x)
+            _same(got, want)
+            assert [k for k, _ in seen].count("_round_weights_kernel") == 2, seen
+            assert not [n for k, n in seen if k == "_round_tf32_kernel" and n in weights], seen
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "downsample"])
 def test_unit_plan_propagates_nan_as_the_per_op_path(kind, triton):
     tv = randomise_bn(_block(kind)).train()
     ours = fastres.convert(copy.deepcopy(tv)).train().to(memory_format=torch.channels_last)

@@ -180,13 +180,14 @@ def conv_stats(
 
 
 def conv_stats_partials(input, weight, pre_scale, pre_shift, pre_relu, stride, padding, dilation,
-                        groups) -> tuple[Tensor, Tensor]:
+                        groups, weight_rounded: bool = False) -> tuple[Tensor, Tensor]:
     """conv_stats' checks and launch, the statistics left as partials (the training unit's:
-    bn.bn_finalize_partials sums and finalizes them in one launch)."""
+    bn.bn_finalize_partials sums and finalizes them in one launch); ``weight_rounded``: a
+    float32 weight comes rounded to TF32 already."""
     _check_conv("conv_stats", input, weight, groups, dilation)
     _check_conv_out("conv_stats", input, weight, stride, padding, dilation)
     return _conv.conv_forward_partials(input, weight, _vec(pre_scale), _vec(pre_shift), pre_relu,
-                                       stride, padding, dilation)
+                                       stride, padding, dilation, weight_rounded)
 
 
 def bn_finalize(
@@ -354,16 +355,21 @@ def conv_bwd(
 
 
 def conv_bwd_body(grad_out, input, weight, pre_scale, pre_shift, pre_relu, stride, padding,
-                  dilation, groups, output_mask, grad_rounded: bool = False, defer=None):
+                  dilation, groups, output_mask, grad_rounded: bool = False, defer=None,
+                  rounded_weight=None):
     """conv_bwd's body; ``grad_rounded``: a float32 grad_out comes rounded to TF32 already
     (the training unit's, from bn_bwd_apply), else rounded here where the dots run TF32.
     ``defer``: a list to which the weight gradient's split sum is appended instead of launched
-    (conv.conv_wgrad's ``defer``; the training unit runs it in a later launch)."""
+    (conv.conv_wgrad's ``defer``; the training unit runs it in a later launch).
+    ``rounded_weight``: the float32 weight rounded to TF32 already, for the data gradient (the
+    training unit rounds its weights in one launch)."""
     _check_conv("conv_bwd", input, weight, groups, dilation)
     _check_act("conv_bwd", input, grad_out)
     grad_out = _conv.grad_out_nhwc(grad_out, grad_rounded)
     if output_mask[0]:
-        gi = _conv.conv_dgrad(grad_out, input, weight, stride, padding, dilation)
+        gi = _conv.conv_dgrad(grad_out, input,
+                              weight if rounded_weight is None else rounded_weight, stride,
+                              padding, dilation, rounded_weight is not None)
     else:
         gi = input.new_empty(0)
     if output_mask[1]:

@@ -133,3 +133,19 @@ def round_weights_args(weights, out, woffs):
     grid = (sum(chunks),)
     args = (*xs, out, *ns, *starts, *(list(woffs) + [0] * (4 - n)))
     return grid, args, {"BLOCK_R": block_r, "num_warps": 4}
+
+
+def round_weights(weights) -> list | None:
+    """Up to four float32 conv weights rounded to TF32 in one launch (_round_weights_kernel):
+    views with each weight's shape and strides into one new buffer, or None where a weight's
+    elements do not fill its storage span (a strided view: the rounding copies storage
+    linearly)."""
+    if not all(w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(
+            memory_format=torch.channels_last)) for w in weights):
+        return None
+    _, _, woffs, size = eval_vectors_layout((), [w.numel() for w in weights])
+    buf = torch.empty(size, dtype=torch.float32, device=weights[0].device)
+    grid, args, meta = round_weights_args(weights, buf, woffs)
+    launch(_round_weights_kernel, grid, *args, **meta)
+    return [buf[off: off + w.numel()].as_strided(w.shape, w.stride())
+            for off, w in zip(woffs, weights, strict=True)]

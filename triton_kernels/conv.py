@@ -412,12 +412,13 @@ def conv_forward(
 
 
 def conv_forward_partials(input, weight, pre_scale, pre_shift, pre_relu: bool, stride, padding,
-                          dilation) -> tuple[Tensor, Tensor]:
+                          dilation, weight_rounded: bool = False) -> tuple[Tensor, Tensor]:
     """conv_forward with statistics, its partials not summed: (out, (2, programs, K) float64
-    partials), for bn.bn_finalize_partials to sum and finalize in one launch."""
+    partials), for bn.bn_finalize_partials to sum and finalize in one launch
+    (``weight_rounded``: see conv_forward_args)."""
     out, part, grid, args, meta = conv_forward_args(
         input, weight, None, None, False, pre_scale, pre_shift, pre_relu, True, stride, padding,
-        dilation)
+        dilation, weight_rounded=weight_rounded)
     launch(_conv_fwd_kernel, grid, *args, **meta)
     return out, part
 
@@ -502,8 +503,9 @@ def grad_out_nhwc(grad_out: Tensor, rounded: bool = False) -> Tensor:
 
 
 def conv_dgrad(grad_out: Tensor, input: Tensor, weight: Tensor, stride, padding,
-               dilation) -> Tensor:
-    """dL/dinput; grad_out from grad_out_nhwc."""
+               dilation, weight_rounded: bool = False) -> Tensor:
+    """dL/dinput; grad_out from grad_out_nhwc; ``weight_rounded``: a float32 weight comes
+    rounded to TF32 already (else rounded here where the dots run TF32)."""
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
     p, q = grad_out.shape[2], grad_out.shape[3]
@@ -511,7 +513,7 @@ def conv_dgrad(grad_out: Tensor, input: Tensor, weight: Tensor, stride, padding,
     go = to_nhwc(grad_out)
     weight = to_nhwc(weight)
     precision = dot_precision(input.dtype)
-    if precision == "tf32" and weight.dtype == torch.float32:
+    if precision == "tf32" and weight.dtype == torch.float32 and not weight_rounded:
         weight = round_tf32(weight)
     hq = cdiv(h, stride[0])
     wq = cdiv(w, stride[1])

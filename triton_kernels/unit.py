@@ -47,6 +47,7 @@ from . import _common, _direct, _ops
 from . import block as _block
 from . import bn as _bn
 from . import bn_bwd as _bn_bwd
+from . import bn_eval as _bn_eval
 from ._common import empty_like_format, memory_format_of
 from ._replay import record
 from .block import _signature
@@ -196,11 +197,16 @@ def _forward_ops(spec: _Spec):
     def forward(x, *params):
         ys, st = [], []
         inp, pre = x, (None, None, False)
+        # Float32 on TF32 tensor cores: every weight rounded in one launch (not one per
+        # convolution, as the op bodies do): the same bits.
+        rounded = _round_weights([params[PER_STAGE * i] for i in range(n + ds)])
 
         def stage(i, inp, pre):
             """Convolution i and its BatchNorm's (mean, invstd, scale, shift): the column sums
             and the finalize in one launch (bn_finalize_partials)."""
-            y, part = _ops.conv_stats_partials(inp, params[PER_STAGE * i], *pre, *spec.geo[i])
+            w = params[PER_STAGE * i] if rounded is None else rounded[i]
+            y, part = _ops.conv_stats_partials(inp, w, *pre, *spec.geo[i],
+                                               weight_rounded=rounded is not None)
             _check_count(y)
             eps, momentum = spec.bn[i]
             four = _bn.bn_finalize_partials(part, *params[PER_STAGE * i + 1: PER_STAGE * (i + 1)],
@@ -225,6 +231,16 @@ def _forward_ops(spec: _Spec):
         return (out, yd, *ys, *st, *((dst[0], dst[1], None, None) if ds else ()))
 
     return forward
+
+
+def _round_weights(weights) -> list | None:
+    """The float32 weights rounded to TF32 in one launch (bn_eval.round_weights) where the
+    convolutions' dots run TF32 and there are at most four; else None (each convolution rounds
+    its own, or none)."""
+    if (not 1 <= len(weights) <= 4 or any(w.dtype != torch.float32 for w in weights)
+            or _common.dot_precision(torch.float32) != "tf32"):
+        return None
+    return _bn_eval.round_weights(weights)
 
 
 def unit_forward(spec: _Spec, x: Tensor, params) -> tuple:
@@ -289,13 +305,19 @@ def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
         dres = g if yd is None else gr
         grads: list = [None] * (3 * (n + ds))
         grads[3 * (n - 1) + 1: 3 * n] = [last[1], last[0]]
+        # The weights the data gradients read, rounded to TF32 in one launch (float32).
+        dg = list(range(n - 1, 0, -1)) + ([0] if need_x else [])
+        dgw = [weights[i] for i in dg] + ([wd] if ds and need_x else [])
+        rw = _round_weights(dgw) if rnd else None
+        rounded = dict(zip(dg + ([n] if ds and need_x else []), rw)) if rw is not None else {}
         # Each weight gradient's split sum runs in the next BatchNorm backward's reduction
         # launch (bn_bwd_partials' wsum); the last ones in launches of their own.
         pending: list = []
         for i in range(n - 1, 0, -1):
             mean_p, invstd_p, scale_p, shift_p = st[4 * (i - 1): 4 * i]
             da, grads[3 * i] = _ops.conv_bwd_body(dy, ys[i - 1], weights[i], scale_p, shift_p,
-                                                  True, *spec.geo[i], [True, True], rnd, pending)
+                                                  True, *spec.geo[i], [True, True], rnd, pending,
+                                                  rounded.get(i))
             # bn_relu_bwd's body (the weight given as it is)
             _ops._check_act("bn_relu_bwd", da, ys[i - 1])
             part, planes = _bn_bwd.bn_bwd_partials(da, None, ys[i - 1], scale_p, shift_p,
@@ -307,11 +329,12 @@ def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
                                          None, 2, round_tf32=rnd)
             grads[3 * (i - 1) + 1: 3 * i] = [inner[1], inner[0]]
         dx, grads[0] = _ops.conv_bwd_body(dy, x, weights[0], None, None, False, *spec.geo[0],
-                                          [need_x, True], rnd, pending)
+                                          [need_x, True], rnd, pending, rounded.get(0))
         dsx = dres if spec.shortcut == 1 else None
         if ds:
             dsx, grads[3 * n] = _ops.conv_bwd_body(dres, x, wd, None, None, False,
-                                                   *spec.geo[n], [need_x, True], rnd, pending)
+                                                   *spec.geo[n], [need_x, True], rnd, pending,
+                                                   rounded.get(n))
             grads[3 * n + 1: 3 * n + 3] = [last[2], last[3]]
         for ws, out in pending:
             sum_rows(ws, out=out)
