@@ -31,8 +31,11 @@ each BatchNorm weight in its own dtype where the op bodies give them a float32 c
 launch per weight and call): both are converted exactly on load, so the results are the same bits. A
 16-bit model's BatchNorm gradients come from one more column-sum launch per BatchNorm in its dtype
 where the op bodies return float32 sums that the autograd engine converts (two conversions per
-BatchNorm): the same rounding of the same sums. Where a recorded run cannot be replayed (a layout
-copy or a padding the op bodies make per call) the unit runs through the op bodies on every call.
+BatchNorm): the same rounding of the same sums. Float32 on TF32 tensor cores: the forward's
+weights rounded to TF32 in one launch and the data gradients' in another (bn_eval.round_weights)
+where the op bodies round each weight per convolution: the same bits. Where a recorded run cannot
+be replayed (a layout copy or a padding the op bodies make per call) the unit runs through the op
+bodies on every call.
 Under the interpreter the replay goes through ``_common.launch``.
 """
 
