@@ -85,6 +85,9 @@ def test_head_names_bad_input():
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         op(x.double(), w.double(), None)
     assert op(x[:0], w, None).shape == (0, 4)
+    b0 = torch.randn(4)  # no channels: the bias, as torch's linear gives it
+    got = op(torch.randn(2, 0, 3, 3).contiguous(memory_format=CL), torch.zeros(4, 0), b0)
+    assert torch.equal(got, b0.expand(2, 4))
 
 
 def _models(dtype):

@@ -134,7 +134,7 @@ at::Tensor head(const T* x, const at::Tensor& weight, const std::optional<at::Te
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> acc(static_cast<size_t>(c));
     for (int64_t i = lo; i < hi; ++i) {
-      pool_image<T>(x + i * hw * c, pt + i * c, &pooled[i * c], acc.data(), hw, c);
+      pool_image<T>(x + i * hw * c, pt + i * c, pooled.data() + i * c, acc.data(), hw, c);
     }
   });
   if (n > kOwnFcMaxImages) return at::linear(pooled_t, weight, bias);
