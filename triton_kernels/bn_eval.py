@@ -1,8 +1,9 @@
 """An eval BatchNorm's scale and shift from its live tensors, for the convolutions' epilogues:
 ``eval_vectors_tile``, which the forward convolution runs on its own output channels before its
 main loop (conv.py, ``BN_VECTORS``), and ``bn_eval_vectors`` (one launch, for a BatchNorm without
-weight or bias); ``round_weights_args``: a block's float32 weights rounded to TF32 in one launch
-for its convolutions (block.py).
+weight or bias); ``round_weights_args`` and ``round_weights``: up to four float32 conv weights
+rounded to TF32 in one launch (a block's eval plan, block.py; the training unit's forward and
+data gradients, unit.py).
 """
 
 from __future__ import annotations
