@@ -79,9 +79,11 @@ def test_unit_rounds_float32_weights_in_one_launch_per_direction(kind, triton, m
     weights to TF32 in one launch for the forward and one for the data gradients, no round_tf32
     launch of a weight, and gives the per-op path's results bit for bit (which rounds each
     weight with round_tf32 per convolution: the same bit operations)."""
+    from fastres import _autograd_unit  # noqa: PLC0415
     from fastres.triton_kernels import _common  # noqa: PLC0415
 
     monkeypatch.setattr(_common, "EMULATE_TF32", True)
+    monkeypatch.setattr(_autograd_unit, "_SPECS", {})  # plans recorded emulating TF32 stay here
     tv = randomise_bn(_block(kind)).train()
     ours = fastres.convert(copy.deepcopy(tv)).train().to(memory_format=torch.channels_last)
     twin = copy.deepcopy(ours)
@@ -110,6 +112,44 @@ def test_unit_rounds_float32_weights_in_one_launch_per_direction(kind, triton, m
             _same(got, want)
             assert [k for k, _ in seen].count("_round_weights_kernel") == 2, seen
             assert not [n for k, n in seen if k == "_round_tf32_kernel" and n in weights], seen
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "downsample"])
+def test_unit_split_weight_gradients_summed_as_the_per_op_path(kind, triton, monkeypatch):
+    """Split-K weight gradients (forced: the interpreter's config has one split): each split sum
+    runs in a later launch, the next BatchNorm backward's reduction or, for the first
+    convolution's and the downsample's, one launch of both (reduce.sum_rows_pair); the per-op
+    path sums each at once. The same bits."""
+    from fastres import _autograd_unit  # noqa: PLC0415
+    from fastres.triton_kernels import _common, conv  # noqa: PLC0415
+
+    monkeypatch.setattr(conv, "wgrad_config",
+                        lambda *a, **kw: _common.WgradConfig(16, 16, 16, 3, 4, 1))
+    # The unit specs (and their recorded plans) are shared by structure: plans recorded with
+    # the forced splits stay in a table of this test's own.
+    monkeypatch.setattr(_autograd_unit, "_SPECS", {})
+    tv = randomise_bn(_block(kind)).train()
+    ours = fastres.convert(copy.deepcopy(tv)).train().to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(ours)
+    x = torch.randn(2, tv.conv1.in_channels, 9, 9).contiguous(memory_format=torch.channels_last)
+    kernels = []
+    launch = _common.launch
+    monkeypatch.setattr(_common, "launch",
+                        lambda k, *a, **m: kernels.append(k.__name__) or launch(k, *a, **m))
+    with allow_tf32(False):
+        proj = torch.randn(ours(x).shape)
+        twin(x)
+        for need_x in (True, False):
+            _step(ours, x, proj, need_x)  # the plans made
+            with OpLog():
+                _step(twin, x, proj, need_x)
+            kernels.clear()
+            got, _ = _step(ours, x, proj, need_x)
+            seen = list(kernels)
+            with OpLog():
+                want, _ = _step(twin, x, proj, need_x)
+            _same(got, want)
+            assert seen.count("_sum_rows_pair_kernel") == (kind == "downsample"), seen
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample"])

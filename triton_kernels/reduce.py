@@ -37,7 +37,8 @@ def split_sums(ws_ptr, out_ptr, P, L, first, step, BLOCK_P: tl.constexpr,
     first + step, ...: a split-K weight gradient's sum, run by programs of another kernel
     (bn.py's reduction, for the training unit)."""
     for blk in range(first, tl.cdiv(L, BLOCK_L), step):
-        offs = blk.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+        # (int64 from the arange: blk is a Python int under the interpreter where first is)
+        offs = tl.arange(0, BLOCK_L).to(tl.int64) + blk * BLOCK_L
         ok = offs < L
         total = column_sums(ws_ptr, P, L, offs, ok, BLOCK_P, BLOCK_L)
         tl.store(out_ptr + offs, cast_to(total, out_ptr.dtype.element_ty), mask=ok)
@@ -73,6 +74,34 @@ def _sum_rows_kernel(
         tl.store(out2_ptr + offs_l, cast_to(total, out2_ptr.dtype.element_ty), mask=l_ok)
         if CAST:
             tl.store(c2_ptr + offs_l, cast_to(total, c2_ptr.dtype.element_ty), mask=l_ok)
+
+
+@triton.jit
+def _sum_rows_pair_kernel(
+    a_ptr, out_a_ptr, Pa, La,  # (Pa, La) contiguous partials -> (La,) sums, any dtype
+    b_ptr, out_b_ptr, Pb, Lb,  # a second such pair
+    G,  # programs per pair
+    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    # Two split-K weight gradients' sums in one launch (the training unit's first convolution
+    # and downsample): programs [0, G) sum the first, [G, 2G) the second, sum_rows' bits.
+    pid = tl.program_id(0)
+    if pid < G:
+        split_sums(a_ptr, out_a_ptr, Pa, La, pid, G, BLOCK_P, BLOCK_L)
+    else:
+        split_sums(b_ptr, out_b_ptr, Pb, Lb, pid - G, G, BLOCK_P, BLOCK_L)
+
+
+def sum_rows_pair(a: Tensor, out_a: Tensor, b: Tensor, out_b: Tensor) -> None:
+    """sum_rows(a, out=out_a) and sum_rows(b, out=out_b) in one launch: the same bits (column
+    sums add the rows in order whatever the blocks). ``a``, ``b``: contiguous (P, L)."""
+    if not (a.is_contiguous() and b.is_contiguous()):
+        raise ValueError("sum_rows_pair: the partials must be contiguous")
+    block_p, block_l = sum_rows_blocks(hint(max(a.shape[0], b.shape[0])),
+                                       hint(max(a.shape[1], b.shape[1])))
+    g = max(cdiv(a.shape[1], block_l), cdiv(b.shape[1], block_l))
+    launch(_sum_rows_pair_kernel, (2 * g,), a, out_a, a.shape[0], a.shape[1], b, out_b,
+           b.shape[0], b.shape[1], g, BLOCK_P=block_p, BLOCK_L=block_l, num_warps=4)
 
 
 def sum_rows_blocks(p: int, length: int) -> tuple[int, int]:

@@ -54,7 +54,7 @@ from . import bn_eval as _bn_eval
 from ._common import empty_like_format, memory_format_of
 from ._replay import record
 from .block import _signature
-from .reduce import sum_rows
+from .reduce import sum_rows, sum_rows_pair
 
 __all__ = ["stats", "unit_backward", "unit_forward", "unit_spec"]
 
@@ -339,8 +339,11 @@ def _backward_ops(spec: _Spec, need_x: bool, grad_dtype: torch.dtype | None):
                                                    *spec.geo[n], [need_x, True], rnd, pending,
                                                    rounded.get(n))
             grads[3 * n + 1: 3 * n + 3] = [last[2], last[3]]
-        for ws, out in pending:
-            sum_rows(ws, out=out)
+        if len(pending) == 2:  # the first convolution's and the downsample's: one launch
+            sum_rows_pair(*pending[0], *pending[1])
+        else:
+            for ws, out in pending:
+                sum_rows(ws, out=out)
         if not need_x:
             dx = dsx = None
         return (dx, dsx, *grads)

@@ -151,6 +151,11 @@ def _run_ops(ops, quick: bool, dtype_names: list[str]) -> None:
             ops.bn_add_relu_bwd_reduce(go, None, x, mean, invstd, None, None, None)
             ops.bn_relu_bwd_reduce(go, x, mean, invstd, sc, sh, False)
             ops.bn_relu_bwd_elemt(go, x, mean, invstd, None, sc, sh, False, sh, sc)
+        # The training unit's first convolution's and downsample's split sums in one launch.
+        from .. import reduce  # noqa: PLC0415
+
+        reduce.sum_rows_pair(torch.empty(3, 64 * 256), torch.empty(64, 256, 1, 1, dtype=dt),
+                             torch.empty(3, 256 * 256), torch.empty(256, 256, 1, 1, dtype=dt))
         # A float32 block plan's launch rounding its weights to TF32 (block.py).
         if dt == torch.float32:
             from .. import bn_eval  # noqa: PLC0415
@@ -182,6 +187,7 @@ WRITES = {
                                "invstd_ptr", "scale_ptr", "shift_ptr"},
     "_bn_eval_vectors_kernel": {"scale_ptr", "shift_ptr"},
     "_round_weights_kernel": {"out_ptr"},
+    "_sum_rows_pair_kernel": {"out_a_ptr", "out_b_ptr"},
     "_bn_add_relu_kernel": {"out_ptr"},
     "_bn_bwd_reduce_kernel": {"g_ptr", "part_ptr", "wout_ptr"},
     "_bn_bwd_apply_kernel": {"gi_ptr", "gr_ptr"},
