@@ -26,7 +26,8 @@ CL = torch.channels_last
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _median_ms(f, n: int) -> float:
+def median_ms(f, n: int) -> float:
+    """The median ms of ``n`` calls of ``f`` after 3 warm-up calls (bench/head_ab.py's too)."""
     for _ in range(3):
         f()
     ts = []
@@ -47,7 +48,7 @@ def block_eval(dt, calls):
     blk, x = _block(dt)
     blk.eval()
     with torch.no_grad():
-        return _median_ms(lambda: blk(x), calls or 15)
+        return median_ms(lambda: blk(x), calls or 15)
 
 
 def block_train(dt, calls):
@@ -59,7 +60,7 @@ def block_train(dt, calls):
         for p in blk.parameters():
             p.grad = None
 
-    return _median_ms(step, calls or 8)
+    return median_ms(step, calls or 8)
 
 
 SHAPE = {"batch": 1, "size": 224}
@@ -71,7 +72,7 @@ def resnet50_eval(dt, calls, freeze=False):
     x = torch.randn(SHAPE["batch"], 3, SHAPE["size"], SHAPE["size"],
                     dtype=dt).contiguous(memory_format=CL)
     with torch.no_grad():
-        return _median_ms(lambda: m(x), calls or 10)
+        return median_ms(lambda: m(x), calls or 10)
 
 
 def resnet50_frozen(dt, calls):

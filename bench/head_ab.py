@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torchvision
@@ -20,18 +19,9 @@ import torchvision
 import fastres
 from fastres.nn import resnet as fr_resnet
 
+from cpu_ab import median_ms  # bench/ is the script's directory: cpu_ab's timer
+
 CASES = ((torch.bfloat16, 1), (torch.float32, 1), (torch.bfloat16, 8), (torch.float32, 8))
-
-
-def _median_ms(f, n: int) -> float:
-    for _ in range(3):
-        f()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -55,7 +45,7 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for side in res:
                         fr_resnet._HEAD[:] = [None if side == "aten head" else op]
-                        res[side].append(_median_ms(lambda: m(x), args.calls))
+                        res[side].append(median_ms(lambda: m(x), args.calls))
             cells = ", ".join(f"{k} {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"
                               for k, v in res.items())
             print(f"resnet50 frozen {str(dt).split('.')[1]} N={n}: {cells} ms")

@@ -73,28 +73,26 @@ def test_unit_plan_is_the_per_op_path(kind, dtype, triton):
     assert s1["planned"] - s0["planned"] == 4  # the other calls replayed
 
 
-@pytest.mark.parametrize("kind", ["bottleneck", "downsample"])
-def test_unit_rounds_float32_weights_in_one_launch_per_direction(kind, triton, monkeypatch):
-    """Float32 on TF32 tensor cores (emulated under the interpreter): the unit rounds its
-    weights to TF32 in one launch for the forward and one for the data gradients, no round_tf32
-    launch of a weight, and gives the per-op path's results bit for bit (which rounds each
-    weight with round_tf32 per convolution: the same bit operations)."""
+def _replayed_launches(kind: str, tf32: bool, monkeypatch, name=lambda k, a: k.__name__):
+    """A fresh unit's replayed steps (with and without dx) against the per-op path's from the
+    same state, bit for bit; returns (the unit's module, per step the launches of the replayed
+    step, each as ``name(kernel, args)`` gives it). The unit specs, which carry the recorded
+    plans and are shared by structure, stay in a table of the calling test's own: a plan
+    recorded under the test's patched configs would be replayed by later tests."""
     from fastres import _autograd_unit  # noqa: PLC0415
     from fastres.triton_kernels import _common  # noqa: PLC0415
 
-    monkeypatch.setattr(_common, "EMULATE_TF32", True)
-    monkeypatch.setattr(_autograd_unit, "_SPECS", {})  # plans recorded emulating TF32 stay here
+    monkeypatch.setattr(_autograd_unit, "_SPECS", {})
     tv = randomise_bn(_block(kind)).train()
     ours = fastres.convert(copy.deepcopy(tv)).train().to(memory_format=torch.channels_last)
     twin = copy.deepcopy(ours)
     x = torch.randn(2, tv.conv1.in_channels, 9, 9).contiguous(memory_format=torch.channels_last)
-    kernels = []
+    kernels: list = []
     launch = _common.launch
-    monkeypatch.setattr(_common, "launch", lambda k, *a, **m: kernels.append(
-        (k.__name__, a[1].numel() if k.__name__ == "_round_tf32_kernel" else None))
-        or launch(k, *a, **m))
-    weights = {p.numel() for n, p in ours.named_parameters() if p.dim() == 4}
-    with allow_tf32(True):
+    monkeypatch.setattr(_common, "launch",
+                        lambda k, *a, **m: kernels.append(name(k, a)) or launch(k, *a, **m))
+    steps = []
+    with allow_tf32(tf32):
         proj = torch.randn(ours(x).shape)
         twin(x)
         for need_x in (True, False):
@@ -104,14 +102,30 @@ def test_unit_rounds_float32_weights_in_one_launch_per_direction(kind, triton, m
             kernels.clear()
             s0 = _stats()
             got, _ = _step(ours, x, proj, need_x)
-            seen = list(kernels)
+            steps.append(list(kernels))
             s1 = _stats()
             assert s1["planned"] - s0["planned"] == 2 and s1["ops"] == s0["ops"]  # replayed
             with OpLog():
                 want, _ = _step(twin, x, proj, need_x)
             _same(got, want)
-            assert [k for k, _ in seen].count("_round_weights_kernel") == 2, seen
-            assert not [n for k, n in seen if k == "_round_tf32_kernel" and n in weights], seen
+    return ours, steps
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "downsample"])
+def test_unit_rounds_float32_weights_in_one_launch_per_direction(kind, triton, monkeypatch):
+    """Float32 on TF32 tensor cores (emulated under the interpreter): the unit rounds its
+    weights to TF32 in one launch for the forward and one for the data gradients, no round_tf32
+    launch of a weight, and gives the per-op path's results bit for bit (which rounds each
+    weight with round_tf32 per convolution: the same bit operations)."""
+    from fastres.triton_kernels import _common  # noqa: PLC0415
+
+    monkeypatch.setattr(_common, "EMULATE_TF32", True)
+    ours, steps = _replayed_launches(kind, True, monkeypatch, lambda k, a: (
+        k.__name__, a[1].numel() if k.__name__ == "_round_tf32_kernel" else None))
+    weights = {p.numel() for p in ours.parameters() if p.dim() == 4}
+    for seen in steps:
+        assert [k for k, _ in seen].count("_round_weights_kernel") == 2, seen
+        assert not [n for k, n in seen if k == "_round_tf32_kernel" and n in weights], seen
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample"])
@@ -120,36 +134,13 @@ def test_unit_split_weight_gradients_summed_as_the_per_op_path(kind, triton, mon
     runs in a later launch, the next BatchNorm backward's reduction or, for the first
     convolution's and the downsample's, one launch of both (reduce.sum_rows_pair); the per-op
     path sums each at once. The same bits."""
-    from fastres import _autograd_unit  # noqa: PLC0415
     from fastres.triton_kernels import _common, conv  # noqa: PLC0415
 
     monkeypatch.setattr(conv, "wgrad_config",
                         lambda *a, **kw: _common.WgradConfig(16, 16, 16, 3, 4, 1))
-    # The unit specs (and their recorded plans) are shared by structure: plans recorded with
-    # the forced splits stay in a table of this test's own.
-    monkeypatch.setattr(_autograd_unit, "_SPECS", {})
-    tv = randomise_bn(_block(kind)).train()
-    ours = fastres.convert(copy.deepcopy(tv)).train().to(memory_format=torch.channels_last)
-    twin = copy.deepcopy(ours)
-    x = torch.randn(2, tv.conv1.in_channels, 9, 9).contiguous(memory_format=torch.channels_last)
-    kernels = []
-    launch = _common.launch
-    monkeypatch.setattr(_common, "launch",
-                        lambda k, *a, **m: kernels.append(k.__name__) or launch(k, *a, **m))
-    with allow_tf32(False):
-        proj = torch.randn(ours(x).shape)
-        twin(x)
-        for need_x in (True, False):
-            _step(ours, x, proj, need_x)  # the plans made
-            with OpLog():
-                _step(twin, x, proj, need_x)
-            kernels.clear()
-            got, _ = _step(ours, x, proj, need_x)
-            seen = list(kernels)
-            with OpLog():
-                want, _ = _step(twin, x, proj, need_x)
-            _same(got, want)
-            assert seen.count("_sum_rows_pair_kernel") == (kind == "downsample"), seen
+    _, steps = _replayed_launches(kind, False, monkeypatch)
+    for seen in steps:
+        assert seen.count("_sum_rows_pair_kernel") == (kind == "downsample"), seen
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "downsample"])
